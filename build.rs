@@ -1,0 +1,32 @@
+//! Compiles `proto/` into the gRPC types and the descriptor set that server
+//! reflection serves. Uses the vendored `protoc` unless `PROTOC` is set, so a
+//! fresh machine needs no system install.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let protos = [
+        "proto/keywarden/v1/types.proto",
+        "proto/keywarden/v1/admin.proto",
+        "proto/keywarden/v1/verify.proto",
+    ];
+    let mut config = tonic_prost_build::Config::new();
+    // Edition 2024 makes set_var unsafe and the crate forbids unsafe code, so
+    // the vendored binary is handed to prost-build directly.
+    if env::var_os("PROTOC").is_none() {
+        config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    }
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("keywarden_descriptor.bin"))
+        // These messages carry plaintext keys: api::pb gives them redacting
+        // Debug impls instead of the derived ones.
+        .skip_debug([
+            "keywarden.v1.VerifyRequest",
+            "keywarden.v1.CreateKeyResponse",
+            "keywarden.v1.RegenerateKeyResponse",
+        ])
+        .compile_with_config(config, &protos, &["proto"])?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

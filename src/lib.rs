@@ -1,0 +1,2 @@
+//! keywarden: verification of merchants' scoped API keys over gRPC.
+pub mod keys;
