@@ -1,2 +1,11 @@
 //! keywarden: verification of merchants' scoped API keys over gRPC.
+pub mod api;
+pub mod audit;
+pub mod clock;
+pub mod config;
 pub mod keys;
+pub mod service;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod usage;

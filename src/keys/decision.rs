@@ -7,6 +7,26 @@ use chrono::{DateTime, Utc};
 
 use super::{cidr::AllowList, scope::ScopeSet};
 
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "ALLOW",
+            Self::Deny => "DENY",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Allow, Self::Deny].into_iter().find(|d| d.as_str() == s)
+    }
+}
+
 /// Why a verification was denied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DenyReason {

@@ -1,0 +1,173 @@
+//! Conversions between protobuf messages and service types.
+
+use chrono::{DateTime, Utc};
+
+use super::pb;
+use crate::{
+    audit::{AuditKind, AuditRecord},
+    keys::{Decision, DenyReason, KeyStatus},
+    service::{ServiceError, admin::KeyView, verify::Verdict},
+};
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<prost_types::Timestamp> {
+    t.map(timestamp)
+}
+
+/// A request timestamp; out-of-range values are the caller's error.
+pub fn timestamp_in(
+    field: &str,
+    t: Option<prost_types::Timestamp>,
+) -> Result<Option<DateTime<Utc>>, ServiceError> {
+    let Some(t) = t else { return Ok(None) };
+    u32::try_from(t.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
+        .map(Some)
+        .ok_or_else(|| ServiceError::invalid(field, "is not a valid timestamp"))
+}
+
+pub fn duration_in(
+    field: &str,
+    d: Option<prost_types::Duration>,
+) -> Result<Option<chrono::Duration>, ServiceError> {
+    let Some(d) = d else { return Ok(None) };
+    let invalid = || ServiceError::invalid(field, "is not a valid duration");
+    if d.nanos.abs() >= 1_000_000_000 || (d.seconds > 0 && d.nanos < 0) || (d.seconds < 0 && d.nanos > 0) {
+        return Err(invalid());
+    }
+    chrono::Duration::try_seconds(d.seconds)
+        .and_then(|s| s.checked_add(&chrono::Duration::nanoseconds(i64::from(d.nanos))))
+        .map(Some)
+        .ok_or_else(invalid)
+}
+
+fn status(s: KeyStatus) -> pb::KeyStatus {
+    match s {
+        KeyStatus::Active => pb::KeyStatus::Active,
+        KeyStatus::Expired => pb::KeyStatus::Expired,
+        KeyStatus::Revoked => pb::KeyStatus::Revoked,
+        KeyStatus::Rotating => pb::KeyStatus::Rotating,
+    }
+}
+
+pub fn decision(d: Decision) -> pb::Decision {
+    match d {
+        Decision::Allow => pb::Decision::Allow,
+        Decision::Deny => pb::Decision::Deny,
+    }
+}
+
+pub fn deny_reason(r: DenyReason) -> pb::DenyReason {
+    match r {
+        DenyReason::Malformed => pb::DenyReason::Malformed,
+        DenyReason::NotFound => pb::DenyReason::NotFound,
+        DenyReason::Revoked => pb::DenyReason::Revoked,
+        DenyReason::Expired => pb::DenyReason::Expired,
+        DenyReason::IpNotAllowed => pb::DenyReason::IpNotAllowed,
+        DenyReason::InsufficientScope => pb::DenyReason::InsufficientScope,
+    }
+}
+
+fn kind(k: AuditKind) -> pb::AuditEventKind {
+    match k {
+        AuditKind::Verify => pb::AuditEventKind::Verify,
+        AuditKind::KeyCreated => pb::AuditEventKind::KeyCreated,
+        AuditKind::KeyUpdated => pb::AuditEventKind::KeyUpdated,
+        AuditKind::KeyRevoked => pb::AuditEventKind::KeyRevoked,
+        AuditKind::KeyRegenerated => pb::AuditEventKind::KeyRegenerated,
+    }
+}
+
+pub fn api_key(view: KeyView) -> pb::ApiKey {
+    let k = view.key;
+    pb::ApiKey {
+        id: k.id,
+        merchant_id: k.merchant_id,
+        name: k.name,
+        prefix: k.prefix,
+        scopes: k.scopes,
+        allowed_cidrs: k.allowed_cidrs,
+        expires_at: opt_timestamp(k.expires_at),
+        created_at: Some(timestamp(k.created_at)),
+        created_by: k.created_by,
+        revoked_at: opt_timestamp(k.revoked_at),
+        revoke_reason: k.revoke_reason.unwrap_or_default(),
+        replaced_by_key_id: k.replaced_by_key_id.unwrap_or_default(),
+        status: status(view.status).into(),
+        last_used_at: opt_timestamp(k.last_used_at),
+        request_count: k.request_count,
+        denied_count: k.denied_count,
+        updated_at: Some(timestamp(k.updated_at)),
+    }
+}
+
+pub fn audit_event(r: AuditRecord) -> pb::AuditEvent {
+    pb::AuditEvent {
+        id: r.id,
+        timestamp: Some(timestamp(r.timestamp)),
+        api_key_id: r.api_key_id.unwrap_or_default(),
+        api_key_name: r.api_key_name.unwrap_or_default(),
+        merchant_id: r.merchant_id.unwrap_or_default(),
+        endpoint: r.endpoint.unwrap_or_default(),
+        method: r.method.unwrap_or_default(),
+        status: r.status.map_or(0, i32::from),
+        ip: r.ip.unwrap_or_default(),
+        kind: kind(r.kind).into(),
+        decision: r.decision.map_or(pb::Decision::Unspecified, decision).into(),
+        deny_reason: r.deny_reason.map_or(pb::DenyReason::Unspecified, deny_reason).into(),
+        actor: r.actor.unwrap_or_default(),
+        trace_id: r.trace_id.unwrap_or_default(),
+        key_prefix: r.key_prefix.unwrap_or_default(),
+        detail: r.detail.unwrap_or_default(),
+    }
+}
+
+pub fn verdict(v: Verdict) -> pb::VerifyResponse {
+    match v.outcome {
+        Ok(grant) => pb::VerifyResponse {
+            decision: pb::Decision::Allow.into(),
+            deny_reason: pb::DenyReason::Unspecified.into(),
+            merchant_id: grant.merchant_id,
+            key_id: grant.key_id,
+            key_name: grant.key_name,
+            scopes: grant.scopes,
+            expires_at: opt_timestamp(grant.expires_at),
+            audit_event_id: v.audit_event_id,
+        },
+        Err(reason) => pb::VerifyResponse {
+            decision: pb::Decision::Deny.into(),
+            deny_reason: deny_reason(reason).into(),
+            audit_event_id: v.audit_event_id,
+            ..Default::default()
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_and_reject_garbage() {
+        let now = crate::clock::now();
+        assert_eq!(timestamp_in("t", Some(timestamp(now))).unwrap(), Some(now));
+        assert!(timestamp_in("t", Some(prost_types::Timestamp { seconds: 0, nanos: -1 })).is_err());
+        assert!(timestamp_in("t", Some(prost_types::Timestamp { seconds: i64::MAX, nanos: 0 })).is_err());
+    }
+
+    #[test]
+    fn durations_convert_and_reject_mixed_signs() {
+        let d = duration_in("g", Some(prost_types::Duration { seconds: 90, nanos: 5 })).unwrap().unwrap();
+        assert_eq!(d, chrono::Duration::seconds(90) + chrono::Duration::nanoseconds(5));
+        assert!(duration_in("g", Some(prost_types::Duration { seconds: 1, nanos: -1 })).is_err());
+        assert!(duration_in("g", Some(prost_types::Duration { seconds: i64::MAX, nanos: 0 })).is_err());
+    }
+}

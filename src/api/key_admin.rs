@@ -1,0 +1,196 @@
+//! KeyAdmin handlers. The admin interceptor has already authenticated the
+//! caller and left its [`Actor`] in the request extensions.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::{
+    convert::{self, duration_in, timestamp_in},
+    pb::{self, key_admin_server::KeyAdmin},
+    trace::adopt_parent,
+};
+use crate::service::admin::{Actor, AuditFilter, CreateKey, KeyManager, UpdateKey};
+
+#[derive(Debug, Clone)]
+pub struct KeyAdminService {
+    manager: Arc<KeyManager>,
+}
+
+impl KeyAdminService {
+    pub fn new(manager: Arc<KeyManager>) -> Self {
+        Self { manager }
+    }
+}
+
+/// The caller and a span for this admin call, joined to the caller's trace.
+fn admin_call<T>(request: &Request<T>, rpc: &'static str) -> Result<(Actor, tracing::Span), Status> {
+    let actor = request
+        .extensions()
+        .get::<Actor>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("missing admin credentials"))?;
+    let span =
+        tracing::info_span!("keywarden.admin", otel.name = rpc, otel.kind = "server", actor = %actor.0);
+    adopt_parent(&span, request);
+    Ok((actor, span))
+}
+
+#[tonic::async_trait]
+impl KeyAdmin for KeyAdminService {
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let (actor, span) = admin_call(&request, "keywarden.admin.CreateKey")?;
+        let r = request.into_inner();
+        let input = CreateKey {
+            expires_at: timestamp_in("expires_at", r.expires_at)?,
+            merchant_id: r.merchant_id,
+            name: r.name,
+            scopes: r.scopes,
+            preset: r.preset,
+            allowed_cidrs: r.allowed_cidrs,
+        };
+        let issued = self.manager.create(&actor, input).instrument(span).await?;
+        Ok(Response::new(pb::CreateKeyResponse {
+            plaintext_key: issued.plaintext.expose().to_owned(),
+            api_key: Some(convert::api_key(issued.key)),
+        }))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::GetKeyResponse>, Status> {
+        let (_, span) = admin_call(&request, "keywarden.admin.GetKey")?;
+        let r = request.into_inner();
+        let key = self.manager.get(&r.merchant_id, &r.key_id).instrument(span).await?;
+        Ok(Response::new(pb::GetKeyResponse { api_key: Some(convert::api_key(key)) }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let (_, span) = admin_call(&request, "keywarden.admin.ListKeys")?;
+        let r = request.into_inner();
+        let page = self
+            .manager
+            .list(&r.merchant_id, r.page_size, &r.page_token, r.include_revoked)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(pb::ListKeysResponse {
+            api_keys: page.items.into_iter().map(convert::api_key).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<pb::UpdateKeyRequest>,
+    ) -> Result<Response<pb::UpdateKeyResponse>, Status> {
+        let (actor, span) = admin_call(&request, "keywarden.admin.UpdateKey")?;
+        let r = request.into_inner();
+        let input = UpdateKey {
+            expires_at: timestamp_in("expires_at", r.expires_at)?,
+            paths: r.update_mask.map(|m| m.paths).unwrap_or_default(),
+            merchant_id: r.merchant_id,
+            key_id: r.key_id,
+            name: r.name,
+            scopes: r.scopes,
+            allowed_cidrs: r.allowed_cidrs,
+        };
+        let key = self.manager.update(&actor, input).instrument(span).await?;
+        Ok(Response::new(pb::UpdateKeyResponse { api_key: Some(convert::api_key(key)) }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
+        let (actor, span) = admin_call(&request, "keywarden.admin.RevokeKey")?;
+        let r = request.into_inner();
+        let key = self.manager.revoke(&actor, &r.merchant_id, &r.key_id, &r.reason).instrument(span).await?;
+        Ok(Response::new(pb::RevokeKeyResponse { api_key: Some(convert::api_key(key)) }))
+    }
+
+    async fn regenerate_key(
+        &self,
+        request: Request<pb::RegenerateKeyRequest>,
+    ) -> Result<Response<pb::RegenerateKeyResponse>, Status> {
+        let (actor, span) = admin_call(&request, "keywarden.admin.RegenerateKey")?;
+        let r = request.into_inner();
+        let grace = duration_in("grace_period", r.grace_period)?;
+        let done = self.manager.regenerate(&actor, &r.merchant_id, &r.key_id, grace).instrument(span).await?;
+        Ok(Response::new(pb::RegenerateKeyResponse {
+            plaintext_key: done.plaintext.expose().to_owned(),
+            api_key: Some(convert::api_key(done.key)),
+            previous_key: Some(convert::api_key(done.previous)),
+        }))
+    }
+
+    async fn get_key_usage(
+        &self,
+        request: Request<pb::GetKeyUsageRequest>,
+    ) -> Result<Response<pb::GetKeyUsageResponse>, Status> {
+        let (_, span) = admin_call(&request, "keywarden.admin.GetKeyUsage")?;
+        let r = request.into_inner();
+        let usage = self.manager.usage(&r.merchant_id, &r.key_id).instrument(span).await?;
+        Ok(Response::new(pb::GetKeyUsageResponse {
+            last_used_at: usage.last_used_at.map(convert::timestamp),
+            request_count: usage.request_count,
+            denied_count: usage.denied_count,
+        }))
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let (_, span) = admin_call(&request, "keywarden.admin.ListAuditEvents")?;
+        let r = request.into_inner();
+        let filter = AuditFilter {
+            start: timestamp_in("start_time", r.start_time)?,
+            end: timestamp_in("end_time", r.end_time)?,
+            merchant_id: r.merchant_id,
+            api_key_id: r.api_key_id,
+            page_size: r.page_size,
+            page_token: r.page_token,
+        };
+        let page = self.manager.audit_events(filter).instrument(span).await?;
+        Ok(Response::new(pb::ListAuditEventsResponse {
+            events: page.items.into_iter().map(convert::audit_event).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn list_scopes(
+        &self,
+        request: Request<pb::ListScopesRequest>,
+    ) -> Result<Response<pb::ListScopesResponse>, Status> {
+        admin_call(&request, "keywarden.admin.ListScopes")?;
+        let catalogue = self.manager.catalogue();
+        Ok(Response::new(pb::ListScopesResponse {
+            scopes: catalogue
+                .scopes()
+                .map(|(def, implies)| pb::Scope {
+                    name: def.name.clone(),
+                    description: def.description.clone(),
+                    implies: implies.to_vec(),
+                })
+                .collect(),
+            presets: catalogue
+                .presets()
+                .iter()
+                .map(|p| pb::Preset {
+                    name: p.def.name.clone(),
+                    scopes: catalogue.names(p.scopes),
+                    use_case: p.def.use_case.clone(),
+                    display_name: p.def.display_name.clone(),
+                })
+                .collect(),
+        }))
+    }
+}

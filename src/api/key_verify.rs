@@ -1,0 +1,61 @@
+//! KeyVerify handlers: the hot path. Each Verify runs inside its
+//! `keywarden.verify` span, parented on the caller's trace.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::{
+    convert,
+    pb::{self, key_verify_server::KeyVerify},
+    trace::adopt_parent,
+};
+use crate::{
+    audit,
+    service::verify::{Verifier, VerifyInput},
+};
+
+#[derive(Debug, Clone)]
+pub struct KeyVerifyService {
+    verifier: Arc<Verifier>,
+}
+
+impl KeyVerifyService {
+    pub fn new(verifier: Arc<Verifier>) -> Self {
+        Self { verifier }
+    }
+}
+
+#[tonic::async_trait]
+impl KeyVerify for KeyVerifyService {
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let span = audit::verify_span();
+        adopt_parent(&span, &request);
+        let r = request.into_inner();
+        let input = VerifyInput {
+            key: r.key,
+            ip: r.ip,
+            required_scope: r.required_scope,
+            endpoint: r.endpoint,
+            method: r.method,
+        };
+        let verdict = self.verifier.verify(input).instrument(span).await?;
+        Ok(Response::new(convert::verdict(verdict)))
+    }
+
+    async fn record_outcomes(
+        &self,
+        request: Request<pb::RecordOutcomesRequest>,
+    ) -> Result<Response<pb::RecordOutcomesResponse>, Status> {
+        let span = tracing::info_span!("keywarden.record_outcomes", otel.kind = "server");
+        adopt_parent(&span, &request);
+        let outcomes =
+            request.into_inner().outcomes.into_iter().map(|o| (o.audit_event_id, o.status)).collect();
+        let updated = self.verifier.record_outcomes(outcomes).instrument(span).await?;
+        Ok(Response::new(pb::RecordOutcomesResponse { updated: i32::try_from(updated).unwrap_or(i32::MAX) }))
+    }
+}

@@ -1,0 +1,265 @@
+//! The audit queue: Verify hands its row to a bounded queue and returns; a
+//! writer task inserts rows in multi-row batches.
+//!
+//! Nothing is dropped silently. When the queue is full, Verify waits for room
+//! (back-pressure, the default) or, if configured to drop, the row is counted
+//! and logged. A failed insert keeps its batch and retries, so an outage only
+//! delays rows. RecordOutcomes may arrive while an allowed row is still queued
+//! or being written; the outcome is held next to the row and applied either
+//! way (see [`AuditQueue::record_outcomes`]).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::AuditRecord;
+use crate::{keys::Decision, store::Store};
+
+/// What Verify does when the audit queue is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Wait for room: Verify slows down rather than lose a row.
+    #[default]
+    Block,
+    /// Drop the row, count it and log it: Verify never waits on auditing.
+    Drop,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub capacity: usize,
+    pub batch_size: usize,
+    pub overflow: Overflow,
+}
+
+/// Reported statuses of allowed rows not yet committed, by row id. `None`
+/// until RecordOutcomes reports one.
+type Outcomes = Arc<Mutex<HashMap<String, Option<u16>>>>;
+
+#[derive(Debug, Default)]
+struct Counters {
+    written: AtomicU64,
+    dropped: AtomicU64,
+    failed_writes: AtomicU64,
+}
+
+/// The sending side, shared by every Verify.
+#[derive(Debug, Clone)]
+pub struct AuditQueue {
+    tx: mpsc::Sender<AuditRecord>,
+    outcomes: Outcomes,
+    overflow: Overflow,
+    counters: Arc<Counters>,
+    capacity: usize,
+}
+
+/// The queue was closed for shutdown.
+#[derive(Debug, thiserror::Error)]
+#[error("the audit queue is closed")]
+pub struct QueueClosed;
+
+/// The receiving side; [`AuditWriter::run`] is the writer task.
+#[derive(Debug)]
+pub struct AuditWriter {
+    rx: mpsc::Receiver<AuditRecord>,
+    outcomes: Outcomes,
+    store: Store,
+    batch_size: usize,
+    counters: Arc<Counters>,
+}
+
+pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWriter) {
+    let capacity = settings.capacity.max(1);
+    let (tx, rx) = mpsc::channel(capacity);
+    let outcomes = Outcomes::default();
+    let counters = Arc::new(Counters::default());
+    (
+        AuditQueue {
+            tx,
+            outcomes: Arc::clone(&outcomes),
+            overflow: settings.overflow,
+            counters: Arc::clone(&counters),
+            capacity,
+        },
+        AuditWriter { rx, outcomes, store, batch_size: settings.batch_size.max(1), counters },
+    )
+}
+
+impl AuditQueue {
+    /// Queues a verification row.
+    pub async fn push(&self, record: AuditRecord) -> Result<(), QueueClosed> {
+        let awaits_outcome = record.decision == Some(Decision::Allow);
+        let id = awaits_outcome.then(|| record.id.clone());
+        if let Some(id) = &id {
+            self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), None);
+        }
+        let sent = match self.overflow {
+            Overflow::Block => self.tx.send(record).await.map_err(|_| QueueClosed),
+            Overflow::Drop => match self.tx.try_send(record) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(QueueClosed),
+                Err(mpsc::error::TrySendError::Full(record)) => {
+                    let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    // Every row is counted; the log is thinned to powers of two.
+                    if dropped.is_power_of_two() {
+                        tracing::error!(
+                            audit_event_id = %record.id,
+                            dropped_total = dropped,
+                            "audit queue full: dropped an audit row (audit_overflow = \"drop\")"
+                        );
+                    }
+                    if let Some(id) = &id {
+                        self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+                    }
+                    return Ok(());
+                }
+            },
+        };
+        if sent.is_err()
+            && let Some(id) = &id
+        {
+            self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+        }
+        sent
+    }
+
+    /// Attaches reported statuses to rows that are still queued or being
+    /// written. Returns how many were taken and the outcomes left for the
+    /// database (rows already written, or not ours).
+    pub fn record_outcomes(&self, outcomes: Vec<(String, u16)>) -> (u64, Vec<(String, u16)>) {
+        let mut held = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut taken = 0;
+        let mut rest = Vec::new();
+        for (id, status) in outcomes {
+            match held.get_mut(&id) {
+                Some(slot) => {
+                    *slot = Some(status);
+                    taken += 1;
+                }
+                None => rest.push((id, status)),
+            }
+        }
+        (taken, rest)
+    }
+
+    /// Rows waiting in the queue.
+    pub fn depth(&self) -> usize {
+        self.capacity - self.tx.capacity()
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.counters.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn written(&self) -> u64 {
+        self.counters.written.load(Ordering::Relaxed)
+    }
+
+    pub fn failed_writes(&self) -> u64 {
+        self.counters.failed_writes.load(Ordering::Relaxed)
+    }
+}
+
+impl AuditWriter {
+    /// Writes batches until `stop` resolves, then closes the queue and writes
+    /// what is left, retrying failed writes until `final_deadline` passes.
+    pub async fn run(mut self, stop: impl Future<Output = ()>, final_deadline: Duration) {
+        tokio::pin!(stop);
+        let mut batch = Vec::with_capacity(self.batch_size);
+        loop {
+            tokio::select! {
+                received = self.rx.recv_many(&mut batch, self.batch_size) => {
+                    if received == 0 {
+                        break;
+                    }
+                    self.write(&mut batch, None).await;
+                }
+                () = &mut stop => break,
+            }
+        }
+        // Senders now get QueueClosed; everything already queued is drained.
+        self.rx.close();
+        let give_up = tokio::time::Instant::now() + final_deadline;
+        while self.rx.recv_many(&mut batch, self.batch_size).await > 0 {
+            if !self.write(&mut batch, Some(give_up)).await {
+                let lost = batch.len() + self.rx.len();
+                tracing::error!(rows = lost, "audit rows could not be written before shutdown");
+                return;
+            }
+        }
+    }
+
+    /// Inserts `batch` (clearing it), retrying with backoff; with a deadline,
+    /// gives up when it passes and returns false.
+    async fn write(&self, batch: &mut Vec<AuditRecord>, deadline: Option<tokio::time::Instant>) -> bool {
+        self.apply_held_outcomes(batch);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.store.insert_audit_batch(batch).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, rows = batch.len(), "audit insert failed; retrying");
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() + backoff > d) {
+                        return false;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    // Outcomes may have arrived while we waited.
+                    self.apply_held_outcomes(batch);
+                }
+            }
+        }
+        self.counters.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let late = self.release_outcomes(batch);
+        batch.clear();
+        if !late.is_empty() {
+            self.write_late_outcomes(&late, deadline).await;
+        }
+        true
+    }
+
+    fn apply_held_outcomes(&self, batch: &mut [AuditRecord]) {
+        let held = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
+        for row in batch.iter_mut() {
+            if let Some(Some(status)) = held.get(&row.id) {
+                row.status = Some(*status);
+            }
+        }
+    }
+
+    /// Forgets the committed rows' outcome slots; returns outcomes that were
+    /// reported after the batch was built, which the insert did not carry.
+    fn release_outcomes(&self, batch: &[AuditRecord]) -> Vec<(String, u16)> {
+        let mut held = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
+        batch
+            .iter()
+            .filter_map(|row| match held.remove(&row.id) {
+                Some(Some(status)) if row.status != Some(status) => Some((row.id.clone(), status)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    async fn write_late_outcomes(&self, late: &[(String, u16)], deadline: Option<tokio::time::Instant>) {
+        let mut backoff = Duration::from_millis(50);
+        while let Err(e) = self.store.set_outcomes(late).await {
+            tracing::warn!(error = %e, "writing late outcomes failed; retrying");
+            if deadline.is_some_and(|d| tokio::time::Instant::now() + backoff > d) {
+                tracing::error!(outcomes = late.len(), "late outcomes could not be written before shutdown");
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}

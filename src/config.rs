@@ -1,0 +1,368 @@
+//! Settings: defaults, then an optional TOML file (`--config`), then
+//! `KEYWARDEN_*` environment variables, each overriding the one before.
+//!
+//! Secrets (pepper, admin tokens) are part of the settings but never logged.
+//! On an embedded (SQLite) run with none configured they are generated once
+//! into the data directory, so the first-run command works and is still
+//! secure by default; a PostgreSQL deployment must configure them.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::{
+    audit::writer::{AuditSettings, Overflow},
+    keys::{
+        KeyHasher, KeyPrefix,
+        hash::PepperError,
+        scope::{CatalogueError, PresetDef, ScopeCatalogue, ScopeDef},
+    },
+};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// gRPC listen address.
+    pub listen_addr: SocketAddr,
+    /// Where the embedded database and generated secrets live.
+    pub data_dir: PathBuf,
+    /// `sqlite://…` or `postgres://…`; default: SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    /// Base64, at least 32 bytes.
+    pub pepper: Option<SecretString>,
+    /// A single admin token, named `admin`.
+    pub admin_token: Option<SecretString>,
+    /// Admin tokens by name; the name is the audit actor.
+    pub admin_tokens: BTreeMap<String, SecretString>,
+    pub key_prefix: String,
+    /// Apply migrations at start; when off, refuse to start on an old schema.
+    pub migrate_on_start: bool,
+    pub log_format: LogFormat,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    pub shutdown_grace_ms: u64,
+    /// How long the final audit/usage flush may retry at shutdown.
+    pub flush_timeout_ms: u64,
+    pub usage_flush_interval_ms: u64,
+    pub audit_queue_capacity: usize,
+    pub audit_batch_size: usize,
+    pub audit_overflow: Overflow,
+    /// scrypt threads; 0 means one per CPU.
+    pub hash_workers: usize,
+    /// scrypt jobs that may wait; beyond that Verify answers RESOURCE_EXHAUSTED.
+    pub hash_queue: usize,
+    pub db_max_connections: u32,
+    /// Scope catalogue; default: the platform's five scopes.
+    pub scopes: Option<Vec<ScopeDef>>,
+    /// Integration presets; default: the documentation's table.
+    pub presets: Option<Vec<PresetDef>>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("keywarden-data"),
+            database_url: None,
+            pepper: None,
+            admin_token: None,
+            admin_tokens: BTreeMap::new(),
+            key_prefix: "sntr_".into(),
+            migrate_on_start: true,
+            log_format: LogFormat::Text,
+            shutdown_grace_ms: 10_000,
+            flush_timeout_ms: 30_000,
+            usage_flush_interval_ms: 1_000,
+            audit_queue_capacity: 100_000,
+            audit_batch_size: 500,
+            audit_overflow: Overflow::Block,
+            hash_workers: 0,
+            hash_queue: 64,
+            db_max_connections: 10,
+            scopes: None,
+            presets: None,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(String),
+    #[error("configuration: KEYWARDEN_PEPPER: {0}")]
+    Pepper(#[from] PepperError),
+    #[error("configuration: scope catalogue: {0}")]
+    Catalogue(#[from] CatalogueError),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+impl Settings {
+    /// Defaults < TOML file < environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!("config file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment
+            .merge(Env::prefixed("KEYWARDEN_").ignore(&["test_postgres_url"]))
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        self.database_url.as_deref().is_none_or(|u| u.starts_with("sqlite:"))
+    }
+
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}?mode=rwc", self.data_dir.join("keywarden.db").display()),
+        }
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    pub fn flush_timeout(&self) -> Duration {
+        Duration::from_millis(self.flush_timeout_ms)
+    }
+
+    pub fn usage_flush_interval(&self) -> Duration {
+        Duration::from_millis(self.usage_flush_interval_ms.max(10))
+    }
+
+    pub fn hash_workers(&self) -> usize {
+        if self.hash_workers > 0 {
+            self.hash_workers
+        } else {
+            std::thread::available_parallelism().map_or(2, usize::from)
+        }
+    }
+
+    pub fn audit(&self) -> AuditSettings {
+        AuditSettings {
+            capacity: self.audit_queue_capacity,
+            batch_size: self.audit_batch_size,
+            overflow: self.audit_overflow,
+        }
+    }
+
+    pub fn key_prefix(&self) -> Result<KeyPrefix, ConfigError> {
+        KeyPrefix::new(&self.key_prefix).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    pub fn catalogue(&self) -> Result<ScopeCatalogue, ConfigError> {
+        let (default_scopes, default_presets) = ScopeCatalogue::default_defs();
+        let scopes = self.scopes.clone().unwrap_or(default_scopes);
+        // Custom scopes without custom presets: the default presets would
+        // name scopes that may not exist, so there are none.
+        let presets = match (&self.scopes, &self.presets) {
+            (_, Some(presets)) => presets.clone(),
+            (None, None) => default_presets,
+            (Some(_), None) => Vec::new(),
+        };
+        Ok(ScopeCatalogue::new(scopes, presets)?)
+    }
+}
+
+/// Shortest admin token accepted: anything shorter is guessable.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+/// Secrets after bootstrap: where each came from is reported, never the value.
+#[derive(Debug)]
+pub struct Secrets {
+    pub hasher: KeyHasher,
+    pub admin_tokens: Vec<(String, SecretString)>,
+}
+
+impl Secrets {
+    /// Takes the configured secrets or, on an embedded run, reads or
+    /// generates them in the data directory.
+    pub fn resolve(settings: &Settings) -> Result<Self, ConfigError> {
+        let pepper = match &settings.pepper {
+            Some(p) => p.clone(),
+            None if settings.is_embedded() => {
+                bootstrap(&settings.data_dir, "pepper", "KEYWARDEN_PEPPER", 32)?
+            }
+            None => {
+                return Err(ConfigError::Invalid(
+                    "KEYWARDEN_PEPPER is required with PostgreSQL (base64, at least 32 bytes); \
+                     generate one with: head -c 32 /dev/urandom | base64"
+                        .into(),
+                ));
+            }
+        };
+        let hasher = KeyHasher::from_base64(pepper.expose_secret())?;
+
+        let mut admin_tokens: Vec<(String, SecretString)> =
+            settings.admin_tokens.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+        if let Some(token) = &settings.admin_token {
+            if settings.admin_tokens.contains_key("admin") {
+                return Err(ConfigError::Invalid(
+                    "admin_token and admin_tokens.admin are both set; keep one".into(),
+                ));
+            }
+            admin_tokens.push(("admin".into(), token.clone()));
+        }
+        if admin_tokens.is_empty() {
+            if !settings.is_embedded() {
+                return Err(ConfigError::Invalid(
+                    "an admin token is required with PostgreSQL: set KEYWARDEN_ADMIN_TOKEN or admin_tokens"
+                        .into(),
+                ));
+            }
+            let token = bootstrap(&settings.data_dir, "admin-token", "KEYWARDEN_ADMIN_TOKEN", 32)?;
+            admin_tokens.push(("admin".into(), token));
+        }
+        for (name, token) in &admin_tokens {
+            let name_ok = !name.is_empty()
+                && name.len() <= 64
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !name_ok {
+                return Err(ConfigError::Invalid(format!(
+                    "admin token name {name:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"
+                )));
+            }
+            if token.expose_secret().len() < MIN_ADMIN_TOKEN_LEN {
+                return Err(ConfigError::Invalid(format!(
+                    "admin token {name:?} is shorter than {MIN_ADMIN_TOKEN_LEN} characters"
+                )));
+            }
+        }
+        Ok(Self { hasher, admin_tokens })
+    }
+}
+
+/// Creates `dir` (and parents) readable by this user only: it holds the
+/// database of key hashes and, on embedded runs, the generated secrets.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Reads `<dir>/<file>`, or creates it (mode 0600) with `len` random bytes in
+/// base64 and says so on stderr — the path, never the value.
+fn bootstrap(dir: &Path, file: &str, variable: &str, len: usize) -> Result<SecretString, ConfigError> {
+    let path = dir.join(file);
+    match std::fs::read_to_string(&path) {
+        Ok(existing) => return Ok(SecretString::from(existing.trim().to_owned())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ConfigError::Io { what: "cannot read", path, source: e });
+        }
+        Err(_) => {}
+    }
+    std::fs::create_dir_all(dir).map_err(|e| ConfigError::Io {
+        what: "cannot create",
+        path: dir.into(),
+        source: e,
+    })?;
+    let mut bytes = vec![0u8; len];
+    crate::keys::format::fill_random(&mut bytes).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let value = STANDARD.encode(&bytes);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(&path).map_err(|e| ConfigError::Io {
+        what: "cannot create",
+        path: path.clone(),
+        source: e,
+    })?;
+    f.write_all(value.as_bytes()).and_then(|()| f.sync_all()).map_err(|e| ConfigError::Io {
+        what: "cannot write",
+        path: path.clone(),
+        source: e,
+    })?;
+    eprintln!(
+        "\n*** keywarden: no {variable} configured: generated one into {} (mode 0600).\n\
+         *** Keep it: {}\n",
+        path.display(),
+        if file == "pepper" {
+            "keys hashed with this pepper only verify with it."
+        } else {
+            "send it as `authorization: Bearer <token>` on KeyAdmin calls."
+        }
+    );
+    Ok(SecretString::from(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_first_run_generates_secrets_once_with_private_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings { data_dir: dir.path().to_owned(), ..Settings::default() };
+        let first = Secrets::resolve(&settings).unwrap();
+        let second = Secrets::resolve(&settings).unwrap();
+        assert_eq!(first.admin_tokens[0].1.expose_secret(), second.admin_tokens[0].1.expose_secret());
+        #[cfg(unix)]
+        for file in ["pepper", "admin-token"] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+    }
+
+    #[test]
+    fn postgres_requires_configured_secrets() {
+        let settings =
+            Settings { database_url: Some("postgres://x@localhost/db".into()), ..Settings::default() };
+        let err = Secrets::resolve(&settings).unwrap_err().to_string();
+        assert!(err.contains("KEYWARDEN_PEPPER"), "{err}");
+    }
+
+    #[test]
+    fn short_admin_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            data_dir: dir.path().to_owned(),
+            admin_token: Some(SecretString::from("short")),
+            ..Settings::default()
+        };
+        assert!(Secrets::resolve(&settings).is_err());
+    }
+
+    #[test]
+    fn debug_output_never_contains_secrets() {
+        let settings = Settings {
+            pepper: Some(SecretString::from("c2VjcmV0LXBlcHBlci12YWx1ZS0xMjM0NTY3ODkwYWJjZGVm")),
+            admin_token: Some(SecretString::from("very-secret-admin-token")),
+            ..Settings::default()
+        };
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("very-secret-admin-token") && !shown.contains("c2VjcmV0"), "{shown}");
+    }
+}

@@ -1,0 +1,563 @@
+//! KeyAdmin use cases: create, read, list, update, revoke, regenerate, usage,
+//! audit trail and the scope catalogue. Every call is scoped by merchant;
+//! every change is written with its audit row in one transaction and then
+//! announced, so verification caches drop what they knew about the key.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use uuid::Uuid;
+
+use super::{
+    ServiceError,
+    hash_pool::HashPool,
+    page,
+    validate::{self, Violations},
+};
+use crate::{
+    audit::{AuditKind, AuditRecord},
+    clock,
+    keys::{AllowList, KeyHasher, KeyPrefix, KeyStatus, PlainKey, ScopeCatalogue, cidr::CidrError},
+    store::{
+        Store,
+        audit::{AuditCursor, AuditQuery},
+        keys::{Change, InsertError, KeyChanges, KeyCursor, NewKey, StoredKey, UsageDelta},
+    },
+    usage::UsageTracker,
+};
+
+/// Longest grace period RegenerateKey accepts.
+pub const MAX_GRACE: Duration = Duration::days(7);
+/// Attempts at a fresh key when a lookup prefix collides (vanishingly rare).
+const INSERT_ATTEMPTS: usize = 3;
+
+/// Who is acting: the name of the admin token presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor(pub String);
+
+/// Something that must hear about every committed key change.
+pub trait KeyChangeListener: Send + Sync + std::fmt::Debug {
+    fn key_changed(&self, key_id: &str);
+}
+
+/// A key as an administrator sees it, usage included.
+#[derive(Debug, Clone)]
+pub struct KeyView {
+    pub key: StoredKey,
+    pub status: KeyStatus,
+}
+
+#[derive(Debug)]
+pub struct CreateKey {
+    pub merchant_id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub preset: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub allowed_cidrs: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct UpdateKey {
+    pub merchant_id: String,
+    pub key_id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub allowed_cidrs: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct AuditFilter {
+    pub merchant_id: String,
+    pub api_key_id: String,
+    pub start: Option<DateTime<Utc>>,
+    pub end: Option<DateTime<Utc>>,
+    pub page_size: i32,
+    pub page_token: String,
+}
+
+#[derive(Debug)]
+pub struct Issued {
+    pub key: KeyView,
+    pub plaintext: PlainKey,
+}
+
+#[derive(Debug)]
+pub struct Regenerated {
+    pub key: KeyView,
+    pub plaintext: PlainKey,
+    pub previous: KeyView,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub request_count: i64,
+    pub denied_count: i64,
+}
+
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_page_token: String,
+}
+
+#[derive(Debug)]
+pub struct KeyManager {
+    store: Store,
+    hasher: KeyHasher,
+    pool: HashPool,
+    catalogue: Arc<ScopeCatalogue>,
+    prefix: KeyPrefix,
+    usage: Arc<UsageTracker>,
+    listeners: Vec<Arc<dyn KeyChangeListener>>,
+}
+
+impl KeyManager {
+    pub fn new(
+        store: Store,
+        hasher: KeyHasher,
+        pool: HashPool,
+        catalogue: Arc<ScopeCatalogue>,
+        prefix: KeyPrefix,
+        usage: Arc<UsageTracker>,
+        listeners: Vec<Arc<dyn KeyChangeListener>>,
+    ) -> Self {
+        Self { store, hasher, pool, catalogue, prefix, usage, listeners }
+    }
+
+    pub fn catalogue(&self) -> &ScopeCatalogue {
+        &self.catalogue
+    }
+
+    fn announce(&self, key_id: &str) {
+        for listener in &self.listeners {
+            listener.key_changed(key_id);
+        }
+    }
+
+    /// A fresh key and its hash, hashed on the pool.
+    async fn issue(&self) -> Result<(PlainKey, crate::keys::KeyHash), ServiceError> {
+        let plaintext = PlainKey::generate(&self.prefix)?;
+        let hasher = self.hasher.clone();
+        let key = plaintext.clone();
+        let hash = self.pool.run(move || hasher.hash(&key)).await??;
+        Ok((plaintext, hash))
+    }
+
+    pub async fn create(&self, actor: &Actor, req: CreateKey) -> Result<Issued, ServiceError> {
+        let now = clock::now();
+        let mut v = Violations::default();
+        v.check("merchant_id", validate::merchant_id(&req.merchant_id));
+        v.check("name", validate::text(&req.name, validate::MAX_NAME, true));
+        let scopes = match (req.scopes.is_empty(), req.preset.is_empty()) {
+            (false, false) => {
+                v.add("preset", "give either scopes or a preset, not both");
+                None
+            }
+            (true, false) => match self.catalogue.preset(&req.preset) {
+                Some(preset) => Some(preset.scopes),
+                None => {
+                    v.add(
+                        "preset",
+                        format!(
+                            "unknown preset {:?}; valid presets are: {}",
+                            req.preset,
+                            self.catalogue.preset_names()
+                        ),
+                    );
+                    None
+                }
+            },
+            _ => match self.catalogue.parse_grant(&req.scopes) {
+                Ok(set) => Some(set),
+                Err(e) => {
+                    v.add("scopes", e.to_string());
+                    None
+                }
+            },
+        };
+        check_expiry(&mut v, req.expires_at, now);
+        let allowed = parse_cidrs(&mut v, &req.allowed_cidrs);
+        v.into_result()?;
+        let (Some(scopes), Some(allowed)) = (scopes, allowed) else {
+            return Err(ServiceError::Internal("validation passed without values".into()));
+        };
+        let scope_names = self.catalogue.names(scopes);
+        for _ in 0..INSERT_ATTEMPTS {
+            let (plaintext, hash) = self.issue().await?;
+            let key_id = new_key_id();
+            let detail = describe_policy(&scope_names, &allowed.canonical(), req.expires_at);
+            let audit = AuditRecord::admin(
+                AuditKind::KeyCreated,
+                now,
+                &actor.0,
+                &req.merchant_id,
+                &key_id,
+                Some(&req.name),
+            )
+            .with_detail(detail);
+            let new = NewKey {
+                id: key_id,
+                merchant_id: req.merchant_id.clone(),
+                name: req.name.clone(),
+                prefix: plaintext.lookup_prefix().as_str().to_owned(),
+                hash,
+                scopes: scope_names.clone(),
+                allowed_cidrs: allowed.canonical(),
+                expires_at: req.expires_at.map(clock::stored),
+                created_at: now,
+                created_by: actor.0.clone(),
+            };
+            match self.store.insert_key(new, audit).await {
+                Ok(key) => {
+                    tracing::info!(actor = %actor.0, merchant_id = %key.merchant_id, key_id = %key.id, prefix = %key.prefix, "key created");
+                    return Ok(Issued { key: view(key, UsageDelta::default(), now), plaintext });
+                }
+                Err(InsertError::PrefixTaken) => continue,
+                Err(InsertError::Store(e)) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Internal("could not find a free lookup prefix".into()))
+    }
+
+    pub async fn get(&self, merchant_id: &str, key_id: &str) -> Result<KeyView, ServiceError> {
+        check_ids(merchant_id, key_id)?;
+        let _pause = self.usage.pause_flush().await;
+        let key = self.store.get_key(merchant_id, key_id).await?.ok_or(ServiceError::NotFound("key"))?;
+        let pending = self.usage.pending(&key.id);
+        Ok(view(key, pending, clock::now()))
+    }
+
+    pub async fn list(
+        &self,
+        merchant_id: &str,
+        page_size: i32,
+        page_token: &str,
+        include_revoked: bool,
+    ) -> Result<Page<KeyView>, ServiceError> {
+        let mut v = Violations::default();
+        v.check("merchant_id", validate::merchant_id(merchant_id));
+        v.into_result()?;
+        let limit = page::page_size(page_size)?;
+        let cursor = page::decode(page_token)?.map(|(created_at, id)| KeyCursor { created_at, id });
+        let now = clock::now();
+        let _pause = self.usage.pause_flush().await;
+        let mut rows =
+            self.store.list_keys(merchant_id, include_revoked, now, cursor.as_ref(), limit + 1).await?;
+        let next_page_token = next_token(&mut rows, limit, |k| page::encode(k.created_at, &k.id));
+        let items = rows
+            .into_iter()
+            .map(|k| {
+                let pending = self.usage.pending(&k.id);
+                view(k, pending, now)
+            })
+            .collect();
+        Ok(Page { items, next_page_token })
+    }
+
+    pub async fn update(&self, actor: &Actor, req: UpdateKey) -> Result<KeyView, ServiceError> {
+        check_ids(&req.merchant_id, &req.key_id)?;
+        let now = clock::now();
+        let mut v = Violations::default();
+        let mut changes = KeyChanges::default();
+        if req.paths.is_empty() {
+            v.add("update_mask", "name at least one of: name, scopes, allowed_cidrs, expires_at");
+        }
+        for path in &req.paths {
+            match path.as_str() {
+                "name" => {
+                    v.check("name", validate::text(&req.name, validate::MAX_NAME, true));
+                    changes.name = Some(req.name.clone());
+                }
+                "scopes" => match self.catalogue.parse_grant(&req.scopes) {
+                    Ok(set) => changes.scopes = Some(self.catalogue.names(set)),
+                    Err(e) => v.add("scopes", format!("{e} (a key cannot have its scopes cleared)")),
+                },
+                "allowed_cidrs" => {
+                    changes.allowed_cidrs = parse_cidrs(&mut v, &req.allowed_cidrs).map(|l| l.canonical());
+                }
+                "expires_at" => {
+                    check_expiry(&mut v, req.expires_at, now);
+                    changes.expires_at = Some(req.expires_at.map(clock::stored));
+                }
+                other => v.add(
+                    "update_mask",
+                    format!("unknown path {other:?}; paths are: name, scopes, allowed_cidrs, expires_at"),
+                ),
+            }
+        }
+        v.into_result()?;
+        let audit =
+            AuditRecord::admin(AuditKind::KeyUpdated, now, &actor.0, &req.merchant_id, &req.key_id, None)
+                .with_detail(describe_changes(&changes));
+        match self.store.update_key(&req.merchant_id, &req.key_id, &changes, now, audit).await? {
+            Change::Applied(key) => {
+                self.announce(&key.id);
+                tracing::info!(actor = %actor.0, merchant_id = %key.merchant_id, key_id = %key.id, paths = ?req.paths, "key updated");
+                self.view_with_usage(key, now).await
+            }
+            Change::NotFound => Err(ServiceError::NotFound("key")),
+            Change::Refused(key) => Err(refusal(&key, now, "updated")),
+        }
+    }
+
+    pub async fn revoke(
+        &self,
+        actor: &Actor,
+        merchant_id: &str,
+        key_id: &str,
+        reason: &str,
+    ) -> Result<KeyView, ServiceError> {
+        check_ids(merchant_id, key_id)?;
+        let mut v = Violations::default();
+        v.check("reason", validate::text(reason, validate::MAX_REASON, false));
+        v.into_result()?;
+        let now = clock::now();
+        let reason = (!reason.is_empty()).then_some(reason);
+        let mut audit = AuditRecord::admin(AuditKind::KeyRevoked, now, &actor.0, merchant_id, key_id, None);
+        if let Some(reason) = reason {
+            audit = audit.with_detail(format!("reason: {reason}"));
+        }
+        match self.store.revoke_key(merchant_id, key_id, reason, now, audit).await? {
+            Change::Applied(key) => {
+                self.announce(&key.id);
+                tracing::info!(actor = %actor.0, merchant_id, key_id, "key revoked");
+                self.view_with_usage(key, now).await
+            }
+            // Revoking twice is a no-op that answers with the revoked key.
+            Change::Refused(key) => self.view_with_usage(key, now).await,
+            Change::NotFound => Err(ServiceError::NotFound("key")),
+        }
+    }
+
+    pub async fn regenerate(
+        &self,
+        actor: &Actor,
+        merchant_id: &str,
+        key_id: &str,
+        grace: Option<Duration>,
+    ) -> Result<Regenerated, ServiceError> {
+        check_ids(merchant_id, key_id)?;
+        let grace = grace.unwrap_or_else(Duration::zero);
+        if grace < Duration::zero() || grace > MAX_GRACE {
+            return Err(ServiceError::invalid("grace_period", "must be between 0 and 7 days"));
+        }
+        for _ in 0..INSERT_ATTEMPTS {
+            let (plaintext, hash) = self.issue().await?;
+            let now = clock::now();
+            let successor_id = new_key_id();
+            let revoke_at = clock::stored(now + grace);
+            let actor_name = actor.0.clone();
+            let prefix = plaintext.lookup_prefix().as_str().to_owned();
+            let new_id = successor_id.clone();
+            let result = self
+                .store
+                .regenerate_key(merchant_id, key_id, &successor_id, revoke_at, now, move |old| {
+                    // The successor keeps the old key's lifetime, not its end date.
+                    let expires_at = old.expires_at.map(|e| clock::stored(now + (e - old.created_at)));
+                    let new = NewKey {
+                        id: new_id.clone(),
+                        merchant_id: old.merchant_id.clone(),
+                        name: old.name.clone(),
+                        prefix,
+                        hash,
+                        scopes: old.scopes.clone(),
+                        allowed_cidrs: old.allowed_cidrs.clone(),
+                        expires_at,
+                        created_at: now,
+                        created_by: actor_name.clone(),
+                    };
+                    let detail = if grace > Duration::zero() {
+                        format!("replaced by {new_id}; old key verifies until {}", revoke_at.to_rfc3339())
+                    } else {
+                        format!("replaced by {new_id}")
+                    };
+                    let audits = vec![
+                        AuditRecord::admin(
+                            AuditKind::KeyRegenerated,
+                            now,
+                            &actor_name,
+                            &old.merchant_id,
+                            &old.id,
+                            Some(&old.name),
+                        )
+                        .with_detail(detail),
+                        AuditRecord::admin(
+                            AuditKind::KeyCreated,
+                            now,
+                            &actor_name,
+                            &old.merchant_id,
+                            &new_id,
+                            Some(&old.name),
+                        )
+                        .with_detail(format!(
+                            "regenerated from {}; {}",
+                            old.id,
+                            describe_policy(&old.scopes, &old.allowed_cidrs, expires_at)
+                        )),
+                    ];
+                    (new, audits)
+                })
+                .await;
+            return match result {
+                Ok((Change::Applied(old), Some(new))) => {
+                    self.announce(&old.id);
+                    tracing::info!(actor = %actor.0, merchant_id, key_id, successor = %new.id, grace_secs = grace.num_seconds(), "key regenerated");
+                    Ok(Regenerated {
+                        key: view(new, UsageDelta::default(), now),
+                        plaintext,
+                        previous: self.view_with_usage(old, now).await?,
+                    })
+                }
+                Ok((Change::Applied(_), None)) => Err(ServiceError::Internal("successor vanished".into())),
+                Ok((Change::NotFound, _)) => Err(ServiceError::NotFound("key")),
+                Ok((Change::Refused(old), _)) => Err(refusal(&old, now, "regenerated")),
+                Err(InsertError::PrefixTaken) => continue,
+                Err(InsertError::Store(e)) => Err(e.into()),
+            };
+        }
+        Err(ServiceError::Internal("could not find a free lookup prefix".into()))
+    }
+
+    pub async fn usage(&self, merchant_id: &str, key_id: &str) -> Result<Usage, ServiceError> {
+        let key = self.get(merchant_id, key_id).await?.key;
+        Ok(Usage {
+            last_used_at: key.last_used_at,
+            request_count: key.request_count,
+            denied_count: key.denied_count,
+        })
+    }
+
+    pub async fn audit_events(&self, filter: AuditFilter) -> Result<Page<AuditRecord>, ServiceError> {
+        let mut v = Violations::default();
+        v.check("merchant_id", validate::merchant_id(&filter.merchant_id));
+        if !filter.api_key_id.is_empty() {
+            v.check("api_key_id", validate::key_id(&filter.api_key_id));
+        }
+        if let (Some(start), Some(end)) = (filter.start, filter.end)
+            && start >= end
+        {
+            v.add("end_time", "must be after start_time");
+        }
+        v.into_result()?;
+        let limit = page::page_size(filter.page_size)?;
+        let cursor = page::decode(&filter.page_token)?.map(|(timestamp, id)| AuditCursor { timestamp, id });
+        let query = AuditQuery {
+            merchant_id: &filter.merchant_id,
+            api_key_id: (!filter.api_key_id.is_empty()).then_some(filter.api_key_id.as_str()),
+            start: filter.start,
+            end: filter.end,
+        };
+        let mut rows = self.store.list_audit(&query, cursor.as_ref(), limit + 1).await?;
+        let next_page_token = next_token(&mut rows, limit, |r| page::encode(r.timestamp, &r.id));
+        Ok(Page { items: rows, next_page_token })
+    }
+
+    /// The key as just changed, with usage read consistently.
+    async fn view_with_usage(&self, key: StoredKey, _now: DateTime<Utc>) -> Result<KeyView, ServiceError> {
+        self.get(&key.merchant_id, &key.id).await
+    }
+}
+
+fn new_key_id() -> String {
+    Uuid::now_v7().to_string()
+}
+
+fn check_ids(merchant_id: &str, key_id: &str) -> Result<(), ServiceError> {
+    let mut v = Violations::default();
+    v.check("merchant_id", validate::merchant_id(merchant_id));
+    v.check("key_id", validate::key_id(key_id));
+    v.into_result()
+}
+
+fn check_expiry(v: &mut Violations, expires_at: Option<DateTime<Utc>>, now: DateTime<Utc>) {
+    if expires_at.is_some_and(|at| at <= now) {
+        v.add("expires_at", "must be in the future");
+    }
+}
+
+fn parse_cidrs(v: &mut Violations, entries: &[String]) -> Option<AllowList> {
+    match AllowList::parse(entries) {
+        Ok(list) => Some(list),
+        Err(e) => {
+            let field = match e.index() {
+                Some(i) => format!("allowed_cidrs[{i}]"),
+                None => "allowed_cidrs".to_owned(),
+            };
+            let hint = match e {
+                CidrError::Syntax { .. } => " (use an IP such as 203.0.113.7 or a range such as 10.0.0.0/8)",
+                _ => "",
+            };
+            v.add(field, format!("{e}{hint}"));
+            None
+        }
+    }
+}
+
+/// Applies unflushed usage and derives the status.
+fn view(mut key: StoredKey, pending: UsageDelta, now: DateTime<Utc>) -> KeyView {
+    key.request_count += pending.allowed;
+    key.denied_count += pending.denied;
+    key.last_used_at = key.last_used_at.max(pending.last_used_at);
+    let status = KeyStatus::at(key.revoked_at, key.expires_at, now);
+    KeyView { key, status }
+}
+
+fn refusal(key: &StoredKey, now: DateTime<Utc>, verb: &str) -> ServiceError {
+    match KeyStatus::at(key.revoked_at, key.expires_at, now) {
+        KeyStatus::Revoked => {
+            ServiceError::FailedPrecondition(format!("key {} is revoked and cannot be {verb}", key.id))
+        }
+        _ => ServiceError::FailedPrecondition(format!(
+            "key {} is being rotated (replaced by {}) and cannot be {verb}; revoke it or change its successor",
+            key.id,
+            key.replaced_by_key_id.as_deref().unwrap_or("another key")
+        )),
+    }
+}
+
+/// Drops the look-ahead row and returns the token for the next page.
+fn next_token<T>(rows: &mut Vec<T>, limit: u64, token: impl Fn(&T) -> String) -> String {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(token).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+fn describe_policy(scopes: &[String], cidrs: &[String], expires_at: Option<DateTime<Utc>>) -> String {
+    format!(
+        "scopes: {}; allowed_cidrs: {}; expires_at: {}",
+        scopes.join(","),
+        if cidrs.is_empty() { "any".to_owned() } else { cidrs.join(",") },
+        expires_at.map_or_else(|| "never".to_owned(), |e| e.to_rfc3339()),
+    )
+}
+
+fn describe_changes(c: &KeyChanges) -> String {
+    let mut parts = Vec::new();
+    if let Some(name) = &c.name {
+        parts.push(format!("name: {name}"));
+    }
+    if let Some(scopes) = &c.scopes {
+        parts.push(format!("scopes: {}", scopes.join(",")));
+    }
+    if let Some(cidrs) = &c.allowed_cidrs {
+        parts.push(format!(
+            "allowed_cidrs: {}",
+            if cidrs.is_empty() { "any".into() } else { cidrs.join(",") }
+        ));
+    }
+    if let Some(expires_at) = c.expires_at {
+        parts.push(format!(
+            "expires_at: {}",
+            expires_at.map_or_else(|| "never".to_owned(), |e| e.to_rfc3339())
+        ));
+    }
+    parts.join("; ")
+}

@@ -1,0 +1,83 @@
+//! The use cases, composed from the pure key domain and the runtime parts:
+//! [`admin::KeyManager`] for KeyAdmin and [`verify::Verifier`] for KeyVerify.
+//! Inputs are validated here (the API layer only decodes), and every failure
+//! is a [`ServiceError`] that `api::status` maps to a gRPC status in one place.
+
+pub mod admin;
+pub mod hash_pool;
+pub mod page;
+pub mod validate;
+
+use thiserror::Error;
+
+use crate::store::StoreError;
+
+/// One invalid request field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self { field: field.into(), description: description.into() }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    #[error("invalid argument: {}", describe(.0))]
+    Invalid(Vec<FieldViolation>),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A dependency (the database) is unreachable; the call may be retried.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Cold verification capacity is exhausted; retry later.
+    #[error("{0}")]
+    Overloaded(String),
+    /// A fault of ours; the cause is logged, never sent to the caller.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn describe(violations: &[FieldViolation]) -> String {
+    violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; ")
+}
+
+impl ServiceError {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::Invalid(vec![FieldViolation::new(field, description)])
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            Self::Unavailable(format!("the key store is unavailable: {e}"))
+        } else {
+            Self::Internal(e.to_string())
+        }
+    }
+}
+
+impl From<hash_pool::PoolError> for ServiceError {
+    fn from(e: hash_pool::PoolError) -> Self {
+        match e {
+            hash_pool::PoolError::Busy => {
+                Self::Overloaded("key hashing capacity is exhausted; retry with backoff".into())
+            }
+            hash_pool::PoolError::Stopped => Self::Unavailable("the server is shutting down".into()),
+        }
+    }
+}
+
+impl From<crate::keys::format::RandomnessUnavailable> for ServiceError {
+    fn from(e: crate::keys::format::RandomnessUnavailable) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+pub mod verify;

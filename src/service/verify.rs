@@ -1,0 +1,259 @@
+//! The Verify pipeline: validate → parse the key (shape and checksum, no I/O)
+//! → identify it (store lookup by prefix, scrypt check on the pool) → decide
+//! against its current policy → queue the audit row and count usage.
+//!
+//! Nothing here writes to the database: audit rows and usage go through
+//! their batching queues.
+
+use std::{net::IpAddr, sync::Arc};
+
+use chrono::{DateTime, Utc};
+
+use super::{
+    ServiceError,
+    hash_pool::HashPool,
+    validate::{self, Violations},
+};
+use crate::{
+    audit::{self, AuditKind, AuditRecord, writer::AuditQueue},
+    clock,
+    keys::{
+        AllowList, Decision, DenyReason, KeyHasher, KeyPrefix, PlainKey, Policy, ScopeCatalogue, ScopeSet,
+        decide,
+    },
+    store::{Store, keys::StoredKey},
+    usage::UsageTracker,
+};
+
+/// A Verify call as received.
+#[derive(Clone)]
+pub struct VerifyInput {
+    pub key: String,
+    pub ip: String,
+    pub required_scope: String,
+    pub endpoint: String,
+    pub method: String,
+}
+
+impl std::fmt::Debug for VerifyInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyInput")
+            .field("key", &"[redacted]")
+            .field("ip", &self.ip)
+            .field("required_scope", &self.required_scope)
+            .field("endpoint", &self.endpoint)
+            .field("method", &self.method)
+            .finish()
+    }
+}
+
+/// What an allowed key may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub merchant_id: String,
+    pub key_id: String,
+    pub key_name: String,
+    /// Granted scopes with implications expanded.
+    pub scopes: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub outcome: Result<Grant, DenyReason>,
+    pub audit_event_id: String,
+}
+
+/// What verification needs to know about an identified key.
+#[derive(Debug, Clone)]
+pub struct KeyState {
+    pub key_id: String,
+    pub merchant_id: String,
+    pub name: String,
+    pub policy: Policy,
+    pub version: i64,
+}
+
+impl KeyState {
+    pub fn from_stored(key: &StoredKey, catalogue: &ScopeCatalogue) -> Result<Self, ServiceError> {
+        let allowed =
+            AllowList::from_stored(key.allowed_cidrs.iter().map(String::as_str)).map_err(|entry| {
+                ServiceError::Internal(format!(
+                    "key {} has an unreadable allowed_cidrs entry {entry:?}",
+                    key.id
+                ))
+            })?;
+        let scopes = catalogue.expand(catalogue.from_stored(key.scopes.iter().map(String::as_str)));
+        Ok(Self {
+            key_id: key.id.clone(),
+            merchant_id: key.merchant_id.clone(),
+            name: key.name.clone(),
+            policy: Policy { revoked_at: key.revoked_at, expires_at: key.expires_at, allowed, scopes },
+            version: key.version,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Verifier {
+    store: Store,
+    hasher: KeyHasher,
+    pool: HashPool,
+    catalogue: Arc<ScopeCatalogue>,
+    prefix: KeyPrefix,
+    usage: Arc<UsageTracker>,
+    audit: AuditQueue,
+}
+
+/// Validated request fields.
+struct Checked {
+    ip: Option<IpAddr>,
+    required: Option<ScopeSet>,
+}
+
+impl Verifier {
+    pub fn new(
+        store: Store,
+        hasher: KeyHasher,
+        pool: HashPool,
+        catalogue: Arc<ScopeCatalogue>,
+        prefix: KeyPrefix,
+        usage: Arc<UsageTracker>,
+        audit: AuditQueue,
+    ) -> Self {
+        Self { store, hasher, pool, catalogue, prefix, usage, audit }
+    }
+
+    /// Decides on one presented key. Denials are verdicts, not errors; errors
+    /// are the caller's bugs (INVALID_ARGUMENT) or ours (UNAVAILABLE, …).
+    pub async fn verify(&self, input: VerifyInput) -> Result<Verdict, ServiceError> {
+        let checked = self.check(&input)?;
+        let now = clock::now();
+        let mut record = AuditRecord::new(AuditKind::Verify, now);
+        record.endpoint = Some(input.endpoint).filter(|s| !s.is_empty());
+        record.method = Some(input.method).filter(|s| !s.is_empty());
+        record.ip = checked.ip.map(|ip| ip.to_string());
+
+        let outcome = match PlainKey::parse(&self.prefix, &input.key) {
+            Err(_) => Err(DenyReason::Malformed),
+            Ok(key) => {
+                record.key_prefix = Some(key.lookup_prefix().as_str().to_owned());
+                match self.identify(key).await? {
+                    None => Err(DenyReason::NotFound),
+                    Some(state) => {
+                        record.merchant_id = Some(state.merchant_id.clone());
+                        record.api_key_id = Some(state.key_id.clone());
+                        record.api_key_name = Some(state.name.clone());
+                        decide(&state.policy, now, checked.ip, checked.required).map(|()| Grant {
+                            merchant_id: state.merchant_id.clone(),
+                            key_id: state.key_id.clone(),
+                            key_name: state.name.clone(),
+                            scopes: self.catalogue.names(state.policy.scopes),
+                            expires_at: state.policy.expires_at,
+                        })
+                    }
+                }
+            }
+        };
+
+        match &outcome {
+            Ok(grant) => {
+                record.decision = Some(Decision::Allow);
+                self.usage.record_allowed(&grant.key_id, now);
+            }
+            Err(reason) => {
+                record.decision = Some(Decision::Deny);
+                record.deny_reason = Some(*reason);
+                record.status = Some(reason.http_status());
+                if let Some(key_id) = &record.api_key_id {
+                    self.usage.record_denied(key_id);
+                }
+            }
+        }
+        audit::record_on_span(&tracing::Span::current(), &record);
+        let audit_event_id = record.id.clone();
+        self.audit
+            .push(record)
+            .await
+            .map_err(|_| ServiceError::Unavailable("the server is shutting down".into()))?;
+        Ok(Verdict { outcome, audit_event_id })
+    }
+
+    /// Completes allowed rows with the HTTP status the caller answered.
+    pub async fn record_outcomes(&self, outcomes: Vec<(String, i32)>) -> Result<u64, ServiceError> {
+        let mut v = Violations::default();
+        if outcomes.len() > MAX_OUTCOMES {
+            v.add("outcomes", format!("at most {MAX_OUTCOMES} per call"));
+        }
+        let mut checked = Vec::with_capacity(outcomes.len());
+        for (i, (id, status)) in outcomes.into_iter().enumerate() {
+            if id.is_empty() || id.len() > 64 {
+                v.add(format!("outcomes[{i}].audit_event_id"), "is not an audit event id");
+            }
+            match u16::try_from(status) {
+                Ok(s) if (100..=599).contains(&s) => checked.push((id, s)),
+                _ => v.add(format!("outcomes[{i}].status"), "must be an HTTP status between 100 and 599"),
+            }
+        }
+        v.into_result()?;
+        let (held, rest) = self.audit.record_outcomes(checked);
+        let written = self.store.set_outcomes(&rest).await?;
+        Ok(held + written)
+    }
+
+    fn check(&self, input: &VerifyInput) -> Result<Checked, ServiceError> {
+        let mut v = Violations::default();
+        if input.key.len() > validate::MAX_PRESENTED_KEY {
+            v.add("key", format!("must be at most {} characters", validate::MAX_PRESENTED_KEY));
+        }
+        let ip = if input.ip.is_empty() {
+            None
+        } else {
+            match input.ip.parse::<IpAddr>() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    v.add("ip", "is not an IPv4 or IPv6 address (leave it empty if unknown)");
+                    None
+                }
+            }
+        };
+        let required = if input.required_scope.is_empty() {
+            None
+        } else {
+            let found = self.catalogue.required(&input.required_scope);
+            if found.is_none() {
+                let valid: Vec<String> = self.catalogue.scopes().map(|(d, _)| d.name.clone()).collect();
+                v.add(
+                    "required_scope",
+                    format!(
+                        "unknown scope {:?}; valid scopes are: {}",
+                        input.required_scope,
+                        valid.join(", ")
+                    ),
+                );
+            }
+            found
+        };
+        v.check("endpoint", validate::endpoint(&input.endpoint));
+        v.check("method", validate::method(&input.method));
+        v.into_result()?;
+        Ok(Checked { ip, required })
+    }
+
+    /// The key's current state if it exists and the secret matches; `None`
+    /// for an unknown prefix or a wrong secret (indistinguishable by design).
+    async fn identify(&self, key: PlainKey) -> Result<Option<KeyState>, ServiceError> {
+        let Some(stored) = self.store.find_by_prefix(key.lookup_prefix().as_str()).await? else {
+            return Ok(None);
+        };
+        let hasher = self.hasher.clone();
+        let hash = stored.hash.clone();
+        if !self.pool.run(move || hasher.verify(&key, &hash)).await? {
+            return Ok(None);
+        }
+        KeyState::from_stored(&stored, &self.catalogue).map(Some)
+    }
+}
+
+/// Most outcomes one RecordOutcomes call may carry.
+pub const MAX_OUTCOMES: usize = 1000;

@@ -1,0 +1,177 @@
+//! Queries on `audit_events`: batched inserts from the audit writer, outcome
+//! updates, newest-first listing, and retention.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, EntityTrait, ExprTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait, sea_query::Expr,
+};
+
+use super::{Store, StoreError, entity::audit_event};
+use crate::{
+    audit::{AuditKind, AuditRecord},
+    keys::{Decision, DenyReason},
+};
+
+pub(super) fn audit_row(r: &AuditRecord) -> audit_event::ActiveModel {
+    audit_event::ActiveModel {
+        id: Set(r.id.clone()),
+        timestamp: Set(r.timestamp),
+        kind: Set(r.kind.as_str().to_owned()),
+        merchant_id: Set(r.merchant_id.clone()),
+        api_key_id: Set(r.api_key_id.clone()),
+        api_key_name: Set(r.api_key_name.clone()),
+        key_prefix: Set(r.key_prefix.clone()),
+        endpoint: Set(r.endpoint.clone()),
+        method: Set(r.method.clone()),
+        ip: Set(r.ip.clone()),
+        status: Set(r.status.map(i32::from)),
+        decision: Set(r.decision.map(|d| d.as_str().to_owned())),
+        deny_reason: Set(r.deny_reason.map(|d| d.as_str().to_owned())),
+        actor: Set(r.actor.clone()),
+        trace_id: Set(r.trace_id.clone()),
+        detail: Set(r.detail.clone()),
+    }
+}
+
+impl TryFrom<audit_event::Model> for AuditRecord {
+    type Error = StoreError;
+
+    fn try_from(m: audit_event::Model) -> Result<Self, StoreError> {
+        let corrupt = |what: &'static str, value: &str| StoreError::Corrupt {
+            id: m.id.clone(),
+            what,
+            detail: format!("{value:?}"),
+        };
+        let kind = AuditKind::parse(&m.kind).ok_or_else(|| corrupt("audit kind", &m.kind))?;
+        let decision = match &m.decision {
+            Some(d) => Some(Decision::parse(d).ok_or_else(|| corrupt("decision", d))?),
+            None => None,
+        };
+        let deny_reason = match &m.deny_reason {
+            Some(r) => Some(DenyReason::parse(r).ok_or_else(|| corrupt("deny reason", r))?),
+            None => None,
+        };
+        Ok(Self {
+            kind,
+            decision,
+            deny_reason,
+            status: m.status.and_then(|s| u16::try_from(s).ok()),
+            id: m.id,
+            timestamp: m.timestamp,
+            merchant_id: m.merchant_id,
+            api_key_id: m.api_key_id,
+            api_key_name: m.api_key_name,
+            key_prefix: m.key_prefix,
+            endpoint: m.endpoint,
+            method: m.method,
+            ip: m.ip,
+            actor: m.actor,
+            trace_id: m.trace_id,
+            detail: m.detail,
+        })
+    }
+}
+
+/// Position in a newest-first listing of audit events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditCursor {
+    pub timestamp: DateTime<Utc>,
+    pub id: String,
+}
+
+/// Filters of ListAuditEvents; the merchant is mandatory.
+#[derive(Debug, Clone)]
+pub struct AuditQuery<'a> {
+    pub merchant_id: &'a str,
+    pub api_key_id: Option<&'a str>,
+    /// Inclusive.
+    pub start: Option<DateTime<Utc>>,
+    /// Exclusive.
+    pub end: Option<DateTime<Utc>>,
+}
+
+impl Store {
+    /// One multi-row INSERT for a batch of rows.
+    pub async fn insert_audit_batch(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.count(1);
+        audit_event::Entity::insert_many(rows.iter().map(audit_row))
+            .exec_without_returning(self.db())
+            .await?;
+        Ok(())
+    }
+
+    /// Sets the reported HTTP status on allowed verification rows; returns
+    /// how many rows matched. Later reports overwrite earlier ones.
+    pub async fn set_outcomes(&self, outcomes: &[(String, u16)]) -> Result<u64, StoreError> {
+        use audit_event::Column as C;
+        if outcomes.is_empty() {
+            return Ok(0);
+        }
+        let txn = self.db().begin().await?;
+        self.count(2 + outcomes.len() as u64);
+        let mut updated = 0;
+        for (id, status) in outcomes {
+            updated += audit_event::Entity::update_many()
+                .col_expr(C::Status, Expr::value(Some(i32::from(*status))))
+                .filter(C::Id.eq(id.as_str()))
+                .filter(C::Kind.eq(AuditKind::Verify.as_str()))
+                .filter(C::Decision.eq(Decision::Allow.as_str()))
+                .exec(&txn)
+                .await?
+                .rows_affected;
+        }
+        txn.commit().await?;
+        Ok(updated)
+    }
+
+    /// Newest first, `limit` rows after `after`.
+    pub async fn list_audit(
+        &self,
+        query: &AuditQuery<'_>,
+        after: Option<&AuditCursor>,
+        limit: u64,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        use audit_event::Column as C;
+        let mut select = audit_event::Entity::find().filter(C::MerchantId.eq(query.merchant_id));
+        if let Some(key_id) = query.api_key_id {
+            select = select.filter(C::ApiKeyId.eq(key_id));
+        }
+        if let Some(start) = query.start {
+            select = select.filter(C::Timestamp.gte(start));
+        }
+        if let Some(end) = query.end {
+            select = select.filter(C::Timestamp.lt(end));
+        }
+        if let Some(cursor) = after {
+            select = select.filter(
+                C::Timestamp
+                    .lt(cursor.timestamp)
+                    .or(C::Timestamp.eq(cursor.timestamp).and(C::Id.lt(cursor.id.as_str()))),
+            );
+        }
+        self.count(1);
+        select
+            .order_by_desc(C::Timestamp)
+            .order_by_desc(C::Id)
+            .limit(limit)
+            .all(self.db())
+            .await?
+            .into_iter()
+            .map(AuditRecord::try_from)
+            .collect()
+    }
+
+    /// One audit row by id.
+    pub async fn get_audit(&self, id: &str) -> Result<Option<AuditRecord>, StoreError> {
+        self.count(1);
+        audit_event::Entity::find_by_id(id.to_owned())
+            .one(self.db())
+            .await?
+            .map(AuditRecord::try_from)
+            .transpose()
+    }
+}

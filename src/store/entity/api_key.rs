@@ -1,0 +1,35 @@
+//! `api_keys`: one row per issued key. The plaintext is never stored, only
+//! its lookup prefix (unique) and its v1 hash.
+
+use sea_orm::entity::prelude::*;
+
+#[sea_orm::model]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "api_keys")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    pub merchant_id: String,
+    pub name: String,
+    #[sea_orm(unique)]
+    pub prefix: String,
+    pub key_hash: String,
+    /// Space-separated scope names, in catalogue order.
+    pub scopes: String,
+    /// Space-separated canonical IPs and CIDR ranges.
+    pub allowed_cidrs: String,
+    pub expires_at: Option<DateTimeUtc>,
+    pub created_at: DateTimeUtc,
+    pub created_by: String,
+    pub updated_at: DateTimeUtc,
+    pub revoked_at: Option<DateTimeUtc>,
+    pub revoke_reason: Option<String>,
+    pub replaced_by_key_id: Option<String>,
+    pub request_count: i64,
+    pub denied_count: i64,
+    pub last_used_at: Option<DateTimeUtc>,
+    /// Bumped by every change, so replicas can tell stale state from fresh.
+    pub version: i64,
+}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,5 @@
+//! sea-orm entities, one per table. Lists are stored as space-separated text
+//! so the schema is the same on SQLite and PostgreSQL.
+
+pub mod api_key;
+pub mod audit_event;

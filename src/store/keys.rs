@@ -1,0 +1,429 @@
+//! Queries on `api_keys`. Mutations write first and read back inside one
+//! transaction, with the audit row of the change in the same transaction:
+//! writing first takes SQLite's write lock up front (no lock upgrades that
+//! could fail), and a conditional UPDATE makes concurrent changes safe on both
+//! backends without SELECT … FOR UPDATE.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, ExprTrait, QueryFilter, QueryOrder,
+    QuerySelect, SqlErr, TransactionTrait,
+    sea_query::{Expr, Func},
+};
+
+use super::{Store, StoreError, audit::audit_row, entity::api_key};
+use crate::{audit::AuditRecord, keys::KeyHash};
+
+/// A key as stored, with its hash parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    pub id: String,
+    pub merchant_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub hash: KeyHash,
+    pub scopes: Vec<String>,
+    pub allowed_cidrs: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+    pub updated_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoke_reason: Option<String>,
+    pub replaced_by_key_id: Option<String>,
+    pub request_count: i64,
+    pub denied_count: i64,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub version: i64,
+}
+
+impl TryFrom<api_key::Model> for StoredKey {
+    type Error = StoreError;
+
+    fn try_from(m: api_key::Model) -> Result<Self, StoreError> {
+        let hash = m.key_hash.parse::<KeyHash>().map_err(|e| StoreError::Corrupt {
+            id: m.id.clone(),
+            what: "key hash",
+            detail: e.to_string(),
+        })?;
+        Ok(Self {
+            hash,
+            scopes: split(&m.scopes),
+            allowed_cidrs: split(&m.allowed_cidrs),
+            id: m.id,
+            merchant_id: m.merchant_id,
+            name: m.name,
+            prefix: m.prefix,
+            expires_at: m.expires_at,
+            created_at: m.created_at,
+            created_by: m.created_by,
+            updated_at: m.updated_at,
+            revoked_at: m.revoked_at,
+            revoke_reason: m.revoke_reason,
+            replaced_by_key_id: m.replaced_by_key_id,
+            request_count: m.request_count,
+            denied_count: m.denied_count,
+            last_used_at: m.last_used_at,
+            version: m.version,
+        })
+    }
+}
+
+fn split(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_owned).collect()
+}
+
+/// A key about to be inserted.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: String,
+    pub merchant_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub hash: KeyHash,
+    pub scopes: Vec<String>,
+    pub allowed_cidrs: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+}
+
+impl NewKey {
+    fn into_active(self) -> api_key::ActiveModel {
+        api_key::ActiveModel {
+            id: Set(self.id),
+            merchant_id: Set(self.merchant_id),
+            name: Set(self.name),
+            prefix: Set(self.prefix),
+            key_hash: Set(self.hash.to_string()),
+            scopes: Set(self.scopes.join(" ")),
+            allowed_cidrs: Set(self.allowed_cidrs.join(" ")),
+            expires_at: Set(self.expires_at),
+            created_at: Set(self.created_at),
+            created_by: Set(self.created_by),
+            updated_at: Set(self.created_at),
+            revoked_at: Set(None),
+            revoke_reason: Set(None),
+            replaced_by_key_id: Set(None),
+            request_count: Set(0),
+            denied_count: Set(0),
+            last_used_at: Set(None),
+            version: Set(1),
+        }
+    }
+}
+
+/// Fields an update changes; `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyChanges {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub allowed_cidrs: Option<Vec<String>>,
+    /// `Some(None)` clears the expiry.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+/// Position in a newest-first listing of keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: String,
+}
+
+/// What a conditional change did.
+#[derive(Debug)]
+pub enum Change {
+    Applied(StoredKey),
+    /// No such key for this merchant.
+    NotFound,
+    /// The key exists but its state refused the change; here it is as it is.
+    Refused(StoredKey),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    #[error("the lookup prefix is already taken")]
+    PrefixTaken,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Accumulated usage of one key, to be added to its row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub allowed: i64,
+    pub denied: i64,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+impl Store {
+    /// Inserts a key and its KEY_CREATED row together.
+    pub async fn insert_key(&self, key: NewKey, audit: AuditRecord) -> Result<StoredKey, InsertError> {
+        let id = key.id.clone();
+        let txn = self.db().begin().await.map_err(StoreError::from)?;
+        // BEGIN, INSERT key, INSERT audit, SELECT, COMMIT.
+        self.count(5);
+        match api_key::Entity::insert(key.into_active()).exec_without_returning(&txn).await {
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                return Err(InsertError::PrefixTaken);
+            }
+            other => other.map_err(StoreError::from)?,
+        };
+        insert_audit(&txn, &[audit]).await?;
+        let stored = fetch(&txn, &id).await?;
+        txn.commit().await.map_err(StoreError::from)?;
+        stored.ok_or_else(|| {
+            StoreError::Corrupt { id, what: "row", detail: "vanished after insert".into() }.into()
+        })
+    }
+
+    /// One merchant's key by id; another merchant's key is not found.
+    pub async fn get_key(&self, merchant_id: &str, key_id: &str) -> Result<Option<StoredKey>, StoreError> {
+        self.count(1);
+        api_key::Entity::find()
+            .filter(api_key::Column::Id.eq(key_id))
+            .filter(api_key::Column::MerchantId.eq(merchant_id))
+            .one(self.db())
+            .await?
+            .map(StoredKey::try_from)
+            .transpose()
+    }
+
+    /// The key with this lookup prefix, for verification.
+    pub async fn find_by_prefix(&self, prefix: &str) -> Result<Option<StoredKey>, StoreError> {
+        self.count(1);
+        api_key::Entity::find()
+            .filter(api_key::Column::Prefix.eq(prefix))
+            .one(self.db())
+            .await?
+            .map(StoredKey::try_from)
+            .transpose()
+    }
+
+    /// A key by id alone, for refreshing verification state.
+    pub async fn find_by_id(&self, key_id: &str) -> Result<Option<StoredKey>, StoreError> {
+        self.count(1);
+        fetch(self.db(), key_id).await
+    }
+
+    /// Newest first, `limit` rows after `after`.
+    pub async fn list_keys(
+        &self,
+        merchant_id: &str,
+        include_revoked: bool,
+        now: DateTime<Utc>,
+        after: Option<&KeyCursor>,
+        limit: u64,
+    ) -> Result<Vec<StoredKey>, StoreError> {
+        use api_key::Column as C;
+        let mut query = api_key::Entity::find().filter(C::MerchantId.eq(merchant_id));
+        if !include_revoked {
+            query = query.filter(C::RevokedAt.is_null().or(C::RevokedAt.gt(now)));
+        }
+        if let Some(cursor) = after {
+            query = query.filter(
+                C::CreatedAt
+                    .lt(cursor.created_at)
+                    .or(C::CreatedAt.eq(cursor.created_at).and(C::Id.lt(cursor.id.as_str()))),
+            );
+        }
+        self.count(1);
+        query
+            .order_by_desc(C::CreatedAt)
+            .order_by_desc(C::Id)
+            .limit(limit)
+            .all(self.db())
+            .await?
+            .into_iter()
+            .map(StoredKey::try_from)
+            .collect()
+    }
+
+    /// Applies `changes` to a key that is neither revoked nor rotating.
+    pub async fn update_key(
+        &self,
+        merchant_id: &str,
+        key_id: &str,
+        changes: &KeyChanges,
+        now: DateTime<Utc>,
+        audit: AuditRecord,
+    ) -> Result<Change, StoreError> {
+        use api_key::Column as C;
+        let mut update = api_key::Entity::update_many()
+            .col_expr(C::UpdatedAt, Expr::value(now))
+            .col_expr(C::Version, Expr::col(C::Version).add(1));
+        if let Some(name) = &changes.name {
+            update = update.col_expr(C::Name, Expr::value(name.clone()));
+        }
+        if let Some(scopes) = &changes.scopes {
+            update = update.col_expr(C::Scopes, Expr::value(scopes.join(" ")));
+        }
+        if let Some(cidrs) = &changes.allowed_cidrs {
+            update = update.col_expr(C::AllowedCidrs, Expr::value(cidrs.join(" ")));
+        }
+        if let Some(expires_at) = changes.expires_at {
+            update = update.col_expr(C::ExpiresAt, Expr::value(expires_at));
+        }
+        let txn = self.db().begin().await?;
+        let updated = update
+            .filter(C::Id.eq(key_id))
+            .filter(C::MerchantId.eq(merchant_id))
+            .filter(C::RevokedAt.is_null())
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        self.finish_change(txn, key_id, updated == 1, vec![audit]).await
+    }
+
+    /// Revokes a key now (cutting a rotation's grace short). Revoking a key
+    /// that is already revoked changes nothing.
+    pub async fn revoke_key(
+        &self,
+        merchant_id: &str,
+        key_id: &str,
+        reason: Option<&str>,
+        now: DateTime<Utc>,
+        audit: AuditRecord,
+    ) -> Result<Change, StoreError> {
+        use api_key::Column as C;
+        let txn = self.db().begin().await?;
+        let updated = api_key::Entity::update_many()
+            .col_expr(C::RevokedAt, Expr::value(Some(now)))
+            .col_expr(C::RevokeReason, Expr::value(reason.map(str::to_owned)))
+            .col_expr(C::UpdatedAt, Expr::value(now))
+            .col_expr(C::Version, Expr::col(C::Version).add(1))
+            .filter(C::Id.eq(key_id))
+            .filter(C::MerchantId.eq(merchant_id))
+            .filter(C::RevokedAt.is_null().or(C::RevokedAt.gt(now)))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        self.finish_change(txn, key_id, updated == 1, vec![audit]).await
+    }
+
+    /// Marks an unrevoked key as replaced by `successor` from `revoke_at` on,
+    /// and inserts the successor that `make_successor` builds from the old
+    /// key's state, all in one transaction.
+    pub async fn regenerate_key<F>(
+        &self,
+        merchant_id: &str,
+        key_id: &str,
+        successor_id: &str,
+        revoke_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+        make_successor: F,
+    ) -> Result<(Change, Option<StoredKey>), InsertError>
+    where
+        F: FnOnce(&StoredKey) -> (NewKey, Vec<AuditRecord>) + Send,
+    {
+        use api_key::Column as C;
+        let txn = self.db().begin().await.map_err(StoreError::from)?;
+        // BEGIN, UPDATE old, SELECT old.
+        self.count(3);
+        let updated = api_key::Entity::update_many()
+            .col_expr(C::RevokedAt, Expr::value(Some(revoke_at)))
+            .col_expr(C::RevokeReason, Expr::value(Some("regenerated".to_owned())))
+            .col_expr(C::ReplacedByKeyId, Expr::value(Some(successor_id.to_owned())))
+            .col_expr(C::UpdatedAt, Expr::value(now))
+            .col_expr(C::Version, Expr::col(C::Version).add(1))
+            .filter(C::Id.eq(key_id))
+            .filter(C::MerchantId.eq(merchant_id))
+            .filter(C::RevokedAt.is_null())
+            .exec(&txn)
+            .await
+            .map_err(StoreError::from)?
+            .rows_affected;
+        let Some(old) = fetch(&txn, key_id).await? else {
+            return Ok((Change::NotFound, None));
+        };
+        if updated != 1 {
+            return Ok((Change::Refused(old), None));
+        }
+        let (new_key, audits) = make_successor(&old);
+        let new_id = new_key.id.clone();
+        // INSERT new, INSERT audits, SELECT new, COMMIT.
+        self.count(4);
+        match api_key::Entity::insert(new_key.into_active()).exec_without_returning(&txn).await {
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                return Err(InsertError::PrefixTaken);
+            }
+            other => other.map_err(StoreError::from)?,
+        };
+        insert_audit(&txn, &audits).await?;
+        let new = fetch(&txn, &new_id).await?;
+        txn.commit().await.map_err(StoreError::from)?;
+        Ok((Change::Applied(old), new))
+    }
+
+    /// Adds batched usage to key rows, in one transaction. Usage never bumps
+    /// the version: it does not change what a key permits.
+    pub async fn apply_usage(&self, deltas: &[(String, UsageDelta)]) -> Result<(), StoreError> {
+        use api_key::Column as C;
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db().begin().await?;
+        self.count(2 + deltas.len() as u64);
+        for (key_id, delta) in deltas {
+            let mut update = api_key::Entity::update_many()
+                .col_expr(C::RequestCount, Expr::col(C::RequestCount).add(delta.allowed))
+                .col_expr(C::DeniedCount, Expr::col(C::DeniedCount).add(delta.denied));
+            if let Some(at) = delta.last_used_at {
+                // GREATEST on PostgreSQL, MAX on SQLite; COALESCE because
+                // SQLite's MAX is NULL if any argument is.
+                let latest = Func::greatest([
+                    Func::coalesce([Expr::col(C::LastUsedAt), Expr::value(at)]).into(),
+                    Expr::value(at),
+                ]);
+                update = update.col_expr(C::LastUsedAt, latest.into());
+            }
+            update.filter(C::Id.eq(key_id.as_str())).exec(&txn).await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Writes the audit rows and commits if the conditional write applied;
+    /// in every case reads the key back to say what it now is.
+    async fn finish_change(
+        &self,
+        txn: DatabaseTransaction,
+        key_id: &str,
+        applied: bool,
+        mut audits: Vec<AuditRecord>,
+    ) -> Result<Change, StoreError> {
+        // BEGIN and UPDATE (by the caller), SELECT, COMMIT.
+        self.count(4);
+        let row = fetch(&txn, key_id).await?;
+        if applied {
+            if let Some(key) = &row {
+                for audit in audits.iter_mut().filter(|a| a.api_key_name.is_none()) {
+                    audit.api_key_name = Some(key.name.clone());
+                }
+            }
+            self.count(1);
+            insert_audit(&txn, &audits).await?;
+        }
+        txn.commit().await?;
+        Ok(match (row, applied) {
+            (None, _) => Change::NotFound,
+            (Some(key), true) => Change::Applied(key),
+            (Some(key), false) => Change::Refused(key),
+        })
+    }
+}
+
+async fn fetch<C: ConnectionTrait>(db: &C, key_id: &str) -> Result<Option<StoredKey>, StoreError> {
+    api_key::Entity::find_by_id(key_id.to_owned()).one(db).await?.map(StoredKey::try_from).transpose()
+}
+
+async fn insert_audit<C: ConnectionTrait>(db: &C, rows: &[AuditRecord]) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    super::entity::audit_event::Entity::insert_many(rows.iter().map(audit_row))
+        .exec_without_returning(db)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! Schema migrations, applied in order by `keywarden migrate` (and at start
+//! unless disabled).
+
+use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_create_tables;
+
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261127_000001_create_tables::Migration)]
+    }
+}

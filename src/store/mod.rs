@@ -1,0 +1,236 @@
+//! Persistence on sea-orm: SQLite (embedded default) or PostgreSQL.
+//!
+//! [`Store`] owns the connection pool and exposes the queries the service
+//! needs as plain async methods over domain types; sea-orm models stay in
+//! here. Every statement sent is counted, so tests and the benchmark can show
+//! how much database work a code path costs.
+
+pub mod audit;
+pub mod entity;
+pub mod keys;
+pub mod migration;
+
+use std::{
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, RuntimeErr, SqlxPostgresConnector,
+    SqlxSqliteConnector, Statement,
+    sqlx::{
+        self,
+        postgres::PgPoolOptions,
+        sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+    },
+};
+use sea_orm_migration::MigratorTrait;
+use thiserror::Error;
+
+use migration::Migrator;
+
+/// Which database the store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The database cannot be reached right now; worth retrying later.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] DbErr),
+    #[error("database error: {0}")]
+    Db(#[source] DbErr),
+    /// A row that cannot be read back into the domain, e.g. a damaged hash.
+    #[error("stored {what} of {id} is unreadable: {detail}")]
+    Corrupt { id: String, what: &'static str, detail: String },
+    #[error("unsupported database URL {0:?}: use sqlite:// or postgres://")]
+    UnsupportedUrl(String),
+    #[error("the database schema is behind this binary: pending migrations {0:?}; run `keywarden migrate`")]
+    SchemaBehind(Vec<String>),
+}
+
+impl From<DbErr> for StoreError {
+    fn from(e: DbErr) -> Self {
+        if is_unavailable(&e) { Self::Unavailable(e) } else { Self::Db(e) }
+    }
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// Connection-level failures, as opposed to errors in what was asked.
+fn is_unavailable(e: &DbErr) -> bool {
+    match e {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => matches!(
+            **e,
+            sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Protocol(_)
+        ),
+        _ => false,
+    }
+}
+
+/// Pool sizing and timeouts.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { max_connections: 10, acquire_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// The database, its backend, and a count of statements sent to it.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+    backend: Backend,
+    statements: Arc<AtomicU64>,
+}
+
+impl Store {
+    /// Connects lazily-validated pools: `sqlite://path?mode=rwc` or `postgres://…`.
+    pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
+        let (db, backend) = if url.starts_with("sqlite:") {
+            // WAL lets readers run beside the single writer; NORMAL sync is
+            // durable across process crashes, which is what WAL mode promises.
+            let connect = SqliteConnectOptions::from_str(url)
+                .map_err(|e| StoreError::Db(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e)))))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(options.max_connections)
+                .acquire_timeout(options.acquire_timeout)
+                .connect_with(connect)
+                .await
+                .map_err(|e| StoreError::Unavailable(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e)))))?;
+            (SqlxSqliteConnector::from_sqlx_sqlite_pool(pool), Backend::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = PgPoolOptions::new()
+                .max_connections(options.max_connections)
+                .acquire_timeout(options.acquire_timeout)
+                .connect(url)
+                .await
+                .map_err(|e| StoreError::Unavailable(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e)))))?;
+            (SqlxPostgresConnector::from_sqlx_postgres_pool(pool), Backend::Postgres)
+        } else {
+            return Err(StoreError::UnsupportedUrl(redact_url(url)));
+        };
+        Ok(Self { db, backend, statements: Arc::new(AtomicU64::new(0)) })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub(crate) fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Statements sent since start.
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, statements: u64) {
+        self.statements.fetch_add(statements, Ordering::Relaxed);
+    }
+
+    /// Applies pending migrations. On PostgreSQL an advisory lock makes
+    /// replicas that start together take turns instead of racing.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self.backend {
+            Backend::Sqlite => Migrator::up(&self.db, None).await?,
+            Backend::Postgres => {
+                let pool = self.db.get_postgres_connection_pool();
+                let mut conn =
+                    pool.acquire().await.map_err(|e| DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))))?;
+                sqlx::query("SELECT pg_advisory_lock($1)")
+                    .bind(MIGRATION_LOCK)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e))))?;
+                let result = Migrator::up(&self.db, None).await;
+                let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(MIGRATION_LOCK)
+                    .execute(&mut *conn)
+                    .await;
+                result?;
+                unlock.map_err(|e| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e))))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses to serve on a schema older than this binary expects.
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        let pending = Migrator::get_pending_migrations(&self.db).await?;
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::SchemaBehind(pending.iter().map(|m| m.name().to_owned()).collect()))
+        }
+    }
+
+    /// A trivial round trip, for health checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.count(1);
+        let backend = match self.backend {
+            Backend::Sqlite => DbBackend::Sqlite,
+            Backend::Postgres => DbBackend::Postgres,
+        };
+        self.db.execute_raw(Statement::from_string(backend, "SELECT 1")).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        let _ = self.db.clone().close().await;
+    }
+}
+
+/// Arbitrary constant naming keywarden's migration lock.
+const MIGRATION_LOCK: i64 = 0x6b65_7977_6172_6465;
+
+/// The URL without its password, for error messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..scheme], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords_in_messages() {
+        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("sqlite://data/k.db"), "sqlite://data/k.db");
+    }
+}

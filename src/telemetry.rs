@@ -1,0 +1,97 @@
+//! Logs and traces. Logs go to stderr (text or JSON). Spans always get W3C
+//! ids — audit rows record the trace id — and are exported over OTLP/gRPC
+//! only when the standard `OTEL_EXPORTER_OTLP_*` variables say where.
+
+use opentelemetry::{KeyValue, trace::TracerProvider as _};
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_subscriber::{EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
+
+use crate::config::LogFormat;
+
+const DEFAULT_LOG_FILTER: &str =
+    "info,h2=warn,hyper=warn,tower=warn,sqlx=warn,sea_orm=warn,sea_orm_migration=warn";
+
+/// Keeps the tracer provider alive; [`Telemetry::shutdown`] flushes spans.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+fn otlp_configured() -> bool {
+    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+}
+
+/// service.name defaults to `keywarden` unless OTEL_SERVICE_NAME or
+/// OTEL_RESOURCE_ATTRIBUTES set it; service.version is this build's.
+pub fn resource() -> Resource {
+    let named_by_env = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.name="));
+    let mut builder =
+        Resource::builder().with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    if !named_by_env {
+        builder = builder.with_service_name("keywarden");
+    }
+    builder.build()
+}
+
+/// A provider exporting to OTLP when configured, otherwise nowhere.
+pub fn tracer_provider() -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let builder = SdkTracerProvider::builder().with_resource(resource());
+    let builder = if otlp_configured() {
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+        builder.with_batch_exporter(exporter)
+    } else {
+        builder
+    };
+    Ok(builder.build())
+}
+
+/// The OpenTelemetry layer, limited to keywarden's own spans.
+pub fn otel_layer<S>(provider: &SdkTracerProvider) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("keywarden"))
+        .with_filter(Targets::new().with_target("keywarden", tracing::Level::INFO))
+}
+
+/// Installs the global subscriber: `RUST_LOG`-filtered logs plus spans.
+pub fn init(format: LogFormat) -> Result<Telemetry, Box<dyn std::error::Error + Send + Sync>> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let provider = tracer_provider()?;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry().with(otel_layer(&provider)).with(logs.with_filter(filter)).try_init()?;
+    Ok(Telemetry { provider })
+}
+
+impl Telemetry {
+    /// Exports what is buffered; called last on shutdown.
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("keywarden: flushing spans failed: {e}");
+        }
+    }
+}
+
+/// W3C trace id of the current span, if it has a valid one.
+pub fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context.is_valid().then(|| span_context.trace_id().to_string())
+}

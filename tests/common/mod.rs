@@ -1,0 +1,338 @@
+//! Test harness: `spawn_app` starts the real server (real gRPC on
+//! 127.0.0.1:0, real store, real scrypt) in-process and returns clients.
+//! Every app gets its own database: a temporary SQLite file, or a fresh
+//! PostgreSQL database when `KEYWARDEN_TEST_POSTGRES_URL` is set.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use keywarden::{
+    api::pb::{self, key_admin_client::KeyAdminClient, key_verify_client::KeyVerifyClient},
+    config::Settings,
+    startup::{Application, Probes},
+};
+use secrecy::SecretString;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{
+    Request, Status,
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+pub const PORTAL_TOKEN: &str = "test-portal-token-0123456789abcdef";
+pub const MERCHANT: &str = "cmm3zkkx000006ogg8arp52qb";
+pub const OTHER_MERCHANT: &str = "m_other";
+/// 32 bytes of 0x2a, base64.
+pub const PEPPER: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
+
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Sqlite,
+    Postgres(String),
+}
+
+impl Backend {
+    /// PostgreSQL if `KEYWARDEN_TEST_POSTGRES_URL` is set.
+    pub fn postgres() -> Option<Self> {
+        match std::env::var("KEYWARDEN_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(Self::Postgres(url)),
+            _ => {
+                eprintln!("KEYWARDEN_TEST_POSTGRES_URL is not set: skipping the PostgreSQL run of this test");
+                None
+            }
+        }
+    }
+}
+
+/// Generates `sqlite::name` and `postgres::name` tests from `async fn name(Backend)`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(backend) = $crate::common::Backend::postgres() {
+                        super::$name(backend).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// Adds the admin bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type AdminClient = KeyAdminClient<InterceptedService<Channel, Bearer>>;
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub admin: AdminClient,
+    pub verify: KeyVerifyClient<Channel>,
+    pub probes: Probes,
+    pub database_url: String,
+    pub data_dir: PathBuf,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+    postgres: Option<(String, String)>,
+}
+
+/// A fresh database for one test: its URL, and (for PostgreSQL) the admin
+/// URL and name needed to drop it afterwards.
+pub async fn fresh_database(backend: &Backend, dir: &std::path::Path) -> (String, Option<(String, String)>) {
+    match backend {
+        Backend::Sqlite => (format!("sqlite://{}?mode=rwc", dir.join("test.db").display()), None),
+        Backend::Postgres(admin_url) => {
+            use sea_orm::sqlx::{Connection, Executor, PgConnection};
+            let name = format!("kw_t_{}", uuid::Uuid::now_v7().simple());
+            let mut conn =
+                PgConnection::connect(admin_url).await.expect("connect to KEYWARDEN_TEST_POSTGRES_URL");
+            let create = format!("CREATE DATABASE {name}");
+            conn.execute(sea_orm::sqlx::AssertSqlSafe(create)).await.unwrap();
+            conn.close().await.ok();
+            let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
+            (format!("{base}/{name}"), Some((admin_url.clone(), name)))
+        }
+    }
+}
+
+pub async fn drop_database(postgres: Option<(String, String)>) {
+    if let Some((admin_url, name)) = postgres {
+        use sea_orm::sqlx::{Connection, Executor, PgConnection};
+        if let Ok(mut conn) = PgConnection::connect(&admin_url).await {
+            let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+            let _ = conn.execute(sea_orm::sqlx::AssertSqlSafe(drop)).await;
+            conn.close().await.ok();
+        }
+    }
+}
+
+/// Settings a test app starts from: fast flushes, a short drain, two named tokens.
+pub fn test_settings(database_url: &str, data_dir: &std::path::Path) -> Settings {
+    let mut settings = Settings {
+        listen_addr: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_owned(),
+        database_url: Some(database_url.to_owned()),
+        pepper: Some(SecretString::from(PEPPER)),
+        usage_flush_interval_ms: 100,
+        shutdown_grace_ms: 2_000,
+        flush_timeout_ms: 5_000,
+        db_max_connections: 5,
+        ..Settings::default()
+    };
+    settings.admin_tokens.insert("admin".into(), SecretString::from(ADMIN_TOKEN));
+    settings.admin_tokens.insert("portal".into(), SecretString::from(PORTAL_TOKEN));
+    settings
+}
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |_| {}).await
+}
+
+pub async fn spawn_app_with(backend: Backend, customise: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let (database_url, postgres) = fresh_database(&backend, dir.path()).await;
+    let mut settings = test_settings(&database_url, dir.path());
+    customise(&mut settings);
+    let app = Application::build(settings).await.expect("application builds");
+    let addr = app.local_addr();
+    let probes = app.probes();
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    let channel = connect(addr).await;
+    TestApp {
+        addr,
+        admin: admin_client(channel.clone(), ADMIN_TOKEN),
+        verify: KeyVerifyClient::new(channel),
+        probes,
+        database_url,
+        data_dir: dir.path().to_owned(),
+        shutdown: Some(tx),
+        handle: Some(handle),
+        _dir: dir,
+        postgres,
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> Channel {
+    let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+    for _ in 0..100 {
+        if let Ok(channel) = endpoint.connect().await {
+            return channel;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("server at {addr} did not accept connections");
+}
+
+pub fn admin_client(channel: Channel, token: &str) -> AdminClient {
+    let value = format!("Bearer {token}").parse().unwrap();
+    KeyAdminClient::with_interceptor(channel, Bearer(value))
+}
+
+impl TestApp {
+    /// An admin client presenting another token.
+    pub fn admin_as(&self, token: &str) -> AdminClient {
+        admin_client(self.channel(), token)
+    }
+
+    pub fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect_lazy()
+    }
+
+    /// Graceful stop: drain, flush usage and audit, then drop the database.
+    pub async fn stop(mut self) {
+        self.stop_serving().await;
+        drop_database(self.postgres.take()).await;
+    }
+
+    /// Graceful stop that keeps the database for inspection.
+    pub async fn stop_serving(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle.await.unwrap().unwrap();
+        }
+    }
+
+    pub async fn create_key(&mut self, req: pb::CreateKeyRequest) -> (pb::ApiKey, String) {
+        let resp = self.admin.create_key(req).await.expect("CreateKey").into_inner();
+        (resp.api_key.unwrap(), resp.plaintext_key)
+    }
+
+    /// A key for MERCHANT with the given scopes and no other limits.
+    pub async fn key_with_scopes(&mut self, scopes: &[&str]) -> (pb::ApiKey, String) {
+        self.create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "test key".into(),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn verify(&mut self, key: &str, ip: &str, scope: &str) -> pb::VerifyResponse {
+        self.verify
+            .verify(pb::VerifyRequest {
+                key: key.into(),
+                ip: ip.into(),
+                required_scope: scope.into(),
+                endpoint: "/public/api/v1/invoices".into(),
+                method: "POST".into(),
+            })
+            .await
+            .expect("Verify")
+            .into_inner()
+    }
+
+    /// Waits until every queued audit row and usage count is in the database.
+    pub async fn settle(&self) {
+        for _ in 0..500 {
+            if self.probes.audit.depth() == 0 && self.probes.usage.pending_keys() == 0 {
+                // One more beat for a batch that was taken but not yet committed.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                if self.probes.audit.depth() == 0 && self.probes.usage.pending_keys() == 0 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("audit queue or usage counts did not drain");
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn allow() -> i32 {
+    pb::Decision::Allow as i32
+}
+
+pub fn deny(reason: pb::DenyReason) -> (i32, i32) {
+    (pb::Decision::Deny as i32, reason as i32)
+}
+
+/// The decision and reason of a response, for one-line assertions.
+pub fn outcome(r: &pb::VerifyResponse) -> (i32, i32) {
+    (r.decision, r.deny_reason)
+}
+
+pub fn allowed() -> (i32, i32) {
+    (pb::Decision::Allow as i32, pb::DenyReason::Unspecified as i32)
+}
+
+/// The fields named in an INVALID_ARGUMENT's BadRequest details.
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// A transaction that keeps other writers off `audit_events` (readers still
+/// read), to hold audit rows in flight.
+pub enum TableLock {
+    Sqlite(sea_orm::sqlx::SqliteConnection),
+    Postgres(sea_orm::sqlx::PgConnection),
+}
+
+pub async fn lock_audit_table(database_url: &str) -> TableLock {
+    use sea_orm::sqlx::{Connection, Executor};
+    if database_url.starts_with("sqlite:") {
+        let mut conn = sea_orm::sqlx::SqliteConnection::connect(database_url).await.unwrap();
+        conn.execute("BEGIN IMMEDIATE").await.unwrap();
+        TableLock::Sqlite(conn)
+    } else {
+        let mut conn = sea_orm::sqlx::PgConnection::connect(database_url).await.unwrap();
+        conn.execute("BEGIN").await.unwrap();
+        conn.execute("LOCK TABLE audit_events IN EXCLUSIVE MODE").await.unwrap();
+        TableLock::Postgres(conn)
+    }
+}
+
+impl TableLock {
+    pub async fn release(self) {
+        use sea_orm::sqlx::{Connection, Executor};
+        match self {
+            Self::Sqlite(mut c) => {
+                c.execute("ROLLBACK").await.unwrap();
+                c.close().await.ok();
+            }
+            Self::Postgres(mut c) => {
+                c.execute("ROLLBACK").await.unwrap();
+                c.close().await.ok();
+            }
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! KeyVerify through the real server: decisions, deny reasons, audit rows,
+//! outcomes and usage.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Backend, MERCHANT, allowed, deny, outcome, spawn_app, spawn_app_with, violated_fields};
+use keywarden::api::pb::{self, DenyReason as R};
+use prost_types::{FieldMask, Timestamp};
+
+backend_tests!(
+    openclaw_example_end_to_end,
+    verify_expands_implied_scopes_and_authenticates_without_a_scope,
+    verify_denies_malformed_keys_without_store_or_scrypt_work,
+    verify_answers_not_found_for_unknown_prefix_and_wrong_secret_alike,
+    verify_denies_revoked_key_on_next_call,
+    verify_denies_expired_key_once_expiry_passes,
+    verify_enforces_ipv4_ipv6_and_mapped_allow_lists,
+    verify_denies_insufficient_scope,
+    update_of_scopes_and_cidrs_takes_effect_on_next_verify,
+    preset_keys_grant_the_preset_scopes,
+    verify_rejects_caller_bugs_as_invalid_argument,
+    record_outcomes_completes_a_row_still_queued_for_writing,
+    record_outcomes_validates_statuses_and_ignores_unknown_ids,
+    denials_are_audited_with_401_or_403,
+    usage_counts_include_unflushed_uses_and_add_up_after_flush,
+);
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
+    Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+async fn audit_event(app: &mut common::TestApp, id: &str) -> pb::AuditEvent {
+    app.settle().await;
+    let events = app
+        .admin
+        .list_audit_events(pb::ListAuditEventsRequest { merchant_id: MERCHANT.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    events.into_iter().find(|e| e.id == id).unwrap_or_else(|| panic!("audit event {id} not listed"))
+}
+
+async fn openclaw_example_end_to_end(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (key, plaintext) = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "OpenClaw Invoice Bot".into(),
+            scopes: ["customer:read", "customer:write", "invoice:read", "invoice:write", "sales:read"]
+                .map(String::from)
+                .to_vec(),
+            ..Default::default()
+        })
+        .await;
+    assert!(plaintext.starts_with("sntr_") && plaintext.len() == 54);
+    assert_eq!(key.prefix, plaintext[..16]);
+
+    let verdict = app
+        .verify
+        .verify(pb::VerifyRequest {
+            key: plaintext.clone(),
+            ip: "192.168.1.100".into(),
+            required_scope: "invoice:write".into(),
+            endpoint: "/public/api/v1/invoices".into(),
+            method: "POST".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&verdict), allowed());
+    assert_eq!(verdict.merchant_id, MERCHANT);
+    assert_eq!(verdict.key_id, key.id);
+    assert_eq!(verdict.key_name, "OpenClaw Invoice Bot");
+    assert!(!verdict.audit_event_id.is_empty());
+
+    let recorded = app
+        .verify
+        .record_outcomes(pb::RecordOutcomesRequest {
+            outcomes: vec![pb::Outcome { audit_event_id: verdict.audit_event_id.clone(), status: 201 }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recorded.updated, 1);
+
+    let event = audit_event(&mut app, &verdict.audit_event_id).await;
+    assert!(event.timestamp.is_some());
+    assert_eq!(event.api_key_id, key.id);
+    assert_eq!(event.api_key_name, "OpenClaw Invoice Bot");
+    assert_eq!(event.merchant_id, MERCHANT);
+    assert_eq!(event.endpoint, "/public/api/v1/invoices");
+    assert_eq!(event.method, "POST");
+    assert_eq!(event.status, 201);
+    assert_eq!(event.ip, "192.168.1.100");
+    assert_eq!(event.kind, pb::AuditEventKind::Verify as i32);
+    assert_eq!(event.decision, pb::Decision::Allow as i32);
+    app.stop().await;
+}
+
+async fn verify_expands_implied_scopes_and_authenticates_without_a_scope(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["invoice:write", "sales:read"]).await;
+    let r = app.verify(&key, "", "invoice:read").await;
+    assert_eq!(outcome(&r), allowed(), "write implies read");
+    assert_eq!(r.scopes, ["invoice:read", "invoice:write", "sales:read"]);
+    assert_eq!(outcome(&app.verify(&key, "", "").await), allowed(), "empty scope authenticates only");
+    assert_eq!(outcome(&app.verify(&key, "", "customer:read").await), deny(R::InsufficientScope));
+    app.stop().await;
+}
+
+async fn verify_denies_malformed_keys_without_store_or_scrypt_work(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    app.settle().await;
+    let statements = app.probes.store.statements();
+    let hashes = app.probes.pool.runs();
+    let mut typo = key.clone().into_bytes();
+    typo[20] = if typo[20] == b'a' { b'b' } else { b'a' };
+    let typo = String::from_utf8(typo).unwrap();
+    for garbage in
+        ["", "sntr_", "Bearer x", &typo, &key[..53], &format!("{key}x"), &key.replace("sntr_", "sntx_")]
+    {
+        let r = app.verify(garbage, "", "").await;
+        assert_eq!(outcome(&r), deny(R::Malformed), "{garbage:?}");
+        assert!(r.merchant_id.is_empty() && r.key_id.is_empty());
+    }
+    assert_eq!(app.probes.pool.runs(), hashes, "no scrypt for malformed keys");
+    // Only the audit writer's batched inserts may have touched the store.
+    app.settle().await;
+    let reads = app.probes.store.statements() - statements;
+    assert!(reads <= 7, "malformed keys caused {reads} statements beyond audit inserts");
+    app.stop().await;
+}
+
+async fn verify_answers_not_found_for_unknown_prefix_and_wrong_secret_alike(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    // Same prefix, different secret, valid checksum.
+    let body = format!("{}{}", &key[..16], "A".repeat(32));
+    let wrong_secret = format!("{body}{}", keywarden::keys::format::checksum(&body));
+    let other = keywarden::keys::PlainKey::generate(&keywarden::keys::KeyPrefix::default()).unwrap();
+    for k in [wrong_secret.as_str(), other.expose()] {
+        let r = app.verify(k, "", "").await;
+        assert_eq!(outcome(&r), deny(R::NotFound), "{k}");
+        assert!(r.merchant_id.is_empty() && r.key_id.is_empty() && r.key_name.is_empty());
+    }
+    app.stop().await;
+}
+
+async fn verify_denies_revoked_key_on_next_call(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (api_key, key) = app.key_with_scopes(&["sales:read"]).await;
+    assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed());
+    app.admin
+        .revoke_key(pb::RevokeKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: api_key.id,
+            reason: "leaked".into(),
+        })
+        .await
+        .unwrap();
+    let r = app.verify(&key, "", "sales:read").await;
+    assert_eq!(outcome(&r), deny(R::Revoked));
+    assert!(r.merchant_id.is_empty(), "identity is only disclosed on ALLOW");
+    app.stop().await;
+}
+
+async fn verify_denies_expired_key_once_expiry_passes(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let expires = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let (_, key) = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "short-lived".into(),
+            scopes: vec!["sales:read".into()],
+            expires_at: Some(timestamp(expires)),
+            ..Default::default()
+        })
+        .await;
+    let r = app.verify(&key, "", "sales:read").await;
+    assert_eq!(outcome(&r), allowed());
+    assert_eq!(r.expires_at.unwrap().seconds, expires.timestamp());
+    let wait = (expires - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50);
+    tokio::time::sleep(wait).await;
+    assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), deny(R::Expired));
+    app.stop().await;
+}
+
+async fn verify_enforces_ipv4_ipv6_and_mapped_allow_lists(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (created, key) = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "server integration".into(),
+            scopes: vec!["sales:read".into()],
+            allowed_cidrs: vec!["203.0.113.7".into(), "10.0.0.0/8".into(), "2001:DB8::/32".into()],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(created.allowed_cidrs, ["203.0.113.7", "10.0.0.0/8", "2001:db8::/32"]);
+    for ip in ["203.0.113.7", "10.200.3.4", "2001:db8:1::5", "::ffff:10.1.1.1", "::ffff:203.0.113.7"] {
+        assert_eq!(outcome(&app.verify(&key, ip, "sales:read").await), allowed(), "{ip}");
+    }
+    for ip in ["203.0.113.8", "11.0.0.1", "2001:db9::1", "::ffff:11.0.0.1", ""] {
+        assert_eq!(outcome(&app.verify(&key, ip, "sales:read").await), deny(R::IpNotAllowed), "{ip:?}");
+    }
+    app.stop().await;
+}
+
+async fn verify_denies_insufficient_scope(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["invoice:read"]).await;
+    assert_eq!(outcome(&app.verify(&key, "", "invoice:write").await), deny(R::InsufficientScope));
+    assert_eq!(outcome(&app.verify(&key, "", "invoice:read").await), allowed());
+    app.stop().await;
+}
+
+async fn update_of_scopes_and_cidrs_takes_effect_on_next_verify(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (api_key, key) = app.key_with_scopes(&["invoice:write"]).await;
+    assert_eq!(outcome(&app.verify(&key, "10.0.0.1", "invoice:write").await), allowed());
+    app.admin
+        .update_key(pb::UpdateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: api_key.id.clone(),
+            scopes: vec!["invoice:read".into()],
+            update_mask: Some(FieldMask { paths: vec!["scopes".into()] }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome(&app.verify(&key, "10.0.0.1", "invoice:write").await), deny(R::InsufficientScope));
+    app.admin
+        .update_key(pb::UpdateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: api_key.id.clone(),
+            allowed_cidrs: vec!["192.168.0.0/16".into()],
+            update_mask: Some(FieldMask { paths: vec!["allowed_cidrs".into()] }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome(&app.verify(&key, "10.0.0.1", "invoice:read").await), deny(R::IpNotAllowed));
+    assert_eq!(outcome(&app.verify(&key, "192.168.4.4", "invoice:read").await), allowed());
+    app.stop().await;
+}
+
+async fn preset_keys_grant_the_preset_scopes(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (created, key) = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "OpenClaw".into(),
+            preset: "openclaw_skill".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(created.scopes, ["customer:write", "invoice:write", "sales:read"]);
+    let r = app.verify(&key, "", "customer:read").await;
+    assert_eq!(outcome(&r), allowed());
+    assert_eq!(r.scopes, ["customer:read", "customer:write", "invoice:read", "invoice:write", "sales:read"]);
+    app.stop().await;
+}
+
+async fn verify_rejects_caller_bugs_as_invalid_argument(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    let request = |ip: &str, scope: &str, endpoint: &str, method: &str| pb::VerifyRequest {
+        key: key.clone(),
+        ip: ip.into(),
+        required_scope: scope.into(),
+        endpoint: endpoint.into(),
+        method: method.into(),
+    };
+    let cases = [
+        (request("300.1.2.3", "", "/x", "GET"), "ip"),
+        (request("", "Sales:Read", "/x", "GET"), "required_scope"),
+        (request("", "payments:refund", "/x", "GET"), "required_scope"),
+        (request("", "", "/x\r\nX-Injected: 1", "GET"), "endpoint"),
+        (request("", "", &"/a".repeat(1100), "GET"), "endpoint"),
+        (request("", "", "/x", "GET /x"), "method"),
+        (pb::VerifyRequest { key: "k".repeat(129), ..Default::default() }, "key"),
+    ];
+    for (req, field) in cases {
+        let status = app.verify.verify(req).await.unwrap_err();
+        assert_eq!(violated_fields(&status), [field]);
+    }
+    app.settle().await;
+    let events = app
+        .admin
+        .list_audit_events(pb::ListAuditEventsRequest { merchant_id: MERCHANT.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(
+        events.iter().all(|e| e.kind != pb::AuditEventKind::Verify as i32),
+        "rejected calls are not verifications"
+    );
+    app.stop().await;
+}
+
+async fn record_outcomes_completes_a_row_still_queued_for_writing(backend: Backend) {
+    let mut app = spawn_app(backend.clone()).await;
+    let (_, key) = app.key_with_scopes(&["invoice:write"]).await;
+    app.settle().await;
+    // Hold the audit table so the writer cannot commit: the row stays in flight.
+    let lock = common::lock_audit_table(&app.database_url).await;
+    let r = app.verify(&key, "", "invoice:write").await;
+    let recorded = app
+        .verify
+        .record_outcomes(pb::RecordOutcomesRequest {
+            outcomes: vec![pb::Outcome { audit_event_id: r.audit_event_id.clone(), status: 201 }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recorded.updated, 1, "held for the queued row");
+    assert!(app.probes.store.get_audit(&r.audit_event_id).await.unwrap().is_none(), "row not written yet");
+    lock.release().await;
+    let event = audit_event(&mut app, &r.audit_event_id).await;
+    assert_eq!(event.status, 201);
+    app.stop().await;
+}
+
+async fn record_outcomes_validates_statuses_and_ignores_unknown_ids(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    let ok = app.verify(&key, "", "sales:read").await;
+    let denied = app.verify(&key, "", "invoice:read").await;
+    for status in [99, 600, -1] {
+        let err = app
+            .verify
+            .record_outcomes(pb::RecordOutcomesRequest {
+                outcomes: vec![
+                    pb::Outcome { audit_event_id: ok.audit_event_id.clone(), status: 200 },
+                    pb::Outcome { audit_event_id: ok.audit_event_id.clone(), status },
+                ],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&err), ["outcomes[1].status"]);
+    }
+    app.settle().await;
+    let updated = app
+        .verify
+        .record_outcomes(pb::RecordOutcomesRequest {
+            outcomes: vec![
+                pb::Outcome { audit_event_id: "0190aaaa-0000-7000-8000-000000000000".into(), status: 200 },
+                pb::Outcome { audit_event_id: denied.audit_event_id.clone(), status: 200 },
+                pb::Outcome { audit_event_id: ok.audit_event_id.clone(), status: 204 },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .updated;
+    assert_eq!(updated, 1, "only the allowed row counts");
+    assert_eq!(
+        audit_event(&mut app, &ok.audit_event_id).await.status,
+        204,
+        "the invalid call changed nothing"
+    );
+    assert_eq!(audit_event(&mut app, &denied.audit_event_id).await.status, 403);
+    app.stop().await;
+}
+
+async fn denials_are_audited_with_401_or_403(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (api_key, key) = app.key_with_scopes(&["sales:read"]).await;
+    let malformed = app.verify("sntr_nope", "10.0.0.1", "").await;
+    let scope = app.verify(&key, "10.0.0.1", "invoice:read").await;
+    let unknown = keywarden::keys::PlainKey::generate(&keywarden::keys::KeyPrefix::default()).unwrap();
+    let not_found = app.verify(unknown.expose(), "10.0.0.1", "").await;
+    app.settle().await;
+    let m = app.probes.store.get_audit(&malformed.audit_event_id).await.unwrap().unwrap();
+    assert_eq!((m.status, m.api_key_id, m.key_prefix), (Some(401), None, None));
+    let n = app.probes.store.get_audit(&not_found.audit_event_id).await.unwrap().unwrap();
+    assert_eq!((n.status, n.key_prefix.as_deref()), (Some(401), Some(&unknown.expose()[..16])));
+    let s = audit_event(&mut app, &scope.audit_event_id).await;
+    assert_eq!((s.status, s.api_key_id.as_str()), (403, api_key.id.as_str()));
+    assert_eq!(s.deny_reason, R::InsufficientScope as i32);
+    app.stop().await;
+}
+
+async fn usage_counts_include_unflushed_uses_and_add_up_after_flush(backend: Backend) {
+    // A flush interval far beyond the test: counts can only come from memory.
+    let mut app = spawn_app_with(backend, |s| s.usage_flush_interval_ms = 3_600_000).await;
+    let (api_key, key) = app.key_with_scopes(&["sales:read"]).await;
+    for _ in 0..5 {
+        assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed());
+    }
+    for _ in 0..2 {
+        assert_eq!(outcome(&app.verify(&key, "", "invoice:read").await), deny(R::InsufficientScope));
+    }
+    let usage = |app: &mut common::TestApp| {
+        let mut admin = app.admin.clone();
+        let id = api_key.id.clone();
+        async move {
+            admin
+                .get_key_usage(pb::GetKeyUsageRequest { merchant_id: MERCHANT.into(), key_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let before = usage(&mut app).await;
+    assert_eq!((before.request_count, before.denied_count), (5, 2));
+    assert!(before.last_used_at.is_some());
+    let listed = app
+        .admin
+        .get_key(pb::GetKeyRequest { merchant_id: MERCHANT.into(), key_id: api_key.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key
+        .unwrap();
+    assert_eq!((listed.request_count, listed.denied_count), (5, 2));
+    app.probes.usage.flush().await.unwrap();
+    assert_eq!(app.probes.usage.pending_keys(), 0);
+    let after = usage(&mut app).await;
+    assert_eq!((after.request_count, after.denied_count), (5, 2), "flushing neither loses nor doubles");
+    assert_eq!(after.last_used_at, before.last_used_at);
+    let row = app.probes.store.find_by_id(&api_key.id).await.unwrap().unwrap();
+    assert_eq!((row.request_count, row.denied_count), (5, 2), "the counts are in the database");
+    app.stop().await;
+}
