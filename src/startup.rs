@@ -1,7 +1,7 @@
 //! Assembly: connect the store, migrate, wire the services, serve, and shut
 //! down in order (stop taking calls → drain → flush usage and audit → close).
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -200,9 +200,15 @@ impl Application {
 
         tracing::info!("flushing usage counts and audit rows");
         let _ = stop_background.send(true);
-        join("usage flusher", usage_task).await;
-        join("audit writer", audit_task).await;
+        let unwritten_usage = join("usage flusher", usage_task).await;
+        let unwritten_audit = join("audit writer", audit_task).await;
         store.close().await;
+        if unwritten_usage + unwritten_audit > 0 {
+            anyhow::bail!(
+                "stopped with {unwritten_audit} audit rows and usage of {unwritten_usage} keys unwritten \
+                 (the database stayed unreachable for flush_timeout_ms)"
+            );
+        }
         tracing::info!("stopped");
         Ok(())
     }
@@ -218,9 +224,14 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-async fn join(what: &str, task: JoinHandle<()>) {
-    if let Err(e) = task.await {
-        tracing::error!(task = what, error = %e, "background task failed");
+/// Waits for a flusher; returns what it could not write.
+async fn join(what: &str, task: JoinHandle<usize>) -> usize {
+    match task.await {
+        Ok(unwritten) => unwritten,
+        Err(e) => {
+            tracing::error!(task = what, error = %e, "background task failed");
+            1
+        }
     }
 }
 
@@ -245,6 +256,3 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
 }
-
-/// How long a test or caller should wait for the flushers after stopping.
-pub const FLUSH_POLL: Duration = Duration::from_millis(20);

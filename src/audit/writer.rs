@@ -172,14 +172,15 @@ impl AuditQueue {
 impl AuditWriter {
     /// Writes batches until `stop` resolves, then closes the queue and writes
     /// what is left, retrying failed writes until `final_deadline` passes.
-    pub async fn run(mut self, stop: impl Future<Output = ()>, final_deadline: Duration) {
+    /// Returns how many rows could not be written (0 is the only good answer).
+    pub async fn run(mut self, stop: impl Future<Output = ()>, final_deadline: Duration) -> usize {
         tokio::pin!(stop);
         let mut batch = Vec::with_capacity(self.batch_size);
         loop {
             tokio::select! {
                 received = self.rx.recv_many(&mut batch, self.batch_size) => {
                     if received == 0 {
-                        break;
+                        return 0;
                     }
                     self.write(&mut batch, None).await;
                 }
@@ -193,9 +194,10 @@ impl AuditWriter {
             if !self.write(&mut batch, Some(give_up)).await {
                 let lost = batch.len() + self.rx.len();
                 tracing::error!(rows = lost, "audit rows could not be written before shutdown");
-                return;
+                return lost;
             }
         }
+        0
     }
 
     /// Inserts `batch` (clearing it), retrying with backoff; with a deadline,

@@ -181,13 +181,7 @@ impl Store {
     /// One merchant's key by id; another merchant's key is not found.
     pub async fn get_key(&self, merchant_id: &str, key_id: &str) -> Result<Option<StoredKey>, StoreError> {
         self.count(1);
-        api_key::Entity::find()
-            .filter(api_key::Column::Id.eq(key_id))
-            .filter(api_key::Column::MerchantId.eq(merchant_id))
-            .one(self.db())
-            .await?
-            .map(StoredKey::try_from)
-            .transpose()
+        fetch_scoped(self.db(), merchant_id, key_id).await
     }
 
     /// The key with this lookup prefix, for verification.
@@ -273,7 +267,7 @@ impl Store {
             .exec(&txn)
             .await?
             .rows_affected;
-        self.finish_change(txn, key_id, updated == 1, vec![audit]).await
+        self.finish_change(txn, merchant_id, key_id, updated == 1, vec![audit]).await
     }
 
     /// Revokes a key now (cutting a rotation's grace short). Revoking a key
@@ -299,7 +293,7 @@ impl Store {
             .exec(&txn)
             .await?
             .rows_affected;
-        self.finish_change(txn, key_id, updated == 1, vec![audit]).await
+        self.finish_change(txn, merchant_id, key_id, updated == 1, vec![audit]).await
     }
 
     /// Marks an unrevoked key as replaced by `successor` from `revoke_at` on,
@@ -334,7 +328,7 @@ impl Store {
             .await
             .map_err(StoreError::from)?
             .rows_affected;
-        let Some(old) = fetch(&txn, key_id).await? else {
+        let Some(old) = fetch_scoped(&txn, merchant_id, key_id).await? else {
             return Ok((Change::NotFound, None));
         };
         if updated != 1 {
@@ -389,13 +383,14 @@ impl Store {
     async fn finish_change(
         &self,
         txn: DatabaseTransaction,
+        merchant_id: &str,
         key_id: &str,
         applied: bool,
         mut audits: Vec<AuditRecord>,
     ) -> Result<Change, StoreError> {
         // BEGIN and UPDATE (by the caller), SELECT, COMMIT.
         self.count(4);
-        let row = fetch(&txn, key_id).await?;
+        let row = fetch_scoped(&txn, merchant_id, key_id).await?;
         if applied {
             if let Some(key) = &row {
                 for audit in audits.iter_mut().filter(|a| a.api_key_name.is_none()) {
@@ -416,6 +411,22 @@ impl Store {
 
 async fn fetch<C: ConnectionTrait>(db: &C, key_id: &str) -> Result<Option<StoredKey>, StoreError> {
     api_key::Entity::find_by_id(key_id.to_owned()).one(db).await?.map(StoredKey::try_from).transpose()
+}
+
+/// A key by id, only if it belongs to `merchant_id`: every read that answers
+/// an admin call goes through here, so one merchant never sees another's key.
+async fn fetch_scoped<C: ConnectionTrait>(
+    db: &C,
+    merchant_id: &str,
+    key_id: &str,
+) -> Result<Option<StoredKey>, StoreError> {
+    api_key::Entity::find()
+        .filter(api_key::Column::Id.eq(key_id))
+        .filter(api_key::Column::MerchantId.eq(merchant_id))
+        .one(db)
+        .await?
+        .map(StoredKey::try_from)
+        .transpose()
 }
 
 async fn insert_audit<C: ConnectionTrait>(db: &C, rows: &[AuditRecord]) -> Result<(), StoreError> {

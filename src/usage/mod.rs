@@ -91,13 +91,14 @@ impl UsageTracker {
     }
 
     /// Flushes every `interval` until `stop` resolves, then flushes what is
-    /// left, retrying until `deadline` passes.
+    /// left, retrying until `final_deadline` passes. Returns how many keys'
+    /// counts could not be written (0 is the only good answer).
     pub async fn run(
         self: Arc<Self>,
         interval: Duration,
         stop: impl Future<Output = ()>,
         final_deadline: Duration,
-    ) {
+    ) -> usize {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
@@ -114,14 +115,15 @@ impl UsageTracker {
         let give_up = tokio::time::Instant::now() + final_deadline;
         loop {
             match self.flush().await {
-                Ok(_) => return,
+                Ok(_) => return 0,
                 Err(e) if tokio::time::Instant::now() < give_up => {
                     tracing::warn!(error = %e, "final usage flush failed; retrying");
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, pending_keys = self.pending_keys(), "usage counts could not be written before shutdown");
-                    return;
+                    let lost = self.pending_keys();
+                    tracing::error!(error = %e, pending_keys = lost, "usage counts could not be written before shutdown");
+                    return lost;
                 }
             }
         }

@@ -1,0 +1,175 @@
+//! The real binary under signals: SIGTERM drains in-flight calls and flushes
+//! every usage count and audit row before exiting 0.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, admin_client, connect};
+use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
+use sea_orm::{ConnectionTrait, Database, Statement};
+
+backend_tests!(sigterm_flushes_every_usage_count_and_audit_row, migrate_command_prepares_the_schema_alone);
+
+/// Starts `keywarden serve` and returns it with the address it bound.
+pub fn spawn_binary(
+    database_url: &str,
+    data_dir: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KEYWARDEN_LISTEN_ADDR", "127.0.0.1:0")
+        .env("KEYWARDEN_DATABASE_URL", database_url)
+        .env("KEYWARDEN_DATA_DIR", data_dir)
+        .env("KEYWARDEN_PEPPER", PEPPER)
+        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("KEYWARDEN_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .envs(extra.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keywarden");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in stderr.lines().map_while(Result::ok) {
+            if !sent && line.contains("keywarden serving") {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let _ = tx.send(v["listen"].as_str().unwrap().parse::<SocketAddr>().unwrap());
+                sent = true;
+            }
+            eprintln!("[keywarden] {line}");
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("keywarden announced its address");
+    (child, addr)
+}
+
+pub fn sigterm(child: &Child) {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+async fn count(database_url: &str, sql: &str) -> i64 {
+    let db = Database::connect(database_url).await.unwrap();
+    let row = db
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
+        .await
+        .unwrap()
+        .unwrap();
+    let n: i64 = row.try_get_by_index(0).unwrap();
+    db.close().await.ok();
+    n
+}
+
+async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let (database_url, postgres) = common::fresh_database(&backend, dir.path()).await;
+    // Usage would only reach the database at shutdown: the final flush is what is tested.
+    let (mut child, addr) =
+        spawn_binary(&database_url, dir.path(), &[("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000")]);
+    let channel = connect(addr).await;
+    let mut admin = admin_client(channel.clone(), ADMIN_TOKEN);
+    let key = admin
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "load".into(),
+            scopes: vec!["sales:read".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let plaintext = key.plaintext_key.clone();
+    let key_id = key.api_key.unwrap().id;
+
+    const TASKS: usize = 8;
+    const PER_TASK: usize = 40;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let mut client = KeyVerifyClient::new(channel.clone());
+        let plaintext = plaintext.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut denied = 0;
+            for i in 0..PER_TASK {
+                // Every fifth call asks for a scope the key lacks.
+                let scope = if (t + i) % 5 == 0 { "invoice:write" } else { "sales:read" };
+                let r = client
+                    .verify(pb::VerifyRequest {
+                        key: plaintext.clone(),
+                        required_scope: scope.into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if r.decision == pb::Decision::Deny as i32 {
+                    denied += 1;
+                }
+            }
+            denied
+        }));
+    }
+    let mut denied = 0;
+    for t in tasks {
+        denied += t.await.unwrap();
+    }
+    let total = (TASKS * PER_TASK) as i64;
+    sigterm(&child);
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+
+    let verify_rows = count(&database_url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await;
+    assert_eq!(verify_rows, total, "one audit row per Verify");
+    let requests =
+        count(&database_url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'")).await;
+    let denials =
+        count(&database_url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'")).await;
+    assert_eq!((requests, denials), (total - denied, denied));
+    assert!(denied > 0);
+    common::drop_database(postgres).await;
+}
+
+async fn migrate_command_prepares_the_schema_alone(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let (database_url, postgres) = common::fresh_database(&backend, dir.path()).await;
+    // Serving without migrations on an empty database must refuse, clearly.
+    let refused = Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .arg("serve")
+        .env("KEYWARDEN_LISTEN_ADDR", "127.0.0.1:0")
+        .env("KEYWARDEN_DATABASE_URL", &database_url)
+        .env("KEYWARDEN_PEPPER", PEPPER)
+        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("KEYWARDEN_MIGRATE_ON_START", "false")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("keywarden migrate"), "{message}");
+
+    let migrated = Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .arg("migrate")
+        .env("KEYWARDEN_DATABASE_URL", &database_url)
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+    let (mut child, addr) =
+        spawn_binary(&database_url, dir.path(), &[("KEYWARDEN_MIGRATE_ON_START", "false")]);
+    let mut admin = admin_client(connect(addr).await, ADMIN_TOKEN);
+    assert!(admin.list_scopes(pb::ListScopesRequest {}).await.is_ok());
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+    common::drop_database(postgres).await;
+}

@@ -1,0 +1,127 @@
+//! Every Verify produces a `keywarden.verify` span that says what its audit
+//! row says, joined to the caller's W3C trace, and never carries the key.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{collections::HashMap, sync::OnceLock};
+
+use common::{Backend, MERCHANT, spawn_app};
+use keywarden::api::pb;
+use opentelemetry::{Value, trace::TraceId};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use tonic::Request;
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
+
+backend_tests!(verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace);
+
+/// One global subscriber per test process, exporting into memory.
+fn exporter() -> &'static InMemorySpanExporter {
+    static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
+    EXPORTER.get_or_init(|| {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+        tracing_subscriber::registry().with(keywarden::telemetry::otel_layer(&provider)).init();
+        std::mem::forget(provider);
+        exporter
+    })
+}
+
+fn attributes(span: &SpanData) -> HashMap<String, String> {
+    span.attributes
+        .iter()
+        .map(|kv| {
+            let value = match &kv.value {
+                Value::I64(n) => n.to_string(),
+                other => other.as_str().into_owned(),
+            };
+            (kv.key.as_str().to_owned(), value)
+        })
+        .collect()
+}
+
+fn verify_span(audit_id: &str) -> SpanData {
+    for _ in 0..100 {
+        let spans = exporter().get_finished_spans().unwrap();
+        if let Some(span) = spans.into_iter().find(|s| {
+            s.name == "keywarden.verify"
+                && attributes(s).get("keywarden.audit_event_id").map(String::as_str) == Some(audit_id)
+        }) {
+            return span;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("no keywarden.verify span for {audit_id}");
+}
+
+async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(backend: Backend) {
+    exporter();
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["invoice:write"]).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_span = "00f067aa0ba902b7";
+    let mut calls = Vec::new();
+    for scope in ["invoice:write", "sales:read"] {
+        let mut request = Request::new(pb::VerifyRequest {
+            key: key.clone(),
+            ip: "192.168.1.100".into(),
+            required_scope: scope.into(),
+            endpoint: "/public/api/v1/invoices".into(),
+            method: "POST".into(),
+        });
+        request
+            .metadata_mut()
+            .insert("traceparent", format!("00-{trace_id}-{parent_span}-01").parse().unwrap());
+        calls.push(app.verify.verify(request).await.unwrap().into_inner());
+    }
+    app.settle().await;
+    let events = app
+        .admin
+        .list_audit_events(pb::ListAuditEventsRequest { merchant_id: MERCHANT.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    for call in calls {
+        let row = events.iter().find(|e| e.id == call.audit_event_id).unwrap();
+        let span = verify_span(&call.audit_event_id);
+        let attrs = attributes(&span);
+        assert_eq!(
+            span.span_context.trace_id(),
+            TraceId::from_hex(trace_id).unwrap(),
+            "joins the caller's trace"
+        );
+        assert_eq!(span.parent_span_id.to_string(), parent_span);
+        assert_eq!(row.trace_id, trace_id, "the audit row names the same trace");
+        let ts = row.timestamp.as_ref().unwrap();
+        let row_time = chrono::DateTime::from_timestamp(ts.seconds, ts.nanos as u32).unwrap();
+        assert_eq!(attrs["keywarden.timestamp"], row_time.to_rfc3339());
+        assert_eq!(attrs["keywarden.api_key_id"], row.api_key_id);
+        assert_eq!(attrs["keywarden.api_key_name"], row.api_key_name);
+        assert_eq!(attrs["keywarden.merchant_id"], row.merchant_id);
+        assert_eq!(attrs["keywarden.endpoint"], row.endpoint);
+        assert_eq!(attrs["keywarden.method"], row.method);
+        assert_eq!(attrs["keywarden.ip"], row.ip);
+        let decision = pb::Decision::try_from(row.decision)
+            .unwrap()
+            .as_str_name()
+            .trim_start_matches("DECISION_")
+            .to_owned();
+        assert_eq!(attrs["keywarden.decision"], decision);
+        if row.decision == pb::Decision::Deny as i32 {
+            let reason = pb::DenyReason::try_from(row.deny_reason)
+                .unwrap()
+                .as_str_name()
+                .trim_start_matches("DENY_REASON_")
+                .to_owned();
+            assert_eq!(attrs["keywarden.deny_reason"], reason);
+            assert_eq!(attrs["keywarden.status"], row.status.to_string());
+        } else {
+            assert!(!attrs.contains_key("keywarden.deny_reason"));
+        }
+        let everything = format!("{span:?}");
+        assert!(!everything.contains(&key[16..]), "the secret never reaches a span");
+    }
+    app.stop().await;
+}
