@@ -67,12 +67,20 @@ pub struct Settings {
     pub usage_flush_interval_ms: u64,
     pub audit_queue_capacity: usize,
     pub audit_batch_size: usize,
+    pub audit_linger_ms: u64,
     pub audit_overflow: Overflow,
     /// scrypt threads; 0 means one per CPU.
     pub hash_workers: usize,
     /// scrypt jobs that may wait; beyond that Verify answers RESOURCE_EXHAUSTED.
     pub hash_queue: usize,
     pub db_max_connections: u32,
+    /// Cache verified keys so warm Verify skips scrypt and the database.
+    pub cache_enabled: bool,
+    pub cache_max_keys: u64,
+    /// Backstop re-read of a cached key's state even without a change notice.
+    pub cache_state_ttl_ms: u64,
+    pub negative_cache_max: u64,
+    pub negative_cache_ttl_ms: u64,
     /// Scope catalogue; default: the platform's five scopes.
     pub scopes: Option<Vec<ScopeDef>>,
     /// Integration presets; default: the documentation's table.
@@ -95,11 +103,17 @@ impl Default for Settings {
             flush_timeout_ms: 30_000,
             usage_flush_interval_ms: 1_000,
             audit_queue_capacity: 100_000,
-            audit_batch_size: 500,
+            audit_batch_size: 1000,
+            audit_linger_ms: 50,
             audit_overflow: Overflow::Block,
             hash_workers: 0,
             hash_queue: 64,
             db_max_connections: 10,
+            cache_enabled: true,
+            cache_max_keys: 1_000_000,
+            cache_state_ttl_ms: 300_000,
+            negative_cache_max: 100_000,
+            negative_cache_ttl_ms: 60_000,
             scopes: None,
             presets: None,
         }
@@ -171,7 +185,17 @@ impl Settings {
         AuditSettings {
             capacity: self.audit_queue_capacity,
             batch_size: self.audit_batch_size,
+            linger: Duration::from_millis(self.audit_linger_ms),
             overflow: self.audit_overflow,
+        }
+    }
+
+    pub fn cache(&self) -> crate::cache::CacheSettings {
+        crate::cache::CacheSettings {
+            max_keys: self.cache_max_keys,
+            state_ttl: Duration::from_millis(self.cache_state_ttl_ms),
+            negative_max: self.negative_cache_max,
+            negative_ttl: Duration::from_millis(self.negative_cache_ttl_ms),
         }
     }
 

@@ -1,6 +1,7 @@
 //! keywarden: verification of merchants' scoped API keys over gRPC.
 pub mod api;
 pub mod audit;
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod keys;

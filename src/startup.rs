@@ -19,8 +19,14 @@ use crate::{
         pb::{key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer},
     },
     audit::writer::{self, AuditQueue, AuditWriter},
+    cache::VerifyCache,
     config::{Secrets, Settings},
-    service::{admin::KeyManager, hash_pool::HashPool, verify::Verifier},
+    service::{
+        Deps,
+        admin::{KeyChangeListener, KeyManager},
+        hash_pool::HashPool,
+        verify::Verifier,
+    },
     store::{Store, StoreOptions},
     usage::UsageTracker,
 };
@@ -37,6 +43,7 @@ pub struct Application {
     audit: AuditQueue,
     audit_writer: AuditWriter,
     pool: HashPool,
+    cache: Option<Arc<VerifyCache>>,
     admin: KeyAdminService,
     verify: KeyVerifyService,
     auth: AdminAuth,
@@ -57,6 +64,7 @@ pub struct Probes {
     pub pool: HashPool,
     pub audit: AuditQueue,
     pub usage: Arc<UsageTracker>,
+    pub cache: Option<Arc<VerifyCache>>,
 }
 
 impl Application {
@@ -83,24 +91,26 @@ impl Application {
             HashPool::new(settings.hash_workers(), settings.hash_queue).context("starting scrypt threads")?;
         let usage = UsageTracker::new(store.clone());
         let (audit, audit_writer) = writer::channel(store.clone(), &settings.audit());
-        let manager = KeyManager::new(
-            store.clone(),
-            secrets.hasher.clone(),
-            pool.clone(),
-            Arc::clone(&catalogue),
-            prefix.clone(),
-            Arc::clone(&usage),
-            Vec::new(),
-        );
-        let verifier = Verifier::new(
-            store.clone(),
-            secrets.hasher,
-            pool.clone(),
+        let cache = if settings.cache_enabled {
+            Some(Arc::new(VerifyCache::new(&settings.cache()).context("seeding the cache secret")?))
+        } else {
+            tracing::warn!("verification cache disabled: every Verify runs scrypt");
+            None
+        };
+        let deps = Deps {
+            store: store.clone(),
+            hasher: secrets.hasher,
+            pool: pool.clone(),
             catalogue,
             prefix,
-            Arc::clone(&usage),
-            audit.clone(),
-        );
+            usage: Arc::clone(&usage),
+        };
+        let mut listeners: Vec<Arc<dyn KeyChangeListener>> = Vec::new();
+        if let Some(cache) = &cache {
+            listeners.push(Arc::clone(cache) as Arc<dyn KeyChangeListener>);
+        }
+        let manager = KeyManager::new(deps.clone(), listeners);
+        let verifier = Verifier::new(deps, audit.clone(), cache.clone());
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("binding {}", settings.listen_addr))?;
@@ -115,6 +125,7 @@ impl Application {
             audit,
             audit_writer,
             pool,
+            cache,
         })
     }
 
@@ -128,6 +139,7 @@ impl Application {
             pool: self.pool.clone(),
             audit: self.audit.clone(),
             usage: Arc::clone(&self.usage),
+            cache: self.cache.clone(),
         }
     }
 

@@ -38,6 +38,9 @@ pub enum Overflow {
 pub struct AuditSettings {
     pub capacity: usize,
     pub batch_size: usize,
+    /// How long a batch may wait to fill before it is written: fewer, larger
+    /// inserts under load, at most this much delay when idle.
+    pub linger: Duration,
     pub overflow: Overflow,
 }
 
@@ -74,6 +77,7 @@ pub struct AuditWriter {
     outcomes: Outcomes,
     store: Store,
     batch_size: usize,
+    linger: Duration,
     counters: Arc<Counters>,
 }
 
@@ -90,7 +94,14 @@ pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWrit
             counters: Arc::clone(&counters),
             capacity,
         },
-        AuditWriter { rx, outcomes, store, batch_size: settings.batch_size.max(1), counters },
+        AuditWriter {
+            rx,
+            outcomes,
+            store,
+            batch_size: settings.batch_size.max(1),
+            linger: settings.linger,
+            counters,
+        },
     )
 }
 
@@ -182,6 +193,7 @@ impl AuditWriter {
                     if received == 0 {
                         return 0;
                     }
+                    self.fill(&mut batch).await;
                     self.write(&mut batch, None).await;
                 }
                 () = &mut stop => break,
@@ -198,6 +210,18 @@ impl AuditWriter {
             }
         }
         0
+    }
+
+    /// Tops `batch` up with rows arriving within the linger time.
+    async fn fill(&mut self, batch: &mut Vec<AuditRecord>) {
+        let until = tokio::time::Instant::now() + self.linger;
+        while batch.len() < self.batch_size {
+            let room = self.batch_size - batch.len();
+            match tokio::time::timeout_at(until, self.rx.recv_many(batch, room)).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
     }
 
     /// Inserts `batch` (clearing it), retrying with backoff; with a deadline,

@@ -9,7 +9,7 @@ use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
 use super::{
-    ServiceError,
+    Deps, ServiceError,
     hash_pool::HashPool,
     page,
     validate::{self, Violations},
@@ -116,15 +116,9 @@ pub struct KeyManager {
 }
 
 impl KeyManager {
-    pub fn new(
-        store: Store,
-        hasher: KeyHasher,
-        pool: HashPool,
-        catalogue: Arc<ScopeCatalogue>,
-        prefix: KeyPrefix,
-        usage: Arc<UsageTracker>,
-        listeners: Vec<Arc<dyn KeyChangeListener>>,
-    ) -> Self {
+    /// `listeners` hear of every committed change (caches, other replicas).
+    pub fn new(deps: Deps, listeners: Vec<Arc<dyn KeyChangeListener>>) -> Self {
+        let Deps { store, hasher, pool, catalogue, prefix, usage } = deps;
         Self { store, hasher, pool, catalogue, prefix, usage, listeners }
     }
 

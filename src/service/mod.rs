@@ -7,10 +7,28 @@ pub mod admin;
 pub mod hash_pool;
 pub mod page;
 pub mod validate;
+pub mod verify;
+
+use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::store::StoreError;
+use crate::{
+    keys::{KeyHasher, KeyPrefix, ScopeCatalogue},
+    store::{Store, StoreError},
+    usage::UsageTracker,
+};
+
+/// What both use cases are built from.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    pub store: Store,
+    pub hasher: KeyHasher,
+    pub pool: hash_pool::HashPool,
+    pub catalogue: Arc<ScopeCatalogue>,
+    pub prefix: KeyPrefix,
+    pub usage: Arc<UsageTracker>,
+}
 
 /// One invalid request field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +43,7 @@ impl FieldViolation {
     }
 }
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum ServiceError {
     #[error("invalid argument: {}", describe(.0))]
     Invalid(Vec<FieldViolation>),
@@ -80,4 +98,3 @@ impl From<crate::keys::format::RandomnessUnavailable> for ServiceError {
         Self::Internal(e.to_string())
     }
 }
-pub mod verify;

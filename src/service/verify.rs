@@ -10,12 +10,13 @@ use std::{net::IpAddr, sync::Arc};
 use chrono::{DateTime, Utc};
 
 use super::{
-    ServiceError,
+    Deps, ServiceError,
     hash_pool::HashPool,
     validate::{self, Violations},
 };
 use crate::{
     audit::{self, AuditKind, AuditRecord, writer::AuditQueue},
+    cache::VerifyCache,
     clock,
     keys::{
         AllowList, Decision, DenyReason, KeyHasher, KeyPrefix, PlainKey, Policy, ScopeCatalogue, ScopeSet,
@@ -67,7 +68,7 @@ pub struct Verdict {
 /// What verification needs to know about an identified key.
 #[derive(Debug, Clone)]
 pub struct KeyState {
-    pub key_id: String,
+    pub key_id: Arc<str>,
     pub merchant_id: String,
     pub name: String,
     pub policy: Policy,
@@ -85,7 +86,7 @@ impl KeyState {
             })?;
         let scopes = catalogue.expand(catalogue.from_stored(key.scopes.iter().map(String::as_str)));
         Ok(Self {
-            key_id: key.id.clone(),
+            key_id: Arc::from(key.id.as_str()),
             merchant_id: key.merchant_id.clone(),
             name: key.name.clone(),
             policy: Policy { revoked_at: key.revoked_at, expires_at: key.expires_at, allowed, scopes },
@@ -103,6 +104,8 @@ pub struct Verifier {
     prefix: KeyPrefix,
     usage: Arc<UsageTracker>,
     audit: AuditQueue,
+    /// `None` runs scrypt on every call (for measuring the cold path).
+    cache: Option<Arc<VerifyCache>>,
 }
 
 /// Validated request fields.
@@ -112,16 +115,9 @@ struct Checked {
 }
 
 impl Verifier {
-    pub fn new(
-        store: Store,
-        hasher: KeyHasher,
-        pool: HashPool,
-        catalogue: Arc<ScopeCatalogue>,
-        prefix: KeyPrefix,
-        usage: Arc<UsageTracker>,
-        audit: AuditQueue,
-    ) -> Self {
-        Self { store, hasher, pool, catalogue, prefix, usage, audit }
+    pub fn new(deps: Deps, audit: AuditQueue, cache: Option<Arc<VerifyCache>>) -> Self {
+        let Deps { store, hasher, pool, catalogue, prefix, usage } = deps;
+        Self { store, hasher, pool, catalogue, prefix, usage, audit, cache }
     }
 
     /// Decides on one presented key. Denials are verdicts, not errors; errors
@@ -142,11 +138,11 @@ impl Verifier {
                     None => Err(DenyReason::NotFound),
                     Some(state) => {
                         record.merchant_id = Some(state.merchant_id.clone());
-                        record.api_key_id = Some(state.key_id.clone());
+                        record.api_key_id = Some(state.key_id.to_string());
                         record.api_key_name = Some(state.name.clone());
                         decide(&state.policy, now, checked.ip, checked.required).map(|()| Grant {
                             merchant_id: state.merchant_id.clone(),
-                            key_id: state.key_id.clone(),
+                            key_id: state.key_id.to_string(),
                             key_name: state.name.clone(),
                             scopes: self.catalogue.names(state.policy.scopes),
                             expires_at: state.policy.expires_at,
@@ -242,12 +238,51 @@ impl Verifier {
 
     /// The key's current state if it exists and the secret matches; `None`
     /// for an unknown prefix or a wrong secret (indistinguishable by design).
-    async fn identify(&self, key: PlainKey) -> Result<Option<KeyState>, ServiceError> {
+    /// Warm: two cache lookups. Cold: one indexed read and one scrypt, shared
+    /// by every concurrent call presenting the same key.
+    async fn identify(&self, key: PlainKey) -> Result<Option<Arc<KeyState>>, ServiceError> {
+        let Some(cache) = &self.cache else {
+            return Ok(self.check_secret(&key).await?.map(Arc::new));
+        };
+        let digest = cache.digest(&key);
+        let key_id = match cache.identity(&digest).await {
+            Some(id) => id,
+            None if cache.known_bad(&digest) => return Ok(None),
+            None => match cache.identify_once(digest, self.identify_cold(cache, key)).await {
+                Ok(id) => id,
+                Err(ServiceError::NotFound(_)) => {
+                    cache.remember_bad(digest);
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        if let Some(state) = cache.state(&key_id) {
+            return Ok(Some(state));
+        }
+        let since = cache.epoch();
+        let Some(stored) = self.store.find_by_id(&key_id).await? else {
+            return Ok(None);
+        };
+        let state = Arc::new(KeyState::from_stored(&stored, &self.catalogue)?);
+        cache.fill_state(since, Arc::clone(&state));
+        Ok(Some(state))
+    }
+
+    /// First sight of a key: check it and remember its state.
+    async fn identify_cold(&self, cache: &VerifyCache, key: PlainKey) -> Result<Arc<str>, ServiceError> {
+        let since = cache.epoch();
+        let state = Arc::new(self.check_secret(&key).await?.ok_or(ServiceError::NotFound("key"))?);
+        cache.fill_state(since, Arc::clone(&state));
+        Ok(Arc::clone(&state.key_id))
+    }
+
+    /// One indexed read by lookup prefix and one scrypt on the pool.
+    async fn check_secret(&self, key: &PlainKey) -> Result<Option<KeyState>, ServiceError> {
         let Some(stored) = self.store.find_by_prefix(key.lookup_prefix().as_str()).await? else {
             return Ok(None);
         };
-        let hasher = self.hasher.clone();
-        let hash = stored.hash.clone();
+        let (hasher, hash, key) = (self.hasher.clone(), stored.hash.clone(), key.clone());
         if !self.pool.run(move || hasher.verify(&key, &hash)).await? {
             return Ok(None);
         }

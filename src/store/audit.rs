@@ -153,7 +153,7 @@ impl Store {
                     .or(C::Timestamp.eq(cursor.timestamp).and(C::Id.lt(cursor.id.as_str()))),
             );
         }
-        self.count(1);
+        self.count_read();
         select
             .order_by_desc(C::Timestamp)
             .order_by_desc(C::Id)
@@ -167,7 +167,7 @@ impl Store {
 
     /// One audit row by id.
     pub async fn get_audit(&self, id: &str) -> Result<Option<AuditRecord>, StoreError> {
-        self.count(1);
+        self.count_read();
         audit_event::Entity::find_by_id(id.to_owned())
             .one(self.db())
             .await?

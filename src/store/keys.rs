@@ -6,13 +6,11 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, ExprTrait, QueryFilter, QueryOrder,
-    QuerySelect, SqlErr, TransactionTrait,
-    sea_query::{Expr, Func},
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, ExprTrait, QueryFilter,
+    QueryOrder, QuerySelect, SqlErr, Statement, TransactionTrait, Value, sea_query::Expr,
 };
 
-use super::{Store, StoreError, audit::audit_row, entity::api_key};
+use super::{Backend, Store, StoreError, audit::audit_row, entity::api_key};
 use crate::{audit::AuditRecord, keys::KeyHash};
 
 /// A key as stored, with its hash parsed.
@@ -180,13 +178,13 @@ impl Store {
 
     /// One merchant's key by id; another merchant's key is not found.
     pub async fn get_key(&self, merchant_id: &str, key_id: &str) -> Result<Option<StoredKey>, StoreError> {
-        self.count(1);
+        self.count_read();
         fetch_scoped(self.db(), merchant_id, key_id).await
     }
 
     /// The key with this lookup prefix, for verification.
     pub async fn find_by_prefix(&self, prefix: &str) -> Result<Option<StoredKey>, StoreError> {
-        self.count(1);
+        self.count_read();
         api_key::Entity::find()
             .filter(api_key::Column::Prefix.eq(prefix))
             .one(self.db())
@@ -197,7 +195,7 @@ impl Store {
 
     /// A key by id alone, for refreshing verification state.
     pub async fn find_by_id(&self, key_id: &str) -> Result<Option<StoredKey>, StoreError> {
-        self.count(1);
+        self.count_read();
         fetch(self.db(), key_id).await
     }
 
@@ -222,7 +220,7 @@ impl Store {
                     .or(C::CreatedAt.eq(cursor.created_at).and(C::Id.lt(cursor.id.as_str()))),
             );
         }
-        self.count(1);
+        self.count_read();
         query
             .order_by_desc(C::CreatedAt)
             .order_by_desc(C::Id)
@@ -350,31 +348,15 @@ impl Store {
         Ok((Change::Applied(old), new))
     }
 
-    /// Adds batched usage to key rows, in one transaction. Usage never bumps
-    /// the version: it does not change what a key permits.
+    /// Adds batched usage to key rows: one UPDATE … FROM (VALUES …) per
+    /// chunk of keys, `n = n + delta`, so replicas never overwrite each other.
+    /// Usage never bumps the version: it does not change what a key permits.
     pub async fn apply_usage(&self, deltas: &[(String, UsageDelta)]) -> Result<(), StoreError> {
-        use api_key::Column as C;
-        if deltas.is_empty() {
-            return Ok(());
+        for chunk in deltas.chunks(USAGE_CHUNK) {
+            let (sql, values) = usage_statement(self.backend(), chunk);
+            self.count(1);
+            self.db().execute_raw(Statement::from_sql_and_values(self.db_backend(), sql, values)).await?;
         }
-        let txn = self.db().begin().await?;
-        self.count(2 + deltas.len() as u64);
-        for (key_id, delta) in deltas {
-            let mut update = api_key::Entity::update_many()
-                .col_expr(C::RequestCount, Expr::col(C::RequestCount).add(delta.allowed))
-                .col_expr(C::DeniedCount, Expr::col(C::DeniedCount).add(delta.denied));
-            if let Some(at) = delta.last_used_at {
-                // GREATEST on PostgreSQL, MAX on SQLite; COALESCE because
-                // SQLite's MAX is NULL if any argument is.
-                let latest = Func::greatest([
-                    Func::coalesce([Expr::col(C::LastUsedAt), Expr::value(at)]).into(),
-                    Expr::value(at),
-                ]);
-                update = update.col_expr(C::LastUsedAt, latest.into());
-            }
-            update.filter(C::Id.eq(key_id.as_str())).exec(&txn).await?;
-        }
-        txn.commit().await?;
         Ok(())
     }
 
@@ -407,6 +389,48 @@ impl Store {
             (Some(key), false) => Change::Refused(key),
         })
     }
+}
+
+/// Keys per usage UPDATE: four parameters each, well inside both databases'
+/// limits on bound parameters.
+const USAGE_CHUNK: usize = 500;
+
+/// `last_used_at` only ever moves forward (another replica may have seen a
+/// later use); a delta without allowed uses leaves it alone.
+fn usage_statement(backend: Backend, chunk: &[(String, UsageDelta)]) -> (String, Vec<Value>) {
+    let mut values = Vec::with_capacity(chunk.len() * 4);
+    let mut rows = Vec::with_capacity(chunk.len());
+    for (i, (key_id, delta)) in chunk.iter().enumerate() {
+        values.push(Value::from(key_id.clone()));
+        values.push(Value::from(delta.allowed));
+        values.push(Value::from(delta.denied));
+        values.push(Value::ChronoDateTimeUtc(delta.last_used_at));
+        rows.push(match backend {
+            Backend::Postgres => {
+                let n = i * 4;
+                format!("(${}::text, ${}::bigint, ${}::bigint, ${}::timestamptz)", n + 1, n + 2, n + 3, n + 4)
+            }
+            Backend::Sqlite => "(?, ?, ?, ?)".to_owned(),
+        });
+    }
+    let rows = rows.join(", ");
+    let source = match backend {
+        Backend::Postgres => format!("(VALUES {rows}) AS v(id, allowed, denied, used)"),
+        Backend::Sqlite => format!(
+            "(SELECT column1 AS id, column2 AS allowed, column3 AS denied, column4 AS used FROM (VALUES {rows})) AS v"
+        ),
+    };
+    let sql = format!(
+        "UPDATE api_keys SET \
+           request_count = api_keys.request_count + v.allowed, \
+           denied_count = api_keys.denied_count + v.denied, \
+           last_used_at = CASE \
+             WHEN v.used IS NULL THEN api_keys.last_used_at \
+             WHEN api_keys.last_used_at IS NULL OR api_keys.last_used_at < v.used THEN v.used \
+             ELSE api_keys.last_used_at END \
+         FROM {source} WHERE api_keys.id = v.id"
+    );
+    (sql, values)
 }
 
 async fn fetch<C: ConnectionTrait>(db: &C, key_id: &str) -> Result<Option<StoredKey>, StoreError> {

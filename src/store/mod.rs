@@ -104,6 +104,7 @@ pub struct Store {
     db: DatabaseConnection,
     backend: Backend,
     statements: Arc<AtomicU64>,
+    reads: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -137,7 +138,7 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
-        Ok(Self { db, backend, statements: Arc::new(AtomicU64::new(0)) })
+        Ok(Self { db, backend, statements: Arc::new(AtomicU64::new(0)), reads: Arc::new(AtomicU64::new(0)) })
     }
 
     pub fn backend(&self) -> Backend {
@@ -148,13 +149,31 @@ impl Store {
         &self.db
     }
 
+    pub(crate) fn db_backend(&self) -> DbBackend {
+        match self.backend {
+            Backend::Sqlite => DbBackend::Sqlite,
+            Backend::Postgres => DbBackend::Postgres,
+        }
+    }
+
     /// Statements sent since start.
     pub fn statements(&self) -> u64 {
         self.statements.load(Ordering::Relaxed)
     }
 
+    /// Standalone SELECTs since start (reads inside transactions are counted
+    /// only in [`Self::statements`]).
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
     fn count(&self, statements: u64) {
         self.statements.fetch_add(statements, Ordering::Relaxed);
+    }
+
+    fn count_read(&self) {
+        self.count(1);
+        self.reads.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Applies pending migrations. On PostgreSQL an advisory lock makes
@@ -196,11 +215,7 @@ impl Store {
     /// A trivial round trip, for health checks.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.count(1);
-        let backend = match self.backend {
-            Backend::Sqlite => DbBackend::Sqlite,
-            Backend::Postgres => DbBackend::Postgres,
-        };
-        self.db.execute_raw(Statement::from_string(backend, "SELECT 1")).await?;
+        self.db.execute_raw(Statement::from_string(self.db_backend(), "SELECT 1")).await?;
         Ok(())
     }
 

@@ -1,0 +1,243 @@
+//! The verification cache through the real server: scrypt runs once per key,
+//! changes still take effect on the next call, wrong keys stay cheap, and cold
+//! work is bounded. Counts come from the server's own counters.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Backend, MERCHANT, allowed, deny, outcome, spawn_app, spawn_app_with};
+use keywarden::{
+    api::pb::{self, DenyReason as R},
+    keys::{KeyPrefix, PlainKey, format::checksum},
+};
+use tonic::Code;
+
+backend_tests!(
+    only_the_first_verify_of_a_key_runs_scrypt,
+    revocation_is_obeyed_on_the_next_call_despite_the_cache,
+    expiry_is_checked_against_the_clock_while_cached,
+    concurrent_cold_calls_for_one_key_share_one_scrypt,
+    a_storm_of_one_wrong_key_costs_one_scrypt,
+    unknown_prefixes_never_reach_scrypt,
+    a_full_scrypt_queue_answers_resource_exhausted_while_warm_keys_still_verify,
+    warm_verifies_cost_at_most_ten_statements_per_thousand,
+    the_negative_cache_stays_bounded,
+);
+
+/// A well-formed key with `key`'s lookup prefix but another secret.
+fn wrong_secret(key: &str, variant: u32) -> String {
+    let body = format!("{}{:0>32}", &key[..16], variant);
+    format!("{body}{}", checksum(&body))
+}
+
+async fn only_the_first_verify_of_a_key_runs_scrypt(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    let before = app.probes.pool.runs();
+    for _ in 0..20 {
+        assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed());
+    }
+    assert_eq!(app.probes.pool.runs() - before, 1);
+    app.stop().await;
+}
+
+async fn revocation_is_obeyed_on_the_next_call_despite_the_cache(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (api_key, key) = app.key_with_scopes(&["sales:read"]).await;
+    for _ in 0..3 {
+        assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed());
+    }
+    let cache = app.probes.cache.clone().unwrap();
+    assert!(cache.state(&api_key.id).is_some(), "the key's state is cached");
+    app.admin
+        .revoke_key(pb::RevokeKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: api_key.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let runs = app.probes.pool.runs();
+    assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), deny(R::Revoked));
+    assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), deny(R::Revoked));
+    assert_eq!(app.probes.pool.runs(), runs, "denying a revoked key needs no scrypt");
+    app.stop().await;
+}
+
+async fn expiry_is_checked_against_the_clock_while_cached(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let expires = chrono::Utc::now() + chrono::Duration::milliseconds(1200);
+    let (api_key, key) = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "soon".into(),
+            scopes: vec!["sales:read".into()],
+            expires_at: Some(prost_types::Timestamp {
+                seconds: expires.timestamp(),
+                nanos: expires.timestamp_subsec_nanos() as i32,
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(outcome(&app.verify(&key, "", "").await), allowed());
+    assert!(app.probes.cache.as_ref().unwrap().state(&api_key.id).is_some());
+    let runs = app.probes.pool.runs();
+    tokio::time::sleep(
+        (expires - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50),
+    )
+    .await;
+    assert_eq!(outcome(&app.verify(&key, "", "").await), deny(R::Expired));
+    assert_eq!(app.probes.pool.runs(), runs, "decided from the cached state");
+    app.stop().await;
+}
+
+async fn concurrent_cold_calls_for_one_key_share_one_scrypt(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    let runs = app.probes.pool.runs();
+    let mut calls = Vec::new();
+    for _ in 0..100 {
+        let mut client = app.verify.clone();
+        let key = key.clone();
+        calls.push(tokio::spawn(async move {
+            client.verify(pb::VerifyRequest { key, ..Default::default() }).await.unwrap().into_inner()
+        }));
+    }
+    for call in calls {
+        assert_eq!(outcome(&call.await.unwrap()), allowed());
+    }
+    assert_eq!(app.probes.pool.runs() - runs, 1, "100 concurrent cold calls, one scrypt");
+    app.stop().await;
+}
+
+async fn a_storm_of_one_wrong_key_costs_one_scrypt(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    let wrong = wrong_secret(&key, 1);
+    let runs = app.probes.pool.runs();
+    for _ in 0..50 {
+        assert_eq!(outcome(&app.verify(&wrong, "", "").await), deny(R::NotFound));
+    }
+    assert_eq!(app.probes.pool.runs() - runs, 1);
+    assert_eq!(outcome(&app.verify(&key, "", "").await), allowed(), "the right key is unaffected");
+    app.stop().await;
+}
+
+async fn unknown_prefixes_never_reach_scrypt(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    app.settle().await;
+    let unknown = PlainKey::generate(&KeyPrefix::default()).unwrap();
+    let (runs, statements) = (app.probes.pool.runs(), app.probes.store.statements());
+    for _ in 0..50 {
+        assert_eq!(outcome(&app.verify(unknown.expose(), "", "").await), deny(R::NotFound));
+    }
+    app.settle().await;
+    assert_eq!(app.probes.pool.runs(), runs);
+    // One lookup, then the negative cache; the rest is batched audit inserts.
+    let spent = app.probes.store.statements() - statements;
+    assert!(spent <= 5, "{spent} statements");
+    app.stop().await;
+}
+
+async fn a_full_scrypt_queue_answers_resource_exhausted_while_warm_keys_still_verify(backend: Backend) {
+    let mut app = spawn_app_with(backend, |s| {
+        s.hash_workers = 1;
+        s.hash_queue = 1;
+    })
+    .await;
+    let (_, warm) = app.key_with_scopes(&["sales:read"]).await;
+    assert_eq!(outcome(&app.verify(&warm, "", "").await), allowed());
+    // Distinct wrong secrets: no single flight, no negative cache, all cold.
+    let mut cold = Vec::new();
+    for i in 0..12 {
+        let mut client = app.verify.clone();
+        let key = wrong_secret(&warm, i + 100);
+        cold.push(tokio::spawn(async move {
+            client.verify(pb::VerifyRequest { key, ..Default::default() }).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let warm_during = app.verify(&warm, "", "").await;
+    let cold_still_running = cold.iter().filter(|c| !c.is_finished()).count();
+    let mut exhausted = 0;
+    let mut denied = 0;
+    for call in cold {
+        match call.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(outcome(&r.into_inner()), deny(R::NotFound));
+                denied += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                exhausted += 1;
+            }
+        }
+    }
+    assert_eq!(outcome(&warm_during), allowed());
+    assert!(cold_still_running > 0, "the warm call finished while cold work was queued");
+    assert!(exhausted > 0, "a one-slot queue must refuse some of 12 cold calls");
+    assert!(denied >= 1);
+    app.stop().await;
+}
+
+async fn warm_verifies_cost_at_most_ten_statements_per_thousand(backend: Backend) {
+    // Production-like batching windows (the test harness normally flushes
+    // every 100 ms); the Verify path itself must not read at all.
+    let mut app = spawn_app_with(backend, |s| {
+        s.usage_flush_interval_ms = 1_000;
+        s.audit_linger_ms = 1_000;
+    })
+    .await;
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+        app.verify(&key, "", "").await;
+        keys.push(key);
+    }
+    app.settle().await;
+    let (before, reads_before) = (app.probes.store.statements(), app.probes.store.reads());
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let mut client = app.verify.clone();
+        let keys = keys.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..250 {
+                let key = keys[(t + i) % keys.len()].clone();
+                let r = client
+                    .verify(pb::VerifyRequest { key, ..Default::default() })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(r.decision, pb::Decision::Allow as i32);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(app.probes.store.reads() - reads_before, 0, "warm verifies read nothing");
+    app.settle().await;
+    let spent = app.probes.store.statements() - before;
+    assert!(
+        spent <= 10,
+        "{spent} statements for 1000 warm verifies (audit inserts and usage flushes included)"
+    );
+    app.stop().await;
+}
+
+async fn the_negative_cache_stays_bounded(backend: Backend) {
+    let mut app = spawn_app_with(backend, |s| s.negative_cache_max = 100).await;
+    for _ in 0..500 {
+        let unknown = PlainKey::generate(&KeyPrefix::default()).unwrap();
+        assert_eq!(outcome(&app.verify(unknown.expose(), "", "").await), deny(R::NotFound));
+    }
+    let cache = app.probes.cache.clone().unwrap();
+    cache.sync().await;
+    let (identities, states, negative) = cache.sizes();
+    assert!(negative <= 100, "{negative} negative entries");
+    assert_eq!((identities, states), (0, 0), "garbage never gets an identity");
+    app.stop().await;
+}
