@@ -107,7 +107,7 @@ impl Default for Settings {
             audit_linger_ms: 50,
             audit_overflow: Overflow::Block,
             hash_workers: 0,
-            hash_queue: 64,
+            hash_queue: 32,
             db_max_connections: 10,
             cache_enabled: true,
             cache_max_keys: 1_000_000,

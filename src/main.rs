@@ -6,6 +6,12 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use keywarden::{config::Settings, startup::Application, store::Store, telemetry};
 
+// Verify allocates on request threads and frees on the audit writer's;
+// mimalloc handles that cross-thread traffic far better than glibc malloc
+// (which took a quarter of the server's CPU in the warm-path profile).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "keywarden", version, about = "gRPC verification of scoped merchant API keys")]
 struct Cli {
@@ -52,7 +58,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let settings = Settings::load(config.as_deref())?;
             let telemetry = telemetry::init(settings.log_format).map_err(|e| anyhow::anyhow!(e))?;
             let app = Application::build(settings).await?;
-            tracing::info!(listen = %app.local_addr(), version = env!("CARGO_PKG_VERSION"), "keywarden serving");
+            tracing::info!(
+                listen = %app.local_addr(),
+                version = env!("CARGO_PKG_VERSION"),
+                exporting_spans = telemetry.exporting(),
+                "keywarden serving"
+            );
             let result = app.run_until_stopped(keywarden::startup::shutdown_signal()).await;
             telemetry.shutdown();
             result

@@ -172,8 +172,8 @@ impl Application {
 
         let stack = ServiceBuilder::new()
             // Outermost: read the caller's W3C trace context before anything
-            // runs, so every span of the call joins the caller's trace.
-            .map_request(api::trace::extract_parent::<tonic::body::Body>)
+            // runs, so every span and audit row of the call joins its trace.
+            .layer(api::trace::TraceContextLayer)
             .into_inner();
 
         let (draining_tx, mut draining) = watch::channel(false);

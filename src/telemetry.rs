@@ -2,9 +2,16 @@
 //! ids — audit rows record the trace id — and are exported over OTLP/gRPC
 //! only when the standard `OTEL_EXPORTER_OTLP_*` variables say where.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use opentelemetry::{KeyValue, trace::TracerProvider as _};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
-use tracing_subscriber::{EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::{FilterExt, Targets},
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
+};
 
 use crate::config::LogFormat;
 
@@ -14,7 +21,7 @@ const DEFAULT_LOG_FILTER: &str =
 /// Keeps the tracer provider alive; [`Telemetry::shutdown`] flushes spans.
 #[derive(Debug)]
 pub struct Telemetry {
-    provider: SdkTracerProvider,
+    provider: Option<SdkTracerProvider>,
 }
 
 fn otlp_configured() -> bool {
@@ -36,23 +43,27 @@ pub fn resource() -> Resource {
     builder.build()
 }
 
-/// A provider exporting to OTLP when configured, otherwise nowhere.
-pub fn tracer_provider() -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
-    let builder = SdkTracerProvider::builder().with_resource(resource());
-    let builder = if otlp_configured() {
-        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
-        builder.with_batch_exporter(exporter)
-    } else {
-        builder
-    };
-    Ok(builder.build())
+/// A provider exporting over OTLP/gRPC, if the OTEL_* variables name an
+/// endpoint. Without one there is no provider at all: building spans that go
+/// nowhere would only cost the hot path.
+pub fn tracer_provider() -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
+    if !otlp_configured() {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+    Ok(Some(SdkTracerProvider::builder().with_resource(resource()).with_batch_exporter(exporter).build()))
 }
+
+/// Whether an OpenTelemetry layer is installed, i.e. whether spans carry
+/// trace ids worth reading.
+static SPANS_EXPORTED: AtomicBool = AtomicBool::new(false);
 
 /// The OpenTelemetry layer, limited to keywarden's own spans.
 pub fn otel_layer<S>(provider: &SdkTracerProvider) -> impl Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
+    SPANS_EXPORTED.store(true, Ordering::Relaxed);
     tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("keywarden"))
         .with_filter(Targets::new().with_target("keywarden", tracing::Level::INFO))
@@ -73,25 +84,55 @@ pub fn init(format: LogFormat) -> Result<Telemetry, Box<dyn std::error::Error + 
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    tracing_subscriber::registry().with(otel_layer(&provider)).with(logs.with_filter(filter)).try_init()?;
+    // Log lines are events only: creating and formatting every Verify span
+    // for a log line that never comes would cost the hot path on each call.
+    let events_only = tracing_subscriber::filter::filter_fn(|metadata| metadata.is_event());
+    tracing_subscriber::registry()
+        .with(provider.as_ref().map(otel_layer))
+        .with(logs.with_filter(FilterExt::and(events_only, filter)))
+        .try_init()?;
     Ok(Telemetry { provider })
 }
 
 impl Telemetry {
     /// Exports what is buffered; called last on shutdown.
     pub fn shutdown(self) {
-        if let Err(e) = self.provider.shutdown() {
+        if let Some(provider) = self.provider
+            && let Err(e) = provider.shutdown()
+        {
             eprintln!("keywarden: flushing spans failed: {e}");
         }
     }
+
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
 }
 
-/// W3C trace id of the current span, if it has a valid one.
+tokio::task_local! {
+    /// The caller's W3C trace id for the call being served.
+    static CALLER_TRACE: Option<String>;
+}
+
+/// A request future running with its caller's trace id in scope.
+pub type CallerTrace<F> = tokio::task::futures::TaskLocalFuture<Option<String>, F>;
+
+pub fn with_caller_trace<F: Future>(trace_id: Option<String>, f: F) -> CallerTrace<F> {
+    CALLER_TRACE.scope(trace_id, f)
+}
+
+/// The trace this work belongs to: the current span's when spans are
+/// exported, otherwise the caller's (from its `traceparent`), if any.
 pub fn current_trace_id() -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let context = tracing::Span::current().context();
-    let span = context.span();
-    let span_context = span.span_context();
-    span_context.is_valid().then(|| span_context.trace_id().to_string())
+    if SPANS_EXPORTED.load(Ordering::Relaxed) {
+        let context = tracing::Span::current().context();
+        let span = context.span();
+        let span_context = span.span_context();
+        if span_context.is_valid() {
+            return Some(span_context.trace_id().to_string());
+        }
+    }
+    CALLER_TRACE.try_with(Clone::clone).ok().flatten()
 }

@@ -27,6 +27,7 @@ backend_tests!(
     record_outcomes_validates_statuses_and_ignores_unknown_ids,
     denials_are_audited_with_401_or_403,
     usage_counts_include_unflushed_uses_and_add_up_after_flush,
+    audit_rows_carry_the_callers_trace_id_without_span_export,
 );
 
 fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
@@ -428,5 +429,23 @@ async fn usage_counts_include_unflushed_uses_and_add_up_after_flush(backend: Bac
     assert_eq!(after.last_used_at, before.last_used_at);
     let row = app.probes.store.find_by_id(&api_key.id).await.unwrap().unwrap();
     assert_eq!((row.request_count, row.denied_count), (5, 2), "the counts are in the database");
+    app.stop().await;
+}
+
+async fn audit_rows_carry_the_callers_trace_id_without_span_export(backend: Backend) {
+    // No tracing subscriber in this test binary: nothing exports spans.
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    let mut request = tonic::Request::new(pb::VerifyRequest { key, ..Default::default() });
+    request
+        .metadata_mut()
+        .insert("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".parse().unwrap());
+    let with_parent = app.verify.verify(request).await.unwrap().into_inner();
+    let without = app.verify(&"x".repeat(10), "", "").await;
+    app.settle().await;
+    let row = app.probes.store.get_audit(&with_parent.audit_event_id).await.unwrap().unwrap();
+    assert_eq!(row.trace_id.as_deref(), Some("0af7651916cd43dd8448eb211c80319c"));
+    let row = app.probes.store.get_audit(&without.audit_event_id).await.unwrap().unwrap();
+    assert_eq!(row.trace_id, None);
     app.stop().await;
 }

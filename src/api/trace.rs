@@ -1,16 +1,21 @@
 //! W3C trace context from incoming gRPC metadata, so that keywarden's spans
-//! join the calling service's trace.
+//! and audit rows join the calling service's trace.
+
+use std::task::{Context as TaskContext, Poll};
 
 use opentelemetry::{
     Context,
     propagation::{Extractor, TextMapPropagator},
+    trace::TraceContextExt,
 };
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tonic::codegen::http::{self, HeaderMap};
+use tower::{Layer, Service};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// The caller's trace context, put into request extensions by
-/// [`extract_parent`].
+use crate::telemetry::{CallerTrace, with_caller_trace};
+
+/// The caller's trace context, in request extensions.
 #[derive(Debug, Clone)]
 pub struct ParentContext(pub Context);
 
@@ -26,13 +31,49 @@ impl Extractor for Headers<'_> {
     }
 }
 
-/// Request mapper for the tower stack: reads `traceparent`/`tracestate`.
-pub fn extract_parent<B>(mut request: http::Request<B>) -> http::Request<B> {
-    if request.headers().contains_key("traceparent") {
-        let context = TraceContextPropagator::new().extract(&Headers(request.headers()));
-        request.extensions_mut().insert(ParentContext(context));
+/// Reads `traceparent`/`tracestate` once per call: the parent goes into the
+/// request extensions (for spans), its trace id into a task-local (for audit
+/// rows, even when no spans are exported).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TraceContextLayer;
+
+impl<S> Layer<S> for TraceContextLayer {
+    type Service = TraceContextService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TraceContextService { inner }
     }
-    request
+}
+
+#[derive(Debug, Clone)]
+pub struct TraceContextService<S> {
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for TraceContextService<S>
+where
+    S: Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = CallerTrace<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let mut trace_id = None;
+        if request.headers().contains_key("traceparent") {
+            let context = TraceContextPropagator::new().extract(&Headers(request.headers()));
+            let span_context = context.span().span_context().clone();
+            if span_context.is_valid() {
+                trace_id = Some(span_context.trace_id().to_string());
+                request.extensions_mut().insert(ParentContext(context));
+            }
+        }
+        with_caller_trace(trace_id, self.inner.call(request))
+    }
 }
 
 /// Makes `span` a child of the caller's span, when the call carried one.

@@ -21,10 +21,13 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use moka::{future::Cache as AsyncCache, sync::Cache};
+use quick_cache::{
+    DefaultHashBuilder, OptionsBuilder, UnitWeighter,
+    sync::{Cache as QuickCache, DefaultLifecycle},
+};
 
 use crate::{
     keys::{PlainKey, hash::hmac_sha256},
@@ -33,6 +36,28 @@ use crate::{
 
 /// A presented key as the cache knows it.
 pub type Digest = [u8; 32];
+
+type Cache<K, V> = QuickCache<K, V, UnitWeighter, DefaultHashBuilder, DefaultLifecycle<K, V>>;
+
+/// A bounded map that grows its table as it fills rather than reserving
+/// room for `max` entries up front (an idle server stays small).
+fn bounded<K: Eq + std::hash::Hash, V: Clone>(max: u64) -> Cache<K, V> {
+    let max = max.max(1);
+    let mut options = OptionsBuilder::new();
+    options.weight_capacity(max).estimated_items_capacity(usize::try_from(max.min(16_384)).unwrap_or(16_384));
+    match options.build() {
+        Ok(options) => QuickCache::with_options(
+            options,
+            UnitWeighter,
+            DefaultHashBuilder::default(),
+            DefaultLifecycle::default(),
+        ),
+        // Only a zero capacity is refused, and max ≥ 1.
+        Err(_) => {
+            QuickCache::with(1, 1, UnitWeighter, DefaultHashBuilder::default(), DefaultLifecycle::default())
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
@@ -66,14 +91,29 @@ pub struct CacheCounters {
     pub negative_hits: AtomicU64,
 }
 
-#[derive(Debug)]
+/// A key's state and when it was read.
+#[derive(Debug, Clone)]
+struct Loaded {
+    state: Arc<KeyState>,
+    at: Instant,
+}
+
 pub struct VerifyCache {
     secret: [u8; 32],
-    identities: AsyncCache<Digest, Arc<str>>,
-    states: Cache<Arc<str>, Arc<KeyState>>,
-    negative: Cache<Digest, ()>,
+    identities: Cache<Digest, Arc<str>>,
+    states: Cache<Arc<str>, Loaded>,
+    /// Digest → when the entry stops counting.
+    negative: Cache<Digest, Instant>,
+    state_ttl: Duration,
+    negative_ttl: Duration,
     epoch: AtomicU64,
     pub counters: CacheCounters,
+}
+
+impl std::fmt::Debug for VerifyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyCache").field("sizes", &self.sizes()).finish_non_exhaustive()
+    }
 }
 
 /// Position in the invalidation sequence, taken before a state read.
@@ -86,12 +126,11 @@ impl VerifyCache {
         crate::keys::format::fill_random(&mut secret)?;
         Ok(Self {
             secret,
-            identities: AsyncCache::builder().max_capacity(settings.max_keys).build(),
-            states: Cache::builder().max_capacity(settings.max_keys).time_to_live(settings.state_ttl).build(),
-            negative: Cache::builder()
-                .max_capacity(settings.negative_max)
-                .time_to_live(settings.negative_ttl)
-                .build(),
+            identities: bounded(settings.max_keys),
+            states: bounded(settings.max_keys),
+            negative: bounded(settings.negative_max),
+            state_ttl: settings.state_ttl,
+            negative_ttl: settings.negative_ttl,
             epoch: AtomicU64::new(0),
             counters: CacheCounters::default(),
         })
@@ -101,8 +140,8 @@ impl VerifyCache {
         hmac_sha256(&self.secret, key.expose().as_bytes())
     }
 
-    pub async fn identity(&self, digest: &Digest) -> Option<Arc<str>> {
-        let found = self.identities.get(digest).await;
+    pub fn identity(&self, digest: &Digest) -> Option<Arc<str>> {
+        let found = self.identities.get(digest);
         let counter =
             if found.is_some() { &self.counters.identity_hits } else { &self.counters.identity_misses };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -110,31 +149,57 @@ impl VerifyCache {
     }
 
     /// Runs `identify` for a digest not yet known, once however many callers
-    /// ask for it at the same time; they all get its result.
+    /// ask at the same time: the others wait and take its answer. A key found
+    /// not to exist is marked bad before the waiters are released, so they
+    /// answer from the negative cache instead of repeating the scrypt.
     pub async fn identify_once<F>(&self, digest: Digest, identify: F) -> Result<Arc<str>, ServiceError>
     where
         F: Future<Output = Result<Arc<str>, ServiceError>>,
     {
-        self.identities.try_get_with(digest, identify).await.map_err(|e| (*e).clone())
+        let guard = match self.identities.get_value_or_guard_async(&digest).await {
+            Ok(id) => return Ok(id),
+            Err(guard) => guard,
+        };
+        if self.known_bad(&digest) {
+            return Err(ServiceError::NotFound("key"));
+        }
+        let result = identify.await;
+        match &result {
+            Ok(id) => {
+                let _ = guard.insert(Arc::clone(id));
+            }
+            Err(ServiceError::NotFound(_)) => {
+                self.remember_bad(digest);
+                drop(guard);
+            }
+            Err(_) => drop(guard),
+        }
+        result
     }
 
     pub fn known_bad(&self, digest: &Digest) -> bool {
-        let bad = self.negative.contains_key(digest);
-        if bad {
-            self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
+        match self.negative.get(digest) {
+            Some(until) if Instant::now() < until => {
+                self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(_) => {
+                self.negative.remove(digest);
+                false
+            }
+            None => false,
         }
-        bad
     }
 
     pub fn remember_bad(&self, digest: Digest) {
-        self.negative.insert(digest, ());
+        self.negative.insert(digest, Instant::now() + self.negative_ttl);
     }
 
     pub fn state(&self, key_id: &str) -> Option<Arc<KeyState>> {
-        let found = self.states.get(key_id);
+        let found = self.states.get(key_id).filter(|loaded| loaded.at.elapsed() < self.state_ttl);
         let counter = if found.is_some() { &self.counters.state_hits } else { &self.counters.state_misses };
         counter.fetch_add(1, Ordering::Relaxed);
-        found
+        found.map(|loaded| loaded.state)
     }
 
     /// Take this before reading a key's state from the store.
@@ -145,37 +210,30 @@ impl VerifyCache {
     /// Caches state read at `since`, unless a change was announced meanwhile.
     pub fn fill_state(&self, since: Epoch, state: Arc<KeyState>) {
         let key_id = Arc::clone(&state.key_id);
-        self.states.insert(Arc::clone(&key_id), state);
+        self.states.insert(Arc::clone(&key_id), Loaded { state, at: Instant::now() });
         // Re-check after inserting: an invalidation that ran before the insert
         // moved the epoch, so take the possibly stale entry back out. One that
         // runs after the insert removes it itself.
         if self.epoch() != since {
-            self.states.invalidate(&key_id);
+            self.states.remove(&key_id);
         }
     }
 
     /// Forgets a key's state: the next Verify re-reads it.
     pub fn invalidate(&self, key_id: &str) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.states.invalidate(key_id);
+        self.states.remove(key_id);
     }
 
     /// Forgets every key's state, e.g. after missing change notices.
     pub fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.states.invalidate_all();
+        self.states.clear();
     }
 
-    /// Entries held (approximate until pending maintenance runs).
-    pub fn sizes(&self) -> (u64, u64, u64) {
-        (self.identities.entry_count(), self.states.entry_count(), self.negative.entry_count())
-    }
-
-    /// Runs moka's deferred maintenance so that sizes are exact (tests, benchmarks).
-    pub async fn sync(&self) {
-        self.identities.run_pending_tasks().await;
-        self.states.run_pending_tasks();
-        self.negative.run_pending_tasks();
+    /// Entries held: (identities, states, negative).
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.identities.len(), self.states.len(), self.negative.len())
     }
 }
 
@@ -213,6 +271,7 @@ mod tests {
     fn digests_depend_on_the_process_secret_not_just_the_key() {
         let key = PlainKey::generate(&KeyPrefix::default()).unwrap();
         let (a, b) = (cache(), cache());
+        assert!(format!("{a:?}").contains("sizes"));
         assert_eq!(a.digest(&key), a.digest(&key));
         assert_ne!(a.digest(&key), b.digest(&key));
         assert_ne!(a.digest(&key)[..], *key.expose().as_bytes().get(..32).unwrap());
@@ -242,7 +301,7 @@ mod tests {
         assert!((0..10).all(|i| c.state(&format!("k{i}")).is_none()));
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_misses_run_one_identification() {
         let c = Arc::new(cache());
         let runs = Arc::new(AtomicU64::new(0));
@@ -264,8 +323,57 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
-    #[tokio::test]
-    async fn the_negative_cache_stays_bounded_under_a_million_distinct_keys() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_for_a_missing_key_share_one_failure() {
+        let c = Arc::new(cache());
+        let runs = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let (c, runs) = (Arc::clone(&c), Arc::clone(&runs));
+            tasks.push(tokio::spawn(async move {
+                c.identify_once([9u8; 32], async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err::<Arc<str>, _>(ServiceError::NotFound("key"))
+                })
+                .await
+            }));
+        }
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Err(ServiceError::NotFound(_))));
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(c.known_bad(&[9u8; 32]));
+    }
+
+    #[test]
+    fn negative_entries_expire() {
+        let c = VerifyCache::new(&CacheSettings {
+            negative_ttl: Duration::from_millis(30),
+            ..CacheSettings::default()
+        })
+        .unwrap();
+        c.remember_bad([1u8; 32]);
+        assert!(c.known_bad(&[1u8; 32]));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!c.known_bad(&[1u8; 32]));
+    }
+
+    #[test]
+    fn state_older_than_its_ttl_is_a_miss() {
+        let c = VerifyCache::new(&CacheSettings {
+            state_ttl: Duration::from_millis(30),
+            ..CacheSettings::default()
+        })
+        .unwrap();
+        c.fill_state(c.epoch(), state("k"));
+        assert!(c.state("k").is_some());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(c.state("k").is_none());
+    }
+
+    #[test]
+    fn the_negative_cache_stays_bounded_under_a_million_distinct_keys() {
         let c =
             VerifyCache::new(&CacheSettings { negative_max: 10_000, ..CacheSettings::default() }).unwrap();
         for i in 0u32..1_000_000 {
@@ -273,8 +381,8 @@ mod tests {
             digest[..4].copy_from_slice(&i.to_le_bytes());
             c.remember_bad(digest);
         }
-        c.sync().await;
         let (_, _, negative) = c.sizes();
         assert!(negative <= 10_000, "{negative} entries");
+        assert!(negative > 1_000, "the cache still works: {negative} entries");
     }
 }

@@ -245,15 +245,12 @@ impl Verifier {
             return Ok(self.check_secret(&key).await?.map(Arc::new));
         };
         let digest = cache.digest(&key);
-        let key_id = match cache.identity(&digest).await {
+        let key_id = match cache.identity(&digest) {
             Some(id) => id,
             None if cache.known_bad(&digest) => return Ok(None),
             None => match cache.identify_once(digest, self.identify_cold(cache, key)).await {
                 Ok(id) => id,
-                Err(ServiceError::NotFound(_)) => {
-                    cache.remember_bad(digest);
-                    return Ok(None);
-                }
+                Err(ServiceError::NotFound(_)) => return Ok(None),
                 Err(e) => return Err(e),
             },
         };

@@ -1,0 +1,742 @@
+//! Load generator for the Verify hot path.
+//!
+//! Starts keywarden in-process (on its own runtime) against a fresh SQLite
+//! file or PostgreSQL database, or targets a running server with `--target`,
+//! and drives it over a fixed number of HTTP/2 connections with a fixed
+//! number of requests in flight. Every scenario runs for the same duration
+//! with the same client, and is reported next to the baseline — a no-op
+//! `grpc.health.v1.Health/Check` on the same server — measured in the same
+//! run.
+//!
+//! ```text
+//! cargo bench --bench verify -- [--duration 10] [--rounds 5] [--connections 4]
+//!     [--concurrency 64] [--keys 1000] [--postgres postgres://postgres@127.0.0.1:5432/test]
+//!     [--target 127.0.0.1:50051 --token <admin token>]
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use keywarden::{
+    api::pb::{self, key_admin_client::KeyAdminClient, key_verify_client::KeyVerifyClient},
+    config::Settings,
+    keys::{KeyHasher, KeyPrefix, PlainKey, format::checksum},
+    startup::{Application, Probes},
+};
+use secrecy::SecretString;
+use tonic::{Request, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+// The same allocator as the `keywarden` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const PEPPER: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
+const TOKEN: &str = "bench-admin-token-0123456789abcdef";
+const MERCHANT: &str = "cmm3zkkx000006ogg8arp52qb";
+
+#[derive(Debug, Clone)]
+struct Args {
+    duration: Duration,
+    connections: usize,
+    concurrency: usize,
+    keys: usize,
+    postgres: Option<String>,
+    rounds: usize,
+    target: Option<SocketAddr>,
+    token: String,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        duration: Duration::from_secs(10),
+        connections: 4,
+        concurrency: 64,
+        keys: 1000,
+        postgres: None,
+        rounds: 5,
+        target: None,
+        token: TOKEN.into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--duration" => args.duration = Duration::from_secs_f64(value().parse().unwrap()),
+            "--connections" => args.connections = value().parse().unwrap(),
+            "--concurrency" => args.concurrency = value().parse().unwrap(),
+            "--keys" => args.keys = value().parse().unwrap(),
+            "--postgres" => args.postgres = Some(value()),
+            "--target" => args.target = Some(value().parse().unwrap()),
+            "--token" => args.token = value(),
+            "--rounds" => args.rounds = value().parse().unwrap(),
+            // cargo bench passes --bench to harness-less benchmarks.
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    args
+}
+
+// ---------------------------------------------------------------- the server
+
+struct Server {
+    addr: SocketAddr,
+    probes: Option<Probes>,
+}
+
+fn start_server(
+    runtime: &tokio::runtime::Runtime,
+    database_url: &str,
+    dir: &std::path::Path,
+    cache: bool,
+) -> Server {
+    let mut settings = Settings {
+        listen_addr: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_owned(),
+        database_url: Some(database_url.to_owned()),
+        pepper: Some(SecretString::from(PEPPER)),
+        cache_enabled: cache,
+        ..Settings::default()
+    };
+    settings.admin_tokens.insert("admin".into(), SecretString::from(TOKEN));
+    let app = runtime.block_on(Application::build(settings)).expect("server builds");
+    let (addr, probes) = (app.local_addr(), app.probes());
+    runtime.spawn(app.run_until_stopped(std::future::pending()));
+    Server { addr, probes: Some(probes) }
+}
+
+async fn fresh_postgres(admin_url: &str) -> String {
+    use sea_orm::sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
+    let name = format!("kw_bench_{}", std::process::id());
+    let mut conn = PgConnection::connect(admin_url).await.unwrap();
+    let _ = conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await;
+    conn.execute(AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.unwrap();
+    let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
+    format!("{base}/{name}")
+}
+
+// ------------------------------------------------------------ load generation
+
+#[derive(Clone)]
+struct Connection {
+    health: HealthClient<Channel>,
+    verify: KeyVerifyClient<Channel>,
+}
+
+/// What a scenario sends.
+enum Load {
+    /// grpc.health.v1.Health/Check: the no-op floor.
+    Health,
+    /// Verify requests drawn from a weighted mix of (weight, keys, scope, ip).
+    Verify { mix: Vec<(u32, Arc<Vec<String>>, &'static str, &'static str)>, total_weight: u32 },
+}
+
+impl Load {
+    fn verify(mix: Vec<(u32, Arc<Vec<String>>, &'static str, &'static str)>) -> Arc<Self> {
+        let total_weight = mix.iter().map(|m| m.0).sum();
+        Arc::new(Self::Verify { mix, total_weight })
+    }
+
+    /// Call `i` of a fixed, well-spread sequence: the same for every run.
+    fn pick(&self, i: usize) -> Option<(usize, &str, &'static str, &'static str)> {
+        let Self::Verify { mix, total_weight } = self else { return None };
+        let spread = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut w = (spread >> 33) as u32 % total_weight;
+        for (class, (weight, keys, scope, ip)) in mix.iter().enumerate() {
+            if w < *weight {
+                // Independent of the class choice, so every class walks its keys.
+                let k = ((i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93) >> 16) as usize % keys.len();
+                return Some((class, &keys[k], scope, ip));
+            }
+            w -= weight;
+        }
+        None
+    }
+
+    fn class(&self, i: usize) -> usize {
+        self.pick(i).map_or(0, |p| p.0)
+    }
+
+    fn classes(&self) -> usize {
+        match self {
+            Self::Health => 1,
+            Self::Verify { mix, .. } => mix.len(),
+        }
+    }
+
+    async fn call(&self, conn: &Connection, i: usize) -> Result<(), tonic::Code> {
+        match self.pick(i) {
+            None => {
+                let mut client = conn.health.clone();
+                client
+                    .check(HealthCheckRequest { service: String::new() })
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.code())
+            }
+            Some((_, key, scope, ip)) => {
+                let mut client = conn.verify.clone();
+                client
+                    .verify(pb::VerifyRequest {
+                        key: key.to_owned(),
+                        ip: ip.into(),
+                        required_scope: scope.into(),
+                        endpoint: "/public/api/v1/invoices".into(),
+                        method: "POST".into(),
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.code())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    calls: usize,
+    errors: BTreeMap<String, usize>,
+    /// Microseconds, sorted once merged.
+    latencies: Vec<u32>,
+    seconds: f64,
+}
+
+impl Outcome {
+    fn throughput(&self) -> f64 {
+        self.calls as f64 / self.seconds
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.latencies[i]) / 1000.0
+    }
+
+    fn max(&self) -> f64 {
+        self.latencies.last().map_or(f64::NAN, |&m| f64::from(m) / 1000.0)
+    }
+
+    fn absorb(&mut self, other: Outcome) {
+        self.calls += other.calls;
+        self.seconds += other.seconds;
+        self.latencies.extend(other.latencies);
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+    }
+
+    fn finish(mut self) -> Self {
+        self.latencies.sort_unstable();
+        self
+    }
+}
+
+fn record(out: &mut Outcome, result: Result<(), tonic::Code>, latency: Duration) {
+    match result {
+        Ok(()) => {
+            out.calls += 1;
+            out.latencies.push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
+        }
+        Err(code) => *out.errors.entry(format!("{code:?}")).or_default() += 1,
+    }
+}
+
+/// One closed-loop slice: `concurrency` workers spread over the connections,
+/// each sending its next request as soon as the previous one is answered.
+async fn closed_loop(
+    conns: &[Connection],
+    load: &Arc<Load>,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Outcome {
+    let measure_from = Instant::now() + warmup;
+    let stop_at = measure_from + duration;
+    let counter = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let conn = conns[w % conns.len()].clone();
+        let (load, counter) = (Arc::clone(load), Arc::clone(&counter));
+        workers.push(tokio::spawn(async move {
+            let mut out = Outcome::default();
+            loop {
+                let i = counter.fetch_add(1, Ordering::Relaxed);
+                let sent = Instant::now();
+                if sent >= stop_at {
+                    return out;
+                }
+                let result = load.call(&conn, i).await;
+                if sent >= measure_from {
+                    record(&mut out, result, sent.elapsed());
+                }
+            }
+        }));
+    }
+    let mut all = Outcome::default();
+    for w in workers {
+        all.absorb(w.await.unwrap());
+    }
+    all.seconds = duration.as_secs_f64();
+    all
+}
+
+/// One open-loop slice at a fixed rate, latency measured from each request's
+/// scheduled time (so a stall is not hidden by sending less). One outcome per
+/// class of the load's mix.
+async fn fixed_rate(
+    conns: &[Connection],
+    load: &Arc<Load>,
+    rate: f64,
+    warmup: Duration,
+    duration: Duration,
+) -> Vec<Outcome> {
+    let start = tokio::time::Instant::now();
+    let total = (rate * (warmup + duration).as_secs_f64()) as usize;
+    let warm = (rate * warmup.as_secs_f64()) as usize;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..total {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due).await;
+        let conn = conns[i % conns.len()].clone();
+        let (load, tx) = (Arc::clone(load), tx.clone());
+        tokio::spawn(async move {
+            let result = load.call(&conn, i).await;
+            let _ = tx.send((i >= warm, load.class(i), result, due.elapsed()));
+        });
+    }
+    drop(tx);
+    let mut out = vec![Outcome { seconds: duration.as_secs_f64(), ..Outcome::default() }; load.classes()];
+    while let Some((measured, class, result, latency)) = rx.recv().await {
+        if measured {
+            record(&mut out[class], result, latency);
+        }
+    }
+    out
+}
+
+/// Runs every scenario `rounds` times in turn, so that machine noise falls
+/// on all of them alike, and sums each scenario's slices.
+async fn interleaved<F, Fut>(rounds: usize, scenarios: usize, mut slice: F) -> Vec<Vec<Outcome>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Vec<Outcome>>,
+{
+    let mut totals: Vec<Vec<Outcome>> = vec![Vec::new(); scenarios];
+    for _ in 0..rounds {
+        for (s, total) in totals.iter_mut().enumerate() {
+            let parts = slice(s).await;
+            if total.is_empty() {
+                *total = vec![Outcome::default(); parts.len()];
+            }
+            for (t, p) in total.iter_mut().zip(parts) {
+                t.absorb(p);
+            }
+        }
+    }
+    totals.into_iter().map(|parts| parts.into_iter().map(Outcome::finish).collect()).collect()
+}
+
+async fn connect(addr: SocketAddr, n: usize) -> Vec<Connection> {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        // One Channel per connection: each is its own HTTP/2 connection.
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        conns.push(Connection {
+            health: HealthClient::new(channel.clone()),
+            verify: KeyVerifyClient::new(channel),
+        });
+    }
+    conns
+}
+
+// ------------------------------------------------------------------ fixtures
+
+async fn create_keys(addr: SocketAddr, token: &str, n: usize, cidrs: &[&str]) -> Vec<String> {
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    let sem = Arc::new(tokio::sync::Semaphore::new(8));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut admin = KeyAdminClient::new(channel.clone());
+        let bearer = bearer.clone();
+        let sem = Arc::clone(&sem);
+        let cidrs: Vec<String> = cidrs.iter().map(|c| (*c).to_owned()).collect();
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.unwrap();
+            let mut request = Request::new(pb::CreateKeyRequest {
+                merchant_id: MERCHANT.into(),
+                name: format!("bench key {i}"),
+                scopes: vec!["sales:read".into(), "invoice:read".into()],
+                allowed_cidrs: cidrs,
+                ..Default::default()
+            });
+            request.metadata_mut().insert("authorization", bearer);
+            admin.create_key(request).await.unwrap().into_inner().plaintext_key
+        }));
+    }
+    let mut keys = Vec::new();
+    for t in tasks {
+        keys.push(t.await.unwrap());
+    }
+    keys
+}
+
+/// Verifies every key once, so the cache holds them all.
+async fn warm(conns: &[Connection], keys: &[String], ip: &str) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let mut client = conns[i % conns.len()].verify.clone();
+        let (key, ip, sem) = (key.clone(), ip.to_owned(), Arc::clone(&sem));
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.unwrap();
+            client.verify(pb::VerifyRequest { key, ip, ..Default::default() }).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+fn wrong_secret(key: &str, variant: usize) -> String {
+    let body = format!("{}{:0>32}", &key[..16], variant);
+    format!("{body}{}", checksum(&body))
+}
+
+fn bad_checksum(key: &str) -> String {
+    let mut k = key.to_owned();
+    let last = if k.ends_with('0') { '1' } else { '0' };
+    k.pop();
+    k.push(last);
+    k
+}
+
+/// Single-thread scrypt time over `n` runs, in seconds per hash.
+fn scrypt_seconds(n: u32) -> f64 {
+    let hasher = KeyHasher::from_base64(PEPPER).unwrap();
+    let key = PlainKey::generate(&KeyPrefix::default()).unwrap();
+    let hash = hasher.hash(&key).unwrap();
+    let start = Instant::now();
+    for _ in 0..n {
+        assert!(hasher.verify(&key, &hash));
+    }
+    start.elapsed().as_secs_f64() / f64::from(n)
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Fills the cache with `n` keys shaped like real ones (UUID ids, a cuid
+/// merchant, a short name, one CIDR, two scopes) via identify + state fill.
+async fn seed(cache: &keywarden::cache::VerifyCache, n: usize) {
+    use keywarden::{
+        keys::{AllowList, Policy, ScopeCatalogue},
+        service::verify::KeyState,
+    };
+    let catalogue = ScopeCatalogue::default();
+    let scopes = catalogue.expand(catalogue.parse_grant(&["sales:read", "invoice:read"]).unwrap());
+    for i in 0..n {
+        let key = PlainKey::generate(&KeyPrefix::default()).unwrap();
+        let id: Arc<str> = Arc::from(uuid::Uuid::now_v7().to_string());
+        let state = Arc::new(KeyState {
+            key_id: Arc::clone(&id),
+            merchant_id: MERCHANT.to_owned(),
+            name: format!("bench key {i}"),
+            policy: Policy {
+                revoked_at: None,
+                expires_at: None,
+                allowed: AllowList::parse(&["192.168.0.0/16"]).unwrap(),
+                scopes,
+            },
+            version: 1,
+        });
+        cache.identify_once(cache.digest(&key), async { Ok(Arc::clone(&id)) }).await.unwrap();
+        cache.fill_state(cache.epoch(), state);
+    }
+}
+
+// -------------------------------------------------------------------- report
+
+struct Row {
+    name: String,
+    outcome: Outcome,
+}
+
+fn print_rows(rows: &[Row], baseline: &Outcome) {
+    println!("| scenario | calls/s | × baseline | p50 ms | p90 ms | p99 ms | max ms | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    for Row { name, outcome: o } in rows {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.3} | {:.3} | {:.3} | {:.2} | {} |",
+            o.throughput(),
+            o.throughput() / baseline.throughput(),
+            o.percentile(0.50),
+            o.percentile(0.90),
+            o.percentile(0.99),
+            o.max(),
+            if o.errors.is_empty() { "-".to_owned() } else { format!("{:?}", o.errors) }
+        );
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+fn main() {
+    let args = parse_args();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    println!("# keywarden Verify benchmark");
+    println!();
+    println!(
+        "machine: {} cores, {}; backend: {}; {} connections; {:?} measured per scenario",
+        cores,
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                .split(':')
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .to_owned()))
+            .unwrap_or_default(),
+        if args.target.is_some() {
+            "external server"
+        } else if args.postgres.is_some() {
+            "postgresql"
+        } else {
+            "sqlite"
+        },
+        args.connections,
+        args.duration,
+    );
+
+    // The same logging and tracing set-up as `keywarden serve` (spans are
+    // exported only if OTEL_EXPORTER_OTLP_ENDPOINT is set).
+    let telemetry = keywarden::telemetry::init(keywarden::config::LogFormat::Text).unwrap();
+    println!("spans exported: {}", telemetry.exporting());
+
+    // The server gets its own runtime and threads; the client another.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .thread_name("server")
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .thread_name("client")
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (server, cold_server, rss_idle) = match args.target {
+        Some(addr) => (Server { addr, probes: None }, None, 0),
+        None => {
+            let url = match &args.postgres {
+                Some(admin_url) => client_rt.block_on(fresh_postgres(admin_url)),
+                None => format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display()),
+            };
+            let server = start_server(&server_rt, &url, dir.path(), true);
+            let rss_idle = rss_kib();
+            let cold = start_server(&server_rt, &url, dir.path(), false);
+            (server, Some(cold), rss_idle)
+        }
+    };
+
+    client_rt.block_on(async {
+        let conns = connect(server.addr, args.connections).await;
+        let t = Instant::now();
+        let keys = Arc::new(create_keys(server.addr, &args.token, args.keys, &[]).await);
+        let restricted = Arc::new(create_keys(server.addr, &args.token, args.keys.div_ceil(10), &["192.168.0.0/16"]).await);
+        warm(&conns, &keys, "10.1.2.3").await;
+        warm(&conns, &restricted, "192.168.1.1").await;
+        eprintln!("setup: {} + {} keys created and warmed in {:.1?}", keys.len(), restricted.len(), t.elapsed());
+
+        let probes = server.probes.clone();
+        let statements = || probes.as_ref().map_or(0, |p| p.store.statements());
+        let scrypts = || probes.as_ref().map_or(0, |p| p.pool.runs());
+        let rounds = args.rounds.max(1);
+        let slice = args.duration / u32::try_from(rounds).unwrap_or(1);
+        let settle = Duration::from_millis(500);
+
+        // Closed loop: every scenario in turn, `rounds` times.
+        let wrong = Arc::new(vec![wrong_secret(&keys[0], 7)]);
+        let bad: Arc<Vec<String>> = Arc::new(keys.iter().take(100).map(|k| bad_checksum(k)).collect());
+        let scenarios: Vec<(&str, Arc<Load>)> = vec![
+            ("baseline: Health/Check", Arc::new(Load::Health)),
+            ("warm Verify ALLOW", Load::verify(vec![(1, Arc::clone(&keys), "sales:read", "10.1.2.3")])),
+            ("warm Verify DENY (scope)", Load::verify(vec![(1, Arc::clone(&keys), "invoice:write", "10.1.2.3")])),
+            ("warm Verify DENY (ip)", Load::verify(vec![(1, Arc::clone(&restricted), "sales:read", "10.1.2.3")])),
+            ("malformed key (bad checksum)", Load::verify(vec![(1, bad, "", "10.1.2.3")])),
+            ("wrong secret, one key repeated", Load::verify(vec![(1, wrong, "", "10.1.2.3")])),
+        ];
+        let storm_before = scrypts();
+        let closed = interleaved(rounds, scenarios.len(), |s| {
+            let (conns, load) = (&conns, Arc::clone(&scenarios[s].1));
+            async move { vec![closed_loop(conns, &load, args.concurrency, settle, slice).await] }
+        })
+        .await;
+        let storm = scrypts() - storm_before;
+        let baseline = closed[0][0].clone();
+        let warm_allow = closed[1][0].clone();
+        let malformed = closed[4][0].clone();
+        let mut rows: Vec<Row> =
+            scenarios.iter().zip(&closed).map(|((name, _), o)| Row { name: name.to_string(), outcome: o[0].clone() }).collect();
+
+        // Cold: the cache-less server, with no more in flight than its
+        // scrypt queue takes (beyond that the server answers RESOURCE_EXHAUSTED
+        // at once, which measures rejection, not hashing).
+        let hash_seconds = scrypt_seconds(20);
+        let cold = match &cold_server {
+            Some(cold_server) => {
+                let cold_conns = connect(cold_server.addr, args.connections).await;
+                let load = Load::verify(vec![(1, Arc::clone(&keys), "sales:read", "10.1.2.3")]);
+                let in_flight = args.concurrency.min(Settings::default().hash_queue);
+                let o = closed_loop(&cold_conns, &load, in_flight, Duration::from_secs(2), args.duration).await.finish();
+                rows.push(Row { name: format!("cold Verify (cache off, {in_flight} in flight)"), outcome: o.clone() });
+                Some(o)
+            }
+            None => None,
+        };
+        println!();
+        println!("## Closed loop: {} in flight, {rounds} interleaved rounds of {slice:?} per scenario", args.concurrency);
+        println!();
+        print_rows(&rows, &baseline);
+
+        // Statements per 1000 warm verifies: a dedicated warm run, then the
+        // last audit batch and usage flush are given time to land.
+        let warm_load = Load::verify(vec![(1, Arc::clone(&keys), "sales:read", "10.1.2.3")]);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let before = statements();
+        let counted = closed_loop(&conns, &warm_load, args.concurrency, Duration::ZERO, slice * 2).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let spent = statements() - before;
+        let per_thousand = spent as f64 * 1000.0 / counted.calls.max(1) as f64;
+
+        // Fixed offered load, the same for every scenario: half of what the
+        // slower of baseline and warm Verify sustains, a typical operating point.
+        let rate = baseline.throughput().min(warm_allow.throughput()) * 0.5;
+        let cold_keys: Arc<Vec<String>> =
+            Arc::new((0..200_000).map(|i| wrong_secret(&keys[i % keys.len()], 1_000_000 + i)).collect());
+        let open_scenarios: Vec<Arc<Load>> = vec![
+            Arc::new(Load::Health),
+            Arc::clone(&warm_load),
+            Load::verify(vec![
+                (95, Arc::clone(&keys), "sales:read", "10.1.2.3"),
+                (4, Arc::clone(&keys), "invoice:write", "10.1.2.3"),
+                (1, cold_keys, "", "10.1.2.3"),
+            ]),
+        ];
+        let open = interleaved(rounds, open_scenarios.len(), |s| {
+            let (conns, load) = (&conns, Arc::clone(&open_scenarios[s]));
+            async move { fixed_rate(conns, &load, rate, settle, slice).await }
+        })
+        .await;
+        let (b, v, mixed) = (&open[0][0], &open[1][0], &open[2]);
+        println!();
+        println!("## Fixed offered load: {rate:.0} calls/s, {rounds} interleaved rounds of {slice:?}");
+        println!();
+        print_rows(
+            &[
+                Row { name: "baseline: Health/Check".into(), outcome: b.clone() },
+                Row { name: "warm Verify ALLOW".into(), outcome: v.clone() },
+                Row { name: "mixed: its 95% warm ALLOW".into(), outcome: mixed[0].clone() },
+                Row { name: "mixed: its 4% warm DENY".into(), outcome: mixed[1].clone() },
+                Row { name: "mixed: its 1% cold (distinct wrong secrets)".into(), outcome: mixed[2].clone() },
+            ],
+            b,
+        );
+
+        println!();
+        println!("## Targets");
+        println!();
+        println!("| target | measured | |");
+        println!("|---|---|---|");
+        let r = warm_allow.throughput() / baseline.throughput();
+        println!("| warm ALLOW throughput ≥ 0.85 × baseline | {r:.2} × | {} |", verdict(r >= 0.85));
+        let r = v.percentile(0.99) / b.percentile(0.99);
+        println!(
+            "| warm ALLOW p99 ≤ 1.25 × baseline p99 at the same load | {:.3} ms vs {:.3} ms = {r:.2} × | {} |",
+            v.percentile(0.99),
+            b.percentile(0.99),
+            verdict(r <= 1.25)
+        );
+        let r = malformed.throughput() / baseline.throughput();
+        println!("| malformed keys ≥ 0.85 × baseline | {r:.2} × | {} |", verdict(r >= 0.85));
+        if let Some(c) = &cold {
+            let capacity = cores as f64 / hash_seconds;
+            let r = c.throughput() / capacity;
+            println!(
+                "| cold Verify ≥ 0.9 × raw scrypt capacity | {:.1}/s vs {capacity:.1}/s ({cores} cores ÷ {:.1} ms) = {r:.2} × | {} |",
+                c.throughput(),
+                hash_seconds * 1000.0,
+                verdict(r >= 0.9)
+            );
+        }
+        let ttl = Settings::default().negative_cache_ttl_ms as f64 / 1000.0;
+        let storm_seconds = (slice + settle).as_secs_f64() * rounds as f64 * scenarios.len() as f64;
+        let windows = (storm_seconds / ttl).ceil();
+        println!(
+            "| wrong-secret storm ≤ 1 scrypt per negative TTL ({ttl:.0} s) | {storm} scrypt runs in {:.0} s ({} calls) | {} |",
+            storm_seconds,
+            closed[5][0].calls,
+            verdict(storm as f64 <= windows)
+        );
+        println!(
+            "| ≤ 10 DB statements per 1000 warm verifies | {per_thousand:.2} ({spent} statements for {} verifies: audit inserts and usage flushes) | {} |",
+            counted.calls,
+            verdict(per_thousand <= 10.0)
+        );
+        let r = mixed[0].percentile(0.99) / v.percentile(0.99);
+        println!(
+            "| mixed: warm p99 with 1% cold ≤ 1.25 × warm-only p99 | {:.3} ms vs {:.3} ms = {r:.2} ×; cold: {} answered, {:?} | {} |",
+            mixed[0].percentile(0.99),
+            v.percentile(0.99),
+            mixed[2].calls,
+            mixed[2].errors,
+            verdict(r <= 1.25)
+        );
+
+        // Cache memory: 100k entries of the real types through the cache's own
+        // fill path (100k real scrypt checks would take most of an hour).
+        if let Some(probes) = &server.probes
+            && let Some(cache) = &probes.cache
+        {
+            let before = rss_kib();
+            seed(cache, 100_000).await;
+            let after = rss_kib();
+            let grown = (after.saturating_sub(before)) as f64 / 1024.0;
+            println!(
+                "| 100k cached keys ≤ 64 MiB above idle RSS | +{grown:.1} MiB (RSS {:.1} → {:.1} MiB; idle server {:.1} MiB) | {} |",
+                before as f64 / 1024.0,
+                after as f64 / 1024.0,
+                rss_idle as f64 / 1024.0,
+                verdict(grown <= 64.0)
+            );
+        }
+        println!();
+        println!("raw scrypt v1 (N=2^15, r=8, p=1): {:.1} ms per hash on one core", hash_seconds * 1000.0);
+    });
+}
