@@ -10,7 +10,8 @@
 //!
 //! ```text
 //! cargo bench --bench verify -- [--duration 10] [--rounds 5] [--connections 4]
-//!     [--concurrency 64] [--keys 1000] [--postgres postgres://postgres@127.0.0.1:5432/test]
+//!     [--concurrency 64] [--keys 1000] [--hash-workers N] [--profile-warm]
+//!     [--postgres postgres://postgres@127.0.0.1:5432/test]
 //!     [--target 127.0.0.1:50051 --token <admin token>]
 //! ```
 
@@ -53,6 +54,10 @@ struct Args {
     keys: usize,
     postgres: Option<String>,
     rounds: usize,
+    /// scrypt threads of the servers (default: one per core).
+    hash_workers: usize,
+    /// Only drive warm Verify ALLOW for the duration (for profiling).
+    profile_warm: bool,
     target: Option<SocketAddr>,
     token: String,
 }
@@ -65,6 +70,8 @@ fn parse_args() -> Args {
         keys: 1000,
         postgres: None,
         rounds: 5,
+        hash_workers: 0,
+        profile_warm: false,
         target: None,
         token: TOKEN.into(),
     };
@@ -80,6 +87,8 @@ fn parse_args() -> Args {
             "--target" => args.target = Some(value().parse().unwrap()),
             "--token" => args.token = value(),
             "--rounds" => args.rounds = value().parse().unwrap(),
+            "--hash-workers" => args.hash_workers = value().parse().unwrap(),
+            "--profile-warm" => args.profile_warm = true,
             // cargo bench passes --bench to harness-less benchmarks.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -100,6 +109,7 @@ fn start_server(
     database_url: &str,
     dir: &std::path::Path,
     cache: bool,
+    hash_workers: usize,
 ) -> Server {
     let mut settings = Settings {
         listen_addr: "127.0.0.1:0".parse().unwrap(),
@@ -107,6 +117,7 @@ fn start_server(
         database_url: Some(database_url.to_owned()),
         pepper: Some(SecretString::from(PEPPER)),
         cache_enabled: cache,
+        hash_workers,
         ..Settings::default()
     };
     settings.admin_tokens.insert("admin".into(), SecretString::from(TOKEN));
@@ -558,9 +569,9 @@ fn main() {
                 Some(admin_url) => client_rt.block_on(fresh_postgres(admin_url)),
                 None => format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display()),
             };
-            let server = start_server(&server_rt, &url, dir.path(), true);
+            let server = start_server(&server_rt, &url, dir.path(), true, args.hash_workers);
             let rss_idle = rss_kib();
-            let cold = start_server(&server_rt, &url, dir.path(), false);
+            let cold = start_server(&server_rt, &url, dir.path(), false, args.hash_workers);
             (server, Some(cold), rss_idle)
         }
     };
@@ -574,6 +585,13 @@ fn main() {
         warm(&conns, &restricted, "192.168.1.1").await;
         eprintln!("setup: {} + {} keys created and warmed in {:.1?}", keys.len(), restricted.len(), t.elapsed());
 
+        if args.profile_warm {
+            let load = Load::verify(vec![(1, Arc::clone(&keys), "sales:read", "10.1.2.3")]);
+            eprintln!("profiling window: warm Verify ALLOW for {:?}", args.duration);
+            let o = closed_loop(&conns, &load, args.concurrency, Duration::ZERO, args.duration).await.finish();
+            println!("warm Verify ALLOW: {:.0} calls/s, p99 {:.3} ms", o.throughput(), o.percentile(0.99));
+            return;
+        }
         let probes = server.probes.clone();
         let statements = || probes.as_ref().map_or(0, |p| p.store.statements());
         let scrypts = || probes.as_ref().map_or(0, |p| p.pool.runs());
