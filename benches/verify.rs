@@ -127,9 +127,21 @@ fn start_server(
     Server { addr, probes: Some(probes) }
 }
 
+fn bench_database_name() -> String {
+    format!("kw_bench_{}", std::process::id())
+}
+
+async fn drop_postgres(admin_url: &str) {
+    use sea_orm::sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
+    if let Ok(mut conn) = PgConnection::connect(admin_url).await {
+        let name = bench_database_name();
+        let _ = conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await;
+    }
+}
+
 async fn fresh_postgres(admin_url: &str) -> String {
     use sea_orm::sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
-    let name = format!("kw_bench_{}", std::process::id());
+    let name = bench_database_name();
     let mut conn = PgConnection::connect(admin_url).await.unwrap();
     let _ = conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await;
     conn.execute(AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.unwrap();
@@ -339,15 +351,19 @@ async fn fixed_rate(
 }
 
 /// Runs every scenario `rounds` times in turn, so that machine noise falls
-/// on all of them alike, and sums each scenario's slices.
+/// on all of them alike, and sums each scenario's slices. Each round starts
+/// one scenario later, so none always follows the same neighbour (an audit
+/// backlog left by one slice slows the next).
 async fn interleaved<F, Fut>(rounds: usize, scenarios: usize, mut slice: F) -> Vec<Vec<Outcome>>
 where
     F: FnMut(usize) -> Fut,
     Fut: Future<Output = Vec<Outcome>>,
 {
     let mut totals: Vec<Vec<Outcome>> = vec![Vec::new(); scenarios];
-    for _ in 0..rounds {
-        for (s, total) in totals.iter_mut().enumerate() {
+    for round in 0..rounds {
+        for step in 0..scenarios {
+            let s = (round + step) % scenarios;
+            let total = &mut totals[s];
             let parts = slice(s).await;
             if total.is_empty() {
                 *total = vec![Outcome::default(); parts.len()];
@@ -617,6 +633,13 @@ fn main() {
         })
         .await;
         let storm = scrypts() - storm_before;
+        if let Some(p) = &probes {
+            println!(
+                "audit rows written: {}, still queued: {} (Verify waits for room when the queue is full)",
+                p.audit.written(),
+                p.audit.depth()
+            );
+        }
         let baseline = closed[0][0].clone();
         let warm_allow = closed[1][0].clone();
         let malformed = closed[4][0].clone();
@@ -757,4 +780,8 @@ fn main() {
         println!();
         println!("raw scrypt v1 (N=2^15, r=8, p=1): {:.1} ms per hash on one core", hash_seconds * 1000.0);
     });
+    if let Some(admin_url) = &args.postgres {
+        server_rt.shutdown_timeout(Duration::from_secs(1));
+        client_rt.block_on(drop_postgres(admin_url));
+    }
 }
