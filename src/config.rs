@@ -74,6 +74,16 @@ pub struct Settings {
     /// scrypt jobs that may wait; beyond that Verify answers RESOURCE_EXHAUSTED.
     pub hash_queue: usize,
     pub db_max_connections: u32,
+    /// How long a call waits for a database connection before failing.
+    pub db_acquire_timeout_ms: u64,
+    /// How long cached key state may be served once change notices stop and
+    /// the database is unreachable; after that Verify fails closed.
+    pub staleness_bound_ms: u64,
+    /// How often the database is pinged for health.
+    pub health_check_interval_ms: u64,
+    /// Audit rows older than this many days are deleted; 0 keeps them forever.
+    pub audit_retention_days: u32,
+    pub audit_retention_interval_ms: u64,
     /// Cache verified keys so warm Verify skips scrypt and the database.
     pub cache_enabled: bool,
     pub cache_max_keys: u64,
@@ -109,6 +119,11 @@ impl Default for Settings {
             hash_workers: 0,
             hash_queue: 32,
             db_max_connections: 10,
+            db_acquire_timeout_ms: 2_000,
+            staleness_bound_ms: 30_000,
+            health_check_interval_ms: 1_000,
+            audit_retention_days: 90,
+            audit_retention_interval_ms: 600_000,
             cache_enabled: true,
             cache_max_keys: 1_000_000,
             cache_state_ttl_ms: 300_000,
@@ -188,6 +203,26 @@ impl Settings {
             linger: Duration::from_millis(self.audit_linger_ms),
             overflow: self.audit_overflow,
         }
+    }
+
+    pub fn db_acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_acquire_timeout_ms.max(1))
+    }
+
+    pub fn staleness_bound(&self) -> Duration {
+        Duration::from_millis(self.staleness_bound_ms)
+    }
+
+    pub fn health_check_interval(&self) -> Duration {
+        Duration::from_millis(self.health_check_interval_ms.max(10))
+    }
+
+    pub fn audit_retention(&self) -> Option<chrono::Duration> {
+        (self.audit_retention_days > 0).then(|| chrono::Duration::days(i64::from(self.audit_retention_days)))
+    }
+
+    pub fn audit_retention_interval(&self) -> Duration {
+        Duration::from_millis(self.audit_retention_interval_ms.max(10))
     }
 
     pub fn cache(&self) -> crate::cache::CacheSettings {

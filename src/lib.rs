@@ -5,6 +5,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod keys;
+pub mod metrics;
 pub mod service;
 pub mod startup;
 pub mod store;

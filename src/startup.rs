@@ -1,7 +1,11 @@
 //! Assembly: connect the store, migrate, wire the services, serve, and shut
 //! down in order (stop taking calls → drain → flush usage and audit → close).
+//!
+//! Background tasks, all stopped on shutdown: the usage flusher, the audit
+//! writer, the change listener (PostgreSQL), the database health monitor and
+//! the audit retention job.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -19,13 +23,17 @@ use crate::{
         pb::{key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer},
     },
     audit::writer::{self, AuditQueue, AuditWriter},
-    cache::VerifyCache,
+    cache::{
+        VerifyCache,
+        changes::{ChangeFeed, Freshness},
+    },
     config::{Secrets, Settings},
+    metrics::{Exporter, Metrics, Sources},
     service::{
         Deps,
         admin::{KeyChangeListener, KeyManager},
         hash_pool::HashPool,
-        verify::Verifier,
+        verify::{Verifier, VerifyParts},
     },
     store::{Store, StoreOptions},
     usage::UsageTracker,
@@ -33,6 +41,8 @@ use crate::{
 
 /// Names under which grpc.health.v1 reports; "" is the whole server.
 const HEALTH_SERVICES: [&str; 3] = ["", "keywarden.v1.KeyVerify", "keywarden.v1.KeyAdmin"];
+/// Rows deleted per retention statement: small enough not to hold locks long.
+const RETENTION_BATCH: u64 = 5_000;
 
 /// A built, bound, not yet serving keywarden.
 pub struct Application {
@@ -44,6 +54,9 @@ pub struct Application {
     audit_writer: AuditWriter,
     pool: HashPool,
     cache: Option<Arc<VerifyCache>>,
+    freshness: Arc<Freshness>,
+    metrics: Arc<Metrics>,
+    exporter: Exporter,
     admin: KeyAdminService,
     verify: KeyVerifyService,
     auth: AdminAuth,
@@ -65,6 +78,9 @@ pub struct Probes {
     pub audit: AuditQueue,
     pub usage: Arc<UsageTracker>,
     pub cache: Option<Arc<VerifyCache>>,
+    pub freshness: Arc<Freshness>,
+    pub metrics: Arc<Metrics>,
+    pub exporter: Exporter,
 }
 
 impl Application {
@@ -76,8 +92,10 @@ impl Application {
             crate::config::create_private_dir(&settings.data_dir)
                 .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
         }
-        let options =
-            StoreOptions { max_connections: settings.db_max_connections, ..StoreOptions::default() };
+        let options = StoreOptions {
+            max_connections: settings.db_max_connections,
+            acquire_timeout: settings.db_acquire_timeout(),
+        };
         let store = Store::connect(&settings.database_url(), &options).await.with_context(|| {
             format!("connecting to {}", crate::store::redact_url(&settings.database_url()))
         })?;
@@ -97,6 +115,21 @@ impl Application {
             tracing::warn!("verification cache disabled: every Verify runs scrypt");
             None
         };
+        let freshness = match store.listen_pool() {
+            Some(_) => Freshness::awaiting_listener(settings.staleness_bound()),
+            None => Freshness::in_process(settings.staleness_bound()),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let exporter = Exporter::new(
+            &metrics,
+            Sources {
+                pool: pool.clone(),
+                audit: audit.clone(),
+                usage: Arc::clone(&usage),
+                cache: cache.clone(),
+                freshness: Arc::clone(&freshness),
+            },
+        );
         let deps = Deps {
             store: store.clone(),
             hasher: secrets.hasher,
@@ -105,12 +138,22 @@ impl Application {
             prefix,
             usage: Arc::clone(&usage),
         };
+        // This replica's cache hears of its own changes at once; other
+        // replicas hear through the change feed.
         let mut listeners: Vec<Arc<dyn KeyChangeListener>> = Vec::new();
         if let Some(cache) = &cache {
             listeners.push(Arc::clone(cache) as Arc<dyn KeyChangeListener>);
         }
         let manager = KeyManager::new(deps.clone(), listeners);
-        let verifier = Verifier::new(deps, audit.clone(), cache.clone());
+        let verifier = Verifier::new(
+            deps,
+            VerifyParts {
+                audit: audit.clone(),
+                cache: cache.clone(),
+                freshness: Arc::clone(&freshness),
+                metrics: Arc::clone(&metrics),
+            },
+        );
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("binding {}", settings.listen_addr))?;
@@ -126,6 +169,9 @@ impl Application {
             audit_writer,
             pool,
             cache,
+            freshness,
+            metrics,
+            exporter,
         })
     }
 
@@ -140,6 +186,9 @@ impl Application {
             audit: self.audit.clone(),
             usage: Arc::clone(&self.usage),
             cache: self.cache.clone(),
+            freshness: Arc::clone(&self.freshness),
+            metrics: Arc::clone(&self.metrics),
+            exporter: self.exporter.clone(),
         }
     }
 
@@ -148,18 +197,54 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let Self { settings, listener, store, usage, audit_writer, admin, verify, auth, .. } = self;
-        let (stop_background, background_stopped) = watch::channel(false);
+        let Self {
+            settings,
+            listener,
+            store,
+            usage,
+            audit_writer,
+            admin,
+            verify,
+            auth,
+            cache,
+            freshness,
+            metrics,
+            ..
+        } = self;
+        let (stop_tasks, tasks_stopped) = watch::channel(false);
         let usage_task = tokio::spawn(Arc::clone(&usage).run(
             settings.usage_flush_interval(),
-            stopped(background_stopped.clone()),
+            stopped(tasks_stopped.clone()),
             settings.flush_timeout(),
         ));
         let audit_task =
-            tokio::spawn(audit_writer.run(stopped(background_stopped), settings.flush_timeout()));
+            tokio::spawn(audit_writer.run(stopped(tasks_stopped.clone()), settings.flush_timeout()));
+        let mut helpers: Vec<JoinHandle<()>> = Vec::new();
+        if let Some(pool) = store.listen_pool() {
+            let feed =
+                ChangeFeed::new(pool.clone(), cache.clone(), Arc::clone(&freshness), Arc::clone(&metrics));
+            helpers.push(tokio::spawn(feed.run(stopped(tasks_stopped.clone()))));
+        }
+        if let Some(retention) = settings.audit_retention() {
+            helpers.push(tokio::spawn(prune_audit(
+                store.clone(),
+                retention,
+                settings.audit_retention_interval(),
+                stopped(tasks_stopped.clone()),
+            )));
+        }
 
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
+        let (stop_monitor, monitor_stopped) = watch::channel(false);
+        let monitor = tokio::spawn(monitor_database(
+            store.clone(),
+            Arc::clone(&freshness),
+            health.clone(),
+            settings.health_check_interval(),
+            stopped(monitor_stopped),
+        ));
+
         // grpcurl 1.8 only speaks v1alpha reflection; newer tools use v1.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -182,6 +267,9 @@ impl Application {
             async move {
                 shutdown.await;
                 tracing::info!("shutdown requested: no longer serving, draining in-flight calls");
+                // Stop the monitor first so it cannot report SERVING again.
+                let _ = stop_monitor.send(true);
+                let _ = monitor.await;
                 set_health(&health, ServingStatus::NotServing).await;
                 let _ = draining_tx.send(true);
             }
@@ -211,7 +299,10 @@ impl Application {
         }
 
         tracing::info!("flushing usage counts and audit rows");
-        let _ = stop_background.send(true);
+        let _ = stop_tasks.send(true);
+        for helper in helpers {
+            let _ = helper.await;
+        }
         let unwritten_usage = join("usage flusher", usage_task).await;
         let unwritten_audit = join("audit writer", audit_task).await;
         store.close().await;
@@ -229,6 +320,89 @@ impl Application {
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     for service in HEALTH_SERVICES {
         health.set_service_status(service, status).await;
+    }
+}
+
+/// Pings the database every `interval`; health follows [`Freshness::serving`]:
+/// SERVING while the database answers or within the staleness bound after it
+/// stopped.
+async fn monitor_database(
+    store: Store,
+    freshness: Arc<Freshness>,
+    health: HealthReporter,
+    interval: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = ticker.tick() => {}
+        }
+        let reachable = matches!(
+            tokio::time::timeout(interval.max(Duration::from_millis(500)), store.ping()).await,
+            Ok(Ok(()))
+        );
+        if reachable {
+            if !freshness.database_reachable() {
+                tracing::info!("database reachable again");
+            }
+            freshness.database_up();
+        } else {
+            if freshness.database_reachable() {
+                tracing::warn!("database unreachable: cached keys keep verifying within the staleness bound");
+            }
+            freshness.database_down();
+        }
+        let now_serving = freshness.serving();
+        if now_serving != serving {
+            serving = now_serving;
+            let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+            tracing::warn!(?status, "health changed");
+            set_health(&health, status).await;
+        }
+    }
+}
+
+/// Deletes audit rows older than `retention`, in bounded batches, every `every`.
+async fn prune_audit(
+    store: Store,
+    retention: chrono::Duration,
+    every: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = ticker.tick() => {}
+        }
+        let cutoff = crate::clock::now() - retention;
+        let mut deleted = 0;
+        loop {
+            match store.delete_audit_before(cutoff, RETENTION_BATCH).await {
+                Ok(Some(n)) => {
+                    deleted += n;
+                    if n < RETENTION_BATCH {
+                        break;
+                    }
+                }
+                // Another replica holds the retention lock this round.
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "audit retention failed; will retry");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, cutoff = %cutoff.to_rfc3339(), "pruned audit rows past retention");
+        }
     }
 }
 

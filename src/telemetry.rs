@@ -6,12 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::{KeyValue, trace::TracerProvider as _};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
-use tracing_subscriber::{
-    EnvFilter, Layer,
-    filter::{FilterExt, Targets},
-    layer::SubscriberExt,
-    util::SubscriberInitExt,
-};
+use tracing_subscriber::{EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
 
 use crate::config::LogFormat;
 
@@ -66,19 +61,18 @@ where
     SPANS_EXPORTED.store(true, Ordering::Relaxed);
     tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("keywarden"))
-        .with_filter(Targets::new().with_target("keywarden", tracing::Level::INFO))
+        .with_filter(Targets::new().with_target("keywarden", tracing::Level::TRACE))
 }
 
-/// Log lines on stderr, `RUST_LOG`-filtered. Events only: creating and
-/// formatting every Verify span for a log line that never comes would cost
-/// the hot path on each call.
+/// Log lines on stderr, `RUST_LOG`-filtered. keywarden's per-call spans are
+/// at TRACE level, below any sensible log filter, so this layer never builds
+/// or formats them (that would cost the hot path on every call); the
+/// OpenTelemetry layer, when present, takes them regardless.
 fn log_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
-    let events_only = tracing_subscriber::filter::filter_fn(|metadata| metadata.is_event());
-    let filter = FilterExt::and(events_only, filter);
     match format {
         LogFormat::Text => {
             tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter).boxed()

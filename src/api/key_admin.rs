@@ -32,7 +32,7 @@ fn admin_call<T>(request: &Request<T>, rpc: &'static str) -> Result<(Actor, trac
         .cloned()
         .ok_or_else(|| Status::unauthenticated("missing admin credentials"))?;
     let span =
-        tracing::info_span!("keywarden.admin", otel.name = rpc, otel.kind = "server", actor = %actor.0);
+        tracing::trace_span!("keywarden.admin", otel.name = rpc, otel.kind = "server", actor = %actor.0);
     adopt_parent(&span, request);
     Ok((actor, span))
 }

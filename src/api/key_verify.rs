@@ -51,7 +51,7 @@ impl KeyVerify for KeyVerifyService {
         &self,
         request: Request<pb::RecordOutcomesRequest>,
     ) -> Result<Response<pb::RecordOutcomesResponse>, Status> {
-        let span = tracing::info_span!("keywarden.record_outcomes", otel.kind = "server");
+        let span = tracing::trace_span!("keywarden.record_outcomes", otel.kind = "server");
         adopt_parent(&span, &request);
         let outcomes =
             request.into_inner().outcomes.into_iter().map(|o| (o.audit_event_id, o.status)).collect();

@@ -117,7 +117,7 @@ impl AuditRecord {
 /// [`record_on_span`] can fill them once the decision is made.
 pub fn verify_span() -> tracing::Span {
     use tracing::field::Empty;
-    tracing::info_span!(
+    tracing::trace_span!(
         "keywarden.verify",
         otel.kind = "server",
         keywarden.audit_event_id = Empty,

@@ -15,6 +15,10 @@
 //! A state fill that began before a change must not land after it: every
 //! invalidation bumps an epoch, and a fill that sees the epoch move after
 //! inserting removes what it inserted.
+//!
+//! [`changes`] keeps the state current across replicas.
+
+pub mod changes;
 
 use std::{
     sync::{

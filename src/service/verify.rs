@@ -16,12 +16,16 @@ use super::{
 };
 use crate::{
     audit::{self, AuditKind, AuditRecord, writer::AuditQueue},
-    cache::VerifyCache,
+    cache::{
+        VerifyCache,
+        changes::{Freshness, Trust},
+    },
     clock,
     keys::{
         AllowList, Decision, DenyReason, KeyHasher, KeyPrefix, PlainKey, Policy, ScopeCatalogue, ScopeSet,
         decide,
     },
+    metrics::{DecisionLabels, Metrics},
     store::{Store, keys::StoredKey},
     usage::UsageTracker,
 };
@@ -106,6 +110,17 @@ pub struct Verifier {
     audit: AuditQueue,
     /// `None` runs scrypt on every call (for measuring the cold path).
     cache: Option<Arc<VerifyCache>>,
+    freshness: Arc<Freshness>,
+    metrics: Arc<Metrics>,
+}
+
+/// What the Verify path needs beyond [`Deps`].
+#[derive(Debug, Clone)]
+pub struct VerifyParts {
+    pub audit: AuditQueue,
+    pub cache: Option<Arc<VerifyCache>>,
+    pub freshness: Arc<Freshness>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Validated request fields.
@@ -115,14 +130,29 @@ struct Checked {
 }
 
 impl Verifier {
-    pub fn new(deps: Deps, audit: AuditQueue, cache: Option<Arc<VerifyCache>>) -> Self {
+    pub fn new(deps: Deps, parts: VerifyParts) -> Self {
         let Deps { store, hasher, pool, catalogue, prefix, usage } = deps;
-        Self { store, hasher, pool, catalogue, prefix, usage, audit, cache }
+        let VerifyParts { audit, cache, freshness, metrics } = parts;
+        Self { store, hasher, pool, catalogue, prefix, usage, audit, cache, freshness, metrics }
     }
 
     /// Decides on one presented key. Denials are verdicts, not errors; errors
     /// are the caller's bugs (INVALID_ARGUMENT) or ours (UNAVAILABLE, …).
     pub async fn verify(&self, input: VerifyInput) -> Result<Verdict, ServiceError> {
+        let started = std::time::Instant::now();
+        let verdict = self.decide(input).await;
+        if let Ok(v) = &verdict {
+            let labels = match v.outcome {
+                Ok(_) => DecisionLabels { decision: Decision::Allow.as_str(), reason: "" },
+                Err(reason) => DecisionLabels { decision: Decision::Deny.as_str(), reason: reason.as_str() },
+            };
+            self.metrics.verify_decisions.get_or_create(&labels).inc();
+            self.metrics.verify_duration.observe(started.elapsed().as_secs_f64());
+        }
+        verdict
+    }
+
+    async fn decide(&self, input: VerifyInput) -> Result<Verdict, ServiceError> {
         let checked = self.check(&input)?;
         let now = clock::now();
         let mut record = AuditRecord::new(AuditKind::Verify, now);
@@ -242,7 +272,7 @@ impl Verifier {
     /// by every concurrent call presenting the same key.
     async fn identify(&self, key: PlainKey) -> Result<Option<Arc<KeyState>>, ServiceError> {
         let Some(cache) = &self.cache else {
-            return Ok(self.check_secret(&key).await?.map(Arc::new));
+            return Ok(self.noting_outage(self.check_secret(&key).await)?.map(Arc::new));
         };
         let digest = cache.digest(&key);
         let key_id = match cache.identity(&digest) {
@@ -254,24 +284,60 @@ impl Verifier {
                 Err(e) => return Err(e),
             },
         };
-        if let Some(state) = cache.state(&key_id) {
-            return Ok(Some(state));
+        match self.freshness.trust() {
+            Trust::Trusted => {
+                if let Some(state) = cache.state(&key_id) {
+                    return Ok(Some(state));
+                }
+                let since = cache.epoch();
+                let state = self.load_state(&key_id).await?;
+                if let Some(state) = &state {
+                    cache.fill_state(since, Arc::clone(state));
+                }
+                Ok(state)
+            }
+            // Change notices are not arriving: the database is the truth,
+            // and what is cached may only stand in while it is unreachable.
+            Trust::ReadThrough => match self.load_state(&key_id).await {
+                Err(ServiceError::Unavailable(reason)) => match cache.state(&key_id) {
+                    Some(state) if self.freshness.trust() == Trust::Stale => Ok(Some(state)),
+                    _ => Err(ServiceError::Unavailable(reason)),
+                },
+                other => other,
+            },
+            Trust::Stale => match cache.state(&key_id) {
+                Some(state) => Ok(Some(state)),
+                None => self.load_state(&key_id).await,
+            },
+            Trust::Expired => self.load_state(&key_id).await,
         }
-        let since = cache.epoch();
-        let Some(stored) = self.store.find_by_id(&key_id).await? else {
-            return Ok(None);
-        };
-        let state = Arc::new(KeyState::from_stored(&stored, &self.catalogue)?);
-        cache.fill_state(since, Arc::clone(&state));
-        Ok(Some(state))
     }
 
-    /// First sight of a key: check it and remember its state.
+    /// First sight of a key: check it, and remember its state if the cache
+    /// is current.
     async fn identify_cold(&self, cache: &VerifyCache, key: PlainKey) -> Result<Arc<str>, ServiceError> {
         let since = cache.epoch();
-        let state = Arc::new(self.check_secret(&key).await?.ok_or(ServiceError::NotFound("key"))?);
-        cache.fill_state(since, Arc::clone(&state));
+        let checked = self.noting_outage(self.check_secret(&key).await)?;
+        let state = Arc::new(checked.ok_or(ServiceError::NotFound("key"))?);
+        if self.freshness.trust() == Trust::Trusted {
+            cache.fill_state(since, Arc::clone(&state));
+        }
         Ok(Arc::clone(&state.key_id))
+    }
+
+    /// One indexed read by id.
+    async fn load_state(&self, key_id: &str) -> Result<Option<Arc<KeyState>>, ServiceError> {
+        let stored = self.noting_outage(self.store.find_by_id(key_id).await.map_err(ServiceError::from))?;
+        stored.map(|s| KeyState::from_stored(&s, &self.catalogue).map(Arc::new)).transpose()
+    }
+
+    /// Marks the database down when a read says it is unreachable, so that
+    /// cached keys are served at once instead of after a connect timeout.
+    fn noting_outage<T>(&self, result: Result<T, ServiceError>) -> Result<T, ServiceError> {
+        if matches!(result, Err(ServiceError::Unavailable(_))) {
+            self.freshness.database_down();
+        }
+        result
     }
 
     /// One indexed read by lookup prefix and one scrypt on the pool.

@@ -3,8 +3,10 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, ExprTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait, sea_query::Expr,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, ExprTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+    Statement, TransactionTrait, Value,
+    sea_query::{Expr, Order, Query},
 };
 
 use super::{Store, StoreError, entity::audit_event};
@@ -135,7 +137,117 @@ impl Store {
         after: Option<&AuditCursor>,
         limit: u64,
     ) -> Result<Vec<AuditRecord>, StoreError> {
+        self.count_read();
+        list_select(query, after, limit)
+            .all(self.db())
+            .await?
+            .into_iter()
+            .map(AuditRecord::try_from)
+            .collect()
+    }
+
+    /// The database's plan for the ListAuditEvents query, one line per row of
+    /// EXPLAIN output: shows which index serves it.
+    pub async fn explain_list_audit(
+        &self,
+        query: &AuditQuery<'_>,
+        limit: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let statement = self.db_backend().build(&list_select(query, None, limit).into_query());
+        let explain = match self.backend() {
+            super::Backend::Postgres => format!("EXPLAIN {}", statement.sql),
+            super::Backend::Sqlite => format!("EXPLAIN QUERY PLAN {}", statement.sql),
+        };
+        let rows = self
+            .db()
+            .query_all_raw(Statement::from_sql_and_values(
+                self.db_backend(),
+                explain,
+                statement.values.map(|v| v.0).unwrap_or_default(),
+            ))
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                (0..4)
+                    .filter_map(|i| {
+                        row.try_get_by_index::<String>(i)
+                            .ok()
+                            .or_else(|| row.try_get_by_index::<i64>(i).ok().map(|n| n.to_string()))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect())
+    }
+
+    /// Deletes up to `limit` rows older than `cutoff`, oldest first. On
+    /// PostgreSQL only one replica prunes at a time (a transaction-scoped
+    /// advisory lock); the others get `None` and skip this round.
+    pub async fn delete_audit_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Option<u64>, StoreError> {
         use audit_event::Column as C;
+        let txn = self.db().begin().await?;
+        self.count(3);
+        if self.backend() == super::Backend::Postgres {
+            self.count(1);
+            let locked = txn
+                .query_one_raw(Statement::from_sql_and_values(
+                    self.db_backend(),
+                    "SELECT pg_try_advisory_xact_lock($1)",
+                    [Value::from(RETENTION_LOCK)],
+                ))
+                .await?
+                .and_then(|row| row.try_get_by_index::<bool>(0).ok())
+                .unwrap_or(false);
+            if !locked {
+                txn.rollback().await?;
+                return Ok(None);
+            }
+        }
+        let oldest = Query::select()
+            .column(C::Id)
+            .from(audit_event::Entity)
+            .and_where(Expr::col(C::Timestamp).lt(cutoff))
+            .order_by(C::Timestamp, Order::Asc)
+            .limit(limit)
+            .to_owned();
+        let deleted = audit_event::Entity::delete_many()
+            .filter(C::Id.in_subquery(oldest))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        txn.commit().await?;
+        Ok(Some(deleted))
+    }
+}
+
+/// Arbitrary constant naming keywarden's retention lock.
+const RETENTION_LOCK: i64 = 0x6b77_7265_7465_6e74;
+
+impl Store {
+    /// One audit row by id.
+    pub async fn get_audit(&self, id: &str) -> Result<Option<AuditRecord>, StoreError> {
+        self.count_read();
+        audit_event::Entity::find_by_id(id.to_owned())
+            .one(self.db())
+            .await?
+            .map(AuditRecord::try_from)
+            .transpose()
+    }
+}
+
+/// The one ListAuditEvents query: by merchant (and key), newest first.
+fn list_select(
+    query: &AuditQuery<'_>,
+    after: Option<&AuditCursor>,
+    limit: u64,
+) -> sea_orm::Select<audit_event::Entity> {
+    use audit_event::Column as C;
+    {
         let mut select = audit_event::Entity::find().filter(C::MerchantId.eq(query.merchant_id));
         if let Some(key_id) = query.api_key_id {
             select = select.filter(C::ApiKeyId.eq(key_id));
@@ -153,25 +265,6 @@ impl Store {
                     .or(C::Timestamp.eq(cursor.timestamp).and(C::Id.lt(cursor.id.as_str()))),
             );
         }
-        self.count_read();
-        select
-            .order_by_desc(C::Timestamp)
-            .order_by_desc(C::Id)
-            .limit(limit)
-            .all(self.db())
-            .await?
-            .into_iter()
-            .map(AuditRecord::try_from)
-            .collect()
-    }
-
-    /// One audit row by id.
-    pub async fn get_audit(&self, id: &str) -> Result<Option<AuditRecord>, StoreError> {
-        self.count_read();
-        audit_event::Entity::find_by_id(id.to_owned())
-            .one(self.db())
-            .await?
-            .map(AuditRecord::try_from)
-            .transpose()
+        select.order_by_desc(C::Timestamp).order_by_desc(C::Id).limit(limit)
     }
 }

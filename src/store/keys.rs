@@ -344,6 +344,7 @@ impl Store {
         };
         insert_audit(&txn, &audits).await?;
         let new = fetch(&txn, &new_id).await?;
+        self.notify_change(&txn, &old).await?;
         txn.commit().await.map_err(StoreError::from)?;
         Ok((Change::Applied(old), new))
     }
@@ -357,6 +358,24 @@ impl Store {
             self.count(1);
             self.db().execute_raw(Statement::from_sql_and_values(self.db_backend(), sql, values)).await?;
         }
+        Ok(())
+    }
+
+    /// Tells every replica that `key` changed, as part of the transaction:
+    /// PostgreSQL delivers the notice on commit and never for a rollback.
+    /// The payload is `<key id> <version> <sent at, µs since the epoch>`.
+    async fn notify_change(&self, txn: &DatabaseTransaction, key: &StoredKey) -> Result<(), StoreError> {
+        if self.backend() != Backend::Postgres {
+            return Ok(());
+        }
+        self.count(1);
+        let payload = format!("{} {} {}", key.id, key.version, chrono::Utc::now().timestamp_micros());
+        txn.execute_raw(Statement::from_sql_and_values(
+            self.db_backend(),
+            "SELECT pg_notify($1, $2)",
+            [Value::from(super::CHANGES_CHANNEL), Value::from(payload)],
+        ))
+        .await?;
         Ok(())
     }
 
@@ -378,6 +397,7 @@ impl Store {
                 for audit in audits.iter_mut().filter(|a| a.api_key_name.is_none()) {
                     audit.api_key_name = Some(key.name.clone());
                 }
+                self.notify_change(&txn, key).await?;
             }
             self.count(1);
             insert_audit(&txn, &audits).await?;

@@ -24,7 +24,7 @@ use sea_orm::{
     SqlxSqliteConnector, Statement,
     sqlx::{
         self,
-        postgres::PgPoolOptions,
+        postgres::{PgConnectOptions, PgPool, PgPoolOptions},
         sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
     },
 };
@@ -56,8 +56,16 @@ pub enum StoreError {
     SchemaBehind(Vec<String>),
 }
 
+/// Database errors since start, for the metrics endpoint.
+static DB_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+pub fn db_errors() -> u64 {
+    DB_ERRORS.load(Ordering::Relaxed)
+}
+
 impl From<DbErr> for StoreError {
     fn from(e: DbErr) -> Self {
+        DB_ERRORS.fetch_add(1, Ordering::Relaxed);
         if is_unavailable(&e) { Self::Unavailable(e) } else { Self::Db(e) }
     }
 }
@@ -94,9 +102,15 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { max_connections: 10, acquire_timeout: Duration::from_secs(5) }
+        Self { max_connections: 10, acquire_timeout: Duration::from_secs(2) }
     }
 }
+
+/// The PostgreSQL channel that carries key changes between replicas.
+pub const CHANGES_CHANNEL: &str = "keywarden_key_changes";
+/// application_name of the connection that LISTENs (operators can find it in
+/// pg_stat_activity).
+pub const LISTENER_APPLICATION: &str = "keywarden-listener";
 
 /// The database, its backend, and a count of statements sent to it.
 #[derive(Debug, Clone)]
@@ -105,6 +119,9 @@ pub struct Store {
     backend: Backend,
     statements: Arc<AtomicU64>,
     reads: Arc<AtomicU64>,
+    /// PostgreSQL only: a one-connection pool for the change listener, so
+    /// that it never competes with queries for a connection.
+    listen_pool: Option<PgPool>,
 }
 
 impl Store {
@@ -132,17 +149,37 @@ impl Store {
                 .map_err(|e| StoreError::Unavailable(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e)))))?;
             (SqlxSqliteConnector::from_sqlx_sqlite_pool(pool), Backend::Sqlite)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let connect = PgConnectOptions::from_str(url)
+                .map_err(|e| StoreError::Db(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e)))))?;
             let pool = PgPoolOptions::new()
                 .max_connections(options.max_connections)
                 .acquire_timeout(options.acquire_timeout)
-                .connect(url)
+                .connect_with(connect.clone().application_name("keywarden"))
                 .await
                 .map_err(|e| StoreError::Unavailable(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e)))))?;
-            (SqlxPostgresConnector::from_sqlx_postgres_pool(pool), Backend::Postgres)
+            let listen_pool = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(options.acquire_timeout)
+                .max_lifetime(None)
+                .idle_timeout(None)
+                .connect_lazy_with(connect.application_name(LISTENER_APPLICATION));
+            return Ok(Self {
+                db: SqlxPostgresConnector::from_sqlx_postgres_pool(pool),
+                backend: Backend::Postgres,
+                statements: Arc::new(AtomicU64::new(0)),
+                reads: Arc::new(AtomicU64::new(0)),
+                listen_pool: Some(listen_pool),
+            });
         } else {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
-        Ok(Self { db, backend, statements: Arc::new(AtomicU64::new(0)), reads: Arc::new(AtomicU64::new(0)) })
+        Ok(Self {
+            db,
+            backend,
+            statements: Arc::new(AtomicU64::new(0)),
+            reads: Arc::new(AtomicU64::new(0)),
+            listen_pool: None,
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -223,7 +260,16 @@ impl Store {
         Ok(())
     }
 
+    /// The change listener's pool; `None` on SQLite (one process, so changes
+    /// are announced in-process).
+    pub fn listen_pool(&self) -> Option<&PgPool> {
+        self.listen_pool.as_ref()
+    }
+
     pub async fn close(&self) {
+        if let Some(pool) = &self.listen_pool {
+            pool.close().await;
+        }
         let _ = self.db.clone().close().await;
     }
 }

@@ -23,11 +23,17 @@ pub struct UsageTracker {
     /// Held while a flush is in flight, so readers never see a delta both in
     /// memory and in the database, or in neither.
     flushing: AsyncMutex<()>,
+    last_flushed: Mutex<std::time::Instant>,
 }
 
 impl UsageTracker {
     pub fn new(store: Store) -> Arc<Self> {
-        Arc::new(Self { store, pending: Mutex::new(HashMap::new()), flushing: AsyncMutex::new(()) })
+        Arc::new(Self {
+            store,
+            pending: Mutex::new(HashMap::new()),
+            flushing: AsyncMutex::new(()),
+            last_flushed: Mutex::new(std::time::Instant::now()),
+        })
     }
 
     fn with_delta(&self, key_id: &str, f: impl FnOnce(&mut UsageDelta)) {
@@ -47,6 +53,11 @@ impl UsageTracker {
 
     pub fn record_denied(&self, key_id: &str) {
         self.with_delta(key_id, |d| d.denied += 1);
+    }
+
+    /// Time since everything in memory was last written.
+    pub fn since_last_flush(&self) -> Duration {
+        self.last_flushed.lock().unwrap_or_else(PoisonError::into_inner).elapsed()
     }
 
     /// Keys with unflushed usage.
@@ -73,10 +84,14 @@ impl UsageTracker {
                 .into_iter()
                 .collect();
         if batch.is_empty() {
+            *self.last_flushed.lock().unwrap_or_else(PoisonError::into_inner) = std::time::Instant::now();
             return Ok(0);
         }
         match self.store.apply_usage(&batch).await {
-            Ok(()) => Ok(batch.len()),
+            Ok(()) => {
+                *self.last_flushed.lock().unwrap_or_else(PoisonError::into_inner) = std::time::Instant::now();
+                Ok(batch.len())
+            }
             Err(e) => {
                 let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
                 for (key_id, delta) in batch {
