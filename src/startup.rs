@@ -225,14 +225,12 @@ impl Application {
                 ChangeFeed::new(pool.clone(), cache.clone(), Arc::clone(&freshness), Arc::clone(&metrics));
             helpers.push(tokio::spawn(feed.run(stopped(tasks_stopped.clone()))));
         }
-        if let Some(retention) = settings.audit_retention() {
-            helpers.push(tokio::spawn(prune_audit(
-                store.clone(),
-                retention,
-                settings.audit_retention_interval(),
-                stopped(tasks_stopped.clone()),
-            )));
-        }
+        helpers.push(tokio::spawn(prune_audit(
+            store.clone(),
+            settings.audit_retention(),
+            settings.audit_retention_interval(),
+            stopped(tasks_stopped.clone()),
+        )));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
@@ -367,10 +365,11 @@ async fn monitor_database(
     }
 }
 
-/// Deletes audit rows older than `retention`, in bounded batches, every `every`.
+/// Every `every`: deletes audit rows older than `retention` (if set) in
+/// bounded batches, and outcomes held for rows that never appeared.
 async fn prune_audit(
     store: Store,
-    retention: chrono::Duration,
+    retention: Option<chrono::Duration>,
     every: Duration,
     stop: impl Future<Output = ()>,
 ) {
@@ -382,7 +381,12 @@ async fn prune_audit(
             () = &mut stop => return,
             _ = ticker.tick() => {}
         }
-        let cutoff = crate::clock::now() - retention;
+        let now = crate::clock::now();
+        if let Err(e) = store.expire_held_outcomes(now - crate::audit::QUEUE_HORIZON * 6).await {
+            tracing::warn!(error = %e, "expiring held outcomes failed; will retry");
+        }
+        let Some(retention) = retention else { continue };
+        let cutoff = now - retention;
         let mut deleted = 0;
         loop {
             match store.delete_audit_before(cutoff, RETENTION_BATCH).await {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::{KeyValue, trace::TracerProvider as _};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
-use tracing_subscriber::{EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
 use crate::config::LogFormat;
 
@@ -53,37 +53,54 @@ pub fn tracer_provider() -> Result<Option<SdkTracerProvider>, opentelemetry_otlp
 /// trace ids worth reading.
 static SPANS_EXPORTED: AtomicBool = AtomicBool::new(false);
 
-/// The OpenTelemetry layer, limited to keywarden's own spans.
+/// The OpenTelemetry layer. Install it behind [`spans_filter`], which keeps
+/// every other crate's spans out.
 pub fn otel_layer<S>(provider: &SdkTracerProvider) -> impl Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
     SPANS_EXPORTED.store(true, Ordering::Relaxed);
-    tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("keywarden"))
-        .with_filter(Targets::new().with_target("keywarden", tracing::Level::TRACE))
+    tracing_opentelemetry::layer().with_tracer(provider.tracer("keywarden"))
 }
 
-/// Log lines on stderr, `RUST_LOG`-filtered. keywarden's per-call spans are
-/// at TRACE level, below any sensible log filter, so this layer never builds
-/// or formats them (that would cost the hot path on every call); the
-/// OpenTelemetry layer, when present, takes them regardless.
+/// A global filter for subscribers that export spans: keywarden's own spans
+/// and every event (the log layer filters those by `RUST_LOG`). Global rather
+/// than per-layer on purpose: with a per-layer filter on the OpenTelemetry
+/// layer, spans were intermittently created yet never handed to it (stale
+/// per-thread filter state), so never exported.
+pub fn spans_filter() -> tracing_subscriber::filter::FilterFn {
+    tracing_subscriber::filter::filter_fn(|metadata| {
+        metadata.is_event() || metadata.target().starts_with("keywarden")
+    })
+}
+
+/// Log lines beside the span exporter: the `RUST_LOG` filter must then be
+/// per-layer, since the exporter wants spans the log filter rejects.
+/// keywarden's per-call spans are at TRACE, below any sensible log filter, so
+/// the log layer never formats them (that would cost every call).
 fn log_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    fmt_layer(format).with_filter(env_filter()).boxed()
+}
+
+fn env_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER))
+}
+
+fn fmt_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
     match format {
-        LogFormat::Text => {
-            tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter).boxed()
-        }
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
             .with_writer(std::io::stderr)
-            .with_filter(filter)
             .boxed(),
     }
 }
@@ -97,9 +114,15 @@ pub fn init(format: LogFormat) -> Result<Telemetry, Box<dyn std::error::Error + 
     // trace-level spans (a third of the server's CPU in the warm-path profile).
     match &provider {
         Some(provider) => {
-            tracing_subscriber::registry().with(otel_layer(provider)).with(log_layer(format)).try_init()?;
+            tracing_subscriber::registry()
+                .with(spans_filter())
+                .with(otel_layer(provider))
+                .with(log_layer(format))
+                .try_init()?;
         }
-        None => tracing_subscriber::registry().with(log_layer(format)).try_init()?,
+        // Logs only: the filter can be global, so callsites it rejects (all
+        // per-call spans among them) are never even evaluated again.
+        None => tracing_subscriber::registry().with(env_filter()).with(fmt_layer(format)).try_init()?,
     }
     Ok(Telemetry { provider })
 }
@@ -131,18 +154,21 @@ pub fn with_caller_trace<F: Future>(trace_id: Option<String>, f: F) -> CallerTra
     CALLER_TRACE.scope(trace_id, f)
 }
 
-/// The trace this work belongs to: the current span's when spans are
-/// exported, otherwise the caller's (from its `traceparent`), if any.
+/// The trace the call being served belongs to: its span's trace when spans
+/// are exported, otherwise the caller's (from its `traceparent`), if any.
 pub fn current_trace_id() -> Option<String> {
+    CALLER_TRACE.try_with(Clone::clone).ok().flatten()
+}
+
+/// The W3C trace id of `span`, when spans are exported and it has one.
+pub fn span_trace_id(span: &tracing::Span) -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    if SPANS_EXPORTED.load(Ordering::Relaxed) {
-        let context = tracing::Span::current().context();
-        let span = context.span();
-        let span_context = span.span_context();
-        if span_context.is_valid() {
-            return Some(span_context.trace_id().to_string());
-        }
+    if !SPANS_EXPORTED.load(Ordering::Relaxed) || span.is_disabled() {
+        return None;
     }
-    CALLER_TRACE.try_with(Clone::clone).ok().flatten()
+    let context = span.context();
+    let otel_span = context.span();
+    let span_context = otel_span.span_context();
+    span_context.is_valid().then(|| span_context.trace_id().to_string())
 }

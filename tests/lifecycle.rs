@@ -5,62 +5,13 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::process::Command;
 
-use common::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, admin_client, connect};
+use common::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, admin_client, connect, sigterm, spawn_binary};
 use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
 use sea_orm::{ConnectionTrait, Database, Statement};
 
 backend_tests!(sigterm_flushes_every_usage_count_and_audit_row, migrate_command_prepares_the_schema_alone);
-
-/// Starts `keywarden serve` and returns it with the address it bound.
-pub fn spawn_binary(
-    database_url: &str,
-    data_dir: &std::path::Path,
-    extra: &[(&str, &str)],
-) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("KEYWARDEN_LISTEN_ADDR", "127.0.0.1:0")
-        .env("KEYWARDEN_DATABASE_URL", database_url)
-        .env("KEYWARDEN_DATA_DIR", data_dir)
-        .env("KEYWARDEN_PEPPER", PEPPER)
-        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("KEYWARDEN_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .envs(extra.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn keywarden");
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in stderr.lines().map_while(Result::ok) {
-            if !sent && line.contains("keywarden serving") {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let _ = tx.send(v["listen"].as_str().unwrap().parse::<SocketAddr>().unwrap());
-                sent = true;
-            }
-            eprintln!("[keywarden] {line}");
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("keywarden announced its address");
-    (child, addr)
-}
-
-pub fn sigterm(child: &Child) {
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-}
 
 async fn count(database_url: &str, sql: &str) -> i64 {
     let db = Database::connect(database_url).await.unwrap();
@@ -78,8 +29,9 @@ async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let (database_url, postgres) = common::fresh_database(&backend, dir.path()).await;
     // Usage would only reach the database at shutdown: the final flush is what is tested.
-    let (mut child, addr) =
+    let replica =
         spawn_binary(&database_url, dir.path(), &[("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000")]);
+    let (mut child, addr) = (replica.child, replica.addr);
     let channel = connect(addr).await;
     let mut admin = admin_client(channel.clone(), ADMIN_TOKEN);
     let key = admin
@@ -165,8 +117,8 @@ async fn migrate_command_prepares_the_schema_alone(backend: Backend) {
         .output()
         .unwrap();
     assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
-    let (mut child, addr) =
-        spawn_binary(&database_url, dir.path(), &[("KEYWARDEN_MIGRATE_ON_START", "false")]);
+    let replica = spawn_binary(&database_url, dir.path(), &[("KEYWARDEN_MIGRATE_ON_START", "false")]);
+    let (mut child, addr) = (replica.child, replica.addr);
     let mut admin = admin_client(connect(addr).await, ADMIN_TOKEN);
     assert!(admin.list_scopes(pb::ListScopesRequest {}).await.is_ok());
     sigterm(&child);

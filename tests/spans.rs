@@ -22,7 +22,10 @@ fn exporter() -> &'static InMemorySpanExporter {
     EXPORTER.get_or_init(|| {
         let exporter = InMemorySpanExporter::default();
         let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
-        tracing_subscriber::registry().with(keywarden::telemetry::otel_layer(&provider)).init();
+        tracing_subscriber::registry()
+            .with(keywarden::telemetry::spans_filter())
+            .with(keywarden::telemetry::otel_layer(&provider))
+            .init();
         std::mem::forget(provider);
         exporter
     })
@@ -42,7 +45,7 @@ fn attributes(span: &SpanData) -> HashMap<String, String> {
 }
 
 fn verify_span(audit_id: &str) -> SpanData {
-    for _ in 0..100 {
+    for _ in 0..500 {
         let spans = exporter().get_finished_spans().unwrap();
         if let Some(span) = spans.into_iter().find(|s| {
             s.name == "keywarden.verify"
@@ -52,7 +55,12 @@ fn verify_span(audit_id: &str) -> SpanData {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    panic!("no keywarden.verify span for {audit_id}");
+    let spans = exporter().get_finished_spans().unwrap();
+    let names: Vec<(String, Option<String>)> = spans
+        .iter()
+        .map(|s| (s.name.to_string(), attributes(s).get("keywarden.audit_event_id").cloned()))
+        .collect();
+    panic!("no keywarden.verify span for {audit_id}; finished: {names:?}");
 }
 
 async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(backend: Backend) {
@@ -73,7 +81,9 @@ async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(b
         request
             .metadata_mut()
             .insert("traceparent", format!("00-{trace_id}-{parent_span}-01").parse().unwrap());
-        calls.push(app.verify.verify(request).await.unwrap().into_inner());
+        let r = app.verify.verify(request).await.unwrap().into_inner();
+        eprintln!("verify {scope}: {} decision {}", r.audit_event_id, r.decision);
+        calls.push(r);
     }
     app.settle().await;
     let events = app

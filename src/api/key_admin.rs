@@ -4,12 +4,11 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use super::{
     convert::{self, duration_in, timestamp_in},
     pb::{self, key_admin_server::KeyAdmin},
-    trace::adopt_parent,
+    trace::{adopt_parent, traced},
 };
 use crate::service::admin::{Actor, AuditFilter, CreateKey, KeyManager, UpdateKey};
 
@@ -53,7 +52,7 @@ impl KeyAdmin for KeyAdminService {
             preset: r.preset,
             allowed_cidrs: r.allowed_cidrs,
         };
-        let issued = self.manager.create(&actor, input).instrument(span).await?;
+        let issued = traced(&span, self.manager.create(&actor, input)).await?;
         Ok(Response::new(pb::CreateKeyResponse {
             plaintext_key: issued.plaintext.expose().to_owned(),
             api_key: Some(convert::api_key(issued.key)),
@@ -66,7 +65,7 @@ impl KeyAdmin for KeyAdminService {
     ) -> Result<Response<pb::GetKeyResponse>, Status> {
         let (_, span) = admin_call(&request, "keywarden.admin.GetKey")?;
         let r = request.into_inner();
-        let key = self.manager.get(&r.merchant_id, &r.key_id).instrument(span).await?;
+        let key = traced(&span, self.manager.get(&r.merchant_id, &r.key_id)).await?;
         Ok(Response::new(pb::GetKeyResponse { api_key: Some(convert::api_key(key)) }))
     }
 
@@ -76,11 +75,9 @@ impl KeyAdmin for KeyAdminService {
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let (_, span) = admin_call(&request, "keywarden.admin.ListKeys")?;
         let r = request.into_inner();
-        let page = self
-            .manager
-            .list(&r.merchant_id, r.page_size, &r.page_token, r.include_revoked)
-            .instrument(span)
-            .await?;
+        let page =
+            traced(&span, self.manager.list(&r.merchant_id, r.page_size, &r.page_token, r.include_revoked))
+                .await?;
         Ok(Response::new(pb::ListKeysResponse {
             api_keys: page.items.into_iter().map(convert::api_key).collect(),
             next_page_token: page.next_page_token,
@@ -102,7 +99,7 @@ impl KeyAdmin for KeyAdminService {
             scopes: r.scopes,
             allowed_cidrs: r.allowed_cidrs,
         };
-        let key = self.manager.update(&actor, input).instrument(span).await?;
+        let key = traced(&span, self.manager.update(&actor, input)).await?;
         Ok(Response::new(pb::UpdateKeyResponse { api_key: Some(convert::api_key(key)) }))
     }
 
@@ -112,7 +109,7 @@ impl KeyAdmin for KeyAdminService {
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
         let (actor, span) = admin_call(&request, "keywarden.admin.RevokeKey")?;
         let r = request.into_inner();
-        let key = self.manager.revoke(&actor, &r.merchant_id, &r.key_id, &r.reason).instrument(span).await?;
+        let key = traced(&span, self.manager.revoke(&actor, &r.merchant_id, &r.key_id, &r.reason)).await?;
         Ok(Response::new(pb::RevokeKeyResponse { api_key: Some(convert::api_key(key)) }))
     }
 
@@ -123,7 +120,7 @@ impl KeyAdmin for KeyAdminService {
         let (actor, span) = admin_call(&request, "keywarden.admin.RegenerateKey")?;
         let r = request.into_inner();
         let grace = duration_in("grace_period", r.grace_period)?;
-        let done = self.manager.regenerate(&actor, &r.merchant_id, &r.key_id, grace).instrument(span).await?;
+        let done = traced(&span, self.manager.regenerate(&actor, &r.merchant_id, &r.key_id, grace)).await?;
         Ok(Response::new(pb::RegenerateKeyResponse {
             plaintext_key: done.plaintext.expose().to_owned(),
             api_key: Some(convert::api_key(done.key)),
@@ -137,7 +134,7 @@ impl KeyAdmin for KeyAdminService {
     ) -> Result<Response<pb::GetKeyUsageResponse>, Status> {
         let (_, span) = admin_call(&request, "keywarden.admin.GetKeyUsage")?;
         let r = request.into_inner();
-        let usage = self.manager.usage(&r.merchant_id, &r.key_id).instrument(span).await?;
+        let usage = traced(&span, self.manager.usage(&r.merchant_id, &r.key_id)).await?;
         Ok(Response::new(pb::GetKeyUsageResponse {
             last_used_at: usage.last_used_at.map(convert::timestamp),
             request_count: usage.request_count,
@@ -159,7 +156,7 @@ impl KeyAdmin for KeyAdminService {
             page_size: r.page_size,
             page_token: r.page_token,
         };
-        let page = self.manager.audit_events(filter).instrument(span).await?;
+        let page = traced(&span, self.manager.audit_events(filter)).await?;
         Ok(Response::new(pb::ListAuditEventsResponse {
             events: page.items.into_iter().map(convert::audit_event).collect(),
             next_page_token: page.next_page_token,

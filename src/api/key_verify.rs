@@ -4,12 +4,11 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use super::{
     convert,
     pb::{self, key_verify_server::KeyVerify},
-    trace::adopt_parent,
+    trace::{adopt_parent, traced},
 };
 use crate::{
     audit,
@@ -43,7 +42,7 @@ impl KeyVerify for KeyVerifyService {
             endpoint: r.endpoint,
             method: r.method,
         };
-        let verdict = self.verifier.verify(input).instrument(span).await?;
+        let verdict = traced(&span, self.verifier.verify(input, &span)).await?;
         Ok(Response::new(convert::verdict(verdict)))
     }
 
@@ -55,7 +54,7 @@ impl KeyVerify for KeyVerifyService {
         adopt_parent(&span, &request);
         let outcomes =
             request.into_inner().outcomes.into_iter().map(|o| (o.audit_event_id, o.status)).collect();
-        let updated = self.verifier.record_outcomes(outcomes).instrument(span).await?;
+        let updated = traced(&span, self.verifier.record_outcomes(outcomes)).await?;
         Ok(Response::new(pb::RecordOutcomesResponse { updated: i32::try_from(updated).unwrap_or(i32::MAX) }))
     }
 }

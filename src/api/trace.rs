@@ -76,6 +76,16 @@ where
     }
 }
 
+/// Runs a service call on behalf of `span` without entering it. The span
+/// still times the call (it ends when the handler drops it) and names the
+/// trace that audit rows record, but it is never the current span while
+/// database or pool work runs: tasks spawned there capture the current span
+/// and would keep it open, unexported, long after the call.
+pub fn traced<F: Future>(span: &tracing::Span, call: F) -> CallerTrace<F> {
+    let trace = crate::telemetry::span_trace_id(span).or_else(crate::telemetry::current_trace_id);
+    with_caller_trace(trace, call)
+}
+
 /// Makes `span` a child of the caller's span, when the call carried one.
 pub fn adopt_parent<T>(span: &tracing::Span, request: &tonic::Request<T>) {
     if let Some(ParentContext(context)) = request.extensions().get::<ParentContext>() {

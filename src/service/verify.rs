@@ -138,9 +138,11 @@ impl Verifier {
 
     /// Decides on one presented key. Denials are verdicts, not errors; errors
     /// are the caller's bugs (INVALID_ARGUMENT) or ours (UNAVAILABLE, …).
-    pub async fn verify(&self, input: VerifyInput) -> Result<Verdict, ServiceError> {
+    /// `span` is the call's `keywarden.verify` span: it receives the audit
+    /// row's fields.
+    pub async fn verify(&self, input: VerifyInput, span: &tracing::Span) -> Result<Verdict, ServiceError> {
         let started = std::time::Instant::now();
-        let verdict = self.decide(input).await;
+        let verdict = self.decide(input, span).await;
         if let Ok(v) = &verdict {
             let labels = match v.outcome {
                 Ok(_) => DecisionLabels { decision: Decision::Allow.as_str(), reason: "" },
@@ -152,7 +154,7 @@ impl Verifier {
         verdict
     }
 
-    async fn decide(&self, input: VerifyInput) -> Result<Verdict, ServiceError> {
+    async fn decide(&self, input: VerifyInput, span: &tracing::Span) -> Result<Verdict, ServiceError> {
         let checked = self.check(&input)?;
         let now = clock::now();
         let mut record = AuditRecord::new(AuditKind::Verify, now);
@@ -196,7 +198,7 @@ impl Verifier {
                 }
             }
         }
-        audit::record_on_span(&tracing::Span::current(), &record);
+        audit::record_on_span(span, &record);
         let audit_event_id = record.id.clone();
         self.audit
             .push(record)
@@ -223,7 +225,20 @@ impl Verifier {
         }
         v.into_result()?;
         let (held, rest) = self.audit.record_outcomes(checked);
-        let written = self.store.set_outcomes(&rest).await?;
+        let matched = self.store.set_outcomes(&rest).await?;
+        let written = matched.iter().filter(|m| **m).count() as u64;
+        // A row verified on another replica may still be in that replica's
+        // queue: hold its outcome in the database until the row lands. Only
+        // ids this fleet could have issued lately qualify, and since this
+        // replica cannot tell them from unknown ids, they are not counted.
+        let now = clock::now();
+        let pending: Vec<(String, u16)> = rest
+            .into_iter()
+            .zip(matched)
+            .filter(|((id, _), matched)| !matched && audit::recently_issued(id, now))
+            .map(|(outcome, _)| outcome)
+            .collect();
+        self.store.hold_outcomes(&pending, now).await?;
         Ok(held + written)
     }
 

@@ -9,7 +9,10 @@ use sea_orm::{
     sea_query::{Expr, Order, Query},
 };
 
-use super::{Store, StoreError, entity::audit_event};
+use super::{
+    Store, StoreError,
+    entity::{audit_event, audit_outcome},
+};
 use crate::{
     audit::{AuditKind, AuditRecord},
     keys::{Decision, DenyReason},
@@ -94,7 +97,8 @@ pub struct AuditQuery<'a> {
 }
 
 impl Store {
-    /// One multi-row INSERT for a batch of rows.
+    /// One multi-row INSERT for a batch of rows; on PostgreSQL also applies
+    /// outcomes other replicas held for these rows (one more statement).
     pub async fn insert_audit_batch(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
@@ -103,21 +107,99 @@ impl Store {
         audit_event::Entity::insert_many(rows.iter().map(audit_row))
             .exec_without_returning(self.db())
             .await?;
+        if self.backend() == super::Backend::Postgres {
+            let allowed: Vec<&str> =
+                rows.iter().filter(|r| r.decision == Some(Decision::Allow)).map(|r| r.id.as_str()).collect();
+            self.apply_held_outcomes(&allowed).await?;
+        }
         Ok(())
+    }
+
+    /// PostgreSQL: moves held outcomes onto their rows, for the rows that
+    /// exist now (a held outcome whose row turns out not to be an allowed
+    /// verification is discarded, as RecordOutcomes would have done). Runs
+    /// after every audit insert and after every hold, so whichever of the two
+    /// commits last applies the outcome.
+    async fn apply_held_outcomes(&self, ids: &[&str]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.count(1);
+        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "WITH moved AS (DELETE FROM audit_outcomes o WHERE o.event_id IN ({}) \
+               AND EXISTS (SELECT 1 FROM audit_events e WHERE e.id = o.event_id) \
+             RETURNING o.event_id, o.status) \
+             UPDATE audit_events SET status = moved.status FROM moved \
+             WHERE audit_events.id = moved.event_id AND audit_events.kind = '{}' AND audit_events.decision = '{}'",
+            placeholders.join(", "),
+            AuditKind::Verify.as_str(),
+            Decision::Allow.as_str(),
+        );
+        let values = ids.iter().map(|id| Value::from(*id));
+        Ok(self
+            .db()
+            .execute_raw(Statement::from_sql_and_values(self.db_backend(), sql, values))
+            .await?
+            .rows_affected())
+    }
+
+    /// PostgreSQL: holds outcomes for rows that may still be queued on
+    /// another replica, then applies any whose row has landed meanwhile.
+    pub async fn hold_outcomes(
+        &self,
+        outcomes: &[(String, u16)],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        use sea_orm::sea_query::OnConflict;
+        if outcomes.is_empty() || self.backend() != super::Backend::Postgres {
+            return Ok(());
+        }
+        self.count(1);
+        let rows = outcomes.iter().map(|(id, status)| audit_outcome::ActiveModel {
+            event_id: Set(id.clone()),
+            status: Set(i32::from(*status)),
+            received_at: Set(now),
+        });
+        audit_outcome::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::column(audit_outcome::Column::EventId)
+                    .update_column(audit_outcome::Column::Status)
+                    .to_owned(),
+            )
+            .exec_without_returning(self.db())
+            .await?;
+        let ids: Vec<&str> = outcomes.iter().map(|(id, _)| id.as_str()).collect();
+        self.apply_held_outcomes(&ids).await?;
+        Ok(())
+    }
+
+    /// Drops held outcomes whose row never appeared (unknown ids).
+    pub async fn expire_held_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        if self.backend() != super::Backend::Postgres {
+            return Ok(0);
+        }
+        self.count(1);
+        Ok(audit_outcome::Entity::delete_many()
+            .filter(audit_outcome::Column::ReceivedAt.lt(before))
+            .exec(self.db())
+            .await?
+            .rows_affected)
     }
 
     /// Sets the reported HTTP status on allowed verification rows; returns
     /// how many rows matched. Later reports overwrite earlier ones.
-    pub async fn set_outcomes(&self, outcomes: &[(String, u16)]) -> Result<u64, StoreError> {
+    /// Returns, per outcome, whether it matched a row.
+    pub async fn set_outcomes(&self, outcomes: &[(String, u16)]) -> Result<Vec<bool>, StoreError> {
         use audit_event::Column as C;
         if outcomes.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let txn = self.db().begin().await?;
         self.count(2 + outcomes.len() as u64);
-        let mut updated = 0;
+        let mut matched = Vec::with_capacity(outcomes.len());
         for (id, status) in outcomes {
-            updated += audit_event::Entity::update_many()
+            let rows = audit_event::Entity::update_many()
                 .col_expr(C::Status, Expr::value(Some(i32::from(*status))))
                 .filter(C::Id.eq(id.as_str()))
                 .filter(C::Kind.eq(AuditKind::Verify.as_str()))
@@ -125,9 +207,10 @@ impl Store {
                 .exec(&txn)
                 .await?
                 .rows_affected;
+            matched.push(rows > 0);
         }
         txn.commit().await?;
-        Ok(updated)
+        Ok(matched)
     }
 
     /// Newest first, `limit` rows after `after`.

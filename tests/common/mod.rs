@@ -5,7 +5,14 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use keywarden::{
     api::pb::{self, key_admin_client::KeyAdminClient, key_verify_client::KeyVerifyClient},
@@ -334,5 +341,110 @@ impl TableLock {
                 c.close().await.ok();
             }
         }
+    }
+}
+
+/// A `keywarden serve` process, the address it bound and its log lines.
+pub struct Replica {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Replica {
+    pub fn logged(&self, needle: &str) -> bool {
+        self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+}
+
+/// Starts the real binary (JSON logs) and waits until it serves.
+pub fn spawn_binary(database_url: &str, data_dir: &std::path::Path, extra: &[(&str, &str)]) -> Replica {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KEYWARDEN_LISTEN_ADDR", "127.0.0.1:0")
+        .env("KEYWARDEN_DATABASE_URL", database_url)
+        .env("KEYWARDEN_DATA_DIR", data_dir)
+        .env("KEYWARDEN_PEPPER", PEPPER)
+        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("KEYWARDEN_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .envs(extra.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keywarden");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let kept = Arc::clone(&logs);
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("keywarden serving")
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(addr) = v["listen"].as_str().and_then(|a| a.parse::<SocketAddr>().ok())
+            {
+                let _ = tx.send(addr);
+            }
+            eprintln!("[keywarden] {line}");
+            kept.lock().unwrap().push(line);
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("keywarden announced its address");
+    Replica { child, addr, logs }
+}
+
+pub fn sigterm(child: &Child) {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+/// A TCP proxy that a test can cut (drop every connection and refuse new
+/// ones) and restore, to simulate the database going away.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if *watch.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    pub fn url_for(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let (authority, path) = rest.split_once('/').unwrap();
+        let userinfo = authority.rsplit_once('@').map(|(u, _)| format!("{u}@")).unwrap_or_default();
+        format!("{scheme}://{userinfo}{}/{path}", self.addr)
     }
 }

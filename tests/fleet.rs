@@ -1,0 +1,533 @@
+//! Several replicas on one PostgreSQL, as spawned binaries: revocations reach
+//! every replica fast, counts add up exactly through SIGTERM, outages are
+//! survived without loss, and a replica that missed change notices forgets
+//! what it cached. Each test gets its own database; all are skipped without
+//! KEYWARDEN_TEST_POSTGRES_URL. Retention and index use run on both backends.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{
+    ADMIN_TOKEN, AdminClient, Backend, MERCHANT, Proxy, Replica, admin_client, connect, fresh_database,
+    sigterm, spawn_app_with, spawn_binary,
+};
+use keywarden::{
+    api::pb::{self, key_verify_client::KeyVerifyClient},
+    audit::{AuditKind, AuditRecord},
+    store::audit::AuditQuery,
+};
+use sea_orm::{ConnectionTrait, Database, Statement};
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+backend_tests!(retention_deletes_only_rows_past_the_limit, audit_listing_is_served_by_indexes);
+
+struct Fleet {
+    database_url: String,
+    postgres: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+async fn postgres_fleet() -> Option<Fleet> {
+    let backend = Backend::postgres()?;
+    let dir = tempfile::tempdir().unwrap();
+    let (database_url, postgres) = fresh_database(&backend, dir.path()).await;
+    // Migrate once, before replicas race to start.
+    let migrated = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .arg("migrate")
+        .env("KEYWARDEN_DATABASE_URL", &database_url)
+        .output()
+        .unwrap();
+    assert!(migrated.status.success());
+    Some(Fleet { database_url, postgres, _dir: dir })
+}
+
+impl Fleet {
+    fn replica(&self, url: &str, extra: &[(&str, &str)]) -> Replica {
+        let mut env = vec![("KEYWARDEN_MIGRATE_ON_START", "false")];
+        env.extend_from_slice(extra);
+        spawn_binary(url, self._dir.path(), &env)
+    }
+
+    async fn drop(self) {
+        common::drop_database(self.postgres).await;
+    }
+}
+
+struct Clients {
+    admin: AdminClient,
+    verify: KeyVerifyClient<Channel>,
+    health: HealthClient<Channel>,
+}
+
+async fn clients(addr: SocketAddr) -> Clients {
+    let channel = connect(addr).await;
+    Clients {
+        admin: admin_client(channel.clone(), ADMIN_TOKEN),
+        verify: KeyVerifyClient::new(channel.clone()),
+        health: HealthClient::new(channel),
+    }
+}
+
+async fn create(admin: &mut AdminClient, name: &str) -> (String, String) {
+    let r = admin
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: name.into(),
+            scopes: vec!["sales:read".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.api_key.unwrap().id, r.plaintext_key)
+}
+
+async fn verify(
+    client: &mut KeyVerifyClient<Channel>,
+    key: &str,
+) -> Result<pb::VerifyResponse, tonic::Status> {
+    client.verify(pb::VerifyRequest { key: key.into(), ..Default::default() }).await.map(|r| r.into_inner())
+}
+
+async fn revoke(admin: &mut AdminClient, key_id: &str) {
+    admin
+        .revoke_key(pb::RevokeKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: key_id.into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
+fn allowed(r: &pb::VerifyResponse) -> bool {
+    r.decision == pb::Decision::Allow as i32
+}
+
+async fn scalar(url: &str, sql: &str) -> i64 {
+    let db = Database::connect(url).await.unwrap();
+    let row = db
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
+        .await
+        .unwrap()
+        .unwrap();
+    let n: i64 = row.try_get_by_index(0).unwrap();
+    db.close().await.ok();
+    n
+}
+
+async fn stop(mut replica: Replica) {
+    sigterm(&replica.child);
+    let status = tokio::task::spawn_blocking(move || replica.child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "replica exited with {status:?}");
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {
+    let Some(fleet) = postgres_fleet().await else { return };
+    let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
+    let (mut on_a, mut on_b) = (clients(a.addr).await, clients(b.addr).await);
+    const KEYS: usize = 100;
+    let mut keys = Vec::new();
+    for i in 0..KEYS {
+        let (id, key) = create(&mut on_a.admin, &format!("fleet {i}")).await;
+        // Created on A, verified on B: same database, and B now caches it.
+        assert!(allowed(&verify(&mut on_b.verify, &key).await.unwrap()));
+        keys.push((id, key));
+    }
+    let mut lags = Vec::new();
+    for (id, key) in &keys {
+        revoke(&mut on_a.admin, id).await;
+        let revoked = Instant::now();
+        loop {
+            let r = verify(&mut on_b.verify, key).await.unwrap();
+            if !allowed(&r) {
+                assert_eq!(r.deny_reason, pb::DenyReason::Revoked as i32);
+                lags.push(revoked.elapsed());
+                break;
+            }
+            assert!(
+                revoked.elapsed() < Duration::from_secs(5),
+                "replica B still allows a key revoked 5 s ago"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    lags.sort();
+    let (p50, p99, max) = (percentile(&lags, 0.50), percentile(&lags, 0.99), *lags.last().unwrap());
+    eprintln!("revocation A -> B over {} revocations: p50 {p50:?}, p99 {p99:?}, max {max:?}", lags.len());
+    assert!(p99 <= Duration::from_millis(100), "p99 {p99:?}");
+    stop(a).await;
+    stop(b).await;
+    fleet.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
+    let Some(fleet) = postgres_fleet().await else { return };
+    // Usage reaches the database only through the final flush.
+    let slow = [("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000")];
+    let (a, b) = (fleet.replica(&fleet.database_url, &slow), fleet.replica(&fleet.database_url, &slow));
+    let mut on_a = clients(a.addr).await;
+    let (key_id, key) = create(&mut on_a.admin, "shared").await;
+    let allowed_calls = Arc::new(AtomicU64::new(0));
+    let denied_calls = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for (i, addr) in [a.addr, b.addr].into_iter().cycle().take(8).enumerate() {
+        let (allowed_calls, denied_calls, key) =
+            (Arc::clone(&allowed_calls), Arc::clone(&denied_calls), key.clone());
+        let channel = connect(addr).await;
+        load.push(tokio::spawn(async move {
+            let mut client = KeyVerifyClient::new(channel);
+            for n in 0.. {
+                let scope = if (i + n) % 4 == 0 { "invoice:write" } else { "sales:read" };
+                let request = pb::VerifyRequest {
+                    key: key.clone(),
+                    required_scope: scope.into(),
+                    ..Default::default()
+                };
+                // Stop at the first refusal: the replica is shutting down.
+                let Ok(r) = client.verify(request).await else { return };
+                let counter = if allowed(&r.into_inner()) { &allowed_calls } else { &denied_calls };
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // SIGTERM both while the load is still running.
+    sigterm(&a.child);
+    sigterm(&b.child);
+    for task in load {
+        task.await.unwrap();
+    }
+    stop(a).await;
+    stop(b).await;
+    let (allowed_n, denied_n) =
+        (allowed_calls.load(Ordering::SeqCst) as i64, denied_calls.load(Ordering::SeqCst) as i64);
+    eprintln!("answered under load: {allowed_n} allowed, {denied_n} denied");
+    assert!(allowed_n > 100 && denied_n > 10);
+    let url = &fleet.database_url;
+    assert_eq!(
+        scalar(url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await,
+        allowed_n + denied_n
+    );
+    assert_eq!(
+        scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'")).await,
+        allowed_n
+    );
+    assert_eq!(
+        scalar(url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'")).await,
+        denied_n
+    );
+    fleet.drop().await;
+}
+
+async fn health(client: &mut HealthClient<Channel>) -> i32 {
+    client.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_nothing() {
+    let Some(fleet) = postgres_fleet().await else { return };
+    let upstream: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = Proxy::start(upstream).await;
+    let fast = [("KEYWARDEN_HEALTH_CHECK_INTERVAL_MS", "200"), ("KEYWARDEN_DB_ACQUIRE_TIMEOUT_MS", "500")];
+    let a = fleet.replica(&proxy.url_for(&fleet.database_url), &fast);
+    let mut on_a = clients(a.addr).await;
+    let (cached_id, cached) = create(&mut on_a.admin, "cached").await;
+    let (_, uncached) = create(&mut on_a.admin, "never verified here").await;
+    assert!(allowed(&verify(&mut on_a.verify, &cached).await.unwrap()));
+
+    let running = Arc::new(AtomicBool::new(true));
+    let answered = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (running, answered, failed, cached) =
+            (Arc::clone(&running), Arc::clone(&answered), Arc::clone(&failed), cached.clone());
+        let mut client = on_a.verify.clone();
+        tokio::spawn(async move {
+            while running.load(Ordering::SeqCst) {
+                match verify(&mut client, &cached).await {
+                    Ok(r) if allowed(&r) => answered.fetch_add(1, Ordering::SeqCst),
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let status = verify(&mut on_a.verify, &uncached).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "an unknown key fails closed");
+    let status = on_a
+        .admin
+        .get_key(pb::GetKeyRequest { merchant_id: MERCHANT.into(), key_id: cached_id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(health(&mut on_a.health).await, ServingStatus::Serving as i32, "within the staleness bound");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.restore();
+    // No restart: the unknown key verifies once the database is back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match verify(&mut on_a.verify, &uncached).await {
+            Ok(r) if allowed(&r) => break,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("no recovery after the outage: {other:?}"),
+        }
+    }
+    running.store(false, Ordering::SeqCst);
+    load.await.unwrap();
+    let (answered, failed) = (answered.load(Ordering::SeqCst) as i64, failed.load(Ordering::SeqCst));
+    eprintln!("cached key during the run: {answered} allowed, {failed} failed");
+    assert_eq!(failed, 0, "the cached key kept verifying through the outage");
+    // The monitor saw the outage end (the Verify path may have noticed its start first).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a.logged("database reachable again") {
+        assert!(Instant::now() < deadline, "the replica never saw the database come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(a).await;
+    let url = &fleet.database_url;
+    // The warm-up verify plus every answered one; the failed unknown-key calls wrote nothing.
+    let rows = scalar(
+        url,
+        &format!("SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY' AND api_key_id = '{cached_id}'"),
+    )
+    .await;
+    assert_eq!(rows, answered + 1);
+    let count = scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{cached_id}'")).await;
+    assert_eq!(count, answered + 1);
+    fleet.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_staleness_bound_cached_keys_fail_closed_until_the_database_returns() {
+    let Some(fleet) = postgres_fleet().await else { return };
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let env = [
+        ("KEYWARDEN_STALENESS_BOUND_MS", "1500"),
+        ("KEYWARDEN_HEALTH_CHECK_INTERVAL_MS", "100"),
+        ("KEYWARDEN_DB_ACQUIRE_TIMEOUT_MS", "300"),
+    ];
+    let a = fleet.replica(&proxy.url_for(&fleet.database_url), &env);
+    let mut on_a = clients(a.addr).await;
+    let (_, key) = create(&mut on_a.admin, "bounded").await;
+    assert!(allowed(&verify(&mut on_a.verify, &key).await.unwrap()));
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(allowed(&verify(&mut on_a.verify, &key).await.unwrap()), "served from cache within the bound");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(
+        verify(&mut on_a.verify, &key).await.unwrap_err().code(),
+        Code::Unavailable,
+        "fails closed past the bound"
+    );
+    assert_eq!(health(&mut on_a.health).await, ServingStatus::NotServing as i32);
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&mut on_a.health).await != ServingStatus::Serving as i32 {
+        assert!(Instant::now() < deadline, "health did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match verify(&mut on_a.verify, &key).await {
+            Ok(r) if allowed(&r) => break,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("no recovery: {other:?}"),
+        }
+    }
+    stop(a).await;
+    fleet.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_notices_forgets_its_cache_on_reconnect() {
+    let Some(fleet) = postgres_fleet().await else { return };
+    let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
+    let (mut on_a, mut on_b) = (clients(a.addr).await, clients(b.addr).await);
+    let (id, key) = create(&mut on_a.admin, "watched").await;
+    assert!(allowed(&verify(&mut on_b.verify, &key).await.unwrap()));
+
+    // A revocation no replica is told about (written behind keywarden's
+    // back): B keeps answering from its cache...
+    let db = Database::connect(&fleet.database_url).await.unwrap();
+    let backend = db.get_database_backend();
+    db.execute_raw(Statement::from_string(
+        backend,
+        format!("UPDATE api_keys SET revoked_at = now() - interval '1 second', version = version + 1 WHERE id = '{id}'"),
+    ))
+    .await
+    .unwrap();
+    assert!(allowed(&verify(&mut on_b.verify, &key).await.unwrap()), "B's cache does not know yet");
+    // ...until its listener connection is killed: on reconnect it cannot
+    // know what it missed, so it drops everything it cached.
+    let name = fleet.database_url.rsplit('/').next().unwrap().to_owned();
+    db.execute_raw(Statement::from_string(
+        backend,
+        format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = '{}' AND datname = '{name}'",
+            keywarden::store::LISTENER_APPLICATION
+        ),
+    ))
+    .await
+    .unwrap();
+    // And a normal revocation made while the listeners reconnect.
+    let (other_id, other) = create(&mut on_a.admin, "revoked meanwhile").await;
+    assert!(allowed(&verify(&mut on_b.verify, &other).await.unwrap()));
+    db.execute_raw(Statement::from_string(
+        backend,
+        format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = '{}' AND datname = '{name}'",
+            keywarden::store::LISTENER_APPLICATION
+        ),
+    ))
+    .await
+    .unwrap();
+    revoke(&mut on_a.admin, &other_id).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.logged("change listener reconnected") {
+        assert!(Instant::now() < deadline, "B's listener never reconnected");
+        // Whatever B answers meanwhile, it must never allow the key revoked through the API.
+        assert!(!allowed(&verify(&mut on_b.verify, &other).await.unwrap()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(verify(&mut on_b.verify, &key).await.unwrap().deny_reason, pb::DenyReason::Revoked as i32);
+        assert_eq!(
+            verify(&mut on_b.verify, &other).await.unwrap().deny_reason,
+            pb::DenyReason::Revoked as i32
+        );
+    }
+    db.close().await.ok();
+    stop(a).await;
+    stop(b).await;
+    fleet.drop().await;
+}
+
+fn old_row(days_ago: i64, merchant: &str, key: &str) -> AuditRecord {
+    let mut r =
+        AuditRecord::new(AuditKind::Verify, keywarden::clock::now() - chrono::Duration::days(days_ago));
+    r.merchant_id = Some(merchant.into());
+    r.api_key_id = Some(key.into());
+    r.status = Some(401);
+    r
+}
+
+async fn retention_deletes_only_rows_past_the_limit(backend: Backend) {
+    let app = spawn_app_with(backend, |s| {
+        s.audit_retention_days = 30;
+        s.audit_retention_interval_ms = 100;
+    })
+    .await;
+    let old: Vec<AuditRecord> = (0..12_000).map(|_| old_row(40, MERCHANT, "k-old")).collect();
+    let recent: Vec<AuditRecord> = (0..50).map(|_| old_row(29, MERCHANT, "k-recent")).collect();
+    for chunk in old.chunks(1000) {
+        app.probes.store.insert_audit_batch(chunk).await.unwrap();
+    }
+    app.probes.store.insert_audit_batch(&recent).await.unwrap();
+    let count = |key: &'static str| {
+        let url = app.database_url.clone();
+        async move { scalar(&url, &format!("SELECT COUNT(*) FROM audit_events WHERE api_key_id = '{key}'")).await }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count("k-old").await > 0 {
+        assert!(Instant::now() < deadline, "old rows were not pruned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count("k-recent").await, 50);
+    app.stop().await;
+}
+
+async fn audit_listing_is_served_by_indexes(backend: Backend) {
+    let app = spawn_app_with(backend, |s| s.audit_retention_days = 0).await;
+    // Enough rows over enough merchants that a full scan would not be chosen
+    // by a cost-based planner unless no index fits.
+    let rows: Vec<AuditRecord> =
+        (0..20_000).map(|i| old_row(i % 30, &format!("m{}", i % 200), &format!("k{}", i % 2_000))).collect();
+    for chunk in rows.chunks(1000) {
+        app.probes.store.insert_audit_batch(chunk).await.unwrap();
+    }
+    if app.database_url.starts_with("postgres") {
+        let db = Database::connect(&app.database_url).await.unwrap();
+        db.execute_raw(Statement::from_string(db.get_database_backend(), "ANALYZE audit_events".to_owned()))
+            .await
+            .unwrap();
+        db.close().await.ok();
+    }
+    let by_merchant = AuditQuery { merchant_id: "m7", api_key_id: None, start: None, end: None };
+    let by_key = AuditQuery { merchant_id: "m7", api_key_id: Some("k7"), start: None, end: None };
+    for (query, index) in [(by_merchant, "idx_audit_events_merchant_ts"), (by_key, "idx_audit_events_")] {
+        let plan = app.probes.store.explain_list_audit(&query, 51).await.unwrap().join("\n");
+        eprintln!("{plan}");
+        assert!(plan.contains(index), "expected {index} in:\n{plan}");
+        assert!(!plan.contains("Seq Scan") && !plan.contains("SCAN audit_events\n"), "full scan in:\n{plan}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_reported_to_another_replica_lands_on_its_row() {
+    let Some(fleet) = postgres_fleet().await else { return };
+    // A keeps audit rows queued for 3 s, as a busy replica might.
+    let a = fleet.replica(&fleet.database_url, &[("KEYWARDEN_AUDIT_LINGER_MS", "3000")]);
+    let b = fleet.replica(&fleet.database_url, &[]);
+    let (mut on_a, mut on_b) = (clients(a.addr).await, clients(b.addr).await);
+    let (_, key) = create(&mut on_a.admin, "load balanced").await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let verdict = verify(&mut on_a.verify, &key).await.unwrap();
+    let id = verdict.audit_event_id.clone();
+    let reported = on_b
+        .verify
+        .record_outcomes(pb::RecordOutcomesRequest {
+            outcomes: vec![pb::Outcome { audit_event_id: id.clone(), status: 201 }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reported.updated, 0, "B cannot know the row yet, so does not count it");
+    let url = &fleet.database_url;
+    assert_eq!(
+        scalar(url, &format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}'")).await,
+        0,
+        "still queued on A"
+    );
+    assert_eq!(
+        scalar(url, &format!("SELECT COUNT(*) FROM audit_outcomes WHERE event_id = '{id}'")).await,
+        1,
+        "held"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scalar(url, &format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}' AND status = 201")).await
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the held outcome never reached its row");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(scalar(url, "SELECT COUNT(*) FROM audit_outcomes").await, 0, "nothing left held");
+    stop(a).await;
+    stop(b).await;
+    fleet.drop().await;
+}
