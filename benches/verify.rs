@@ -113,6 +113,7 @@ fn start_server(
 ) -> Server {
     let mut settings = Settings {
         listen_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_enabled: false,
         data_dir: dir.to_owned(),
         database_url: Some(database_url.to_owned()),
         pepper: Some(SecretString::from(PEPPER)),

@@ -46,6 +46,9 @@ pub enum LogFormat {
 pub struct Settings {
     /// gRPC listen address.
     pub listen_addr: SocketAddr,
+    /// Prometheus `/metrics` address.
+    pub metrics_addr: SocketAddr,
+    pub metrics_enabled: bool,
     /// Where the embedded database and generated secrets live.
     pub data_dir: PathBuf,
     /// `sqlite://…` or `postgres://…`; default: SQLite in `data_dir`.
@@ -101,6 +104,8 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            metrics_enabled: true,
             data_dir: PathBuf::from("keywarden-data"),
             database_url: None,
             pepper: None,

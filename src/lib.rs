@@ -2,6 +2,7 @@
 pub mod api;
 pub mod audit;
 pub mod cache;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod keys;

@@ -1,38 +1,22 @@
 //! The `keywarden` binary: parse arguments, load settings, run.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use keywarden::{config::Settings, startup::Application, store::Store, telemetry};
+use clap::Parser;
+use keywarden::{
+    cli::{Cli, Command, client},
+    config::Settings,
+    startup::Application,
+    store::Store,
+    telemetry,
+};
 
 // Verify allocates on request threads and frees on the audit writer's;
 // mimalloc handles that cross-thread traffic far better than glibc malloc
 // (which took a quarter of the server's CPU in the warm-path profile).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[derive(Debug, Parser)]
-#[command(name = "keywarden", version, about = "gRPC verification of scoped merchant API keys")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve KeyAdmin and KeyVerify over gRPC.
-    Serve {
-        /// TOML settings file; KEYWARDEN_* variables override it.
-        #[arg(long, env = "KEYWARDEN_CONFIG")]
-        config: Option<PathBuf>,
-    },
-    /// Apply database migrations and exit.
-    Migrate {
-        #[arg(long, env = "KEYWARDEN_CONFIG")]
-        config: Option<PathBuf>,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -43,7 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keywarden: {e:#}");
@@ -52,14 +36,15 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve { config } => {
             let settings = Settings::load(config.as_deref())?;
             let telemetry = telemetry::init(settings.log_format).map_err(|e| anyhow::anyhow!(e))?;
             let app = Application::build(settings).await?;
             tracing::info!(
                 listen = %app.local_addr(),
+                metrics = ?app.metrics_addr(),
                 version = env!("CARGO_PKG_VERSION"),
                 exporting_spans = telemetry.exporting(),
                 "keywarden serving"
@@ -80,6 +65,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store.close().await;
             eprintln!("keywarden: migrations applied");
             Ok(())
+        }
+        Command::Keys { conn, command } => client::keys(conn, command).await,
+        Command::Audit { conn, command } => client::audit(conn, command).await,
+        Command::Verify { conn, key, ip, scope, endpoint, method } => {
+            client::verify(conn, key, ip, scope, endpoint, method).await
         }
     }
 }

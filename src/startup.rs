@@ -48,6 +48,7 @@ const RETENTION_BATCH: u64 = 5_000;
 pub struct Application {
     settings: Settings,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     store: Store,
     usage: Arc<UsageTracker>,
     audit: AuditQueue,
@@ -157,7 +158,17 @@ impl Application {
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("binding {}", settings.listen_addr))?;
+        let metrics_listener = if settings.metrics_enabled {
+            Some(
+                TcpListener::bind(settings.metrics_addr)
+                    .await
+                    .with_context(|| format!("binding the metrics endpoint {}", settings.metrics_addr))?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
+            metrics_listener,
             auth: AdminAuth::new(&secrets.admin_tokens),
             admin: KeyAdminService::new(Arc::new(manager)),
             verify: KeyVerifyService::new(Arc::new(verifier)),
@@ -177,6 +188,11 @@ impl Application {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.settings.listen_addr)
+    }
+
+    /// Where `/metrics` is served, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn probes(&self) -> Probes {
@@ -200,6 +216,7 @@ impl Application {
         let Self {
             settings,
             listener,
+            metrics_listener,
             store,
             usage,
             audit_writer,
@@ -209,6 +226,7 @@ impl Application {
             cache,
             freshness,
             metrics,
+            exporter,
             ..
         } = self;
         let (stop_tasks, tasks_stopped) = watch::channel(false);
@@ -224,6 +242,14 @@ impl Application {
             let feed =
                 ChangeFeed::new(pool.clone(), cache.clone(), Arc::clone(&freshness), Arc::clone(&metrics));
             helpers.push(tokio::spawn(feed.run(stopped(tasks_stopped.clone()))));
+        }
+        if let Some(listener) = metrics_listener {
+            let stop = stopped(tasks_stopped.clone());
+            helpers.push(tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(listener, exporter, stop).await {
+                    tracing::error!(error = %e, "metrics endpoint failed");
+                }
+            }));
         }
         helpers.push(tokio::spawn(prune_audit(
             store.clone(),

@@ -94,6 +94,7 @@ pub type AdminClient = KeyAdminClient<InterceptedService<Channel, Bearer>>;
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub admin: AdminClient,
     pub verify: KeyVerifyClient<Channel>,
     pub probes: Probes,
@@ -139,6 +140,7 @@ pub async fn drop_database(postgres: Option<(String, String)>) {
 pub fn test_settings(database_url: &str, data_dir: &std::path::Path) -> Settings {
     let mut settings = Settings {
         listen_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_owned(),
         database_url: Some(database_url.to_owned()),
         pepper: Some(SecretString::from(PEPPER)),
@@ -164,6 +166,7 @@ pub async fn spawn_app_with(backend: Backend, customise: impl FnOnce(&mut Settin
     customise(&mut settings);
     let app = Application::build(settings).await.expect("application builds");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let probes = app.probes();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async move {
@@ -172,6 +175,7 @@ pub async fn spawn_app_with(backend: Backend, customise: impl FnOnce(&mut Settin
     let channel = connect(addr).await;
     TestApp {
         addr,
+        metrics_addr,
         admin: admin_client(channel.clone(), ADMIN_TOKEN),
         verify: KeyVerifyClient::new(channel),
         probes,
@@ -364,6 +368,7 @@ pub fn spawn_binary(database_url: &str, data_dir: &std::path::Path, extra: &[(&s
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("KEYWARDEN_LISTEN_ADDR", "127.0.0.1:0")
+        .env("KEYWARDEN_METRICS_ADDR", "127.0.0.1:0")
         .env("KEYWARDEN_DATABASE_URL", database_url)
         .env("KEYWARDEN_DATA_DIR", data_dir)
         .env("KEYWARDEN_PEPPER", PEPPER)

@@ -1,0 +1,227 @@
+//! The client commands: one gRPC call each, printed as a table or as JSON.
+
+use std::io::Read as _;
+
+use anyhow::{Context as _, bail};
+use tonic::{Request, metadata::MetadataValue, transport::Channel};
+
+use super::{AuditCommand, Connection, KeysCommand, render};
+use crate::api::pb::{self, key_admin_client::KeyAdminClient, key_verify_client::KeyVerifyClient};
+
+async fn channel(conn: &Connection) -> anyhow::Result<Channel> {
+    Channel::from_shared(conn.server.clone())
+        .context("--server is not a URL")?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach keywarden at {}", conn.server))
+}
+
+/// The admin token: flag or environment, else the one an embedded first run
+/// generated into the data directory.
+fn token(conn: &Connection) -> anyhow::Result<String> {
+    if let Some(token) = &conn.token {
+        return Ok(token.trim().to_owned());
+    }
+    let path = conn.data_dir.join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) => Ok(token.trim().to_owned()),
+        Err(_) => bail!(
+            "no admin token: pass --token or set KEYWARDEN_ADMIN_TOKEN (none found at {})",
+            path.display()
+        ),
+    }
+}
+
+fn authorized<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
+    let mut request = Request::new(message);
+    let value: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .context("the admin token contains characters not allowed in a header")?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+fn timestamp(field: &str, value: Option<&str>) -> anyhow::Result<Option<prost_types::Timestamp>> {
+    value
+        .map(|v| {
+            let t = chrono::DateTime::parse_from_rfc3339(v).with_context(|| {
+                format!("{field}: {v:?} is not an RFC 3339 time such as 2027-06-30T00:00:00Z")
+            })?;
+            Ok(crate::api::convert::timestamp(t.with_timezone(&chrono::Utc)))
+        })
+        .transpose()
+}
+
+/// `90s`, `30m`, `24h`, `7d`.
+pub fn duration(value: &str) -> anyhow::Result<prost_types::Duration> {
+    let (number, unit) = value.split_at(value.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len());
+    let n: i64 =
+        number.parse().with_context(|| format!("{value:?} is not a duration such as 30m, 24h or 7d"))?;
+    let seconds = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        other => bail!("unknown duration unit {other:?}; use s, m, h or d"),
+    };
+    Ok(prost_types::Duration { seconds, nanos: 0 })
+}
+
+fn status_error(e: tonic::Status) -> anyhow::Error {
+    use tonic_types::StatusExt;
+    let mut message = format!("{:?}: {}", e.code(), e.message());
+    if let Some(bad) = e.get_details_bad_request() {
+        for v in bad.field_violations {
+            message.push_str(&format!("\n  {}: {}", v.field, v.description));
+        }
+    }
+    anyhow::anyhow!(message)
+}
+
+pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> {
+    let token = token(&conn)?;
+    let mut admin = KeyAdminClient::new(channel(&conn).await?);
+    match command {
+        KeysCommand::Create { merchant, name, scopes, preset, expires_at, allowed } => {
+            let request = pb::CreateKeyRequest {
+                merchant_id: merchant,
+                name,
+                scopes,
+                preset,
+                expires_at: timestamp("--expires-at", expires_at.as_deref())?,
+                allowed_cidrs: allowed,
+            };
+            let created =
+                admin.create_key(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
+            render::issued(conn.json, created.api_key.as_ref(), &created.plaintext_key, None);
+        }
+        KeysCommand::List { merchant, page_size, page_token, include_revoked } => {
+            let request =
+                pb::ListKeysRequest { merchant_id: merchant, page_size, page_token, include_revoked };
+            let page =
+                admin.list_keys(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
+            render::key_list(conn.json, &page.api_keys, &page.next_page_token);
+        }
+        KeysCommand::Get { merchant, key_id } => {
+            let request = pb::GetKeyRequest { merchant_id: merchant, key_id };
+            let key = admin.get_key(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
+            render::key(conn.json, key.api_key.as_ref());
+        }
+        KeysCommand::Update {
+            merchant,
+            key_id,
+            name,
+            scopes,
+            allowed,
+            allow_any_ip,
+            expires_at,
+            no_expiry,
+        } => {
+            let mut paths = Vec::new();
+            if name.is_some() {
+                paths.push("name".to_owned());
+            }
+            if !scopes.is_empty() {
+                paths.push("scopes".to_owned());
+            }
+            if !allowed.is_empty() || allow_any_ip {
+                paths.push("allowed_cidrs".to_owned());
+            }
+            if expires_at.is_some() || no_expiry {
+                paths.push("expires_at".to_owned());
+            }
+            if paths.is_empty() {
+                bail!(
+                    "nothing to change: give --name, --scope, --allow/--allow-any-ip or --expires-at/--no-expiry"
+                );
+            }
+            let request = pb::UpdateKeyRequest {
+                merchant_id: merchant,
+                key_id,
+                name: name.unwrap_or_default(),
+                scopes,
+                allowed_cidrs: allowed,
+                expires_at: timestamp("--expires-at", expires_at.as_deref())?,
+                update_mask: Some(prost_types::FieldMask { paths }),
+            };
+            let key =
+                admin.update_key(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
+            render::key(conn.json, key.api_key.as_ref());
+        }
+        KeysCommand::Revoke { merchant, key_id, reason } => {
+            let request = pb::RevokeKeyRequest { merchant_id: merchant, key_id, reason };
+            let key =
+                admin.revoke_key(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
+            render::key(conn.json, key.api_key.as_ref());
+        }
+        KeysCommand::Regenerate { merchant, key_id, grace } => {
+            let grace_period = grace.as_deref().map(duration).transpose()?;
+            let request = pb::RegenerateKeyRequest { merchant_id: merchant, key_id, grace_period };
+            let done =
+                admin.regenerate_key(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
+            render::issued(conn.json, done.api_key.as_ref(), &done.plaintext_key, done.previous_key.as_ref());
+        }
+        KeysCommand::Usage { merchant, key_id } => {
+            let request = pb::GetKeyUsageRequest { merchant_id: merchant, key_id };
+            let usage =
+                admin.get_key_usage(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
+            render::usage(conn.json, &usage);
+        }
+    }
+    Ok(())
+}
+
+pub async fn audit(conn: Connection, command: AuditCommand) -> anyhow::Result<()> {
+    let token = token(&conn)?;
+    let mut admin = KeyAdminClient::new(channel(&conn).await?);
+    let AuditCommand::List { merchant, key_id, since, until, page_size, page_token } = command;
+    let request = pb::ListAuditEventsRequest {
+        merchant_id: merchant,
+        api_key_id: key_id,
+        start_time: timestamp("--since", since.as_deref())?,
+        end_time: timestamp("--until", until.as_deref())?,
+        page_size,
+        page_token,
+    };
+    let page =
+        admin.list_audit_events(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
+    render::audit(conn.json, &page.events, &page.next_page_token);
+    Ok(())
+}
+
+pub async fn verify(
+    conn: Connection,
+    key: String,
+    ip: String,
+    scope: String,
+    endpoint: String,
+    method: String,
+) -> anyhow::Result<()> {
+    let key = if key == "-" {
+        let mut buf = String::new();
+        std::io::stdin().read_to_string(&mut buf).context("reading the key from standard input")?;
+        buf.trim().to_owned()
+    } else {
+        key
+    };
+    let mut client = KeyVerifyClient::new(channel(&conn).await?);
+    let request = pb::VerifyRequest { key, ip, required_scope: scope, endpoint, method };
+    let verdict = client.verify(request).await.map_err(status_error)?.into_inner();
+    render::verdict(conn.json, &verdict);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_common_units() {
+        assert_eq!(duration("90").unwrap().seconds, 90);
+        assert_eq!(duration("30m").unwrap().seconds, 1800);
+        assert_eq!(duration("24h").unwrap().seconds, 86_400);
+        assert_eq!(duration("7d").unwrap().seconds, 604_800);
+        assert!(duration("7w").is_err());
+        assert!(duration("soon").is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! The command line: `serve` and `migrate` run the service; `keys`, `audit`
+//! and `verify` are thin gRPC clients for people without grpcurl.
+
+pub mod client;
+mod render;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "keywarden", version, about = "gRPC verification of scoped merchant API keys")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve KeyAdmin and KeyVerify over gRPC.
+    Serve {
+        /// TOML settings file; KEYWARDEN_* variables override it.
+        #[arg(long, env = "KEYWARDEN_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Apply database migrations and exit.
+    Migrate {
+        #[arg(long, env = "KEYWARDEN_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Manage a merchant's API keys.
+    Keys {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Read a merchant's audit trail.
+    Audit {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Verify a key as an internal service would.
+    Verify {
+        #[command(flatten)]
+        conn: Connection,
+        /// The key; `-` reads it from standard input (keeps it out of `ps`).
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value = "")]
+        ip: String,
+        /// Scope the request needs; empty authenticates only.
+        #[arg(long, default_value = "")]
+        scope: String,
+        #[arg(long, default_value = "")]
+        endpoint: String,
+        #[arg(long, default_value = "")]
+        method: String,
+    },
+}
+
+/// How to reach the server.
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// Server address.
+    #[arg(long, env = "KEYWARDEN_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
+    pub server: String,
+    /// Admin token; default: KEYWARDEN_ADMIN_TOKEN, else `<data dir>/admin-token`.
+    #[arg(long, env = "KEYWARDEN_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Where an embedded first run put its generated admin token.
+    #[arg(long, env = "KEYWARDEN_DATA_DIR", default_value = "keywarden-data", global = true)]
+    pub data_dir: PathBuf,
+    /// Print JSON (one document per command) instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; its plaintext is printed once.
+    Create {
+        #[arg(long)]
+        merchant: String,
+        #[arg(long)]
+        name: String,
+        /// A scope to grant (repeat for several).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// A preset instead of scopes, e.g. openclaw_skill.
+        #[arg(long, default_value = "")]
+        preset: String,
+        /// RFC 3339 time, e.g. 2027-06-30T00:00:00Z.
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// An IP or CIDR range the key may be used from (repeat for several).
+        #[arg(long = "allow")]
+        allowed: Vec<String>,
+    },
+    /// List keys, newest first.
+    List {
+        #[arg(long)]
+        merchant: String,
+        #[arg(long, default_value_t = 0)]
+        page_size: i32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+        #[arg(long)]
+        include_revoked: bool,
+    },
+    Get {
+        #[arg(long)]
+        merchant: String,
+        key_id: String,
+    },
+    /// Change name, scopes, IP limits or expiry; only what is given changes.
+    Update {
+        #[arg(long)]
+        merchant: String,
+        key_id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        #[arg(long = "allow")]
+        allowed: Vec<String>,
+        /// Remove every IP limit.
+        #[arg(long, conflicts_with = "allowed")]
+        allow_any_ip: bool,
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// Remove the expiry.
+        #[arg(long, conflicts_with = "expires_at")]
+        no_expiry: bool,
+    },
+    /// Revoke a key, immediately.
+    Revoke {
+        #[arg(long)]
+        merchant: String,
+        key_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Issue a successor and revoke the key (after a grace period, if given).
+    Regenerate {
+        #[arg(long)]
+        merchant: String,
+        key_id: String,
+        /// e.g. 30m, 24h, 7d (at most 7 days).
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    /// Last use and request counts.
+    Usage {
+        #[arg(long)]
+        merchant: String,
+        key_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Audit events, newest first.
+    List {
+        #[arg(long)]
+        merchant: String,
+        /// Only this key's events.
+        #[arg(long = "key", default_value = "")]
+        key_id: String,
+        /// RFC 3339, inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// RFC 3339, exclusive.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        page_size: i32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+}

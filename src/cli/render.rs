@@ -1,0 +1,244 @@
+//! Output of the client commands: aligned tables for people, JSON for
+//! scripts. The plaintext key goes to stdout once, with a warning on stderr.
+
+use serde_json::{Value, json};
+
+use crate::api::pb;
+
+fn time(t: Option<&prost_types::Timestamp>) -> Option<String> {
+    t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+fn enum_name(name: Option<&str>, prefix: &str) -> String {
+    name.map(|n| n.trim_start_matches(prefix).to_owned()).unwrap_or_default()
+}
+
+fn status(key: &pb::ApiKey) -> String {
+    enum_name(pb::KeyStatus::try_from(key.status).ok().map(|s| s.as_str_name()), "KEY_STATUS_")
+}
+
+fn key_json(key: &pb::ApiKey) -> Value {
+    json!({
+        "id": key.id,
+        "merchant_id": key.merchant_id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "scopes": key.scopes,
+        "allowed_cidrs": key.allowed_cidrs,
+        "expires_at": time(key.expires_at.as_ref()),
+        "created_at": time(key.created_at.as_ref()),
+        "created_by": key.created_by,
+        "revoked_at": time(key.revoked_at.as_ref()),
+        "revoke_reason": key.revoke_reason,
+        "replaced_by_key_id": key.replaced_by_key_id,
+        "status": status(key),
+        "last_used_at": time(key.last_used_at.as_ref()),
+        "request_count": key.request_count,
+        "denied_count": key.denied_count,
+    })
+}
+
+/// Prints rows under headers, each column as wide as its widest cell.
+fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn or_dash(s: Option<String>) -> String {
+    s.filter(|s| !s.is_empty()).unwrap_or_else(|| "-".to_owned())
+}
+
+fn key_rows(keys: &[&pb::ApiKey]) -> Vec<Vec<String>> {
+    keys.iter()
+        .map(|k| {
+            vec![
+                k.id.clone(),
+                k.name.clone(),
+                k.prefix.clone(),
+                status(k),
+                k.scopes.join(","),
+                or_dash(Some(k.allowed_cidrs.join(","))),
+                or_dash(time(k.expires_at.as_ref())),
+                or_dash(time(k.last_used_at.as_ref())),
+                k.request_count.to_string(),
+            ]
+        })
+        .collect()
+}
+
+const KEY_HEADERS: [&str; 9] =
+    ["ID", "NAME", "PREFIX", "STATUS", "SCOPES", "ALLOWED IPS", "EXPIRES", "LAST USED", "REQUESTS"];
+
+pub fn key(json: bool, key: Option<&pb::ApiKey>) {
+    let Some(key) = key else { return };
+    if json {
+        println!("{}", key_json(key));
+    } else {
+        table(&KEY_HEADERS, &key_rows(&[key]));
+    }
+}
+
+pub fn key_list(json: bool, keys: &[pb::ApiKey], next: &str) {
+    if json {
+        println!(
+            "{}",
+            json!({ "api_keys": keys.iter().map(key_json).collect::<Vec<_>>(), "next_page_token": next })
+        );
+        return;
+    }
+    table(&KEY_HEADERS, &key_rows(&keys.iter().collect::<Vec<_>>()));
+    if !next.is_empty() {
+        println!("\nmore: --page-token {next}");
+    }
+}
+
+/// A newly issued key: the only time its plaintext is shown.
+pub fn issued(json: bool, key: Option<&pb::ApiKey>, plaintext: &str, previous: Option<&pb::ApiKey>) {
+    eprintln!("keywarden: the key below is shown once and cannot be retrieved again; store it now.");
+    if json {
+        let mut doc = json!({ "api_key": key.map(key_json), "plaintext_key": plaintext });
+        if let Some(previous) = previous {
+            doc["previous_key"] = key_json(previous);
+        }
+        println!("{doc}");
+        return;
+    }
+    if let Some(key) = key {
+        table(&KEY_HEADERS, &key_rows(&[key]));
+    }
+    if let Some(previous) = previous {
+        println!(
+            "\nreplaces {} ({}, until {})",
+            previous.id,
+            status(previous),
+            or_dash(time(previous.revoked_at.as_ref()))
+        );
+    }
+    println!("\nkey: {plaintext}");
+}
+
+pub fn usage(json: bool, usage: &pb::GetKeyUsageResponse) {
+    if json {
+        println!(
+            "{}",
+            json!({
+                "last_used_at": time(usage.last_used_at.as_ref()),
+                "request_count": usage.request_count,
+                "denied_count": usage.denied_count,
+            })
+        );
+        return;
+    }
+    table(
+        &["LAST USED", "REQUESTS", "DENIED"],
+        &[vec![
+            or_dash(time(usage.last_used_at.as_ref())),
+            usage.request_count.to_string(),
+            usage.denied_count.to_string(),
+        ]],
+    );
+}
+
+fn event_json(e: &pb::AuditEvent) -> Value {
+    json!({
+        "id": e.id,
+        "timestamp": time(e.timestamp.as_ref()),
+        "kind": enum_name(pb::AuditEventKind::try_from(e.kind).ok().map(|k| k.as_str_name()), "AUDIT_EVENT_KIND_"),
+        "api_key_id": e.api_key_id,
+        "api_key_name": e.api_key_name,
+        "merchant_id": e.merchant_id,
+        "endpoint": e.endpoint,
+        "method": e.method,
+        "status": e.status,
+        "ip": e.ip,
+        "decision": enum_name(pb::Decision::try_from(e.decision).ok().map(|d| d.as_str_name()), "DECISION_"),
+        "deny_reason": enum_name(pb::DenyReason::try_from(e.deny_reason).ok().map(|r| r.as_str_name()), "DENY_REASON_"),
+        "actor": e.actor,
+        "trace_id": e.trace_id,
+        "key_prefix": e.key_prefix,
+        "detail": e.detail,
+    })
+}
+
+pub fn audit(json: bool, events: &[pb::AuditEvent], next: &str) {
+    let docs: Vec<Value> = events.iter().map(event_json).collect();
+    if json {
+        println!("{}", json!({ "events": docs, "next_page_token": next }));
+        return;
+    }
+    let cell = |d: &Value, k: &str| match &d[k] {
+        Value::String(s) if !s.is_empty() => s.clone(),
+        Value::Number(n) if n.as_i64() != Some(0) => n.to_string(),
+        _ => "-".to_owned(),
+    };
+    let rows: Vec<Vec<String>> = docs
+        .iter()
+        .map(|d| {
+            let what = match cell(d, "kind").as_str() {
+                "VERIFY" => format!("VERIFY {}", cell(d, "decision")),
+                other => other.to_owned(),
+            };
+            vec![
+                cell(d, "timestamp"),
+                what,
+                cell(d, "deny_reason"),
+                cell(d, "api_key_name"),
+                format!("{} {}", cell(d, "method"), cell(d, "endpoint")),
+                cell(d, "status"),
+                cell(d, "ip"),
+                cell(d, "actor"),
+            ]
+        })
+        .collect();
+    table(&["TIME", "EVENT", "REASON", "KEY", "REQUEST", "STATUS", "IP", "ACTOR"], &rows);
+    if !next.is_empty() {
+        println!("\nmore: --page-token {next}");
+    }
+}
+
+pub fn verdict(json: bool, v: &pb::VerifyResponse) {
+    let decision = enum_name(pb::Decision::try_from(v.decision).ok().map(|d| d.as_str_name()), "DECISION_");
+    let reason =
+        enum_name(pb::DenyReason::try_from(v.deny_reason).ok().map(|r| r.as_str_name()), "DENY_REASON_");
+    if json {
+        println!(
+            "{}",
+            json!({
+                "decision": decision,
+                "deny_reason": reason,
+                "merchant_id": v.merchant_id,
+                "key_id": v.key_id,
+                "key_name": v.key_name,
+                "scopes": v.scopes,
+                "expires_at": time(v.expires_at.as_ref()),
+                "audit_event_id": v.audit_event_id,
+            })
+        );
+        return;
+    }
+    if decision == "ALLOW" {
+        println!(
+            "ALLOW  merchant {}  key {} ({})  scopes {}",
+            v.merchant_id,
+            v.key_id,
+            v.key_name,
+            v.scopes.join(",")
+        );
+    } else {
+        println!("DENY  {reason}");
+    }
+    println!("audit event {}", v.audit_event_id);
+}

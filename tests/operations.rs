@@ -1,0 +1,254 @@
+//! What operators touch: the Prometheus endpoint (scraped and parsed), the
+//! command-line client against a real server, and logs that never carry a
+//! secret.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{collections::HashMap, net::SocketAddr, process::Command};
+
+use common::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, TestApp, spawn_app, spawn_binary};
+use keywarden::api::pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+backend_tests!(
+    metrics_are_valid_openmetrics_and_count_what_happened,
+    the_cli_manages_keys_end_to_end,
+    logs_name_admin_actions_but_never_a_secret,
+);
+
+async fn scrape(addr: SocketAddr) -> (String, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: keywarden\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.to_owned(), body.to_owned())
+}
+
+/// Parses the text exposition strictly enough to catch malformed output:
+/// every line is a comment of a known kind or `name{labels} value`, and the
+/// document ends with `# EOF`. Returns samples by `name{labels}`.
+fn parse(body: &str) -> HashMap<String, f64> {
+    let body = body.trim_end();
+    assert!(body.ends_with("# EOF"), "OpenMetrics ends with # EOF");
+    let mut samples = HashMap::new();
+    let mut typed = std::collections::HashSet::new();
+    for line in body.lines() {
+        if let Some(comment) = line.strip_prefix("# ") {
+            let kind = comment.split(' ').next().unwrap();
+            assert!(["HELP", "TYPE", "UNIT", "EOF"].contains(&kind), "unexpected comment: {line}");
+            if kind == "TYPE" {
+                typed.insert(comment.split(' ').nth(1).unwrap().to_owned());
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name: {line}"
+        );
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(
+                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                "bad labels: {line}"
+            );
+        }
+        assert!(typed.iter().any(|t| name.starts_with(t.as_str())), "sample before its TYPE: {line}");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        samples.insert(series.to_owned(), value);
+    }
+    samples
+}
+
+async fn metrics_are_valid_openmetrics_and_count_what_happened(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    for _ in 0..3 {
+        app.verify(&key, "", "sales:read").await;
+    }
+    for _ in 0..2 {
+        app.verify(&key, "", "invoice:read").await;
+    }
+    app.verify("sntr_garbage", "", "").await;
+    app.settle().await;
+    let (head, body) = scrape(app.metrics_addr.unwrap()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    let m = parse(&body);
+    let get = |series: &str| *m.get(series).unwrap_or_else(|| panic!("{series} missing from:\n{body}"));
+    assert_eq!(get(r#"keywarden_verify_decisions_total{decision="ALLOW",reason=""}"#), 3.0);
+    assert_eq!(get(r#"keywarden_verify_decisions_total{decision="DENY",reason="INSUFFICIENT_SCOPE"}"#), 2.0);
+    assert_eq!(get(r#"keywarden_verify_decisions_total{decision="DENY",reason="MALFORMED"}"#), 1.0);
+    assert_eq!(get("keywarden_verify_duration_seconds_count"), 6.0);
+    assert_eq!(get("keywarden_scrypt_runs_total"), 2.0, "one to create, one to verify the first time");
+    assert_eq!(get("keywarden_cache_identity_hits_total"), 4.0);
+    assert_eq!(get("keywarden_audit_rows_written_total"), 6.0);
+    assert_eq!(get("keywarden_audit_rows_dropped_total"), 0.0);
+    assert_eq!(get("keywarden_audit_queue_depth"), 0.0);
+    assert_eq!(get("keywarden_scrypt_queue_depth"), 0.0);
+    assert!(get("keywarden_usage_flush_lag_seconds") < 5.0);
+    assert_eq!(get("keywarden_db_errors_total"), 0.0);
+    assert_eq!(get("keywarden_cache_trusted"), 1.0);
+    assert!(m.contains_key("keywarden_revocation_propagation_seconds_count"));
+    app.stop().await;
+}
+
+fn cli(app: &TestApp, args: &[&str]) -> (String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .args(args)
+        .env("KEYWARDEN_SERVER", format!("http://{}", app.addr))
+        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8(output.stdout).unwrap(), String::from_utf8(output.stderr).unwrap());
+    assert!(output.status.success(), "keywarden {args:?} failed:\n{stderr}");
+    (stdout, stderr)
+}
+
+fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+async fn the_cli_manages_keys_end_to_end(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (out, err) = cli(
+        &app,
+        &[
+            "keys",
+            "create",
+            "--merchant",
+            MERCHANT,
+            "--name",
+            "CLI bot",
+            "--preset",
+            "openclaw_skill",
+            "--json",
+        ],
+    );
+    assert!(err.contains("shown once"), "warns that the key is shown once: {err}");
+    let created = json(&out);
+    let key = created["plaintext_key"].as_str().unwrap().to_owned();
+    let id = created["api_key"]["id"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("sntr_"));
+    assert_eq!(
+        created["api_key"]["scopes"],
+        serde_json::json!(["customer:write", "invoice:write", "sales:read"])
+    );
+
+    let (table, _) = cli(&app, &["keys", "list", "--merchant", MERCHANT]);
+    assert!(table.starts_with("ID") && table.contains("CLI bot") && table.contains("ACTIVE"), "{table}");
+    assert!(!table.contains(&key[16..]), "the secret is never listed");
+
+    let (out, _) = cli(&app, &["verify", "--key", &key, "--scope", "invoice:read", "--json"]);
+    assert_eq!(json(&out)["decision"], "ALLOW");
+    let (out, _) = cli(&app, &["verify", "--key", &key, "--scope", "sales:read"]);
+    assert!(out.starts_with("ALLOW"), "{out}");
+
+    let (out, _) = cli(
+        &app,
+        &[
+            "keys",
+            "update",
+            "--merchant",
+            MERCHANT,
+            &id,
+            "--name",
+            "CLI bot v2",
+            "--allow",
+            "10.0.0.0/8",
+            "--json",
+        ],
+    );
+    let updated = json(&out);
+    assert_eq!(
+        (updated["name"].as_str(), updated["allowed_cidrs"][0].as_str()),
+        (Some("CLI bot v2"), Some("10.0.0.0/8"))
+    );
+    let (out, _) = cli(&app, &["keys", "get", "--merchant", MERCHANT, &id, "--json"]);
+    assert_eq!(json(&out)["name"], "CLI bot v2");
+
+    let (out, err) =
+        cli(&app, &["keys", "regenerate", "--merchant", MERCHANT, &id, "--grace", "1h", "--json"]);
+    assert!(err.contains("shown once"));
+    let rotated = json(&out);
+    assert_eq!(rotated["previous_key"]["status"], "ROTATING");
+    let new_id = rotated["api_key"]["id"].as_str().unwrap().to_owned();
+
+    let (out, _) =
+        cli(&app, &["keys", "revoke", "--merchant", MERCHANT, &new_id, "--reason", "done", "--json"]);
+    assert_eq!(json(&out)["status"], "REVOKED");
+    let (out, _) = cli(&app, &["keys", "usage", "--merchant", MERCHANT, &id, "--json"]);
+    assert_eq!(json(&out)["request_count"], 2);
+
+    let (out, _) = cli(&app, &["audit", "list", "--merchant", MERCHANT, "--key", &id, "--json"]);
+    let kinds: Vec<String> = json(&out)["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        kinds.contains(&"KEY_REGENERATED".to_owned()) && kinds.contains(&"VERIFY".to_owned()),
+        "{kinds:?}"
+    );
+    let (table, _) = cli(&app, &["audit", "list", "--merchant", MERCHANT]);
+    assert!(table.starts_with("TIME") && table.contains("VERIFY ALLOW"), "{table}");
+
+    let failed = Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .args(["keys", "create", "--merchant", MERCHANT, "--name", "x", "--scope", "Invoice:Read"])
+        .env("KEYWARDEN_SERVER", format!("http://{}", app.addr))
+        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    let err = String::from_utf8(failed.stderr).unwrap();
+    assert!(err.contains("InvalidArgument") && err.contains("scopes"), "{err}");
+    app.stop().await;
+}
+
+async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let (database_url, postgres) = common::fresh_database(&backend, dir.path()).await;
+    let replica = spawn_binary(&database_url, dir.path(), &[("RUST_LOG", "debug")]);
+    let channel = common::connect(replica.addr).await;
+    let mut admin = common::admin_client(channel.clone(), ADMIN_TOKEN);
+    let created = admin
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "logged".into(),
+            scopes: vec!["sales:read".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let key = created.plaintext_key;
+    let id = created.api_key.unwrap().id;
+    let mut verify = pb::key_verify_client::KeyVerifyClient::new(channel);
+    verify.verify(pb::VerifyRequest { key: key.clone(), ..Default::default() }).await.unwrap();
+    admin
+        .revoke_key(pb::RevokeKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    common::sigterm(&replica.child);
+    let mut child = replica.child;
+    assert!(child.wait().unwrap().success());
+    let logs = replica.logs.lock().unwrap().join("\n");
+    for action in ["key created", "key revoked"] {
+        let line = logs.lines().find(|l| l.contains(action)).unwrap_or_else(|| panic!("no {action:?} line"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!((v["actor"].as_str(), v["key_id"].as_str()), (Some("admin"), Some(id.as_str())), "{line}");
+    }
+    for secret in [&key[16..], ADMIN_TOKEN, PEPPER] {
+        assert!(!logs.contains(secret), "a secret reached the logs");
+    }
+    common::drop_database(postgres).await;
+}
