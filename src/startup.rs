@@ -39,8 +39,13 @@ use crate::{
     usage::UsageTracker,
 };
 
-/// Names under which grpc.health.v1 reports; "" is the whole server.
+/// Names under which grpc.health.v1 reports readiness; "" is the whole
+/// server. They follow the database (within the staleness bound) and turn
+/// NOT_SERVING on shutdown.
 const HEALTH_SERVICES: [&str; 3] = ["", "keywarden.v1.KeyVerify", "keywarden.v1.KeyAdmin"];
+/// Liveness: SERVING while the process answers at all, so that a database
+/// outage makes replicas unready but never gets them restarted.
+const LIVENESS: &str = "liveness";
 /// Rows deleted per retention statement: small enough not to hold locks long.
 const RETENTION_BATCH: u64 = 5_000;
 
@@ -260,6 +265,7 @@ impl Application {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
+        health.set_service_status(LIVENESS, ServingStatus::Serving).await;
         let (stop_monitor, monitor_stopped) = watch::channel(false);
         let monitor = tokio::spawn(monitor_database(
             store.clone(),

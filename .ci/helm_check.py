@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Lints and renders helm/keywarden with real Helm (the Helm SDK), then
+validates every rendered manifest strictly against the Kubernetes schemas,
+for the default values and for ci/production-values.yaml. Also checks what
+the chart promises (security context, probes, hooks, no secret in the
+ConfigMap) and that values.schema.json rejects bad values."""
+
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import yaml
+from helm_python import Chart, lint
+from helm_python.errors import HelmError
+
+CHART = pathlib.Path(__file__).resolve().parent.parent / "helm" / "keywarden"
+KUBE = "1.30.0"
+failures = []
+
+
+def check(ok, message):
+    if not ok:
+        failures.append(message)
+        print(f"FAIL: {message}")
+
+
+def render(values, label):
+    report = lint(str(CHART), values, strict=True, kube_version=f"v{KUBE}")
+    problems = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + report.get("errors", [])
+    check(not problems, f"{label}: helm lint --strict: {problems}")
+    manifests = Chart.load(CHART).render(values, name="keywarden", namespace="payments", is_install=True)
+    docs = []
+    for path, text in sorted(manifests.items()):
+        if not path.endswith(".yaml"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                docs.append(doc)
+    notes = next((t for p, t in manifests.items() if p.endswith("NOTES.txt")), "")
+    check("grpcurl" in notes, f"{label}: NOTES.txt tells how to reach it with grpcurl")
+    return docs
+
+
+def validate(docs, label):
+    builtin = [d for d in docs if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / f"{label}.yaml"
+        path.write_text(yaml.safe_dump_all(builtin))
+        result = subprocess.run(
+            ["kubernetes-validate", "--strict", "-k", KUBE, str(path)], capture_output=True, text=True
+        )
+        print(result.stdout.strip())
+        check(result.returncode == 0, f"{label}: kubernetes-validate --strict: {result.stdout}{result.stderr}")
+    # ServiceMonitor is a CRD without a bundled schema: check its shape here.
+    for d in docs:
+        if d["kind"] == "ServiceMonitor":
+            endpoints = d["spec"]["endpoints"]
+            check(endpoints[0]["port"] == "metrics" and endpoints[0]["path"] == "/metrics", f"{label}: ServiceMonitor scrapes /metrics")
+            check(set(d["spec"]["selector"]["matchLabels"]) == {"app.kubernetes.io/name", "app.kubernetes.io/instance"},
+                  f"{label}: ServiceMonitor selects the release's pods")
+
+
+def by_kind(docs):
+    kinds = {}
+    for d in docs:
+        kinds.setdefault(d["kind"], []).append(d)
+    return kinds
+
+
+def check_promises(docs, label, secrets):
+    kinds = by_kind(docs)
+    deployment = kinds["Deployment"][0]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    ctx = container["securityContext"]
+    check(pod["securityContext"]["runAsNonRoot"] is True, f"{label}: pod runs as non-root")
+    check(ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False, f"{label}: read-only root, no escalation")
+    check(ctx["capabilities"]["drop"] == ["ALL"], f"{label}: all capabilities dropped")
+    check("grpc" in container["readinessProbe"] and "grpc" in container["livenessProbe"], f"{label}: gRPC probes")
+    check(container["lifecycle"]["preStop"]["sleep"]["seconds"] >= 1, f"{label}: preStop pause")
+    config = kinds["ConfigMap"][0]["data"]
+    drain = (int(config["KEYWARDEN_SHUTDOWN_GRACE_MS"]) + int(config["KEYWARDEN_FLUSH_TIMEOUT_MS"])) / 1000
+    check(pod["terminationGracePeriodSeconds"] > drain + container["lifecycle"]["preStop"]["sleep"]["seconds"],
+          f"{label}: terminationGracePeriodSeconds exceeds preStop + drain + flush")
+    check(config["KEYWARDEN_MIGRATE_ON_START"] == "false", f"{label}: replicas do not migrate")
+    job = kinds["Job"][0]
+    check(job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade", f"{label}: migration is a pre-install,pre-upgrade hook")
+    check(job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"], f"{label}: the hook runs keywarden migrate")
+    for key in ("PEPPER", "ADMIN_TOKEN", "DATABASE_URL"):
+        check(not any(key in k for k in config), f"{label}: {key} is not in the ConfigMap")
+    for value in secrets:
+        check(all(value not in str(v) for v in config.values()), f"{label}: no secret value in the ConfigMap")
+    secret_refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]}
+    check({"database-url", "pepper", "admin-token"} <= secret_refs, f"{label}: secrets come from a Secret")
+    policy = kinds["NetworkPolicy"][0]["spec"]["ingress"]
+    check(any(p["ports"][0]["port"] == "grpc" and p["from"][0].get("namespaceSelector") for p in policy),
+          f"{label}: only labelled namespaces reach the gRPC port")
+    return kinds
+
+
+# Default values.
+docs = render(None, "default")
+validate(docs, "default")
+kinds = check_promises(docs, "default", [])
+check("Secret" in kinds and "HorizontalPodAutoscaler" not in kinds and "ServiceMonitor" not in kinds,
+      "default: chart-managed Secret, no HPA, no ServiceMonitor")
+check(kinds["Deployment"][0]["spec"]["replicas"] == 2, "default: 2 replicas")
+
+# Explicit secrets must land in the Secret only.
+explicit = {"secrets": {"databaseUrl": "postgres://kw:s3cret-pw@db:5432/kw", "pepper": "A" * 44, "adminToken": "token-" + "x" * 20}}
+docs = render(explicit, "explicit-secrets")
+kinds = check_promises(docs, "explicit-secrets", ["s3cret-pw", "A" * 44, "x" * 20])
+check(kinds["Secret"][0]["stringData"]["pepper"] == "A" * 44, "explicit-secrets: the pepper is in the Secret")
+
+# Production-like values.
+production = yaml.safe_load((CHART / "ci" / "production-values.yaml").read_text())
+docs = render(production, "production")
+validate(docs, "production")
+kinds = check_promises(docs, "production", [])
+check("Secret" not in kinds, "production: existingSecret means no chart-managed Secret")
+check("HorizontalPodAutoscaler" in kinds and "ServiceMonitor" in kinds, "production: HPA and ServiceMonitor rendered")
+check("replicas" not in kinds["Deployment"][0]["spec"], "production: the HPA owns the replica count")
+env = {e["name"] for e in kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+check(kinds["ConfigMap"][0]["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector"), "production: OTLP endpoint configured")
+check("deployment.environment=production" in kinds["ConfigMap"][0]["data"]["OTEL_RESOURCE_ATTRIBUTES"], "production: resource attributes")
+
+# Bad values fail at install time (values.schema.json).
+for bad, why in [
+    ({"replicaCount": "three"}, "replicaCount must be an integer"),
+    ({"replicasCount": 3}, "unknown keys are rejected"),
+    ({"config": {"auditOverflow": "sometimes"}}, "auditOverflow is an enum"),
+    ({"secrets": {"databaseUrl": "mysql://db"}}, "the database must be PostgreSQL"),
+    ({"service": {"grpcPort": 70000}}, "ports are bounded"),
+]:
+    try:
+        Chart.load(CHART).render(bad, name="keywarden", namespace="payments", is_install=True)
+        check(False, f"schema accepted bad values: {why}")
+    except HelmError as e:
+        print(f"rejected as expected ({why}): {str(e).splitlines()[0][:120]}")
+
+if failures:
+    print(f"\n{len(failures)} chart check(s) failed")
+    sys.exit(1)
+print("\nchart: lint, render, strict schema validation and promises all pass")

@@ -1,0 +1,81 @@
+{{/* Chart name, truncated to fit label limits. */}}
+{{- define "keywarden.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "keywarden.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "keywarden.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "keywarden.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "keywarden.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "keywarden.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "keywarden.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "keywarden.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "keywarden.secretName" -}}
+{{- default (include "keywarden.fullname" .) .Values.existingSecret }}
+{{- end }}
+
+{{- define "keywarden.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Pod and container security: non-root, read-only root, no privileges. */}}
+{{- define "keywarden.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "keywarden.containerSecurityContext" -}}
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+{{- end }}
+
+{{/* The database URL, from the chart's Secret or an existing one. */}}
+{{- define "keywarden.databaseUrlEnv" -}}
+- name: KEYWARDEN_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "keywarden.secretName" . }}
+      key: database-url
+{{- end }}
+
+{{/* OTEL_RESOURCE_ATTRIBUTES from a map: k1=v1,k2=v2 in key order. */}}
+{{- define "keywarden.resourceAttributes" -}}
+{{- $pairs := list }}
+{{- range $k := keys .resourceAttributes | sortAlpha }}
+{{- $pairs = append $pairs (printf "%s=%s" $k (get $.resourceAttributes $k)) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}
