@@ -11,7 +11,11 @@ use common::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, admin_client, connect, sigt
 use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
 use sea_orm::{ConnectionTrait, Database, Statement};
 
-backend_tests!(sigterm_flushes_every_usage_count_and_audit_row, migrate_command_prepares_the_schema_alone);
+backend_tests!(
+    sigterm_flushes_every_usage_count_and_audit_row,
+    migrate_command_prepares_the_schema_alone,
+    shutdown_turns_health_not_serving_before_the_server_goes,
+);
 
 async fn count(database_url: &str, sql: &str) -> i64 {
     let db = Database::connect(database_url).await.unwrap();
@@ -124,4 +128,22 @@ async fn migrate_command_prepares_the_schema_alone(backend: Backend) {
     sigterm(&child);
     assert!(child.wait().unwrap().success());
     common::drop_database(postgres).await;
+}
+
+async fn shutdown_turns_health_not_serving_before_the_server_goes(backend: Backend) {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let mut app = common::spawn_app(backend).await;
+    let mut health = HealthClient::new(app.channel());
+    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
+    let liveness =
+        health.check(HealthCheckRequest { service: "liveness".into() }).await.unwrap().into_inner();
+    assert_eq!(liveness.status, ServingStatus::Serving as i32);
+    let stopping = tokio::spawn(async move { app.stop_serving().await });
+    let next = tokio::time::timeout(std::time::Duration::from_secs(5), watch.message()).await.unwrap();
+    assert_eq!(next.unwrap().unwrap().status, ServingStatus::NotServing as i32);
+    drop(watch);
+    stopping.await.unwrap();
 }

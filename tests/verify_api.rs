@@ -28,6 +28,8 @@ backend_tests!(
     denials_are_audited_with_401_or_403,
     usage_counts_include_unflushed_uses_and_add_up_after_flush,
     audit_rows_carry_the_callers_trace_id_without_span_export,
+    a_full_audit_queue_holds_verify_back_by_default,
+    a_full_audit_queue_drops_and_counts_when_configured_to,
 );
 
 fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
@@ -447,5 +449,63 @@ async fn audit_rows_carry_the_callers_trace_id_without_span_export(backend: Back
     assert_eq!(row.trace_id.as_deref(), Some("0af7651916cd43dd8448eb211c80319c"));
     let row = app.probes.store.get_audit(&without.audit_event_id).await.unwrap().unwrap();
     assert_eq!(row.trace_id, None);
+    app.stop().await;
+}
+
+async fn verify_rows(app: &common::TestApp) -> usize {
+    app.probes.audit.written() as usize
+}
+
+async fn a_full_audit_queue_holds_verify_back_by_default(backend: Backend) {
+    let mut app = spawn_app_with(backend, |s| s.audit_queue_capacity = 1).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    app.settle().await;
+    let written = verify_rows(&app).await;
+    // The writer cannot commit: one row in its hands, one in the queue...
+    let lock = common::lock_audit_table(&app.database_url).await;
+    app.verify(&key, "", "").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.verify(&key, "", "").await;
+    // ...so the next Verify waits for room instead of losing its row.
+    let mut client = app.verify.clone();
+    let held = {
+        let key = key.clone();
+        tokio::spawn(
+            async move { client.verify(pb::VerifyRequest { key, ..Default::default() }).await.unwrap() },
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!held.is_finished(), "Verify should wait while the audit queue is full");
+    lock.release().await;
+    held.await.unwrap();
+    app.settle().await;
+    assert_eq!(verify_rows(&app).await - written, 3, "every row written");
+    assert_eq!(app.probes.audit.dropped(), 0);
+    app.stop().await;
+}
+
+async fn a_full_audit_queue_drops_and_counts_when_configured_to(backend: Backend) {
+    let mut app = spawn_app_with(backend, |s| {
+        s.audit_queue_capacity = 1;
+        s.audit_overflow = keywarden::audit::writer::Overflow::Drop;
+    })
+    .await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    app.settle().await;
+    let written = verify_rows(&app).await;
+    let lock = common::lock_audit_table(&app.database_url).await;
+    // The first row reaches the writer, which then cannot commit it.
+    assert_eq!(outcome(&app.verify(&key, "", "").await), allowed());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    for _ in 0..10 {
+        assert_eq!(outcome(&app.verify(&key, "", "").await), allowed());
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "Verify never waits on auditing in drop mode");
+    lock.release().await;
+    app.settle().await;
+    let dropped = app.probes.audit.dropped() as usize;
+    assert_eq!(dropped, 9, "one row queued behind the stuck one, the other nine dropped");
+    assert_eq!(verify_rows(&app).await - written + dropped, 11, "every row is either written or counted");
     app.stop().await;
 }
