@@ -10,7 +10,7 @@ use sea_orm::{
     QueryOrder, QuerySelect, SqlErr, Statement, TransactionTrait, Value, sea_query::Expr,
 };
 
-use super::{Backend, Store, StoreError, audit::audit_row, entity::api_key};
+use super::{Backend, Store, StoreError, audit::insert_audit_rows, entity::api_key};
 use crate::{audit::AuditRecord, keys::KeyHash};
 
 /// A key as stored, with its hash parsed.
@@ -168,7 +168,7 @@ impl Store {
             }
             other => other.map_err(StoreError::from)?,
         };
-        insert_audit(&txn, &[audit]).await?;
+        insert_audit_rows(&txn, &[audit]).await?;
         let stored = fetch(&txn, &id).await?;
         txn.commit().await.map_err(StoreError::from)?;
         stored.ok_or_else(|| {
@@ -342,7 +342,7 @@ impl Store {
             }
             other => other.map_err(StoreError::from)?,
         };
-        insert_audit(&txn, &audits).await?;
+        insert_audit_rows(&txn, &audits).await?;
         let new = fetch(&txn, &new_id).await?;
         self.notify_change(&txn, &old).await?;
         txn.commit().await.map_err(StoreError::from)?;
@@ -400,7 +400,7 @@ impl Store {
                 self.notify_change(&txn, key).await?;
             }
             self.count(1);
-            insert_audit(&txn, &audits).await?;
+            insert_audit_rows(&txn, &audits).await?;
         }
         txn.commit().await?;
         Ok(match (row, applied) {
@@ -471,14 +471,4 @@ async fn fetch_scoped<C: ConnectionTrait>(
         .await?
         .map(StoredKey::try_from)
         .transpose()
-}
-
-async fn insert_audit<C: ConnectionTrait>(db: &C, rows: &[AuditRecord]) -> Result<(), StoreError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    super::entity::audit_event::Entity::insert_many(rows.iter().map(audit_row))
-        .exec_without_returning(db)
-        .await?;
-    Ok(())
 }
