@@ -169,12 +169,53 @@ impl Store {
             return Ok(());
         }
         self.count(1);
-        insert_audit_rows(self.db(), rows).await?;
+        match self.backend() {
+            super::Backend::Postgres => self.insert_audit_arrays(rows).await?,
+            super::Backend::Sqlite => insert_audit_rows(self.db(), rows).await?,
+        }
         if self.backend() == super::Backend::Postgres {
             let allowed: Vec<&str> =
                 rows.iter().filter(|r| r.decision == Some(Decision::Allow)).map(|r| r.id.as_str()).collect();
             self.apply_held_outcomes(&allowed).await?;
         }
+        Ok(())
+    }
+
+    /// PostgreSQL: the batch as one array per column, bound in binary and
+    /// unnested by the server, which is cheaper for PostgreSQL than parsing
+    /// the rows out of JSON (the audit writer is the limit of a saturated
+    /// single box, and PostgreSQL's share of the CPU sets its pace).
+    async fn insert_audit_arrays(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
+        use sea_orm::sqlx;
+        fn column<'a, T>(rows: &'a [AuditRecord], f: impl Fn(&'a AuditRecord) -> T) -> Vec<T> {
+            rows.iter().map(f).collect()
+        }
+        let sql = format!(
+            "INSERT INTO audit_events ({AUDIT_COLUMNS}) SELECT * FROM unnest(\
+             $1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+             $8::text[], $9::text[], $10::text[], $11::int4[], $12::text[], $13::text[], $14::text[], \
+             $15::text[], $16::text[])"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(column(rows, |r| r.id.as_str()))
+            .bind(column(rows, |r| r.timestamp))
+            .bind(column(rows, |r| r.kind.as_str()))
+            .bind(column(rows, |r| r.merchant_id.as_deref()))
+            .bind(column(rows, |r| r.api_key_id.as_deref()))
+            .bind(column(rows, |r| r.api_key_name.as_deref()))
+            .bind(column(rows, |r| r.key_prefix.as_deref()))
+            .bind(column(rows, |r| r.endpoint.as_deref()))
+            .bind(column(rows, |r| r.method.as_deref()))
+            .bind(column(rows, |r| r.ip.as_deref()))
+            .bind(column(rows, |r| r.status.map(i32::from)))
+            .bind(column(rows, |r| r.decision.map(Decision::as_str)))
+            .bind(column(rows, |r| r.deny_reason.map(DenyReason::as_str)))
+            .bind(column(rows, |r| r.actor.as_deref()))
+            .bind(column(rows, |r| r.trace_id.as_deref()))
+            .bind(column(rows, |r| r.detail.as_deref()))
+            .execute(self.db().get_postgres_connection_pool())
+            .await
+            .map_err(|e| sea_orm::DbErr::Exec(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e))))?;
         Ok(())
     }
 
