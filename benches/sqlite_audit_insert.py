@@ -1,0 +1,81 @@
+"""Standalone SQLite insert rate of audit rows, by batch size, checkpoint
+interval and index set (the figures in BENCHMARKS.md, "What changed").
+
+Rows are shaped like the Verify benchmark's: one merchant, 1000 keys,
+sequential UUIDv7-like ids, inserted as keywarden inserts them (one JSON
+parameter per batch). Uses Python's sqlite3 module, so the SQLite version
+differs from the one keywarden bundles; compare the rows, not the absolutes.
+
+    python3 benches/sqlite_audit_insert.py
+"""
+
+import json
+import os
+import sqlite3
+import tempfile
+import time
+
+N = 100_000
+COLUMNS = 16
+INSERT = "INSERT INTO audit_events SELECT " + ", ".join(f"value->>{i}" for i in range(COLUMNS)) + " FROM json_each(?)"
+
+
+def connect(path, autocheckpoint, indexes):
+    if os.path.exists(path):
+        os.remove(path)
+    c = sqlite3.connect(path, isolation_level=None)
+    for pragma in ("journal_mode=wal", "synchronous=normal", "cache_size=-32768", f"wal_autocheckpoint={autocheckpoint}"):
+        c.execute(f"PRAGMA {pragma}")
+    c.execute(
+        "CREATE TABLE audit_events (id text PRIMARY KEY NOT NULL, timestamp text NOT NULL, kind text NOT NULL,"
+        " merchant_id text, api_key_id text, api_key_name text, key_prefix text, endpoint text, method text,"
+        " ip text, status integer, decision text, deny_reason text, actor text, trace_id text, detail text)"
+    )
+    for name, cols in indexes:
+        c.execute(f"CREATE INDEX {name} ON audit_events ({cols})")
+    return c
+
+
+ALL = [
+    ("by_merchant", "merchant_id, timestamp, id"),
+    ("by_key", "api_key_id, timestamp, id"),
+    ("by_time", "timestamp"),
+]
+
+rows = [
+    [
+        f"01a21f28-4ad8-7{i >> 12 & 0xfff:03x}-8000-{i:012x}",
+        f"2026-11-27T22:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000 * 1000:06d}+00:00",
+        "VERIFY",
+        "cmm3zkkx000006ogg8arp52qb",
+        f"01a21f28-4ad8-702f-82c2-{i % 1000:012d}",
+        f"key {i % 1000}",
+        "sntr_vvWl5MakDFt",
+        "/v1/sales",
+        "GET",
+        "10.1.2.3",
+        None,
+        "ALLOW",
+        None,
+        None,
+        None,
+        None,
+    ]
+    for i in range(N)
+]
+
+print(f"SQLite {sqlite3.sqlite_version}, {N} rows")
+with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "audit.db")
+    for label, batch, checkpoint, indexes in [
+        ("batch 1000, checkpoint 1000 pages (before)", 1000, 1000, ALL),
+        ("batch 1000, checkpoint 1000 pages, without the by-key index", 1000, 1000, [ALL[0], ALL[2]]),
+        ("batch 1000, checkpoint 10000 pages", 1000, 10000, ALL),
+        ("batch 4000, checkpoint 10000 pages (now)", 4000, 10000, ALL),
+    ]:
+        c = connect(path, checkpoint, indexes)
+        start = time.perf_counter()
+        for b in range(0, N, batch):
+            c.execute(INSERT, (json.dumps(rows[b : b + batch]),))
+        print(f"{label}: {N / (time.perf_counter() - start):.0f} rows/s")
+        c.close()
