@@ -1,8 +1,8 @@
 //! Several replicas on one PostgreSQL, as spawned binaries: revocations reach
 //! every replica fast, counts add up exactly through SIGTERM, outages are
 //! survived without loss, and a replica that missed change notices forgets
-//! what it cached. Each test gets its own database; all are skipped without
-//! KEYWARDEN_TEST_POSTGRES_URL. Retention and index use run on both backends.
+//! what it cached. Each test gets its own database on the test PostgreSQL
+//! (see `common`). Retention and index use run on both backends.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -117,18 +117,6 @@ fn allowed(r: &pb::VerifyResponse) -> bool {
     r.decision == pb::Decision::Allow as i32
 }
 
-async fn scalar(url: &str, sql: &str) -> i64 {
-    let db = Database::connect(url).await.unwrap();
-    let row = db
-        .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
-        .await
-        .unwrap()
-        .unwrap();
-    let n: i64 = row.try_get_by_index(0).unwrap();
-    db.close().await.ok();
-    n
-}
-
 async fn stop(mut replica: Replica) {
     sigterm(&replica.child);
     let status = tokio::task::spawn_blocking(move || replica.child.wait()).await.unwrap().unwrap();
@@ -225,15 +213,15 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     assert!(allowed_n > 100 && denied_n > 10);
     let url = &fleet.database_url;
     assert_eq!(
-        scalar(url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await,
+        common::scalar(url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await,
         allowed_n + denied_n
     );
     assert_eq!(
-        scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'")).await,
+        common::scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'")).await,
         allowed_n
     );
     assert_eq!(
-        scalar(url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'")).await,
+        common::scalar(url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'")).await,
         denied_n
     );
     fleet.drop().await;
@@ -309,13 +297,14 @@ async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_n
     stop(a).await;
     let url = &fleet.database_url;
     // The warm-up verify plus every answered one; the failed unknown-key calls wrote nothing.
-    let rows = scalar(
+    let rows = common::scalar(
         url,
         &format!("SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY' AND api_key_id = '{cached_id}'"),
     )
     .await;
     assert_eq!(rows, answered + 1);
-    let count = scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{cached_id}'")).await;
+    let count =
+        common::scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{cached_id}'")).await;
     assert_eq!(count, answered + 1);
     fleet.drop().await;
 }
@@ -450,7 +439,10 @@ async fn retention_deletes_only_rows_past_the_limit(backend: Backend) {
     app.probes.store.insert_audit_batch(&recent).await.unwrap();
     let count = |key: &'static str| {
         let url = app.database_url.clone();
-        async move { scalar(&url, &format!("SELECT COUNT(*) FROM audit_events WHERE api_key_id = '{key}'")).await }
+        async move {
+            common::scalar(&url, &format!("SELECT COUNT(*) FROM audit_events WHERE api_key_id = '{key}'"))
+                .await
+        }
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while count("k-old").await > 0 {
@@ -510,23 +502,27 @@ async fn an_outcome_reported_to_another_replica_lands_on_its_row() {
     assert_eq!(reported.updated, 0, "B cannot know the row yet, so does not count it");
     let url = &fleet.database_url;
     assert_eq!(
-        scalar(url, &format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}'")).await,
+        common::scalar(url, &format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}'")).await,
         0,
         "still queued on A"
     );
     assert_eq!(
-        scalar(url, &format!("SELECT COUNT(*) FROM audit_outcomes WHERE event_id = '{id}'")).await,
+        common::scalar(url, &format!("SELECT COUNT(*) FROM audit_outcomes WHERE event_id = '{id}'")).await,
         1,
         "held"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while scalar(url, &format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}' AND status = 201")).await
+    while common::scalar(
+        url,
+        &format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}' AND status = 201"),
+    )
+    .await
         == 0
     {
         assert!(Instant::now() < deadline, "the held outcome never reached its row");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(scalar(url, "SELECT COUNT(*) FROM audit_outcomes").await, 0, "nothing left held");
+    assert_eq!(common::scalar(url, "SELECT COUNT(*) FROM audit_outcomes").await, 0, "nothing left held");
     stop(a).await;
     stop(b).await;
     fleet.drop().await;

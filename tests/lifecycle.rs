@@ -9,25 +9,12 @@ use std::process::Command;
 
 use common::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, admin_client, connect, sigterm, spawn_binary};
 use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
-use sea_orm::{ConnectionTrait, Database, Statement};
 
 backend_tests!(
     sigterm_flushes_every_usage_count_and_audit_row,
     migrate_command_prepares_the_schema_alone,
     shutdown_turns_health_not_serving_before_the_server_goes,
 );
-
-async fn count(database_url: &str, sql: &str) -> i64 {
-    let db = Database::connect(database_url).await.unwrap();
-    let row = db
-        .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
-        .await
-        .unwrap()
-        .unwrap();
-    let n: i64 = row.try_get_by_index(0).unwrap();
-    db.close().await.ok();
-    n
-}
 
 async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
@@ -87,12 +74,15 @@ async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
     let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "exit status {status:?}");
 
-    let verify_rows = count(&database_url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await;
+    let verify_rows =
+        common::scalar(&database_url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await;
     assert_eq!(verify_rows, total, "one audit row per Verify");
     let requests =
-        count(&database_url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'")).await;
+        common::scalar(&database_url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'"))
+            .await;
     let denials =
-        count(&database_url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'")).await;
+        common::scalar(&database_url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'"))
+            .await;
     assert_eq!((requests, denials), (total - denied, denied));
     assert!(denied > 0);
     common::drop_database(postgres).await;

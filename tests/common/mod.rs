@@ -1,7 +1,9 @@
 //! Test harness: `spawn_app` starts the real server (real gRPC on
 //! 127.0.0.1:0, real store, real scrypt) in-process and returns clients.
 //! Every app gets its own database: a temporary SQLite file, or a fresh
-//! PostgreSQL database when `KEYWARDEN_TEST_POSTGRES_URL` is set.
+//! database on the PostgreSQL at `KEYWARDEN_TEST_POSTGRES_URL` (default: the
+//! machine's, postgres://postgres@127.0.0.1:5432/test; set it empty to skip
+//! the PostgreSQL runs on a machine without one).
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -41,15 +43,21 @@ pub enum Backend {
     Postgres(String),
 }
 
+/// Where this project's machines (and CI) run PostgreSQL.
+pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
 impl Backend {
-    /// PostgreSQL if `KEYWARDEN_TEST_POSTGRES_URL` is set.
+    /// The machine's PostgreSQL unless `KEYWARDEN_TEST_POSTGRES_URL` names
+    /// another, or is set empty to skip. Skipping is opt-in so that a plain
+    /// `cargo test` cannot pass by not running half the suite.
     pub fn postgres() -> Option<Self> {
         match std::env::var("KEYWARDEN_TEST_POSTGRES_URL") {
-            Ok(url) if !url.is_empty() => Some(Self::Postgres(url)),
-            _ => {
-                eprintln!("KEYWARDEN_TEST_POSTGRES_URL is not set: skipping the PostgreSQL run of this test");
+            Ok(url) if url.is_empty() => {
+                eprintln!("KEYWARDEN_TEST_POSTGRES_URL is empty: skipping the PostgreSQL run of this test");
                 None
             }
+            Ok(url) => Some(Self::Postgres(url)),
+            Err(_) => Some(Self::Postgres(DEFAULT_POSTGRES_URL.to_owned())),
         }
     }
 }
@@ -114,8 +122,12 @@ pub async fn fresh_database(backend: &Backend, dir: &std::path::Path) -> (String
         Backend::Postgres(admin_url) => {
             use sea_orm::sqlx::{Connection, Executor, PgConnection};
             let name = format!("kw_t_{}", uuid::Uuid::now_v7().simple());
-            let mut conn =
-                PgConnection::connect(admin_url).await.expect("connect to KEYWARDEN_TEST_POSTGRES_URL");
+            let mut conn = PgConnection::connect(admin_url).await.unwrap_or_else(|e| {
+                panic!(
+                    "cannot reach PostgreSQL at {admin_url} ({e}); start it, point KEYWARDEN_TEST_POSTGRES_URL \
+                     at another, or set KEYWARDEN_TEST_POSTGRES_URL= (empty) to skip the PostgreSQL runs"
+                )
+            });
             let create = format!("CREATE DATABASE {name}");
             conn.execute(sea_orm::sqlx::AssertSqlSafe(create)).await.unwrap();
             conn.close().await.ok();
@@ -316,6 +328,21 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
 pub enum TableLock {
     Sqlite(sea_orm::sqlx::SqliteConnection),
     Postgres(sea_orm::sqlx::PgConnection),
+}
+
+/// The first column of the first row of `sql`, on a connection of its own
+/// (counts and other single numbers read straight from the database).
+pub async fn scalar(database_url: &str, sql: &str) -> i64 {
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let db = Database::connect(database_url).await.unwrap();
+    let row = db
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
+        .await
+        .unwrap()
+        .unwrap();
+    let n: i64 = row.try_get_by_index(0).unwrap();
+    db.close().await.ok();
+    n
 }
 
 pub async fn lock_audit_table(database_url: &str) -> TableLock {
