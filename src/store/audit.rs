@@ -27,8 +27,9 @@ const AUDIT_COLUMNS: &str = "id, \"timestamp\", kind, merchant_id, api_key_id, a
 /// Rows travel as one JSON parameter so that every batch, whatever its size,
 /// is the same statement text: prepared once per connection and reused,
 /// instead of a fresh 16-parameters-per-row VALUES list that the database
-/// must parse and plan on every batch (the largest cost of auditing in the
-/// benchmark's profile).
+/// must parse and plan on every batch. Used for SQLite's audit batches and
+/// for admin rows (inside their transactions) on both backends; PostgreSQL's
+/// audit batches use binary arrays instead ([`Store::insert_audit_arrays`]).
 #[derive(serde::Serialize)]
 struct InsertRow<'a>(
     &'a str,
@@ -170,15 +171,17 @@ impl Store {
         }
         self.count(1);
         match self.backend() {
-            super::Backend::Postgres => self.insert_audit_arrays(rows).await?,
-            super::Backend::Sqlite => insert_audit_rows(self.db(), rows).await?,
+            super::Backend::Sqlite => insert_audit_rows(self.db(), rows).await,
+            super::Backend::Postgres => {
+                self.insert_audit_arrays(rows).await?;
+                let allowed: Vec<&str> = rows
+                    .iter()
+                    .filter(|r| r.decision == Some(Decision::Allow))
+                    .map(|r| r.id.as_str())
+                    .collect();
+                self.apply_held_outcomes(&allowed).await.map(drop)
+            }
         }
-        if self.backend() == super::Backend::Postgres {
-            let allowed: Vec<&str> =
-                rows.iter().filter(|r| r.decision == Some(Decision::Allow)).map(|r| r.id.as_str()).collect();
-            self.apply_held_outcomes(&allowed).await?;
-        }
-        Ok(())
     }
 
     /// PostgreSQL: the batch as one array per column, bound in binary and
