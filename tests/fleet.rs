@@ -81,20 +81,6 @@ async fn clients(addr: SocketAddr) -> Clients {
     }
 }
 
-async fn create(admin: &mut AdminClient, name: &str) -> (String, String) {
-    let r = admin
-        .create_key(pb::CreateKeyRequest {
-            merchant_id: MERCHANT.into(),
-            name: name.into(),
-            scopes: vec!["sales:read".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (r.api_key.unwrap().id, r.plaintext_key)
-}
-
 async fn verify(
     client: &mut KeyVerifyClient<Channel>,
     key: &str,
@@ -117,9 +103,9 @@ fn allowed(r: &pb::VerifyResponse) -> bool {
     r.decision == pb::Decision::Allow as i32
 }
 
-async fn stop(mut replica: Replica) {
+async fn stop(replica: Replica) {
     sigterm(&replica.child);
-    let status = tokio::task::spawn_blocking(move || replica.child.wait()).await.unwrap().unwrap();
+    let status = common::exited(replica.child).await;
     assert!(status.success(), "replica exited with {status:?}");
 }
 
@@ -135,7 +121,7 @@ async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {
     const KEYS: usize = 100;
     let mut keys = Vec::new();
     for i in 0..KEYS {
-        let (id, key) = create(&mut on_a.admin, &format!("fleet {i}")).await;
+        let (id, key) = common::create_sales_key(&mut on_a.admin, &format!("fleet {i}")).await;
         // Created on A, verified on B: same database, and B now caches it.
         assert!(allowed(&verify(&mut on_b.verify, &key).await.unwrap()));
         keys.push((id, key));
@@ -174,7 +160,7 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     let slow = [("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000")];
     let (a, b) = (fleet.replica(&fleet.database_url, &slow), fleet.replica(&fleet.database_url, &slow));
     let mut on_a = clients(a.addr).await;
-    let (key_id, key) = create(&mut on_a.admin, "shared").await;
+    let (key_id, key) = common::create_sales_key(&mut on_a.admin, "shared").await;
     let allowed_calls = Arc::new(AtomicU64::new(0));
     let denied_calls = Arc::new(AtomicU64::new(0));
     let mut load = Vec::new();
@@ -239,8 +225,8 @@ async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_n
     let fast = [("KEYWARDEN_HEALTH_CHECK_INTERVAL_MS", "200"), ("KEYWARDEN_DB_ACQUIRE_TIMEOUT_MS", "500")];
     let a = fleet.replica(&proxy.url_for(&fleet.database_url), &fast);
     let mut on_a = clients(a.addr).await;
-    let (cached_id, cached) = create(&mut on_a.admin, "cached").await;
-    let (_, uncached) = create(&mut on_a.admin, "never verified here").await;
+    let (cached_id, cached) = common::create_sales_key(&mut on_a.admin, "cached").await;
+    let (_, uncached) = common::create_sales_key(&mut on_a.admin, "never verified here").await;
     assert!(allowed(&verify(&mut on_a.verify, &cached).await.unwrap()));
 
     let running = Arc::new(AtomicBool::new(true));
@@ -320,7 +306,7 @@ async fn past_the_staleness_bound_cached_keys_fail_closed_until_the_database_ret
     ];
     let a = fleet.replica(&proxy.url_for(&fleet.database_url), &env);
     let mut on_a = clients(a.addr).await;
-    let (_, key) = create(&mut on_a.admin, "bounded").await;
+    let (_, key) = common::create_sales_key(&mut on_a.admin, "bounded").await;
     assert!(allowed(&verify(&mut on_a.verify, &key).await.unwrap()));
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -355,7 +341,7 @@ async fn a_replica_that_missed_notices_forgets_its_cache_on_reconnect() {
     let Some(fleet) = postgres_fleet().await else { return };
     let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
     let (mut on_a, mut on_b) = (clients(a.addr).await, clients(b.addr).await);
-    let (id, key) = create(&mut on_a.admin, "watched").await;
+    let (id, key) = common::create_sales_key(&mut on_a.admin, "watched").await;
     assert!(allowed(&verify(&mut on_b.verify, &key).await.unwrap()));
 
     // A revocation no replica is told about (written behind keywarden's
@@ -372,29 +358,21 @@ async fn a_replica_that_missed_notices_forgets_its_cache_on_reconnect() {
     // ...until its listener connection is killed: on reconnect it cannot
     // know what it missed, so it drops everything it cached.
     let name = fleet.database_url.rsplit('/').next().unwrap().to_owned();
-    db.execute_raw(Statement::from_string(
-        backend,
-        format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = '{}' AND datname = '{name}'",
-            keywarden::store::LISTENER_APPLICATION
-        ),
-    ))
-    .await
-    .unwrap();
+    let terminate_listeners = || {
+        db.execute_raw(Statement::from_string(
+            backend,
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = '{}' AND datname = '{name}'",
+                keywarden::store::LISTENER_APPLICATION
+            ),
+        ))
+    };
+    terminate_listeners().await.unwrap();
     // And a normal revocation made while the listeners reconnect.
-    let (other_id, other) = create(&mut on_a.admin, "revoked meanwhile").await;
+    let (other_id, other) = common::create_sales_key(&mut on_a.admin, "revoked meanwhile").await;
     assert!(allowed(&verify(&mut on_b.verify, &other).await.unwrap()));
-    db.execute_raw(Statement::from_string(
-        backend,
-        format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = '{}' AND datname = '{name}'",
-            keywarden::store::LISTENER_APPLICATION
-        ),
-    ))
-    .await
-    .unwrap();
+    terminate_listeners().await.unwrap();
     revoke(&mut on_a.admin, &other_id).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !b.logged("change listener reconnected") {
@@ -487,7 +465,7 @@ async fn an_outcome_reported_to_another_replica_lands_on_its_row() {
     let a = fleet.replica(&fleet.database_url, &[("KEYWARDEN_AUDIT_LINGER_MS", "3000")]);
     let b = fleet.replica(&fleet.database_url, &[]);
     let (mut on_a, mut on_b) = (clients(a.addr).await, clients(b.addr).await);
-    let (_, key) = create(&mut on_a.admin, "load balanced").await;
+    let (_, key) = common::create_sales_key(&mut on_a.admin, "load balanced").await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let verdict = verify(&mut on_a.verify, &key).await.unwrap();
     let id = verdict.audit_event_id.clone();

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, admin_client, connect, sigterm, spawn_binary};
+use common::{ADMIN_TOKEN, Backend, PEPPER, admin_client, connect, sigterm, spawn_binary};
 use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
 
 backend_tests!(
@@ -22,21 +22,10 @@ async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
     // Usage would only reach the database at shutdown: the final flush is what is tested.
     let replica =
         spawn_binary(&database_url, dir.path(), &[("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000")]);
-    let (mut child, addr) = (replica.child, replica.addr);
+    let (child, addr) = (replica.child, replica.addr);
     let channel = connect(addr).await;
     let mut admin = admin_client(channel.clone(), ADMIN_TOKEN);
-    let key = admin
-        .create_key(pb::CreateKeyRequest {
-            merchant_id: MERCHANT.into(),
-            name: "load".into(),
-            scopes: vec!["sales:read".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let plaintext = key.plaintext_key.clone();
-    let key_id = key.api_key.unwrap().id;
+    let (key_id, plaintext) = common::create_sales_key(&mut admin, "load").await;
 
     const TASKS: usize = 8;
     const PER_TASK: usize = 40;
@@ -71,7 +60,7 @@ async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
     }
     let total = (TASKS * PER_TASK) as i64;
     sigterm(&child);
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = common::exited(child).await;
     assert!(status.success(), "exit status {status:?}");
 
     let verify_rows =
@@ -112,11 +101,11 @@ async fn migrate_command_prepares_the_schema_alone(backend: Backend) {
         .unwrap();
     assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
     let replica = spawn_binary(&database_url, dir.path(), &[("KEYWARDEN_MIGRATE_ON_START", "false")]);
-    let (mut child, addr) = (replica.child, replica.addr);
+    let (child, addr) = (replica.child, replica.addr);
     let mut admin = admin_client(connect(addr).await, ADMIN_TOKEN);
     assert!(admin.list_scopes(pb::ListScopesRequest {}).await.is_ok());
     sigterm(&child);
-    assert!(child.wait().unwrap().success());
+    assert!(common::exited(child).await.success());
     common::drop_database(postgres).await;
 }
 

@@ -216,18 +216,7 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
     let replica = spawn_binary(&database_url, dir.path(), &[("RUST_LOG", "debug")]);
     let channel = common::connect(replica.addr).await;
     let mut admin = common::admin_client(channel.clone(), ADMIN_TOKEN);
-    let created = admin
-        .create_key(pb::CreateKeyRequest {
-            merchant_id: MERCHANT.into(),
-            name: "logged".into(),
-            scopes: vec!["sales:read".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let key = created.plaintext_key;
-    let id = created.api_key.unwrap().id;
+    let (id, key) = common::create_sales_key(&mut admin, "logged").await;
     let mut verify = pb::key_verify_client::KeyVerifyClient::new(channel);
     verify.verify(pb::VerifyRequest { key: key.clone(), ..Default::default() }).await.unwrap();
     admin
@@ -239,8 +228,7 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
         .await
         .unwrap();
     common::sigterm(&replica.child);
-    let mut child = replica.child;
-    assert!(child.wait().unwrap().success());
+    assert!(common::exited(replica.child).await.success());
     let logs = replica.logs.lock().unwrap().join("\n");
     for action in ["key created", "key revoked"] {
         let line = logs.lines().find(|l| l.contains(action)).unwrap_or_else(|| panic!("no {action:?} line"));

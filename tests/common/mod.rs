@@ -216,6 +216,22 @@ pub fn admin_client(channel: Channel, token: &str) -> AdminClient {
     KeyAdminClient::with_interceptor(channel, Bearer(value))
 }
 
+/// Creates a `sales:read` key for the test merchant through `admin`;
+/// returns its id and plaintext.
+pub async fn create_sales_key(admin: &mut AdminClient, name: &str) -> (String, String) {
+    let r = admin
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: name.into(),
+            scopes: vec!["sales:read".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.api_key.unwrap().id, r.plaintext_key)
+}
+
 impl TestApp {
     /// An admin client presenting another token.
     pub fn admin_as(&self, token: &str) -> AdminClient {
@@ -430,6 +446,27 @@ pub fn spawn_binary(database_url: &str, data_dir: &std::path::Path, extra: &[(&s
 pub fn sigterm(child: &Child) {
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
+}
+
+/// How long a replica may take to exit after SIGTERM: its drain grace
+/// (10 s) plus its final flush (30 s), with room to spare.
+pub const EXIT_WITHIN: Duration = Duration::from_secs(60);
+
+/// Waits for `child` to exit, at most [`EXIT_WITHIN`]; a replica that hangs
+/// in shutdown is killed and fails the test instead of hanging the suite.
+pub async fn exited(mut child: Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + EXIT_WITHIN;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("keywarden (pid {}) did not exit within {EXIT_WITHIN:?} of SIGTERM", child.id());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A TCP proxy that a test can cut (drop every connection and refuse new
