@@ -330,12 +330,23 @@ impl Application {
 
         tracing::info!("flushing usage counts and audit rows");
         let _ = stop_tasks.send(true);
+        // The helpers (change feed, health monitor, retention, metrics) hold
+        // no data: they get the flush timeout to finish what they are doing
+        // and are then abandoned, so that a statement stuck on a lock cannot
+        // hold the process. The writers bound their own final flush.
+        let helpers_done = tokio::time::Instant::now() + settings.flush_timeout();
         for helper in helpers {
-            let _ = helper.await;
+            let abort = helper.abort_handle();
+            if tokio::time::timeout_at(helpers_done, helper).await.is_err() {
+                abort.abort();
+            }
         }
         let unwritten_usage = join("usage flusher", usage_task).await;
         let unwritten_audit = join("audit writer", audit_task).await;
-        store.close().await;
+        // Closing waits for connections in use; one may be stuck on a lock.
+        if tokio::time::timeout(settings.flush_timeout(), store.close()).await.is_err() {
+            tracing::warn!("database connections did not close in time; leaving them to the exit");
+        }
         if unwritten_usage + unwritten_audit > 0 {
             anyhow::bail!(
                 "stopped with {unwritten_audit} audit rows and usage of {unwritten_usage} keys unwritten \

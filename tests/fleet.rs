@@ -32,7 +32,12 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-backend_tests!(retention_deletes_only_rows_past_the_limit, audit_listing_is_served_by_indexes);
+backend_tests!(
+    retention_deletes_only_rows_past_the_limit,
+    audit_listing_is_served_by_indexes,
+    an_audit_batch_written_again_is_harmless,
+    shutdown_gives_up_on_a_stuck_audit_write_after_the_flush_timeout,
+);
 
 struct Fleet {
     database_url: String,
@@ -504,4 +509,47 @@ async fn an_outcome_reported_to_another_replica_lands_on_its_row() {
     stop(a).await;
     stop(b).await;
     fleet.drop().await;
+}
+
+/// A batch whose commit was not acknowledged is retried; rows already there
+/// must neither fail the retry forever nor be duplicated, and a status
+/// reported in between must land.
+async fn an_audit_batch_written_again_is_harmless(backend: Backend) {
+    let app = spawn_app_with(backend, |s| s.audit_retention_days = 0).await;
+    let mut rows: Vec<AuditRecord> = (0..3).map(|_| old_row(1, MERCHANT, "k-retried")).collect();
+    app.probes.store.insert_audit_batch(&rows).await.unwrap();
+    rows[0].status = Some(201);
+    app.probes.store.insert_audit_batch(&rows).await.unwrap();
+    let count = |sql: &'static str| common::scalar(&app.database_url, sql);
+    assert_eq!(count("SELECT COUNT(*) FROM audit_events WHERE api_key_id = 'k-retried'").await, 3);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM audit_events WHERE api_key_id = 'k-retried' AND status = 201").await,
+        1
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM audit_events WHERE api_key_id = 'k-retried' AND status = 401").await,
+        2
+    );
+    app.stop().await;
+}
+
+/// The audit writer retries for as long as the database is away, but
+/// shutdown waits for it only until the flush timeout, and then says rows
+/// were left unwritten instead of hanging.
+async fn shutdown_gives_up_on_a_stuck_audit_write_after_the_flush_timeout(backend: Backend) {
+    let mut app = spawn_app_with(backend, |s| {
+        s.flush_timeout_ms = 1000;
+        s.shutdown_grace_ms = 500;
+    })
+    .await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    app.settle().await;
+    let lock = common::lock_audit_table(&app.database_url).await;
+    app.verify(&key, "", "").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ended = app.stop_within(Duration::from_secs(20)).await;
+    let message = format!("{:#}", ended.expect_err("the stuck row is reported"));
+    assert!(message.contains("1 audit rows") && message.contains("unwritten"), "{message}");
+    lock.release().await;
+    app.stop().await;
 }

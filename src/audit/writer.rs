@@ -194,15 +194,22 @@ impl AuditWriter {
                         return 0;
                     }
                     self.fill(&mut batch).await;
-                    self.write(&mut batch, None).await;
+                    // A write retries for as long as the database is away;
+                    // shutdown must not wait for that. Rows not yet
+                    // acknowledged stay in `batch` for the final drain.
+                    tokio::select! {
+                        _ = self.write(&mut batch, None) => {}
+                        () = &mut stop => break,
+                    }
                 }
                 () = &mut stop => break,
             }
         }
-        // Senders now get QueueClosed; everything already queued is drained.
+        // Senders now get QueueClosed; everything already queued is drained,
+        // starting with a batch whose write shutdown interrupted.
         self.rx.close();
         let give_up = tokio::time::Instant::now() + final_deadline;
-        while self.rx.recv_many(&mut batch, self.batch_size).await > 0 {
+        while !batch.is_empty() || self.rx.recv_many(&mut batch, self.batch_size).await > 0 {
             if !self.write(&mut batch, Some(give_up)).await {
                 let lost = batch.len() + self.rx.len();
                 tracing::error!(rows = lost, "audit rows could not be written before shutdown");
@@ -230,7 +237,17 @@ impl AuditWriter {
         self.apply_held_outcomes(batch);
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.store.insert_audit_batch(batch).await {
+            let attempt = self.store.insert_audit_batch(batch);
+            // With a deadline, an attempt stuck on the database (a lock, a
+            // half-open connection) is abandoned when it passes too.
+            let result = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, attempt).await {
+                    Ok(result) => result,
+                    Err(_) => return false,
+                },
+                None => attempt.await,
+            };
+            match result {
                 Ok(()) => break,
                 Err(e) => {
                     self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);

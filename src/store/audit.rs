@@ -22,6 +22,14 @@ use crate::{
 const AUDIT_COLUMNS: &str = "id, \"timestamp\", kind, merchant_id, api_key_id, api_key_name, key_prefix, \
     endpoint, method, ip, status, decision, deny_reason, actor, trace_id, detail";
 
+/// Makes inserting a batch again harmless. A batch whose commit was not
+/// acknowledged (the connection dropped at the wrong moment) is retried, and
+/// its rows may already be there: each id is unique, so a conflict is the
+/// same row, and only a status reported since can differ. (SQLite needs the
+/// `WHERE true` before it to parse `INSERT … SELECT … ON CONFLICT`.)
+const AUDIT_RETRY: &str =
+    "ON CONFLICT (id) DO UPDATE SET status = COALESCE(excluded.status, audit_events.status)";
+
 /// One audit row as a JSON array, in [`AUDIT_COLUMNS`] order.
 ///
 /// Rows travel as one JSON parameter so that every batch, whatever its size,
@@ -92,13 +100,13 @@ pub(super) async fn insert_audit_rows<C: ConnectionTrait>(
             "INSERT INTO audit_events ({AUDIT_COLUMNS}) \
              SELECT r->>0, (r->>1)::timestamptz, r->>2, r->>3, r->>4, r->>5, r->>6, r->>7, r->>8, r->>9, \
                     (r->>10)::integer, r->>11, r->>12, r->>13, r->>14, r->>15 \
-             FROM jsonb_array_elements($1::jsonb) AS r"
+             FROM jsonb_array_elements($1::jsonb) AS r {AUDIT_RETRY}"
         ),
         _ => format!(
             "INSERT INTO audit_events ({AUDIT_COLUMNS}) \
              SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, \
                     value->>8, value->>9, value->>10, value->>11, value->>12, value->>13, value->>14, value->>15 \
-             FROM json_each(?)"
+             FROM json_each(?) WHERE true {AUDIT_RETRY}"
         ),
     };
     db.execute_raw(Statement::from_sql_and_values(backend, sql, [Value::from(json)])).await?;
@@ -197,7 +205,7 @@ impl Store {
             "INSERT INTO audit_events ({AUDIT_COLUMNS}) SELECT * FROM unnest(\
              $1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
              $8::text[], $9::text[], $10::text[], $11::int4[], $12::text[], $13::text[], $14::text[], \
-             $15::text[], $16::text[])"
+             $15::text[], $16::text[]) {AUDIT_RETRY}"
         );
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(column(rows, |r| r.id.as_str()))

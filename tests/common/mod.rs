@@ -249,6 +249,16 @@ impl TestApp {
     }
 
     /// Graceful stop that keeps the database for inspection.
+    /// Asks the app to stop and returns how its run ended (an error when it
+    /// could not write everything), failing the test after `within`.
+    pub async fn stop_within(&mut self, within: Duration) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let handle = self.handle.take().expect("the app is running");
+        tokio::time::timeout(within, handle).await.expect("the app stopped in time").unwrap()
+    }
+
     pub async fn stop_serving(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
