@@ -408,8 +408,14 @@ async fn monitor_database(
     }
 }
 
+/// How long applied usage flush ids are remembered. A flush is retried every
+/// interval until it is confirmed, so a retry of a committed flush comes as
+/// soon as the database answers again; a week covers any outage survived.
+const USAGE_FLUSH_MEMORY: chrono::Duration = chrono::Duration::days(7);
+
 /// Every `every`: deletes audit rows older than `retention` (if set) in
-/// bounded batches, and outcomes held for rows that never appeared.
+/// bounded batches, outcomes held for rows that never appeared, and usage
+/// flush ids past [`USAGE_FLUSH_MEMORY`].
 async fn prune_audit(
     store: Store,
     retention: Option<chrono::Duration>,
@@ -427,6 +433,9 @@ async fn prune_audit(
         let now = crate::clock::now();
         if let Err(e) = store.expire_held_outcomes(now - crate::audit::QUEUE_HORIZON * 6).await {
             tracing::warn!(error = %e, "expiring held outcomes failed; will retry");
+        }
+        if let Err(e) = store.delete_usage_flushes_before(now - USAGE_FLUSH_MEMORY).await {
+            tracing::warn!(error = %e, "forgetting old usage flush ids failed; will retry");
         }
         let Some(retention) = retention else { continue };
         let cutoff = now - retention;

@@ -8,7 +8,10 @@ mod common;
 use std::time::Duration;
 
 use common::{Backend, MERCHANT, allowed, deny, outcome, spawn_app, spawn_app_with, violated_fields};
-use keywarden::api::pb::{self, DenyReason as R};
+use keywarden::{
+    api::pb::{self, DenyReason as R},
+    store::keys::{UsageApplied, UsageDelta},
+};
 use prost_types::{FieldMask, Timestamp};
 
 backend_tests!(
@@ -27,6 +30,9 @@ backend_tests!(
     record_outcomes_validates_statuses_and_ignores_unknown_ids,
     denials_are_audited_with_401_or_403,
     usage_counts_include_unflushed_uses_and_add_up_after_flush,
+    a_usage_flush_applied_twice_is_counted_once,
+    a_usage_flush_cut_short_keeps_its_counts_for_the_next,
+    shutdown_gives_up_on_a_stuck_usage_flush_and_says_so,
     audit_rows_carry_the_callers_trace_id_without_span_export,
     a_full_audit_queue_holds_verify_back_by_default,
     a_full_audit_queue_drops_and_counts_when_configured_to,
@@ -391,6 +397,22 @@ async fn denials_are_audited_with_401_or_403(backend: Backend) {
     app.stop().await;
 }
 
+/// GetKeyUsage as an admin client sees it.
+async fn usage(app: &common::TestApp, key_id: &str) -> pb::GetKeyUsageResponse {
+    app.admin
+        .clone()
+        .get_key_usage(pb::GetKeyUsageRequest { merchant_id: MERCHANT.into(), key_id: key_id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// request_count and denied_count as GetKeyUsage answers them.
+async fn counts(app: &common::TestApp, key_id: &str) -> (i64, i64) {
+    let usage = usage(app, key_id).await;
+    (usage.request_count, usage.denied_count)
+}
+
 async fn usage_counts_include_unflushed_uses_and_add_up_after_flush(backend: Backend) {
     // A flush interval far beyond the test: counts can only come from memory.
     let mut app = spawn_app_with(backend, |s| s.usage_flush_interval_ms = 3_600_000).await;
@@ -401,18 +423,7 @@ async fn usage_counts_include_unflushed_uses_and_add_up_after_flush(backend: Bac
     for _ in 0..2 {
         assert_eq!(outcome(&app.verify(&key, "", "invoice:read").await), deny(R::InsufficientScope));
     }
-    let usage = |app: &mut common::TestApp| {
-        let mut admin = app.admin.clone();
-        let id = api_key.id.clone();
-        async move {
-            admin
-                .get_key_usage(pb::GetKeyUsageRequest { merchant_id: MERCHANT.into(), key_id: id })
-                .await
-                .unwrap()
-                .into_inner()
-        }
-    };
-    let before = usage(&mut app).await;
+    let before = usage(&app, &api_key.id).await;
     assert_eq!((before.request_count, before.denied_count), (5, 2));
     assert!(before.last_used_at.is_some());
     let listed = app
@@ -426,11 +437,74 @@ async fn usage_counts_include_unflushed_uses_and_add_up_after_flush(backend: Bac
     assert_eq!((listed.request_count, listed.denied_count), (5, 2));
     app.probes.usage.flush().await.unwrap();
     assert_eq!(app.probes.usage.pending_keys(), 0);
-    let after = usage(&mut app).await;
+    let after = usage(&app, &api_key.id).await;
     assert_eq!((after.request_count, after.denied_count), (5, 2), "flushing neither loses nor doubles");
     assert_eq!(after.last_used_at, before.last_used_at);
     let row = app.probes.store.find_by_id(&api_key.id).await.unwrap().unwrap();
     assert_eq!((row.request_count, row.denied_count), (5, 2), "the counts are in the database");
+    app.stop().await;
+}
+
+/// A flush whose commit was never acknowledged is retried under the same
+/// id; the store recognises it and does not add the counts again.
+async fn a_usage_flush_applied_twice_is_counted_once(backend: Backend) {
+    let mut app = spawn_app_with(backend, |s| s.usage_flush_interval_ms = 3_600_000).await;
+    let (api_key, _) = app.key_with_scopes(&["sales:read"]).await;
+    let delta = UsageDelta { allowed: 3, denied: 1, last_used_at: Some(chrono::Utc::now()) };
+    let batch = [(api_key.id.clone(), delta)];
+    let store = app.probes.store.clone();
+    assert_eq!(store.apply_usage("flush-a", &batch).await.unwrap(), UsageApplied::Applied);
+    assert_eq!(store.apply_usage("flush-a", &batch).await.unwrap(), UsageApplied::AlreadyApplied);
+    assert_eq!(counts(&app, &api_key.id).await, (3, 1));
+    assert_eq!(store.apply_usage("flush-b", &batch).await.unwrap(), UsageApplied::Applied);
+    assert_eq!(counts(&app, &api_key.id).await, (6, 2), "another flush adds");
+    // Retention forgets flush ids by age, and only by age.
+    let now = chrono::Utc::now();
+    assert_eq!(store.delete_usage_flushes_before(now - chrono::Duration::days(1)).await.unwrap(), 0);
+    assert_eq!(store.delete_usage_flushes_before(now + chrono::Duration::minutes(1)).await.unwrap(), 2);
+    app.stop().await;
+}
+
+/// A flush cancelled while it waits on a lock keeps its batch: the counts
+/// stay visible meanwhile, and the next flush writes them, once.
+async fn a_usage_flush_cut_short_keeps_its_counts_for_the_next(backend: Backend) {
+    let mut app = spawn_app_with(backend, |s| s.usage_flush_interval_ms = 3_600_000).await;
+    let (api_key, key) = app.key_with_scopes(&["sales:read"]).await;
+    for _ in 0..3 {
+        assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed());
+    }
+    let lock = common::lock_table(&app.database_url, "api_keys").await;
+    let cut = tokio::time::timeout(Duration::from_millis(500), app.probes.usage.flush()).await;
+    assert!(cut.is_err(), "the flush should have been waiting on the lock");
+    assert_eq!(counts(&app, &api_key.id).await, (3, 0), "counts are neither lost nor doubled meanwhile");
+    lock.release().await;
+    app.probes.usage.flush().await.unwrap();
+    assert_eq!(app.probes.usage.pending_keys(), 0);
+    let row = app.probes.store.find_by_id(&api_key.id).await.unwrap().unwrap();
+    assert_eq!((row.request_count, row.denied_count), (3, 0), "written once");
+    assert_eq!(counts(&app, &api_key.id).await, (3, 0));
+    app.stop().await;
+}
+
+/// Shutdown waits for a usage flush stuck on a lock only until the flush
+/// timeout, then names what it could not write instead of hanging.
+async fn shutdown_gives_up_on_a_stuck_usage_flush_and_says_so(backend: Backend) {
+    let mut app = spawn_app_with(backend, |s| {
+        s.usage_flush_interval_ms = 100;
+        s.flush_timeout_ms = 1000;
+        s.shutdown_grace_ms = 500;
+    })
+    .await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    app.settle().await;
+    let lock = common::lock_table(&app.database_url, "api_keys").await;
+    assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed());
+    // Let the flusher take the count and block on the lock.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let ended = app.stop_within(Duration::from_secs(20)).await;
+    let message = format!("{:#}", ended.expect_err("the stuck count is reported"));
+    assert!(message.contains("usage of 1 keys unwritten"), "{message}");
+    lock.release().await;
     app.stop().await;
 }
 

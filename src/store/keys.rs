@@ -155,6 +155,15 @@ pub struct UsageDelta {
     pub last_used_at: Option<DateTime<Utc>>,
 }
 
+/// What [`Store::apply_usage`] did with a flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageApplied {
+    Applied,
+    /// A flush with this id had already been committed (an earlier attempt
+    /// whose acknowledgement was lost); nothing was added again.
+    AlreadyApplied,
+}
+
 impl Store {
     /// Inserts a key and its KEY_CREATED row together.
     pub async fn insert_key(&self, key: NewKey, audit: AuditRecord) -> Result<StoredKey, InsertError> {
@@ -349,16 +358,67 @@ impl Store {
         Ok((Change::Applied(old), new))
     }
 
-    /// Adds batched usage to key rows: one UPDATE … FROM (VALUES …) per
-    /// chunk of keys, `n = n + delta`, so replicas never overwrite each other.
-    /// Usage never bumps the version: it does not change what a key permits.
-    pub async fn apply_usage(&self, deltas: &[(String, UsageDelta)]) -> Result<(), StoreError> {
+    /// Adds one flush of batched usage to the key rows: one UPDATE … FROM
+    /// (VALUES …) per chunk of keys, `n = n + delta`, so replicas never
+    /// overwrite each other. The flush's id is recorded in the same
+    /// transaction, so a flush retried because its commit was never
+    /// acknowledged is recognised and not added twice; and all chunks commit
+    /// or none do. Usage never bumps the version: it does not change what a
+    /// key permits.
+    pub async fn apply_usage(
+        &self,
+        flush_id: &str,
+        deltas: &[(String, UsageDelta)],
+    ) -> Result<UsageApplied, StoreError> {
+        let txn = self.db().begin().await?;
+        // BEGIN, INSERT flush id, the UPDATEs, COMMIT.
+        self.count(2);
+        let first = txn
+            .execute_raw(Statement::from_sql_and_values(
+                self.db_backend(),
+                match self.backend() {
+                    Backend::Postgres => {
+                        "INSERT INTO usage_flushes (id, applied_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING"
+                    }
+                    Backend::Sqlite => "INSERT INTO usage_flushes (id, applied_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+                },
+                [Value::from(flush_id), Value::ChronoDateTimeUtc(Some(chrono::Utc::now()))],
+            ))
+            .await?
+            .rows_affected()
+            == 1;
+        if !first {
+            self.count(1);
+            txn.rollback().await?;
+            return Ok(UsageApplied::AlreadyApplied);
+        }
         for chunk in deltas.chunks(USAGE_CHUNK) {
             let (sql, values) = usage_statement(self.backend(), chunk);
             self.count(1);
-            self.db().execute_raw(Statement::from_sql_and_values(self.db_backend(), sql, values)).await?;
+            txn.execute_raw(Statement::from_sql_and_values(self.db_backend(), sql, values)).await?;
         }
-        Ok(())
+        self.count(1);
+        txn.commit().await?;
+        Ok(UsageApplied::Applied)
+    }
+
+    /// Forgets the ids of usage flushes applied before `cutoff`: a retry
+    /// comes within seconds of its first attempt, never days later.
+    pub async fn delete_usage_flushes_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.count(1);
+        let sql = match self.backend() {
+            Backend::Postgres => "DELETE FROM usage_flushes WHERE applied_at < $1",
+            Backend::Sqlite => "DELETE FROM usage_flushes WHERE applied_at < ?",
+        };
+        Ok(self
+            .db()
+            .execute_raw(Statement::from_sql_and_values(
+                self.db_backend(),
+                sql,
+                [Value::ChronoDateTimeUtc(Some(cutoff))],
+            ))
+            .await?
+            .rows_affected())
     }
 
     /// Tells every replica that `key` changed, as part of the transaction:

@@ -2,8 +2,10 @@
 //!
 //! Verify only touches an in-memory map; a flusher adds the accumulated
 //! deltas to the key rows at least once per interval (`n = n + delta`, so
-//! replicas never overwrite each other). A failed flush puts the deltas back,
-//! so an outage delays counts but loses none.
+//! replicas never overwrite each other). Each flush gets an id that the store
+//! records in the same transaction, and a flush that failed is retried as the
+//! same batch under the same id: an outage delays counts but loses none, and
+//! a commit whose acknowledgement was lost is not counted twice.
 
 use std::{
     collections::HashMap,
@@ -14,12 +16,27 @@ use std::{
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::store::{Store, StoreError, keys::UsageDelta};
+use crate::store::{
+    Store, StoreError,
+    keys::{UsageApplied, UsageDelta},
+};
+
+/// Deltas taken out of the map for one flush, and the id that makes
+/// applying them idempotent.
+#[derive(Debug)]
+struct Flush {
+    id: String,
+    deltas: Vec<(String, UsageDelta)>,
+}
 
 #[derive(Debug)]
 pub struct UsageTracker {
     store: Store,
     pending: Mutex<HashMap<String, UsageDelta>>,
+    /// The batch being written, or not yet known to be written. It stays
+    /// here until the store confirms it, so a flush that fails or is
+    /// cancelled mid-write is retried whole, under its own id.
+    in_flight: Mutex<Option<Arc<Flush>>>,
     /// Held while a flush is in flight, so readers never see a delta both in
     /// memory and in the database, or in neither.
     flushing: AsyncMutex<()>,
@@ -31,6 +48,7 @@ impl UsageTracker {
         Arc::new(Self {
             store,
             pending: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(None),
             flushing: AsyncMutex::new(()),
             last_flushed: Mutex::new(std::time::Instant::now()),
         })
@@ -60,9 +78,15 @@ impl UsageTracker {
         self.last_flushed.lock().unwrap_or_else(PoisonError::into_inner).elapsed()
     }
 
-    /// Keys with unflushed usage.
+    /// Keys with unflushed usage (a key both in the map and in a batch not
+    /// yet confirmed counts twice).
     pub fn pending_keys(&self) -> usize {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner).len()
+        let in_flight = self.in_flight().map_or(0, |f| f.deltas.len());
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).len() + in_flight
+    }
+
+    fn in_flight(&self) -> Option<Arc<Flush>> {
+        self.in_flight.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Holds off flushes while the guard lives, so a database read plus
@@ -71,38 +95,59 @@ impl UsageTracker {
         self.flushing.lock().await
     }
 
-    /// Usage of `key_id` not yet written to the database.
+    /// Usage of `key_id` not yet confirmed written to the database.
     pub fn pending(&self, key_id: &str) -> UsageDelta {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner).get(key_id).copied().unwrap_or_default()
+        let mut total = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key_id)
+            .copied()
+            .unwrap_or_default();
+        if let Some(flush) = self.in_flight() {
+            for (_, delta) in flush.deltas.iter().filter(|(id, _)| id == key_id) {
+                total.allowed += delta.allowed;
+                total.denied += delta.denied;
+                total.last_used_at = total.last_used_at.max(delta.last_used_at);
+            }
+        }
+        total
     }
 
-    /// Writes everything accumulated so far. On failure the deltas go back.
+    /// Writes everything accumulated so far: first a batch left over from a
+    /// failed or cancelled attempt (under its original id), then what has
+    /// accumulated since. Returns the number of key rows written. Safe to
+    /// cancel: an unconfirmed batch stays queued for the next call.
     pub async fn flush(&self) -> Result<usize, StoreError> {
         let _flush = self.flushing.lock().await;
-        let batch: Vec<(String, UsageDelta)> =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
-                .into_iter()
-                .collect();
-        if batch.is_empty() {
-            *self.last_flushed.lock().unwrap_or_else(PoisonError::into_inner) = std::time::Instant::now();
-            return Ok(0);
-        }
-        match self.store.apply_usage(&batch).await {
-            Ok(()) => {
-                *self.last_flushed.lock().unwrap_or_else(PoisonError::into_inner) = std::time::Instant::now();
-                Ok(batch.len())
-            }
-            Err(e) => {
-                let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                for (key_id, delta) in batch {
-                    let merged = pending.entry(key_id).or_default();
-                    merged.allowed += delta.allowed;
-                    merged.denied += delta.denied;
-                    merged.last_used_at = merged.last_used_at.max(delta.last_used_at);
+        let mut written = 0;
+        loop {
+            let flush = {
+                let mut slot = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+                match &*slot {
+                    Some(flush) => Arc::clone(flush),
+                    None => {
+                        let deltas: Vec<(String, UsageDelta)> =
+                            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+                                .into_iter()
+                                .collect();
+                        if deltas.is_empty() {
+                            break;
+                        }
+                        let flush = Arc::new(Flush { id: uuid::Uuid::now_v7().to_string(), deltas });
+                        *slot = Some(Arc::clone(&flush));
+                        flush
+                    }
                 }
-                Err(e)
+            };
+            if self.store.apply_usage(&flush.id, &flush.deltas).await? == UsageApplied::AlreadyApplied {
+                tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "usage flush had already been applied; not counted again");
             }
+            *self.in_flight.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            written += flush.deltas.len();
         }
+        *self.last_flushed.lock().unwrap_or_else(PoisonError::into_inner) = std::time::Instant::now();
+        Ok(written)
     }
 
     /// Flushes every `interval` until `stop` resolves, then flushes what is
@@ -119,27 +164,34 @@ impl UsageTracker {
         tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = ticker.tick() => {
-                    if let Err(e) = self.flush().await {
-                        tracing::warn!(error = %e, pending_keys = self.pending_keys(), "usage flush failed; will retry");
-                    }
-                }
+                _ = ticker.tick() => {}
+                () = &mut stop => break,
+            }
+            // A flush stuck on a lock gives way to shutdown; what it was
+            // writing stays unconfirmed and goes into the final flush.
+            tokio::select! {
+                result = self.flush() => if let Err(e) = result {
+                    tracing::warn!(error = %e, pending_keys = self.pending_keys(), "usage flush failed; will retry");
+                },
                 () = &mut stop => break,
             }
         }
+        // Each attempt is cut at the deadline too: one stuck on a lock must
+        // not hold shutdown. Its batch stays unconfirmed and is reported.
         let give_up = tokio::time::Instant::now() + final_deadline;
         loop {
-            match self.flush().await {
-                Ok(_) => return 0,
-                Err(e) if tokio::time::Instant::now() < give_up => {
-                    tracing::warn!(error = %e, "final usage flush failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => {
-                    let lost = self.pending_keys();
-                    tracing::error!(error = %e, pending_keys = lost, "usage counts could not be written before shutdown");
-                    return lost;
-                }
+            let error = match tokio::time::timeout_at(give_up, self.flush()).await {
+                Ok(Ok(_)) => return 0,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the final attempt did not finish in time".to_owned(),
+            };
+            if tokio::time::Instant::now() < give_up {
+                tracing::warn!(error = %error, "final usage flush failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            } else {
+                let lost = self.pending_keys();
+                tracing::error!(error = %error, pending_keys = lost, "usage counts could not be written before shutdown");
+                return lost;
             }
         }
     }

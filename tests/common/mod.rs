@@ -372,6 +372,12 @@ pub async fn scalar(database_url: &str, sql: &str) -> i64 {
 }
 
 pub async fn lock_audit_table(database_url: &str) -> TableLock {
+    lock_table(database_url, "audit_events").await
+}
+
+/// Blocks writes to `table` (on SQLite, to the whole database) until
+/// released; reads go on.
+pub async fn lock_table(database_url: &str, table: &str) -> TableLock {
     use sea_orm::sqlx::{Connection, Executor};
     if database_url.starts_with("sqlite:") {
         let mut conn = sea_orm::sqlx::SqliteConnection::connect(database_url).await.unwrap();
@@ -380,7 +386,9 @@ pub async fn lock_audit_table(database_url: &str) -> TableLock {
     } else {
         let mut conn = sea_orm::sqlx::PgConnection::connect(database_url).await.unwrap();
         conn.execute("BEGIN").await.unwrap();
-        conn.execute("LOCK TABLE audit_events IN EXCLUSIVE MODE").await.unwrap();
+        conn.execute(sea_orm::sqlx::AssertSqlSafe(format!("LOCK TABLE {table} IN EXCLUSIVE MODE")))
+            .await
+            .unwrap();
         TableLock::Postgres(conn)
     }
 }

@@ -5,6 +5,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261127_000001_create_tables;
 mod m20261127_000002_audit_outcomes;
+mod m20261128_000003_usage_flushes;
 
 pub struct Migrator;
 
@@ -13,6 +14,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261127_000001_create_tables::Migration),
             Box::new(m20261127_000002_audit_outcomes::Migration),
+            Box::new(m20261128_000003_usage_flushes::Migration),
         ]
     }
 }
