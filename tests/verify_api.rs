@@ -32,6 +32,7 @@ backend_tests!(
     usage_counts_include_unflushed_uses_and_add_up_after_flush,
     a_usage_flush_applied_twice_is_counted_once,
     a_usage_flush_cut_short_keeps_its_counts_for_the_next,
+    usage_counts_stay_exact_while_flushes_run_under_load,
     shutdown_gives_up_on_a_stuck_usage_flush_and_says_so,
     audit_rows_carry_the_callers_trace_id_without_span_export,
     a_full_audit_queue_holds_verify_back_by_default,
@@ -451,7 +452,7 @@ async fn a_usage_flush_applied_twice_is_counted_once(backend: Backend) {
     let mut app = spawn_app_with(backend, |s| s.usage_flush_interval_ms = 3_600_000).await;
     let (api_key, _) = app.key_with_scopes(&["sales:read"]).await;
     let delta = UsageDelta { allowed: 3, denied: 1, last_used_at: Some(chrono::Utc::now()) };
-    let batch = [(api_key.id.clone(), delta)];
+    let batch = [(api_key.id.as_str(), delta)];
     let store = app.probes.store.clone();
     assert_eq!(store.apply_usage("flush-a", &batch).await.unwrap(), UsageApplied::Applied);
     assert_eq!(store.apply_usage("flush-a", &batch).await.unwrap(), UsageApplied::AlreadyApplied);
@@ -483,6 +484,46 @@ async fn a_usage_flush_cut_short_keeps_its_counts_for_the_next(backend: Backend)
     let row = app.probes.store.find_by_id(&api_key.id).await.unwrap().unwrap();
     assert_eq!((row.request_count, row.denied_count), (3, 0), "written once");
     assert_eq!(counts(&app, &api_key.id).await, (3, 0));
+    app.stop().await;
+}
+
+/// Flushes running while eight callers verify neither lose nor double a
+/// use, and each ends (GetKeyUsage waits for flushes).
+async fn usage_counts_stay_exact_while_flushes_run_under_load(backend: Backend) {
+    let mut app = spawn_app_with(backend, |s| s.usage_flush_interval_ms = 3_600_000).await;
+    let (api_key, key) = app.key_with_scopes(&["sales:read"]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Eight callers at once, so that uses arrive during every write.
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let (mut verify, stop, key) = (app.verify.clone(), stop.clone(), key.clone());
+            tokio::spawn(async move {
+                let mut sent = 0_i64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let request = pb::VerifyRequest {
+                        key: key.clone(),
+                        required_scope: "sales:read".into(),
+                        ..Default::default()
+                    };
+                    verify.verify(request).await.unwrap();
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..20 {
+        let flushed = tokio::time::timeout(Duration::from_secs(10), app.probes.usage.flush()).await;
+        assert!(flushed.expect("a flush under load ended").is_ok());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    for caller in load {
+        sent += caller.await.unwrap();
+    }
+    app.probes.usage.flush().await.unwrap();
+    assert_eq!(counts(&app, &api_key.id).await, (sent, 0), "every use counted once");
     app.stop().await;
 }
 

@@ -368,7 +368,7 @@ impl Store {
     pub async fn apply_usage(
         &self,
         flush_id: &str,
-        deltas: &[(String, UsageDelta)],
+        deltas: &[(&str, UsageDelta)],
     ) -> Result<UsageApplied, StoreError> {
         let txn = self.db().begin().await?;
         // BEGIN, INSERT flush id, the UPDATEs, COMMIT.
@@ -477,11 +477,11 @@ const USAGE_CHUNK: usize = 500;
 
 /// `last_used_at` only ever moves forward (another replica may have seen a
 /// later use); a delta without allowed uses leaves it alone.
-fn usage_statement(backend: Backend, chunk: &[(String, UsageDelta)]) -> (String, Vec<Value>) {
+fn usage_statement(backend: Backend, chunk: &[(&str, UsageDelta)]) -> (String, Vec<Value>) {
     let mut values = Vec::with_capacity(chunk.len() * 4);
     let mut rows = Vec::with_capacity(chunk.len());
     for (i, (key_id, delta)) in chunk.iter().enumerate() {
-        values.push(Value::from(key_id.clone()));
+        values.push(Value::from(*key_id));
         values.push(Value::from(delta.allowed));
         values.push(Value::from(delta.denied));
         values.push(Value::ChronoDateTimeUtc(delta.last_used_at));

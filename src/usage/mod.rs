@@ -26,7 +26,7 @@ use crate::store::{
 #[derive(Debug)]
 struct Flush {
     id: String,
-    deltas: Vec<(String, UsageDelta)>,
+    deltas: HashMap<String, UsageDelta>,
 }
 
 #[derive(Debug)]
@@ -104,12 +104,10 @@ impl UsageTracker {
             .get(key_id)
             .copied()
             .unwrap_or_default();
-        if let Some(flush) = self.in_flight() {
-            for (_, delta) in flush.deltas.iter().filter(|(id, _)| id == key_id) {
-                total.allowed += delta.allowed;
-                total.denied += delta.denied;
-                total.last_used_at = total.last_used_at.max(delta.last_used_at);
-            }
+        if let Some(delta) = self.in_flight().and_then(|f| f.deltas.get(key_id).copied()) {
+            total.allowed += delta.allowed;
+            total.denied += delta.denied;
+            total.last_used_at = total.last_used_at.max(delta.last_used_at);
         }
         total
     }
@@ -122,29 +120,33 @@ impl UsageTracker {
         let _flush = self.flushing.lock().await;
         let mut written = 0;
         loop {
-            let flush = {
+            // At most one left-over batch and one fresh one, so a flush
+            // ends even while uses keep arriving.
+            let (flush, fresh) = {
                 let mut slot = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
                 match &*slot {
-                    Some(flush) => Arc::clone(flush),
+                    Some(flush) => (Arc::clone(flush), false),
                     None => {
-                        let deltas: Vec<(String, UsageDelta)> =
-                            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
-                                .into_iter()
-                                .collect();
+                        let deltas =
+                            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
                         if deltas.is_empty() {
                             break;
                         }
                         let flush = Arc::new(Flush { id: uuid::Uuid::now_v7().to_string(), deltas });
                         *slot = Some(Arc::clone(&flush));
-                        flush
+                        (flush, true)
                     }
                 }
             };
-            if self.store.apply_usage(&flush.id, &flush.deltas).await? == UsageApplied::AlreadyApplied {
+            let rows: Vec<(&str, UsageDelta)> = flush.deltas.iter().map(|(k, d)| (k.as_str(), *d)).collect();
+            if self.store.apply_usage(&flush.id, &rows).await? == UsageApplied::AlreadyApplied {
                 tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "usage flush had already been applied; not counted again");
             }
             *self.in_flight.lock().unwrap_or_else(PoisonError::into_inner) = None;
             written += flush.deltas.len();
+            if fresh {
+                break;
+            }
         }
         *self.last_flushed.lock().unwrap_or_else(PoisonError::into_inner) = std::time::Instant::now();
         Ok(written)
@@ -194,5 +196,49 @@ impl UsageTracker {
                 return lost;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::store::StoreOptions;
+
+    async fn tracker() -> (Arc<UsageTracker>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("usage.db").display());
+        let store = Store::connect(&url, &StoreOptions::default()).await.unwrap();
+        store.migrate().await.unwrap();
+        (UsageTracker::new(store), dir)
+    }
+
+    /// Uses recorded without pause (far faster than any write) must not keep
+    /// one flush going for ever: it writes what it found and returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_ends_while_uses_keep_arriving() {
+        let (tracker, _dir) = tracker().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = tokio::spawn({
+            let (tracker, stop) = (tracker.clone(), stop.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..100 {
+                        tracker.record_allowed("k1", Utc::now());
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        while tracker.pending_keys() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let flushed = tokio::time::timeout(Duration::from_secs(10), tracker.flush()).await;
+        stop.store(true, Ordering::Relaxed);
+        load.await.unwrap();
+        assert_eq!(flushed.expect("the flush ended").unwrap(), 1);
     }
 }
