@@ -382,7 +382,7 @@ impl Store {
                     }
                     Backend::Sqlite => "INSERT INTO usage_flushes (id, applied_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
                 },
-                [Value::from(flush_id), Value::ChronoDateTimeUtc(Some(chrono::Utc::now()))],
+                [Value::from(flush_id), Value::ChronoDateTimeUtc(Some(crate::clock::now()))],
             ))
             .await?
             .rows_affected()
