@@ -2,8 +2,9 @@
 interval and index set (the figures in BENCHMARKS.md, "What changed").
 
 Rows are shaped like the Verify benchmark's: one merchant, 1000 keys,
-sequential UUIDv7-like ids, inserted as keywarden inserts them (one JSON
-parameter per batch). Uses Python's sqlite3 module, so the SQLite version
+sequential UUIDv7-like ids, inserted the way keywarden inserted them until
+2026-11-28 (one JSON parameter per batch) and the way it inserts them now
+(multi-row VALUES of up to 512 rows, one transaction). Uses Python's sqlite3 module, so the SQLite version
 differs from the one keywarden bundles; compare the rows, not the absolutes.
 
     python3 benches/sqlite_audit_insert.py
@@ -18,6 +19,19 @@ import time
 N = 100_000
 COLUMNS = 16
 INSERT = "INSERT INTO audit_events SELECT " + ", ".join(f"value->>{i}" for i in range(COLUMNS)) + " FROM json_each(?)"
+ROW = "(" + ", ".join("?" * COLUMNS) + ")"
+
+
+def insert_json(c, batch):
+    c.execute(INSERT, (json.dumps(batch),))
+
+
+def insert_values(c, batch):
+    c.execute("BEGIN")
+    for b in range(0, len(batch), 512):
+        chunk = batch[b : b + 512]
+        c.execute("INSERT INTO audit_events VALUES " + ", ".join([ROW] * len(chunk)), [v for row in chunk for v in row])
+    c.execute("COMMIT")
 
 
 def connect(path, autocheckpoint, indexes):
@@ -67,15 +81,16 @@ rows = [
 print(f"SQLite {sqlite3.sqlite_version}, {N} rows")
 with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "audit.db")
-    for label, batch, checkpoint, indexes in [
-        ("batch 1000, checkpoint 1000 pages (before)", 1000, 1000, ALL),
-        ("batch 1000, checkpoint 1000 pages, without the by-key index", 1000, 1000, [ALL[0], ALL[2]]),
-        ("batch 1000, checkpoint 10000 pages", 1000, 10000, ALL),
-        ("batch 4000, checkpoint 10000 pages (now)", 4000, 10000, ALL),
+    for label, batch, checkpoint, indexes, insert in [
+        ("JSON, batch 1000, checkpoint 1000 pages (11-27 before)", 1000, 1000, ALL, insert_json),
+        ("JSON, batch 1000, checkpoint 1000 pages, without the by-key index", 1000, 1000, [ALL[0], ALL[2]], insert_json),
+        ("JSON, batch 1000, checkpoint 10000 pages", 1000, 10000, ALL, insert_json),
+        ("JSON, batch 4000, checkpoint 10000 pages (11-27 after)", 4000, 10000, ALL, insert_json),
+        ("VALUES, batch 4000, checkpoint 10000 pages (now)", 4000, 10000, ALL, insert_values),
     ]:
         c = connect(path, checkpoint, indexes)
         start = time.perf_counter()
         for b in range(0, N, batch):
-            c.execute(INSERT, (json.dumps(rows[b : b + batch]),))
+            insert(c, rows[b : b + batch])
         print(f"{label}: {N / (time.perf_counter() - start):.0f} rows/s")
         c.close()

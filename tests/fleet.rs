@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use chrono::SubsecRound;
 use common::{
     ADMIN_TOKEN, AdminClient, Backend, MERCHANT, Proxy, Replica, admin_client, connect, fresh_database,
     sigterm, spawn_app_with, spawn_binary,
@@ -24,6 +25,7 @@ use common::{
 use keywarden::{
     api::pb::{self, key_verify_client::KeyVerifyClient},
     audit::{AuditKind, AuditRecord},
+    keys::{Decision, DenyReason},
     store::audit::AuditQuery,
 };
 use sea_orm::{ConnectionTrait, Database, Statement};
@@ -36,6 +38,7 @@ backend_tests!(
     retention_deletes_only_rows_past_the_limit,
     audit_listing_is_served_by_indexes,
     an_audit_batch_written_again_is_harmless,
+    a_large_audit_batch_lands_whole_with_every_field,
     shutdown_gives_up_on_a_stuck_audit_write_after_the_flush_timeout,
 );
 
@@ -530,6 +533,41 @@ async fn an_audit_batch_written_again_is_harmless(backend: Backend) {
         count("SELECT COUNT(*) FROM audit_events WHERE api_key_id = 'k-retried' AND status = 401").await,
         2
     );
+    app.stop().await;
+}
+
+/// The writer's batches are split into statements of a few fixed sizes
+/// (SQLite); every row of an odd-sized batch must land once, field for field.
+async fn a_large_audit_batch_lands_whole_with_every_field(backend: Backend) {
+    let app = spawn_app_with(backend, |s| s.audit_retention_days = 0).await;
+    let rows: Vec<AuditRecord> = (0..1_333)
+        .map(|i| {
+            let mut r = old_row(1, MERCHANT, &format!("k-large-{}", i % 7));
+            // Stored timestamps keep microseconds.
+            r.timestamp = r.timestamp.trunc_subsecs(6) + chrono::Duration::microseconds(i);
+            r.api_key_name = Some(format!("name {i}"));
+            r.key_prefix = Some(format!("sntr_{i:011}"));
+            r.endpoint = Some(format!("/v1/sales/{i}"));
+            r.method = Some("POST".into());
+            r.ip = Some(format!("10.0.{}.{}", i / 256, i % 256));
+            r.status = Some(200 + (i % 300) as u16);
+            r.decision = Some(Decision::Deny);
+            r.deny_reason = Some(DenyReason::InsufficientScope);
+            r.trace_id = (i % 2 == 0).then(|| format!("{i:032x}"));
+            r.detail = Some(format!("detail {i}"));
+            r
+        })
+        .collect();
+    app.probes.store.insert_audit_batch(&rows).await.unwrap();
+    let query = AuditQuery { merchant_id: MERCHANT, api_key_id: None, start: None, end: None };
+    let mut stored = app.probes.store.list_audit(&query, None, 5_000).await.unwrap();
+    stored.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut sent = rows.clone();
+    sent.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(stored.len(), sent.len());
+    for (stored, sent) in stored.iter().zip(&sent) {
+        assert_eq!(stored, sent);
+    }
     app.stop().await;
 }
 
