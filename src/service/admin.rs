@@ -219,7 +219,7 @@ impl KeyManager {
 
     pub async fn get(&self, merchant_id: &str, key_id: &str) -> Result<KeyView, ServiceError> {
         check_ids(merchant_id, key_id)?;
-        let _pause = self.usage.pause_flush().await;
+        let _pause = self.usage.pause_flush().await?;
         let key = self.store.get_key(merchant_id, key_id).await?.ok_or(ServiceError::NotFound("key"))?;
         let pending = self.usage.pending(&key.id);
         Ok(view(key, pending, clock::now()))
@@ -238,7 +238,7 @@ impl KeyManager {
         let limit = page::page_size(page_size)?;
         let cursor = page::decode(page_token)?.map(|(created_at, id)| KeyCursor { created_at, id });
         let now = clock::now();
-        let _pause = self.usage.pause_flush().await;
+        let _pause = self.usage.pause_flush().await?;
         let mut rows =
             self.store.list_keys(merchant_id, include_revoked, now, cursor.as_ref(), limit + 1).await?;
         let next_page_token = next_token(&mut rows, limit, |k| page::encode(k.created_at, &k.id));

@@ -402,6 +402,20 @@ impl Store {
         Ok(UsageApplied::Applied)
     }
 
+    /// Whether the usage flush `flush_id` was committed.
+    pub async fn usage_flush_applied(&self, flush_id: &str) -> Result<bool, StoreError> {
+        self.count(1);
+        let sql = match self.backend() {
+            Backend::Postgres => "SELECT 1 FROM usage_flushes WHERE id = $1",
+            Backend::Sqlite => "SELECT 1 FROM usage_flushes WHERE id = ?",
+        };
+        let row = self
+            .db()
+            .query_one_raw(Statement::from_sql_and_values(self.db_backend(), sql, [Value::from(flush_id)]))
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// Forgets the ids of usage flushes applied before `cutoff`: a retry
     /// comes within seconds of its first attempt, never days later.
     pub async fn delete_usage_flushes_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {

@@ -90,9 +90,20 @@ impl UsageTracker {
     }
 
     /// Holds off flushes while the guard lives, so a database read plus
-    /// [`Self::pending`] counts every use exactly once.
-    pub async fn pause_flush(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.flushing.lock().await
+    /// [`Self::pending`] counts every use exactly once. A batch left
+    /// unconfirmed by a failed or cancelled flush may have been committed
+    /// with only its acknowledgement lost; the store is asked first (its
+    /// flush id is there or not), and such a batch is confirmed here rather
+    /// than shown both in memory and in the database until its retry.
+    pub async fn pause_flush(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, StoreError> {
+        let guard = self.flushing.lock().await;
+        if let Some(flush) = self.in_flight()
+            && self.store.usage_flush_applied(&flush.id).await?
+        {
+            tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "an unacknowledged usage flush had been applied; confirmed");
+            *self.in_flight.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+        Ok(guard)
     }
 
     /// Usage of `key_id` not yet confirmed written to the database.
@@ -119,25 +130,9 @@ impl UsageTracker {
     pub async fn flush(&self) -> Result<usize, StoreError> {
         let _flush = self.flushing.lock().await;
         let mut written = 0;
-        loop {
-            // At most one left-over batch and one fresh one, so a flush
-            // ends even while uses keep arriving.
-            let (flush, fresh) = {
-                let mut slot = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-                match &*slot {
-                    Some(flush) => (Arc::clone(flush), false),
-                    None => {
-                        let deltas =
-                            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
-                        if deltas.is_empty() {
-                            break;
-                        }
-                        let flush = Arc::new(Flush { id: uuid::Uuid::now_v7().to_string(), deltas });
-                        *slot = Some(Arc::clone(&flush));
-                        (flush, true)
-                    }
-                }
-            };
+        // At most one left-over batch and one fresh one, so a flush ends
+        // even while uses keep arriving.
+        while let Some((flush, fresh)) = self.next_batch() {
             let rows: Vec<(&str, UsageDelta)> = flush.deltas.iter().map(|(k, d)| (k.as_str(), *d)).collect();
             if self.store.apply_usage(&flush.id, &rows).await? == UsageApplied::AlreadyApplied {
                 tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "usage flush had already been applied; not counted again");
@@ -150,6 +145,22 @@ impl UsageTracker {
         }
         *self.last_flushed.lock().unwrap_or_else(PoisonError::into_inner) = std::time::Instant::now();
         Ok(written)
+    }
+
+    /// The unconfirmed batch if there is one (not fresh), else what has
+    /// accumulated, moved into the in-flight slot under a new id (fresh).
+    fn next_batch(&self) -> Option<(Arc<Flush>, bool)> {
+        let mut slot = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(flush) = &*slot {
+            return Some((Arc::clone(flush), false));
+        }
+        let deltas = std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        if deltas.is_empty() {
+            return None;
+        }
+        let flush = Arc::new(Flush { id: uuid::Uuid::now_v7().to_string(), deltas });
+        *slot = Some(Arc::clone(&flush));
+        Some((flush, true))
     }
 
     /// Flushes every `interval` until `stop` resolves, then flushes what is
@@ -214,6 +225,71 @@ mod tests {
         let store = Store::connect(&url, &StoreOptions::default()).await.unwrap();
         store.migrate().await.unwrap();
         (UsageTracker::new(store), dir)
+    }
+
+    async fn key_row(store: &Store, id: &str) {
+        use sea_orm::ConnectionTrait;
+        store
+            .db()
+            .execute_unprepared(&format!(
+                "INSERT INTO api_keys (id, merchant_id, name, prefix, key_hash, scopes, allowed_cidrs, \
+                 created_at, created_by, updated_at) VALUES ('{id}', 'm', 'n', 'sntr_{id}', 'v1$s$h', '', '', \
+                 '2026-11-28T00:00:00Z', 'test', '2026-11-28T00:00:00Z')"
+            ))
+            .await
+            .unwrap();
+    }
+
+    async fn stored_count(store: &Store, id: &str) -> i64 {
+        use sea_orm::{ConnectionTrait, Statement};
+        let sql = format!("SELECT request_count FROM api_keys WHERE id = '{id}'");
+        let row = store.db().query_one_raw(Statement::from_string(store.db_backend(), sql)).await.unwrap();
+        row.unwrap().try_get("", "request_count").unwrap()
+    }
+
+    /// Three uses taken into a batch, as a flush does before writing it.
+    async fn batch_of_three(tracker: &UsageTracker) -> Arc<Flush> {
+        key_row(&tracker.store, "k1").await;
+        for _ in 0..3 {
+            tracker.record_allowed("k1", Utc::now());
+        }
+        let (flush, fresh) = tracker.next_batch().unwrap();
+        assert!(fresh);
+        flush
+    }
+
+    /// The commit landed but its acknowledgement was lost: the next reader
+    /// finds the flush id in the store, so the uses are shown once (from
+    /// the database) and never written a second time.
+    #[tokio::test]
+    async fn a_batch_committed_without_acknowledgement_is_shown_and_counted_once() {
+        let (tracker, _dir) = tracker().await;
+        let flush = batch_of_three(&tracker).await;
+        let rows: Vec<(&str, UsageDelta)> = flush.deltas.iter().map(|(k, d)| (k.as_str(), *d)).collect();
+        assert_eq!(tracker.store.apply_usage(&flush.id, &rows).await.unwrap(), UsageApplied::Applied);
+        assert_eq!(tracker.pending("k1").allowed, 3, "still unconfirmed in memory");
+
+        let pause = tracker.pause_flush().await.unwrap();
+        assert_eq!(stored_count(&tracker.store, "k1").await + tracker.pending("k1").allowed, 3);
+        drop(pause);
+        assert_eq!(tracker.flush().await.unwrap(), 0, "nothing left to write");
+        assert_eq!(stored_count(&tracker.store, "k1").await, 3);
+    }
+
+    /// The write never committed: the uses stay in memory, shown once,
+    /// until the next flush writes them.
+    #[tokio::test]
+    async fn a_batch_that_never_committed_stays_pending_until_written() {
+        let (tracker, _dir) = tracker().await;
+        let _flush = batch_of_three(&tracker).await;
+
+        let pause = tracker.pause_flush().await.unwrap();
+        assert_eq!(stored_count(&tracker.store, "k1").await, 0);
+        assert_eq!(tracker.pending("k1").allowed, 3);
+        drop(pause);
+        assert_eq!(tracker.flush().await.unwrap(), 1);
+        assert_eq!(stored_count(&tracker.store, "k1").await, 3);
+        assert_eq!(tracker.pending("k1").allowed, 0);
     }
 
     /// Uses recorded without pause (far faster than any write) must not keep
