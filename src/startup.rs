@@ -301,6 +301,7 @@ impl Application {
                 let _ = stop_monitor.send(true);
                 let _ = monitor.await;
                 set_health(&health, ServingStatus::NotServing).await;
+                end_health_watches(health).await;
                 let _ = draining_tx.send(true);
             }
         };
@@ -361,6 +362,18 @@ impl Application {
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     for service in HEALTH_SERVICES {
         health.set_service_status(service, status).await;
+    }
+}
+
+/// Ends every open Watch stream once it has NOT_SERVING to deliver: an open
+/// stream keeps its connection, and so the drain, busy until the grace
+/// period runs out. Clearing a service closes its watchers' channel (they
+/// still receive the last status first); setting it again keeps Check
+/// answering NOT_SERVING rather than NOT_FOUND for the rest of the drain.
+async fn end_health_watches(mut health: HealthReporter) {
+    for service in HEALTH_SERVICES {
+        health.clear_service_status(service).await;
+        health.set_service_status(service, ServingStatus::NotServing).await;
     }
 }
 

@@ -14,6 +14,7 @@ backend_tests!(
     sigterm_flushes_every_usage_count_and_audit_row,
     migrate_command_prepares_the_schema_alone,
     shutdown_turns_health_not_serving_before_the_server_goes,
+    an_open_health_watch_does_not_hold_shutdown,
 );
 
 async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
@@ -107,6 +108,25 @@ async fn migrate_command_prepares_the_schema_alone(backend: Backend) {
     sigterm(&child);
     assert!(common::exited(child).await.success());
     common::drop_database(postgres).await;
+}
+
+/// A Watch stream left open by a client (a probe, a sidecar) ends with
+/// NOT_SERVING when shutdown begins instead of holding the drain open until
+/// the grace period runs out.
+async fn an_open_health_watch_does_not_hold_shutdown(backend: Backend) {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let mut app = common::spawn_app_with(backend, |s| s.shutdown_grace_ms = 60_000).await;
+    let mut health = HealthClient::new(app.channel());
+    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
+    let started = std::time::Instant::now();
+    app.stop_within(std::time::Duration::from_secs(20)).await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "waited for the grace period");
+    assert_eq!(watch.message().await.unwrap().unwrap().status, ServingStatus::NotServing as i32);
+    assert!(watch.message().await.unwrap().is_none(), "the stream ended");
+    app.stop().await;
 }
 
 async fn shutdown_turns_health_not_serving_before_the_server_goes(backend: Backend) {
