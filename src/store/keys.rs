@@ -7,10 +7,14 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, ExprTrait, QueryFilter,
-    QueryOrder, QuerySelect, SqlErr, Statement, TransactionTrait, Value, sea_query::Expr,
+    QueryOrder, QuerySelect, SqlErr, Statement, TransactionTrait, TryInsertResult, Value, sea_query::Expr,
 };
 
-use super::{Backend, Store, StoreError, audit::insert_audit_rows, entity::api_key};
+use super::{
+    Backend, Store, StoreError,
+    audit::insert_audit_rows,
+    entity::{api_key, usage_flush},
+};
 use crate::{audit::AuditRecord, keys::KeyHash};
 
 /// A key as stored, with its hash parsed.
@@ -373,20 +377,14 @@ impl Store {
         let txn = self.db().begin().await?;
         // BEGIN, INSERT flush id, the UPDATEs, COMMIT.
         self.count(2);
-        let first = txn
-            .execute_raw(Statement::from_sql_and_values(
-                self.db_backend(),
-                match self.backend() {
-                    Backend::Postgres => {
-                        "INSERT INTO usage_flushes (id, applied_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING"
-                    }
-                    Backend::Sqlite => "INSERT INTO usage_flushes (id, applied_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
-                },
-                [Value::from(flush_id), Value::ChronoDateTimeUtc(Some(crate::clock::now()))],
-            ))
-            .await?
-            .rows_affected()
-            == 1;
+        let recorded = usage_flush::Entity::insert(usage_flush::ActiveModel {
+            id: Set(flush_id.to_owned()),
+            applied_at: Set(crate::clock::now()),
+        })
+        .on_conflict_do_nothing()
+        .exec_without_returning(&txn)
+        .await?;
+        let first = matches!(recorded, TryInsertResult::Inserted(n) if n > 0);
         if !first {
             self.count(1);
             txn.rollback().await?;
@@ -405,34 +403,18 @@ impl Store {
     /// Whether the usage flush `flush_id` was committed.
     pub async fn usage_flush_applied(&self, flush_id: &str) -> Result<bool, StoreError> {
         self.count(1);
-        let sql = match self.backend() {
-            Backend::Postgres => "SELECT 1 FROM usage_flushes WHERE id = $1",
-            Backend::Sqlite => "SELECT 1 FROM usage_flushes WHERE id = ?",
-        };
-        let row = self
-            .db()
-            .query_one_raw(Statement::from_sql_and_values(self.db_backend(), sql, [Value::from(flush_id)]))
-            .await?;
-        Ok(row.is_some())
+        Ok(usage_flush::Entity::find_by_id(flush_id.to_owned()).one(self.db()).await?.is_some())
     }
 
     /// Forgets the ids of usage flushes applied before `cutoff`: a retry
     /// comes within seconds of its first attempt, never days later.
     pub async fn delete_usage_flushes_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
         self.count(1);
-        let sql = match self.backend() {
-            Backend::Postgres => "DELETE FROM usage_flushes WHERE applied_at < $1",
-            Backend::Sqlite => "DELETE FROM usage_flushes WHERE applied_at < ?",
-        };
-        Ok(self
-            .db()
-            .execute_raw(Statement::from_sql_and_values(
-                self.db_backend(),
-                sql,
-                [Value::ChronoDateTimeUtc(Some(cutoff))],
-            ))
+        Ok(usage_flush::Entity::delete_many()
+            .filter(usage_flush::Column::AppliedAt.lt(cutoff))
+            .exec(self.db())
             .await?
-            .rows_affected())
+            .rows_affected)
     }
 
     /// Tells every replica that `key` changed, as part of the transaction:

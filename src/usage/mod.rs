@@ -29,6 +29,12 @@ struct Flush {
     deltas: HashMap<String, UsageDelta>,
 }
 
+impl Flush {
+    fn rows(&self) -> Vec<(&str, UsageDelta)> {
+        self.deltas.iter().map(|(k, d)| (k.as_str(), *d)).collect()
+    }
+}
+
 #[derive(Debug)]
 pub struct UsageTracker {
     store: Store,
@@ -133,8 +139,7 @@ impl UsageTracker {
         // At most one left-over batch and one fresh one, so a flush ends
         // even while uses keep arriving.
         while let Some((flush, fresh)) = self.next_batch() {
-            let rows: Vec<(&str, UsageDelta)> = flush.deltas.iter().map(|(k, d)| (k.as_str(), *d)).collect();
-            if self.store.apply_usage(&flush.id, &rows).await? == UsageApplied::AlreadyApplied {
+            if self.store.apply_usage(&flush.id, &flush.rows()).await? == UsageApplied::AlreadyApplied {
                 tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "usage flush had already been applied; not counted again");
             }
             *self.in_flight.lock().unwrap_or_else(PoisonError::into_inner) = None;
@@ -265,8 +270,7 @@ mod tests {
     async fn a_batch_committed_without_acknowledgement_is_shown_and_counted_once() {
         let (tracker, _dir) = tracker().await;
         let flush = batch_of_three(&tracker).await;
-        let rows: Vec<(&str, UsageDelta)> = flush.deltas.iter().map(|(k, d)| (k.as_str(), *d)).collect();
-        assert_eq!(tracker.store.apply_usage(&flush.id, &rows).await.unwrap(), UsageApplied::Applied);
+        assert_eq!(tracker.store.apply_usage(&flush.id, &flush.rows()).await.unwrap(), UsageApplied::Applied);
         assert_eq!(tracker.pending("k1").allowed, 3, "still unconfirmed in memory");
 
         let pause = tracker.pause_flush().await.unwrap();

@@ -4,3 +4,4 @@
 pub mod api_key;
 pub mod audit_event;
 pub mod audit_outcome;
+pub mod usage_flush;
