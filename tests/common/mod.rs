@@ -248,7 +248,6 @@ impl TestApp {
         drop_database(self.postgres.take()).await;
     }
 
-    /// Graceful stop that keeps the database for inspection.
     /// Asks the app to stop and returns how its run ended (an error when it
     /// could not write everything), failing the test after `within`.
     pub async fn stop_within(&mut self, within: Duration) -> anyhow::Result<()> {
@@ -259,6 +258,7 @@ impl TestApp {
         tokio::time::timeout(within, handle).await.expect("the app stopped in time").unwrap()
     }
 
+    /// Graceful stop that keeps the database for inspection.
     pub async fn stop_serving(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
