@@ -17,6 +17,7 @@ use sea_orm::sqlx::{
 use super::{
     Store, StoreError,
     entity::{audit_event, audit_outcome},
+    pg_copy::{CopyWriter, EncodeError},
 };
 use crate::{
     audit::{AuditKind, AuditRecord},
@@ -218,8 +219,44 @@ pub struct AuditQuery<'a> {
     pub end: Option<DateTime<Utc>>,
 }
 
+/// The batch in PostgreSQL's binary COPY format, columns in
+/// [`AUDIT_COLUMNS`] order.
+fn encode_audit_copy(rows: &[AuditRecord]) -> Result<Vec<u8>, EncodeError> {
+    // Typical verification rows take ~250–350 bytes.
+    let mut w = CopyWriter::with_capacity(rows.len() * 320);
+    for r in rows {
+        w.row(16)
+            .text(Some(&r.id))?
+            .timestamptz(r.timestamp)?
+            .text(Some(r.kind.as_str()))?
+            .text(r.merchant_id.as_deref())?
+            .text(r.api_key_id.as_deref())?
+            .text(r.api_key_name.as_deref())?
+            .text(r.key_prefix.as_deref())?
+            .text(r.endpoint.as_deref())?
+            .text(r.method.as_deref())?
+            .text(r.ip.as_deref())?
+            .int4(r.status.map(i32::from))
+            .text(r.decision.map(Decision::as_str))?
+            .text(r.deny_reason.map(DenyReason::as_str))?
+            .text(r.actor.as_deref())?
+            .text(r.trace_id.as_deref())?
+            .text(r.detail.as_deref())?;
+    }
+    Ok(w.finish())
+}
+
+fn is_unique_violation(e: &sea_orm::sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| d.is_unique_violation())
+}
+
+fn sqlx_error(e: sea_orm::sqlx::Error) -> StoreError {
+    StoreError::from(sea_orm::DbErr::Exec(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e))))
+}
+
 impl Store {
-    /// Writes a batch of rows atomically: one INSERT on PostgreSQL, which
+    /// Writes a batch of rows atomically: one COPY on PostgreSQL (an upsert
+    /// instead when the batch turns out to be partly stored already), which
     /// also applies outcomes other replicas held for these rows (one more
     /// statement); a transaction of a few INSERTs on SQLite.
     pub async fn insert_audit_batch(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
@@ -230,7 +267,16 @@ impl Store {
             super::Backend::Sqlite => self.insert_audit_values(rows).await,
             super::Backend::Postgres => {
                 self.count(1);
-                self.insert_audit_arrays(rows).await?;
+                match self.copy_audit_rows(rows).await {
+                    // Some rows are there already: this is the retry of a
+                    // batch whose commit was not acknowledged. COPY cannot
+                    // skip rows, so the batch goes again as an upsert.
+                    Err(e) if is_unique_violation(&e) => {
+                        self.count(1);
+                        self.insert_audit_arrays(rows).await?;
+                    }
+                    other => other.map_err(sqlx_error)?,
+                }
                 let allowed: Vec<&str> = rows
                     .iter()
                     .filter(|r| r.decision == Some(Decision::Allow))
@@ -249,27 +295,40 @@ impl Store {
     /// backend this writer shares the service's cores, so its cost is
     /// Verify's.
     async fn insert_audit_values(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
-        let sqlx_err = |e: sea_orm::sqlx::Error| {
-            StoreError::from(sea_orm::DbErr::Exec(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e))))
-        };
         let pool = self.db().get_sqlite_connection_pool();
         self.count(1);
         if rows.len() <= SQLITE_CHUNK {
-            return sqlite_insert(rows).execute(pool).await.map(drop).map_err(sqlx_err);
+            return sqlite_insert(rows).execute(pool).await.map(drop).map_err(sqlx_error);
         }
-        let mut tx = pool.begin().await.map_err(sqlx_err)?;
+        let mut tx = pool.begin().await.map_err(sqlx_error)?;
         for chunk in rows.chunks(SQLITE_CHUNK) {
             self.count(1);
-            sqlite_insert(chunk).execute(&mut *tx).await.map_err(sqlx_err)?;
+            sqlite_insert(chunk).execute(&mut *tx).await.map_err(sqlx_error)?;
         }
         self.count(1);
-        tx.commit().await.map_err(sqlx_err)
+        tx.commit().await.map_err(sqlx_error)
+    }
+
+    /// PostgreSQL: the batch streamed in by binary `COPY`, PostgreSQL's
+    /// cheapest way in (~0.6 × the server CPU per row of the array upsert
+    /// below; see [`super::pg_copy`]). On one box the audit writer is what
+    /// a saturated Verify waits for, and on a fleet PostgreSQL's row rate is
+    /// the ceiling every replica's audit trail shares.
+    async fn copy_audit_rows(&self, rows: &[AuditRecord]) -> Result<(), sea_orm::sqlx::Error> {
+        use sea_orm::sqlx::{self, postgres::PgPoolCopyExt};
+        let data = encode_audit_copy(rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let mut copy = self
+            .db()
+            .get_postgres_connection_pool()
+            .copy_in_raw(&format!("COPY audit_events ({AUDIT_COLUMNS}) FROM STDIN (FORMAT binary)"))
+            .await?;
+        copy.send(data).await?;
+        copy.finish().await.map(drop)
     }
 
     /// PostgreSQL: the batch as one array per column, bound in binary and
-    /// unnested by the server, which is cheaper for PostgreSQL than parsing
-    /// the rows out of JSON (the audit writer is the limit of a saturated
-    /// single box, and PostgreSQL's share of the CPU sets its pace).
+    /// unnested by the server, as an upsert on the event id: the retry path
+    /// for a batch some of whose rows may already be stored.
     async fn insert_audit_arrays(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
         use sea_orm::sqlx;
         fn column<'a, T>(rows: &'a [AuditRecord], f: impl Fn(&'a AuditRecord) -> T) -> Vec<T> {

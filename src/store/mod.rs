@@ -9,6 +9,7 @@ pub mod audit;
 pub mod entity;
 pub mod keys;
 pub mod migration;
+mod pg_copy;
 
 use std::{
     str::FromStr,
