@@ -622,9 +622,19 @@ fn main() {
 
         if args.profile_warm {
             let load = Load::verify(vec![(1, Arc::clone(&keys), "sales:read", "10.1.2.3")]);
+            let audit = server.probes.as_ref().map(|p| p.audit.clone());
+            let written_before = audit.as_ref().map_or(0, |a| a.written());
             eprintln!("profiling window: warm Verify ALLOW for {:?}", args.duration);
             let o = closed_loop(&conns, &load, args.concurrency, Duration::ZERO, args.duration).await.finish();
             println!("warm Verify ALLOW: {:.0} calls/s, p99 {:.3} ms", o.throughput(), o.percentile(0.99));
+            if let Some(a) = audit {
+                let written = a.written() - written_before;
+                println!(
+                    "audit rows written in the window: {written} ({:.0}/s), still queued: {}",
+                    written as f64 / args.duration.as_secs_f64(),
+                    a.depth()
+                );
+            }
             return;
         }
         let probes = server.probes.clone();
