@@ -13,6 +13,8 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock build.rs ./
+# The patched sqlx-core that [patch.crates-io] points at (vendor/README.md).
+COPY vendor ./vendor
 COPY proto ./proto
 RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && echo 'fn main() {}' > benches/verify.rs \
