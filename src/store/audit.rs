@@ -86,7 +86,7 @@ fn sqlite_insert_sql(rows: usize) -> String {
 /// must parse and plan on every batch. Used for admin rows (inside their
 /// transactions) on both backends; the audit writer's batches are bound
 /// directly instead ([`Store::insert_audit_values`] on SQLite,
-/// [`Store::insert_audit_arrays`] on PostgreSQL).
+/// [`Store::copy_audit_rows`] on PostgreSQL).
 #[derive(serde::Serialize)]
 struct InsertRow<'a>(
     &'a str,
@@ -359,8 +359,8 @@ impl Store {
             .bind(column(rows, |r| r.detail.as_deref()))
             .execute(self.db().get_postgres_connection_pool())
             .await
-            .map_err(|e| sea_orm::DbErr::Exec(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e))))?;
-        Ok(())
+            .map(drop)
+            .map_err(sqlx_error)
     }
 
     /// PostgreSQL: moves held outcomes onto their rows, for the rows that
