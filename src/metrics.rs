@@ -1,7 +1,7 @@
 //! Prometheus metrics. Counters and histograms that code updates directly
 //! live in [`Metrics`]; figures that other components already keep (queue
 //! depths, cache hit counts, scrypt runs) are read at scrape time by
-//! [`Snapshot`], so the hot path pays nothing extra for them.
+//! `Snapshot`, so the hot path pays nothing extra for them.
 
 use std::sync::Arc;
 

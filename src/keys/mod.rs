@@ -1,4 +1,4 @@
-//! The key domain, free of I/O: the key format and checksum ([`format`]),
+//! The key domain, free of I/O: the key format and checksum ([`format`](mod@format)),
 //! hashing at rest ([`hash`]), scopes and presets ([`scope`]), IP allow-lists
 //! ([`cidr`]), and the verification decision ([`decision`]).
 
