@@ -34,7 +34,7 @@ use quick_cache::{
 };
 
 use crate::{
-    keys::{PlainKey, hash::hmac_sha256},
+    keys::{PlainKey, hash::KeyedMac},
     service::{ServiceError, admin::KeyChangeListener, verify::KeyState},
 };
 
@@ -103,7 +103,8 @@ struct Loaded {
 }
 
 pub struct VerifyCache {
-    secret: [u8; 32],
+    /// Keyed with a random per-process secret.
+    mac: KeyedMac,
     identities: Cache<Digest, Arc<str>>,
     states: Cache<Arc<str>, Loaded>,
     /// Digest → when the entry stops counting.
@@ -129,7 +130,7 @@ impl VerifyCache {
         let mut secret = [0u8; 32];
         crate::keys::format::fill_random(&mut secret)?;
         Ok(Self {
-            secret,
+            mac: KeyedMac::new(&secret),
             identities: bounded(settings.max_keys),
             states: bounded(settings.max_keys),
             negative: bounded(settings.negative_max),
@@ -141,7 +142,7 @@ impl VerifyCache {
     }
 
     pub fn digest(&self, key: &PlainKey) -> Digest {
-        hmac_sha256(&self.secret, key.expose().as_bytes())
+        self.mac.digest(key.expose().as_bytes())
     }
 
     pub fn identity(&self, digest: &Digest) -> Option<Arc<str>> {
