@@ -51,6 +51,8 @@ type Outcomes = Arc<Mutex<HashMap<String, Option<u16>>>>;
 #[derive(Debug, Default)]
 struct Counters {
     written: AtomicU64,
+    /// Rows the writer has taken off the queue and not yet committed.
+    in_hand: AtomicU64,
     dropped: AtomicU64,
     failed_writes: AtomicU64,
 }
@@ -167,6 +169,13 @@ impl AuditQueue {
         self.capacity - self.tx.capacity()
     }
 
+    /// Rows accepted and not yet committed: queued, or in the writer's
+    /// batch (which the queue's depth no longer counts while the batch
+    /// lingers or its insert runs).
+    pub fn unwritten(&self) -> u64 {
+        self.depth() as u64 + self.counters.in_hand.load(Ordering::Relaxed)
+    }
+
     pub fn dropped(&self) -> u64 {
         self.counters.dropped.load(Ordering::Relaxed)
     }
@@ -193,6 +202,7 @@ impl AuditWriter {
                     if received == 0 {
                         return 0;
                     }
+                    self.hold(&batch);
                     self.fill(&mut batch).await;
                     // A write retries for as long as the database is away;
                     // shutdown must not wait for that. Rows not yet
@@ -210,6 +220,7 @@ impl AuditWriter {
         self.rx.close();
         let give_up = tokio::time::Instant::now() + final_deadline;
         while !batch.is_empty() || self.rx.recv_many(&mut batch, self.batch_size).await > 0 {
+            self.hold(&batch);
             if !self.write(&mut batch, Some(give_up)).await {
                 let lost = batch.len() + self.rx.len();
                 tracing::error!(rows = lost, "audit rows could not be written before shutdown");
@@ -226,7 +237,7 @@ impl AuditWriter {
             let room = self.batch_size - batch.len();
             match tokio::time::timeout_at(until, self.rx.recv_many(batch, room)).await {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(_) => self.hold(batch),
             }
         }
     }
@@ -265,10 +276,15 @@ impl AuditWriter {
         self.counters.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let late = self.release_outcomes(batch);
         batch.clear();
+        self.hold(batch);
         if !late.is_empty() {
             self.write_late_outcomes(&late, deadline).await;
         }
         true
+    }
+
+    fn hold(&self, batch: &[AuditRecord]) {
+        self.counters.in_hand.store(batch.len() as u64, Ordering::Relaxed);
     }
 
     fn apply_held_outcomes(&self, batch: &mut [AuditRecord]) {
@@ -304,5 +320,53 @@ impl AuditWriter {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::{audit::AuditKind, store::StoreOptions};
+
+    /// A batch the writer has taken but not committed is out of the queue
+    /// yet not written: `unwritten` must still count it.
+    #[tokio::test]
+    async fn rows_the_writer_holds_count_as_unwritten_until_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("a.db").display());
+        let store = Store::connect(&url, &StoreOptions::default()).await.unwrap();
+        store.migrate().await.unwrap();
+        let settings = AuditSettings {
+            capacity: 100,
+            batch_size: 100,
+            // Long enough to look while the batch lingers; the writer waits
+            // it out before stopping.
+            linger: Duration::from_secs(2),
+            overflow: Overflow::Block,
+        };
+        let (queue, writer) = channel(store, &settings);
+        for _ in 0..3 {
+            queue.push(AuditRecord::new(AuditKind::Verify, Utc::now())).await.unwrap();
+        }
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(writer.run(
+            async move {
+                let _ = stop_rx.await;
+            },
+            Duration::from_secs(5),
+        ));
+        for _ in 0..500 {
+            if queue.depth() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(queue.depth(), 0, "the writer took the rows");
+        assert_eq!((queue.unwritten(), queue.written()), (3, 0), "lingering, not written");
+        drop(stop_tx);
+        assert_eq!(run.await.unwrap(), 0);
+        assert_eq!((queue.unwritten(), queue.written()), (0, 3));
     }
 }

@@ -301,10 +301,12 @@ impl TestApp {
     /// Waits until every queued audit row and usage count is in the database.
     pub async fn settle(&self) {
         for _ in 0..500 {
-            if self.probes.audit.depth() == 0 && self.probes.usage.pending_keys() == 0 {
-                // One more beat for a batch that was taken but not yet committed.
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                if self.probes.audit.depth() == 0 && self.probes.usage.pending_keys() == 0 {
+            let drained = || self.probes.audit.unwritten() == 0 && self.probes.usage.pending_keys() == 0;
+            if drained() {
+                // Twice: a row is between the queue and the writer's count
+                // for an instant.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if drained() {
                     return;
                 }
             }
