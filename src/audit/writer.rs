@@ -203,12 +203,16 @@ impl AuditWriter {
                         return 0;
                     }
                     self.hold(&batch);
-                    self.fill(&mut batch).await;
-                    // A write retries for as long as the database is away;
-                    // shutdown must not wait for that. Rows not yet
+                    // Neither the linger nor a write (which retries for as
+                    // long as the database is away) may hold up shutdown.
+                    // Both are cancel-safe: rows received or not yet
                     // acknowledged stay in `batch` for the final drain.
+                    let linger_then_write = async {
+                        self.fill(&mut batch).await;
+                        self.write(&mut batch, None).await
+                    };
                     tokio::select! {
-                        _ = self.write(&mut batch, None) => {}
+                        _ = linger_then_write => {}
                         () = &mut stop => break,
                     }
                 }
@@ -330,23 +334,39 @@ mod tests {
     use super::*;
     use crate::{audit::AuditKind, store::StoreOptions};
 
+    async fn sqlite_store(dir: &tempfile::TempDir) -> Store {
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("a.db").display());
+        let store = Store::connect(&url, &StoreOptions::default()).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
+    /// Settings whose linger is far longer than any test waits.
+    fn lingering() -> AuditSettings {
+        AuditSettings {
+            capacity: 100,
+            batch_size: 100,
+            linger: Duration::from_secs(600),
+            overflow: Overflow::Block,
+        }
+    }
+
+    async fn wait_until_taken(queue: &AuditQueue) {
+        for _ in 0..500 {
+            if queue.depth() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(queue.depth(), 0, "the writer took the rows");
+    }
+
     /// A batch the writer has taken but not committed is out of the queue
     /// yet not written: `unwritten` must still count it.
     #[tokio::test]
     async fn rows_the_writer_holds_count_as_unwritten_until_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("a.db").display());
-        let store = Store::connect(&url, &StoreOptions::default()).await.unwrap();
-        store.migrate().await.unwrap();
-        let settings = AuditSettings {
-            capacity: 100,
-            batch_size: 100,
-            // Long enough to look while the batch lingers; the writer waits
-            // it out before stopping.
-            linger: Duration::from_secs(2),
-            overflow: Overflow::Block,
-        };
-        let (queue, writer) = channel(store, &settings);
+        let (queue, writer) = channel(sqlite_store(&dir).await, &lingering());
         for _ in 0..3 {
             queue.push(AuditRecord::new(AuditKind::Verify, Utc::now())).await.unwrap();
         }
@@ -357,16 +377,40 @@ mod tests {
             },
             Duration::from_secs(5),
         ));
-        for _ in 0..500 {
-            if queue.depth() == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(queue.depth(), 0, "the writer took the rows");
+        wait_until_taken(&queue).await;
         assert_eq!((queue.unwritten(), queue.written()), (3, 0), "lingering, not written");
         drop(stop_tx);
         assert_eq!(run.await.unwrap(), 0);
         assert_eq!((queue.unwritten(), queue.written()), (0, 3));
+    }
+
+    /// An operator may set a long linger; stopping must still write the
+    /// lingering batch at once rather than wait the linger out.
+    #[tokio::test]
+    async fn shutdown_writes_a_lingering_batch_without_waiting_out_the_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let (queue, writer) = channel(sqlite_store(&dir).await, &lingering());
+        for _ in 0..3 {
+            queue.push(AuditRecord::new(AuditKind::Verify, Utc::now())).await.unwrap();
+        }
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(writer.run(
+            async move {
+                let _ = stop_rx.await;
+            },
+            Duration::from_secs(5),
+        ));
+        wait_until_taken(&queue).await;
+        drop(stop_tx);
+        // 600 s of linger against a 30 s allowance: only a writer that
+        // ignores the stop can run out of it.
+        let lost =
+            tokio::time::timeout(Duration::from_secs(30), run).await.expect("stopped within the allowance");
+        assert_eq!(lost.unwrap(), 0);
+        assert_eq!(queue.written(), 3);
+        assert!(
+            queue.push(AuditRecord::new(AuditKind::Verify, Utc::now())).await.is_err(),
+            "the queue is closed"
+        );
     }
 }
