@@ -332,14 +332,7 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::{audit::AuditKind, store::StoreOptions};
-
-    async fn sqlite_store(dir: &tempfile::TempDir) -> Store {
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("a.db").display());
-        let store = Store::connect(&url, &StoreOptions::default()).await.unwrap();
-        store.migrate().await.unwrap();
-        store
-    }
+    use crate::{audit::AuditKind, store::temp_sqlite_store};
 
     /// Settings whose linger is far longer than any test waits.
     fn lingering() -> AuditSettings {
@@ -365,8 +358,8 @@ mod tests {
     /// yet not written: `unwritten` must still count it.
     #[tokio::test]
     async fn rows_the_writer_holds_count_as_unwritten_until_committed() {
-        let dir = tempfile::tempdir().unwrap();
-        let (queue, writer) = channel(sqlite_store(&dir).await, &lingering());
+        let (store, _dir) = temp_sqlite_store().await;
+        let (queue, writer) = channel(store, &lingering());
         for _ in 0..3 {
             queue.push(AuditRecord::new(AuditKind::Verify, Utc::now())).await.unwrap();
         }
@@ -388,8 +381,8 @@ mod tests {
     /// lingering batch at once rather than wait the linger out.
     #[tokio::test]
     async fn shutdown_writes_a_lingering_batch_without_waiting_out_the_linger() {
-        let dir = tempfile::tempdir().unwrap();
-        let (queue, writer) = channel(sqlite_store(&dir).await, &lingering());
+        let (store, _dir) = temp_sqlite_store().await;
+        let (queue, writer) = channel(store, &lingering());
         for _ in 0..3 {
             queue.push(AuditRecord::new(AuditKind::Verify, Utc::now())).await.unwrap();
         }

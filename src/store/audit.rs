@@ -605,7 +605,6 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
-    use crate::store::StoreOptions;
 
     fn row(id: &str, at: DateTime<Utc>) -> AuditRecord {
         AuditRecord {
@@ -623,10 +622,7 @@ mod tests {
     /// fixed six-digit fraction.
     #[tokio::test]
     async fn batched_rows_match_bound_timestamps_exactly_on_sqlite() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("k.db").display());
-        let store = Store::connect(&url, &StoreOptions::default()).await.unwrap();
-        store.migrate().await.unwrap();
+        let (store, _dir) = crate::store::temp_sqlite_store().await;
         let whole_ms =
             Utc.with_ymd_and_hms(2026, 11, 27, 10, 0, 0).unwrap() + chrono::Duration::milliseconds(500);
         let with_us = whole_ms + chrono::Duration::microseconds(7);

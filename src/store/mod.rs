@@ -295,6 +295,17 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A migrated SQLite store in a fresh temporary directory, for unit tests
+/// that need a real database; the directory lives as long as the guard.
+#[cfg(test)]
+pub(crate) async fn temp_sqlite_store() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("keywarden.db").display());
+    let store = Store::connect(&url, &StoreOptions::default()).await.unwrap();
+    store.migrate().await.unwrap();
+    (store, dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -222,13 +222,9 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
-    use crate::store::StoreOptions;
 
     async fn tracker() -> (Arc<UsageTracker>, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("usage.db").display());
-        let store = Store::connect(&url, &StoreOptions::default()).await.unwrap();
-        store.migrate().await.unwrap();
+        let (store, dir) = crate::store::temp_sqlite_store().await;
         (UsageTracker::new(store), dir)
     }
 
