@@ -334,32 +334,19 @@ mod tests {
     use super::*;
     use crate::{audit::AuditKind, store::temp_sqlite_store};
 
-    /// Settings whose linger is far longer than any test waits.
-    fn lingering() -> AuditSettings {
-        AuditSettings {
+    /// A running writer holding three queued rows in a batch that lingers;
+    /// dropping the sender stops it.
+    async fn three_rows_lingering()
+    -> (AuditQueue, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<usize>, tempfile::TempDir) {
+        let (store, dir) = temp_sqlite_store().await;
+        // A linger far longer than any test waits.
+        let settings = AuditSettings {
             capacity: 100,
             batch_size: 100,
             linger: Duration::from_secs(600),
             overflow: Overflow::Block,
-        }
-    }
-
-    async fn wait_until_taken(queue: &AuditQueue) {
-        for _ in 0..500 {
-            if queue.depth() == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(queue.depth(), 0, "the writer took the rows");
-    }
-
-    /// A batch the writer has taken but not committed is out of the queue
-    /// yet not written: `unwritten` must still count it.
-    #[tokio::test]
-    async fn rows_the_writer_holds_count_as_unwritten_until_committed() {
-        let (store, _dir) = temp_sqlite_store().await;
-        let (queue, writer) = channel(store, &lingering());
+        };
+        let (queue, writer) = channel(store, &settings);
         for _ in 0..3 {
             queue.push(AuditRecord::new(AuditKind::Verify, Utc::now())).await.unwrap();
         }
@@ -370,7 +357,21 @@ mod tests {
             },
             Duration::from_secs(5),
         ));
-        wait_until_taken(&queue).await;
+        for _ in 0..500 {
+            if queue.depth() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(queue.depth(), 0, "the writer took the rows");
+        (queue, stop_tx, run, dir)
+    }
+
+    /// A batch the writer has taken but not committed is out of the queue
+    /// yet not written: `unwritten` must still count it.
+    #[tokio::test]
+    async fn rows_the_writer_holds_count_as_unwritten_until_committed() {
+        let (queue, stop_tx, run, _dir) = three_rows_lingering().await;
         assert_eq!((queue.unwritten(), queue.written()), (3, 0), "lingering, not written");
         drop(stop_tx);
         assert_eq!(run.await.unwrap(), 0);
@@ -381,19 +382,7 @@ mod tests {
     /// lingering batch at once rather than wait the linger out.
     #[tokio::test]
     async fn shutdown_writes_a_lingering_batch_without_waiting_out_the_linger() {
-        let (store, _dir) = temp_sqlite_store().await;
-        let (queue, writer) = channel(store, &lingering());
-        for _ in 0..3 {
-            queue.push(AuditRecord::new(AuditKind::Verify, Utc::now())).await.unwrap();
-        }
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(writer.run(
-            async move {
-                let _ = stop_rx.await;
-            },
-            Duration::from_secs(5),
-        ));
-        wait_until_taken(&queue).await;
+        let (queue, stop_tx, run, _dir) = three_rows_lingering().await;
         drop(stop_tx);
         // 600 s of linger against a 30 s allowance: only a writer that
         // ignores the stop can run out of it.
