@@ -32,7 +32,7 @@ use std::{
 use keywarden::{
     api::pb::{self, key_admin_client::KeyAdminClient, key_verify_client::KeyVerifyClient},
     config::Settings,
-    keys::{KeyHasher, KeyPrefix, PlainKey, format::checksum},
+    keys::{KeyHasher, KeyPrefix, PlainKey, format::checksummed},
     startup::{Application, Probes},
 };
 use secrecy::SecretString;
@@ -467,7 +467,7 @@ async fn warm(conns: &[Connection], keys: &[String], ip: &str) {
 
 fn wrong_secret(key: &str, variant: usize) -> String {
     let body = format!("{}{:0>32}", &key[..16], variant);
-    format!("{body}{}", checksum(&body))
+    checksummed(&body)
 }
 
 fn bad_checksum(key: &str) -> String {

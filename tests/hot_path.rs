@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{Backend, MERCHANT, allowed, deny, outcome, spawn_app, spawn_app_with};
 use keywarden::{
     api::pb::{self, DenyReason as R},
-    keys::{KeyPrefix, PlainKey, format::checksum},
+    keys::{KeyPrefix, PlainKey, format::checksummed},
 };
 use tonic::Code;
 
@@ -30,7 +30,7 @@ backend_tests!(
 /// A well-formed key with `key`'s lookup prefix but another secret.
 fn wrong_secret(key: &str, variant: u32) -> String {
     let body = format!("{}{:0>32}", &key[..16], variant);
-    format!("{body}{}", checksum(&body))
+    checksummed(&body)
 }
 
 async fn only_the_first_verify_of_a_key_runs_scrypt(backend: Backend) {

@@ -100,7 +100,7 @@ impl PlainKey {
             }
         }
         let checksum = checksum(&key);
-        key.push_str(&checksum);
+        key.extend(checksum.iter().map(|&b| char::from(b)));
         Ok(Self(SecretString::from(key)))
     }
 
@@ -117,7 +117,7 @@ impl PlainKey {
         }
         // All base62 from here on, so byte offsets are character offsets.
         let (body, sum) = presented.split_at(presented.len() - CHECKSUM_LEN);
-        if checksum(body) != sum {
+        if checksum(body) != sum.as_bytes() {
             return Err(Malformed::Checksum);
         }
         Ok(Self(SecretString::from(presented.to_owned())))
@@ -159,15 +159,26 @@ fn is_base62(b: u8) -> bool {
     b.is_ascii_alphanumeric()
 }
 
+/// `body` followed by its checksum: a well-formed key when `body` is a
+/// prefix and 43 base62 characters.
+pub fn checksummed(body: &str) -> String {
+    let mut key = String::with_capacity(body.len() + CHECKSUM_LEN);
+    key.push_str(body);
+    key.extend(checksum(body).iter().map(|&b| char::from(b)));
+    key
+}
+
 /// CRC32 (IEEE) of `body`, in base62, left-padded with '0' to six characters.
-pub fn checksum(body: &str) -> String {
+/// Bytes rather than a `String`: every Verify checks one, and the check
+/// should not allocate.
+pub fn checksum(body: &str) -> [u8; CHECKSUM_LEN] {
     let mut n = crc32fast::hash(body.as_bytes());
     let mut digits = [b'0'; CHECKSUM_LEN];
     for slot in digits.iter_mut().rev() {
         *slot = BASE62[(n % 62) as usize];
         n /= 62;
     }
-    digits.iter().map(|&b| char::from(b)).collect()
+    digits
 }
 
 #[cfg(test)]
@@ -186,7 +197,7 @@ mod tests {
         assert_eq!(s.len(), 54);
         assert!(s.starts_with("sntr_"));
         assert!(s[5..].bytes().all(is_base62));
-        assert_eq!(&s[48..], checksum(&s[..48]));
+        assert_eq!(&s.as_bytes()[48..], checksum(&s[..48]));
         assert_eq!(key.lookup_prefix().as_str(), &s[..16]);
     }
 
@@ -201,7 +212,7 @@ mod tests {
     #[test]
     fn checksum_is_crc32_in_padded_base62() {
         // crc32("") = 0, crc32("a") = 0xe8b7be43 = 3904355907.
-        assert_eq!(checksum(""), "000000");
+        assert_eq!(&checksum(""), b"000000");
         let mut n: u64 = 3_904_355_907;
         let mut expected = Vec::new();
         for _ in 0..6 {
@@ -209,7 +220,7 @@ mod tests {
             n /= 62;
         }
         expected.reverse();
-        assert_eq!(checksum("a").as_bytes(), expected.as_slice());
+        assert_eq!(checksum("a").as_slice(), expected.as_slice());
     }
 
     #[test]
@@ -271,7 +282,7 @@ mod tests {
         fn parse_never_panics_and_accepts_only_checksummed_keys(s in "\\PC{0,80}") {
             if let Ok(key) = PlainKey::parse(&sntr(), &s) {
                 prop_assert_eq!(key.expose().len(), 54);
-                prop_assert_eq!(checksum(&s[..48]), &s[48..]);
+                prop_assert_eq!(&checksum(&s[..48])[..], &s.as_bytes()[48..]);
             }
         }
 
@@ -279,7 +290,7 @@ mod tests {
         fn random_base62_bodies_are_rejected_unless_checksum_matches(body in "[0-9A-Za-z]{49}") {
             let candidate = format!("sntr_{body}");
             let ok = PlainKey::parse(&sntr(), &candidate).is_ok();
-            prop_assert_eq!(ok, checksum(&candidate[..48]) == candidate[48..]);
+            prop_assert_eq!(ok, checksum(&candidate[..48]) == candidate.as_bytes()[48..]);
         }
     }
 }
