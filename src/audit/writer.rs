@@ -108,41 +108,65 @@ pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWrit
 }
 
 impl AuditQueue {
-    /// Queues a verification row.
-    pub async fn push(&self, record: AuditRecord) -> Result<(), QueueClosed> {
-        let awaits_outcome = record.decision == Some(Decision::Allow);
-        let id = awaits_outcome.then(|| record.id.clone());
+    /// Queues a verification row. The row is offered to the queue when
+    /// `push` is called; the future only waits for room if the queue is
+    /// full under `audit_overflow = "block"`. Not an `async fn`, so that
+    /// the row is not carried inside the future: every Verify awaits this,
+    /// and its future is copied at each await and spawn.
+    pub fn push(&self, record: AuditRecord) -> impl Future<Output = Result<(), QueueClosed>> + Send + '_ {
+        let id = (record.decision == Some(Decision::Allow)).then(|| record.id.clone());
         if let Some(id) = &id {
             self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), None);
         }
-        let sent = match self.overflow {
-            Overflow::Block => self.tx.send(record).await.map_err(|_| QueueClosed),
-            Overflow::Drop => match self.tx.try_send(record) {
-                Ok(()) => Ok(()),
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(QueueClosed),
-                Err(mpsc::error::TrySendError::Full(record)) => {
-                    let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                    // Every row is counted; the log is thinned to powers of two.
-                    if dropped.is_power_of_two() {
-                        tracing::error!(
-                            audit_event_id = %record.id,
-                            dropped_total = dropped,
-                            "audit queue full: dropped an audit row (audit_overflow = \"drop\")"
-                        );
-                    }
-                    if let Some(id) = &id {
-                        self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
-                    }
-                    return Ok(());
+        let waiting = match self.tx.try_send(record) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.forget_outcome(id.as_deref());
+                Err(QueueClosed)
+            }
+            Err(mpsc::error::TrySendError::Full(record)) => match self.overflow {
+                // Boxed: the wait is rare, and `send`'s future is over a kilobyte.
+                Overflow::Block => Ok(Some(Box::pin(self.send_waiting(record, id)))),
+                Overflow::Drop => {
+                    self.count_dropped(&record);
+                    self.forget_outcome(id.as_deref());
+                    Ok(None)
                 }
             },
         };
-        if sent.is_err()
-            && let Some(id) = &id
-        {
-            self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+        async move {
+            match waiting? {
+                None => Ok(()),
+                Some(wait) => wait.await,
+            }
+        }
+    }
+
+    async fn send_waiting(&self, record: AuditRecord, id: Option<String>) -> Result<(), QueueClosed> {
+        let sent = self.tx.send(record).await.map_err(|_| QueueClosed);
+        if sent.is_err() {
+            self.forget_outcome(id.as_deref());
         }
         sent
+    }
+
+    fn count_dropped(&self, record: &AuditRecord) {
+        let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        // Every row is counted; the log is thinned to powers of two.
+        if dropped.is_power_of_two() {
+            tracing::error!(
+                audit_event_id = %record.id,
+                dropped_total = dropped,
+                "audit queue full: dropped an audit row (audit_overflow = \"drop\")"
+            );
+        }
+    }
+
+    /// A row that will never be written takes no outcome.
+    fn forget_outcome(&self, id: Option<&str>) {
+        if let Some(id) = id {
+            self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+        }
     }
 
     /// Attaches reported statuses to rows that are still queued or being

@@ -30,6 +30,10 @@ use crate::{
     usage::UsageTracker,
 };
 
+/// A future on the heap, for the cold paths kept out of the warm one's
+/// state machine.
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// A Verify call as received.
 #[derive(Clone)]
 pub struct VerifyInput {
@@ -287,13 +291,17 @@ impl Verifier {
     /// by every concurrent call presenting the same key.
     async fn identify(&self, key: PlainKey) -> Result<Option<Arc<KeyState>>, ServiceError> {
         let Some(cache) = &self.cache else {
-            return Ok(self.noting_outage(self.check_secret(&key).await)?.map(Arc::new));
+            return Ok(self.noting_outage(Box::pin(self.check_secret(&key)).await)?.map(Arc::new));
         };
         let digest = cache.digest(&key);
         let key_id = match cache.identity(&digest) {
             Some(id) => id,
             None if cache.known_bad(&digest) => return Ok(None),
-            None => match cache.identify_once(digest, self.identify_cold(cache, key)).await {
+            // Boxed, like every other store read below: the cold path's
+            // futures (sea-orm, scrypt pool, single flight) are kilobytes,
+            // and inline they would make every warm call's future that size
+            // and copy it at each await and spawn.
+            None => match Box::pin(cache.identify_once(digest, self.identify_cold(cache, key))).await {
                 Ok(id) => id,
                 Err(ServiceError::NotFound(_)) => return Ok(None),
                 Err(e) => return Err(e),
@@ -340,10 +348,17 @@ impl Verifier {
         Ok(Arc::clone(&state.key_id))
     }
 
-    /// One indexed read by id.
-    async fn load_state(&self, key_id: &str) -> Result<Option<Arc<KeyState>>, ServiceError> {
-        let stored = self.noting_outage(self.store.find_by_id(key_id).await.map_err(ServiceError::from))?;
-        stored.map(|s| KeyState::from_stored(&s, &self.catalogue).map(Arc::new)).transpose()
+    /// One indexed read by id, boxed to keep it out of the warm path's
+    /// future (see [`Verifier::identify`]).
+    fn load_state<'a>(
+        &'a self,
+        key_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Arc<KeyState>>, ServiceError>> {
+        Box::pin(async move {
+            let stored =
+                self.noting_outage(self.store.find_by_id(key_id).await.map_err(ServiceError::from))?;
+            stored.map(|s| KeyState::from_stored(&s, &self.catalogue).map(Arc::new)).transpose()
+        })
     }
 
     /// Marks the database down when a read says it is unreachable, so that
