@@ -18,7 +18,11 @@ use prometheus_client::{
 };
 
 use crate::{
-    audit::writer::AuditQueue, cache::VerifyCache, cache::changes::Freshness, service::hash_pool::HashPool,
+    audit::writer::AuditQueue,
+    cache::VerifyCache,
+    cache::changes::Freshness,
+    keys::{Decision, DenyReason},
+    service::hash_pool::HashPool,
     usage::UsageTracker,
 };
 
@@ -32,6 +36,11 @@ pub struct DecisionLabels {
 #[derive(Debug)]
 pub struct Metrics {
     pub verify_decisions: Family<DecisionLabels, Counter>,
+    /// Every series of `verify_decisions`, looked up once: ALLOW, then each
+    /// [`DenyReason`] in declaration order. Verify counts through these, so
+    /// the hot path takes no lock and hashes no labels; every series is
+    /// exported from the start, at zero until it happens.
+    decisions: [Counter; 1 + DenyReason::ALL.len()],
     pub verify_duration: Histogram,
     pub propagation_lag: Histogram,
     pub listener_reconnects: Counter,
@@ -39,14 +48,34 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        let verify_decisions = Family::<DecisionLabels, Counter>::default();
+        let series = |decision: Decision, reason: &'static str| {
+            verify_decisions.get_or_create(&DecisionLabels { decision: decision.as_str(), reason }).clone()
+        };
+        let decisions = std::array::from_fn(|i| match i.checked_sub(1) {
+            None => series(Decision::Allow, ""),
+            Some(r) => series(Decision::Deny, DenyReason::ALL[r].as_str()),
+        });
         Self {
-            verify_decisions: Family::default(),
+            verify_decisions,
+            decisions,
             // 50 µs to ~1.6 s.
             verify_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             // 0.5 ms to ~8 s.
             propagation_lag: Histogram::new(exponential_buckets(0.000_5, 2.0, 15)),
             listener_reconnects: Counter::default(),
         }
+    }
+}
+
+impl Metrics {
+    /// Counts one Verify decision.
+    pub fn count_decision(&self, outcome: Result<(), DenyReason>) {
+        let series = match outcome {
+            Ok(()) => 0,
+            Err(reason) => 1 + reason as usize,
+        };
+        self.decisions[series].inc();
     }
 }
 

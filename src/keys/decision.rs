@@ -39,6 +39,7 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
+    /// Every reason, in declaration order (so `ALL[r as usize] == r`).
     pub const ALL: [DenyReason; 6] = [
         Self::Malformed,
         Self::NotFound,
@@ -112,6 +113,13 @@ mod tests {
     use super::*;
     use crate::keys::scope::ScopeCatalogue;
     use chrono::Duration;
+
+    #[test]
+    fn every_reason_sits_at_its_own_index() {
+        for (i, r) in DenyReason::ALL.into_iter().enumerate() {
+            assert_eq!(r as usize, i, "{r:?}");
+        }
+    }
 
     fn policy(scopes: &[&str], cidrs: &[&str]) -> Policy {
         let c = ScopeCatalogue::default();

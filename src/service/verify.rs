@@ -25,7 +25,7 @@ use crate::{
         AllowList, Decision, DenyReason, KeyHasher, KeyPrefix, PlainKey, Policy, ScopeCatalogue, ScopeSet,
         decide,
     },
-    metrics::{DecisionLabels, Metrics},
+    metrics::Metrics,
     store::{Store, keys::StoredKey},
     usage::UsageTracker,
 };
@@ -148,11 +148,7 @@ impl Verifier {
         let started = std::time::Instant::now();
         let verdict = self.decide(input, span).await;
         if let Ok(v) = &verdict {
-            let labels = match v.outcome {
-                Ok(_) => DecisionLabels { decision: Decision::Allow.as_str(), reason: "" },
-                Err(reason) => DecisionLabels { decision: Decision::Deny.as_str(), reason: reason.as_str() },
-            };
-            self.metrics.verify_decisions.get_or_create(&labels).inc();
+            self.metrics.count_decision(v.outcome.as_ref().map(drop).map_err(|r| *r));
             self.metrics.verify_duration.observe(started.elapsed().as_secs_f64());
         }
         verdict
