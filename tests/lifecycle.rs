@@ -140,7 +140,7 @@ async fn shutdown_turns_health_not_serving_before_the_server_goes(backend: Backe
     let liveness =
         health.check(HealthCheckRequest { service: "liveness".into() }).await.unwrap().into_inner();
     assert_eq!(liveness.status, ServingStatus::Serving as i32);
-    let stopping = tokio::spawn(async move { app.stop_serving().await });
+    let stopping = tokio::spawn(app.stop());
     let next = tokio::time::timeout(std::time::Duration::from_secs(5), watch.message()).await.unwrap();
     assert_eq!(next.unwrap().unwrap().status, ServingStatus::NotServing as i32);
     drop(watch);
