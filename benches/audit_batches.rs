@@ -21,6 +21,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
 
+mod support;
+
 use std::time::Instant;
 
 use chrono::Utc;
@@ -86,13 +88,8 @@ fn row(i: usize, keys: usize) -> AuditRecord {
 async fn fresh_store(args: &Args, dir: &std::path::Path, n: usize) -> (Store, Option<String>) {
     let (url, pg_name) = match &args.postgres {
         Some(admin_url) => {
-            use sea_orm::sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
             let name = format!("kw_audit_bench_{}_{n}", std::process::id());
-            let mut conn = PgConnection::connect(admin_url).await.unwrap();
-            conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}"))).await.unwrap();
-            conn.execute(AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.unwrap();
-            let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
-            (format!("{base}/{name}"), Some(name))
+            (support::create_postgres(admin_url, &name).await, Some(name))
         }
         None => (format!("sqlite://{}?mode=rwc", dir.join(format!("audit-{n}.db")).display()), None),
     };
@@ -137,10 +134,7 @@ fn main() {
             );
             drop(store);
             if let (Some(admin_url), Some(name)) = (&args.postgres, pg_name) {
-                use sea_orm::sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
-                let mut conn = PgConnection::connect(admin_url).await.unwrap();
-                let _ =
-                    conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await;
+                support::drop_postgres(admin_url, &name).await;
             }
         }
     });

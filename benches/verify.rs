@@ -18,6 +18,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
 
+mod support;
+
 use std::{
     collections::BTreeMap,
     future::Future,
@@ -141,21 +143,11 @@ fn bench_database_name() -> String {
 }
 
 async fn drop_postgres(admin_url: &str) {
-    use sea_orm::sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
-    if let Ok(mut conn) = PgConnection::connect(admin_url).await {
-        let name = bench_database_name();
-        let _ = conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await;
-    }
+    support::drop_postgres(admin_url, &bench_database_name()).await;
 }
 
 async fn fresh_postgres(admin_url: &str) -> String {
-    use sea_orm::sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
-    let name = bench_database_name();
-    let mut conn = PgConnection::connect(admin_url).await.unwrap();
-    let _ = conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await;
-    conn.execute(AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.unwrap();
-    let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
-    format!("{base}/{name}")
+    support::create_postgres(admin_url, &bench_database_name()).await
 }
 
 // ------------------------------------------------------------ load generation
