@@ -133,7 +133,7 @@ async fn shutdown_turns_health_not_serving_before_the_server_goes(backend: Backe
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let mut app = common::spawn_app(backend).await;
+    let app = common::spawn_app(backend).await;
     let mut health = HealthClient::new(app.channel());
     let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
     assert_eq!(watch.message().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
