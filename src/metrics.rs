@@ -69,11 +69,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one Verify decision.
-    pub fn count_decision(&self, outcome: Result<(), DenyReason>) {
-        let series = match outcome {
-            Ok(()) => 0,
-            Err(reason) => 1 + reason as usize,
+    /// Counts one Verify decision: an ALLOW, or a DENY for `denied`.
+    pub fn count_decision(&self, denied: Option<DenyReason>) {
+        let series = match denied {
+            None => 0,
+            Some(reason) => 1 + reason as usize,
         };
         self.decisions[series].inc();
     }

@@ -148,7 +148,7 @@ impl Verifier {
         let started = std::time::Instant::now();
         let verdict = self.decide(input, span).await;
         if let Ok(v) = &verdict {
-            self.metrics.count_decision(v.outcome.as_ref().map(drop).map_err(|r| *r));
+            self.metrics.count_decision(v.outcome.as_ref().err().copied());
             self.metrics.verify_duration.observe(started.elapsed().as_secs_f64());
         }
         verdict
