@@ -27,6 +27,8 @@ use crate::{
 /// Column order of [`InsertRow`], shared by both backends' statements.
 const AUDIT_COLUMNS: &str = "id, \"timestamp\", kind, merchant_id, api_key_id, api_key_name, key_prefix, \
     endpoint, method, ip, status, decision, deny_reason, actor, trace_id, detail";
+/// Columns in [`AUDIT_COLUMNS`].
+const AUDIT_COLUMN_COUNT: usize = 16;
 
 /// Makes inserting a batch again harmless. A batch whose commit was not
 /// acknowledged (the connection dropped at the wrong moment) is retried, and
@@ -90,9 +92,6 @@ fn sqlite_arguments(rows: &[AuditRecord]) -> Result<SqliteArguments, sea_orm::sq
     Ok(args)
 }
 
-/// Columns in [`AUDIT_COLUMNS`].
-const AUDIT_COLUMN_COUNT: usize = 16;
-
 /// `t.to_rfc3339_opts(SecondsFormat::AutoSi, false)`: the text sqlx binds
 /// for a timestamp on SQLite, which compares timestamps as text, so the
 /// form must be exactly the same (see the test
@@ -138,7 +137,7 @@ fn rfc3339_auto_si(t: DateTime<Utc>) -> String {
 }
 
 fn sqlite_insert_sql(rows: usize) -> String {
-    let row = format!("({})", ["?"; 16].join(", "));
+    let row = format!("({})", ["?"; AUDIT_COLUMN_COUNT].join(", "));
     let values = vec![row.as_str(); rows].join(", ");
     format!("INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES {values} {AUDIT_RETRY}")
 }
@@ -179,7 +178,7 @@ impl<'a> From<&'a AuditRecord> for InsertRow<'a> {
     fn from(r: &'a AuditRecord) -> Self {
         Self(
             &r.id,
-            r.timestamp.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
+            rfc3339_auto_si(r.timestamp),
             r.kind.as_str(),
             r.merchant_id.as_deref(),
             r.api_key_id.as_deref(),
@@ -290,7 +289,7 @@ fn encode_audit_copy(rows: &[AuditRecord]) -> Result<Vec<u8>, EncodeError> {
     // Typical verification rows take ~250–350 bytes.
     let mut w = CopyWriter::with_capacity(rows.len() * 320);
     for r in rows {
-        w.row(16)
+        w.row(AUDIT_COLUMN_COUNT as i16)
             .text(Some(&r.id))?
             .timestamptz(r.timestamp)?
             .text(Some(r.kind.as_str()))?
@@ -683,6 +682,11 @@ mod tests {
             decision: Some(Decision::Allow),
             ..AuditRecord::new(AuditKind::Verify, at)
         }
+    }
+
+    #[test]
+    fn the_column_count_matches_the_column_list() {
+        assert_eq!(AUDIT_COLUMNS.split(',').count(), AUDIT_COLUMN_COUNT);
     }
 
     proptest::proptest! {
