@@ -114,22 +114,22 @@ impl AuditQueue {
     /// the row is not carried inside the future: every Verify awaits this,
     /// and its future is copied at each await and spawn.
     pub fn push(&self, record: AuditRecord) -> impl Future<Output = Result<(), QueueClosed>> + Send + '_ {
-        let id = (record.decision == Some(Decision::Allow)).then(|| record.id.clone());
-        if let Some(id) = &id {
-            self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), None);
+        if record.decision == Some(Decision::Allow) {
+            self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).insert(record.id.clone(), None);
         }
+        // Every path that loses the row gets it back, and forgets its outcome.
         let waiting = match self.tx.try_send(record) {
             Ok(()) => Ok(None),
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.forget_outcome(id.as_deref());
+            Err(mpsc::error::TrySendError::Closed(record)) => {
+                self.forget_outcome(&record);
                 Err(QueueClosed)
             }
             Err(mpsc::error::TrySendError::Full(record)) => match self.overflow {
                 // Boxed: the wait is rare, and `send`'s future is over a kilobyte.
-                Overflow::Block => Ok(Some(Box::pin(self.send_waiting(record, id)))),
+                Overflow::Block => Ok(Some(Box::pin(self.send_waiting(record)))),
                 Overflow::Drop => {
                     self.count_dropped(&record);
-                    self.forget_outcome(id.as_deref());
+                    self.forget_outcome(&record);
                     Ok(None)
                 }
             },
@@ -142,12 +142,11 @@ impl AuditQueue {
         }
     }
 
-    async fn send_waiting(&self, record: AuditRecord, id: Option<String>) -> Result<(), QueueClosed> {
-        let sent = self.tx.send(record).await.map_err(|_| QueueClosed);
-        if sent.is_err() {
-            self.forget_outcome(id.as_deref());
-        }
-        sent
+    async fn send_waiting(&self, record: AuditRecord) -> Result<(), QueueClosed> {
+        self.tx.send(record).await.map_err(|mpsc::error::SendError(record)| {
+            self.forget_outcome(&record);
+            QueueClosed
+        })
     }
 
     fn count_dropped(&self, record: &AuditRecord) {
@@ -163,9 +162,9 @@ impl AuditQueue {
     }
 
     /// A row that will never be written takes no outcome.
-    fn forget_outcome(&self, id: Option<&str>) {
-        if let Some(id) = id {
-            self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+    fn forget_outcome(&self, record: &AuditRecord) {
+        if record.decision == Some(Decision::Allow) {
+            self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).remove(&record.id);
         }
     }
 
