@@ -12,11 +12,16 @@
 //!
 //! ```text
 //! cargo bench --bench audit_batches -- [--sizes 100,300,1000,4000] [--rows 200000]
-//!     [--keys 1000] [--postgres postgres://postgres@127.0.0.1:5432/test]
+//!     [--keys 1000] [--prefill 0] [--postgres postgres://postgres@127.0.0.1:5432/test]
 //! ```
 //!
+//! `--prefill N` writes N rows (same keys, untimed) before the clock
+//! starts: a table that already holds a few days of audit trail, whose
+//! per-key index no longer fits a batch's rows into a few pages, costs
+//! more per row than a fresh one.
+//!
 //! The batch sizes a running server writes depend on load: at most
-//! `audit_batch_size` (4000) when saturated, what arrives within
+//! `audit_batch_size` (16000) when saturated, what arrives within
 //! `audit_linger_ms` (50 ms) otherwise.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
@@ -39,11 +44,13 @@ struct Args {
     sizes: Vec<usize>,
     rows: usize,
     keys: usize,
+    prefill: usize,
     postgres: Option<String>,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { sizes: vec![100, 300, 1000, 4000], rows: 200_000, keys: 1000, postgres: None };
+    let mut args =
+        Args { sizes: vec![100, 300, 1000, 4000], rows: 200_000, keys: 1000, prefill: 0, postgres: None };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -51,6 +58,7 @@ fn parse_args() -> Args {
             "--sizes" => args.sizes = value().split(',').map(|s| s.parse().unwrap()).collect(),
             "--rows" => args.rows = value().parse().unwrap(),
             "--keys" => args.keys = value().parse().unwrap(),
+            "--prefill" => args.prefill = value().parse().unwrap(),
             "--postgres" => args.postgres = Some(value()),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -103,10 +111,11 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     println!(
-        "backend: {}; {} rows per batch size over {} keys",
+        "backend: {}; {} rows per batch size over {} keys, into a table of {} rows",
         if args.postgres.is_some() { "postgresql" } else { "sqlite" },
         args.rows,
-        args.keys
+        args.keys,
+        args.prefill
     );
     println!();
     println!("| rows per batch | statements | rows/s | CPU µs per row |");
@@ -114,6 +123,11 @@ fn main() {
     runtime.block_on(async {
         for &size in &args.sizes {
             let (store, pg_name) = fresh_store(&args, dir.path(), size).await;
+            for start in (0..args.prefill).step_by(20_000) {
+                let batch: Vec<AuditRecord> =
+                    (start..args.prefill.min(start + 20_000)).map(|i| row(i, args.keys)).collect();
+                store.insert_audit_batch(&batch).await.unwrap();
+            }
             // Rows are built before the clock starts: only the store's work counts.
             let batches: Vec<Vec<AuditRecord>> = (0..args.rows)
                 .collect::<Vec<_>>()
