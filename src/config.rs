@@ -121,7 +121,7 @@ impl Default for Settings {
             flush_timeout_ms: 30_000,
             usage_flush_interval_ms: 1_000,
             audit_queue_capacity: 100_000,
-            audit_batch_size: 4000,
+            audit_batch_size: 16_000,
             audit_linger_ms: 50,
             audit_overflow: Overflow::Block,
             hash_workers: 0,
