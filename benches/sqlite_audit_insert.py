@@ -16,6 +16,8 @@ import sqlite3
 import tempfile
 import time
 
+from audit_rows import row
+
 N = 100_000
 COLUMNS = 16
 INSERT = "INSERT INTO audit_events SELECT " + ", ".join(f"value->>{i}" for i in range(COLUMNS)) + " FROM json_each(?)"
@@ -56,27 +58,7 @@ ALL = [
     ("by_time", "timestamp"),
 ]
 
-rows = [
-    [
-        f"01a21f28-4ad8-7{i >> 12 & 0xfff:03x}-8000-{i:012x}",
-        f"2026-11-27T22:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000 * 1000:06d}+00:00",
-        "VERIFY",
-        "cmm3zkkx000006ogg8arp52qb",
-        f"01a21f28-4ad8-702f-82c2-{i % 1000:012d}",
-        f"key {i % 1000}",
-        "sntr_vvWl5MakDFt",
-        "/v1/sales",
-        "GET",
-        "10.1.2.3",
-        None,
-        "ALLOW",
-        None,
-        None,
-        None,
-        None,
-    ]
-    for i in range(N)
-]
+rows = [row(i) for i in range(N)]
 
 print(f"SQLite {sqlite3.sqlite_version}, {N} rows")
 with tempfile.TemporaryDirectory() as d:

@@ -1,0 +1,95 @@
+"""SQLite CPU per audit row by write order, batch size and layout, into a
+table that already holds rows (the figures in BENCHMARKS.md, "What changed
+on 2026-11-28 (seventh session)").
+
+Rows are shaped like the Verify benchmark's (one merchant, 1000 keys,
+time-ordered ids) and go in as keywarden writes them: multi-row VALUES of
+up to 512 rows, one transaction per batch. Uses Python's sqlite3 module, so
+the SQLite version differs from the one keywarden bundles; compare the
+rows, not the absolutes. CPU is this process's (user + system).
+
+    python3 benches/sqlite_audit_order.py [--prefill 2000000] [--rows 200000]
+"""
+
+import argparse
+import os
+import sqlite3
+import tempfile
+import time
+
+from audit_rows import row
+
+COLUMNS = "(id text PRIMARY KEY NOT NULL, timestamp text NOT NULL, kind text NOT NULL, merchant_id text, \
+api_key_id text, api_key_name text, key_prefix text, endpoint text, method text, ip text, status integer, \
+decision text, deny_reason text, actor text, trace_id text, detail text)"
+ROW = "(" + ", ".join("?" * 16) + ")"
+INDEXES = [
+    ("by_merchant", "merchant_id, timestamp, id"),
+    ("by_key", "api_key_id, timestamp, id"),
+    ("by_time", "timestamp"),
+]
+
+
+def insert(c, table, batch):
+    c.execute("BEGIN")
+    for b in range(0, len(batch), 512):
+        chunk = batch[b : b + 512]
+        c.execute(f"INSERT INTO {table} VALUES " + ", ".join([ROW] * len(chunk)), [v for r in chunk for v in r])
+    c.execute("COMMIT")
+
+
+def index_order(r):
+    return (r[3], r[4], r[1], r[0])
+
+
+def run(label, args, batch, sort=False, page=4096, staging_every=0):
+    with tempfile.TemporaryDirectory() as d:
+        c = sqlite3.connect(os.path.join(d, "audit.db"), isolation_level=None)
+        c.execute(f"PRAGMA page_size={page}")
+        for pragma in ("journal_mode=wal", "synchronous=normal", "cache_size=-32768"):
+            c.execute(f"PRAGMA {pragma}")
+        c.execute(f"PRAGMA wal_autocheckpoint={10000 * 4096 // page}")
+        c.execute("CREATE TABLE audit_events " + COLUMNS)
+        c.execute("CREATE TABLE staging " + COLUMNS)
+        for b in range(0, args.prefill, 20000):
+            insert(c, "audit_events", [row(i) for i in range(b, min(b + 20000, args.prefill))])
+        for name, cols in INDEXES:
+            c.execute(f"CREATE INDEX {name} ON audit_events ({cols})")
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        rows = [row(i) for i in range(args.prefill, args.prefill + args.rows)]
+        start, staged = time.process_time(), 0
+        for b in range(0, args.rows, batch):
+            chunk = sorted(rows[b : b + batch], key=index_order) if sort else rows[b : b + batch]
+            if not staging_every:
+                insert(c, "audit_events", chunk)
+                continue
+            insert(c, "staging", chunk)
+            staged += len(chunk)
+            if staged >= staging_every or b + batch >= args.rows:
+                c.execute("BEGIN")
+                c.execute("INSERT INTO audit_events SELECT * FROM staging ORDER BY merchant_id, api_key_id, timestamp, id")
+                c.execute("DELETE FROM staging")
+                c.execute("COMMIT")
+                staged = 0
+        cpu = time.process_time() - start
+        print(f"| {label} | {cpu / args.rows * 1e6:.1f} |", flush=True)
+        c.close()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--prefill", type=int, default=2_000_000)
+    p.add_argument("--rows", type=int, default=200_000)
+    args = p.parse_args()
+    print(f"SQLite {sqlite3.sqlite_version}: {args.rows} rows into a table of {args.prefill}, 1000 keys\n")
+    print("| variant | CPU µs per row |\n|---|---:|")
+    run("arrival order, 4000 per batch (keywarden until 2026-11-28)", args, 4000)
+    run("arrival order, 16000 per batch", args, 16000)
+    run("index order, 4000 per batch", args, 4000, sort=True)
+    run("index order, 16000 per batch (keywarden now)", args, 16000, sort=True)
+    run("64 KiB pages, arrival order, 4000 per batch", args, 4000, page=65536)
+    run("unindexed staging table, moved in index order every 40000 rows", args, 4000, staging_every=40000)
+
+
+if __name__ == "__main__":
+    main()
