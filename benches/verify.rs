@@ -459,7 +459,7 @@ async fn warm(conns: &[Connection], keys: &[String], ip: &str) {
 
 fn wrong_secret(key: &str, variant: usize) -> String {
     let body = format!("{}{:0>32}", &key[..16], variant);
-    checksummed(&body)
+    checksummed(body)
 }
 
 fn bad_checksum(key: &str) -> String {

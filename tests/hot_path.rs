@@ -30,7 +30,7 @@ backend_tests!(
 /// A well-formed key with `key`'s lookup prefix but another secret.
 fn wrong_secret(key: &str, variant: u32) -> String {
     let body = format!("{}{:0>32}", &key[..16], variant);
-    checksummed(&body)
+    checksummed(body)
 }
 
 async fn only_the_first_verify_of_a_key_runs_scrypt(backend: Backend) {

@@ -152,7 +152,7 @@ async fn verify_answers_not_found_for_unknown_prefix_and_wrong_secret_alike(back
     let (_, key) = app.key_with_scopes(&["sales:read"]).await;
     // Same prefix, different secret, valid checksum.
     let body = format!("{}{}", &key[..16], "A".repeat(32));
-    let wrong_secret = keywarden::keys::format::checksummed(&body);
+    let wrong_secret = keywarden::keys::format::checksummed(body);
     let other = keywarden::keys::PlainKey::generate(&keywarden::keys::KeyPrefix::default()).unwrap();
     for k in [wrong_secret.as_str(), other.expose()] {
         let r = app.verify(k, "", "").await;

@@ -99,9 +99,7 @@ impl PlainKey {
                 drawn += 1;
             }
         }
-        let checksum = checksum(&key);
-        key.extend(checksum.iter().map(|&b| char::from(b)));
-        Ok(Self(SecretString::from(key)))
+        Ok(Self(SecretString::from(checksummed(key))))
     }
 
     /// Accepts exactly the keys [`PlainKey::generate`] can produce.
@@ -159,13 +157,12 @@ fn is_base62(b: u8) -> bool {
     b.is_ascii_alphanumeric()
 }
 
-/// `body` followed by its checksum: a well-formed key when `body` is a
+/// `body` with its checksum appended: a well-formed key when `body` is a
 /// prefix and 43 base62 characters.
-pub fn checksummed(body: &str) -> String {
-    let mut key = String::with_capacity(body.len() + CHECKSUM_LEN);
-    key.push_str(body);
-    key.extend(checksum(body).iter().map(|&b| char::from(b)));
-    key
+pub fn checksummed(mut body: String) -> String {
+    let sum = checksum(&body);
+    body.extend(sum.iter().map(|&b| char::from(b)));
+    body
 }
 
 /// CRC32 (IEEE) of `body`, in base62, left-padded with '0' to six characters.
