@@ -291,18 +291,13 @@ pub struct AuditQuery<'a> {
 /// table of 2M rows over 1000 keys this took SQLite's CPU per row from
 /// 21 to 17.5 µs at 4000 rows per batch and from 16.7 to 11.8 µs at
 /// 16000 (`benches/audit_batches.rs --prefill 2000000`). PostgreSQL's
-/// backend measured no better sorted (its WAL logs tuples, not pages), so
-/// its COPY keeps arrival order. Nothing reads the order in which a
+/// backend measured no better sorted (likely because its WAL mostly logs
+/// tuples, not pages), so its COPY keeps arrival order. Nothing reads the order in which a
 /// batch's rows were written: listings order by (timestamp, id).
 fn in_index_order(rows: &[AuditRecord]) -> Vec<&AuditRecord> {
     let mut sorted: Vec<&AuditRecord> = rows.iter().collect();
-    sorted.sort_unstable_by(|a, b| {
-        (a.merchant_id.as_deref(), a.api_key_id.as_deref(), a.timestamp, a.id.as_str()).cmp(&(
-            b.merchant_id.as_deref(),
-            b.api_key_id.as_deref(),
-            b.timestamp,
-            b.id.as_str(),
-        ))
+    sorted.sort_unstable_by_key(|&r| {
+        (r.merchant_id.as_deref(), r.api_key_id.as_deref(), r.timestamp, r.id.as_str())
     });
     sorted
 }
