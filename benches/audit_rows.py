@@ -1,6 +1,28 @@
-"""The audit row the SQLite scripts insert, shaped like the Verify
-benchmark's: one merchant, 1000 keys, time-ordered ids, one row per
+"""What the SQLite audit scripts share: the audit table as keywarden
+creates it, its indexes, the insert keywarden makes (multi-row VALUES of
+up to 512 rows, one transaction per batch), and a row shaped like the
+Verify benchmark's: one merchant, 1000 keys, time-ordered ids, one row per
 millisecond."""
+
+COLUMNS = (
+    "(id text PRIMARY KEY NOT NULL, timestamp text NOT NULL, kind text NOT NULL, merchant_id text,"
+    " api_key_id text, api_key_name text, key_prefix text, endpoint text, method text, ip text,"
+    " status integer, decision text, deny_reason text, actor text, trace_id text, detail text)"
+)
+INDEXES = [
+    ("by_merchant", "merchant_id, timestamp, id"),
+    ("by_key", "api_key_id, timestamp, id"),
+    ("by_time", "timestamp"),
+]
+ROW = "(" + ", ".join("?" * 16) + ")"
+
+
+def insert_values(c, batch, table="audit_events"):
+    c.execute("BEGIN")
+    for b in range(0, len(batch), 512):
+        chunk = batch[b : b + 512]
+        c.execute(f"INSERT INTO {table} VALUES " + ", ".join([ROW] * len(chunk)), [v for r in chunk for v in r])
+    c.execute("COMMIT")
 
 
 def row(i):

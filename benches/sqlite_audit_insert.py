@@ -16,24 +16,14 @@ import sqlite3
 import tempfile
 import time
 
-from audit_rows import row
+from audit_rows import COLUMNS, INDEXES, insert_values, row
 
 N = 100_000
-COLUMNS = 16
-INSERT = "INSERT INTO audit_events SELECT " + ", ".join(f"value->>{i}" for i in range(COLUMNS)) + " FROM json_each(?)"
-ROW = "(" + ", ".join("?" * COLUMNS) + ")"
+INSERT = "INSERT INTO audit_events SELECT " + ", ".join(f"value->>{i}" for i in range(16)) + " FROM json_each(?)"
 
 
 def insert_json(c, batch):
     c.execute(INSERT, (json.dumps(batch),))
-
-
-def insert_values(c, batch):
-    c.execute("BEGIN")
-    for b in range(0, len(batch), 512):
-        chunk = batch[b : b + 512]
-        c.execute("INSERT INTO audit_events VALUES " + ", ".join([ROW] * len(chunk)), [v for row in chunk for v in row])
-    c.execute("COMMIT")
 
 
 def connect(path, autocheckpoint, indexes):
@@ -42,21 +32,13 @@ def connect(path, autocheckpoint, indexes):
     c = sqlite3.connect(path, isolation_level=None)
     for pragma in ("journal_mode=wal", "synchronous=normal", "cache_size=-32768", f"wal_autocheckpoint={autocheckpoint}"):
         c.execute(f"PRAGMA {pragma}")
-    c.execute(
-        "CREATE TABLE audit_events (id text PRIMARY KEY NOT NULL, timestamp text NOT NULL, kind text NOT NULL,"
-        " merchant_id text, api_key_id text, api_key_name text, key_prefix text, endpoint text, method text,"
-        " ip text, status integer, decision text, deny_reason text, actor text, trace_id text, detail text)"
-    )
+    c.execute("CREATE TABLE audit_events " + COLUMNS)
     for name, cols in indexes:
         c.execute(f"CREATE INDEX {name} ON audit_events ({cols})")
     return c
 
 
-ALL = [
-    ("by_merchant", "merchant_id, timestamp, id"),
-    ("by_key", "api_key_id, timestamp, id"),
-    ("by_time", "timestamp"),
-]
+ALL = INDEXES
 
 rows = [row(i) for i in range(N)]
 

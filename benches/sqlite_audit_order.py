@@ -17,25 +17,7 @@ import sqlite3
 import tempfile
 import time
 
-from audit_rows import row
-
-COLUMNS = "(id text PRIMARY KEY NOT NULL, timestamp text NOT NULL, kind text NOT NULL, merchant_id text, \
-api_key_id text, api_key_name text, key_prefix text, endpoint text, method text, ip text, status integer, \
-decision text, deny_reason text, actor text, trace_id text, detail text)"
-ROW = "(" + ", ".join("?" * 16) + ")"
-INDEXES = [
-    ("by_merchant", "merchant_id, timestamp, id"),
-    ("by_key", "api_key_id, timestamp, id"),
-    ("by_time", "timestamp"),
-]
-
-
-def insert(c, table, batch):
-    c.execute("BEGIN")
-    for b in range(0, len(batch), 512):
-        chunk = batch[b : b + 512]
-        c.execute(f"INSERT INTO {table} VALUES " + ", ".join([ROW] * len(chunk)), [v for r in chunk for v in r])
-    c.execute("COMMIT")
+from audit_rows import COLUMNS, INDEXES, insert_values, row
 
 
 def index_order(r):
@@ -52,7 +34,7 @@ def run(label, args, batch, sort=False, page=4096, staging_every=0):
         c.execute("CREATE TABLE audit_events " + COLUMNS)
         c.execute("CREATE TABLE staging " + COLUMNS)
         for b in range(0, args.prefill, 20000):
-            insert(c, "audit_events", [row(i) for i in range(b, min(b + 20000, args.prefill))])
+            insert_values(c, [row(i) for i in range(b, min(b + 20000, args.prefill))])
         for name, cols in INDEXES:
             c.execute(f"CREATE INDEX {name} ON audit_events ({cols})")
         c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -61,9 +43,9 @@ def run(label, args, batch, sort=False, page=4096, staging_every=0):
         for b in range(0, args.rows, batch):
             chunk = sorted(rows[b : b + batch], key=index_order) if sort else rows[b : b + batch]
             if not staging_every:
-                insert(c, "audit_events", chunk)
+                insert_values(c, chunk)
                 continue
-            insert(c, "staging", chunk)
+            insert_values(c, chunk, "staging")
             staged += len(chunk)
             if staged >= staging_every or b + batch >= args.rows:
                 c.execute("BEGIN")
