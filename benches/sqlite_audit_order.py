@@ -1,6 +1,6 @@
 """SQLite CPU per audit row by write order, batch size, layout and schema,
 into a table that already holds rows (the figures in BENCHMARKS.md, "What
-changed on 2026-11-28 (seventh session)" and "(eighth session)").
+changed on 2026-11-28 (seventh session)" and "Schema variants priced").
 
 Rows are shaped like the Verify benchmark's (one merchant, 1000 keys,
 time-ordered ids) and go in as keywarden writes them: multi-row VALUES of
@@ -24,6 +24,8 @@ from audit_rows import COLUMNS, INDEXES, insert_values, row
 # integer microseconds: what a compact schema would store.
 COMPACT_COLUMNS = COLUMNS.replace("id text PRIMARY", "id blob PRIMARY").replace(
     "timestamp text", "timestamp integer").replace("api_key_id text", "api_key_id blob")
+# A renamed column in audit_rows.py would otherwise quietly compare the schema with itself.
+assert COMPACT_COLUMNS.count("blob") == 2 and "timestamp integer" in COMPACT_COLUMNS
 
 
 def compact_row(i):
