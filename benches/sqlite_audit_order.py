@@ -94,7 +94,7 @@ def main():
     run("WITHOUT ROWID (one b-tree fewer)", args, **now, table_options=" WITHOUT ROWID")
     run("indexes without the trailing id", args, **now,
         indexes=[(n, cols.replace(", id", "")) for n, cols in INDEXES])
-    run("no by-time index (its price)", args, **now, indexes=INDEXES[:2])
+    run("no by-time index (its price)", args, **now, indexes=[i for i in INDEXES if i[0] != "by_time"])
     run("blob ids, integer microsecond timestamps", args, **now, columns=COMPACT_COLUMNS, make_row=compact_row)
 
 
