@@ -89,7 +89,7 @@ fn row(i: usize, keys: usize) -> AuditRecord {
         method: Some("GET".into()),
         ip: Some("10.1.2.3".into()),
         decision: Some(Decision::Allow),
-        ..AuditRecord::new(AuditKind::Verify, Utc::now())
+        ..AuditRecord::new(AuditKind::Verify, Utc::now(), None)
     }
 }
 

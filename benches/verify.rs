@@ -497,8 +497,8 @@ fn rss_kib() -> u64 {
 /// merchant, a short name, one CIDR, two scopes) via identify + state fill.
 async fn seed(cache: &keywarden::cache::VerifyCache, n: usize) {
     use keywarden::{
+        keys::KeyState,
         keys::{AllowList, Policy, ScopeCatalogue},
-        service::verify::KeyState,
     };
     let catalogue = ScopeCatalogue::default();
     let scopes = catalogue.expand(catalogue.parse_grant(&["sales:read", "invoice:read"]).unwrap());
@@ -517,7 +517,12 @@ async fn seed(cache: &keywarden::cache::VerifyCache, n: usize) {
             },
             version: 1,
         });
-        cache.identify_once(cache.digest(&key), async { Ok(Arc::clone(&id)) }).await.unwrap();
+        cache
+            .identify_once(cache.digest(&key), async {
+                Ok::<_, keywarden::service::ServiceError>(Arc::clone(&id))
+            })
+            .await
+            .unwrap();
         cache.fill_state(cache.epoch(), state);
     }
 }

@@ -23,14 +23,54 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::{
-    audit::writer::{AuditSettings, Overflow},
-    keys::{
-        KeyHasher, KeyPrefix,
-        hash::PepperError,
-        scope::{CatalogueError, PresetDef, ScopeCatalogue, ScopeDef},
-    },
+use crate::keys::{
+    KeyHasher, KeyPrefix,
+    hash::PepperError,
+    scope::{CatalogueError, PresetDef, ScopeCatalogue, ScopeDef},
 };
+
+/// What Verify does when the audit queue is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Wait for room: Verify slows down rather than lose a row.
+    #[default]
+    Block,
+    /// Drop the row, count it and log it: Verify never waits on auditing.
+    Drop,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub capacity: usize,
+    pub batch_size: usize,
+    /// How long a batch may wait to fill before it is written: fewer, larger
+    /// inserts under load, at most this much delay when idle.
+    pub linger: Duration,
+    pub overflow: Overflow,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Most keys whose identity and state are held.
+    pub max_keys: u64,
+    /// State older than this is re-read even without a change notice: a
+    /// backstop for changes made behind the service's back.
+    pub state_ttl: Duration,
+    pub negative_max: u64,
+    pub negative_ttl: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            max_keys: 1_000_000,
+            state_ttl: Duration::from_secs(300),
+            negative_max: 100_000,
+            negative_ttl: Duration::from_secs(60),
+        }
+    }
+}
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -233,8 +273,8 @@ impl Settings {
         Duration::from_millis(self.audit_retention_interval_ms.max(10))
     }
 
-    pub fn cache(&self) -> crate::cache::CacheSettings {
-        crate::cache::CacheSettings {
+    pub fn cache(&self) -> CacheSettings {
+        CacheSettings {
             max_keys: self.cache_max_keys,
             state_ttl: Duration::from_millis(self.cache_state_ttl_ms),
             negative_max: self.negative_cache_max,

@@ -14,7 +14,7 @@ use keywarden::{
 
 // Verify allocates on request threads and frees on the audit writer's;
 // mimalloc handles that cross-thread traffic far better than glibc malloc
-// (which took a quarter of the server's CPU in the warm-path profile).
+// (docs/decisions.md has the profile).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -111,7 +111,7 @@ pub fn init(format: LogFormat) -> Result<Telemetry, Box<dyn std::error::Error + 
     let provider = tracer_provider()?;
     // Two stacks rather than an `Option` layer: a `None` layer counts as
     // interested in every callsite, which would enable every dependency's
-    // trace-level spans (a third of the server's CPU in the warm-path profile).
+    // trace-level spans, a large share of the server's CPU on the warm path.
     match &provider {
         Some(provider) => {
             tracing_subscriber::registry()

@@ -1,6 +1,7 @@
-//! The audit trail: what one audit row says ([`AuditRecord`]) and the
-//! batching writer that gets verification rows into the store without
-//! putting a database write on the Verify path ([`writer`]).
+//! The audit trail around the stored row ([`AuditRecord`], owned by the
+//! store): the batching writer that gets verification rows into the store
+//! without putting a database write on the Verify path ([`writer`]), and
+//! the span that carries the same fields.
 //!
 //! Administrative actions do not go through the writer: their rows are
 //! written in the same transaction as the change they record.
@@ -11,107 +12,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::keys::{Decision, DenyReason};
-
-/// What an audit row records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuditKind {
-    Verify,
-    KeyCreated,
-    KeyUpdated,
-    KeyRevoked,
-    KeyRegenerated,
-}
-
-impl AuditKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Verify => "VERIFY",
-            Self::KeyCreated => "KEY_CREATED",
-            Self::KeyUpdated => "KEY_UPDATED",
-            Self::KeyRevoked => "KEY_REVOKED",
-            Self::KeyRegenerated => "KEY_REGENERATED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [Self::Verify, Self::KeyCreated, Self::KeyUpdated, Self::KeyRevoked, Self::KeyRegenerated]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-    }
-}
-
-/// One audit row. Verification rows carry the documented eight fields
-/// (timestamp, key id and name, merchant, endpoint, method, status, ip).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditRecord {
-    pub id: String,
-    pub timestamp: DateTime<Utc>,
-    pub kind: AuditKind,
-    pub merchant_id: Option<String>,
-    pub api_key_id: Option<String>,
-    pub api_key_name: Option<String>,
-    /// Lookup prefix of a well-formed presented key.
-    pub key_prefix: Option<String>,
-    pub endpoint: Option<String>,
-    pub method: Option<String>,
-    pub ip: Option<String>,
-    /// 401/403 for denials; the reported status for allowed calls, once known.
-    pub status: Option<u16>,
-    pub decision: Option<Decision>,
-    pub deny_reason: Option<DenyReason>,
-    /// Admin token name for administrative actions.
-    pub actor: Option<String>,
-    pub trace_id: Option<String>,
-    pub detail: Option<String>,
-}
-
-impl AuditRecord {
-    /// An empty row of `kind` with a fresh id.
-    pub fn new(kind: AuditKind, at: DateTime<Utc>) -> Self {
-        Self {
-            id: new_event_id(),
-            timestamp: at,
-            kind,
-            merchant_id: None,
-            api_key_id: None,
-            api_key_name: None,
-            key_prefix: None,
-            endpoint: None,
-            method: None,
-            ip: None,
-            status: None,
-            decision: None,
-            deny_reason: None,
-            actor: None,
-            trace_id: crate::telemetry::current_trace_id(),
-            detail: None,
-        }
-    }
-
-    /// A row for an administrative action on a key, by `actor`. Without a
-    /// name, the store fills in the key's name as of the change.
-    pub fn admin(
-        kind: AuditKind,
-        at: DateTime<Utc>,
-        actor: &str,
-        merchant_id: &str,
-        key_id: &str,
-        key_name: Option<&str>,
-    ) -> Self {
-        Self {
-            merchant_id: Some(merchant_id.to_owned()),
-            api_key_id: Some(key_id.to_owned()),
-            api_key_name: key_name.map(str::to_owned),
-            actor: Some(actor.to_owned()),
-            ..Self::new(kind, at)
-        }
-    }
-
-    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
-        self.detail = Some(detail.into());
-        self
-    }
-}
+pub use crate::store::audit::{AuditKind, AuditRecord, new_event_id};
 
 /// The `keywarden.verify` span, with a slot for every audit field so that
 /// [`record_on_span`] can fill them once the decision is made.
@@ -179,11 +80,6 @@ pub fn recently_issued(id: &str, now: DateTime<Utc>) -> bool {
         return false;
     };
     issued > now - QUEUE_HORIZON && issued < now + chrono::Duration::minutes(1)
-}
-
-/// Time-ordered ids (UUIDv7), so ids sort roughly like their timestamps.
-pub fn new_event_id() -> String {
-    Uuid::now_v7().to_string()
 }
 
 #[cfg(test)]

@@ -17,32 +17,14 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::AuditRecord;
-use crate::{keys::Decision, store::Store};
-
-/// What Verify does when the audit queue is full.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Overflow {
-    /// Wait for room: Verify slows down rather than lose a row.
-    #[default]
-    Block,
-    /// Drop the row, count it and log it: Verify never waits on auditing.
-    Drop,
-}
-
-#[derive(Debug, Clone)]
-pub struct AuditSettings {
-    pub capacity: usize,
-    pub batch_size: usize,
-    /// How long a batch may wait to fill before it is written: fewer, larger
-    /// inserts under load, at most this much delay when idle.
-    pub linger: Duration,
-    pub overflow: Overflow,
-}
+use crate::{
+    config::{AuditSettings, Overflow},
+    keys::Decision,
+    store::Store,
+};
 
 /// Reported statuses of allowed rows not yet committed, by row id. `None`
 /// until RecordOutcomes reports one.
@@ -371,7 +353,7 @@ mod tests {
         };
         let (queue, writer) = channel(store, &settings);
         for _ in 0..3 {
-            queue.push(AuditRecord::new(AuditKind::Verify, Utc::now())).await.unwrap();
+            queue.push(AuditRecord::new(AuditKind::Verify, Utc::now(), None)).await.unwrap();
         }
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let run = tokio::spawn(writer.run(
@@ -414,7 +396,7 @@ mod tests {
         assert_eq!(lost.unwrap(), 0);
         assert_eq!(queue.written(), 3);
         assert!(
-            queue.push(AuditRecord::new(AuditKind::Verify, Utc::now())).await.is_err(),
+            queue.push(AuditRecord::new(AuditKind::Verify, Utc::now(), None)).await.is_err(),
             "the queue is closed"
         );
     }

@@ -34,9 +34,23 @@ use quick_cache::{
 };
 
 use crate::{
-    keys::{PlainKey, hash::KeyedMac},
-    service::{ServiceError, admin::KeyChangeListener, verify::KeyState},
+    config::CacheSettings,
+    keys::{KeyState, PlainKey, hash::KeyedMac},
 };
+
+/// Something that must hear about every committed key change.
+pub trait KeyChangeListener: Send + Sync + std::fmt::Debug {
+    fn key_changed(&self, key_id: &str);
+}
+
+/// The error of an identification that [`VerifyCache::identify_once`] runs:
+/// the cache needs to tell "no such key" (remembered in the negative cache)
+/// from every other failure (not remembered).
+pub trait IdentifyError {
+    /// The error for a key known not to exist.
+    fn unknown_key() -> Self;
+    fn is_unknown_key(&self) -> bool;
+}
 
 /// A presented key as the cache knows it.
 pub type Digest = [u8; 32];
@@ -59,28 +73,6 @@ fn bounded<K: Eq + std::hash::Hash, V: Clone>(max: u64) -> Cache<K, V> {
         // Only a zero capacity is refused, and max ≥ 1.
         Err(_) => {
             QuickCache::with(1, 1, UnitWeighter, DefaultHashBuilder::default(), DefaultLifecycle::default())
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct CacheSettings {
-    /// Most keys whose identity and state are held.
-    pub max_keys: u64,
-    /// State older than this is re-read even without a change notice: a
-    /// backstop for changes made behind the service's back.
-    pub state_ttl: Duration,
-    pub negative_max: u64,
-    pub negative_ttl: Duration,
-}
-
-impl Default for CacheSettings {
-    fn default() -> Self {
-        Self {
-            max_keys: 1_000_000,
-            state_ttl: Duration::from_secs(300),
-            negative_max: 100_000,
-            negative_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -157,23 +149,24 @@ impl VerifyCache {
     /// ask at the same time: the others wait and take its answer. A key found
     /// not to exist is marked bad before the waiters are released, so they
     /// answer from the negative cache instead of repeating the scrypt.
-    pub async fn identify_once<F>(&self, digest: Digest, identify: F) -> Result<Arc<str>, ServiceError>
+    pub async fn identify_once<F, E>(&self, digest: Digest, identify: F) -> Result<Arc<str>, E>
     where
-        F: Future<Output = Result<Arc<str>, ServiceError>>,
+        F: Future<Output = Result<Arc<str>, E>>,
+        E: IdentifyError,
     {
         let guard = match self.identities.get_value_or_guard_async(&digest).await {
             Ok(id) => return Ok(id),
             Err(guard) => guard,
         };
         if self.known_bad(&digest) {
-            return Err(ServiceError::NotFound("key"));
+            return Err(E::unknown_key());
         }
         let result = identify.await;
         match &result {
             Ok(id) => {
                 let _ = guard.insert(Arc::clone(id));
             }
-            Err(ServiceError::NotFound(_)) => {
+            Err(e) if e.is_unknown_key() => {
                 self.remember_bad(digest);
                 drop(guard);
             }
@@ -253,6 +246,20 @@ mod tests {
     use super::*;
     use crate::keys::{AllowList, KeyPrefix, Policy, ScopeSet};
 
+    #[derive(Debug, PartialEq)]
+    enum TestError {
+        Unknown,
+    }
+
+    impl IdentifyError for TestError {
+        fn unknown_key() -> Self {
+            Self::Unknown
+        }
+        fn is_unknown_key(&self) -> bool {
+            *self == Self::Unknown
+        }
+    }
+
     fn state(id: &str) -> Arc<KeyState> {
         Arc::new(KeyState {
             key_id: Arc::from(id),
@@ -317,7 +324,7 @@ mod tests {
                 c.identify_once([7u8; 32], async {
                     runs.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    Ok::<_, ServiceError>(Arc::from("k"))
+                    Ok::<_, TestError>(Arc::from("k"))
                 })
                 .await
             }));
@@ -339,13 +346,13 @@ mod tests {
                 c.identify_once([9u8; 32], async {
                     runs.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    Err::<Arc<str>, _>(ServiceError::NotFound("key"))
+                    Err::<Arc<str>, _>(TestError::Unknown)
                 })
                 .await
             }));
         }
         for t in tasks {
-            assert!(matches!(t.await.unwrap(), Err(ServiceError::NotFound(_))));
+            assert_eq!(t.await.unwrap(), Err(TestError::Unknown));
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(c.known_bad(&[9u8; 32]));

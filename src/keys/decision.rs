@@ -85,6 +85,17 @@ pub struct Policy {
     pub scopes: ScopeSet,
 }
 
+/// What verification needs to know about an identified key: who it
+/// belongs to and its current policy.
+#[derive(Debug, Clone)]
+pub struct KeyState {
+    pub key_id: std::sync::Arc<str>,
+    pub merchant_id: String,
+    pub name: String,
+    pub policy: Policy,
+    pub version: i64,
+}
+
 /// Revocation first (it is the strongest statement), then expiry, then the
 /// caller's address, then the scope.
 pub fn decide(

@@ -11,7 +11,7 @@ pub mod scope;
 use chrono::{DateTime, Utc};
 
 pub use cidr::AllowList;
-pub use decision::{Decision, DenyReason, Policy, decide};
+pub use decision::{Decision, DenyReason, KeyState, Policy, decide};
 pub use format::{KeyPrefix, LookupPrefix, Malformed, PlainKey};
 pub use hash::{KeyHash, KeyHasher};
 pub use scope::{ScopeCatalogue, ScopeSet};

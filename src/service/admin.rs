@@ -16,6 +16,7 @@ use super::{
 };
 use crate::{
     audit::{AuditKind, AuditRecord},
+    cache::KeyChangeListener,
     clock,
     keys::{AllowList, KeyHasher, KeyPrefix, KeyStatus, PlainKey, ScopeCatalogue, cidr::CidrError},
     store::{
@@ -23,6 +24,7 @@ use crate::{
         audit::{AuditCursor, AuditQuery},
         keys::{Change, InsertError, KeyChanges, KeyCursor, NewKey, StoredKey, UsageDelta},
     },
+    telemetry::current_trace_id,
     usage::UsageTracker,
 };
 
@@ -34,11 +36,6 @@ const INSERT_ATTEMPTS: usize = 3;
 /// Who is acting: the name of the admin token presented.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor(pub String);
-
-/// Something that must hear about every committed key change.
-pub trait KeyChangeListener: Send + Sync + std::fmt::Debug {
-    fn key_changed(&self, key_id: &str);
-}
 
 /// A key as an administrator sees it, usage included.
 #[derive(Debug, Clone)]
@@ -191,6 +188,7 @@ impl KeyManager {
                 &req.merchant_id,
                 &key_id,
                 Some(&req.name),
+                current_trace_id(),
             )
             .with_detail(detail);
             let new = NewKey {
@@ -284,9 +282,16 @@ impl KeyManager {
             }
         }
         v.into_result()?;
-        let audit =
-            AuditRecord::admin(AuditKind::KeyUpdated, now, &actor.0, &req.merchant_id, &req.key_id, None)
-                .with_detail(describe_changes(&changes));
+        let audit = AuditRecord::admin(
+            AuditKind::KeyUpdated,
+            now,
+            &actor.0,
+            &req.merchant_id,
+            &req.key_id,
+            None,
+            current_trace_id(),
+        )
+        .with_detail(describe_changes(&changes));
         match self.store.update_key(&req.merchant_id, &req.key_id, &changes, now, audit).await? {
             Change::Applied(key) => {
                 self.announce(&key.id);
@@ -311,7 +316,15 @@ impl KeyManager {
         v.into_result()?;
         let now = clock::now();
         let reason = (!reason.is_empty()).then_some(reason);
-        let mut audit = AuditRecord::admin(AuditKind::KeyRevoked, now, &actor.0, merchant_id, key_id, None);
+        let mut audit = AuditRecord::admin(
+            AuditKind::KeyRevoked,
+            now,
+            &actor.0,
+            merchant_id,
+            key_id,
+            None,
+            current_trace_id(),
+        );
         if let Some(reason) = reason {
             audit = audit.with_detail(format!("reason: {reason}"));
         }
@@ -345,6 +358,7 @@ impl KeyManager {
             let successor_id = new_key_id();
             let revoke_at = clock::stored(now + grace);
             let actor_name = actor.0.clone();
+            let trace = current_trace_id();
             let prefix = plaintext.lookup_prefix().as_str().to_owned();
             let new_id = successor_id.clone();
             let result = self
@@ -377,6 +391,7 @@ impl KeyManager {
                             &old.merchant_id,
                             &old.id,
                             Some(&old.name),
+                            trace.clone(),
                         )
                         .with_detail(detail),
                         AuditRecord::admin(
@@ -386,6 +401,7 @@ impl KeyManager {
                             &old.merchant_id,
                             &new_id,
                             Some(&old.name),
+                            trace.clone(),
                         )
                         .with_detail(format!(
                             "regenerated from {}; {}",

@@ -6,7 +6,7 @@
 //! caller answers RESOURCE_EXHAUSTED. The threads also run at the lowest
 //! scheduling priority (nice 19), so a storm of cold keys cannot take the CPU
 //! from the cached path: scrypt gets what the runtime leaves idle, and only a
-//! sliver (about 1.5 %) when both want the CPU.
+//! sliver when both want the CPU.
 
 use std::{
     panic::{AssertUnwindSafe, catch_unwind},

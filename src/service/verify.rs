@@ -22,11 +22,12 @@ use crate::{
     },
     clock,
     keys::{
-        AllowList, Decision, DenyReason, KeyHasher, KeyPrefix, PlainKey, Policy, ScopeCatalogue, ScopeSet,
-        decide,
+        AllowList, Decision, DenyReason, KeyHasher, KeyPrefix, KeyState, PlainKey, Policy, ScopeCatalogue,
+        ScopeSet, decide,
     },
     metrics::Metrics,
     store::{Store, keys::StoredKey},
+    telemetry,
     usage::UsageTracker,
 };
 
@@ -73,34 +74,19 @@ pub struct Verdict {
     pub audit_event_id: String,
 }
 
-/// What verification needs to know about an identified key.
-#[derive(Debug, Clone)]
-pub struct KeyState {
-    pub key_id: Arc<str>,
-    pub merchant_id: String,
-    pub name: String,
-    pub policy: Policy,
-    pub version: i64,
-}
-
-impl KeyState {
-    pub fn from_stored(key: &StoredKey, catalogue: &ScopeCatalogue) -> Result<Self, ServiceError> {
-        let allowed =
-            AllowList::from_stored(key.allowed_cidrs.iter().map(String::as_str)).map_err(|entry| {
-                ServiceError::Internal(format!(
-                    "key {} has an unreadable allowed_cidrs entry {entry:?}",
-                    key.id
-                ))
-            })?;
-        let scopes = catalogue.expand(catalogue.from_stored(key.scopes.iter().map(String::as_str)));
-        Ok(Self {
-            key_id: Arc::from(key.id.as_str()),
-            merchant_id: key.merchant_id.clone(),
-            name: key.name.clone(),
-            policy: Policy { revoked_at: key.revoked_at, expires_at: key.expires_at, allowed, scopes },
-            version: key.version,
-        })
-    }
+/// The verification view of a stored key.
+fn key_state(key: &StoredKey, catalogue: &ScopeCatalogue) -> Result<KeyState, ServiceError> {
+    let allowed = AllowList::from_stored(key.allowed_cidrs.iter().map(String::as_str)).map_err(|entry| {
+        ServiceError::Internal(format!("key {} has an unreadable allowed_cidrs entry {entry:?}", key.id))
+    })?;
+    let scopes = catalogue.expand(catalogue.from_stored(key.scopes.iter().map(String::as_str)));
+    Ok(KeyState {
+        key_id: Arc::from(key.id.as_str()),
+        merchant_id: key.merchant_id.clone(),
+        name: key.name.clone(),
+        policy: Policy { revoked_at: key.revoked_at, expires_at: key.expires_at, allowed, scopes },
+        version: key.version,
+    })
 }
 
 #[derive(Debug)]
@@ -157,7 +143,7 @@ impl Verifier {
     async fn decide(&self, input: VerifyInput, span: &tracing::Span) -> Result<Verdict, ServiceError> {
         let checked = self.check(&input)?;
         let now = clock::now();
-        let mut record = AuditRecord::new(AuditKind::Verify, now);
+        let mut record = AuditRecord::new(AuditKind::Verify, now, telemetry::current_trace_id());
         record.endpoint = Some(input.endpoint).filter(|s| !s.is_empty());
         record.method = Some(input.method).filter(|s| !s.is_empty());
         record.ip = checked.ip.map(|ip| ip.to_string());
@@ -353,7 +339,7 @@ impl Verifier {
         Box::pin(async move {
             let stored =
                 self.noting_outage(self.store.find_by_id(key_id).await.map_err(ServiceError::from))?;
-            stored.map(|s| KeyState::from_stored(&s, &self.catalogue).map(Arc::new)).transpose()
+            stored.map(|s| key_state(&s, &self.catalogue).map(Arc::new)).transpose()
         })
     }
 
@@ -375,7 +361,7 @@ impl Verifier {
         if !self.pool.run(move || hasher.verify(&key, &hash)).await? {
             return Ok(None);
         }
-        KeyState::from_stored(&stored, &self.catalogue).map(Some)
+        key_state(&stored, &self.catalogue).map(Some)
     }
 }
 

@@ -12,10 +12,10 @@ use sea_orm::{
 
 use super::{
     Backend, Store, StoreError,
-    audit::insert_audit_rows,
+    audit::{AuditRecord, insert_audit_rows},
     entity::{api_key, usage_flush},
 };
-use crate::{audit::AuditRecord, keys::KeyHash};
+use crate::keys::KeyHash;
 
 /// A key as stored, with its hash parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -91,6 +91,11 @@ impl UsageTracker {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner).len() + in_flight
     }
 
+    /// Whether a flush is running now (for tests and diagnostics).
+    pub fn flush_in_progress(&self) -> bool {
+        self.flushing.try_lock().is_err()
+    }
+
     fn in_flight(&self) -> Option<Arc<Flush>> {
         self.in_flight.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }

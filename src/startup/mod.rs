@@ -4,6 +4,10 @@
 //! Background tasks, all stopped on shutdown: the usage flusher, the audit
 //! writer, the change listener (PostgreSQL), the database health monitor and
 //! the audit retention job.
+//!
+//! [`exporter`] serves `/metrics`.
+
+pub mod exporter;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -24,20 +28,21 @@ use crate::{
     },
     audit::writer::{self, AuditQueue, AuditWriter},
     cache::{
-        VerifyCache,
+        KeyChangeListener, VerifyCache,
         changes::{ChangeFeed, Freshness},
     },
     config::{Secrets, Settings},
-    metrics::{Exporter, Metrics, Sources},
+    metrics::Metrics,
     service::{
         Deps,
-        admin::{KeyChangeListener, KeyManager},
+        admin::KeyManager,
         hash_pool::HashPool,
         verify::{Verifier, VerifyParts},
     },
     store::{Store, StoreOptions},
     usage::UsageTracker,
 };
+use exporter::{Exporter, Sources};
 
 /// Names under which grpc.health.v1 reports readiness; "" is the whole
 /// server. They follow the database (within the staleness bound) and turn
@@ -251,7 +256,7 @@ impl Application {
         if let Some(listener) = metrics_listener {
             let stop = stopped(tasks_stopped.clone());
             helpers.push(tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve(listener, exporter, stop).await {
+                if let Err(e) = exporter::serve(listener, exporter, stop).await {
                     tracing::error!(error = %e, "metrics endpoint failed");
                 }
             }));

@@ -1,11 +1,7 @@
 //! KeyAdmin through the real server: lifecycle, validation, pagination,
 //! isolation between merchants, authentication and the audit trail.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
-use common::{
+use crate::helpers::{
     Backend, MERCHANT, OTHER_MERCHANT, PORTAL_TOKEN, TestApp, allowed, deny, outcome, spawn_app,
     violated_fields,
 };

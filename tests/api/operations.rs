@@ -2,13 +2,9 @@
 //! command-line client against a real server, and logs that never carry a
 //! secret.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
 use std::{collections::HashMap, net::SocketAddr, process::Command};
 
-use common::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, TestApp, spawn_app, spawn_binary};
+use crate::helpers::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, TestApp, spawn_app, spawn_binary};
 use keywarden::api::pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -214,11 +210,11 @@ async fn the_cli_manages_keys_end_to_end(backend: Backend) {
 
 async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (database_url, postgres) = common::fresh_database(&backend, dir.path()).await;
+    let (database_url, postgres) = crate::helpers::fresh_database(&backend, dir.path()).await;
     let replica = spawn_binary(&database_url, dir.path(), &[("RUST_LOG", "debug")]);
-    let channel = common::connect(replica.addr).await;
-    let mut admin = common::admin_client(channel.clone(), ADMIN_TOKEN);
-    let (id, key) = common::create_sales_key(&mut admin, "logged").await;
+    let channel = crate::helpers::connect(replica.addr).await;
+    let mut admin = crate::helpers::admin_client(channel.clone(), ADMIN_TOKEN);
+    let (id, key) = crate::helpers::create_sales_key(&mut admin, "logged").await;
     let mut verify = pb::key_verify_client::KeyVerifyClient::new(channel);
     verify.verify(pb::VerifyRequest { key: key.clone(), ..Default::default() }).await.unwrap();
     admin
@@ -229,8 +225,8 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
         })
         .await
         .unwrap();
-    common::sigterm(&replica.child);
-    assert!(common::exited(replica.child).await.success());
+    crate::helpers::sigterm(&replica.child);
+    assert!(crate::helpers::exited(replica.child).await.success());
     let logs = replica.logs.lock().unwrap().join("\n");
     for action in ["key created", "key revoked"] {
         let line = logs.lines().find(|l| l.contains(action)).unwrap_or_else(|| panic!("no {action:?} line"));
@@ -240,5 +236,5 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
     for secret in [&key[16..], ADMIN_TOKEN, PEPPER] {
         assert!(!logs.contains(secret), "a secret reached the logs");
     }
-    common::drop_database(postgres).await;
+    crate::helpers::drop_database(postgres).await;
 }

@@ -1,13 +1,9 @@
 //! The real binary under signals: SIGTERM drains in-flight calls and flushes
 //! every usage count and audit row before exiting 0.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
 use std::process::Command;
 
-use common::{ADMIN_TOKEN, Backend, PEPPER, admin_client, connect, sigterm, spawn_binary};
+use crate::helpers::{ADMIN_TOKEN, Backend, PEPPER, admin_client, connect, sigterm, spawn_binary};
 use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
 
 backend_tests!(
@@ -19,14 +15,14 @@ backend_tests!(
 
 async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (database_url, postgres) = common::fresh_database(&backend, dir.path()).await;
+    let (database_url, postgres) = crate::helpers::fresh_database(&backend, dir.path()).await;
     // Usage would only reach the database at shutdown: the final flush is what is tested.
     let replica =
         spawn_binary(&database_url, dir.path(), &[("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000")]);
     let (child, addr) = (replica.child, replica.addr);
     let channel = connect(addr).await;
     let mut admin = admin_client(channel.clone(), ADMIN_TOKEN);
-    let (key_id, plaintext) = common::create_sales_key(&mut admin, "load").await;
+    let (key_id, plaintext) = crate::helpers::create_sales_key(&mut admin, "load").await;
 
     const TASKS: usize = 8;
     const PER_TASK: usize = 40;
@@ -61,26 +57,26 @@ async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
     }
     let total = (TASKS * PER_TASK) as i64;
     sigterm(&child);
-    let status = common::exited(child).await;
+    let status = crate::helpers::exited(child).await;
     assert!(status.success(), "exit status {status:?}");
 
     let verify_rows =
-        common::scalar(&database_url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await;
+        crate::helpers::scalar(&database_url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await;
     assert_eq!(verify_rows, total, "one audit row per Verify");
     let requests =
-        common::scalar(&database_url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'"))
+        crate::helpers::scalar(&database_url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'"))
             .await;
     let denials =
-        common::scalar(&database_url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'"))
+        crate::helpers::scalar(&database_url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'"))
             .await;
     assert_eq!((requests, denials), (total - denied, denied));
     assert!(denied > 0);
-    common::drop_database(postgres).await;
+    crate::helpers::drop_database(postgres).await;
 }
 
 async fn migrate_command_prepares_the_schema_alone(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (database_url, postgres) = common::fresh_database(&backend, dir.path()).await;
+    let (database_url, postgres) = crate::helpers::fresh_database(&backend, dir.path()).await;
     // Serving without migrations on an empty database must refuse, clearly.
     let refused = Command::new(env!("CARGO_BIN_EXE_keywarden"))
         .arg("serve")
@@ -106,8 +102,8 @@ async fn migrate_command_prepares_the_schema_alone(backend: Backend) {
     let mut admin = admin_client(connect(addr).await, ADMIN_TOKEN);
     assert!(admin.list_scopes(pb::ListScopesRequest {}).await.is_ok());
     sigterm(&child);
-    assert!(common::exited(child).await.success());
-    common::drop_database(postgres).await;
+    assert!(crate::helpers::exited(child).await.success());
+    crate::helpers::drop_database(postgres).await;
 }
 
 /// A Watch stream left open by a client (a probe, a sidecar) ends with
@@ -117,7 +113,7 @@ async fn an_open_health_watch_does_not_hold_shutdown(backend: Backend) {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let mut app = common::spawn_app_with(backend, |s| s.shutdown_grace_ms = 60_000).await;
+    let mut app = crate::helpers::spawn_app_with(backend, |s| s.shutdown_grace_ms = 60_000).await;
     let mut health = HealthClient::new(app.channel());
     let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
     assert_eq!(watch.message().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
@@ -133,7 +129,7 @@ async fn shutdown_turns_health_not_serving_before_the_server_goes(backend: Backe
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let app = common::spawn_app(backend).await;
+    let app = crate::helpers::spawn_app(backend).await;
     let mut health = HealthClient::new(app.channel());
     let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
     assert_eq!(watch.message().await.unwrap().unwrap().status, ServingStatus::Serving as i32);

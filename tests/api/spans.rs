@@ -1,13 +1,9 @@
 //! Every Verify produces a `keywarden.verify` span that says what its audit
 //! row says, joined to the caller's W3C trace, and never carries the key.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
 use std::{collections::HashMap, sync::OnceLock};
 
-use common::{Backend, MERCHANT, spawn_app};
+use crate::helpers::{Backend, MERCHANT, spawn_app};
 use keywarden::api::pb;
 use opentelemetry::{Value, trace::TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};

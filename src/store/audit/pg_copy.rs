@@ -1,11 +1,5 @@
 //! PostgreSQL's binary `COPY` format, for the audit writer's batches.
-//!
-//! COPY is PostgreSQL's bulk-load path: on this project's `audit_events`
-//! (four B-trees, 1000 keys interleaved), a 4000-row batch costs the server
-//! 4.9–5.5 µs of CPU per row by `COPY … (FORMAT BINARY)` against 9.0–9.4 µs
-//! by `INSERT … SELECT FROM unnest(…) ON CONFLICT`
-//! (`benches/pg_audit_insert.py`). Binary rather than text or CSV so that
-//! no value ever needs escaping.
+//! Binary rather than text or CSV so that no value ever needs escaping.
 //!
 //! Layout (PostgreSQL docs, "COPY — Binary Format"): a signature, flags and
 //! header-extension length; per row a field count, then per field its byte

@@ -2,13 +2,9 @@
 //! changes still take effect on the next call, wrong keys stay cheap, and cold
 //! work is bounded. Counts come from the server's own counters.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
 use std::time::Duration;
 
-use common::{Backend, MERCHANT, allowed, deny, outcome, spawn_app, spawn_app_with};
+use crate::helpers::{Backend, MERCHANT, allowed, deny, outcome, spawn_app, spawn_app_with};
 use keywarden::{
     api::pb::{self, DenyReason as R},
     keys::{KeyPrefix, PlainKey, format::checksummed},

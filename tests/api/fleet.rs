@@ -4,10 +4,6 @@
 //! what it cached. Each test gets its own database on the test PostgreSQL
 //! (see `common`). Retention and index use run on both backends.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
 use std::{
     net::SocketAddr,
     sync::{
@@ -18,7 +14,7 @@ use std::{
 };
 
 use chrono::SubsecRound;
-use common::{
+use crate::helpers::{
     ADMIN_TOKEN, AdminClient, Backend, MERCHANT, Proxy, Replica, admin_client, connect, fresh_database,
     sigterm, spawn_app_with, spawn_binary,
 };
@@ -70,7 +66,7 @@ impl Fleet {
     }
 
     async fn drop(self) {
-        common::drop_database(self.postgres).await;
+        crate::helpers::drop_database(self.postgres).await;
     }
 }
 
@@ -113,7 +109,7 @@ fn allowed(r: &pb::VerifyResponse) -> bool {
 
 async fn stop(replica: Replica) {
     sigterm(&replica.child);
-    let status = common::exited(replica.child).await;
+    let status = crate::helpers::exited(replica.child).await;
     assert!(status.success(), "replica exited with {status:?}");
 }
 
@@ -129,7 +125,7 @@ async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {
     const KEYS: usize = 100;
     let mut keys = Vec::new();
     for i in 0..KEYS {
-        let (id, key) = common::create_sales_key(&mut on_a.admin, &format!("fleet {i}")).await;
+        let (id, key) = crate::helpers::create_sales_key(&mut on_a.admin, &format!("fleet {i}")).await;
         // Created on A, verified on B: same database, and B now caches it.
         assert!(allowed(&verify(&mut on_b.verify, &key).await.unwrap()));
         keys.push((id, key));
@@ -168,7 +164,7 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     let slow = [("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000")];
     let (a, b) = (fleet.replica(&fleet.database_url, &slow), fleet.replica(&fleet.database_url, &slow));
     let mut on_a = clients(a.addr).await;
-    let (key_id, key) = common::create_sales_key(&mut on_a.admin, "shared").await;
+    let (key_id, key) = crate::helpers::create_sales_key(&mut on_a.admin, "shared").await;
     let allowed_calls = Arc::new(AtomicU64::new(0));
     let denied_calls = Arc::new(AtomicU64::new(0));
     let mut load = Vec::new();
@@ -207,15 +203,15 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     assert!(allowed_n > 100 && denied_n > 10);
     let url = &fleet.database_url;
     assert_eq!(
-        common::scalar(url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await,
+        crate::helpers::scalar(url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await,
         allowed_n + denied_n
     );
     assert_eq!(
-        common::scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'")).await,
+        crate::helpers::scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'")).await,
         allowed_n
     );
     assert_eq!(
-        common::scalar(url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'")).await,
+        crate::helpers::scalar(url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'")).await,
         denied_n
     );
     fleet.drop().await;
@@ -233,8 +229,8 @@ async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_n
     let fast = [("KEYWARDEN_HEALTH_CHECK_INTERVAL_MS", "200"), ("KEYWARDEN_DB_ACQUIRE_TIMEOUT_MS", "500")];
     let a = fleet.replica(&proxy.url_for(&fleet.database_url), &fast);
     let mut on_a = clients(a.addr).await;
-    let (cached_id, cached) = common::create_sales_key(&mut on_a.admin, "cached").await;
-    let (_, uncached) = common::create_sales_key(&mut on_a.admin, "never verified here").await;
+    let (cached_id, cached) = crate::helpers::create_sales_key(&mut on_a.admin, "cached").await;
+    let (_, uncached) = crate::helpers::create_sales_key(&mut on_a.admin, "never verified here").await;
     assert!(allowed(&verify(&mut on_a.verify, &cached).await.unwrap()));
 
     let running = Arc::new(AtomicBool::new(true));
@@ -291,14 +287,14 @@ async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_n
     stop(a).await;
     let url = &fleet.database_url;
     // The warm-up verify plus every answered one; the failed unknown-key calls wrote nothing.
-    let rows = common::scalar(
+    let rows = crate::helpers::scalar(
         url,
         &format!("SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY' AND api_key_id = '{cached_id}'"),
     )
     .await;
     assert_eq!(rows, answered + 1);
     let count =
-        common::scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{cached_id}'")).await;
+        crate::helpers::scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{cached_id}'")).await;
     assert_eq!(count, answered + 1);
     fleet.drop().await;
 }
@@ -314,7 +310,7 @@ async fn past_the_staleness_bound_cached_keys_fail_closed_until_the_database_ret
     ];
     let a = fleet.replica(&proxy.url_for(&fleet.database_url), &env);
     let mut on_a = clients(a.addr).await;
-    let (_, key) = common::create_sales_key(&mut on_a.admin, "bounded").await;
+    let (_, key) = crate::helpers::create_sales_key(&mut on_a.admin, "bounded").await;
     assert!(allowed(&verify(&mut on_a.verify, &key).await.unwrap()));
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -349,7 +345,7 @@ async fn a_replica_that_missed_notices_forgets_its_cache_on_reconnect() {
     let Some(fleet) = postgres_fleet().await else { return };
     let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
     let (mut on_a, mut on_b) = (clients(a.addr).await, clients(b.addr).await);
-    let (id, key) = common::create_sales_key(&mut on_a.admin, "watched").await;
+    let (id, key) = crate::helpers::create_sales_key(&mut on_a.admin, "watched").await;
     assert!(allowed(&verify(&mut on_b.verify, &key).await.unwrap()));
 
     // A revocation no replica is told about (written behind keywarden's
@@ -378,7 +374,7 @@ async fn a_replica_that_missed_notices_forgets_its_cache_on_reconnect() {
     };
     terminate_listeners().await.unwrap();
     // And a normal revocation made while the listeners reconnect.
-    let (other_id, other) = common::create_sales_key(&mut on_a.admin, "revoked meanwhile").await;
+    let (other_id, other) = crate::helpers::create_sales_key(&mut on_a.admin, "revoked meanwhile").await;
     assert!(allowed(&verify(&mut on_b.verify, &other).await.unwrap()));
     terminate_listeners().await.unwrap();
     revoke(&mut on_a.admin, &other_id).await;
@@ -404,7 +400,7 @@ async fn a_replica_that_missed_notices_forgets_its_cache_on_reconnect() {
 
 fn old_row(days_ago: i64, merchant: &str, key: &str) -> AuditRecord {
     let mut r =
-        AuditRecord::new(AuditKind::Verify, keywarden::clock::now() - chrono::Duration::days(days_ago));
+        AuditRecord::new(AuditKind::Verify, keywarden::clock::now() - chrono::Duration::days(days_ago), None);
     r.merchant_id = Some(merchant.into());
     r.api_key_id = Some(key.into());
     r.status = Some(401);
@@ -426,7 +422,7 @@ async fn retention_deletes_only_rows_past_the_limit(backend: Backend) {
     let count = |key: &'static str| {
         let url = app.database_url.clone();
         async move {
-            common::scalar(&url, &format!("SELECT COUNT(*) FROM audit_events WHERE api_key_id = '{key}'"))
+            crate::helpers::scalar(&url, &format!("SELECT COUNT(*) FROM audit_events WHERE api_key_id = '{key}'"))
                 .await
         }
     };
@@ -473,7 +469,7 @@ async fn an_outcome_reported_to_another_replica_lands_on_its_row() {
     let a = fleet.replica(&fleet.database_url, &[("KEYWARDEN_AUDIT_LINGER_MS", "3000")]);
     let b = fleet.replica(&fleet.database_url, &[]);
     let (mut on_a, mut on_b) = (clients(a.addr).await, clients(b.addr).await);
-    let (_, key) = common::create_sales_key(&mut on_a.admin, "load balanced").await;
+    let (_, key) = crate::helpers::create_sales_key(&mut on_a.admin, "load balanced").await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let verdict = verify(&mut on_a.verify, &key).await.unwrap();
     let id = verdict.audit_event_id.clone();
@@ -488,17 +484,17 @@ async fn an_outcome_reported_to_another_replica_lands_on_its_row() {
     assert_eq!(reported.updated, 0, "B cannot know the row yet, so does not count it");
     let url = &fleet.database_url;
     assert_eq!(
-        common::scalar(url, &format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}'")).await,
+        crate::helpers::scalar(url, &format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}'")).await,
         0,
         "still queued on A"
     );
     assert_eq!(
-        common::scalar(url, &format!("SELECT COUNT(*) FROM audit_outcomes WHERE event_id = '{id}'")).await,
+        crate::helpers::scalar(url, &format!("SELECT COUNT(*) FROM audit_outcomes WHERE event_id = '{id}'")).await,
         1,
         "held"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while common::scalar(
+    while crate::helpers::scalar(
         url,
         &format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}' AND status = 201"),
     )
@@ -508,7 +504,7 @@ async fn an_outcome_reported_to_another_replica_lands_on_its_row() {
         assert!(Instant::now() < deadline, "the held outcome never reached its row");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(common::scalar(url, "SELECT COUNT(*) FROM audit_outcomes").await, 0, "nothing left held");
+    assert_eq!(crate::helpers::scalar(url, "SELECT COUNT(*) FROM audit_outcomes").await, 0, "nothing left held");
     stop(a).await;
     stop(b).await;
     fleet.drop().await;
@@ -524,7 +520,7 @@ async fn an_audit_batch_written_again_is_harmless(backend: Backend) {
     rows[0].status = Some(201);
     rows.push(old_row(1, MERCHANT, "k-retried"));
     app.probes.store.insert_audit_batch(&rows).await.unwrap();
-    let count = |sql: &'static str| common::scalar(&app.database_url, sql);
+    let count = |sql: &'static str| crate::helpers::scalar(&app.database_url, sql);
     assert_eq!(count("SELECT COUNT(*) FROM audit_events WHERE api_key_id = 'k-retried'").await, 4);
     assert_eq!(
         count("SELECT COUNT(*) FROM audit_events WHERE api_key_id = 'k-retried' AND status = 201").await,
@@ -583,7 +579,7 @@ async fn shutdown_gives_up_on_a_stuck_audit_write_after_the_flush_timeout(backen
     })
     .await;
     app.settle().await;
-    let lock = common::lock_audit_table(&app.database_url).await;
+    let lock = crate::helpers::lock_audit_table(&app.database_url).await;
     // A malformed key: an audit row and nothing else to write (no key is
     // identified, so no usage count waits on the locked database too).
     app.verify("sntr_not_a_key", "", "").await;

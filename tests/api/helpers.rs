@@ -5,8 +5,6 @@
 //! machine's, postgres://postgres@127.0.0.1:5432/test; set it empty to skip
 //! the PostgreSQL runs on a machine without one).
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
-
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -63,14 +61,13 @@ impl Backend {
 }
 
 /// Generates `sqlite::name` and `postgres::name` tests from `async fn name(Backend)`.
-#[macro_export]
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name($crate::common::Backend::Sqlite).await
+                    super::$name($crate::helpers::Backend::Sqlite).await
                 }
             )*
         }
@@ -78,7 +75,7 @@ macro_rules! backend_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    if let Some(backend) = $crate::common::Backend::postgres() {
+                    if let Some(backend) = $crate::helpers::Backend::postgres() {
                         super::$name(backend).await
                     }
                 }

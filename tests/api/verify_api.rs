@@ -1,13 +1,9 @@
 //! KeyVerify through the real server: decisions, deny reasons, audit rows,
 //! outcomes and usage.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
 use std::time::Duration;
 
-use common::{Backend, MERCHANT, allowed, deny, outcome, spawn_app, spawn_app_with, violated_fields};
+use crate::helpers::{Backend, MERCHANT, allowed, deny, outcome, spawn_app, spawn_app_with, violated_fields};
 use keywarden::{
     api::pb::{self, DenyReason as R},
     store::keys::{UsageApplied, UsageDelta},
@@ -43,7 +39,7 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
     Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
 
-async fn audit_event(app: &mut common::TestApp, id: &str) -> pb::AuditEvent {
+async fn audit_event(app: &mut crate::helpers::TestApp, id: &str) -> pb::AuditEvent {
     app.settle().await;
     let events = app
         .admin
@@ -320,7 +316,7 @@ async fn record_outcomes_completes_a_row_still_queued_for_writing(backend: Backe
     let (_, key) = app.key_with_scopes(&["invoice:write"]).await;
     app.settle().await;
     // Hold the audit table so the writer cannot commit: the row stays in flight.
-    let lock = common::lock_audit_table(&app.database_url).await;
+    let lock = crate::helpers::lock_audit_table(&app.database_url).await;
     let r = app.verify(&key, "", "invoice:write").await;
     let recorded = app
         .verify
@@ -399,7 +395,7 @@ async fn denials_are_audited_with_401_or_403(backend: Backend) {
 }
 
 /// GetKeyUsage as an admin client sees it.
-async fn usage(app: &common::TestApp, key_id: &str) -> pb::GetKeyUsageResponse {
+async fn usage(app: &crate::helpers::TestApp, key_id: &str) -> pb::GetKeyUsageResponse {
     app.admin
         .clone()
         .get_key_usage(pb::GetKeyUsageRequest { merchant_id: MERCHANT.into(), key_id: key_id.into() })
@@ -409,7 +405,7 @@ async fn usage(app: &common::TestApp, key_id: &str) -> pb::GetKeyUsageResponse {
 }
 
 /// request_count and denied_count as GetKeyUsage answers them.
-async fn counts(app: &common::TestApp, key_id: &str) -> (i64, i64) {
+async fn counts(app: &crate::helpers::TestApp, key_id: &str) -> (i64, i64) {
     let usage = usage(app, key_id).await;
     (usage.request_count, usage.denied_count)
 }
@@ -474,7 +470,7 @@ async fn a_usage_flush_cut_short_keeps_its_counts_for_the_next(backend: Backend)
     for _ in 0..3 {
         assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed());
     }
-    let lock = common::lock_table(&app.database_url, "api_keys").await;
+    let lock = crate::helpers::lock_table(&app.database_url, "api_keys").await;
     let cut = tokio::time::timeout(Duration::from_millis(500), app.probes.usage.flush()).await;
     assert!(cut.is_err(), "the flush should have been waiting on the lock");
     assert_eq!(counts(&app, &api_key.id).await, (3, 0), "counts are neither lost nor doubled meanwhile");
@@ -538,7 +534,7 @@ async fn shutdown_gives_up_on_a_stuck_usage_flush_and_says_so(backend: Backend) 
     .await;
     let (_, key) = app.key_with_scopes(&["sales:read"]).await;
     app.settle().await;
-    let lock = common::lock_table(&app.database_url, "api_keys").await;
+    let lock = crate::helpers::lock_table(&app.database_url, "api_keys").await;
     assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed());
     // Let the flusher take the count and block on the lock.
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -567,7 +563,7 @@ async fn audit_rows_carry_the_callers_trace_id_without_span_export(backend: Back
     app.stop().await;
 }
 
-async fn verify_rows(app: &common::TestApp) -> usize {
+async fn verify_rows(app: &crate::helpers::TestApp) -> usize {
     app.probes.audit.written() as usize
 }
 
@@ -577,7 +573,7 @@ async fn a_full_audit_queue_holds_verify_back_by_default(backend: Backend) {
     app.settle().await;
     let written = verify_rows(&app).await;
     // The writer cannot commit: one row in its hands, one in the queue...
-    let lock = common::lock_audit_table(&app.database_url).await;
+    let lock = crate::helpers::lock_audit_table(&app.database_url).await;
     app.verify(&key, "", "").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     app.verify(&key, "", "").await;
@@ -602,13 +598,13 @@ async fn a_full_audit_queue_holds_verify_back_by_default(backend: Backend) {
 async fn a_full_audit_queue_drops_and_counts_when_configured_to(backend: Backend) {
     let mut app = spawn_app_with(backend, |s| {
         s.audit_queue_capacity = 1;
-        s.audit_overflow = keywarden::audit::writer::Overflow::Drop;
+        s.audit_overflow = keywarden::config::Overflow::Drop;
     })
     .await;
     let (_, key) = app.key_with_scopes(&["sales:read"]).await;
     app.settle().await;
     let written = verify_rows(&app).await;
-    let lock = common::lock_audit_table(&app.database_url).await;
+    let lock = crate::helpers::lock_audit_table(&app.database_url).await;
     // The first row reaches the writer, which then cannot commit it.
     assert_eq!(outcome(&app.verify(&key, "", "").await), allowed());
     tokio::time::sleep(Duration::from_millis(200)).await;

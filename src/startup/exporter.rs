@@ -1,0 +1,217 @@
+//! The scrape side of the metrics: `GET /metrics` renders [`Metrics`] and a
+//! `Snapshot` of the counters other components keep, read at scrape time so
+//! that the hot path pays nothing extra for them.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::{Registry, Unit},
+};
+
+use crate::{
+    audit::writer::AuditQueue,
+    cache::{VerifyCache, changes::Freshness},
+    metrics::Metrics,
+    service::hash_pool::HashPool,
+    usage::UsageTracker,
+};
+
+/// Components whose own counters are exported at scrape time.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub pool: HashPool,
+    pub audit: AuditQueue,
+    pub usage: Arc<UsageTracker>,
+    pub cache: Option<Arc<VerifyCache>>,
+    pub freshness: Arc<Freshness>,
+}
+
+/// The scrape-time view of [`Sources`].
+#[derive(Debug)]
+struct Snapshot(Sources);
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, unit, metric.metric_type())?)
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0;
+        gauge(
+            &mut encoder,
+            "scrypt_queue_depth",
+            "scrypt jobs waiting for a thread",
+            None,
+            s.pool.queued() as f64,
+        )?;
+        counter(&mut encoder, "scrypt_runs", "scrypt hashes computed", s.pool.runs())?;
+        gauge(
+            &mut encoder,
+            "audit_queue_depth",
+            "audit rows waiting to be written",
+            None,
+            s.audit.depth() as f64,
+        )?;
+        counter(&mut encoder, "audit_rows_written", "audit rows written to the database", s.audit.written())?;
+        counter(
+            &mut encoder,
+            "audit_rows_dropped",
+            "audit rows dropped because the queue was full",
+            s.audit.dropped(),
+        )?;
+        counter(
+            &mut encoder,
+            "audit_write_failures",
+            "failed audit batch inserts (retried)",
+            s.audit.failed_writes(),
+        )?;
+        gauge(
+            &mut encoder,
+            "usage_pending_keys",
+            "keys with usage not yet written",
+            None,
+            s.usage.pending_keys() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "usage_flush_lag",
+            "time since usage counters were last written successfully",
+            Some(&Unit::Seconds),
+            s.usage.since_last_flush().as_secs_f64(),
+        )?;
+        counter(&mut encoder, "db_errors", "database errors", crate::store::db_errors())?;
+        gauge(
+            &mut encoder,
+            "cache_trusted",
+            "1 while cached key state is known current (change notices flowing)",
+            None,
+            if s.freshness.trusted() { 1.0 } else { 0.0 },
+        )?;
+        if let Some(cache) = &s.cache {
+            let c = &cache.counters;
+            for (name, help, value) in [
+                (
+                    "cache_identity_hits",
+                    "verifications whose key identity was cached",
+                    c.identity_hits.load(Relaxed),
+                ),
+                (
+                    "cache_identity_misses",
+                    "verifications that had to identify the key",
+                    c.identity_misses.load(Relaxed),
+                ),
+                ("cache_state_hits", "verifications whose key state was cached", c.state_hits.load(Relaxed)),
+                (
+                    "cache_state_misses",
+                    "verifications that read key state from the database",
+                    c.state_misses.load(Relaxed),
+                ),
+                (
+                    "cache_negative_hits",
+                    "verifications answered from the not-found cache",
+                    c.negative_hits.load(Relaxed),
+                ),
+            ] {
+                counter(&mut encoder, name, help, value)?;
+            }
+            let (identities, states, negative) = cache.sizes();
+            gauge(&mut encoder, "cache_identities", "key identities cached", None, identities as f64)?;
+            gauge(&mut encoder, "cache_states", "key states cached", None, states as f64)?;
+            gauge(
+                &mut encoder,
+                "cache_negative_entries",
+                "not-found keys remembered",
+                None,
+                negative as f64,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything registered under the `keywarden_` prefix.
+#[derive(Debug, Clone)]
+pub struct Exporter {
+    registry: Arc<Registry>,
+}
+
+impl Exporter {
+    pub fn new(metrics: &Arc<Metrics>, sources: Sources) -> Self {
+        let mut registry = Registry::with_prefix("keywarden");
+        registry.register(
+            "verify_decisions",
+            "Verify decisions by decision and deny reason",
+            metrics.verify_decisions.clone(),
+        );
+        registry.register_with_unit(
+            "verify_duration",
+            "time to decide a Verify, in the server",
+            Unit::Seconds,
+            metrics.verify_duration.clone(),
+        );
+        registry.register_with_unit(
+            "revocation_propagation",
+            "key change committed on one replica to notice received on this one",
+            Unit::Seconds,
+            metrics.propagation_lag.clone(),
+        );
+        registry.register(
+            "change_listener_reconnects",
+            "times the change listener reconnected (cached state dropped each time)",
+            metrics.listener_reconnects.clone(),
+        );
+        registry.register_collector(Box::new(Snapshot(sources)));
+        Self { registry: Arc::new(registry) }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    exporter: Exporter,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::{Router, http::header, routing::get};
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let exporter = exporter.clone();
+            async move {
+                (
+                    [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    exporter.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).with_graceful_shutdown(stop).await
+}

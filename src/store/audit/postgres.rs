@@ -1,0 +1,142 @@
+//! PostgreSQL's bulk path: the writer's batch streamed in by binary `COPY`
+//! (PostgreSQL's cheapest way in; see docs/decisions.md), and the outcomes
+//! other replicas hold for rows still queued elsewhere.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Statement, TransactionTrait,
+    Value, sea_query::OnConflict,
+};
+
+use super::{
+    AuditKind, AuditRecord, COLUMN_COUNT, Cell, column_list, insert_audit_rows,
+    pg_copy::{CopyWriter, EncodeError},
+};
+use crate::{
+    keys::Decision,
+    store::{Backend, Store, StoreError, entity::audit_outcome, sqlx_error},
+};
+
+impl Store {
+    /// One COPY (an upsert instead when the batch turns out to be partly
+    /// stored already), then the outcomes other replicas held for these
+    /// rows (one more statement).
+    pub(super) async fn insert_audit_postgres(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
+        self.count(1);
+        match self.copy_audit_rows(rows).await {
+            // Some rows are there already: this is the retry of a batch
+            // whose commit was not acknowledged. COPY cannot skip rows, so
+            // the batch goes again as an upsert.
+            Err(e) if e.as_database_error().is_some_and(|d| d.is_unique_violation()) => {
+                self.count(rows.len().div_ceil(super::PORTABLE_CHUNK) as u64);
+                let txn = self.db().begin().await?;
+                insert_audit_rows(&txn, rows).await?;
+                txn.commit().await?;
+            }
+            other => other.map_err(sqlx_error)?,
+        }
+        let allowed: Vec<&str> =
+            rows.iter().filter(|r| r.decision == Some(Decision::Allow)).map(|r| r.id.as_str()).collect();
+        self.apply_held_outcomes(&allowed).await.map(drop)
+    }
+
+    async fn copy_audit_rows(&self, rows: &[AuditRecord]) -> Result<(), sea_orm::sqlx::Error> {
+        use sea_orm::sqlx::{self, postgres::PgPoolCopyExt};
+        let data = encode_copy(rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let mut copy = self
+            .db()
+            .get_postgres_connection_pool()
+            .copy_in_raw(&format!("COPY audit_events {} FROM STDIN (FORMAT binary)", column_list()))
+            .await?;
+        copy.send(data).await?;
+        copy.finish().await.map(drop)
+    }
+
+    /// PostgreSQL: moves held outcomes onto their rows, for the rows that
+    /// exist now (a held outcome whose row turns out not to be an allowed
+    /// verification is discarded, as RecordOutcomes would have done). Runs
+    /// after every audit insert and after every hold, so whichever of the two
+    /// commits last applies the outcome.
+    async fn apply_held_outcomes(&self, ids: &[&str]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.count(1);
+        let ids = serde_json::to_string(ids)
+            .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(format!("encoding event ids: {e}"))))?;
+        let sql = format!(
+            "WITH moved AS (DELETE FROM audit_outcomes o \
+               WHERE o.event_id IN (SELECT jsonb_array_elements_text($1::jsonb)) \
+               AND EXISTS (SELECT 1 FROM audit_events e WHERE e.id = o.event_id) \
+             RETURNING o.event_id, o.status) \
+             UPDATE audit_events SET status = moved.status FROM moved \
+             WHERE audit_events.id = moved.event_id AND audit_events.kind = '{}' AND audit_events.decision = '{}'",
+            AuditKind::Verify.as_str(),
+            Decision::Allow.as_str(),
+        );
+        Ok(self
+            .db()
+            .execute_raw(Statement::from_sql_and_values(self.db_backend(), sql, [Value::from(ids)]))
+            .await?
+            .rows_affected())
+    }
+
+    /// PostgreSQL: holds outcomes for rows that may still be queued on
+    /// another replica, then applies any whose row has landed meanwhile.
+    pub async fn hold_outcomes(
+        &self,
+        outcomes: &[(String, u16)],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if outcomes.is_empty() || self.backend() != Backend::Postgres {
+            return Ok(());
+        }
+        self.count(1);
+        let rows = outcomes.iter().map(|(id, status)| audit_outcome::ActiveModel {
+            event_id: Set(id.clone()),
+            status: Set(i32::from(*status)),
+            received_at: Set(now),
+        });
+        audit_outcome::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::column(audit_outcome::Column::EventId)
+                    .update_column(audit_outcome::Column::Status)
+                    .to_owned(),
+            )
+            .exec_without_returning(self.db())
+            .await?;
+        let ids: Vec<&str> = outcomes.iter().map(|(id, _)| id.as_str()).collect();
+        self.apply_held_outcomes(&ids).await?;
+        Ok(())
+    }
+
+    /// Drops held outcomes whose row never appeared (unknown ids).
+    pub async fn expire_held_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        if self.backend() != Backend::Postgres {
+            return Ok(0);
+        }
+        self.count(1);
+        Ok(audit_outcome::Entity::delete_many()
+            .filter(audit_outcome::Column::ReceivedAt.lt(before))
+            .exec(self.db())
+            .await?
+            .rows_affected)
+    }
+}
+
+/// The batch in PostgreSQL's binary COPY format.
+fn encode_copy(rows: &[AuditRecord]) -> Result<Vec<u8>, EncodeError> {
+    // A typical verification row is a few hundred bytes.
+    let mut w = CopyWriter::with_capacity(rows.len() * 320);
+    for row in rows {
+        w.row(COLUMN_COUNT as i16);
+        for (_, cell) in row.cells() {
+            match cell {
+                Cell::Text(v) => w.text(v)?,
+                Cell::Time(t) => w.timestamptz(t)?,
+                Cell::Int(v) => w.int4(v),
+            };
+        }
+    }
+    Ok(w.finish())
+}

@@ -1,0 +1,16 @@
+//! The integration tests: one binary, each module a part of the public
+//! surface, every test against a real server ([`helpers::spawn_app`]) on
+//! SQLite and again on PostgreSQL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod helpers;
+
+mod admin_api;
+mod fleet;
+mod hot_path;
+mod lifecycle;
+mod operations;
+mod spans;
+mod verify_api;
