@@ -1,13 +1,14 @@
 //! KeyAdmin through the real server: lifecycle, validation, pagination,
 //! isolation between merchants, authentication and the audit trail.
 
-use crate::helpers::{
-    Backend, MERCHANT, OTHER_MERCHANT, PORTAL_TOKEN, TestApp, allowed, deny, outcome, spawn_app,
-    violated_fields,
-};
 use keywarden::api::pb::{self, DenyReason as R, KeyStatus};
 use prost_types::{Duration as PbDuration, FieldMask, Timestamp};
 use tonic::Code;
+
+use crate::helpers::{
+    Backend, MERCHANT, OTHER_MERCHANT, PORTAL_TOKEN, TestApp, allowed, deny, eventually, outcome, spawn_app,
+    until, violated_fields,
+};
 
 backend_tests!(
     create_shows_the_plaintext_once_and_stores_only_its_hash,
@@ -442,8 +443,18 @@ async fn regenerate_with_grace_keeps_the_old_key_verifying_while_rotating(backen
     assert_eq!(outcome(&app.verify(&done.plaintext_key, "", "sales:read").await), allowed());
     let status = regenerate(&mut app, &old.id, None).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "a rotating key already has a successor");
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
-    assert_eq!(outcome(&app.verify(&old_plaintext, "", "sales:read").await), deny(R::Revoked));
+    let verify = app.verify.clone();
+    let after_grace = until("the grace period to end", || {
+        let (mut client, key) = (verify.clone(), old_plaintext.clone());
+        async move {
+            let request =
+                pb::VerifyRequest { key, required_scope: "sales:read".into(), ..Default::default() };
+            let r = client.verify(request).await.unwrap().into_inner();
+            Some(outcome(&r)).filter(|o| *o != allowed())
+        }
+    })
+    .await;
+    assert_eq!(after_grace, deny(R::Revoked));
     assert_eq!(get(&mut app, MERCHANT, &old.id).await.unwrap().status, KeyStatus::Revoked as i32);
     app.stop().await;
 }
@@ -582,7 +593,7 @@ async fn audit_trail_filters_by_key_and_time_and_pages(backend: Backend) {
     }
     app.settle().await;
     let boundary = chrono::Utc::now();
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    eventually("the clock to pass the boundary", || (keywarden::clock::now() > boundary).then_some(())).await;
     app.verify(&key_b, "", "").await;
     app.verify(&key_a, "", "").await;
     let a_events = audit(&mut app, &a.id).await;

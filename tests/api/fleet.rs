@@ -2,7 +2,7 @@
 //! every replica fast, counts add up exactly through SIGTERM, outages are
 //! survived without loss, and a replica that missed change notices forgets
 //! what it cached. Each test gets its own database on the test PostgreSQL
-//! (see `common`). Retention and index use run on both backends.
+//! (see `helpers`). Retention and index use run on both backends.
 
 use std::{
     net::SocketAddr,
@@ -14,10 +14,6 @@ use std::{
 };
 
 use chrono::SubsecRound;
-use crate::helpers::{
-    ADMIN_TOKEN, AdminClient, Backend, MERCHANT, Proxy, Replica, admin_client, connect, fresh_database,
-    sigterm, spawn_app_with, spawn_binary,
-};
 use keywarden::{
     api::pb::{self, key_verify_client::KeyVerifyClient},
     audit::{AuditKind, AuditRecord},
@@ -28,6 +24,11 @@ use sea_orm::{ConnectionTrait, Database, Statement};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::helpers::{
+    ADMIN_TOKEN, AdminClient, Backend, MERCHANT, Proxy, Replica, admin_client, connect, eventually,
+    fresh_database, sigterm, spawn_app_with, spawn_binary, until,
 };
 
 backend_tests!(
@@ -188,7 +189,8 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let answered = || allowed_calls.load(Ordering::SeqCst) + denied_calls.load(Ordering::SeqCst);
+    eventually("both replicas to answer a few hundred calls", || (answered() >= 400).then_some(())).await;
     // SIGTERM both while the load is still running.
     sigterm(&a.child);
     sigterm(&b.child);
@@ -207,11 +209,13 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
         allowed_n + denied_n
     );
     assert_eq!(
-        crate::helpers::scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'")).await,
+        crate::helpers::scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'"))
+            .await,
         allowed_n
     );
     assert_eq!(
-        crate::helpers::scalar(url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'")).await,
+        crate::helpers::scalar(url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'"))
+            .await,
         denied_n
     );
     fleet.drop().await;
@@ -250,10 +254,17 @@ async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_n
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually("the cached key to verify under load", || {
+        (answered.load(Ordering::SeqCst) >= 20).then_some(())
+    })
+    .await;
     proxy.cut();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let status = verify(&mut on_a.verify, &uncached).await.unwrap_err();
+    let client = on_a.verify.clone();
+    let status = until("an unknown key to fail during the outage", || {
+        let (mut client, uncached) = (client.clone(), uncached.clone());
+        async move { verify(&mut client, &uncached).await.err() }
+    })
+    .await;
     assert_eq!(status.code(), Code::Unavailable, "an unknown key fails closed");
     let status = on_a
         .admin
@@ -262,28 +273,28 @@ async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_n
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(health(&mut on_a.health).await, ServingStatus::Serving as i32, "within the staleness bound");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The load goes on through the outage before the database returns.
+    let during = answered.load(Ordering::SeqCst) + 50;
+    eventually("50 cached verifications during the outage", || {
+        (answered.load(Ordering::SeqCst) >= during).then_some(())
+    })
+    .await;
     proxy.restore();
     // No restart: the unknown key verifies once the database is back.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match verify(&mut on_a.verify, &uncached).await {
-            Ok(r) if allowed(&r) => break,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("no recovery after the outage: {other:?}"),
-        }
-    }
+    let client = on_a.verify.clone();
+    until("the unknown key to verify after the outage", || {
+        let (mut client, uncached) = (client.clone(), uncached.clone());
+        async move { verify(&mut client, &uncached).await.ok().filter(allowed) }
+    })
+    .await;
     running.store(false, Ordering::SeqCst);
     load.await.unwrap();
     let (answered, failed) = (answered.load(Ordering::SeqCst) as i64, failed.load(Ordering::SeqCst));
     eprintln!("cached key during the run: {answered} allowed, {failed} failed");
     assert_eq!(failed, 0, "the cached key kept verifying through the outage");
     // The monitor saw the outage end (the Verify path may have noticed its start first).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !a.logged("database reachable again") {
-        assert!(Instant::now() < deadline, "the replica never saw the database come back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the replica to see the database back", || a.logged("database reachable again").then_some(()))
+        .await;
     stop(a).await;
     let url = &fleet.database_url;
     // The warm-up verify plus every answered one; the failed unknown-key calls wrote nothing.
@@ -294,7 +305,8 @@ async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_n
     .await;
     assert_eq!(rows, answered + 1);
     let count =
-        crate::helpers::scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{cached_id}'")).await;
+        crate::helpers::scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{cached_id}'"))
+            .await;
     assert_eq!(count, answered + 1);
     fleet.drop().await;
 }
@@ -313,29 +325,36 @@ async fn past_the_staleness_bound_cached_keys_fail_closed_until_the_database_ret
     let (_, key) = crate::helpers::create_sales_key(&mut on_a.admin, "bounded").await;
     assert!(allowed(&verify(&mut on_a.verify, &key).await.unwrap()));
     proxy.cut();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let cut = Instant::now();
     assert!(allowed(&verify(&mut on_a.verify, &key).await.unwrap()), "served from cache within the bound");
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    assert_eq!(
-        verify(&mut on_a.verify, &key).await.unwrap_err().code(),
-        Code::Unavailable,
-        "fails closed past the bound"
-    );
-    assert_eq!(health(&mut on_a.health).await, ServingStatus::NotServing as i32);
+    let client = on_a.verify.clone();
+    let status = until("the cached key to fail closed", || {
+        let (mut client, key) = (client.clone(), key.clone());
+        async move { verify(&mut client, &key).await.err() }
+    })
+    .await;
+    assert_eq!(status.code(), Code::Unavailable, "fails closed past the bound");
+    // The bound runs from the last successful health ping, at most one
+    // interval (100 ms) before the cut.
+    assert!(cut.elapsed() >= Duration::from_millis(1400), "failed closed after {:?}", cut.elapsed());
+    let health_client = on_a.health.clone();
+    until("health to turn NOT_SERVING past the bound", || {
+        let mut client = health_client.clone();
+        async move { (health(&mut client).await == ServingStatus::NotServing as i32).then_some(()) }
+    })
+    .await;
     proxy.restore();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while health(&mut on_a.health).await != ServingStatus::Serving as i32 {
-        assert!(Instant::now() < deadline, "health did not recover");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match verify(&mut on_a.verify, &key).await {
-            Ok(r) if allowed(&r) => break,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("no recovery: {other:?}"),
-        }
-    }
+    until("health to recover", || {
+        let mut client = health_client.clone();
+        async move { (health(&mut client).await == ServingStatus::Serving as i32).then_some(()) }
+    })
+    .await;
+    let client = on_a.verify.clone();
+    until("the key to verify again", || {
+        let (mut client, key) = (client.clone(), key.clone());
+        async move { verify(&mut client, &key).await.ok().filter(allowed) }
+    })
+    .await;
     stop(a).await;
     fleet.drop().await;
 }
@@ -378,13 +397,17 @@ async fn a_replica_that_missed_notices_forgets_its_cache_on_reconnect() {
     assert!(allowed(&verify(&mut on_b.verify, &other).await.unwrap()));
     terminate_listeners().await.unwrap();
     revoke(&mut on_a.admin, &other_id).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !b.logged("change listener reconnected") {
-        assert!(Instant::now() < deadline, "B's listener never reconnected");
-        // Whatever B answers meanwhile, it must never allow the key revoked through the API.
-        assert!(!allowed(&verify(&mut on_b.verify, &other).await.unwrap()));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let client = on_b.verify.clone();
+    until("B's listener to reconnect", || {
+        let (mut client, other) = (client.clone(), other.clone());
+        let reconnected = b.logged("change listener reconnected");
+        async move {
+            // Whatever B answers meanwhile, it must never allow the key revoked through the API.
+            assert!(!allowed(&verify(&mut client, &other).await.unwrap()));
+            reconnected.then_some(())
+        }
+    })
+    .await;
     for _ in 0..20 {
         assert_eq!(verify(&mut on_b.verify, &key).await.unwrap().deny_reason, pb::DenyReason::Revoked as i32);
         assert_eq!(
@@ -422,15 +445,14 @@ async fn retention_deletes_only_rows_past_the_limit(backend: Backend) {
     let count = |key: &'static str| {
         let url = app.database_url.clone();
         async move {
-            crate::helpers::scalar(&url, &format!("SELECT COUNT(*) FROM audit_events WHERE api_key_id = '{key}'"))
-                .await
+            crate::helpers::scalar(
+                &url,
+                &format!("SELECT COUNT(*) FROM audit_events WHERE api_key_id = '{key}'"),
+            )
+            .await
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while count("k-old").await > 0 {
-        assert!(Instant::now() < deadline, "old rows were not pruned");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until("the old rows to be pruned", || async { (count("k-old").await == 0).then_some(()) }).await;
     assert_eq!(count("k-recent").await, 50);
     app.stop().await;
 }
@@ -470,7 +492,6 @@ async fn an_outcome_reported_to_another_replica_lands_on_its_row() {
     let b = fleet.replica(&fleet.database_url, &[]);
     let (mut on_a, mut on_b) = (clients(a.addr).await, clients(b.addr).await);
     let (_, key) = crate::helpers::create_sales_key(&mut on_a.admin, "load balanced").await;
-    tokio::time::sleep(Duration::from_millis(3500)).await;
     let verdict = verify(&mut on_a.verify, &key).await.unwrap();
     let id = verdict.audit_event_id.clone();
     let reported = on_b
@@ -489,22 +510,21 @@ async fn an_outcome_reported_to_another_replica_lands_on_its_row() {
         "still queued on A"
     );
     assert_eq!(
-        crate::helpers::scalar(url, &format!("SELECT COUNT(*) FROM audit_outcomes WHERE event_id = '{id}'")).await,
+        crate::helpers::scalar(url, &format!("SELECT COUNT(*) FROM audit_outcomes WHERE event_id = '{id}'"))
+            .await,
         1,
         "held"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while crate::helpers::scalar(
-        url,
-        &format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}' AND status = 201"),
-    )
-    .await
-        == 0
-    {
-        assert!(Instant::now() < deadline, "the held outcome never reached its row");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(crate::helpers::scalar(url, "SELECT COUNT(*) FROM audit_outcomes").await, 0, "nothing left held");
+    let landed = format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}' AND status = 201");
+    until("the held outcome to reach its row", || async {
+        (crate::helpers::scalar(url, &landed).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        crate::helpers::scalar(url, "SELECT COUNT(*) FROM audit_outcomes").await,
+        0,
+        "nothing left held"
+    );
     stop(a).await;
     stop(b).await;
     fleet.drop().await;
@@ -583,7 +603,7 @@ async fn shutdown_gives_up_on_a_stuck_audit_write_after_the_flush_timeout(backen
     // A malformed key: an audit row and nothing else to write (no key is
     // identified, so no usage count waits on the locked database too).
     app.verify("sntr_not_a_key", "", "").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the writer to take the row", || (app.probes.audit.depth() == 0).then_some(())).await;
     let ended = app.stop_within(Duration::from_secs(20)).await;
     let message = format!("{:#}", ended.expect_err("the stuck row is reported"));
     assert!(message.contains("1 audit rows") && message.contains("unwritten"), "{message}");

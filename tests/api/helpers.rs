@@ -8,7 +8,6 @@
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
@@ -104,7 +103,6 @@ pub struct TestApp {
     pub verify: KeyVerifyClient<Channel>,
     pub probes: Probes,
     pub database_url: String,
-    pub data_dir: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -189,7 +187,6 @@ pub async fn spawn_app_with(backend: Backend, customise: impl FnOnce(&mut Settin
         verify: KeyVerifyClient::new(channel),
         probes,
         database_url,
-        data_dir: dir.path().to_owned(),
         shutdown: Some(tx),
         handle: Some(handle),
         _dir: dir,
@@ -199,13 +196,30 @@ pub async fn spawn_app_with(backend: Backend, customise: impl FnOnce(&mut Settin
 
 pub async fn connect(addr: SocketAddr) -> Channel {
     let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
-    for _ in 0..100 {
-        if let Ok(channel) = endpoint.connect().await {
-            return channel;
+    until(&format!("the server at {addr} to accept connections"), || async { endpoint.connect().await.ok() })
+        .await
+}
+
+/// How long a test waits for something that should happen promptly before
+/// it fails (generous: CI's machine may be busy with other tests).
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Polls `check` until it answers `Some`, at most [`PATIENCE`]; then fails
+/// the test, naming `what` it waited for.
+pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    until(what, || std::future::ready(check())).await
+}
+
+/// [`eventually`] for a check that must await (a query, a connection).
+pub async fn until<T, F: Future<Output = Option<T>>>(what: &str, mut check: impl FnMut() -> F) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(found) = check().await {
+            return found;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(tokio::time::Instant::now() < deadline, "waited {PATIENCE:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("server at {addr} did not accept connections");
 }
 
 pub fn admin_client(channel: Channel, token: &str) -> AdminClient {
@@ -297,19 +311,8 @@ impl TestApp {
 
     /// Waits until every queued audit row and usage count is in the database.
     pub async fn settle(&self) {
-        for _ in 0..500 {
-            let drained = || self.probes.audit.unwritten() == 0 && self.probes.usage.pending_keys() == 0;
-            if drained() {
-                // Twice: a row is between the queue and the writer's count
-                // for an instant.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                if drained() {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("audit queue or usage counts did not drain");
+        let drained = || self.probes.audit.unwritten() == 0 && self.probes.usage.pending_keys() == 0;
+        eventually("the audit queue and usage counts to drain", || drained().then_some(())).await;
     }
 }
 
@@ -319,10 +322,6 @@ impl Drop for TestApp {
             let _ = tx.send(());
         }
     }
-}
-
-pub fn allow() -> i32 {
-    pb::Decision::Allow as i32
 }
 
 pub fn deny(reason: pb::DenyReason) -> (i32, i32) {

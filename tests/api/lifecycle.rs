@@ -61,14 +61,19 @@ async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
     assert!(status.success(), "exit status {status:?}");
 
     let verify_rows =
-        crate::helpers::scalar(&database_url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await;
+        crate::helpers::scalar(&database_url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'")
+            .await;
     assert_eq!(verify_rows, total, "one audit row per Verify");
-    let requests =
-        crate::helpers::scalar(&database_url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'"))
-            .await;
-    let denials =
-        crate::helpers::scalar(&database_url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'"))
-            .await;
+    let requests = crate::helpers::scalar(
+        &database_url,
+        &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'"),
+    )
+    .await;
+    let denials = crate::helpers::scalar(
+        &database_url,
+        &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'"),
+    )
+    .await;
     assert_eq!((requests, denials), (total - denied, denied));
     assert!(denied > 0);
     crate::helpers::drop_database(postgres).await;

@@ -238,3 +238,49 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
     }
     crate::helpers::drop_database(postgres).await;
 }
+
+/// sqlx 0.9.0 stopped setting TCP_NODELAY on PostgreSQL sockets
+/// (vendor/README.md); without it every write longer than one segment waits
+/// for the server's delayed ACK. The option is read off the pooled
+/// connection's own socket, found by the client port PostgreSQL reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_are_opened_with_tcp_nodelay() {
+    let Some(Backend::Postgres(url)) = Backend::postgres() else { return };
+    let store = keywarden::store::Store::connect(&url, &Default::default()).await.unwrap();
+    let pool = store.listen_pool().expect("a PostgreSQL store has a pool of its own");
+    let mut connection = pool.acquire().await.unwrap();
+    let port: i32 =
+        sea_orm::sqlx::query_scalar("SELECT inet_client_port()").fetch_one(&mut *connection).await.unwrap();
+    let socket = own_tcp_socket(u16::try_from(port).unwrap());
+    assert!(rustix::net::sockopt::tcp_nodelay(&socket).unwrap(), "TCP_NODELAY is off on the pooled socket");
+    drop(connection);
+    store.close().await;
+}
+
+/// A duplicate of this process's TCP socket bound to `local_port`: its inode
+/// from /proc/net/tcp{,6}, its descriptor from /proc/self/fd, duplicated
+/// through a pidfd (no unsafe code needed to borrow it).
+fn own_tcp_socket(local_port: u16) -> std::os::fd::OwnedFd {
+    use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
+    let tables = ["/proc/net/tcp", "/proc/net/tcp6"].map(|p| std::fs::read_to_string(p).unwrap_or_default());
+    let inode = tables
+        .iter()
+        .flat_map(|table| table.lines().skip(1))
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+            (port == local_port).then(|| fields.get(9).map(|s| (*s).to_owned())).flatten()
+        })
+        .unwrap_or_else(|| panic!("no socket on local port {local_port} in /proc/net/tcp"));
+    let target = format!("socket:[{inode}]");
+    let fd = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|entry| {
+            std::fs::read_link(entry.path()).is_ok_and(|link| link.to_str() == Some(target.as_str()))
+        })
+        .and_then(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .unwrap_or_else(|| panic!("no descriptor of this process is {target}"));
+    let me = pidfd_open(getpid(), PidfdFlags::empty()).unwrap();
+    pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()).unwrap()
+}

@@ -1,30 +1,47 @@
 //! Every Verify produces a `keywarden.verify` span that says what its audit
 //! row says, joined to the caller's W3C trace, and never carries the key.
 
-use std::{collections::HashMap, sync::OnceLock};
+use std::collections::HashMap;
 
-use crate::helpers::{Backend, MERCHANT, spawn_app};
 use keywarden::api::pb;
 use opentelemetry::{Value, trace::TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tonic::Request;
-use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::layer::SubscriberExt;
 
-backend_tests!(verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace);
+use crate::helpers::{Backend, MERCHANT, eventually, spawn_app};
 
-/// One global subscriber per test process, exporting into memory.
-fn exporter() -> &'static InMemorySpanExporter {
-    static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
-    EXPORTER.get_or_init(|| {
-        let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
-        tracing_subscriber::registry()
-            .with(keywarden::telemetry::spans_filter())
-            .with(keywarden::telemetry::otel_layer(&provider))
-            .init();
-        std::mem::forget(provider);
-        exporter
-    })
+// Current-thread runtimes: the span subscriber below is this thread's
+// default only, so the rest of the binary's tests run without span export,
+// as a server without OTLP configured does.
+#[tokio::test]
+async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace_on_sqlite() {
+    verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace_on_postgres() {
+    if let Some(backend) = Backend::postgres() {
+        verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(backend).await;
+    }
+}
+
+/// Spans exported into memory, for as long as the guard lives, from this
+/// thread only.
+struct Capture {
+    exporter: InMemorySpanExporter,
+    _provider: SdkTracerProvider,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+fn capture() -> Capture {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    let subscriber = tracing_subscriber::registry()
+        .with(keywarden::telemetry::spans_filter())
+        .with(keywarden::telemetry::otel_layer(&provider));
+    let guard = tracing::subscriber::set_default(subscriber);
+    Capture { exporter, _provider: provider, _guard: guard }
 }
 
 fn attributes(span: &SpanData) -> HashMap<String, String> {
@@ -40,27 +57,19 @@ fn attributes(span: &SpanData) -> HashMap<String, String> {
         .collect()
 }
 
-fn verify_span(audit_id: &str) -> SpanData {
-    for _ in 0..500 {
-        let spans = exporter().get_finished_spans().unwrap();
-        if let Some(span) = spans.into_iter().find(|s| {
-            s.name == "keywarden.verify"
-                && attributes(s).get("keywarden.audit_event_id").map(String::as_str) == Some(audit_id)
-        }) {
-            return span;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let spans = exporter().get_finished_spans().unwrap();
-    let names: Vec<(String, Option<String>)> = spans
-        .iter()
-        .map(|s| (s.name.to_string(), attributes(s).get("keywarden.audit_event_id").cloned()))
-        .collect();
-    panic!("no keywarden.verify span for {audit_id}; finished: {names:?}");
+async fn verify_span(capture: &Capture, audit_id: &str) -> SpanData {
+    let is_the_span = |s: &SpanData| {
+        s.name == "keywarden.verify"
+            && attributes(s).get("keywarden.audit_event_id").map(String::as_str) == Some(audit_id)
+    };
+    eventually(&format!("the keywarden.verify span of {audit_id}"), || {
+        capture.exporter.get_finished_spans().unwrap().into_iter().find(is_the_span)
+    })
+    .await
 }
 
 async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(backend: Backend) {
-    exporter();
+    let capture = capture();
     let mut app = spawn_app(backend).await;
     let (_, key) = app.key_with_scopes(&["invoice:write"]).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -91,7 +100,7 @@ async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(b
         .events;
     for call in calls {
         let row = events.iter().find(|e| e.id == call.audit_event_id).unwrap();
-        let span = verify_span(&call.audit_event_id);
+        let span = verify_span(&capture, &call.audit_event_id).await;
         let attrs = attributes(&span);
         assert_eq!(
             span.span_context.trace_id(),

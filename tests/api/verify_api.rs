@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::helpers::{Backend, MERCHANT, allowed, deny, outcome, spawn_app, spawn_app_with, violated_fields};
+use crate::helpers::{
+    Backend, MERCHANT, allowed, deny, eventually, outcome, spawn_app, spawn_app_with, until, violated_fields,
+};
 use keywarden::{
     api::pb::{self, DenyReason as R},
     store::keys::{UsageApplied, UsageDelta},
@@ -191,9 +193,19 @@ async fn verify_denies_expired_key_once_expiry_passes(backend: Backend) {
     let r = app.verify(&key, "", "sales:read").await;
     assert_eq!(outcome(&r), allowed());
     assert_eq!(r.expires_at.unwrap().seconds, expires.timestamp());
-    let wait = (expires - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50);
-    tokio::time::sleep(wait).await;
-    assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), deny(R::Expired));
+    let verify = app.verify.clone();
+    let after_expiry = until("the key to expire", || {
+        let (mut client, key) = (verify.clone(), key.clone());
+        async move {
+            let request =
+                pb::VerifyRequest { key, required_scope: "sales:read".into(), ..Default::default() };
+            let r = client.verify(request).await.unwrap().into_inner();
+            Some(outcome(&r)).filter(|o| *o != allowed())
+        }
+    })
+    .await;
+    assert!(chrono::Utc::now() >= expires);
+    assert_eq!(after_expiry, deny(R::Expired));
     app.stop().await;
 }
 
@@ -508,7 +520,7 @@ async fn usage_counts_stay_exact_while_flushes_run_under_load(backend: Backend) 
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("uses to be counted", || (app.probes.usage.pending_keys() > 0).then_some(())).await;
     for _ in 0..20 {
         let flushed = tokio::time::timeout(Duration::from_secs(10), app.probes.usage.flush()).await;
         assert!(flushed.expect("a flush under load ended").is_ok());
@@ -536,8 +548,8 @@ async fn shutdown_gives_up_on_a_stuck_usage_flush_and_says_so(backend: Backend) 
     app.settle().await;
     let lock = crate::helpers::lock_table(&app.database_url, "api_keys").await;
     assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed());
-    // Let the flusher take the count and block on the lock.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The flusher takes the count and blocks on the lock.
+    eventually("a flush to start", || app.probes.usage.flush_in_progress().then_some(())).await;
     let ended = app.stop_within(Duration::from_secs(20)).await;
     let message = format!("{:#}", ended.expect_err("the stuck count is reported"));
     assert!(message.contains("usage of 1 keys unwritten"), "{message}");
@@ -546,7 +558,7 @@ async fn shutdown_gives_up_on_a_stuck_usage_flush_and_says_so(backend: Backend) 
 }
 
 async fn audit_rows_carry_the_callers_trace_id_without_span_export(backend: Backend) {
-    // No tracing subscriber in this test binary: nothing exports spans.
+    // No span subscriber on this test's runtime: nothing exports spans.
     let mut app = spawn_app(backend).await;
     let (_, key) = app.key_with_scopes(&["sales:read"]).await;
     let mut request = tonic::Request::new(pb::VerifyRequest { key, ..Default::default() });
@@ -568,14 +580,19 @@ async fn verify_rows(app: &crate::helpers::TestApp) -> usize {
 }
 
 async fn a_full_audit_queue_holds_verify_back_by_default(backend: Backend) {
-    let mut app = spawn_app_with(backend, |s| s.audit_queue_capacity = 1).await;
+    // No linger: the writer takes one row and goes straight to the write.
+    let mut app = spawn_app_with(backend, |s| {
+        s.audit_queue_capacity = 1;
+        s.audit_linger_ms = 0;
+    })
+    .await;
     let (_, key) = app.key_with_scopes(&["sales:read"]).await;
     app.settle().await;
     let written = verify_rows(&app).await;
     // The writer cannot commit: one row in its hands, one in the queue...
     let lock = crate::helpers::lock_audit_table(&app.database_url).await;
     app.verify(&key, "", "").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the writer to take the row", || (app.probes.audit.depth() == 0).then_some(())).await;
     app.verify(&key, "", "").await;
     // ...so the next Verify waits for room instead of losing its row.
     let mut client = app.verify.clone();
@@ -585,8 +602,10 @@ async fn a_full_audit_queue_holds_verify_back_by_default(backend: Backend) {
             async move { client.verify(pb::VerifyRequest { key, ..Default::default() }).await.unwrap() },
         )
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!held.is_finished(), "Verify should wait while the audit queue is full");
+    // A negative needs a window: the call is still waiting after it.
+    let mut held = held;
+    let waited = tokio::time::timeout(Duration::from_millis(300), &mut held).await;
+    assert!(waited.is_err(), "Verify should wait while the audit queue is full");
     lock.release().await;
     held.await.unwrap();
     app.settle().await;
@@ -598,6 +617,7 @@ async fn a_full_audit_queue_holds_verify_back_by_default(backend: Backend) {
 async fn a_full_audit_queue_drops_and_counts_when_configured_to(backend: Backend) {
     let mut app = spawn_app_with(backend, |s| {
         s.audit_queue_capacity = 1;
+        s.audit_linger_ms = 0;
         s.audit_overflow = keywarden::config::Overflow::Drop;
     })
     .await;
@@ -607,7 +627,7 @@ async fn a_full_audit_queue_drops_and_counts_when_configured_to(backend: Backend
     let lock = crate::helpers::lock_audit_table(&app.database_url).await;
     // The first row reaches the writer, which then cannot commit it.
     assert_eq!(outcome(&app.verify(&key, "", "").await), allowed());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the writer to take the row", || (app.probes.audit.depth() == 0).then_some(())).await;
     let started = std::time::Instant::now();
     for _ in 0..10 {
         assert_eq!(outcome(&app.verify(&key, "", "").await), allowed());
