@@ -220,7 +220,7 @@ impl Settings {
     pub fn database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.clone(),
-            None => format!("sqlite://{}?mode=rwc", self.data_dir.join("keywarden.db").display()),
+            None => format!("sqlite://{}?mode=rwc", self.data_dir.join(DATABASE_FILE).display()),
         }
     }
 
@@ -368,9 +368,59 @@ impl Secrets {
     }
 }
 
-/// Creates `dir` (and parents) readable by this user only: it holds the
-/// database of key hashes and, on embedded runs, the generated secrets.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+/// The embedded database's file name in the data directory.
+pub const DATABASE_FILE: &str = "keywarden.db";
+
+/// Files of the data directory that hold key hashes, the audit trail or
+/// secrets.
+const PRIVATE_FILES: [&str; 5] =
+    [DATABASE_FILE, "keywarden.db-wal", "keywarden.db-shm", "pepper", "admin-token"];
+
+/// Makes the data directory private to this user, on every start: `dir` is
+/// created 0700 (with any missing parents) or, if it exists with wider
+/// modes, tightened to 0700; the files in it that hold private data are
+/// tightened to 0600; and the database file is created 0600 before SQLite
+/// opens it, so that its WAL and shared-memory files, which SQLite creates
+/// with the database's mode, are too. Returns what it had to tighten, for
+/// the caller to name in a warning.
+pub fn secure_data_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    create_private_dir(dir)?;
+    let mut tightened = Vec::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let tighten = |path: &Path, mode: u32, tightened: &mut Vec<PathBuf>| -> std::io::Result<()> {
+            match std::fs::symlink_metadata(path) {
+                Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+                    tightened.push(path.to_owned());
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
+        };
+        tighten(dir, 0o700, &mut tightened)?;
+        for file in PRIVATE_FILES {
+            tighten(&dir.join(file), 0o600, &mut tightened)?;
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(DATABASE_FILE))
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(tightened)
+}
+
+/// Creates `dir` (and parents) readable by this user only.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -389,7 +439,7 @@ fn bootstrap(dir: &Path, file: &str, variable: &str, len: usize) -> Result<Secre
         }
         Err(_) => {}
     }
-    std::fs::create_dir_all(dir).map_err(|e| ConfigError::Io {
+    create_private_dir(dir).map_err(|e| ConfigError::Io {
         what: "cannot create",
         path: dir.into(),
         source: e,

@@ -42,6 +42,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let settings = Settings::load(config.as_deref())?;
             let telemetry = telemetry::init(settings.log_format).map_err(|e| anyhow::anyhow!(e))?;
             let app = Application::build(settings).await?;
+            let stop = keywarden::startup::shutdown_signal().context("installing the SIGTERM handler")?;
             tracing::info!(
                 listen = %app.local_addr(),
                 metrics = ?app.metrics_addr(),
@@ -49,14 +50,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 exporting_spans = telemetry.exporting(),
                 "keywarden serving"
             );
-            let result = app.run_until_stopped(keywarden::startup::shutdown_signal()).await;
+            let result = app.run_until_stopped(stop).await;
             telemetry.shutdown();
             result
         }
         Command::Migrate { config } => {
             let settings = Settings::load(config.as_deref())?;
             if settings.database_url.is_none() {
-                keywarden::config::create_private_dir(&settings.data_dir)?;
+                for path in keywarden::config::secure_data_dir(&settings.data_dir)? {
+                    eprintln!(
+                        "keywarden: {} was readable by other users; tightened to owner-only",
+                        path.display()
+                    );
+                }
             }
             let store = Store::connect(&settings.database_url(), &Default::default())
                 .await

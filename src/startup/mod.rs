@@ -96,13 +96,16 @@ pub struct Probes {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        if settings.database_url.is_none() {
+            let tightened = crate::config::secure_data_dir(&settings.data_dir)
+                .with_context(|| format!("securing data directory {}", settings.data_dir.display()))?;
+            for path in tightened {
+                tracing::warn!(path = %path.display(), "was readable by other users; tightened to owner-only");
+            }
+        }
         let secrets = Secrets::resolve(&settings)?;
         let catalogue = Arc::new(settings.catalogue()?);
         let prefix = settings.key_prefix()?;
-        if settings.database_url.is_none() {
-            crate::config::create_private_dir(&settings.data_dir)
-                .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
-        }
         let options = StoreOptions {
             max_connections: settings.db_max_connections,
             acquire_timeout: settings.db_acquire_timeout(),
@@ -110,10 +113,12 @@ impl Application {
         let store = Store::connect(&settings.database_url(), &options).await.with_context(|| {
             format!("connecting to {}", crate::store::redact_url(&settings.database_url()))
         })?;
-        if settings.migrate_on_start {
-            store.migrate().await.context("applying migrations")?;
-        } else {
-            store.check_schema().await?;
+        let schema = store.prepare_schema(settings.migrate_on_start).await.context("checking the schema")?;
+        if !schema.unknown.is_empty() {
+            tracing::warn!(
+                migrations = ?schema.unknown,
+                "the database has migrations of a newer release; serving on it (releases are N-1 compatible)"
+            );
         }
 
         let pool =
@@ -495,24 +500,22 @@ async fn join(what: &str, task: JoinHandle<usize>) -> usize {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGTERM or SIGINT. The handlers are installed before this
+/// returns, so a signal sent as soon as the server says it is serving drains
+/// it instead of killing the process.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

@@ -33,6 +33,16 @@ use thiserror::Error;
 
 use migration::Migrator;
 
+/// This binary's migrations against a database's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaStatus {
+    /// This binary's migrations the database lacks.
+    pub pending: Vec<String>,
+    /// Migrations in the database this binary does not know: a newer
+    /// release's, which the schema policy says this one can ignore.
+    pub unknown: Vec<String>,
+}
+
 /// Which database the store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -54,6 +64,17 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("the database schema is behind this binary: pending migrations {0:?}; run `keywarden migrate`")]
     SchemaBehind(Vec<String>),
+    /// The database was migrated by a newer release. Serving on it is fine
+    /// (releases are N-1 compatible); migrating it with this binary is not.
+    #[error(
+        "the database schema is ahead of this binary: migrations {0:?} come from a newer release; \
+         `migrate` never runs backwards (run the newer release's `migrate`, or none)"
+    )]
+    SchemaAhead(Vec<String>),
+    /// Migrations of a newer release applied while one of this binary's own
+    /// is missing: not a state any sequence of releases produces.
+    #[error("the database schema has newer migrations {unknown:?} but lacks this binary's {pending:?}")]
+    SchemaGap { pending: Vec<String>, unknown: Vec<String> },
 }
 
 /// Database errors since start, for the metrics endpoint.
@@ -227,10 +248,12 @@ impl Store {
     }
 
     /// Applies pending migrations. On PostgreSQL an advisory lock makes
-    /// replicas that start together take turns instead of racing.
+    /// replicas that start together take turns instead of racing. Refuses a
+    /// schema that holds migrations this binary does not know: a newer
+    /// release migrated it, and migrations only ever run forwards.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match self.backend {
-            Backend::Sqlite => Migrator::up(&self.db, None).await?,
+            Backend::Sqlite => self.migrate_forwards().await,
             Backend::Postgres => {
                 let pool = self.db.get_postgres_connection_pool();
                 let mut conn =
@@ -240,26 +263,76 @@ impl Store {
                     .execute(&mut *conn)
                     .await
                     .map_err(|e| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e))))?;
-                let result = Migrator::up(&self.db, None).await;
+                let result = self.migrate_forwards().await;
                 let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
                     .bind(MIGRATION_LOCK)
                     .execute(&mut *conn)
                     .await;
                 result?;
                 unlock.map_err(|e| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e))))?;
+                Ok(())
             }
+        }
+    }
+
+    async fn migrate_forwards(&self) -> Result<(), StoreError> {
+        let status = self.schema_status().await?;
+        if !status.unknown.is_empty() {
+            return Err(StoreError::SchemaAhead(status.unknown));
+        }
+        if !status.pending.is_empty() {
+            Migrator::up(&self.db, None).await?;
         }
         Ok(())
     }
 
-    /// Refuses to serve on a schema older than this binary expects.
-    pub async fn check_schema(&self) -> Result<(), StoreError> {
-        let pending = Migrator::get_pending_migrations(&self.db).await?;
-        if pending.is_empty() {
-            Ok(())
-        } else {
-            Err(StoreError::SchemaBehind(pending.iter().map(|m| m.name().to_owned()).collect()))
+    /// Readies the schema for serving: applies this binary's pending
+    /// migrations when `migrate` is set, and accepts a schema a newer
+    /// release migrated (returned, for the caller to log).
+    pub async fn prepare_schema(&self, migrate: bool) -> Result<SchemaStatus, StoreError> {
+        let status = self.schema_status().await?;
+        match (status.pending.is_empty(), status.unknown.is_empty()) {
+            (true, _) => Ok(status),
+            (false, true) if migrate => {
+                self.migrate().await?;
+                Ok(SchemaStatus { pending: Vec::new(), unknown: Vec::new() })
+            }
+            (false, true) => Err(StoreError::SchemaBehind(status.pending)),
+            (false, false) => Err(StoreError::SchemaGap { pending: status.pending, unknown: status.unknown }),
         }
+    }
+
+    /// This binary's migrations against those recorded in the database.
+    pub async fn schema_status(&self) -> Result<SchemaStatus, StoreError> {
+        let applied = self.applied_migrations().await?;
+        let known: Vec<String> = Migrator::migrations().iter().map(|m| m.name().to_owned()).collect();
+        Ok(SchemaStatus {
+            pending: known.iter().filter(|m| !applied.contains(m)).cloned().collect(),
+            unknown: applied.into_iter().filter(|m| !known.contains(m)).collect(),
+        })
+    }
+
+    /// Versions in `seaql_migrations`, oldest first; none before the first
+    /// migration created the table.
+    async fn applied_migrations(&self) -> Result<Vec<String>, StoreError> {
+        let exists = match self.backend {
+            Backend::Sqlite => {
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'seaql_migrations'"
+            }
+            Backend::Postgres => "SELECT to_regclass('seaql_migrations') IS NOT NULL",
+        };
+        let row = self.db.query_one_raw(Statement::from_string(self.db_backend(), exists)).await?;
+        if !row.and_then(|r| r.try_get_by_index::<bool>(0).ok()).unwrap_or(false) {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_string(
+                self.db_backend(),
+                "SELECT version FROM seaql_migrations ORDER BY version",
+            ))
+            .await?;
+        rows.iter().map(|r| r.try_get_by_index::<String>(0).map_err(StoreError::from)).collect()
     }
 
     /// A trivial round trip, for health checks. Not counted in

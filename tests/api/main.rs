@@ -13,4 +13,5 @@ mod hot_path;
 mod lifecycle;
 mod operations;
 mod spans;
+mod upgrades;
 mod verify_api;
