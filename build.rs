@@ -28,5 +28,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ])
         .compile_with_config(config, &protos, &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
+    // An empty KEYWARDEN_TEST_POSTGRES_URL opts out of the PostgreSQL test
+    // runs: they are then compiled as ignored, and reported so, instead of
+    // passing without running.
+    println!("cargo::rustc-check-cfg=cfg(skip_postgres_tests)");
+    println!("cargo:rerun-if-env-changed=KEYWARDEN_TEST_POSTGRES_URL");
+    if env::var_os("KEYWARDEN_TEST_POSTGRES_URL").is_some_and(|url| url.is_empty()) {
+        println!("cargo:rustc-cfg=skip_postgres_tests");
+    }
     Ok(())
 }

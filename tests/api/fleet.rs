@@ -45,8 +45,8 @@ struct Fleet {
     _dir: tempfile::TempDir,
 }
 
-async fn postgres_fleet() -> Option<Fleet> {
-    let backend = Backend::postgres()?;
+async fn postgres_fleet() -> Fleet {
+    let backend = Backend::postgres();
     let dir = tempfile::tempdir().unwrap();
     let (database_url, postgres) = fresh_database(&backend, dir.path()).await;
     // Migrate once, before replicas race to start.
@@ -56,7 +56,7 @@ async fn postgres_fleet() -> Option<Fleet> {
         .output()
         .unwrap();
     assert!(migrated.status.success());
-    Some(Fleet { database_url, postgres, _dir: dir })
+    Fleet { database_url, postgres, _dir: dir }
 }
 
 impl Fleet {
@@ -119,10 +119,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {
-    let Some(fleet) = postgres_fleet().await else { return };
+    let fleet = postgres_fleet().await;
     let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
     let (mut on_a, mut on_b) = (clients(a.addr).await, clients(b.addr).await);
+    let b_metrics =
+        || async { crate::helpers::parse_metrics(&crate::helpers::scrape(b.metrics.unwrap()).await.1) };
     const KEYS: usize = 100;
     let mut keys = Vec::new();
     for i in 0..KEYS {
@@ -131,6 +134,18 @@ async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {
         assert!(allowed(&verify(&mut on_b.verify, &key).await.unwrap()));
         keys.push((id, key));
     }
+    // B answers from its cache: another round reads no key state.
+    let before = b_metrics().await;
+    for (_, key) in &keys {
+        assert!(allowed(&verify(&mut on_b.verify, key).await.unwrap()));
+    }
+    let cached = b_metrics().await;
+    let delta = |later: &std::collections::HashMap<String, f64>,
+                 earlier: &std::collections::HashMap<String, f64>,
+                 name: &str| { later[name] - earlier[name] };
+    assert_eq!(delta(&cached, &before, "keywarden_cache_state_misses_total"), 0.0, "B read key state");
+    assert_eq!(delta(&cached, &before, "keywarden_cache_state_hits_total"), KEYS as f64);
+
     let mut lags = Vec::new();
     for (id, key) in &keys {
         revoke(&mut on_a.admin, id).await;
@@ -149,6 +164,13 @@ async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
+    // Each revocation reached B as a change notice while its cache stayed
+    // trusted: corrected by the notice, not by reading through a distrusted
+    // cache (which is what B does while notices are not arriving).
+    let after = b_metrics().await;
+    assert_eq!(delta(&after, &cached, "keywarden_revocation_propagation_seconds_count"), KEYS as f64);
+    assert_eq!(after["keywarden_cache_trusted"], 1.0);
+    assert_eq!(after["keywarden_change_listener_reconnects_total"], 0.0);
     lags.sort();
     let (p50, p99, max) = (percentile(&lags, 0.50), percentile(&lags, 0.99), *lags.last().unwrap());
     eprintln!("revocation A -> B over {} revocations: p50 {p50:?}, p99 {p99:?}, max {max:?}", lags.len());
@@ -159,8 +181,9 @@ async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
-    let Some(fleet) = postgres_fleet().await else { return };
+    let fleet = postgres_fleet().await;
     // Usage reaches the database only through the final flush.
     let slow = [("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000")];
     let (a, b) = (fleet.replica(&fleet.database_url, &slow), fleet.replica(&fleet.database_url, &slow));
@@ -168,10 +191,20 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     let (key_id, key) = crate::helpers::create_sales_key(&mut on_a.admin, "shared").await;
     let allowed_calls = Arc::new(AtomicU64::new(0));
     let denied_calls = Arc::new(AtomicU64::new(0));
+    // Calls sent before SIGTERM and answered after it: drained, not dropped.
+    let drained = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    // Microseconds after `start` at which SIGTERM went out; 0 until then.
+    let sigterm_at = Arc::new(AtomicU64::new(0));
     let mut load = Vec::new();
     for (i, addr) in [a.addr, b.addr].into_iter().cycle().take(8).enumerate() {
-        let (allowed_calls, denied_calls, key) =
-            (Arc::clone(&allowed_calls), Arc::clone(&denied_calls), key.clone());
+        let (allowed_calls, denied_calls, drained, sigterm_at, key) = (
+            Arc::clone(&allowed_calls),
+            Arc::clone(&denied_calls),
+            Arc::clone(&drained),
+            Arc::clone(&sigterm_at),
+            key.clone(),
+        );
         let channel = connect(addr).await;
         load.push(tokio::spawn(async move {
             let mut client = KeyVerifyClient::new(channel);
@@ -182,21 +215,48 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
                     required_scope: scope.into(),
                     ..Default::default()
                 };
-                // Stop at the first refusal: the replica is shutting down.
-                let Ok(r) = client.verify(request).await else { return };
-                let counter = if allowed(&r.into_inner()) { &allowed_calls } else { &denied_calls };
-                counter.fetch_add(1, Ordering::SeqCst);
+                let sent_before_sigterm = sigterm_at.load(Ordering::SeqCst) == 0;
+                match client.verify(request).await {
+                    Ok(r) => {
+                        let counter = if allowed(&r.into_inner()) { &allowed_calls } else { &denied_calls };
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        if sent_before_sigterm && sigterm_at.load(Ordering::SeqCst) != 0 {
+                            drained.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    // The replica is shutting down: a refusal before any
+                    // work (UNAVAILABLE from the server, or CANCELLED when
+                    // the client found the connection already closed). The
+                    // exact counts below prove that no refused call left
+                    // an audit row or a usage count behind.
+                    Err(status) => {
+                        assert_ne!(
+                            sigterm_at.load(Ordering::SeqCst),
+                            0,
+                            "refused before SIGTERM: {status:?}"
+                        );
+                        assert!(
+                            matches!(status.code(), Code::Unavailable | Code::Cancelled),
+                            "a refusal is UNAVAILABLE or CANCELLED: {status:?}"
+                        );
+                        return;
+                    }
+                }
             }
         }));
     }
     let answered = || allowed_calls.load(Ordering::SeqCst) + denied_calls.load(Ordering::SeqCst);
     eventually("both replicas to answer a few hundred calls", || (answered() >= 400).then_some(())).await;
     // SIGTERM both while the load is still running.
+    sigterm_at.store(start.elapsed().as_micros().max(1) as u64, Ordering::SeqCst);
     sigterm(&a.child);
     sigterm(&b.child);
     for task in load {
         task.await.unwrap();
     }
+    let drained = drained.load(Ordering::SeqCst);
+    eprintln!("calls in flight at SIGTERM and answered: {drained}");
+    assert!(drained > 0, "no call was in flight at SIGTERM: the drain went untested");
     stop(a).await;
     stop(b).await;
     let (allowed_n, denied_n) =
@@ -226,10 +286,10 @@ async fn health(client: &mut HealthClient<Channel>) -> i32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_nothing() {
-    let Some(fleet) = postgres_fleet().await else { return };
-    let upstream: SocketAddr = "127.0.0.1:5432".parse().unwrap();
-    let proxy = Proxy::start(upstream).await;
+    let fleet = postgres_fleet().await;
+    let proxy = Proxy::start(Proxy::upstream_of(&fleet.database_url)).await;
     let fast = [("KEYWARDEN_HEALTH_CHECK_INTERVAL_MS", "200"), ("KEYWARDEN_DB_ACQUIRE_TIMEOUT_MS", "500")];
     let a = fleet.replica(&proxy.url_for(&fleet.database_url), &fast);
     let mut on_a = clients(a.addr).await;
@@ -312,9 +372,10 @@ async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn past_the_staleness_bound_cached_keys_fail_closed_until_the_database_returns() {
-    let Some(fleet) = postgres_fleet().await else { return };
-    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let fleet = postgres_fleet().await;
+    let proxy = Proxy::start(Proxy::upstream_of(&fleet.database_url)).await;
     let env = [
         ("KEYWARDEN_STALENESS_BOUND_MS", "1500"),
         ("KEYWARDEN_HEALTH_CHECK_INTERVAL_MS", "100"),
@@ -360,8 +421,9 @@ async fn past_the_staleness_bound_cached_keys_fail_closed_until_the_database_ret
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_replica_that_missed_notices_forgets_its_cache_on_reconnect() {
-    let Some(fleet) = postgres_fleet().await else { return };
+    let fleet = postgres_fleet().await;
     let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
     let (mut on_a, mut on_b) = (clients(a.addr).await, clients(b.addr).await);
     let (id, key) = crate::helpers::create_sales_key(&mut on_a.admin, "watched").await;
@@ -475,18 +537,25 @@ async fn audit_listing_is_served_by_indexes(backend: Backend) {
     }
     let by_merchant = AuditQuery { merchant_id: "m7", api_key_id: None, start: None, end: None };
     let by_key = AuditQuery { merchant_id: "m7", api_key_id: Some("k7"), start: None, end: None };
-    for (query, index) in [(by_merchant, "idx_audit_events_merchant_ts"), (by_key, "idx_audit_events_")] {
-        let plan = app.probes.store.explain_list_audit(&query, 51).await.unwrap().join("\n");
-        eprintln!("{plan}");
-        assert!(plan.contains(index), "expected {index} in:\n{plan}");
-        assert!(!plan.contains("Seq Scan") && !plan.contains("SCAN audit_events\n"), "full scan in:\n{plan}");
+    for (query, index) in [(by_merchant, "idx_audit_events_merchant_ts"), (by_key, "idx_audit_events_key_ts")]
+    {
+        let plan = app.probes.store.explain_list_audit(&query, 51).await.unwrap();
+        let shown = plan.join("\n");
+        eprintln!("{shown}");
+        assert!(plan.iter().any(|line| line.contains(index)), "expected {index} in:\n{shown}");
+        // PostgreSQL says "Seq Scan"; SQLite "SCAN audit_events" without "USING … INDEX".
+        let full_scan = |line: &String| {
+            line.contains("Seq Scan") || (line.contains("SCAN audit_events") && !line.contains("USING"))
+        };
+        assert!(!plan.iter().any(full_scan), "full scan in:\n{shown}");
     }
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn an_outcome_reported_to_another_replica_lands_on_its_row() {
-    let Some(fleet) = postgres_fleet().await else { return };
+    let fleet = postgres_fleet().await;
     // A keeps audit rows queued for 3 s, as a busy replica might.
     let a = fleet.replica(&fleet.database_url, &[("KEYWARDEN_AUDIT_LINGER_MS", "3000")]);
     let b = fleet.replica(&fleet.database_url, &[]);

@@ -45,16 +45,15 @@ pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test"
 
 impl Backend {
     /// The machine's PostgreSQL unless `KEYWARDEN_TEST_POSTGRES_URL` names
-    /// another, or is set empty to skip. Skipping is opt-in so that a plain
-    /// `cargo test` cannot pass by not running half the suite.
-    pub fn postgres() -> Option<Self> {
+    /// another. Set empty, it opts out: build.rs then marks every PostgreSQL
+    /// test ignored, so a skipped run shows as skipped, never as passed.
+    pub fn postgres() -> Self {
         match std::env::var("KEYWARDEN_TEST_POSTGRES_URL") {
             Ok(url) if url.is_empty() => {
-                eprintln!("KEYWARDEN_TEST_POSTGRES_URL is empty: skipping the PostgreSQL run of this test");
-                None
+                panic!("KEYWARDEN_TEST_POSTGRES_URL is empty: this PostgreSQL test should have been ignored")
             }
-            Ok(url) => Some(Self::Postgres(url)),
-            Err(_) => Some(Self::Postgres(DEFAULT_POSTGRES_URL.to_owned())),
+            Ok(url) => Self::Postgres(url),
+            Err(_) => Self::Postgres(DEFAULT_POSTGRES_URL.to_owned()),
         }
     }
 }
@@ -73,10 +72,9 @@ macro_rules! backend_tests {
         mod postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
                 async fn $name() {
-                    if let Some(backend) = $crate::helpers::Backend::postgres() {
-                        super::$name(backend).await
-                    }
+                    super::$name($crate::helpers::Backend::postgres()).await
                 }
             )*
         }
@@ -98,7 +96,6 @@ pub type AdminClient = KeyAdminClient<InterceptedService<Channel, Bearer>>;
 
 pub struct TestApp {
     pub addr: SocketAddr,
-    pub metrics_addr: Option<SocketAddr>,
     pub admin: AdminClient,
     pub verify: KeyVerifyClient<Channel>,
     pub probes: Probes,
@@ -167,13 +164,23 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 }
 
 pub async fn spawn_app_with(backend: Backend, customise: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_prepared(backend, |_| async {}, customise).await
+}
+
+/// [`spawn_app_with`] on a database that `prepare` has had first (given its
+/// URL), e.g. one migrated by another release.
+pub async fn spawn_app_prepared<F: Future<Output = ()>>(
+    backend: Backend,
+    prepare: impl FnOnce(String) -> F,
+    customise: impl FnOnce(&mut Settings),
+) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let (database_url, postgres) = fresh_database(&backend, dir.path()).await;
+    prepare(database_url.clone()).await;
     let mut settings = test_settings(&database_url, dir.path());
     customise(&mut settings);
     let app = Application::build(settings).await.expect("application builds");
     let addr = app.local_addr();
-    let metrics_addr = app.metrics_addr();
     let probes = app.probes();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async move {
@@ -182,7 +189,6 @@ pub async fn spawn_app_with(backend: Backend, customise: impl FnOnce(&mut Settin
     let channel = connect(addr).await;
     TestApp {
         addr,
-        metrics_addr,
         admin: admin_client(channel.clone(), ADMIN_TOKEN),
         verify: KeyVerifyClient::new(channel),
         probes,
@@ -407,10 +413,59 @@ impl TableLock {
     }
 }
 
+/// `GET /metrics`: the response head and body.
+pub async fn scrape(addr: SocketAddr) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: keywarden\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.to_owned(), body.to_owned())
+}
+
+/// Parses the text exposition strictly enough to catch malformed output:
+/// every line is a comment of a known kind or `name{labels} value`, and the
+/// document ends with `# EOF`. Returns samples by `name{labels}`.
+pub fn parse_metrics(body: &str) -> std::collections::HashMap<String, f64> {
+    let body = body.trim_end();
+    assert!(body.ends_with("# EOF"), "OpenMetrics ends with # EOF");
+    let mut samples = std::collections::HashMap::new();
+    let mut typed = std::collections::HashSet::new();
+    for line in body.lines() {
+        if let Some(comment) = line.strip_prefix("# ") {
+            let kind = comment.split(' ').next().unwrap();
+            assert!(["HELP", "TYPE", "UNIT", "EOF"].contains(&kind), "unexpected comment: {line}");
+            if kind == "TYPE" {
+                typed.insert(comment.split(' ').nth(1).unwrap().to_owned());
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name: {line}"
+        );
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(
+                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                "bad labels: {line}"
+            );
+        }
+        assert!(typed.iter().any(|t| name.starts_with(t.as_str())), "sample before its TYPE: {line}");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        samples.insert(series.to_owned(), value);
+    }
+    samples
+}
+
 /// A `keywarden serve` process, the address it bound and its log lines.
 pub struct Replica {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Where its `/metrics` listens.
+    pub metrics: Option<SocketAddr>,
     pub logs: Arc<Mutex<Vec<String>>>,
 }
 
@@ -422,19 +477,31 @@ impl Replica {
 
 /// Starts the real binary (JSON logs) and waits until it serves.
 pub fn spawn_binary(database_url: &str, data_dir: &std::path::Path, extra: &[(&str, &str)]) -> Replica {
+    let configured = [
+        ("KEYWARDEN_DATABASE_URL", database_url),
+        ("KEYWARDEN_PEPPER", PEPPER),
+        ("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+    spawn_serve(data_dir, &[&configured[..], extra].concat())
+}
+
+/// Starts the binary as the README's first command does: the embedded
+/// database and generated secrets in `data_dir`.
+pub fn spawn_embedded(data_dir: &std::path::Path, extra: &[(&str, &str)]) -> Replica {
+    spawn_serve(data_dir, extra)
+}
+
+fn spawn_serve(data_dir: &std::path::Path, env: &[(&str, &str)]) -> Replica {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keywarden"))
         .arg("serve")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("KEYWARDEN_LISTEN_ADDR", "127.0.0.1:0")
         .env("KEYWARDEN_METRICS_ADDR", "127.0.0.1:0")
-        .env("KEYWARDEN_DATABASE_URL", database_url)
         .env("KEYWARDEN_DATA_DIR", data_dir)
-        .env("KEYWARDEN_PEPPER", PEPPER)
-        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("KEYWARDEN_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
-        .envs(extra.iter().copied())
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -449,14 +516,18 @@ pub fn spawn_binary(database_url: &str, data_dir: &std::path::Path, extra: &[(&s
                 && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                 && let Some(addr) = v["listen"].as_str().and_then(|a| a.parse::<SocketAddr>().ok())
             {
-                let _ = tx.send(addr);
+                // Logged as `Some(127.0.0.1:9464)` or `None`.
+                let metrics = v["metrics"]
+                    .as_str()
+                    .and_then(|m| m.strip_prefix("Some(")?.strip_suffix(')')?.parse::<SocketAddr>().ok());
+                let _ = tx.send((addr, metrics));
             }
             eprintln!("[keywarden] {line}");
             kept.lock().unwrap().push(line);
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("keywarden announced its address");
-    Replica { child, addr, logs }
+    let (addr, metrics) = rx.recv_timeout(Duration::from_secs(30)).expect("keywarden announced its address");
+    Replica { child, addr, metrics, logs }
 }
 
 pub fn sigterm(child: &Child) {
@@ -526,6 +597,19 @@ impl Proxy {
     }
 
     /// `url` with its host and port replaced by the proxy's.
+    /// The server a PostgreSQL URL names (default port 5432), to proxy.
+    pub fn upstream_of(url: &str) -> SocketAddr {
+        let (_, rest) = url.split_once("://").unwrap();
+        let authority = rest.split('/').next().unwrap();
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let with_port = if host_port.ends_with(']') || !host_port.contains(':') {
+            format!("{host_port}:5432")
+        } else {
+            host_port.to_owned()
+        };
+        std::net::ToSocketAddrs::to_socket_addrs(&with_port).unwrap().next().unwrap()
+    }
+
     pub fn url_for(&self, url: &str) -> String {
         let (scheme, rest) = url.split_once("://").unwrap();
         let (authority, path) = rest.split_once('/').unwrap();

@@ -65,22 +65,26 @@ async fn revocation_is_obeyed_on_the_next_call_despite_the_cache(backend: Backen
 
 async fn expiry_is_checked_against_the_clock_while_cached(backend: Backend) {
     let mut app = spawn_app(backend).await;
-    let expires = chrono::Utc::now() + chrono::Duration::milliseconds(1200);
-    let (api_key, key) = app
-        .create_key(pb::CreateKeyRequest {
+    let (api_key, key) = app.key_with_scopes(&["sales:read"]).await;
+    // Identified first (its one scrypt), so what follows is cached work only.
+    assert_eq!(outcome(&app.verify(&key, "", "").await), allowed());
+    let expires = chrono::Utc::now() + chrono::Duration::milliseconds(500);
+    app.admin
+        .update_key(pb::UpdateKeyRequest {
             merchant_id: MERCHANT.into(),
-            name: "soon".into(),
-            scopes: vec!["sales:read".into()],
+            key_id: api_key.id.clone(),
             expires_at: Some(prost_types::Timestamp {
                 seconds: expires.timestamp(),
                 nanos: expires.timestamp_subsec_nanos() as i32,
             }),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["expires_at".into()] }),
             ..Default::default()
         })
-        .await;
-    assert_eq!(outcome(&app.verify(&key, "", "").await), allowed());
+        .await
+        .unwrap();
+    assert_eq!(outcome(&app.verify(&key, "", "").await), allowed(), "not expired yet");
     assert!(app.probes.cache.as_ref().unwrap().state(&api_key.id).is_some());
-    let runs = app.probes.pool.runs();
+    let (runs, reads) = (app.probes.pool.runs(), app.probes.store.reads());
     let verify = app.verify.clone();
     let after_expiry = until("the cached key to expire", || {
         let (mut client, key) = (verify.clone(), key.clone());
@@ -93,14 +97,17 @@ async fn expiry_is_checked_against_the_clock_while_cached(backend: Backend) {
     .await;
     assert!(chrono::Utc::now() >= expires);
     assert_eq!(after_expiry, deny(R::Expired));
-    assert_eq!(app.probes.pool.runs(), runs, "decided from the cached state");
+    assert_eq!(app.probes.pool.runs(), runs, "no scrypt: decided from the cached state");
+    assert_eq!(app.probes.store.reads(), reads, "no read: decided from the cached state");
     app.stop().await;
 }
 
 async fn concurrent_cold_calls_for_one_key_share_one_scrypt(backend: Backend) {
     let mut app = spawn_app(backend).await;
     let (_, key) = app.key_with_scopes(&["sales:read"]).await;
-    let runs = app.probes.pool.runs();
+    let counters = &app.probes.cache.as_ref().unwrap().counters;
+    let misses = || counters.identity_misses.load(std::sync::atomic::Ordering::SeqCst);
+    let (runs, misses_before) = (app.probes.pool.runs(), misses());
     let mut calls = Vec::new();
     for _ in 0..100 {
         let mut client = app.verify.clone();
@@ -113,6 +120,11 @@ async fn concurrent_cold_calls_for_one_key_share_one_scrypt(backend: Backend) {
         assert_eq!(outcome(&call.await.unwrap()), allowed());
     }
     assert_eq!(app.probes.pool.runs() - runs, 1, "100 concurrent cold calls, one scrypt");
+    // Calls that found no identity cached. Run one after another, only the
+    // first would miss; more than one missed, so they overlapped the scrypt
+    // and waited for its answer instead of running their own.
+    let missed = misses() - misses_before;
+    assert!(missed > 1, "only {missed} call missed the cache: the calls did not overlap");
     app.stop().await;
 }
 

@@ -3,7 +3,9 @@
 
 use std::process::Command;
 
-use crate::helpers::{ADMIN_TOKEN, Backend, PEPPER, admin_client, connect, sigterm, spawn_binary};
+use crate::helpers::{
+    ADMIN_TOKEN, Backend, PEPPER, admin_client, connect, eventually, sigterm, spawn_binary, spawn_embedded,
+};
 use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
 
 backend_tests!(
@@ -146,4 +148,51 @@ async fn shutdown_turns_health_not_serving_before_the_server_goes(backend: Backe
     assert_eq!(next.unwrap().unwrap().status, ServingStatus::NotServing as i32);
     drop(watch);
     stopping.await.unwrap();
+}
+
+/// The README's first command keeps key hashes, the audit trail and the
+/// generated secrets from other local users: the data directory is 0700 and
+/// every file in it that holds them 0600, from the first run on; a later run
+/// tightens what was loosened, and names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_data_directory_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let data = parent.path().join("keywarden-data");
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let private = ["keywarden.db", "keywarden.db-wal", "keywarden.db-shm", "pepper", "admin-token"];
+    let assert_private = || {
+        assert_eq!(mode(&data), 0o700, "{}", data.display());
+        for file in private {
+            // The WAL and shared-memory files exist while the server runs.
+            assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+        }
+    };
+
+    let first = spawn_embedded(&data, &[]);
+    assert_private();
+    sigterm(&first.child);
+    assert!(crate::helpers::exited(first.child).await.success());
+
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for file in ["keywarden.db", "pepper"] {
+        std::fs::set_permissions(data.join(file), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let second = spawn_embedded(&data, &[]);
+    assert_private();
+    for loosened in [data.clone(), data.join("keywarden.db"), data.join("pepper")] {
+        let named = loosened.display().to_string();
+        eventually(&format!("a warning naming {named}"), || {
+            second
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("tightened to owner-only") && l.contains(&format!("\"{named}\"")))
+                .then_some(())
+        })
+        .await;
+    }
+    sigterm(&second.child);
+    assert!(crate::helpers::exited(second.child).await.success());
 }

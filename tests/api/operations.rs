@@ -2,11 +2,10 @@
 //! command-line client against a real server, and logs that never carry a
 //! secret.
 
-use std::{collections::HashMap, net::SocketAddr, process::Command};
+use std::process::Command;
 
-use crate::helpers::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, TestApp, spawn_app, spawn_binary};
+use crate::helpers::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, TestApp, sigterm, spawn_app, spawn_binary};
 use keywarden::api::pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 backend_tests!(
     metrics_are_valid_openmetrics_and_count_what_happened,
@@ -14,66 +13,35 @@ backend_tests!(
     logs_name_admin_actions_but_never_a_secret,
 );
 
-async fn scrape(addr: SocketAddr) -> (String, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: keywarden\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.to_owned(), body.to_owned())
-}
-
-/// Parses the text exposition strictly enough to catch malformed output:
-/// every line is a comment of a known kind or `name{labels} value`, and the
-/// document ends with `# EOF`. Returns samples by `name{labels}`.
-fn parse(body: &str) -> HashMap<String, f64> {
-    let body = body.trim_end();
-    assert!(body.ends_with("# EOF"), "OpenMetrics ends with # EOF");
-    let mut samples = HashMap::new();
-    let mut typed = std::collections::HashSet::new();
-    for line in body.lines() {
-        if let Some(comment) = line.strip_prefix("# ") {
-            let kind = comment.split(' ').next().unwrap();
-            assert!(["HELP", "TYPE", "UNIT", "EOF"].contains(&kind), "unexpected comment: {line}");
-            if kind == "TYPE" {
-                typed.insert(comment.split(' ').nth(1).unwrap().to_owned());
-            }
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
-        let name = series.split('{').next().unwrap();
-        assert!(
-            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad metric name: {line}"
-        );
-        if let Some(labels) = series.strip_prefix(name) {
-            assert!(
-                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
-                "bad labels: {line}"
-            );
-        }
-        assert!(typed.iter().any(|t| name.starts_with(t.as_str())), "sample before its TYPE: {line}");
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
-        samples.insert(series.to_owned(), value);
-    }
-    samples
-}
-
 async fn metrics_are_valid_openmetrics_and_count_what_happened(backend: Backend) {
-    let mut app = spawn_app(backend).await;
-    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
-    for _ in 0..3 {
-        app.verify(&key, "", "sales:read").await;
+    // A process of its own: every counter, database errors included, is
+    // this one server's.
+    let dir = tempfile::tempdir().unwrap();
+    let (database_url, postgres) = crate::helpers::fresh_database(&backend, dir.path()).await;
+    let replica = spawn_binary(&database_url, dir.path(), &[]);
+    let channel = crate::helpers::connect(replica.addr).await;
+    let mut admin = crate::helpers::admin_client(channel.clone(), ADMIN_TOKEN);
+    let mut verify = keywarden::api::pb::key_verify_client::KeyVerifyClient::new(channel);
+    let (_, key) = crate::helpers::create_sales_key(&mut admin, "metrics").await;
+    for (key, scope, times) in
+        [(key.as_str(), "sales:read", 3), (key.as_str(), "invoice:read", 2), ("sntr_garbage", "", 1)]
+    {
+        for _ in 0..times {
+            let request =
+                pb::VerifyRequest { key: key.into(), required_scope: scope.into(), ..Default::default() };
+            verify.verify(request).await.unwrap();
+        }
     }
-    for _ in 0..2 {
-        app.verify(&key, "", "invoice:read").await;
-    }
-    app.verify("sntr_garbage", "", "").await;
-    app.settle().await;
-    let (head, body) = scrape(app.metrics_addr.unwrap()).await;
+    let metrics = replica.metrics.expect("metrics are served");
+    let (head, body) = crate::helpers::until("the six audit rows to be written", || async {
+        let (head, body) = crate::helpers::scrape(metrics).await;
+        let written = crate::helpers::parse_metrics(&body).get("keywarden_audit_rows_written_total").copied();
+        (written == Some(6.0)).then_some((head, body))
+    })
+    .await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("application/openmetrics-text"), "{head}");
-    let m = parse(&body);
+    let m = crate::helpers::parse_metrics(&body);
     let get = |series: &str| *m.get(series).unwrap_or_else(|| panic!("{series} missing from:\n{body}"));
     assert_eq!(get(r#"keywarden_verify_decisions_total{decision="ALLOW",reason=""}"#), 3.0);
     assert_eq!(get(r#"keywarden_verify_decisions_total{decision="DENY",reason="INSUFFICIENT_SCOPE"}"#), 2.0);
@@ -91,7 +59,9 @@ async fn metrics_are_valid_openmetrics_and_count_what_happened(backend: Backend)
     assert_eq!(get("keywarden_db_errors_total"), 0.0);
     assert_eq!(get("keywarden_cache_trusted"), 1.0);
     assert!(m.contains_key("keywarden_revocation_propagation_seconds_count"));
-    app.stop().await;
+    sigterm(&replica.child);
+    assert!(crate::helpers::exited(replica.child).await.success());
+    crate::helpers::drop_database(postgres).await;
 }
 
 fn cli(app: &TestApp, args: &[&str]) -> (String, String) {
@@ -244,8 +214,9 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
 /// for the server's delayed ACK. The option is read off the pooled
 /// connection's own socket, found by the client port PostgreSQL reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn postgres_connections_are_opened_with_tcp_nodelay() {
-    let Some(Backend::Postgres(url)) = Backend::postgres() else { return };
+    let Backend::Postgres(url) = Backend::postgres() else { unreachable!("postgres() is PostgreSQL") };
     let store = keywarden::store::Store::connect(&url, &Default::default()).await.unwrap();
     let pool = store.listen_pool().expect("a PostgreSQL store has a pool of its own");
     let mut connection = pool.acquire().await.unwrap();

@@ -180,7 +180,13 @@ async fn verify_denies_revoked_key_on_next_call(backend: Backend) {
 
 async fn verify_denies_expired_key_once_expiry_passes(backend: Backend) {
     let mut app = spawn_app(backend).await;
-    let expires = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    // The key must be created and verified (two scrypt runs) before it
+    // expires: the window is ten times what that took here, just now.
+    let started = std::time::Instant::now();
+    let (_, probe) = app.key_with_scopes(&["sales:read"]).await;
+    assert_eq!(outcome(&app.verify(&probe, "", "sales:read").await), allowed());
+    let window = started.elapsed() * 10;
+    let expires = chrono::Utc::now() + window;
     let (_, key) = app
         .create_key(pb::CreateKeyRequest {
             merchant_id: MERCHANT.into(),
