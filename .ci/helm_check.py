@@ -99,10 +99,48 @@ def check_promises(docs, label, secrets):
     return kinds
 
 
+# What a replica's memory is made of (docs/deployment.md, "Memory"): an
+# idle server, the verification cache, scrypt workers, the audit queue.
+IDLE_MIB = 40            # idle RSS measured 32 MiB, rounded up
+CACHE_MIB_PER_KEY = 0.6 / 1024   # 100k cached keys measured +58 MiB
+SCRYPT_MIB = 32          # N=2^15, r=8: 128 * r * N bytes per hash in progress
+AUDIT_ROW_MIB = 3 / 1024 # bound for one queued row: fields at their validated maxima
+
+
+def mebibytes(quantity):
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * factor
+    raise ValueError(f"unexpected memory quantity {quantity}")
+
+
+def memory_fits(kinds, label):
+    """Whether the replica's memory parts fit 90% of its limit, and why."""
+    config = kinds["ConfigMap"][0]["data"]
+    container = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+    workers = int(config["KEYWARDEN_HASH_WORKERS"])
+    cpu_limit = container["resources"].get("limits", {}).get("cpu")
+    check(workers > 0 or cpu_limit is not None,
+          f"{label}: hashWorkers 0 means one per node CPU, unbounded without a CPU limit")
+    limit = mebibytes(container["resources"]["limits"]["memory"])
+    parts = {
+        "idle": IDLE_MIB,
+        "cache": int(config["KEYWARDEN_CACHE_MAX_KEYS"]) * CACHE_MIB_PER_KEY,
+        "scrypt": max(workers, 1) * SCRYPT_MIB,
+        "audit queue": int(config["KEYWARDEN_AUDIT_QUEUE_CAPACITY"]) * AUDIT_ROW_MIB,
+    }
+    need = sum(parts.values())
+    shown = ", ".join(f"{k} {v:.0f}" for k, v in parts.items())
+    print(f"{label}: memory {need:.0f} MiB of {limit:.0f} MiB ({shown})")
+    return need <= 0.9 * limit, f"{label}: {need:.0f} MiB ({shown}) against 90% of the {limit:.0f} MiB limit"
+
+
 # Default values.
 docs = render(None, "default")
 validate(docs, "default")
 kinds = check_promises(docs, "default", [])
+check(*memory_fits(kinds, "default"))
 check("Secret" in kinds and "HorizontalPodAutoscaler" not in kinds and "ServiceMonitor" not in kinds,
       "default: chart-managed Secret, no HPA, no ServiceMonitor")
 check(kinds["Deployment"][0]["spec"]["replicas"] == 2, "default: 2 replicas")
@@ -118,12 +156,17 @@ production = yaml.safe_load((CHART / "ci" / "production-values.yaml").read_text(
 docs = render(production, "production")
 validate(docs, "production")
 kinds = check_promises(docs, "production", [])
+check(*memory_fits(kinds, "production"))
 check("Secret" not in kinds, "production: existingSecret means no chart-managed Secret")
 check("HorizontalPodAutoscaler" in kinds and "ServiceMonitor" in kinds, "production: HPA and ServiceMonitor rendered")
 check("replicas" not in kinds["Deployment"][0]["spec"], "production: the HPA owns the replica count")
 env = {e["name"] for e in kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]}
 check(kinds["ConfigMap"][0]["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector"), "production: OTLP endpoint configured")
 check("deployment.environment=production" in kinds["ConfigMap"][0]["data"]["OTEL_RESOURCE_ATTRIBUTES"], "production: resource attributes")
+
+# The memory check itself rejects a budget that cannot fit.
+fits, why = memory_fits(by_kind(render({"config": {"cacheMaxKeys": 1_000_000}}, "oversized-cache")), "oversized-cache")
+check(not fits, f"the memory check accepts 1M cached keys in 512 MiB: {why}")
 
 # Bad values fail at install time (values.schema.json).
 for bad, why in [
@@ -132,6 +175,7 @@ for bad, why in [
     ({"config": {"auditOverflow": "sometimes"}}, "auditOverflow is an enum"),
     ({"secrets": {"databaseUrl": "mysql://db"}}, "the database must be PostgreSQL"),
     ({"service": {"grpcPort": 70000}}, "ports are bounded"),
+    ({"config": {"cacheMaxKeys": 0}}, "the cache holds at least one key"),
 ]:
     try:
         Chart.load(CHART).render(bad, name="keywarden", namespace="payments", is_install=True)
