@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Runs the README's grpcurl cookbook, as written, against a real server
-started the way the README's first command starts it (embedded SQLite, first
+"""Runs the grpcurl cookbook (docs/cookbook.md), as written, against a real
+server started the way the README's first command starts it (embedded SQLite, first
 run), using only server reflection. Only the port is swapped for a free one."""
 
 import os
@@ -24,8 +24,8 @@ def free_port():
 
 
 def main():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## grpcurl cookbook", 1)[1].split("\n## ", 1)[0]
+    cookbook = (ROOT / "docs" / "cookbook.md").read_text()
+    section = cookbook.split("## grpcurl", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
     assert len(blocks) >= 8, f"expected the cookbook's shell blocks, found {len(blocks)}"
     port = free_port()
