@@ -19,7 +19,8 @@ backend_tests!(
     a_storm_of_one_wrong_key_costs_one_scrypt,
     unknown_prefixes_never_reach_scrypt,
     a_full_scrypt_queue_answers_resource_exhausted_while_warm_keys_still_verify,
-    warm_verifies_cost_at_most_ten_statements_per_thousand,
+    one_audit_batch_and_one_usage_flush_for_a_thousand_verifies_cost_at_most_ten_statements,
+    at_the_default_settings_warm_verifies_cost_statements_per_window_not_per_call,
     the_negative_cache_stays_bounded,
 );
 
@@ -198,7 +199,9 @@ async fn a_full_scrypt_queue_answers_resource_exhausted_while_warm_keys_still_ve
     app.stop().await;
 }
 
-async fn warm_verifies_cost_at_most_ten_statements_per_thousand(backend: Backend) {
+async fn one_audit_batch_and_one_usage_flush_for_a_thousand_verifies_cost_at_most_ten_statements(
+    backend: Backend,
+) {
     // The 1000 calls' rows must land in one audit batch and their uses in
     // one usage flush, however slowly a loaded CI machine runs them: with
     // time windows (1 s, as this test once had) the count was the number of
@@ -249,6 +252,64 @@ async fn warm_verifies_cost_at_most_ten_statements_per_thousand(backend: Backend
         spent <= 10,
         "{spent} statements for 1000 warm verifies (audit inserts and usage flushes included)"
     );
+}
+
+/// The budget at the shipped settings (50 ms audit linger, 16,000-row
+/// batches, usage flushed each second), with the health monitor pinging the
+/// database every 10 ms: pings are not statements a call costs, so the
+/// counter leaves them out by design. What warm verifies cost is bounded by
+/// the time they take (a batch per linger window, a flush per interval),
+/// not by their number; at saturation that is the benchmark's figure per
+/// 1000 (BENCHMARKS.md).
+async fn at_the_default_settings_warm_verifies_cost_statements_per_window_not_per_call(backend: Backend) {
+    let defaults = keywarden::config::Settings::default();
+    let mut app = spawn_app_with(backend, |s| {
+        s.usage_flush_interval_ms = defaults.usage_flush_interval_ms;
+        s.audit_linger_ms = defaults.audit_linger_ms;
+        s.audit_batch_size = defaults.audit_batch_size;
+        s.health_check_interval_ms = 10;
+    })
+    .await;
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+        app.verify(&key, "", "").await;
+        keys.push(key);
+    }
+    app.settle().await;
+    let store = app.probes.store.clone();
+    let (before, reads_before) = (store.statements(), store.reads());
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let mut client = app.verify.clone();
+        let keys = keys.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..1000 / 64 + usize::from(t < 1000 % 64) {
+                let key = keys[(t + i) % keys.len()].clone();
+                let r = client.verify(pb::VerifyRequest { key, ..Default::default() }).await.unwrap();
+                assert_eq!(r.into_inner().decision, pb::Decision::Allow as i32);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    app.settle().await;
+    let elapsed = started.elapsed().as_millis() as u64;
+    assert_eq!(store.reads() - reads_before, 0, "warm verifies read nothing");
+    let spent = store.statements() - before;
+    // Up to four statements per audit batch (BEGIN, two chunks, COMMIT;
+    // COPY and its outcomes on PostgreSQL) and per usage flush of five keys
+    // (BEGIN, flush id, one UPDATE, COMMIT), in every window the calls and
+    // their writing spanned, plus the windows they straddled at each end.
+    let windows = elapsed / defaults.audit_linger_ms + 2;
+    let flushes = elapsed / defaults.usage_flush_interval_ms + 2;
+    let bound = 4 * windows + 4 * flushes;
+    eprintln!("1000 warm verifies over {elapsed} ms: {spent} statements (bound {bound})");
+    assert!(spent <= bound, "{spent} statements for 1000 warm verifies in {elapsed} ms; at most {bound}");
+    assert!(bound < 1000, "the run took so long ({elapsed} ms) that the bound says nothing");
+    app.stop().await;
 }
 
 async fn the_negative_cache_stays_bounded(backend: Backend) {
