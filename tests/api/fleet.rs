@@ -184,8 +184,9 @@ async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {
 #[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     let fleet = postgres_fleet().await;
-    // Usage reaches the database only through the final flush.
-    let slow = [("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000")];
+    // Usage reaches the database only through the final flush; one scrypt
+    // thread, so that cold calls queue (the gate below).
+    let slow = [("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000"), ("KEYWARDEN_HASH_WORKERS", "1")];
     let (a, b) = (fleet.replica(&fleet.database_url, &slow), fleet.replica(&fleet.database_url, &slow));
     let mut on_a = clients(a.addr).await;
     let (key_id, key) = crate::helpers::create_sales_key(&mut on_a.admin, "shared").await;
@@ -247,15 +248,40 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     }
     let answered = || allowed_calls.load(Ordering::SeqCst) + denied_calls.load(Ordering::SeqCst);
     eventually("both replicas to answer a few hundred calls", || (answered() >= 400).then_some(())).await;
-    // SIGTERM both while the load is still running.
+    // The gate: three cold calls per replica (distinct wrong secrets, one
+    // scrypt each) on its single scrypt thread. Once its scrypt queue is
+    // not empty, calls are provably mid-work on that replica.
+    let mut gated = Vec::new();
+    for replica in [&a, &b] {
+        let client = KeyVerifyClient::new(connect(replica.addr).await);
+        for v in 0..3 {
+            let (mut client, wrong) = (client.clone(), crate::helpers::wrong_secret(&key, v));
+            gated.push(tokio::spawn(async move {
+                client.verify(pb::VerifyRequest { key: wrong, ..Default::default() }).await
+            }));
+        }
+        let metrics = replica.metrics.unwrap();
+        until("a cold call to wait for the replica's scrypt thread", || async move {
+            let scraped = crate::helpers::parse_metrics(&crate::helpers::scrape(metrics).await.1);
+            (scraped["keywarden_scrypt_queue_depth"] >= 1.0).then_some(())
+        })
+        .await;
+    }
+    // SIGTERM both while the load and the gated calls are in flight.
     sigterm_at.store(start.elapsed().as_micros().max(1) as u64, Ordering::SeqCst);
     sigterm(&a.child);
     sigterm(&b.child);
     for task in load {
         task.await.unwrap();
     }
+    // Accepted before SIGTERM, so drained: each is answered, none refused.
+    for call in gated {
+        let answered = call.await.unwrap().expect("a call mid-scrypt at SIGTERM is answered, not dropped");
+        assert_eq!(answered.into_inner().deny_reason, pb::DenyReason::NotFound as i32);
+    }
+    let gated_n = 6;
     let drained = drained.load(Ordering::SeqCst);
-    eprintln!("calls in flight at SIGTERM and answered: {drained}");
+    eprintln!("calls in flight at SIGTERM and answered: {drained} under load, {gated_n} mid-scrypt");
     assert!(drained > 0, "no call was in flight at SIGTERM: the drain went untested");
     stop(a).await;
     stop(b).await;
@@ -266,7 +292,8 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     let url = &fleet.database_url;
     assert_eq!(
         crate::helpers::scalar(url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'").await,
-        allowed_n + denied_n
+        allowed_n + denied_n + gated_n,
+        "one audit row per answered call, none for a refused one"
     );
     assert_eq!(
         crate::helpers::scalar(url, &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'"))

@@ -228,6 +228,13 @@ pub async fn until<T, F: Future<Output = Option<T>>>(what: &str, mut check: impl
     }
 }
 
+/// A well-formed key with `key`'s lookup prefix but another secret: it
+/// costs the server one scrypt, then answers NOT_FOUND.
+pub fn wrong_secret(key: &str, variant: u32) -> String {
+    let body = format!("{}{:0>32}", &key[..16], variant);
+    keywarden::keys::format::checksummed(body)
+}
+
 pub fn admin_client(channel: Channel, token: &str) -> AdminClient {
     let value = format!("Bearer {token}").parse().unwrap();
     KeyAdminClient::with_interceptor(channel, Bearer(value))

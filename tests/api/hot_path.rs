@@ -3,11 +3,11 @@
 //! work is bounded. Counts come from the server's own counters.
 
 use crate::helpers::{
-    Backend, MERCHANT, allowed, deny, eventually, outcome, spawn_app, spawn_app_with, until,
+    Backend, MERCHANT, allowed, deny, eventually, outcome, spawn_app, spawn_app_with, until, wrong_secret,
 };
 use keywarden::{
     api::pb::{self, DenyReason as R},
-    keys::{KeyPrefix, PlainKey, format::checksummed},
+    keys::{KeyPrefix, PlainKey},
 };
 use tonic::Code;
 
@@ -23,12 +23,6 @@ backend_tests!(
     at_the_default_settings_warm_verifies_cost_statements_per_window_not_per_call,
     the_negative_cache_stays_bounded,
 );
-
-/// A well-formed key with `key`'s lookup prefix but another secret.
-fn wrong_secret(key: &str, variant: u32) -> String {
-    let body = format!("{}{:0>32}", &key[..16], variant);
-    checksummed(body)
-}
 
 async fn only_the_first_verify_of_a_key_runs_scrypt(backend: Backend) {
     let mut app = spawn_app(backend).await;
