@@ -70,6 +70,17 @@ async fn verify_span(capture: &Capture, audit_id: &str) -> SpanData {
 async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(backend: Backend) {
     let capture = capture();
     let mut app = spawn_app(backend).await;
+    // tracing caches each callsite's interest process-wide. A callsite first
+    // hit on another test's thread while this test's subscriber was being
+    // registered can keep the interest computed without it, and its spans
+    // never reach this subscriber. So every callsite of a cold and a warm
+    // Verify is registered first, then the cache is rebuilt with this
+    // subscriber in it; nothing is registered concurrently after that.
+    let (_, warm_up) = app.key_with_scopes(&["invoice:write"]).await;
+    for scope in ["invoice:write", "sales:read"] {
+        app.verify(&warm_up, "192.168.1.100", scope).await;
+    }
+    tracing::callsite::rebuild_interest_cache();
     let (_, key) = app.key_with_scopes(&["invoice:write"]).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent_span = "00f067aa0ba902b7";
