@@ -9,19 +9,23 @@ use crate::helpers::{
 use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
 
 backend_tests!(
-    sigterm_flushes_every_usage_count_and_audit_row,
+    sigterm_answers_calls_in_flight_and_flushes_every_usage_count_and_audit_row,
     migrate_command_prepares_the_schema_alone,
     shutdown_turns_health_not_serving_before_the_server_goes,
     an_open_health_watch_does_not_hold_shutdown,
 );
 
-async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
+async fn sigterm_answers_calls_in_flight_and_flushes_every_usage_count_and_audit_row(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let (database_url, postgres) = crate::helpers::fresh_database(&backend, dir.path()).await;
-    // Usage would only reach the database at shutdown: the final flush is what is tested.
-    let replica =
-        spawn_binary(&database_url, dir.path(), &[("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000")]);
-    let (child, addr) = (replica.child, replica.addr);
+    // Usage would only reach the database at shutdown: the final flush is
+    // what is tested. One scrypt thread, so that cold calls queue.
+    let replica = spawn_binary(
+        &database_url,
+        dir.path(),
+        &[("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000"), ("KEYWARDEN_HASH_WORKERS", "1")],
+    );
+    let (child, addr, metrics) = (replica.child, replica.addr, replica.metrics.unwrap());
     let channel = connect(addr).await;
     let mut admin = admin_client(channel.clone(), ADMIN_TOKEN);
     let (key_id, plaintext) = crate::helpers::create_sales_key(&mut admin, "load").await;
@@ -58,14 +62,34 @@ async fn sigterm_flushes_every_usage_count_and_audit_row(backend: Backend) {
         denied += t.await.unwrap();
     }
     let total = (TASKS * PER_TASK) as i64;
+    // The gate: three cold calls (distinct wrong secrets) on the one scrypt
+    // thread; once its queue is not empty they are provably mid-work, and
+    // SIGTERM must let each finish with its answer and its audit row.
+    let mut in_flight = Vec::new();
+    for v in 0..3 {
+        let (mut client, wrong) =
+            (KeyVerifyClient::new(channel.clone()), crate::helpers::wrong_secret(&plaintext, v));
+        in_flight.push(tokio::spawn(async move {
+            client.verify(pb::VerifyRequest { key: wrong, ..Default::default() }).await
+        }));
+    }
+    crate::helpers::until("cold calls to wait for the scrypt thread", || async move {
+        let scraped = crate::helpers::parse_metrics(&crate::helpers::scrape(metrics).await.1);
+        (scraped["keywarden_scrypt_queue_depth"] >= 1.0).then_some(())
+    })
+    .await;
     sigterm(&child);
+    for call in in_flight {
+        let answered = call.await.unwrap().expect("a call mid-scrypt at SIGTERM is answered, not dropped");
+        assert_eq!(answered.into_inner().deny_reason, pb::DenyReason::NotFound as i32);
+    }
     let status = crate::helpers::exited(child).await;
     assert!(status.success(), "exit status {status:?}");
 
     let verify_rows =
         crate::helpers::scalar(&database_url, "SELECT COUNT(*) FROM audit_events WHERE kind = 'VERIFY'")
             .await;
-    assert_eq!(verify_rows, total, "one audit row per Verify");
+    assert_eq!(verify_rows, total + 3, "one audit row per Verify, those in flight at SIGTERM included");
     let requests = crate::helpers::scalar(
         &database_url,
         &format!("SELECT request_count FROM api_keys WHERE id = '{key_id}'"),
