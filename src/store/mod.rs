@@ -34,7 +34,7 @@ use thiserror::Error;
 use migration::Migrator;
 
 /// This binary's migrations against a database's.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SchemaStatus {
     /// This binary's migrations the database lacks.
     pub pending: Vec<String>,
@@ -275,6 +275,8 @@ impl Store {
         }
     }
 
+    /// Reads the status again, under the lock: another replica may have
+    /// migrated since the caller looked.
     async fn migrate_forwards(&self) -> Result<(), StoreError> {
         let status = self.schema_status().await?;
         if !status.unknown.is_empty() {
@@ -295,7 +297,7 @@ impl Store {
             (true, _) => Ok(status),
             (false, true) if migrate => {
                 self.migrate().await?;
-                Ok(SchemaStatus { pending: Vec::new(), unknown: Vec::new() })
+                Ok(SchemaStatus::default())
             }
             (false, true) => Err(StoreError::SchemaBehind(status.pending)),
             (false, false) => Err(StoreError::SchemaGap { pending: status.pending, unknown: status.unknown }),
@@ -313,26 +315,14 @@ impl Store {
     }
 
     /// Versions in `seaql_migrations`, oldest first; none before the first
-    /// migration created the table.
+    /// migration created the table. Read-only: `get_migration_models` alone
+    /// would create the table on a database that has none.
     async fn applied_migrations(&self) -> Result<Vec<String>, StoreError> {
-        let exists = match self.backend {
-            Backend::Sqlite => {
-                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'seaql_migrations'"
-            }
-            Backend::Postgres => "SELECT to_regclass('seaql_migrations') IS NOT NULL",
-        };
-        let row = self.db.query_one_raw(Statement::from_string(self.db_backend(), exists)).await?;
-        if !row.and_then(|r| r.try_get_by_index::<bool>(0).ok()).unwrap_or(false) {
+        let table = Migrator::migration_table_name().to_string();
+        if !sea_orm_migration::SchemaManager::new(&self.db).has_table(table).await? {
             return Ok(Vec::new());
         }
-        let rows = self
-            .db
-            .query_all_raw(Statement::from_string(
-                self.db_backend(),
-                "SELECT version FROM seaql_migrations ORDER BY version",
-            ))
-            .await?;
-        rows.iter().map(|r| r.try_get_by_index::<String>(0).map_err(StoreError::from)).collect()
+        Ok(Migrator::get_migration_models(&self.db).await?.into_iter().map(|m| m.version).collect())
     }
 
     /// A trivial round trip, for health checks. Not counted in
