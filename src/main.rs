@@ -45,7 +45,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let stop = keywarden::startup::shutdown_signal().context("installing the SIGTERM handler")?;
             tracing::info!(
                 listen = %app.local_addr(),
-                metrics = ?app.metrics_addr(),
+                metrics = app.metrics_addr().map(tracing::field::display),
                 version = env!("CARGO_PKG_VERSION"),
                 exporting_spans = telemetry.exporting(),
                 "keywarden serving"

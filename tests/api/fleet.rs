@@ -28,7 +28,7 @@ use tonic_health::pb::{
 
 use crate::helpers::{
     ADMIN_TOKEN, AdminClient, Backend, MERCHANT, Proxy, Replica, admin_client, connect, eventually,
-    fresh_database, sigterm, spawn_app_with, spawn_binary, until,
+    fresh_database, revoke, sigterm, spawn_app_with, spawn_binary, until,
 };
 
 backend_tests!(
@@ -93,17 +93,6 @@ async fn verify(
     client.verify(pb::VerifyRequest { key: key.into(), ..Default::default() }).await.map(|r| r.into_inner())
 }
 
-async fn revoke(admin: &mut AdminClient, key_id: &str) {
-    admin
-        .revoke_key(pb::RevokeKeyRequest {
-            merchant_id: MERCHANT.into(),
-            key_id: key_id.into(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
-}
-
 fn allowed(r: &pb::VerifyResponse) -> bool {
     r.decision == pb::Decision::Allow as i32
 }
@@ -124,8 +113,7 @@ async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {
     let fleet = postgres_fleet().await;
     let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
     let (mut on_a, mut on_b) = (clients(a.addr).await, clients(b.addr).await);
-    let b_metrics =
-        || async { crate::helpers::parse_metrics(&crate::helpers::scrape(b.metrics.unwrap()).await.1) };
+    let b_metrics = || crate::helpers::metrics_of(b.metrics.unwrap());
     const KEYS: usize = 100;
     let mut keys = Vec::new();
     for i in 0..KEYS {
@@ -248,25 +236,10 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     }
     let answered = || allowed_calls.load(Ordering::SeqCst) + denied_calls.load(Ordering::SeqCst);
     eventually("both replicas to answer a few hundred calls", || (answered() >= 400).then_some(())).await;
-    // The gate: three cold calls per replica (distinct wrong secrets, one
-    // scrypt each) on its single scrypt thread. Once its scrypt queue is
-    // not empty, calls are provably mid-work on that replica.
-    let mut gated = Vec::new();
-    for replica in [&a, &b] {
-        let client = KeyVerifyClient::new(connect(replica.addr).await);
-        for v in 0..3 {
-            let (mut client, wrong) = (client.clone(), crate::helpers::wrong_secret(&key, v));
-            gated.push(tokio::spawn(async move {
-                client.verify(pb::VerifyRequest { key: wrong, ..Default::default() }).await
-            }));
-        }
-        let metrics = replica.metrics.unwrap();
-        until("a cold call to wait for the replica's scrypt thread", || async move {
-            let scraped = crate::helpers::parse_metrics(&crate::helpers::scrape(metrics).await.1);
-            (scraped["keywarden_scrypt_queue_depth"] >= 1.0).then_some(())
-        })
-        .await;
-    }
+    // The gate: three calls per replica provably mid-scrypt.
+    let mut gated = crate::helpers::hold_cold_calls(&a, &key, 3).await;
+    gated.extend(crate::helpers::hold_cold_calls(&b, &key, 3).await);
+    let gated_n = gated.len() as i64;
     // SIGTERM both while the load and the gated calls are in flight.
     sigterm_at.store(start.elapsed().as_micros().max(1) as u64, Ordering::SeqCst);
     sigterm(&a.child);
@@ -279,7 +252,6 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
         let answered = call.await.unwrap().expect("a call mid-scrypt at SIGTERM is answered, not dropped");
         assert_eq!(answered.into_inner().deny_reason, pb::DenyReason::NotFound as i32);
     }
-    let gated_n = 6;
     let drained = drained.load(Ordering::SeqCst);
     eprintln!("calls in flight at SIGTERM and answered: {drained} under load, {gated_n} mid-scrypt");
     assert!(drained > 0, "no call was in flight at SIGTERM: the drain went untested");

@@ -467,6 +467,47 @@ pub fn parse_metrics(body: &str) -> std::collections::HashMap<String, f64> {
     samples
 }
 
+/// The samples `/metrics` at `addr` serves now, by `name{labels}`.
+pub async fn metrics_of(addr: SocketAddr) -> std::collections::HashMap<String, f64> {
+    parse_metrics(&scrape(addr).await.1)
+}
+
+/// Calls in flight on a replica run with one scrypt thread: `n` Verifies of
+/// distinct wrong secrets for `key`'s prefix (one scrypt each), returned
+/// once the replica's scrypt queue is not empty, so that they are provably
+/// mid-work. Each answers NOT_FOUND unless the replica drops it.
+pub async fn hold_cold_calls(
+    replica: &Replica,
+    key: &str,
+    n: u32,
+) -> Vec<JoinHandle<Result<tonic::Response<pb::VerifyResponse>, Status>>> {
+    let client = KeyVerifyClient::new(connect(replica.addr).await);
+    let calls = (0..n)
+        .map(|v| {
+            let (mut client, key) = (client.clone(), wrong_secret(key, v));
+            tokio::spawn(async move { client.verify(pb::VerifyRequest { key, ..Default::default() }).await })
+        })
+        .collect();
+    let metrics = replica.metrics.expect("the replica serves metrics");
+    until("cold calls to wait for the replica's scrypt thread", || async move {
+        (metrics_of(metrics).await["keywarden_scrypt_queue_depth"] >= 1.0).then_some(())
+    })
+    .await;
+    calls
+}
+
+/// Revokes `key_id` of the test merchant, with no reason given.
+pub async fn revoke(admin: &mut AdminClient, key_id: &str) {
+    admin
+        .revoke_key(pb::RevokeKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: key_id.into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
 /// A `keywarden serve` process, the address it bound and its log lines.
 pub struct Replica {
     pub child: Child,
@@ -489,16 +530,12 @@ pub fn spawn_binary(database_url: &str, data_dir: &std::path::Path, extra: &[(&s
         ("KEYWARDEN_PEPPER", PEPPER),
         ("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN),
     ];
-    spawn_serve(data_dir, &[&configured[..], extra].concat())
+    spawn_embedded(data_dir, &[&configured[..], extra].concat())
 }
 
 /// Starts the binary as the README's first command does: the embedded
-/// database and generated secrets in `data_dir`.
-pub fn spawn_embedded(data_dir: &std::path::Path, extra: &[(&str, &str)]) -> Replica {
-    spawn_serve(data_dir, extra)
-}
-
-fn spawn_serve(data_dir: &std::path::Path, env: &[(&str, &str)]) -> Replica {
+/// database and generated secrets in `data_dir`, unless `env` says otherwise.
+pub fn spawn_embedded(data_dir: &std::path::Path, env: &[(&str, &str)]) -> Replica {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keywarden"))
         .arg("serve")
         .env_clear()
@@ -523,10 +560,8 @@ fn spawn_serve(data_dir: &std::path::Path, env: &[(&str, &str)]) -> Replica {
                 && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                 && let Some(addr) = v["listen"].as_str().and_then(|a| a.parse::<SocketAddr>().ok())
             {
-                // Logged as `Some(127.0.0.1:9464)` or `None`.
-                let metrics = v["metrics"]
-                    .as_str()
-                    .and_then(|m| m.strip_prefix("Some(")?.strip_suffix(')')?.parse::<SocketAddr>().ok());
+                // Absent when the metrics endpoint is off.
+                let metrics = v["metrics"].as_str().and_then(|m| m.parse::<SocketAddr>().ok());
                 let _ = tx.send((addr, metrics));
             }
             eprintln!("[keywarden] {line}");
@@ -603,7 +638,6 @@ impl Proxy {
         self.cut.send_replace(false);
     }
 
-    /// `url` with its host and port replaced by the proxy's.
     /// The server a PostgreSQL URL names (default port 5432), to proxy.
     pub fn upstream_of(url: &str) -> SocketAddr {
         let (_, rest) = url.split_once("://").unwrap();
@@ -617,6 +651,7 @@ impl Proxy {
         std::net::ToSocketAddrs::to_socket_addrs(&with_port).unwrap().next().unwrap()
     }
 
+    /// `url` with its host and port replaced by the proxy's.
     pub fn url_for(&self, url: &str) -> String {
         let (scheme, rest) = url.split_once("://").unwrap();
         let (authority, path) = rest.split_once('/').unwrap();

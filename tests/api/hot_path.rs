@@ -3,7 +3,8 @@
 //! work is bounded. Counts come from the server's own counters.
 
 use crate::helpers::{
-    Backend, MERCHANT, allowed, deny, eventually, outcome, spawn_app, spawn_app_with, until, wrong_secret,
+    Backend, MERCHANT, TestApp, allowed, deny, eventually, outcome, spawn_app, spawn_app_with, until,
+    wrong_secret,
 };
 use keywarden::{
     api::pb::{self, DenyReason as R},
@@ -43,14 +44,7 @@ async fn revocation_is_obeyed_on_the_next_call_despite_the_cache(backend: Backen
     }
     let cache = app.probes.cache.clone().unwrap();
     assert!(cache.state(&api_key.id).is_some(), "the key's state is cached");
-    app.admin
-        .revoke_key(pb::RevokeKeyRequest {
-            merchant_id: MERCHANT.into(),
-            key_id: api_key.id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    crate::helpers::revoke(&mut app.admin, &api_key.id).await;
     let runs = app.probes.pool.runs();
     assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), deny(R::Revoked));
     assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), deny(R::Revoked));
@@ -208,12 +202,7 @@ async fn one_audit_batch_and_one_usage_flush_for_a_thousand_verifies_cost_at_mos
         s.audit_batch_size = 1005;
     })
     .await;
-    let mut keys = Vec::new();
-    for _ in 0..5 {
-        let (_, key) = app.key_with_scopes(&["sales:read"]).await;
-        app.verify(&key, "", "").await;
-        keys.push(key);
-    }
+    let keys = warm_keys(&mut app, 5).await;
     let store = app.probes.store.clone();
     let (before, reads_before) = (store.statements(), store.reads());
     let mut tasks = Vec::new();
@@ -264,12 +253,7 @@ async fn at_the_default_settings_warm_verifies_cost_statements_per_window_not_pe
         s.health_check_interval_ms = 10;
     })
     .await;
-    let mut keys = Vec::new();
-    for _ in 0..5 {
-        let (_, key) = app.key_with_scopes(&["sales:read"]).await;
-        app.verify(&key, "", "").await;
-        keys.push(key);
-    }
+    let keys = warm_keys(&mut app, 5).await;
     app.settle().await;
     let store = app.probes.store.clone();
     let (before, reads_before) = (store.statements(), store.reads());
@@ -304,6 +288,17 @@ async fn at_the_default_settings_warm_verifies_cost_statements_per_window_not_pe
     assert!(spent <= bound, "{spent} statements for 1000 warm verifies in {elapsed} ms; at most {bound}");
     assert!(bound < 1000, "the run took so long ({elapsed} ms) that the bound says nothing");
     app.stop().await;
+}
+
+/// `n` keys for the test merchant, each verified once (identified and cached).
+async fn warm_keys(app: &mut TestApp, n: usize) -> Vec<String> {
+    let mut keys = Vec::new();
+    for _ in 0..n {
+        let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+        app.verify(&key, "", "").await;
+        keys.push(key);
+    }
+    keys
 }
 
 async fn the_negative_cache_stays_bounded(backend: Backend) {

@@ -25,8 +25,7 @@ async fn sigterm_answers_calls_in_flight_and_flushes_every_usage_count_and_audit
         dir.path(),
         &[("KEYWARDEN_USAGE_FLUSH_INTERVAL_MS", "3600000"), ("KEYWARDEN_HASH_WORKERS", "1")],
     );
-    let (child, addr, metrics) = (replica.child, replica.addr, replica.metrics.unwrap());
-    let channel = connect(addr).await;
+    let channel = connect(replica.addr).await;
     let mut admin = admin_client(channel.clone(), ADMIN_TOKEN);
     let (key_id, plaintext) = crate::helpers::create_sales_key(&mut admin, "load").await;
 
@@ -62,22 +61,10 @@ async fn sigterm_answers_calls_in_flight_and_flushes_every_usage_count_and_audit
         denied += t.await.unwrap();
     }
     let total = (TASKS * PER_TASK) as i64;
-    // The gate: three cold calls (distinct wrong secrets) on the one scrypt
-    // thread; once its queue is not empty they are provably mid-work, and
-    // SIGTERM must let each finish with its answer and its audit row.
-    let mut in_flight = Vec::new();
-    for v in 0..3 {
-        let (mut client, wrong) =
-            (KeyVerifyClient::new(channel.clone()), crate::helpers::wrong_secret(&plaintext, v));
-        in_flight.push(tokio::spawn(async move {
-            client.verify(pb::VerifyRequest { key: wrong, ..Default::default() }).await
-        }));
-    }
-    crate::helpers::until("cold calls to wait for the scrypt thread", || async move {
-        let scraped = crate::helpers::parse_metrics(&crate::helpers::scrape(metrics).await.1);
-        (scraped["keywarden_scrypt_queue_depth"] >= 1.0).then_some(())
-    })
-    .await;
+    // The gate: three calls provably mid-scrypt when SIGTERM lands, which
+    // must each finish with its answer and its audit row.
+    let in_flight = crate::helpers::hold_cold_calls(&replica, &plaintext, 3).await;
+    let child = replica.child;
     sigterm(&child);
     for call in in_flight {
         let answered = call.await.unwrap().expect("a call mid-scrypt at SIGTERM is answered, not dropped");

@@ -46,14 +46,7 @@ async fn a_schema_migrated_by_the_next_release_is_served_and_never_migrated_back
         .unwrap()
         .into_inner();
     assert_eq!(listed.api_keys.len(), 1);
-    app.admin
-        .revoke_key(pb::RevokeKeyRequest {
-            merchant_id: MERCHANT.into(),
-            key_id: key.id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    crate::helpers::revoke(&mut app.admin, &key.id).await;
     assert_eq!(outcome(&app.verify(&plaintext, "", "sales:read").await), deny(pb::DenyReason::Revoked));
 
     // This release's migrate refuses to touch the newer schema, and says why.
