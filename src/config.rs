@@ -317,7 +317,7 @@ impl Secrets {
         let pepper = match &settings.pepper {
             Some(p) => p.clone(),
             None if settings.is_embedded() => {
-                bootstrap(&settings.data_dir, "pepper", "KEYWARDEN_PEPPER", 32)?
+                bootstrap(&settings.data_dir, PEPPER_FILE, "KEYWARDEN_PEPPER", 32)?
             }
             None => {
                 return Err(ConfigError::Invalid(
@@ -346,7 +346,7 @@ impl Secrets {
                         .into(),
                 ));
             }
-            let token = bootstrap(&settings.data_dir, "admin-token", "KEYWARDEN_ADMIN_TOKEN", 32)?;
+            let token = bootstrap(&settings.data_dir, ADMIN_TOKEN_FILE, "KEYWARDEN_ADMIN_TOKEN", 32)?;
             admin_tokens.push(("admin".into(), token));
         }
         for (name, token) in &admin_tokens {
@@ -370,11 +370,14 @@ impl Secrets {
 
 /// The embedded database's file name in the data directory.
 pub const DATABASE_FILE: &str = "keywarden.db";
+/// Where an embedded run keeps the pepper and the admin token it generated.
+const PEPPER_FILE: &str = "pepper";
+const ADMIN_TOKEN_FILE: &str = "admin-token";
 
 /// Files of the data directory that hold key hashes, the audit trail or
 /// secrets.
 const PRIVATE_FILES: [&str; 5] =
-    [DATABASE_FILE, "keywarden.db-wal", "keywarden.db-shm", "pepper", "admin-token"];
+    [DATABASE_FILE, "keywarden.db-wal", "keywarden.db-shm", PEPPER_FILE, ADMIN_TOKEN_FILE];
 
 /// Makes the data directory private to this user, on every start: `dir` is
 /// created 0700 (with any missing parents) or, if it exists with wider
@@ -465,7 +468,7 @@ fn bootstrap(dir: &Path, file: &str, variable: &str, len: usize) -> Result<Secre
         "\n*** keywarden: no {variable} configured: generated one into {} (mode 0600).\n\
          *** Keep it: {}\n",
         path.display(),
-        if file == "pepper" {
+        if file == PEPPER_FILE {
             "keys hashed with this pepper only verify with it."
         } else {
             "send it as `authorization: Bearer <token>` on KeyAdmin calls."
@@ -486,7 +489,7 @@ mod tests {
         let second = Secrets::resolve(&settings).unwrap();
         assert_eq!(first.admin_tokens[0].1.expose_secret(), second.admin_tokens[0].1.expose_secret());
         #[cfg(unix)]
-        for file in ["pepper", "admin-token"] {
+        for file in [PEPPER_FILE, ADMIN_TOKEN_FILE] {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{file}");
