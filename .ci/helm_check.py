@@ -101,8 +101,8 @@ def check_promises(docs, label, secrets):
 
 # What a replica's memory is made of (docs/deployment.md, "Memory"): an
 # idle server, the verification cache, scrypt workers, the audit queue.
-IDLE_MIB = 40            # idle RSS measured 32 MiB, rounded up
-CACHE_MIB_PER_KEY = 0.6 / 1024   # 100k cached keys measured +58 MiB
+IDLE_MIB = 40            # idle RSS (BENCHMARKS.md), rounded up
+CACHE_MIB_PER_KEY = 0.6 / 1024   # 100k cached keys (BENCHMARKS.md), rounded up
 SCRYPT_MIB = 32          # N=2^15, r=8: 128 * r * N bytes per hash in progress
 AUDIT_ROW_MIB = 3 / 1024 # bound for one queued row: fields at their validated maxima
 
