@@ -640,15 +640,9 @@ impl Proxy {
 
     /// The server a PostgreSQL URL names (default port 5432), to proxy.
     pub fn upstream_of(url: &str) -> SocketAddr {
-        let (_, rest) = url.split_once("://").unwrap();
-        let authority = rest.split('/').next().unwrap();
-        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        let with_port = if host_port.ends_with(']') || !host_port.contains(':') {
-            format!("{host_port}:5432")
-        } else {
-            host_port.to_owned()
-        };
-        std::net::ToSocketAddrs::to_socket_addrs(&with_port).unwrap().next().unwrap()
+        let options: sea_orm::sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
+        let upstream = (options.get_host(), options.get_port());
+        std::net::ToSocketAddrs::to_socket_addrs(&upstream).unwrap().next().unwrap()
     }
 
     /// `url` with its host and port replaced by the proxy's.
