@@ -26,8 +26,32 @@ use thiserror::Error;
 use crate::keys::{
     KeyHasher, KeyPrefix,
     hash::PepperError,
+    operator::{OPERATOR_PREFIX, OperatorRole},
     scope::{CatalogueError, PresetDef, ScopeCatalogue, ScopeDef},
 };
+
+/// Where the TLS material is and how often it is re-read.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// When set, clients must present a certificate chaining to it (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+    pub reload_interval: Duration,
+}
+
+/// Under mTLS: a client identity that authenticates as an operator by its
+/// certificate alone.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityGrant {
+    /// The certificate's URI SAN, else its first DNS SAN.
+    pub identity: String,
+    pub role: OperatorRole,
+    /// Empty: every merchant (required for `admin`).
+    #[serde(default)]
+    pub merchant_ids: Vec<String>,
+}
 
 /// What Verify does when the audit queue is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -84,8 +108,29 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct Settings {
-    /// gRPC listen address.
+    /// gRPC listen address: KeyVerify, health, reflection (and KeyAdmin
+    /// unless `admin_listen_addr` is set).
     pub listen_addr: SocketAddr,
+    /// When set, KeyAdmin is served only here.
+    pub admin_listen_addr: Option<SocketAddr>,
+    /// Optional plaintext listener serving only grpc.health.v1.Health.
+    pub health_listen_addr: Option<SocketAddr>,
+    /// PEM certificate chain and key; when set, every gRPC listener but the
+    /// health one serves TLS 1.2/1.3.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA bundle; when set, clients need a certificate chaining to it.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// How often the TLS files are checked for changes.
+    pub tls_reload_interval_ms: u64,
+    /// Identities allowed to call KeyVerify under mTLS; empty: any
+    /// certificate from the client CA. A comma-separated string or a list.
+    #[serde(deserialize_with = "comma_list")]
+    pub verify_callers: Vec<String>,
+    /// Serve plaintext gRPC on a non-loopback address (logs a warning).
+    pub allow_plaintext: bool,
+    /// Under mTLS: client identities that act as operators.
+    pub operator_identities: Vec<IdentityGrant>,
     /// Prometheus `/metrics` address.
     pub metrics_addr: SocketAddr,
     pub metrics_enabled: bool,
@@ -147,6 +192,15 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen_addr: None,
+            health_listen_addr: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            tls_reload_interval_ms: 5_000,
+            verify_callers: Vec::new(),
+            allow_plaintext: false,
+            operator_identities: Vec::new(),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
             metrics_enabled: true,
             data_dir: PathBuf::from("keywarden-data"),
@@ -283,7 +337,77 @@ impl Settings {
     }
 
     pub fn key_prefix(&self) -> Result<KeyPrefix, ConfigError> {
+        if self.key_prefix == OPERATOR_PREFIX {
+            return Err(ConfigError::Invalid(format!(
+                "key_prefix {OPERATOR_PREFIX:?} is reserved for operator tokens"
+            )));
+        }
         KeyPrefix::new(&self.key_prefix).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// The TLS settings, if TLS is configured, checked for consistency.
+    pub fn tls(&self) -> Result<Option<TlsSettings>, ConfigError> {
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsSettings {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                client_ca_file: self.tls_client_ca_file.clone(),
+                reload_interval: Duration::from_millis(self.tls_reload_interval_ms.max(100)),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "KEYWARDEN_TLS_CERT_FILE and KEYWARDEN_TLS_KEY_FILE go together: set both or neither"
+                        .into(),
+                ));
+            }
+        };
+        let mtls = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        if self.tls_client_ca_file.is_some() && tls.is_none() {
+            return Err(ConfigError::Invalid(
+                "KEYWARDEN_TLS_CLIENT_CA_FILE needs KEYWARDEN_TLS_CERT_FILE and KEYWARDEN_TLS_KEY_FILE"
+                    .into(),
+            ));
+        }
+        if !mtls && !self.verify_callers.is_empty() {
+            return Err(ConfigError::Invalid(
+                "KEYWARDEN_VERIFY_CALLERS needs mTLS (KEYWARDEN_TLS_CLIENT_CA_FILE): callers are certificate identities"
+                    .into(),
+            ));
+        }
+        if !mtls && !self.operator_identities.is_empty() {
+            return Err(ConfigError::Invalid(
+                "operator_identities needs mTLS (KEYWARDEN_TLS_CLIENT_CA_FILE): they are certificate identities".into(),
+            ));
+        }
+        for grant in &self.operator_identities {
+            if grant.identity.is_empty() {
+                return Err(ConfigError::Invalid("operator_identities: identity is required".into()));
+            }
+            if grant.role == OperatorRole::Admin && !grant.merchant_ids.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "operator_identities: {:?} is admin, which cannot be limited to merchants",
+                    grant.identity
+                )));
+            }
+        }
+        if tls.is_none() && !self.allow_plaintext {
+            let exposed: Vec<String> = [Some(self.listen_addr), self.admin_listen_addr]
+                .into_iter()
+                .flatten()
+                .filter(|a| !a.ip().is_loopback())
+                .map(|a| a.to_string())
+                .collect();
+            if !exposed.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "refusing to serve keys and admin tokens in plaintext on {}: configure \
+                     KEYWARDEN_TLS_CERT_FILE and KEYWARDEN_TLS_KEY_FILE, or set KEYWARDEN_ALLOW_PLAINTEXT=true \
+                     (e.g. behind a mesh sidecar that terminates mTLS)",
+                    exposed.join(", ")
+                )));
+            }
+        }
+        Ok(tls)
     }
 
     pub fn catalogue(&self) -> Result<ScopeCatalogue, ConfigError> {
@@ -298,6 +422,21 @@ impl Settings {
         };
         Ok(ScopeCatalogue::new(scopes, presets)?)
     }
+}
+
+/// Accepts `"a,b"` (an environment variable) or `["a", "b"]` (TOML).
+fn comma_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s.split(',').map(str::to_owned).collect(),
+        OneOrMany::Many(v) => v,
+    };
+    Ok(items.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
 }
 
 /// Shortest admin token accepted: anything shorter is guessable.
@@ -513,6 +652,46 @@ mod tests {
             ..Settings::default()
         };
         assert!(Secrets::resolve(&settings).is_err());
+    }
+
+    #[test]
+    fn transport_settings_are_checked_together() {
+        let tls = |cert: bool, key: bool, ca: bool| Settings {
+            tls_cert_file: cert.then(|| "c.pem".into()),
+            tls_key_file: key.then(|| "k.pem".into()),
+            tls_client_ca_file: ca.then(|| "ca.pem".into()),
+            ..Settings::default()
+        };
+        assert!(tls(true, true, true).tls().unwrap().is_some());
+        assert!(tls(false, false, false).tls().unwrap().is_none());
+        for (c, k, ca) in [(true, false, false), (false, true, false), (false, false, true)] {
+            assert!(tls(c, k, ca).tls().is_err(), "{c} {k} {ca}");
+        }
+        let callers_without_mtls =
+            Settings { verify_callers: vec!["spiffe://x".into()], ..tls(true, true, false) };
+        assert!(callers_without_mtls.tls().unwrap_err().to_string().contains("KEYWARDEN_VERIFY_CALLERS"));
+    }
+
+    #[test]
+    fn plaintext_beyond_loopback_must_be_asked_for() {
+        let open = Settings { listen_addr: "0.0.0.0:50051".parse().unwrap(), ..Settings::default() };
+        assert!(open.tls().unwrap_err().to_string().contains("KEYWARDEN_ALLOW_PLAINTEXT"));
+        assert!(Settings { allow_plaintext: true, ..open }.tls().is_ok());
+        let admin_open =
+            Settings { admin_listen_addr: Some("10.0.0.1:50052".parse().unwrap()), ..Settings::default() };
+        assert!(admin_open.tls().is_err());
+    }
+
+    #[test]
+    fn verify_callers_come_as_a_comma_separated_string_or_a_list() {
+        for value in [
+            serde_json::json!("spiffe://a/x, dns.example ,"),
+            serde_json::json!(["spiffe://a/x", "dns.example"]),
+        ] {
+            let settings: Settings =
+                serde_json::from_value(serde_json::json!({ "verify_callers": value })).unwrap();
+            assert_eq!(settings.verify_callers, ["spiffe://a/x", "dns.example"]);
+        }
     }
 
     #[test]

@@ -33,6 +33,15 @@ pub struct Metrics {
     pub verify_duration: Histogram,
     pub propagation_lag: Histogram,
     pub listener_reconnects: Counter,
+    /// TLS material re-read and served to new connections.
+    pub tls_reloads: Counter,
+    /// Changed TLS files that did not load; the previous material stays.
+    pub tls_reload_failures: Counter,
+    pub tls_handshake_failures: Counter,
+    /// KeyAdmin calls refused: no or bad credentials, or outside the
+    /// caller's role or merchants.
+    pub admin_unauthenticated: Counter,
+    pub admin_permission_denied: Counter,
 }
 
 impl Default for Metrics {
@@ -53,6 +62,11 @@ impl Default for Metrics {
             // 0.5 ms to ~8 s.
             propagation_lag: Histogram::new(exponential_buckets(0.000_5, 2.0, 15)),
             listener_reconnects: Counter::default(),
+            tls_reloads: Counter::default(),
+            tls_reload_failures: Counter::default(),
+            tls_handshake_failures: Counter::default(),
+            admin_unauthenticated: Counter::default(),
+            admin_permission_denied: Counter::default(),
         }
     }
 }

@@ -1,67 +1,126 @@
-//! Admin authentication: `authorization: Bearer <token>` against the
-//! configured tokens. Tokens are compared as SHA-256 digests in constant
-//! time, and the matching token's name becomes the request's [`Actor`].
+//! KeyAdmin authentication, as a tower layer around the KeyAdmin service:
+//! every call's credentials (a bearer token, else the mTLS client identity)
+//! become a [`Principal`] in the request extensions before any handler
+//! runs, or the call ends UNAUTHENTICATED. What the principal may do is the
+//! service's decision ([`crate::service::access::Access::authorize`]).
 
-use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
-use tonic::{Request, Status, service::Interceptor};
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
-use crate::service::admin::Actor;
+use tonic::{Status, body::Body, codegen::http, server::NamedService};
+use tower::{Layer, Service};
 
-#[derive(Clone)]
-pub struct AdminAuth {
-    tokens: std::sync::Arc<Vec<(String, [u8; 32])>>,
+use super::peer::PeerInfo;
+use crate::{
+    keys::operator::AdminAction,
+    service::access::{Access, Credentials, Peer, Principal},
+};
+
+/// Authenticates every KeyAdmin call.
+#[derive(Debug, Clone)]
+pub struct AdminAuthLayer {
+    access: Arc<Access>,
 }
 
-impl std::fmt::Debug for AdminAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = self.tokens.iter().map(|(n, _)| n.as_str()).collect();
-        f.debug_struct("AdminAuth").field("token_names", &names).finish()
+impl AdminAuthLayer {
+    pub fn new(access: Arc<Access>) -> Self {
+        Self { access }
     }
 }
 
-fn digest(token: &[u8]) -> [u8; 32] {
-    Sha256::digest(token).into()
+impl<S> Layer<S> for AdminAuthLayer {
+    type Service = AdminAuth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AdminAuth { inner, access: Arc::clone(&self.access) }
+    }
 }
 
-impl AdminAuth {
-    pub fn new(tokens: &[(String, SecretString)]) -> Self {
-        let tokens =
-            tokens.iter().map(|(name, t)| (name.clone(), digest(t.expose_secret().as_bytes()))).collect();
-        Self { tokens: std::sync::Arc::new(tokens) }
+#[derive(Debug, Clone)]
+pub struct AdminAuth<S> {
+    inner: S,
+    access: Arc<Access>,
+}
+
+impl<S: NamedService> NamedService for AdminAuth<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// The KeyAdmin RPC a path names.
+fn action_of(path: &str) -> Option<AdminAction> {
+    let method = path.strip_prefix("/keywarden.v1.KeyAdmin/")?;
+    AdminAction::ALL.into_iter().find(|a| a.rpc() == method)
+}
+
+/// The token of an `authorization` header; `Err` for a header that is not
+/// `Bearer <token>`.
+fn bearer(value: &[u8]) -> Result<&[u8], Status> {
+    value
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
+        .and_then(|_| value.get(7..))
+        .map(<[u8]>::trim_ascii)
+        .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <operator token>`"))
+}
+
+impl<S> Service<http::Request<Body>> for AdminAuth<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
     }
 
-    /// The name of the token presented, if it is one of ours.
-    fn authenticate(&self, presented: &[u8]) -> Option<&str> {
-        let presented = digest(presented);
-        let mut found = None;
-        // Every configured token is compared, match or not.
-        for (name, expected) in self.tokens.iter() {
-            if bool::from(presented.ct_eq(expected)) && found.is_none() {
-                found = Some(name.as_str());
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        // The clone that was made ready is the one that serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let access = Arc::clone(&self.access);
+        Box::pin(async move {
+            // Unknown methods fall through to the service's UNIMPLEMENTED.
+            let Some(action) = action_of(request.uri().path()) else {
+                return inner.call(request).await;
+            };
+            let info = request.extensions().get::<PeerInfo>().cloned().unwrap_or_default();
+            let peer = Peer {
+                identity: info.identity.as_deref().map(str::to_owned),
+                ip: info.addr.map(|a| a.ip().to_string()),
+            };
+            let principal: Result<Principal, Status> = {
+                let header = request.headers().get(http::header::AUTHORIZATION).map(|v| bearer(v.as_bytes()));
+                match header {
+                    Some(Err(status)) => Err(status),
+                    Some(Ok(token)) => access
+                        .authenticate(Credentials { bearer: Some(token), peer }, action)
+                        .await
+                        .map_err(Status::from),
+                    None => access
+                        .authenticate(Credentials { bearer: None, peer }, action)
+                        .await
+                        .map_err(Status::from),
+                }
+            };
+            match principal {
+                Ok(principal) => {
+                    request.extensions_mut().insert(principal);
+                    inner.call(request).await
+                }
+                Err(status) => Ok(status.into_http()),
             }
-        }
-        found
-    }
-}
-
-impl Interceptor for AdminAuth {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <admin token>`"))?;
-        let value = header.as_bytes();
-        let token = value
-            .get(..7)
-            .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
-            .map(|_| value[7..].trim_ascii())
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <admin token>`"))?;
-        let actor = self.authenticate(token).ok_or_else(|| Status::unauthenticated("invalid admin token"))?;
-        let actor = Actor(actor.to_owned());
-        request.extensions_mut().insert(actor);
-        Ok(request)
+        })
     }
 }
 
@@ -69,40 +128,21 @@ impl Interceptor for AdminAuth {
 mod tests {
     use super::*;
 
-    fn auth() -> AdminAuth {
-        AdminAuth::new(&[
-            ("admin".into(), SecretString::from("first-token-0123456789")),
-            ("portal".into(), SecretString::from("second-token-0123456789")),
-        ])
-    }
-
-    fn call(header: Option<&str>) -> Result<Actor, Status> {
-        let mut request = Request::new(());
-        if let Some(h) = header {
-            request.metadata_mut().insert("authorization", h.parse().unwrap());
-        }
-        auth().call(request).map(|r| r.extensions().get::<Actor>().cloned().unwrap())
-    }
-
     #[test]
-    fn tokens_authenticate_as_their_names() {
-        assert_eq!(call(Some("Bearer first-token-0123456789")).unwrap(), Actor("admin".into()));
-        assert_eq!(call(Some("bearer second-token-0123456789")).unwrap(), Actor("portal".into()));
-    }
-
-    #[test]
-    fn missing_malformed_and_wrong_tokens_are_unauthenticated() {
-        for header in [None, Some("first-token-0123456789"), Some("Bearer nope"), Some("Basic Zm9vOmJhcg==")]
-        {
-            let status = call(header).unwrap_err();
-            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{header:?}");
-            assert!(!status.message().contains("first-token"));
+    fn bearer_tokens_are_read_case_insensitively_and_trimmed() {
+        assert_eq!(bearer(b"Bearer kwop_x ").unwrap(), b"kwop_x");
+        assert_eq!(bearer(b"bearer abc").unwrap(), b"abc");
+        for bad in [&b"Basic Zm9vOmJhcg=="[..], b"kwop_x", b"Bear"] {
+            assert_eq!(bearer(bad).unwrap_err().code(), tonic::Code::Unauthenticated);
         }
     }
 
     #[test]
-    fn debug_shows_names_only() {
-        let shown = format!("{:?}", auth());
-        assert!(shown.contains("portal") && !shown.contains("token-0123"));
+    fn every_admin_rpc_has_a_path() {
+        for action in AdminAction::ALL {
+            assert_eq!(action_of(&format!("/keywarden.v1.KeyAdmin/{}", action.rpc())), Some(action));
+        }
+        assert_eq!(action_of("/keywarden.v1.KeyVerify/Verify"), None);
+        assert_eq!(action_of("/keywarden.v1.KeyAdmin/Nope"), None);
     }
 }

@@ -5,8 +5,9 @@ use chrono::{DateTime, Utc};
 use super::pb;
 use crate::{
     audit::{AuditKind, AuditRecord},
-    keys::{Decision, DenyReason, KeyStatus},
+    keys::{Decision, DenyReason, KeyStatus, operator::OperatorRole},
     service::{ServiceError, admin::KeyView, verify::Verdict},
+    store::operators::StoredOperator,
 };
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -83,6 +84,28 @@ fn kind(k: AuditKind) -> pb::AuditEventKind {
         AuditKind::KeyUpdated => pb::AuditEventKind::KeyUpdated,
         AuditKind::KeyRevoked => pb::AuditEventKind::KeyRevoked,
         AuditKind::KeyRegenerated => pb::AuditEventKind::KeyRegenerated,
+        AuditKind::AccessDenied => pb::AuditEventKind::AccessDenied,
+        AuditKind::AuthenticationFailed => pb::AuditEventKind::AuthenticationFailed,
+        AuditKind::OperatorTokenCreated => pb::AuditEventKind::OperatorTokenCreated,
+        AuditKind::OperatorTokenRevoked => pb::AuditEventKind::OperatorTokenRevoked,
+    }
+}
+
+pub fn operator_token(t: StoredOperator) -> pb::OperatorToken {
+    let role = match t.role {
+        OperatorRole::Admin => pb::OperatorRole::Admin,
+        OperatorRole::KeyManager => pb::OperatorRole::KeyManager,
+        OperatorRole::Auditor => pb::OperatorRole::Auditor,
+    };
+    pb::OperatorToken {
+        id: t.id,
+        name: t.name,
+        role: role.into(),
+        merchant_ids: t.merchant_ids,
+        created_by: t.created_by,
+        created_at: Some(timestamp(t.created_at)),
+        expires_at: t.expires_at.map(timestamp),
+        revoked_at: t.revoked_at.map(timestamp),
     }
 }
 

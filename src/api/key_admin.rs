@@ -1,5 +1,6 @@
-//! KeyAdmin handlers. The admin interceptor has already authenticated the
-//! caller and left its [`Actor`] in the request extensions.
+//! KeyAdmin handlers. The admin layer ([`super::auth`]) has already
+//! authenticated the caller and left its [`Principal`] in the request
+//! extensions; the service decides what it may do.
 
 use std::sync::Arc;
 
@@ -10,30 +11,47 @@ use super::{
     pb::{self, key_admin_server::KeyAdmin},
     trace::{adopt_parent, traced},
 };
-use crate::service::admin::{Actor, AuditFilter, CreateKey, KeyManager, UpdateKey};
+use crate::{
+    keys::operator::OperatorRole,
+    service::{
+        access::Principal,
+        admin::{AuditFilter, CreateKey, KeyManager, UpdateKey},
+        operators::{NewOperator, OperatorTokens},
+    },
+};
 
 #[derive(Debug, Clone)]
 pub struct KeyAdminService {
     manager: Arc<KeyManager>,
+    operators: Arc<OperatorTokens>,
 }
 
 impl KeyAdminService {
-    pub fn new(manager: Arc<KeyManager>) -> Self {
-        Self { manager }
+    pub fn new(manager: Arc<KeyManager>, operators: Arc<OperatorTokens>) -> Self {
+        Self { manager, operators }
     }
 }
 
 /// The caller and a span for this admin call, joined to the caller's trace.
-fn admin_call<T>(request: &Request<T>, rpc: &'static str) -> Result<(Actor, tracing::Span), Status> {
-    let actor = request
+fn admin_call<T>(request: &Request<T>, rpc: &'static str) -> Result<(Principal, tracing::Span), Status> {
+    let who = request
         .extensions()
-        .get::<Actor>()
+        .get::<Principal>()
         .cloned()
         .ok_or_else(|| Status::unauthenticated("missing admin credentials"))?;
     let span =
-        tracing::trace_span!("keywarden.admin", otel.name = rpc, otel.kind = "server", actor = %actor.0);
+        tracing::trace_span!("keywarden.admin", otel.name = rpc, otel.kind = "server", actor = %who.actor);
     adopt_parent(&span, request);
-    Ok((actor, span))
+    Ok((who, span))
+}
+
+fn role_in(role: i32) -> Option<OperatorRole> {
+    match pb::OperatorRole::try_from(role).ok()? {
+        pb::OperatorRole::Unspecified => None,
+        pb::OperatorRole::Admin => Some(OperatorRole::Admin),
+        pb::OperatorRole::KeyManager => Some(OperatorRole::KeyManager),
+        pb::OperatorRole::Auditor => Some(OperatorRole::Auditor),
+    }
 }
 
 #[tonic::async_trait]
@@ -42,7 +60,7 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let (actor, span) = admin_call(&request, "keywarden.admin.CreateKey")?;
+        let (who, span) = admin_call(&request, "keywarden.admin.CreateKey")?;
         let r = request.into_inner();
         let input = CreateKey {
             expires_at: timestamp_in("expires_at", r.expires_at)?,
@@ -52,7 +70,7 @@ impl KeyAdmin for KeyAdminService {
             preset: r.preset,
             allowed_cidrs: r.allowed_cidrs,
         };
-        let issued = traced(&span, self.manager.create(&actor, input)).await?;
+        let issued = traced(&span, self.manager.create(&who, input)).await?;
         Ok(Response::new(pb::CreateKeyResponse {
             plaintext_key: issued.plaintext.expose().to_owned(),
             api_key: Some(convert::api_key(issued.key)),
@@ -63,9 +81,9 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::GetKeyResponse>, Status> {
-        let (_, span) = admin_call(&request, "keywarden.admin.GetKey")?;
+        let (who, span) = admin_call(&request, "keywarden.admin.GetKey")?;
         let r = request.into_inner();
-        let key = traced(&span, self.manager.get(&r.merchant_id, &r.key_id)).await?;
+        let key = traced(&span, self.manager.get(&who, &r.merchant_id, &r.key_id)).await?;
         Ok(Response::new(pb::GetKeyResponse { api_key: Some(convert::api_key(key)) }))
     }
 
@@ -73,11 +91,13 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let (_, span) = admin_call(&request, "keywarden.admin.ListKeys")?;
+        let (who, span) = admin_call(&request, "keywarden.admin.ListKeys")?;
         let r = request.into_inner();
-        let page =
-            traced(&span, self.manager.list(&r.merchant_id, r.page_size, &r.page_token, r.include_revoked))
-                .await?;
+        let page = traced(
+            &span,
+            self.manager.list(&who, &r.merchant_id, r.page_size, &r.page_token, r.include_revoked),
+        )
+        .await?;
         Ok(Response::new(pb::ListKeysResponse {
             api_keys: page.items.into_iter().map(convert::api_key).collect(),
             next_page_token: page.next_page_token,
@@ -88,7 +108,7 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::UpdateKeyResponse>, Status> {
-        let (actor, span) = admin_call(&request, "keywarden.admin.UpdateKey")?;
+        let (who, span) = admin_call(&request, "keywarden.admin.UpdateKey")?;
         let r = request.into_inner();
         let input = UpdateKey {
             expires_at: timestamp_in("expires_at", r.expires_at)?,
@@ -99,7 +119,7 @@ impl KeyAdmin for KeyAdminService {
             scopes: r.scopes,
             allowed_cidrs: r.allowed_cidrs,
         };
-        let key = traced(&span, self.manager.update(&actor, input)).await?;
+        let key = traced(&span, self.manager.update(&who, input)).await?;
         Ok(Response::new(pb::UpdateKeyResponse { api_key: Some(convert::api_key(key)) }))
     }
 
@@ -107,9 +127,9 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
-        let (actor, span) = admin_call(&request, "keywarden.admin.RevokeKey")?;
+        let (who, span) = admin_call(&request, "keywarden.admin.RevokeKey")?;
         let r = request.into_inner();
-        let key = traced(&span, self.manager.revoke(&actor, &r.merchant_id, &r.key_id, &r.reason)).await?;
+        let key = traced(&span, self.manager.revoke(&who, &r.merchant_id, &r.key_id, &r.reason)).await?;
         Ok(Response::new(pb::RevokeKeyResponse { api_key: Some(convert::api_key(key)) }))
     }
 
@@ -117,10 +137,10 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::RegenerateKeyRequest>,
     ) -> Result<Response<pb::RegenerateKeyResponse>, Status> {
-        let (actor, span) = admin_call(&request, "keywarden.admin.RegenerateKey")?;
+        let (who, span) = admin_call(&request, "keywarden.admin.RegenerateKey")?;
         let r = request.into_inner();
         let grace = duration_in("grace_period", r.grace_period)?;
-        let done = traced(&span, self.manager.regenerate(&actor, &r.merchant_id, &r.key_id, grace)).await?;
+        let done = traced(&span, self.manager.regenerate(&who, &r.merchant_id, &r.key_id, grace)).await?;
         Ok(Response::new(pb::RegenerateKeyResponse {
             plaintext_key: done.plaintext.expose().to_owned(),
             api_key: Some(convert::api_key(done.key)),
@@ -132,9 +152,9 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::GetKeyUsageRequest>,
     ) -> Result<Response<pb::GetKeyUsageResponse>, Status> {
-        let (_, span) = admin_call(&request, "keywarden.admin.GetKeyUsage")?;
+        let (who, span) = admin_call(&request, "keywarden.admin.GetKeyUsage")?;
         let r = request.into_inner();
-        let usage = traced(&span, self.manager.usage(&r.merchant_id, &r.key_id)).await?;
+        let usage = traced(&span, self.manager.usage(&who, &r.merchant_id, &r.key_id)).await?;
         Ok(Response::new(pb::GetKeyUsageResponse {
             last_used_at: usage.last_used_at.map(convert::timestamp),
             request_count: usage.request_count,
@@ -146,7 +166,7 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let (_, span) = admin_call(&request, "keywarden.admin.ListAuditEvents")?;
+        let (who, span) = admin_call(&request, "keywarden.admin.ListAuditEvents")?;
         let r = request.into_inner();
         let filter = AuditFilter {
             start: timestamp_in("start_time", r.start_time)?,
@@ -156,7 +176,7 @@ impl KeyAdmin for KeyAdminService {
             page_size: r.page_size,
             page_token: r.page_token,
         };
-        let page = traced(&span, self.manager.audit_events(filter)).await?;
+        let page = traced(&span, self.manager.audit_events(&who, filter)).await?;
         Ok(Response::new(pb::ListAuditEventsResponse {
             events: page.items.into_iter().map(convert::audit_event).collect(),
             next_page_token: page.next_page_token,
@@ -167,8 +187,8 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::ListScopesRequest>,
     ) -> Result<Response<pb::ListScopesResponse>, Status> {
-        admin_call(&request, "keywarden.admin.ListScopes")?;
-        let catalogue = self.manager.catalogue();
+        let (who, _span) = admin_call(&request, "keywarden.admin.ListScopes")?;
+        let catalogue = self.manager.catalogue(&who)?;
         Ok(Response::new(pb::ListScopesResponse {
             scopes: catalogue
                 .scopes()
@@ -188,6 +208,50 @@ impl KeyAdmin for KeyAdminService {
                     display_name: p.def.display_name.clone(),
                 })
                 .collect(),
+        }))
+    }
+
+    async fn create_operator_token(
+        &self,
+        request: Request<pb::CreateOperatorTokenRequest>,
+    ) -> Result<Response<pb::CreateOperatorTokenResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.CreateOperatorToken")?;
+        let r = request.into_inner();
+        let input = NewOperator {
+            expires_at: timestamp_in("expires_at", r.expires_at)?,
+            role: role_in(r.role),
+            name: r.name,
+            merchant_ids: r.merchant_ids,
+        };
+        let issued = traced(&span, self.operators.create(&who, input)).await?;
+        Ok(Response::new(pb::CreateOperatorTokenResponse {
+            plaintext_token: issued.plaintext.expose().to_owned(),
+            operator_token: Some(convert::operator_token(issued.token)),
+        }))
+    }
+
+    async fn list_operator_tokens(
+        &self,
+        request: Request<pb::ListOperatorTokensRequest>,
+    ) -> Result<Response<pb::ListOperatorTokensResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.ListOperatorTokens")?;
+        let r = request.into_inner();
+        let page = traced(&span, self.operators.list(&who, r.page_size, &r.page_token)).await?;
+        Ok(Response::new(pb::ListOperatorTokensResponse {
+            operator_tokens: page.items.into_iter().map(convert::operator_token).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn revoke_operator_token(
+        &self,
+        request: Request<pb::RevokeOperatorTokenRequest>,
+    ) -> Result<Response<pb::RevokeOperatorTokenResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.RevokeOperatorToken")?;
+        let r = request.into_inner();
+        let token = traced(&span, self.operators.revoke(&who, &r.id)).await?;
+        Ok(Response::new(pb::RevokeOperatorTokenResponse {
+            operator_token: Some(convert::operator_token(token)),
         }))
     }
 }

@@ -1,12 +1,16 @@
 //! The gRPC edge. Handlers decode requests into service inputs, call the
 //! service, and encode the result; prost types never go further in than this
 //! module (and the command-line client, another edge). Service errors become
-//! `tonic::Status` in one place, [`status`].
+//! `tonic::Status` in one place, [`status`]. Who is calling: [`peer`] (the
+//! connection's address and mTLS identity), [`callers`] (KeyVerify's allowed
+//! identities) and [`auth`] (KeyAdmin credentials), both layers.
 
 pub mod auth;
+pub mod callers;
 pub mod convert;
 pub mod key_admin;
 pub mod key_verify;
 pub mod pb;
+pub mod peer;
 pub mod status;
 pub mod trace;

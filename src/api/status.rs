@@ -20,6 +20,8 @@ impl From<ServiceError> for Status {
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
             ServiceError::NotFound(what) => Status::not_found(format!("{what} not found")),
+            ServiceError::Unauthenticated(m) => Status::unauthenticated(m),
+            ServiceError::PermissionDenied(m) => Status::permission_denied(m),
             ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
             ServiceError::Unavailable(m) => {
                 tracing::warn!(reason = %m, "answering UNAVAILABLE");

@@ -137,6 +137,12 @@ impl KeyHasher {
         out
     }
 
+    /// A MAC keyed by a subkey of the pepper, one per `purpose`, so that
+    /// digests made for one use never match another's.
+    pub fn subkey_mac(&self, purpose: &str) -> KeyedMac {
+        KeyedMac::new(&hmac_sha256(self.pepper.expose_secret(), purpose.as_bytes()))
+    }
+
     fn password(&self, key: &PlainKey) -> [u8; 32] {
         hmac_sha256(self.pepper.expose_secret(), key.expose().as_bytes())
     }

@@ -1,11 +1,13 @@
 //! The key domain, free of I/O: the key format and checksum ([`format`](mod@format)),
 //! hashing at rest ([`hash`]), scopes and presets ([`scope`]), IP allow-lists
-//! ([`cidr`]), and the verification decision ([`decision`]).
+//! ([`cidr`]), the verification decision ([`decision`]), and operator
+//! tokens and roles ([`operator`]).
 
 pub mod cidr;
 pub mod decision;
 pub mod format;
 pub mod hash;
+pub mod operator;
 pub mod scope;
 
 use chrono::{DateTime, Utc};

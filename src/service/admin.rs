@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::{
     Deps, ServiceError,
+    access::{Access, Principal},
     hash_pool::HashPool,
     page,
     validate::{self, Violations},
@@ -18,7 +19,10 @@ use crate::{
     audit::{AuditKind, AuditRecord},
     cache::KeyChangeListener,
     clock,
-    keys::{AllowList, KeyHasher, KeyPrefix, KeyStatus, PlainKey, ScopeCatalogue, cidr::CidrError},
+    keys::{
+        AllowList, KeyHasher, KeyPrefix, KeyStatus, PlainKey, ScopeCatalogue, cidr::CidrError,
+        operator::AdminAction,
+    },
     store::{
         Store,
         audit::{AuditCursor, AuditQuery},
@@ -32,10 +36,6 @@ use crate::{
 pub const MAX_GRACE: Duration = Duration::days(7);
 /// Attempts at a fresh key when a lookup prefix collides (vanishingly rare).
 const INSERT_ATTEMPTS: usize = 3;
-
-/// Who is acting: the name of the admin token presented.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Actor(pub String);
 
 /// A key as an administrator sees it, usage included.
 #[derive(Debug, Clone)]
@@ -110,17 +110,20 @@ pub struct KeyManager {
     prefix: KeyPrefix,
     usage: Arc<UsageTracker>,
     listeners: Vec<Arc<dyn KeyChangeListener>>,
+    access: Arc<Access>,
 }
 
 impl KeyManager {
-    /// `listeners` hear of every committed change (caches, other replicas).
-    pub fn new(deps: Deps, listeners: Vec<Arc<dyn KeyChangeListener>>) -> Self {
+    /// `listeners` hear of every committed change (caches, other replicas);
+    /// `access` decides what each caller may do.
+    pub fn new(deps: Deps, listeners: Vec<Arc<dyn KeyChangeListener>>, access: Arc<Access>) -> Self {
         let Deps { store, hasher, pool, catalogue, prefix, usage } = deps;
-        Self { store, hasher, pool, catalogue, prefix, usage, listeners }
+        Self { store, hasher, pool, catalogue, prefix, usage, listeners, access }
     }
 
-    pub fn catalogue(&self) -> &ScopeCatalogue {
-        &self.catalogue
+    pub fn catalogue(&self, who: &Principal) -> Result<&ScopeCatalogue, ServiceError> {
+        self.access.authorize(who, AdminAction::ListScopes, None)?;
+        Ok(&self.catalogue)
     }
 
     fn announce(&self, key_id: &str) {
@@ -138,7 +141,8 @@ impl KeyManager {
         Ok((plaintext, hash))
     }
 
-    pub async fn create(&self, actor: &Actor, req: CreateKey) -> Result<Issued, ServiceError> {
+    pub async fn create(&self, who: &Principal, req: CreateKey) -> Result<Issued, ServiceError> {
+        self.access.authorize(who, AdminAction::CreateKey, Some(&req.merchant_id))?;
         let now = clock::now();
         let mut v = Violations::default();
         v.check("merchant_id", validate::merchant_id(&req.merchant_id));
@@ -184,7 +188,7 @@ impl KeyManager {
             let audit = AuditRecord::admin(
                 AuditKind::KeyCreated,
                 now,
-                &actor.0,
+                &who.actor,
                 &req.merchant_id,
                 &key_id,
                 Some(&req.name),
@@ -201,11 +205,11 @@ impl KeyManager {
                 allowed_cidrs: allowed.canonical(),
                 expires_at: req.expires_at.map(clock::stored),
                 created_at: now,
-                created_by: actor.0.clone(),
+                created_by: who.actor.clone(),
             };
             match self.store.insert_key(new, audit).await {
                 Ok(key) => {
-                    tracing::info!(actor = %actor.0, merchant_id = %key.merchant_id, key_id = %key.id, prefix = %key.prefix, "key created");
+                    tracing::info!(actor = %who.actor, merchant_id = %key.merchant_id, key_id = %key.id, prefix = %key.prefix, "key created");
                     return Ok(Issued { key: view(key, UsageDelta::default(), now), plaintext });
                 }
                 Err(InsertError::PrefixTaken) => continue,
@@ -215,7 +219,18 @@ impl KeyManager {
         Err(ServiceError::Internal("could not find a free lookup prefix".into()))
     }
 
-    pub async fn get(&self, merchant_id: &str, key_id: &str) -> Result<KeyView, ServiceError> {
+    pub async fn get(
+        &self,
+        who: &Principal,
+        merchant_id: &str,
+        key_id: &str,
+    ) -> Result<KeyView, ServiceError> {
+        self.access.authorize(who, AdminAction::GetKey, Some(merchant_id))?;
+        self.read(merchant_id, key_id).await
+    }
+
+    /// A key with its unflushed usage, for a caller already authorized.
+    async fn read(&self, merchant_id: &str, key_id: &str) -> Result<KeyView, ServiceError> {
         check_ids(merchant_id, key_id)?;
         let _pause = self.usage.pause_flush().await?;
         let key = self.store.get_key(merchant_id, key_id).await?.ok_or(ServiceError::NotFound("key"))?;
@@ -225,11 +240,13 @@ impl KeyManager {
 
     pub async fn list(
         &self,
+        who: &Principal,
         merchant_id: &str,
         page_size: i32,
         page_token: &str,
         include_revoked: bool,
     ) -> Result<Page<KeyView>, ServiceError> {
+        self.access.authorize(who, AdminAction::ListKeys, Some(merchant_id))?;
         let mut v = Violations::default();
         v.check("merchant_id", validate::merchant_id(merchant_id));
         v.into_result()?;
@@ -250,7 +267,8 @@ impl KeyManager {
         Ok(Page { items, next_page_token })
     }
 
-    pub async fn update(&self, actor: &Actor, req: UpdateKey) -> Result<KeyView, ServiceError> {
+    pub async fn update(&self, who: &Principal, req: UpdateKey) -> Result<KeyView, ServiceError> {
+        self.access.authorize(who, AdminAction::UpdateKey, Some(&req.merchant_id))?;
         check_ids(&req.merchant_id, &req.key_id)?;
         let now = clock::now();
         let mut v = Violations::default();
@@ -285,7 +303,7 @@ impl KeyManager {
         let audit = AuditRecord::admin(
             AuditKind::KeyUpdated,
             now,
-            &actor.0,
+            &who.actor,
             &req.merchant_id,
             &req.key_id,
             None,
@@ -295,7 +313,7 @@ impl KeyManager {
         match self.store.update_key(&req.merchant_id, &req.key_id, &changes, now, audit).await? {
             Change::Applied(key) => {
                 self.announce(&key.id);
-                tracing::info!(actor = %actor.0, merchant_id = %key.merchant_id, key_id = %key.id, paths = ?req.paths, "key updated");
+                tracing::info!(actor = %who.actor, merchant_id = %key.merchant_id, key_id = %key.id, paths = ?req.paths, "key updated");
                 self.view_with_usage(key, now).await
             }
             Change::NotFound => Err(ServiceError::NotFound("key")),
@@ -305,11 +323,12 @@ impl KeyManager {
 
     pub async fn revoke(
         &self,
-        actor: &Actor,
+        who: &Principal,
         merchant_id: &str,
         key_id: &str,
         reason: &str,
     ) -> Result<KeyView, ServiceError> {
+        self.access.authorize(who, AdminAction::RevokeKey, Some(merchant_id))?;
         check_ids(merchant_id, key_id)?;
         let mut v = Violations::default();
         v.check("reason", validate::text(reason, validate::MAX_REASON, false));
@@ -319,7 +338,7 @@ impl KeyManager {
         let mut audit = AuditRecord::admin(
             AuditKind::KeyRevoked,
             now,
-            &actor.0,
+            &who.actor,
             merchant_id,
             key_id,
             None,
@@ -331,7 +350,7 @@ impl KeyManager {
         match self.store.revoke_key(merchant_id, key_id, reason, now, audit).await? {
             Change::Applied(key) => {
                 self.announce(&key.id);
-                tracing::info!(actor = %actor.0, merchant_id, key_id, "key revoked");
+                tracing::info!(actor = %who.actor, merchant_id, key_id, "key revoked");
                 self.view_with_usage(key, now).await
             }
             // Revoking twice is a no-op that answers with the revoked key.
@@ -342,11 +361,12 @@ impl KeyManager {
 
     pub async fn regenerate(
         &self,
-        actor: &Actor,
+        who: &Principal,
         merchant_id: &str,
         key_id: &str,
         grace: Option<Duration>,
     ) -> Result<Regenerated, ServiceError> {
+        self.access.authorize(who, AdminAction::RegenerateKey, Some(merchant_id))?;
         check_ids(merchant_id, key_id)?;
         let grace = grace.unwrap_or_else(Duration::zero);
         if grace < Duration::zero() || grace > MAX_GRACE {
@@ -357,7 +377,7 @@ impl KeyManager {
             let now = clock::now();
             let successor_id = new_key_id();
             let revoke_at = clock::stored(now + grace);
-            let actor_name = actor.0.clone();
+            let actor_name = who.actor.clone();
             let trace = current_trace_id();
             let prefix = plaintext.lookup_prefix().as_str().to_owned();
             let new_id = successor_id.clone();
@@ -415,7 +435,7 @@ impl KeyManager {
             return match result {
                 Ok((Change::Applied(old), Some(new))) => {
                     self.announce(&old.id);
-                    tracing::info!(actor = %actor.0, merchant_id, key_id, successor = %new.id, grace_secs = grace.num_seconds(), "key regenerated");
+                    tracing::info!(actor = %who.actor, merchant_id, key_id, successor = %new.id, grace_secs = grace.num_seconds(), "key regenerated");
                     Ok(Regenerated {
                         key: view(new, UsageDelta::default(), now),
                         plaintext,
@@ -432,8 +452,14 @@ impl KeyManager {
         Err(ServiceError::Internal("could not find a free lookup prefix".into()))
     }
 
-    pub async fn usage(&self, merchant_id: &str, key_id: &str) -> Result<Usage, ServiceError> {
-        let key = self.get(merchant_id, key_id).await?.key;
+    pub async fn usage(
+        &self,
+        who: &Principal,
+        merchant_id: &str,
+        key_id: &str,
+    ) -> Result<Usage, ServiceError> {
+        self.access.authorize(who, AdminAction::GetKeyUsage, Some(merchant_id))?;
+        let key = self.read(merchant_id, key_id).await?.key;
         Ok(Usage {
             last_used_at: key.last_used_at,
             request_count: key.request_count,
@@ -441,7 +467,12 @@ impl KeyManager {
         })
     }
 
-    pub async fn audit_events(&self, filter: AuditFilter) -> Result<Page<AuditRecord>, ServiceError> {
+    pub async fn audit_events(
+        &self,
+        who: &Principal,
+        filter: AuditFilter,
+    ) -> Result<Page<AuditRecord>, ServiceError> {
+        self.access.authorize(who, AdminAction::ListAuditEvents, Some(&filter.merchant_id))?;
         let mut v = Violations::default();
         v.check("merchant_id", validate::merchant_id(&filter.merchant_id));
         if !filter.api_key_id.is_empty() {
@@ -468,7 +499,7 @@ impl KeyManager {
 
     /// The key as just changed, with usage read consistently.
     async fn view_with_usage(&self, key: StoredKey, _now: DateTime<Utc>) -> Result<KeyView, ServiceError> {
-        self.get(&key.merchant_id, &key.id).await
+        self.read(&key.merchant_id, &key.id).await
     }
 }
 

@@ -3,8 +3,10 @@
 //! Inputs are validated here (the API layer only decodes), and every failure
 //! is a [`ServiceError`] that `api::status` maps to a gRPC status in one place.
 
+pub mod access;
 pub mod admin;
 pub mod hash_pool;
+pub mod operators;
 pub mod page;
 pub mod validate;
 pub mod verify;
@@ -50,6 +52,12 @@ pub enum ServiceError {
     Invalid(Vec<FieldViolation>),
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// No valid credentials (KeyAdmin).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Outside the caller's role or merchants (KeyAdmin).
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     FailedPrecondition(String),
     /// A dependency (the database) is unreachable; the call may be retried.

@@ -181,6 +181,31 @@ impl Exporter {
             "times the change listener reconnected (cached state dropped each time)",
             metrics.listener_reconnects.clone(),
         );
+        registry.register(
+            "tls_reloads",
+            "certificate, key or client CA files re-read and served to new connections",
+            metrics.tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_reload_failures",
+            "changed TLS files that did not load (the previous certificate stays in use)",
+            metrics.tls_reload_failures.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            metrics.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "admin_unauthenticated",
+            "KeyAdmin calls refused for missing, invalid, revoked or expired credentials",
+            metrics.admin_unauthenticated.clone(),
+        );
+        registry.register(
+            "admin_permission_denied",
+            "KeyAdmin calls refused as outside the caller's role or merchants",
+            metrics.admin_permission_denied.clone(),
+        );
         registry.register_collector(Box::new(Snapshot(sources)));
         Self { registry: Arc::new(registry) }
     }

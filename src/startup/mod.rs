@@ -2,18 +2,21 @@
 //! down in order (stop taking calls → drain → flush usage and audit → close).
 //!
 //! Background tasks, all stopped on shutdown: the usage flusher, the audit
-//! writer, the change listener (PostgreSQL), the database health monitor and
-//! the audit retention job.
+//! writer, the change listener (PostgreSQL), the database health monitor,
+//! the audit retention job, the TLS file watcher and the refusal summaries.
 //!
+//! Listeners: the verify listener (KeyVerify, health, reflection, and
+//! KeyAdmin unless it has its own), the optional admin listener, both TLS
+//! when configured ([`tls`]), and the optional plaintext health listener.
 //! [`exporter`] serves `/metrics`.
 
 pub mod exporter;
+pub mod tls;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::ServiceBuilder;
@@ -21,7 +24,8 @@ use tower::ServiceBuilder;
 use crate::{
     api::{
         self,
-        auth::AdminAuth,
+        auth::AdminAuthLayer,
+        callers::VerifyCallers,
         key_admin::KeyAdminService,
         key_verify::KeyVerifyService,
         pb::{key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer},
@@ -32,17 +36,21 @@ use crate::{
         changes::{ChangeFeed, Freshness},
     },
     config::{Secrets, Settings},
+    keys::operator::TokenDigester,
     metrics::Metrics,
     service::{
         Deps,
+        access::Access,
         admin::KeyManager,
         hash_pool::HashPool,
+        operators::OperatorTokens,
         verify::{Verifier, VerifyParts},
     },
     store::{Store, StoreOptions},
     usage::UsageTracker,
 };
 use exporter::{Exporter, Sources};
+use tls::TlsSource;
 
 /// Names under which grpc.health.v1 reports readiness; "" is the whole
 /// server. They follow the database (within the staleness bound) and turn
@@ -53,11 +61,18 @@ const HEALTH_SERVICES: [&str; 3] = ["", "keywarden.v1.KeyVerify", "keywarden.v1.
 const LIVENESS: &str = "liveness";
 /// Rows deleted per retention statement: small enough not to hold locks long.
 const RETENTION_BATCH: u64 = 5_000;
+/// How often the summaries of refused KeyAdmin calls are written.
+const REFUSAL_SWEEP: Duration = Duration::from_secs(10);
+/// The pepper subkey's purpose for operator token digests.
+const OPERATOR_DIGEST_PURPOSE: &str = "keywarden operator token v1";
 
 /// A built, bound, not yet serving keywarden.
 pub struct Application {
     settings: Settings,
     listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    health_listener: Option<TcpListener>,
+    tls: Option<Arc<TlsSource>>,
     metrics_listener: Option<TcpListener>,
     store: Store,
     usage: Arc<UsageTracker>,
@@ -70,7 +85,8 @@ pub struct Application {
     exporter: Exporter,
     admin: KeyAdminService,
     verify: KeyVerifyService,
-    auth: AdminAuth,
+    access: Arc<Access>,
+    callers: VerifyCallers,
 }
 
 impl std::fmt::Debug for Application {
@@ -103,6 +119,7 @@ impl Application {
                 tracing::warn!(path = %path.display(), "was readable by other users; tightened to owner-only");
             }
         }
+        let tls_settings = settings.tls()?;
         let secrets = Secrets::resolve(&settings)?;
         let catalogue = Arc::new(settings.catalogue()?);
         let prefix = settings.key_prefix()?;
@@ -136,6 +153,10 @@ impl Application {
             None => Freshness::in_process(settings.staleness_bound()),
         };
         let metrics = Arc::new(Metrics::default());
+        let tls = match tls_settings {
+            Some(t) => Some(TlsSource::load(t, Arc::clone(&metrics)).context("loading the TLS certificate")?),
+            None => None,
+        };
         let exporter = Exporter::new(
             &metrics,
             Sources {
@@ -146,6 +167,15 @@ impl Application {
                 freshness: Arc::clone(&freshness),
             },
         );
+        let access = Arc::new(Access::new(
+            store.clone(),
+            TokenDigester::new(secrets.hasher.subkey_mac(OPERATOR_DIGEST_PURPOSE)),
+            &secrets.admin_tokens,
+            settings.operator_identities.clone(),
+            audit.clone(),
+            Arc::clone(&metrics),
+        ));
+        let operators = Arc::new(OperatorTokens::new(store.clone(), Arc::clone(&access)));
         let deps = Deps {
             store: store.clone(),
             hasher: secrets.hasher,
@@ -160,7 +190,7 @@ impl Application {
         if let Some(cache) = &cache {
             listeners.push(Arc::clone(cache) as Arc<dyn KeyChangeListener>);
         }
-        let manager = KeyManager::new(deps.clone(), listeners);
+        let manager = KeyManager::new(deps.clone(), listeners, Arc::clone(&access));
         let verifier = Verifier::new(
             deps,
             VerifyParts {
@@ -173,6 +203,29 @@ impl Application {
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("binding {}", settings.listen_addr))?;
+        let admin_listener = match settings.admin_listen_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the admin listener {addr}"))?,
+            ),
+            None => None,
+        };
+        let health_listener = match settings.health_listen_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the health listener {addr}"))?,
+            ),
+            None => None,
+        };
+        if tls.is_none() {
+            for addr in [Some(settings.listen_addr), settings.admin_listen_addr].into_iter().flatten() {
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(%addr, "serving plaintext gRPC beyond loopback (allow_plaintext): keys and tokens cross the network in clear");
+                }
+            }
+        }
         let metrics_listener = if settings.metrics_enabled {
             Some(
                 TcpListener::bind(settings.metrics_addr)
@@ -184,8 +237,12 @@ impl Application {
         };
         Ok(Self {
             metrics_listener,
-            auth: AdminAuth::new(&secrets.admin_tokens),
-            admin: KeyAdminService::new(Arc::new(manager)),
+            admin_listener,
+            health_listener,
+            tls,
+            callers: VerifyCallers::new(&settings.verify_callers),
+            access,
+            admin: KeyAdminService::new(Arc::new(manager), operators),
             verify: KeyVerifyService::new(Arc::new(verifier)),
             settings,
             listener,
@@ -203,6 +260,21 @@ impl Application {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.settings.listen_addr)
+    }
+
+    /// Where KeyAdmin is served, when it has its own listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the plaintext health listener is, if configured.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Whether the gRPC listeners serve TLS.
+    pub fn serves_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Where `/metrics` is served, if enabled.
@@ -231,13 +303,17 @@ impl Application {
         let Self {
             settings,
             listener,
+            admin_listener,
+            health_listener,
+            tls,
             metrics_listener,
             store,
             usage,
             audit_writer,
             admin,
             verify,
-            auth,
+            access,
+            callers,
             cache,
             freshness,
             metrics,
@@ -263,6 +339,23 @@ impl Application {
             helpers.push(tokio::spawn(async move {
                 if let Err(e) = exporter::serve(listener, exporter, stop).await {
                     tracing::error!(error = %e, "metrics endpoint failed");
+                }
+            }));
+        }
+        if let Some(tls) = &tls {
+            helpers.push(tokio::spawn(Arc::clone(tls).watch(stopped(tasks_stopped.clone()))));
+        }
+        {
+            let access = Arc::clone(&access);
+            let stop = stopped(tasks_stopped.clone());
+            helpers.push(tokio::spawn(async move {
+                tokio::pin!(stop);
+                let mut ticker = tokio::time::interval(REFUSAL_SWEEP);
+                loop {
+                    tokio::select! {
+                        () = &mut stop => return,
+                        _ = ticker.tick() => access.sweep(),
+                    }
                 }
             }));
         }
@@ -295,13 +388,20 @@ impl Application {
         let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
         let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
 
+        // Layers on every gRPC listener, outermost first.
         let stack = ServiceBuilder::new()
-            // Outermost: read the caller's W3C trace context before anything
-            // runs, so every span and audit row of the call joins its trace.
+            // Read the caller's W3C trace context before anything runs, so
+            // every span and audit row of the call joins its trace.
             .layer(api::trace::TraceContextLayer)
             .into_inner();
+        // KeyVerify: only the allowed client identities under mTLS.
+        let verify_service = KeyVerifyServer::with_interceptor(verify, callers);
+        // KeyAdmin: every call authenticated before its handler runs.
+        let admin_service = ServiceBuilder::new()
+            .layer(AdminAuthLayer::new(Arc::clone(&access)))
+            .service(KeyAdminServer::new(admin));
 
-        let (draining_tx, mut draining) = watch::channel(false);
+        let (draining_tx, draining) = watch::channel(false);
         let signal = {
             let health = health.clone();
             async move {
@@ -315,29 +415,69 @@ impl Application {
                 let _ = draining_tx.send(true);
             }
         };
-        // Small writes (one response at a time) must not wait for Nagle.
-        let incoming = TcpListenerStream::new(listener).map(|conn| {
-            conn.inspect(|stream| {
-                let _ = stream.set_nodelay(true);
-            })
-        });
-        let server = Server::builder()
-            .layer(stack)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(KeyVerifyServer::new(verify))
-            .add_service(KeyAdminServer::with_interceptor(admin, auth))
-            .serve_with_incoming_shutdown(incoming, signal);
+        tokio::spawn(signal);
+        let draining_now = |rx: &watch::Receiver<bool>| {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|d| *d).await;
+            }
+        };
+        type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+        let separate_admin = admin_listener.is_some();
+        let main_server: Serving = Box::pin(
+            Server::builder()
+                .layer(stack.clone())
+                .add_service(health_service.clone())
+                .add_service(reflection_v1.clone())
+                .add_service(reflection_v1alpha.clone())
+                .add_service(verify_service)
+                .add_optional_service((!separate_admin).then(|| admin_service.clone()))
+                .serve_with_incoming_shutdown(
+                    tls::incoming(listener, tls.clone(), Arc::clone(&metrics)),
+                    draining_now(&draining),
+                ),
+        );
+        let admin_server: Serving = match admin_listener {
+            Some(listener) => Box::pin(
+                Server::builder()
+                    .layer(stack.clone())
+                    .add_service(health_service.clone())
+                    .add_service(reflection_v1)
+                    .add_service(reflection_v1alpha)
+                    .add_service(admin_service)
+                    .serve_with_incoming_shutdown(
+                        tls::incoming(listener, tls.clone(), Arc::clone(&metrics)),
+                        draining_now(&draining),
+                    ),
+            ),
+            None => Box::pin(async { Ok(()) }),
+        };
+        // Plaintext by design: kubelet's gRPC probes cannot speak TLS, and
+        // health carries no secret.
+        let health_server: Serving = match health_listener {
+            Some(listener) => {
+                Box::pin(Server::builder().add_service(health_service).serve_with_incoming_shutdown(
+                    tls::incoming(listener, None, Arc::clone(&metrics)),
+                    draining_now(&draining),
+                ))
+            }
+            None => Box::pin(async { Ok(()) }),
+        };
+        let servers = async { tokio::try_join!(main_server, admin_server, health_server).map(|_| ()) };
         let grace = settings.shutdown_grace();
-        let grace_over = async move {
-            let _ = draining.wait_for(|d| *d).await;
-            tokio::time::sleep(grace).await;
+        let grace_over = {
+            let mut draining = draining.clone();
+            async move {
+                let _ = draining.wait_for(|d| *d).await;
+                tokio::time::sleep(grace).await;
+            }
         };
         tokio::select! {
-            served = server => served.context("serving gRPC")?,
+            served = servers => served.context("serving gRPC")?,
             () = grace_over => tracing::warn!(grace_ms = grace.as_millis() as u64, "drain period over; abandoning calls still in flight"),
         }
+        // Summaries of refusals still being counted go out with the rest.
+        access.flush();
 
         tracing::info!("flushing usage counts and audit rows");
         let _ = stop_tasks.send(true);

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod entity;
 pub mod keys;
 pub mod migration;
+pub mod operators;
 
 use std::{
     str::FromStr,

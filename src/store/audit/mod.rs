@@ -23,16 +23,34 @@ use super::{Backend, Store, StoreError, entity::audit_event};
 use crate::keys::{Decision, DenyReason};
 
 /// What an audit row records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuditKind {
     Verify,
     KeyCreated,
     KeyUpdated,
     KeyRevoked,
     KeyRegenerated,
+    /// A KeyAdmin call outside the caller's role or merchants.
+    AccessDenied,
+    /// A KeyAdmin call without valid credentials.
+    AuthenticationFailed,
+    OperatorTokenCreated,
+    OperatorTokenRevoked,
 }
 
 impl AuditKind {
+    const ALL: [Self; 9] = [
+        Self::Verify,
+        Self::KeyCreated,
+        Self::KeyUpdated,
+        Self::KeyRevoked,
+        Self::KeyRegenerated,
+        Self::AccessDenied,
+        Self::AuthenticationFailed,
+        Self::OperatorTokenCreated,
+        Self::OperatorTokenRevoked,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Verify => "VERIFY",
@@ -40,13 +58,15 @@ impl AuditKind {
             Self::KeyUpdated => "KEY_UPDATED",
             Self::KeyRevoked => "KEY_REVOKED",
             Self::KeyRegenerated => "KEY_REGENERATED",
+            Self::AccessDenied => "ACCESS_DENIED",
+            Self::AuthenticationFailed => "AUTHENTICATION_FAILED",
+            Self::OperatorTokenCreated => "OPERATOR_TOKEN_CREATED",
+            Self::OperatorTokenRevoked => "OPERATOR_TOKEN_REVOKED",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Verify, Self::KeyCreated, Self::KeyUpdated, Self::KeyRevoked, Self::KeyRegenerated]
-            .into_iter()
-            .find(|k| k.as_str() == s)
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
 }
 
@@ -69,7 +89,8 @@ pub struct AuditRecord {
     pub status: Option<u16>,
     pub decision: Option<Decision>,
     pub deny_reason: Option<DenyReason>,
-    /// Admin token name for administrative actions.
+    /// Who acted, for administrative actions and refusals: the operator
+    /// token's or bootstrap token's name, or the client identity.
     pub actor: Option<String>,
     pub trace_id: Option<String>,
     pub detail: Option<String>,

@@ -4,4 +4,5 @@
 pub mod api_key;
 pub mod audit_event;
 pub mod audit_outcome;
+pub mod operator_token;
 pub mod usage_flush;

@@ -6,6 +6,7 @@ use sea_orm_migration::prelude::*;
 mod m20261127_000001_create_tables;
 mod m20261127_000002_audit_outcomes;
 mod m20261128_000003_usage_flushes;
+mod m20261203_000004_operator_tokens;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000001_create_tables::Migration),
             Box::new(m20261127_000002_audit_outcomes::Migration),
             Box::new(m20261128_000003_usage_flushes::Migration),
+            Box::new(m20261203_000004_operator_tokens::Migration),
         ]
     }
 }

@@ -1,0 +1,368 @@
+//! Who may do what on KeyAdmin.
+//!
+//! [`Access::authenticate`] turns a caller's credentials into a
+//! [`Principal`]: an operator token (`kwop_…`, looked up by prefix and
+//! compared as a keyed digest in constant time, on every call, so a
+//! revocation holds on every replica at once), a bootstrap admin token
+//! (break-glass), or, under mTLS, a client identity mapped to a role.
+//! [`Access::authorize`] applies the role matrix and the merchant limit.
+//!
+//! Every refusal is audited with the actor, the RPC, the merchant asked for
+//! and the peer, aggregated per peer and minute: the first refusal of a
+//! kind is written at once, the rest of that minute as one summary row, so
+//! a flood costs at most two rows per peer, kind and minute.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use chrono::{DateTime, Timelike as _, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{ServiceError, validate};
+use crate::{
+    audit::{AuditKind, AuditRecord, writer::AuditQueue},
+    clock,
+    config::IdentityGrant,
+    keys::operator::{AdminAction, OperatorRole, OperatorSecret, TokenDigester},
+    metrics::Metrics,
+    store::Store,
+    telemetry::current_trace_id,
+};
+
+/// An authenticated KeyAdmin caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// What audit rows name: the token's name, or the client identity.
+    pub actor: String,
+    pub role: OperatorRole,
+    /// Empty: every merchant.
+    pub merchants: Vec<String>,
+    /// The peer (identity, else address), for refusal rows.
+    pub peer: Peer,
+}
+
+/// The other end of a call, as the transport saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// The client certificate's identity under mTLS.
+    pub identity: Option<String>,
+    pub ip: Option<String>,
+}
+
+impl Peer {
+    fn describe(&self) -> &str {
+        self.identity.as_deref().or(self.ip.as_deref()).unwrap_or("unknown")
+    }
+}
+
+impl Principal {
+    /// A full-power principal for in-process callers (tests, tools).
+    pub fn admin(actor: &str) -> Self {
+        Self {
+            actor: actor.to_owned(),
+            role: OperatorRole::Admin,
+            merchants: Vec::new(),
+            peer: Peer::default(),
+        }
+    }
+
+    fn covers(&self, merchant: &str) -> bool {
+        self.merchants.is_empty() || self.merchants.iter().any(|m| m == merchant)
+    }
+}
+
+/// Credentials presented with one call.
+#[derive(Debug, Default)]
+pub struct Credentials<'a> {
+    /// The bearer token, if an `authorization: Bearer` header was sent.
+    pub bearer: Option<&'a [u8]>,
+    pub peer: Peer,
+}
+
+/// Most (peer, kind, …) refusal series itemised per minute; beyond it,
+/// refusals are only counted into one row per minute.
+const MAX_REFUSAL_SERIES: usize = 10_000;
+
+#[derive(Debug)]
+pub struct Access {
+    store: Store,
+    digester: TokenDigester,
+    bootstrap: Vec<(String, [u8; 32])>,
+    identities: Vec<IdentityGrant>,
+    refusals: Refusals,
+    metrics: Arc<Metrics>,
+}
+
+impl Access {
+    pub fn new(
+        store: Store,
+        digester: TokenDigester,
+        bootstrap: &[(String, SecretString)],
+        identities: Vec<IdentityGrant>,
+        audit: AuditQueue,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let bootstrap =
+            bootstrap.iter().map(|(n, t)| (n.clone(), sha256(t.expose_secret().as_bytes()))).collect();
+        Self { store, digester, bootstrap, identities, refusals: Refusals::new(audit), metrics }
+    }
+
+    pub fn digester(&self) -> &TokenDigester {
+        &self.digester
+    }
+
+    /// The principal behind `credentials`, or UNAUTHENTICATED (audited).
+    pub async fn authenticate(
+        &self,
+        credentials: Credentials<'_>,
+        action: AdminAction,
+    ) -> Result<Principal, ServiceError> {
+        let now = clock::now();
+        let outcome = match credentials.bearer {
+            Some(token) if OperatorSecret::looks_like(token) => self.operator(token, now).await?,
+            Some(token) => self.bootstrap_token(token),
+            None => self.identity(credentials.peer.identity.as_deref()),
+        };
+        match outcome {
+            Ok((actor, role, merchants)) => Ok(Principal { actor, role, merchants, peer: credentials.peer }),
+            Err(why) => {
+                self.metrics.admin_unauthenticated.inc();
+                tracing::info!(
+                    peer = credentials.peer.describe(),
+                    rpc = action.rpc(),
+                    reason = why,
+                    "KeyAdmin call unauthenticated"
+                );
+                self.refusals.record(
+                    RefusalKey {
+                        kind: AuditKind::AuthenticationFailed,
+                        peer: credentials.peer,
+                        actor: None,
+                        rpc: action.rpc(),
+                        merchant: None,
+                        why,
+                    },
+                    now,
+                );
+                Err(ServiceError::Unauthenticated(why.to_owned()))
+            }
+        }
+    }
+
+    /// The role matrix and the merchant limit; a refusal is
+    /// PERMISSION_DENIED, audited, and changes nothing.
+    pub fn authorize(
+        &self,
+        who: &Principal,
+        action: AdminAction,
+        merchant: Option<&str>,
+    ) -> Result<(), ServiceError> {
+        let why = if !who.role.allows(action) {
+            "outside the caller's role"
+        } else if merchant.is_some_and(|m| !who.covers(m)) {
+            "outside the caller's merchants"
+        } else {
+            return Ok(());
+        };
+        self.metrics.admin_permission_denied.inc();
+        // The merchant asked for is recorded only when it is a well-formed
+        // id: the row stays bounded whatever the caller sends.
+        let merchant = merchant.filter(|m| validate::merchant_id(m).is_ok()).map(str::to_owned);
+        tracing::info!(actor = %who.actor, peer = who.peer.describe(), rpc = action.rpc(), merchant_id = ?merchant, reason = why, "KeyAdmin call denied");
+        self.refusals.record(
+            RefusalKey {
+                kind: AuditKind::AccessDenied,
+                peer: who.peer.clone(),
+                actor: Some(who.actor.clone()),
+                rpc: action.rpc(),
+                merchant,
+                why,
+            },
+            clock::now(),
+        );
+        Err(ServiceError::PermissionDenied(format!(
+            "{} may not call {}{}",
+            who.role.as_str(),
+            action.rpc(),
+            if why == "outside the caller's merchants" { " for this merchant" } else { "" }
+        )))
+    }
+
+    /// Writes the summary rows of minutes that have ended.
+    pub fn sweep(&self) {
+        self.refusals.sweep(clock::now(), false);
+    }
+
+    /// Writes every pending summary row (at shutdown).
+    pub fn flush(&self) {
+        self.refusals.sweep(clock::now(), true);
+    }
+
+    async fn operator(
+        &self,
+        token: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<Result<(String, OperatorRole, Vec<String>), &'static str>, ServiceError> {
+        // Shape and checksum first: garbage never reaches the store.
+        let Some(token) = std::str::from_utf8(token).ok().and_then(|t| OperatorSecret::parse(t).ok()) else {
+            return Ok(Err("malformed operator token"));
+        };
+        let Some(stored) = self.store.find_operator_by_prefix(&token.lookup_prefix()).await? else {
+            return Ok(Err("invalid credentials"));
+        };
+        if !self.digester.matches(&token, &stored.digest) {
+            return Ok(Err("invalid credentials"));
+        }
+        if stored.revoked_at.is_some_and(|r| r <= now) {
+            return Ok(Err("operator token revoked"));
+        }
+        if stored.expires_at.is_some_and(|e| e <= now) {
+            return Ok(Err("operator token expired"));
+        }
+        Ok(Ok((stored.name, stored.role, stored.merchant_ids)))
+    }
+
+    fn bootstrap_token(&self, token: &[u8]) -> Result<(String, OperatorRole, Vec<String>), &'static str> {
+        let presented = sha256(token);
+        let mut found = None;
+        // Every configured token is compared, match or not.
+        for (name, expected) in &self.bootstrap {
+            if bool::from(presented.ct_eq(expected)) && found.is_none() {
+                found = Some(name.clone());
+            }
+        }
+        found.map(|name| (name, OperatorRole::Admin, Vec::new())).ok_or("invalid credentials")
+    }
+
+    fn identity(&self, identity: Option<&str>) -> Result<(String, OperatorRole, Vec<String>), &'static str> {
+        let Some(identity) = identity else {
+            return Err("missing credentials: send `authorization: Bearer <operator token>`");
+        };
+        self.identities
+            .iter()
+            .find(|g| g.identity == identity)
+            .map(|g| (g.identity.clone(), g.role, g.merchant_ids.clone()))
+            .ok_or("the client certificate's identity is not an operator; send a bearer token")
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// One series of refusals within a minute.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RefusalKey {
+    kind: AuditKind,
+    peer: Peer,
+    actor: Option<String>,
+    rpc: &'static str,
+    merchant: Option<String>,
+    why: &'static str,
+}
+
+impl RefusalKey {
+    fn record(&self, at: DateTime<Utc>, detail: String) -> AuditRecord {
+        let mut row = AuditRecord::new(self.kind, at, current_trace_id());
+        row.actor = self.actor.clone();
+        row.merchant_id = self.merchant.clone();
+        row.endpoint = Some(format!("/keywarden.v1.KeyAdmin/{}", self.rpc));
+        row.method = Some("POST".to_owned());
+        row.ip = self.peer.ip.clone();
+        row.status = Some(if self.kind == AuditKind::AuthenticationFailed { 401 } else { 403 });
+        row.with_detail(detail)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    minute: i64,
+    counts: HashMap<RefusalKey, u64>,
+    /// Refusals beyond [`MAX_REFUSAL_SERIES`] this minute.
+    unitemised: u64,
+}
+
+#[derive(Debug)]
+struct Refusals {
+    queue: AuditQueue,
+    window: Mutex<Window>,
+}
+
+fn minute_of(at: DateTime<Utc>) -> i64 {
+    at.timestamp().div_euclid(60)
+}
+
+impl Refusals {
+    fn new(queue: AuditQueue) -> Self {
+        Self { queue, window: Mutex::new(Window::default()) }
+    }
+
+    fn record(&self, key: RefusalKey, now: DateTime<Utc>) {
+        self.sweep(now, false);
+        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        window.minute = minute_of(now);
+        let full = window.counts.len() >= MAX_REFUSAL_SERIES;
+        match window.counts.get_mut(&key) {
+            Some(count) => *count += 1,
+            None if full => window.unitemised += 1,
+            None => {
+                let row = key.record(now, format!("peer: {}; {}", key.peer.describe(), key.why));
+                window.counts.insert(key, 1);
+                drop(window);
+                self.write(row);
+            }
+        }
+    }
+
+    /// Summarises the repeats of a minute that has ended (or of every
+    /// minute, with `all`).
+    fn sweep(&self, now: DateTime<Utc>, all: bool) {
+        let rows = {
+            let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+            if !all && window.minute == minute_of(now) {
+                return;
+            }
+            let start = DateTime::from_timestamp(window.minute * 60, 0).unwrap_or(now);
+            let mut rows: Vec<AuditRecord> = std::mem::take(&mut window.counts)
+                .into_iter()
+                .filter(|(_, n)| *n > 1)
+                .map(|(key, n)| {
+                    let detail = format!(
+                        "peer: {}; {}; {} more in the minute from {}",
+                        key.peer.describe(),
+                        key.why,
+                        n - 1,
+                        start.with_second(0).unwrap_or(start).to_rfc3339()
+                    );
+                    key.record(now, detail)
+                })
+                .collect();
+            if window.unitemised > 0 {
+                let mut row = AuditRecord::new(AuditKind::AuthenticationFailed, now, None);
+                row.detail = Some(format!(
+                    "{} further refusals from more than {MAX_REFUSAL_SERIES} peers in the minute from {}",
+                    window.unitemised,
+                    start.to_rfc3339()
+                ));
+                rows.push(row);
+                window.unitemised = 0;
+            }
+            rows
+        };
+        for row in rows {
+            self.write(row);
+        }
+    }
+
+    /// Queues a row without making the refused caller wait for room.
+    fn write(&self, row: AuditRecord) {
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            let _ = queue.push(row).await;
+        });
+    }
+}

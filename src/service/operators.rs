@@ -1,0 +1,167 @@
+//! Operator tokens: create (plaintext shown once), list, revoke. ADMIN only;
+//! the caller's [`Principal`] has been authorized by [`Access`] already.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{
+    ServiceError,
+    access::{Access, Principal},
+    admin::Page,
+    page,
+    validate::{self, Violations},
+};
+use crate::{
+    audit::{AuditKind, AuditRecord},
+    clock,
+    keys::operator::{AdminAction, OperatorRole, OperatorSecret},
+    store::{
+        Store,
+        keys::InsertError,
+        operators::{OperatorCursor, StoredOperator},
+    },
+    telemetry::current_trace_id,
+};
+
+/// Most merchants one token may be limited to.
+pub const MAX_TOKEN_MERCHANTS: usize = 100;
+const INSERT_ATTEMPTS: usize = 3;
+
+#[derive(Debug)]
+pub struct NewOperator {
+    pub name: String,
+    /// `None`: the request left it unspecified.
+    pub role: Option<OperatorRole>,
+    pub merchant_ids: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug)]
+pub struct IssuedOperator {
+    pub token: StoredOperator,
+    pub plaintext: OperatorSecret,
+}
+
+#[derive(Debug)]
+pub struct OperatorTokens {
+    store: Store,
+    access: Arc<Access>,
+}
+
+impl OperatorTokens {
+    pub fn new(store: Store, access: Arc<Access>) -> Self {
+        Self { store, access }
+    }
+
+    pub async fn create(&self, who: &Principal, req: NewOperator) -> Result<IssuedOperator, ServiceError> {
+        self.access.authorize(who, AdminAction::CreateOperatorToken, None)?;
+        let now = clock::now();
+        let mut v = Violations::default();
+        v.check("name", validate::text(&req.name, validate::MAX_NAME, true));
+        match req.role {
+            None => v.add(
+                "role",
+                "is required: OPERATOR_ROLE_ADMIN, OPERATOR_ROLE_KEY_MANAGER or OPERATOR_ROLE_AUDITOR",
+            ),
+            Some(OperatorRole::Admin) if !req.merchant_ids.is_empty() => {
+                v.add(
+                    "merchant_ids",
+                    "must be empty for OPERATOR_ROLE_ADMIN (an admin acts on every merchant)",
+                );
+            }
+            Some(_) => {}
+        }
+        if req.merchant_ids.len() > MAX_TOKEN_MERCHANTS {
+            v.add("merchant_ids", format!("at most {MAX_TOKEN_MERCHANTS}"));
+        } else {
+            for (i, m) in req.merchant_ids.iter().enumerate() {
+                v.check(&format!("merchant_ids[{i}]"), validate::merchant_id(m));
+            }
+        }
+        if req.expires_at.is_some_and(|at| at <= now) {
+            v.add("expires_at", "must be in the future");
+        }
+        v.into_result()?;
+        let Some(role) = req.role else {
+            return Err(ServiceError::Internal("validation passed without a role".into()));
+        };
+        let mut merchant_ids = req.merchant_ids;
+        merchant_ids.sort();
+        merchant_ids.dedup();
+        for _ in 0..INSERT_ATTEMPTS {
+            let plaintext = OperatorSecret::generate()?;
+            let id = Uuid::now_v7().to_string();
+            let token = StoredOperator {
+                id: id.clone(),
+                name: req.name.clone(),
+                role,
+                merchant_ids: merchant_ids.clone(),
+                prefix: plaintext.lookup_prefix(),
+                digest: self.access.digester().digest(&plaintext).to_vec(),
+                created_by: who.actor.clone(),
+                created_at: now,
+                expires_at: req.expires_at.map(clock::stored),
+                revoked_at: None,
+            };
+            let mut audit = AuditRecord::new(AuditKind::OperatorTokenCreated, now, current_trace_id());
+            audit.actor = Some(who.actor.clone());
+            audit.key_prefix = Some(token.prefix.clone());
+            audit.detail = Some(format!(
+                "operator token {id} {:?}: role {}; merchants: {}; expires_at: {}",
+                token.name,
+                role.as_str(),
+                if merchant_ids.is_empty() { "all".to_owned() } else { merchant_ids.join(",") },
+                token.expires_at.map_or_else(|| "never".to_owned(), |e| e.to_rfc3339()),
+            ));
+            match self.store.insert_operator(token, audit).await {
+                Ok(token) => {
+                    tracing::info!(actor = %who.actor, token_id = %token.id, role = role.as_str(), prefix = %token.prefix, "operator token created");
+                    return Ok(IssuedOperator { token, plaintext });
+                }
+                Err(InsertError::PrefixTaken) => continue,
+                Err(InsertError::Store(e)) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Internal("could not find a free lookup prefix".into()))
+    }
+
+    pub async fn list(
+        &self,
+        who: &Principal,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<Page<StoredOperator>, ServiceError> {
+        self.access.authorize(who, AdminAction::ListOperatorTokens, None)?;
+        let limit = page::page_size(page_size)?;
+        let cursor = page::decode(page_token)?.map(|(created_at, id)| OperatorCursor { created_at, id });
+        let mut rows = self.store.list_operators(cursor.as_ref(), limit + 1).await?;
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let next_page_token = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|t| page::encode(t.created_at, &t.id)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Page { items: rows, next_page_token })
+    }
+
+    pub async fn revoke(&self, who: &Principal, id: &str) -> Result<StoredOperator, ServiceError> {
+        self.access.authorize(who, AdminAction::RevokeOperatorToken, None)?;
+        let mut v = Violations::default();
+        v.check("id", validate::key_id(id));
+        v.into_result()?;
+        let now = clock::now();
+        let mut audit = AuditRecord::new(AuditKind::OperatorTokenRevoked, now, current_trace_id());
+        audit.actor = Some(who.actor.clone());
+        audit.detail = Some(format!("operator token {id}"));
+        let token = self
+            .store
+            .revoke_operator(id, now, audit)
+            .await?
+            .ok_or(ServiceError::NotFound("operator token"))?;
+        tracing::info!(actor = %who.actor, token_id = %id, "operator token revoked");
+        Ok(token)
+    }
+}
