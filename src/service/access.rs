@@ -192,14 +192,15 @@ impl Access {
         )))
     }
 
-    /// Writes the summary rows of minutes that have ended.
-    pub fn sweep(&self) {
-        self.refusals.sweep(clock::now(), false);
+    /// Queues the summary rows of minutes that have ended.
+    pub async fn sweep(&self) {
+        self.refusals.queue_all(self.refusals.summaries(clock::now(), false)).await;
     }
 
-    /// Writes every pending summary row (at shutdown).
-    pub fn flush(&self) {
-        self.refusals.sweep(clock::now(), true);
+    /// Queues every pending summary row (at shutdown, before the audit
+    /// writer's final flush).
+    pub async fn flush(&self) {
+        self.refusals.queue_all(self.refusals.summaries(clock::now(), true)).await;
     }
 
     async fn operator(
@@ -302,7 +303,9 @@ impl Refusals {
     }
 
     fn record(&self, key: RefusalKey, now: DateTime<Utc>) {
-        self.sweep(now, false);
+        for row in self.summaries(now, false) {
+            self.write(row);
+        }
         let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
         window.minute = minute_of(now);
         let full = window.counts.len() >= MAX_REFUSAL_SERIES;
@@ -318,13 +321,13 @@ impl Refusals {
         }
     }
 
-    /// Summarises the repeats of a minute that has ended (or of every
-    /// minute, with `all`).
-    fn sweep(&self, now: DateTime<Utc>, all: bool) {
-        let rows = {
+    /// The summary rows of the repeats of a minute that has ended (or of
+    /// the current one too, with `all`).
+    fn summaries(&self, now: DateTime<Utc>, all: bool) -> Vec<AuditRecord> {
+        {
             let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
             if !all && window.minute == minute_of(now) {
-                return;
+                return Vec::new();
             }
             let start = DateTime::from_timestamp(window.minute * 60, 0).unwrap_or(now);
             let mut rows: Vec<AuditRecord> = std::mem::take(&mut window.counts)
@@ -352,9 +355,12 @@ impl Refusals {
                 window.unitemised = 0;
             }
             rows
-        };
+        }
+    }
+
+    async fn queue_all(&self, rows: Vec<AuditRecord>) {
         for row in rows {
-            self.write(row);
+            let _ = self.queue.push(row).await;
         }
     }
 

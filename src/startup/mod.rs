@@ -354,7 +354,7 @@ impl Application {
                 loop {
                     tokio::select! {
                         () = &mut stop => return,
-                        _ = ticker.tick() => access.sweep(),
+                        _ = ticker.tick() => access.sweep().await,
                     }
                 }
             }));
@@ -477,7 +477,7 @@ impl Application {
             () = grace_over => tracing::warn!(grace_ms = grace.as_millis() as u64, "drain period over; abandoning calls still in flight"),
         }
         // Summaries of refusals still being counted go out with the rest.
-        access.flush();
+        access.flush().await;
 
         tracing::info!("flushing usage counts and audit rows");
         let _ = stop_tasks.send(true);

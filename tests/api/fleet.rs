@@ -126,6 +126,44 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Operator tokens are read on every KeyAdmin call, so a revocation made
+/// on one replica holds on another at its next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
+async fn an_operator_token_revoked_on_one_replica_is_refused_by_another_within_a_second() {
+    let fleet = postgres_fleet().await;
+    let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
+    let mut on_a = clients(a.addr).await;
+    let token = on_a
+        .admin
+        .create_operator_token(pb::CreateOperatorTokenRequest {
+            name: "fleet-operator".into(),
+            role: pb::OperatorRole::KeyManager as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut on_b = admin_client(connect(b.addr).await, &token.plaintext_token);
+    on_b.list_scopes(pb::ListScopesRequest {}).await.expect("the token works on B");
+    on_a.admin
+        .revoke_operator_token(pb::RevokeOperatorTokenRequest { id: token.operator_token.unwrap().id })
+        .await
+        .unwrap();
+    let revoked = Instant::now();
+    loop {
+        match on_b.list_scopes(pb::ListScopesRequest {}).await {
+            Err(status) if status.code() == tonic::Code::Unauthenticated => break,
+            other => assert!(revoked.elapsed() < Duration::from_secs(1), "B still accepts it: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("operator token revocation A -> B: refused after {:?}", revoked.elapsed());
+    stop(a).await;
+    stop(b).await;
+    fleet.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {

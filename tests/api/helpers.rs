@@ -96,6 +96,11 @@ pub type AdminClient = KeyAdminClient<InterceptedService<Channel, Bearer>>;
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// KeyAdmin's own listener and the plaintext health one, when configured.
+    pub admin_addr: Option<SocketAddr>,
+    pub health_addr: Option<SocketAddr>,
+    /// How this app's clients connect: plaintext, or TLS with this client.
+    pub tls: Option<crate::pki::TlsClient>,
     pub admin: AdminClient,
     pub verify: KeyVerifyClient<Channel>,
     pub probes: Probes,
@@ -174,6 +179,17 @@ pub async fn spawn_app_prepared<F: Future<Output = ()>>(
     prepare: impl FnOnce(String) -> F,
     customise: impl FnOnce(&mut Settings),
 ) -> TestApp {
+    spawn_app_over(backend, None, prepare, customise).await
+}
+
+/// [`spawn_app_prepared`] whose clients connect with `tls` (the settings
+/// must make the server serve TLS).
+pub async fn spawn_app_over<F: Future<Output = ()>>(
+    backend: Backend,
+    tls: Option<crate::pki::TlsClient>,
+    prepare: impl FnOnce(String) -> F,
+    customise: impl FnOnce(&mut Settings),
+) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let (database_url, postgres) = fresh_database(&backend, dir.path()).await;
     prepare(database_url.clone()).await;
@@ -181,15 +197,36 @@ pub async fn spawn_app_prepared<F: Future<Output = ()>>(
     customise(&mut settings);
     let app = Application::build(settings).await.expect("application builds");
     let addr = app.local_addr();
+    let (admin_addr, health_addr) = (app.admin_addr(), app.health_addr());
     let probes = app.probes();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
     }));
-    let channel = connect(addr).await;
+    let channel = match &tls {
+        None => connect(addr).await,
+        Some(client) => {
+            let (channel, _) = client.channel(addr);
+            let health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+            until("the server to answer over TLS", || {
+                let mut health = health.clone();
+                async move { health.check(tonic_health::pb::HealthCheckRequest::default()).await.ok() }
+            })
+            .await;
+            channel
+        }
+    };
+    let admin_channel = match (admin_addr, &tls) {
+        (None, _) => channel.clone(),
+        (Some(a), None) => Channel::from_shared(format!("http://{a}")).unwrap().connect_lazy(),
+        (Some(a), Some(client)) => client.channel(a).0,
+    };
     TestApp {
         addr,
-        admin: admin_client(channel.clone(), ADMIN_TOKEN),
+        admin_addr,
+        health_addr,
+        tls,
+        admin: admin_client(admin_channel, ADMIN_TOKEN),
         verify: KeyVerifyClient::new(channel),
         probes,
         database_url,
@@ -262,8 +299,13 @@ impl TestApp {
         admin_client(self.channel(), token)
     }
 
+    /// A new channel to the listener serving KeyAdmin.
     pub fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect_lazy()
+        let addr = self.admin_addr.unwrap_or(self.addr);
+        match &self.tls {
+            None => Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy(),
+            Some(client) => client.channel(addr).0,
+        }
     }
 
     /// Graceful stop: drain, flush usage and audit, then drop the database.

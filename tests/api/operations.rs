@@ -185,6 +185,23 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
     let channel = crate::helpers::connect(replica.addr).await;
     let mut admin = crate::helpers::admin_client(channel.clone(), ADMIN_TOKEN);
     let (id, key) = crate::helpers::create_sales_key(&mut admin, "logged").await;
+    let operator = admin
+        .create_operator_token(pb::CreateOperatorTokenRequest {
+            name: "logged-operator".into(),
+            role: pb::OperatorRole::Auditor as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut as_operator = crate::helpers::admin_client(channel.clone(), &operator.plaintext_token);
+    as_operator.list_scopes(pb::ListScopesRequest {}).await.unwrap();
+    let wrong_operator = crate::helpers::wrong_secret(&operator.plaintext_token, 1);
+    let refused = crate::helpers::admin_client(channel.clone(), &wrong_operator)
+        .list_scopes(pb::ListScopesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     let mut verify = pb::key_verify_client::KeyVerifyClient::new(channel);
     verify.verify(pb::VerifyRequest { key: key.clone(), ..Default::default() }).await.unwrap();
     admin
@@ -198,12 +215,16 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
     crate::helpers::sigterm(&replica.child);
     assert!(crate::helpers::exited(replica.child).await.success());
     let logs = replica.logs.lock().unwrap().join("\n");
-    for action in ["key created", "key revoked"] {
+    for action in ["key created", "key revoked", "operator token created"] {
         let line = logs.lines().find(|l| l.contains(action)).unwrap_or_else(|| panic!("no {action:?} line"));
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert_eq!((v["actor"].as_str(), v["key_id"].as_str()), (Some("admin"), Some(id.as_str())), "{line}");
+        assert_eq!(v["actor"].as_str(), Some("admin"), "{line}");
+        if action.starts_with("key") {
+            assert_eq!(v["key_id"].as_str(), Some(id.as_str()), "{line}");
+        }
     }
-    for secret in [&key[16..], ADMIN_TOKEN, PEPPER] {
+    assert!(logs.contains("KeyAdmin call unauthenticated"), "the refusal was not logged");
+    for secret in [&key[16..], &operator.plaintext_token[16..], &wrong_operator[16..], ADMIN_TOKEN, PEPPER] {
         assert!(!logs.contains(secret), "a secret reached the logs");
     }
     crate::helpers::drop_database(postgres).await;

@@ -1,0 +1,268 @@
+//! The trust boundary over real TLS: handshakes (right CA, wrong CA,
+//! expired certificates, plaintext), mTLS and KeyVerify's allowed callers,
+//! certificate rotation without dropped connections, the separate admin and
+//! plaintext health listeners, and client identities acting as operators.
+
+use keywarden::{
+    api::pb::{self, key_admin_client::KeyAdminClient, key_verify_client::KeyVerifyClient},
+    config::{IdentityGrant, Settings},
+    keys::operator::OperatorRole,
+};
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::{
+    helpers::{
+        ADMIN_TOKEN, Backend, MERCHANT, OTHER_MERCHANT, TestApp, admin_client, allowed, eventually, outcome,
+        parse_metrics, scalar, spawn_app_over, until,
+    },
+    pki::{Leaf, Pki, TlsClient, TlsFiles, serial_bytes},
+};
+
+const INVOICE: &str = "spiffe://cluster.local/ns/billing/sa/invoice";
+const PORTAL: &str = "spiffe://cluster.local/ns/portal/sa/portal";
+
+/// A CA, and the server's files in a directory of their own.
+struct Tls {
+    pki: Pki,
+    files: TlsFiles,
+    _dir: tempfile::TempDir,
+}
+
+fn tls(mtls: bool) -> Tls {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("keywarden test CA");
+    let files = TlsFiles::new(dir.path());
+    files.install(&pki.server(1));
+    if mtls {
+        files.install_client_ca(&pki.ca_pem());
+    }
+    Tls { pki, files, _dir: dir }
+}
+
+impl Tls {
+    fn configure(&self, settings: &mut Settings, mtls: bool) {
+        settings.tls_cert_file = Some(self.files.cert.clone());
+        settings.tls_key_file = Some(self.files.key.clone());
+        settings.tls_client_ca_file = mtls.then(|| self.files.client_ca.clone());
+        settings.tls_reload_interval_ms = 100;
+    }
+
+    fn client(&self, identity: Option<&Leaf>) -> TlsClient {
+        TlsClient::new(&self.pki.ca_pem(), identity)
+    }
+}
+
+async fn spawn(
+    tls: &Tls,
+    mtls: bool,
+    identity: Option<&Leaf>,
+    customise: impl FnOnce(&mut Settings),
+) -> TestApp {
+    spawn_app_over(
+        Backend::Sqlite,
+        Some(tls.client(identity)),
+        |_| async {},
+        |s| {
+            tls.configure(s, mtls);
+            customise(s);
+        },
+    )
+    .await
+}
+
+async fn health(channel: Channel) -> Result<i32, tonic::Status> {
+    HealthClient::new(channel).check(HealthCheckRequest::default()).await.map(|r| r.into_inner().status)
+}
+
+fn metric(app: &TestApp, name: &str) -> f64 {
+    parse_metrics(&app.probes.exporter.render()).get(name).copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_clients_that_trust_its_ca_and_no_one_else() {
+    let tls = tls(false);
+    let mut app = spawn(&tls, false, None, |_| {}).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed(), "Verify over TLS");
+
+    let other = Pki::new("another CA");
+    let wrong_ca = TlsClient::new(&other.ca_pem(), None).channel(app.addr).0;
+    assert!(health(wrong_ca).await.is_err(), "a client trusting another CA got through");
+    let plaintext = Channel::from_shared(format!("http://{}", app.addr)).unwrap().connect_lazy();
+    assert!(health(plaintext).await.is_err(), "plaintext HTTP/2 was answered on a TLS port");
+
+    // An expired server certificate, once served, is refused by clients.
+    tls.files.install(&tls.pki.issue(&["localhost", "127.0.0.1"], 2, true));
+    until("new connections to be offered the expired certificate", || async {
+        health(tls.client(None).channel(app.addr).0).await.is_err().then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_admits_only_unexpired_certificates_from_the_client_ca() {
+    let tls = tls(true);
+    let invoice = tls.pki.issue(&[INVOICE], 10, false);
+    let mut app = spawn(&tls, true, Some(&invoice), |_| {}).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed(), "Verify over mTLS");
+
+    let other = Pki::new("another CA");
+    let refused = [
+        ("no client certificate", tls.client(None)),
+        ("a certificate from another CA", tls.client(Some(&other.issue(&[INVOICE], 11, false)))),
+        ("an expired certificate from the client CA", tls.client(Some(&tls.pki.issue(&[INVOICE], 12, true)))),
+    ];
+    for (what, client) in &refused {
+        let result = health(client.channel(app.addr).0).await;
+        assert!(result.is_err(), "{what} was let in");
+    }
+    eventually("the refused handshakes to be counted", || {
+        (metric(&app, "keywarden_tls_handshake_failures_total") >= refused.len() as f64).then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyverify_answers_only_the_listed_callers() {
+    let tls = tls(true);
+    let invoice = tls.pki.issue(&[INVOICE], 10, false);
+    let mut app = spawn(&tls, true, Some(&invoice), |s| s.verify_callers = vec![INVOICE.to_owned()]).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed(), "a listed caller");
+
+    // Same CA, another identity (a DNS SAN only): the handshake succeeds,
+    // KeyVerify refuses, health still answers.
+    let reports = tls.client(Some(&tls.pki.issue(&["reports.internal"], 13, false))).channel(app.addr).0;
+    let mut verify = KeyVerifyClient::new(reports.clone());
+    let denied =
+        verify.verify(pb::VerifyRequest { key: key.clone(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let denied = verify.record_outcomes(pb::RecordOutcomesRequest::default()).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert_eq!(health(reports).await.unwrap(), 1, "health is not limited to verify callers");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_certificates_reach_new_connections_and_spare_open_ones() {
+    let tls = tls(false);
+    let app = spawn(&tls, false, None, |_| {}).await;
+    let (open, dialed) = tls.client(None).channel(app.addr);
+    assert_eq!(health(open.clone()).await.unwrap(), 1);
+    assert_eq!((dialed.count(), dialed.last_serial()), (1, Some(serial_bytes(1))));
+
+    tls.files.install(&tls.pki.server(2));
+    until("a new connection to be offered serial 2", || async {
+        let (fresh, seen) = tls.client(None).channel(app.addr);
+        health(fresh).await.ok()?;
+        (seen.last_serial() == Some(serial_bytes(2))).then_some(())
+    })
+    .await;
+    assert_eq!(health(open.clone()).await.unwrap(), 1, "the open connection stopped working");
+    assert_eq!(dialed.count(), 1, "the open connection was dropped and redialled");
+
+    // A certificate file that does not parse keeps serial 2 in service.
+    std::fs::write(&tls.files.cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    eventually("the bad file to be counted", || {
+        (metric(&app, "keywarden_tls_reload_failures_total") >= 1.0).then_some(())
+    })
+    .await;
+    let (fresh, seen) = tls.client(None).channel(app.addr);
+    assert_eq!(health(fresh).await.unwrap(), 1);
+    assert_eq!(seen.last_serial(), Some(serial_bytes(2)));
+    assert_eq!(health(open).await.unwrap(), 1);
+    assert_eq!(metric(&app, "keywarden_tls_reloads_total"), 1.0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyadmin_moves_to_its_own_listener_and_health_gets_a_plaintext_one() {
+    let tls = tls(false);
+    let mut app = spawn(&tls, false, None, |s| {
+        s.admin_listen_addr = Some("127.0.0.1:0".parse().unwrap());
+        s.health_listen_addr = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let on_verify_port = tls.client(None).channel(app.addr).0;
+    let moved =
+        admin_client(on_verify_port, ADMIN_TOKEN).list_scopes(pb::ListScopesRequest {}).await.unwrap_err();
+    assert_eq!(moved.code(), Code::Unimplemented, "KeyAdmin still answers on the verify listener");
+    assert!(app.admin.list_scopes(pb::ListScopesRequest {}).await.is_ok(), "KeyAdmin on its listener");
+
+    let health_port =
+        Channel::from_shared(format!("http://{}", app.health_addr.unwrap())).unwrap().connect_lazy();
+    assert_eq!(health(health_port.clone()).await.unwrap(), 1, "plaintext health");
+    let verify = KeyVerifyClient::new(health_port).verify(pb::VerifyRequest::default()).await.unwrap_err();
+    assert_eq!(verify.code(), Code::Unimplemented, "the health port serves only health");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapped_client_identity_acts_as_an_operator_within_its_limits() {
+    let tls = tls(true);
+    let portal = tls.pki.issue(&[PORTAL], 20, false);
+    let invoice = tls.pki.issue(&[INVOICE], 21, false);
+    let app = spawn(&tls, true, Some(&invoice), |s| {
+        s.operator_identities = vec![IdentityGrant {
+            identity: PORTAL.to_owned(),
+            role: OperatorRole::KeyManager,
+            merchant_ids: vec![MERCHANT.to_owned()],
+        }]
+    })
+    .await;
+    // Certificate alone, no bearer token.
+    let mut as_portal = KeyAdminClient::new(tls.client(Some(&portal)).channel(app.addr).0);
+    let created = as_portal
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "portal key".into(),
+            scopes: vec!["sales:read".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key
+        .unwrap();
+    assert_eq!(created.created_by, PORTAL);
+    let denied = as_portal
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: OTHER_MERCHANT.into(),
+            name: "elsewhere".into(),
+            scopes: vec!["sales:read".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let refused =
+        as_portal.create_operator_token(pb::CreateOperatorTokenRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "a key manager issued operator tokens");
+
+    // An identity with no grant and no token is not an operator.
+    let mut as_invoice = KeyAdminClient::new(tls.client(Some(&invoice)).channel(app.addr).0);
+    let status = as_invoice.list_scopes(pb::ListScopesRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    app.settle().await;
+    let actor_rows = scalar(
+        &app.database_url,
+        &format!("SELECT COUNT(*) FROM audit_events WHERE kind = 'KEY_CREATED' AND actor = '{PORTAL}'"),
+    )
+    .await;
+    assert_eq!(actor_rows, 1, "the creation's audit row names the identity");
+    let denial_rows = scalar(
+        &app.database_url,
+        &format!(
+            "SELECT COUNT(*) FROM audit_events WHERE kind = 'ACCESS_DENIED' AND actor = '{PORTAL}' \
+             AND merchant_id = '{OTHER_MERCHANT}' AND endpoint = '/keywarden.v1.KeyAdmin/CreateKey'"
+        ),
+    )
+    .await;
+    assert_eq!(denial_rows, 1, "the denial's audit row names actor, merchant and RPC");
+    app.stop().await;
+}
