@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Runs the grpcurl cookbook (docs/cookbook.md), as written, against a real
-server started the way the README's first command starts it (embedded SQLite, first
-run), using only server reflection. Only the port is swapped for a free one."""
+server started as it shows: a first run (embedded SQLite, generated secrets)
+serving mutual TLS with the certificates its first block makes, using only
+server reflection. Only the port is swapped for a free one."""
 
 import os
 import pathlib
@@ -29,9 +30,16 @@ def main():
     blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
     assert len(blocks) >= 8, f"expected the cookbook's shell blocks, found {len(blocks)}"
     port = free_port()
-    script = "set -euo pipefail\n" + "\n".join(blocks).replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+    certificates, calls = blocks[0], blocks[1:]
+    assert "openssl" in certificates, "the first block makes the certificates"
+    script = "set -euo pipefail\n" + "\n".join(calls).replace("127.0.0.1:50051", f"127.0.0.1:{port}")
     work = pathlib.Path(tempfile.mkdtemp())
-    env = dict(os.environ, KEYWARDEN_LISTEN_ADDR=f"127.0.0.1:{port}", KEYWARDEN_METRICS_ADDR="127.0.0.1:0")
+    subprocess.run(["bash", "-c", "set -euo pipefail\n" + certificates], cwd=work, check=True)
+    # The server command the cookbook shows, with the binary CI built.
+    shown = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    tls_env = dict(re.findall(r"(KEYWARDEN_TLS_\w+)=(\S+)", shown))
+    assert set(tls_env) == {"KEYWARDEN_TLS_CERT_FILE", "KEYWARDEN_TLS_KEY_FILE", "KEYWARDEN_TLS_CLIENT_CA_FILE"}, shown
+    env = dict(os.environ, KEYWARDEN_LISTEN_ADDR=f"127.0.0.1:{port}", KEYWARDEN_METRICS_ADDR="127.0.0.1:0", **tls_env)
     server = subprocess.Popen([BINARY, "serve"], cwd=work, env=env, stdout=subprocess.DEVNULL,
                               stderr=open(work / "server.log", "w"))
     try:
@@ -41,8 +49,13 @@ def main():
                 break
             except OSError:
                 time.sleep(0.1)
-        described = subprocess.run(["grpcurl", "-plaintext", f"127.0.0.1:{port}", "describe", "keywarden.v1.KeyVerify"],
-                                   capture_output=True, text=True, check=True).stdout
+        tls = ["-cacert", "ca.pem", "-cert", "client.pem", "-key", "client.key"]
+        described = subprocess.run(["grpcurl", *tls, f"127.0.0.1:{port}", "describe", "keywarden.v1.KeyVerify"],
+                                   cwd=work, capture_output=True, text=True, check=True).stdout
+        plaintext = subprocess.run(["grpcurl", "-plaintext", f"127.0.0.1:{port}", "list"],
+                                   cwd=work, capture_output=True, text=True)
+        no_client_cert = subprocess.run(["grpcurl", "-cacert", "ca.pem", f"127.0.0.1:{port}", "list"],
+                                        cwd=work, capture_output=True, text=True)
         run = subprocess.run(["bash", "-c", script], cwd=work, capture_output=True, text=True, timeout=300)
         output = run.stdout + run.stderr
     finally:
@@ -50,7 +63,12 @@ def main():
         code = server.wait(timeout=60)
     print(output[-4000:])
     expected = {
-        "describe via reflection": "rpc Verify ( .keywarden.v1.VerifyRequest )" in described,
+        "describe via reflection, over mTLS": "rpc Verify ( .keywarden.v1.VerifyRequest )" in described,
+        "plaintext refused": plaintext.returncode != 0,
+        "no client certificate refused": no_client_cert.returncode != 0,
+        "operator token issued": '"plaintextToken": "kwop_' in output and '"role": "OPERATOR_ROLE_KEY_MANAGER"' in output,
+        "keys created by the operator": '"createdBy": "portal"' in output,
+        "outside the merchants: denied": "Code: PermissionDenied" in output,
         "the script ran to the end": run.returncode == 0,
         "list shows both services": "keywarden.v1.KeyAdmin" in output and "keywarden.v1.KeyVerify" in output,
         "health": '"status": "SERVING"' in output,

@@ -45,6 +45,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let stop = keywarden::startup::shutdown_signal().context("installing the SIGTERM handler")?;
             tracing::info!(
                 listen = %app.local_addr(),
+                admin_listen = app.admin_addr().map(tracing::field::display),
+                health_listen = app.health_addr().map(tracing::field::display),
+                tls = app.serves_tls(),
                 metrics = app.metrics_addr().map(tracing::field::display),
                 version = env!("CARGO_PKG_VERSION"),
                 exporting_spans = telemetry.exporting(),
@@ -73,6 +76,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { conn, command } => client::keys(conn, command).await,
+        Command::Operators { conn, command } => client::operators(conn, command).await,
         Command::Audit { conn, command } => client::audit(conn, command).await,
         Command::Verify { conn, key, ip, scope, endpoint, method } => {
             client::verify(conn, key, ip, scope, endpoint, method).await

@@ -3,30 +3,57 @@
 use std::io::Read as _;
 
 use anyhow::{Context as _, bail};
-use tonic::{Request, metadata::MetadataValue, transport::Channel};
+use tonic::{
+    Request,
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
 
-use super::{AuditCommand, Connection, KeysCommand, render};
+use super::{AuditCommand, Connection, KeysCommand, OperatorsCommand, render};
 use crate::api::pb::{self, key_admin_client::KeyAdminClient, key_verify_client::KeyVerifyClient};
 
-async fn channel(conn: &Connection) -> anyhow::Result<Channel> {
-    Channel::from_shared(conn.server.clone())
-        .context("--server is not a URL")?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach keywarden at {}", conn.server))
+fn read(what: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
 }
 
-/// The admin token: flag or environment, else the one an embedded first run
-/// generated into the data directory.
+async fn channel(conn: &Connection) -> anyhow::Result<Channel> {
+    let mut server = conn.server.clone();
+    if conn.ca_cert.is_some() && server.starts_with("http://") {
+        server = server.replacen("http://", "https://", 1);
+    }
+    let mut endpoint = Channel::from_shared(server.clone()).context("--server is not a URL")?;
+    if server.starts_with("https://") {
+        let Some(ca) = &conn.ca_cert else {
+            bail!("--server is https: give --ca-cert, the PEM CA its certificate chains to");
+        };
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--ca-cert", ca)?));
+        if let (Some(cert), Some(key)) = (&conn.cert, &conn.key) {
+            tls = tls.identity(Identity::from_pem(read("--cert", cert)?, read("--key", key)?));
+        }
+        endpoint = endpoint.tls_config(tls).context("configuring TLS")?;
+    }
+    endpoint.connect().await.with_context(|| format!("cannot reach keywarden at {server}"))
+}
+
+/// The KeyAdmin token: a file, else the environment, else the one an
+/// embedded first run generated into the data directory. Never argv.
 fn token(conn: &Connection) -> anyhow::Result<String> {
-    if let Some(token) = &conn.token {
+    if let Some(path) = &conn.token_file {
+        let token = String::from_utf8(read("--token-file", path)?).context("the token file is not text")?;
         return Ok(token.trim().to_owned());
+    }
+    for variable in ["KEYWARDEN_TOKEN", "KEYWARDEN_ADMIN_TOKEN"] {
+        if let Ok(token) = std::env::var(variable)
+            && !token.trim().is_empty()
+        {
+            return Ok(token.trim().to_owned());
+        }
     }
     let path = conn.data_dir.join("admin-token");
     match std::fs::read_to_string(&path) {
         Ok(token) => Ok(token.trim().to_owned()),
         Err(_) => bail!(
-            "no admin token: pass --token or set KEYWARDEN_ADMIN_TOKEN (none found at {})",
+            "no token: give --token-file, or set KEYWARDEN_TOKEN or KEYWARDEN_ADMIN_TOKEN (none found at {})",
             path.display()
         ),
     }
@@ -166,6 +193,52 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
             let usage =
                 admin.get_key_usage(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
             render::usage(conn.json, &usage);
+        }
+    }
+    Ok(())
+}
+
+pub async fn operators(conn: Connection, command: OperatorsCommand) -> anyhow::Result<()> {
+    let token = token(&conn)?;
+    let mut admin = KeyAdminClient::new(channel(&conn).await?);
+    match command {
+        OperatorsCommand::Create { name, role, merchants, expires_at } => {
+            let role = match role.to_ascii_lowercase().replace('_', "-").as_str() {
+                "admin" => pb::OperatorRole::Admin,
+                "key-manager" => pb::OperatorRole::KeyManager,
+                "auditor" => pb::OperatorRole::Auditor,
+                other => bail!("--role {other:?}: use admin, key-manager or auditor"),
+            };
+            let request = pb::CreateOperatorTokenRequest {
+                name,
+                role: role.into(),
+                merchant_ids: merchants,
+                expires_at: timestamp("--expires-at", expires_at.as_deref())?,
+            };
+            let created = admin
+                .create_operator_token(authorized(request, &token)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            render::operator_issued(conn.json, created.operator_token.as_ref(), &created.plaintext_token);
+        }
+        OperatorsCommand::List { page_size, page_token } => {
+            let request = pb::ListOperatorTokensRequest { page_size, page_token };
+            let page = admin
+                .list_operator_tokens(authorized(request, &token)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            render::operators(conn.json, &page.operator_tokens, &page.next_page_token);
+        }
+        OperatorsCommand::Revoke { id } => {
+            let request = pb::RevokeOperatorTokenRequest { id };
+            let revoked = admin
+                .revoke_operator_token(authorized(request, &token)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            render::operators(conn.json, revoked.operator_token.as_slice(), "");
         }
     }
     Ok(())

@@ -1,5 +1,7 @@
-//! The command line: `serve` and `migrate` run the service; `keys`, `audit`
-//! and `verify` are thin gRPC clients for people without grpcurl.
+//! The command line: `serve` and `migrate` run the service; `keys`,
+//! `operators`, `audit` and `verify` are thin gRPC clients for people
+//! without grpcurl. Tokens come from the environment or a file, never from
+//! argv (where `ps` would show them).
 
 pub mod client;
 mod render;
@@ -35,6 +37,13 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Manage operator credentials (KeyAdmin tokens with a role); ADMIN only.
+    Operators {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: OperatorsCommand,
+    },
     /// Read a merchant's audit trail.
     Audit {
         #[command(flatten)]
@@ -67,9 +76,20 @@ pub struct Connection {
     /// Server address.
     #[arg(long, env = "KEYWARDEN_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
     pub server: String,
-    /// Admin token; default: KEYWARDEN_ADMIN_TOKEN, else `<data dir>/admin-token`.
-    #[arg(long, env = "KEYWARDEN_ADMIN_TOKEN", hide_env_values = true, global = true)]
-    pub token: Option<String>,
+    /// File holding the KeyAdmin token. Without it: KEYWARDEN_TOKEN (an
+    /// operator token), else KEYWARDEN_ADMIN_TOKEN (bootstrap), else
+    /// `<data dir>/admin-token`. There is no flag for the token itself.
+    #[arg(long, env = "KEYWARDEN_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA that the server's certificate must chain to; turns on TLS.
+    #[arg(long, env = "KEYWARDEN_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate for mTLS (with --key).
+    #[arg(long, env = "KEYWARDEN_CLIENT_CERT", global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "KEYWARDEN_CLIENT_KEY", global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
     /// Where an embedded first run put its generated admin token.
     #[arg(long, env = "KEYWARDEN_DATA_DIR", default_value = "keywarden-data", global = true)]
     pub data_dir: PathBuf,
@@ -158,6 +178,33 @@ pub enum KeysCommand {
         merchant: String,
         key_id: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperatorsCommand {
+    /// Issue a token; its plaintext is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// admin, key-manager or auditor.
+        #[arg(long)]
+        role: String,
+        /// Limit the token to a merchant (repeat for several); not for admin.
+        #[arg(long = "merchant")]
+        merchants: Vec<String>,
+        /// RFC 3339 time, e.g. 2027-06-30T00:00:00Z.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// Tokens, newest first, revoked ones included.
+    List {
+        #[arg(long, default_value_t = 0)]
+        page_size: i32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Revoke a token, on every replica at once.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]

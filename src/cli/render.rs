@@ -130,6 +130,64 @@ pub fn issued(json: bool, key: Option<&pb::ApiKey>, plaintext: &str, previous: O
     println!("\nkey: {plaintext}");
 }
 
+fn operator_json(t: &pb::OperatorToken) -> Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "role": role(t),
+        "merchant_ids": t.merchant_ids,
+        "created_by": t.created_by,
+        "created_at": time(t.created_at.as_ref()),
+        "expires_at": time(t.expires_at.as_ref()),
+        "revoked_at": time(t.revoked_at.as_ref()),
+    })
+}
+
+fn role(t: &pb::OperatorToken) -> String {
+    enum_name(pb::OperatorRole::try_from(t.role).ok().map(|r| r.as_str_name()), "OPERATOR_ROLE_")
+}
+
+pub fn operators(json: bool, tokens: &[pb::OperatorToken], next: &str) {
+    if json {
+        println!(
+            "{}",
+            json!({ "operator_tokens": tokens.iter().map(operator_json).collect::<Vec<_>>(), "next_page_token": next })
+        );
+        return;
+    }
+    let rows: Vec<Vec<String>> = tokens
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                t.name.clone(),
+                role(t),
+                if t.merchant_ids.is_empty() { "all".to_owned() } else { t.merchant_ids.join(",") },
+                t.created_by.clone(),
+                or_dash(time(t.expires_at.as_ref())),
+                or_dash(time(t.revoked_at.as_ref())),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "ROLE", "MERCHANTS", "CREATED BY", "EXPIRES", "REVOKED"], &rows);
+    if !next.is_empty() {
+        println!("\nmore: --page-token {next}");
+    }
+}
+
+/// A newly issued operator token: the only time its plaintext is shown.
+pub fn operator_issued(json: bool, token: Option<&pb::OperatorToken>, plaintext: &str) {
+    eprintln!("keywarden: the token below is shown once and cannot be retrieved again; store it now.");
+    if json {
+        println!("{}", json!({ "operator_token": token.map(operator_json), "plaintext_token": plaintext }));
+        return;
+    }
+    if let Some(token) = token {
+        operators(false, std::slice::from_ref(token), "");
+    }
+    println!("\ntoken: {plaintext}");
+}
+
 pub fn usage(json: bool, usage: &pb::GetKeyUsageResponse) {
     if json {
         println!(

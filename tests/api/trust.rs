@@ -266,3 +266,87 @@ async fn a_mapped_client_identity_acts_as_an_operator_within_its_limits() {
     assert_eq!(denial_rows, 1, "the denial's audit row names actor, merchant and RPC");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_speaks_mtls_and_takes_tokens_only_from_a_file_or_the_environment() {
+    let tls = tls(true);
+    let client = tls.pki.issue(&["ops.internal"], 30, false);
+    let app = spawn(&tls, true, Some(&client), |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, contents: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    };
+    let (ca, cert, key) = (
+        write("ca.pem", &tls.pki.ca_pem()),
+        write("client.pem", &client.cert),
+        write("client.key", &client.key),
+    );
+    let token_file = write("token", &format!("{ADMIN_TOKEN}\n"));
+    let cli = |args: &[&str], env: &[(&str, &str)]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
+            .args(args)
+            .env_clear()
+            .env("KEYWARDEN_SERVER", format!("https://127.0.0.1:{}", app.addr.port()))
+            .env("KEYWARDEN_CA_CERT", &ca)
+            .env("KEYWARDEN_CLIENT_CERT", &cert)
+            .env("KEYWARDEN_CLIENT_KEY", &key)
+            .env("KEYWARDEN_DATA_DIR", dir.path().join("none"))
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(
+        &[
+            "operators",
+            "create",
+            "--name",
+            "support",
+            "--role",
+            "auditor",
+            "--merchant",
+            MERCHANT,
+            "--json",
+            "--token-file",
+        ],
+        &[],
+    );
+    assert!(!ok && err.contains("--token-file"), "a flag without its file: {err}");
+    let (ok, out2, err2) = cli(
+        &[
+            "operators",
+            "create",
+            "--name",
+            "support",
+            "--role",
+            "auditor",
+            "--merchant",
+            MERCHANT,
+            "--json",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{out}{err}{out2}{err2}");
+    let created: serde_json::Value = serde_json::from_str(&out2).unwrap();
+    let operator = created["plaintext_token"].as_str().unwrap().to_owned();
+    assert!(operator.starts_with("kwop_"));
+    assert_eq!(created["operator_token"]["role"], "AUDITOR");
+
+    let (ok, out, err) =
+        cli(&["keys", "list", "--merchant", MERCHANT, "--json"], &[("KEYWARDEN_TOKEN", &operator)]);
+    assert!(ok, "an auditor lists keys: {out}{err}");
+    let (ok, _, err) =
+        cli(&["keys", "revoke", "--merchant", MERCHANT, "some-key"], &[("KEYWARDEN_TOKEN", &operator)]);
+    assert!(!ok && err.contains("PermissionDenied"), "an auditor revoked: {err}");
+    let (ok, _, err) = cli(&["keys", "list", "--merchant", MERCHANT, "--token", &operator], &[]);
+    assert!(!ok && err.contains("--token"), "argv took a token: {err}");
+    app.stop().await;
+}
