@@ -30,6 +30,9 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /keywarden /keywarden
 USER 65532:65532
 EXPOSE 50051 9464
+# On 0.0.0.0 the server refuses plaintext unless TLS is configured
+# (KEYWARDEN_TLS_CERT_FILE/KEY_FILE) or KEYWARDEN_ALLOW_PLAINTEXT=true says
+# a mesh terminates mTLS; the Helm chart sets one or the other.
 ENV KEYWARDEN_LISTEN_ADDR=0.0.0.0:50051 \
     KEYWARDEN_METRICS_ADDR=0.0.0.0:9464 \
     KEYWARDEN_LOG_FORMAT=json \

@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import tomllib
 
 import yaml
 from helm_python import Chart, lint
@@ -43,7 +44,8 @@ def render(values, label):
 
 
 def validate(docs, label):
-    builtin = [d for d in docs if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+    crds = ("monitoring.coreos.com/", "cert-manager.io/")
+    builtin = [d for d in docs if not d["apiVersion"].startswith(crds)]
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / f"{label}.yaml"
         path.write_text(yaml.safe_dump_all(builtin))
@@ -59,6 +61,12 @@ def validate(docs, label):
             check(endpoints[0]["port"] == "metrics" and endpoints[0]["path"] == "/metrics", f"{label}: ServiceMonitor scrapes /metrics")
             check(set(d["spec"]["selector"]["matchLabels"]) == {"app.kubernetes.io/name", "app.kubernetes.io/instance"},
                   f"{label}: ServiceMonitor selects the release's pods")
+        # Certificate is cert-manager's CRD: the fields it requires.
+        if d["kind"] == "Certificate":
+            spec = d["spec"]
+            check(spec["secretName"] and spec["issuerRef"]["name"] and spec["dnsNames"],
+                  f"{label}: Certificate has a secret, an issuer and DNS names")
+            check(f"keywarden.payments.svc" in spec["dnsNames"], f"{label}: Certificate names the Service")
 
 
 def by_kind(docs):
@@ -78,8 +86,26 @@ def check_promises(docs, label, secrets):
     check(ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False, f"{label}: read-only root, no escalation")
     check(ctx["capabilities"]["drop"] == ["ALL"], f"{label}: all capabilities dropped")
     check("grpc" in container["readinessProbe"] and "grpc" in container["livenessProbe"], f"{label}: gRPC probes")
-    check(container["lifecycle"]["preStop"]["sleep"]["seconds"] >= 1, f"{label}: preStop pause")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     config = kinds["ConfigMap"][0]["data"]
+    if "health" in ports:
+        check(all(container[p]["grpc"]["port"] == ports["health"] for p in ("readinessProbe", "livenessProbe", "startupProbe")),
+              f"{label}: probes use the plaintext health port")
+        check(config["KEYWARDEN_HEALTH_LISTEN_ADDR"].endswith(f":{ports['health']}"), f"{label}: the health listener is configured")
+    tls = "KEYWARDEN_TLS_CERT_FILE" in config
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    if tls:
+        check(config["KEYWARDEN_TLS_CERT_FILE"].startswith(mounts.get("tls", "-")), f"{label}: the certificate is mounted")
+        check("KEYWARDEN_ALLOW_PLAINTEXT" not in config, f"{label}: TLS without a plaintext opt-in")
+        check("health" in ports, f"{label}: TLS comes with the plaintext health port for probes")
+    else:
+        check(config.get("KEYWARDEN_ALLOW_PLAINTEXT") == "true", f"{label}: plaintext is asked for explicitly")
+    if "KEYWARDEN_TLS_CLIENT_CA_FILE" in config:
+        check(config["KEYWARDEN_TLS_CLIENT_CA_FILE"].startswith(mounts.get("client-ca", "-")), f"{label}: the client CA is mounted")
+    if "KEYWARDEN_OPERATOR_IDENTITIES" in config:
+        parsed = tomllib.loads("v = " + config["KEYWARDEN_OPERATOR_IDENTITIES"])["v"]
+        check(all({"identity", "role", "merchant_ids"} == set(g) for g in parsed), f"{label}: operator identities are TOML the server reads")
+    check(container["lifecycle"]["preStop"]["sleep"]["seconds"] >= 1, f"{label}: preStop pause")
     drain = (int(config["KEYWARDEN_SHUTDOWN_GRACE_MS"]) + int(config["KEYWARDEN_FLUSH_TIMEOUT_MS"])) / 1000
     check(pod["terminationGracePeriodSeconds"] > drain + container["lifecycle"]["preStop"]["sleep"]["seconds"],
           f"{label}: terminationGracePeriodSeconds exceeds preStop + drain + flush")
@@ -96,6 +122,12 @@ def check_promises(docs, label, secrets):
     policy = kinds["NetworkPolicy"][0]["spec"]["ingress"]
     check(any(p["ports"][0]["port"] == "grpc" and p["from"][0].get("namespaceSelector") for p in policy),
           f"{label}: only labelled namespaces reach the gRPC port")
+    if "admin" in ports:
+        admin_rules = [p for p in policy if p["ports"][0]["port"] == "admin"]
+        check(len(admin_rules) == 1 and admin_rules[0]["from"][0]["namespaceSelector"]["matchLabels"]
+              != policy[0]["from"][0]["namespaceSelector"]["matchLabels"],
+              f"{label}: the admin port has its own NetworkPolicy rule, from other namespaces than verify callers")
+        check(config["KEYWARDEN_ADMIN_LISTEN_ADDR"].endswith(f":{ports['admin']}"), f"{label}: KeyAdmin has its own listener")
     return kinds
 
 
@@ -161,6 +193,13 @@ check("Secret" not in kinds, "production: existingSecret means no chart-managed 
 check("HorizontalPodAutoscaler" in kinds and "ServiceMonitor" in kinds, "production: HPA and ServiceMonitor rendered")
 check("replicas" not in kinds["Deployment"][0]["spec"], "production: the HPA owns the replica count")
 env = {e["name"] for e in kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+config = kinds["ConfigMap"][0]["data"]
+check("Certificate" in kinds and kinds["Certificate"][0]["spec"]["issuerRef"]["name"] == "platform-internal-ca",
+      "production: cert-manager issues the serving certificate")
+check("KEYWARDEN_TLS_CLIENT_CA_FILE" in config and "spiffe://cluster.local/ns/billing/sa/invoice" in config["KEYWARDEN_VERIFY_CALLERS"],
+      "production: mTLS with allowed verify callers")
+check("db-ca" in {v["name"] for v in kinds["Deployment"][0]["spec"]["template"]["spec"]["volumes"]},
+      "production: the database CA is mounted for sslmode=verify-full")
 check(kinds["ConfigMap"][0]["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector"), "production: OTLP endpoint configured")
 check("deployment.environment=production" in kinds["ConfigMap"][0]["data"]["OTEL_RESOURCE_ATTRIBUTES"], "production: resource attributes")
 
@@ -176,6 +215,12 @@ for bad, why in [
     ({"secrets": {"databaseUrl": "mysql://db"}}, "the database must be PostgreSQL"),
     ({"service": {"grpcPort": 70000}}, "ports are bounded"),
     ({"config": {"cacheMaxKeys": 0}}, "the cache holds at least one key"),
+    ({"allowPlaintext": False}, "no TLS needs an explicit plaintext opt-in"),
+    ({"tls": {"clientCa": {"existingSecret": "ca"}}}, "mTLS needs a server certificate"),
+    ({"tls": {"existingSecret": "tls"}, "service": {"healthPort": 0}}, "TLS needs the plaintext health port for probes"),
+    ({"tls": {"existingSecret": "tls", "clientCa": {"existingSecret": "ca"}}, "operatorIdentities": [{"identity": "x", "role": "root"}]},
+     "operator roles are an enum"),
+    ({"tls": {"certManager": {"enabled": True}}}, "cert-manager needs an issuer"),
 ]:
     try:
         Chart.load(CHART).render(bad, name="keywarden", namespace="payments", is_install=True)

@@ -673,6 +673,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_settings_file_loads_and_is_consistent() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("keywarden.example.toml");
+        let settings: Settings = Figment::new().merge(Toml::file(example)).extract().unwrap();
+        assert_eq!(settings.operator_identities[0].role, OperatorRole::KeyManager);
+        assert!(settings.tls().unwrap().is_some_and(|t| t.client_ca_file.is_some()));
+    }
+
+    #[test]
     fn plaintext_beyond_loopback_must_be_asked_for() {
         let open = Settings { listen_addr: "0.0.0.0:50051".parse().unwrap(), ..Settings::default() };
         assert!(open.tls().unwrap_err().to_string().contains("KEYWARDEN_ALLOW_PLAINTEXT"));

@@ -79,3 +79,40 @@ capabilities:
 {{- end }}
 {{- join "," $pairs }}
 {{- end }}
+
+{{/* Whether the gRPC ports serve TLS. */}}
+{{- define "keywarden.tls" -}}
+{{- if or .Values.tls.existingSecret .Values.tls.certManager.enabled }}true{{ end -}}
+{{- end }}
+
+{{/* The Secret holding tls.crt and tls.key. */}}
+{{- define "keywarden.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "keywarden.fullname" .)) .Values.tls.existingSecret -}}
+{{- end }}
+
+{{/* Refuses combinations that would not start or would not be safe. */}}
+{{- define "keywarden.checkTransport" -}}
+{{- if and (not (include "keywarden.tls" .)) (not .Values.allowPlaintext) }}
+{{- fail "no TLS: set tls.existingSecret or tls.certManager.enabled, or allowPlaintext=true behind a mesh that terminates mTLS" }}
+{{- end }}
+{{- if and .Values.tls.clientCa.existingSecret (not (include "keywarden.tls" .)) }}
+{{- fail "tls.clientCa needs a server certificate: tls.existingSecret or tls.certManager" }}
+{{- end }}
+{{- if and (or .Values.tls.verifyCallers .Values.operatorIdentities) (not .Values.tls.clientCa.existingSecret) }}
+{{- fail "tls.verifyCallers and operatorIdentities are certificate identities: they need tls.clientCa (mTLS)" }}
+{{- end }}
+{{- if and (include "keywarden.tls" .) (eq (int .Values.service.healthPort) 0) }}
+{{- fail "with TLS, service.healthPort is required: the kubelet's gRPC probes cannot speak TLS" }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) }}
+{{- fail "tls.certManager.issuerRef.name is required" }}
+{{- end }}
+{{- end }}
+
+{{/* operatorIdentities as the TOML inline array KEYWARDEN_OPERATOR_IDENTITIES takes. */}}
+{{- define "keywarden.operatorIdentities" -}}
+[{{- range $i, $g := .Values.operatorIdentities -}}
+{{- if $i }}, {{ end -}}
+{identity = {{ $g.identity | quote }}, role = {{ $g.role | quote }}, merchant_ids = [{{ range $j, $m := $g.merchantIds }}{{ if $j }}, {{ end }}{{ $m | quote }}{{ end }}]}
+{{- end -}}]
+{{- end }}
