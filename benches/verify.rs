@@ -8,12 +8,16 @@
 //! `grpc.health.v1.Health/Check` on the same server — measured in the same
 //! run.
 //!
+//! Two more replicas on the same database serve TLS and mTLS (a throwaway
+//! CA), so that warm Verify over TLS is measured against plaintext in the
+//! same run; new handshakes per second are measured on their own.
+//!
 //! ```text
 //! cargo bench --bench verify -- [--duration 10] [--rounds 5] [--connections 4]
 //!     [--concurrency 64] [--keys 1000] [--hash-workers N]
-//!     [--profile baseline|allow|deny-scope|deny-ip|malformed|wrong-secret]
+//!     [--profile baseline|allow|deny-scope|deny-ip|malformed|wrong-secret|allow-tls|allow-mtls]
 //!     [--postgres postgres://postgres@127.0.0.1:5432/test]
-//!     [--target 127.0.0.1:50051 --token <admin token>]
+//!     [--target 127.0.0.1:50051 --token <admin token>] [--no-tls]
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
@@ -66,6 +70,9 @@ struct Args {
     token: String,
     /// Internal: be the fresh process whose RSS the memory figure reads.
     rss_probe: bool,
+    /// Skip the TLS and mTLS replicas (they share the database, and their
+    /// audit writes with it).
+    no_tls: bool,
 }
 
 fn parse_args() -> Args {
@@ -81,6 +88,7 @@ fn parse_args() -> Args {
         target: None,
         token: TOKEN.into(),
         rss_probe: false,
+        no_tls: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -97,6 +105,7 @@ fn parse_args() -> Args {
             "--hash-workers" => args.hash_workers = value().parse().unwrap(),
             "--profile" => args.profile = Some(value()),
             "--rss-probe" => args.rss_probe = true,
+            "--no-tls" => args.no_tls = true,
             // The older spelling of `--profile allow`.
             "--profile-warm" => args.profile = Some("allow".into()),
             // cargo bench passes --bench to harness-less benchmarks.
@@ -120,6 +129,7 @@ fn start_server(
     dir: &std::path::Path,
     cache: bool,
     hash_workers: usize,
+    customise: impl FnOnce(&mut Settings),
 ) -> Server {
     let mut settings = Settings {
         listen_addr: "127.0.0.1:0".parse().unwrap(),
@@ -132,6 +142,7 @@ fn start_server(
         ..Settings::default()
     };
     settings.admin_tokens.insert("admin".into(), SecretString::from(TOKEN));
+    customise(&mut settings);
     let app = runtime.block_on(Application::build(settings)).expect("server builds");
     let (addr, probes) = (app.local_addr(), app.probes());
     runtime.spawn(app.run_until_stopped(std::future::pending()));
@@ -395,6 +406,57 @@ async fn drain_audit(probes: Option<&Probes>) {
     }
 }
 
+/// `n` HTTP/2 connections over TLS with `config`.
+async fn connect_tls(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, n: usize) -> Vec<Connection> {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let channel = support::tls::channel(Arc::clone(config), addr).await;
+        conns.push(Connection {
+            health: HealthClient::new(channel.clone()),
+            verify: KeyVerifyClient::new(channel),
+        });
+    }
+    conns
+}
+
+/// New TLS handshakes per second: `dialers` tasks each connecting,
+/// handshaking and closing in a loop for `duration`. Client and server
+/// share the machine, so this is the pair's rate, not the server's alone.
+async fn handshake_rate(
+    config: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    dialers: usize,
+    duration: Duration,
+) -> (f64, usize) {
+    let stop_at = Instant::now() + duration;
+    let failures = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..dialers)
+        .map(|_| {
+            let (config, failures) = (Arc::clone(config), Arc::clone(&failures));
+            tokio::spawn(async move {
+                let mut done = 0usize;
+                while Instant::now() < stop_at {
+                    match support::tls::handshake(&config, addr).await {
+                        Ok(stream) => {
+                            done += 1;
+                            drop(stream);
+                        }
+                        Err(_) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                done
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    (total as f64 / duration.as_secs_f64(), failures.load(Ordering::Relaxed))
+}
+
 async fn connect(addr: SocketAddr, n: usize) -> Vec<Connection> {
     let mut conns = Vec::new();
     for _ in 0..n {
@@ -562,7 +624,7 @@ fn rss_probe() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("rss.db").display());
-    let server = start_server(&runtime, &url, dir.path(), true, 0);
+    let server = start_server(&runtime, &url, dir.path(), true, 0, |_| {});
     std::thread::sleep(Duration::from_millis(500));
     let idle = rss_kib();
     let cache = server.probes.as_ref().and_then(|p| p.cache.clone()).expect("the cache is on");
@@ -633,18 +695,34 @@ fn main() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (server, cold_server) = match args.target {
-        Some(addr) => (Server { addr, probes: None }, None),
+    let pki = support::tls::make(dir.path());
+    let (server, cold_server, tls_servers) = match args.target {
+        Some(addr) => (Server { addr, probes: None }, None, None),
         None => {
             let url = match &args.postgres {
                 Some(admin_url) => client_rt.block_on(fresh_postgres(admin_url)),
                 None => format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display()),
             };
-            let server = start_server(&server_rt, &url, dir.path(), true, args.hash_workers);
-            let cold = start_server(&server_rt, &url, dir.path(), false, args.hash_workers);
-            (server, Some(cold))
+            let server = start_server(&server_rt, &url, dir.path(), true, args.hash_workers, |_| {});
+            let cold = start_server(&server_rt, &url, dir.path(), false, args.hash_workers, |_| {});
+            let tls_servers = (!args.no_tls).then(|| {
+                let tls = |mutual: bool| {
+                    let (cert, key, ca) = (pki.cert.clone(), pki.key.clone(), pki.ca.clone());
+                    move |s: &mut Settings| {
+                        s.tls_cert_file = Some(cert);
+                        s.tls_key_file = Some(key);
+                        s.tls_client_ca_file = mutual.then_some(ca);
+                    }
+                };
+                (
+                    start_server(&server_rt, &url, dir.path(), true, args.hash_workers, tls(false)),
+                    start_server(&server_rt, &url, dir.path(), true, args.hash_workers, tls(true)),
+                )
+            });
+            (server, Some(cold), tls_servers)
         }
     };
+    let (tls_client, mtls_client) = (pki.client(false), pki.client(true));
 
     client_rt.block_on(async {
         let conns = connect(server.addr, args.connections).await;
@@ -653,37 +731,54 @@ fn main() {
         let restricted = Arc::new(create_keys(server.addr, &args.token, args.keys.div_ceil(10), &["192.168.0.0/16"]).await);
         warm(&conns, &keys, "10.1.2.3").await;
         warm(&conns, &restricted, "192.168.1.1").await;
+        // Connection sets: plaintext, then (own server) TLS and mTLS, warmed
+        // on their own replicas.
+        let mut sets = vec![conns.clone()];
+        if let Some((tls_server, mtls_server)) = &tls_servers {
+            for (server, client) in [(tls_server, &tls_client), (mtls_server, &mtls_client)] {
+                let set = connect_tls(server.addr, client, args.connections).await;
+                warm(&set, &keys, "10.1.2.3").await;
+                sets.push(set);
+            }
+        }
         eprintln!("setup: {} + {} keys created and warmed in {:.1?}", keys.len(), restricted.len(), t.elapsed());
 
         // The closed-loop scenarios, in the order they run and are reported.
         let wrong = Arc::new(vec![wrong_secret(&keys[0], 7)]);
         let bad: Arc<Vec<String>> = Arc::new(keys.iter().take(100).map(|k| bad_checksum(k)).collect());
-        // (name, --profile id, load)
-        let scenarios: Vec<(&str, &str, Arc<Load>)> = vec![
-            ("baseline: Health/Check", "baseline", Arc::new(Load::Health)),
-            ("warm Verify ALLOW", "allow", Load::verify(vec![(1, Arc::clone(&keys), "sales:read", "10.1.2.3")])),
+        // (name, --profile id, load, connection set)
+        let mut scenarios: Vec<(&str, &str, Arc<Load>, usize)> = vec![
+            ("baseline: Health/Check", "baseline", Arc::new(Load::Health), 0),
+            ("warm Verify ALLOW", "allow", Load::verify(vec![(1, Arc::clone(&keys), "sales:read", "10.1.2.3")]), 0),
             (
                 "warm Verify DENY (scope)",
                 "deny-scope",
                 Load::verify(vec![(1, Arc::clone(&keys), "invoice:write", "10.1.2.3")]),
+                0,
             ),
             (
                 "warm Verify DENY (ip)",
                 "deny-ip",
                 Load::verify(vec![(1, Arc::clone(&restricted), "sales:read", "10.1.2.3")]),
+                0,
             ),
-            ("malformed key (bad checksum)", "malformed", Load::verify(vec![(1, bad, "", "10.1.2.3")])),
-            ("wrong secret, one key repeated", "wrong-secret", Load::verify(vec![(1, wrong, "", "10.1.2.3")])),
+            ("malformed key (bad checksum)", "malformed", Load::verify(vec![(1, bad, "", "10.1.2.3")]), 0),
+            ("wrong secret, one key repeated", "wrong-secret", Load::verify(vec![(1, wrong, "", "10.1.2.3")]), 0),
         ];
+        if sets.len() == 3 {
+            let allow = || Load::verify(vec![(1, Arc::clone(&keys), "sales:read", "10.1.2.3")]);
+            scenarios.push(("warm Verify ALLOW over TLS", "allow-tls", allow(), 1));
+            scenarios.push(("warm Verify ALLOW over mTLS", "allow-mtls", allow(), 2));
+        }
         if let Some(wanted) = &args.profile {
-            let Some((name, _, load)) = scenarios.iter().find(|(_, id, _)| id == wanted) else {
-                let ids: Vec<&str> = scenarios.iter().map(|(_, id, _)| *id).collect();
+            let Some((name, _, load, set)) = scenarios.iter().find(|(_, id, _, _)| id == wanted) else {
+                let ids: Vec<&str> = scenarios.iter().map(|(_, id, _, _)| *id).collect();
                 panic!("--profile {wanted}: not a scenario; one of {}", ids.join(", "));
             };
             let audit = server.probes.as_ref().map(|p| p.audit.clone());
             let written_before = audit.as_ref().map_or(0, |a| a.written());
             eprintln!("profiling window: {name} for {:?}", args.duration);
-            let o = closed_loop(&conns, load, args.concurrency, Duration::ZERO, args.duration).await.finish();
+            let o = closed_loop(&sets[*set], load, args.concurrency, Duration::ZERO, args.duration).await.finish();
             println!("{name}: {} calls, {:.0} calls/s, p99 {:.3} ms", o.calls, o.throughput(), o.percentile(0.99));
             if let Some(a) = audit {
                 let written = a.written() - written_before;
@@ -705,7 +800,7 @@ fn main() {
         // Closed loop: every scenario in turn, `rounds` times.
         let storm_before = scrypts();
         let closed = interleaved(rounds, scenarios.len(), |s| {
-            let (conns, load) = (&conns, Arc::clone(&scenarios[s].2));
+            let (conns, load) = (&sets[scenarios[s].3], Arc::clone(&scenarios[s].2));
             async move { vec![closed_loop(conns, &load, args.concurrency, settle, slice).await] }
         })
         .await;
@@ -722,7 +817,7 @@ fn main() {
         let warm_allow = closed[1][0].clone();
         let malformed = closed[4][0].clone();
         let mut rows: Vec<Row> =
-            scenarios.iter().zip(&closed).map(|((name, _, _), o)| Row { name: name.to_string(), outcome: o[0].clone() }).collect();
+            scenarios.iter().zip(&closed).map(|((name, _, _, _), o)| Row { name: name.to_string(), outcome: o[0].clone() }).collect();
 
         // Cold: the cache-less server, with no more in flight than its
         // scrypt queue takes (beyond that the server answers RESOURCE_EXHAUSTED
@@ -853,6 +948,25 @@ fn main() {
                     verdict(filled - idle <= 64.0)
                 ),
                 None => println!("| 100k cached keys ≤ 64 MiB above idle RSS | the probe process failed | MISSED |"),
+            }
+        }
+        if let Some((tls_server, mtls_server)) = &tls_servers {
+            for (name, index) in [("TLS", 6), ("mTLS", 7)] {
+                let r = closed[index][0].throughput() / warm_allow.throughput();
+                println!(
+                    "| warm ALLOW over {name} ≥ 0.9 × plaintext (persistent connections) | {:.0}/s vs {:.0}/s = {r:.2} × | {} |",
+                    closed[index][0].throughput(),
+                    warm_allow.throughput(),
+                    verdict(r >= 0.9)
+                );
+            }
+            println!();
+            let dialers = cores * 4;
+            for (name, server, client) in [("TLS", tls_server, &tls_client), ("mTLS", mtls_server, &mtls_client)] {
+                let (rate, failed) = handshake_rate(client, server.addr, dialers, Duration::from_secs(3)).await;
+                println!(
+                    "new {name} 1.3 handshakes (ECDSA P-256, ring; client and server on this machine, {dialers} dialers): {rate:.0}/s, {failed} failed"
+                );
             }
         }
         println!();

@@ -7,21 +7,25 @@
 //!
 //! - [`startup`]: assembly. Builds every part from [`config::Settings`],
 //!   runs the servers and background tasks, shuts down in order; its
-//!   [`startup::exporter`] serves `/metrics`.
+//!   [`startup::tls`] accepts connections (TLS/mTLS, certificate reload)
+//!   and [`startup::exporter`] serves `/metrics`.
 //! - [`cli`]: the command-line client (KeyAdmin and KeyVerify over gRPC).
 //! - [`api`]: the gRPC layer. Decodes messages, calls a use case, and maps
 //!   every [`service::ServiceError`] to a `tonic::Status` in one place
-//!   (`api::status`); admin authentication and trace context are layers.
-//! - [`service`]: the use cases, [`service::admin::KeyManager`] and
-//!   [`service::verify::Verifier`]; request validation; the scrypt pool.
+//!   (`api::status`); the peer of a connection ([`api::peer`]), KeyVerify's
+//!   allowed callers, admin authentication and trace context are layers.
+//! - [`service`]: the use cases, [`service::admin::KeyManager`],
+//!   [`service::operators::OperatorTokens`] and [`service::verify::Verifier`];
+//!   who may do what ([`service::access`]); request validation; the scrypt
+//!   pool.
 //! - [`cache`], [`usage`], [`audit`]: runtime state of the Verify path. The
 //!   verification cache and the change feed that keeps it current; batched
 //!   usage counters; the audit queue and its writer.
 //! - [`store`]: persistence on sea-orm (SQLite or PostgreSQL): keys, usage,
-//!   the audit row ([`store::audit::AuditRecord`]) and its writers, and
-//!   migrations.
+//!   operator tokens, the audit row ([`store::audit::AuditRecord`]) and its
+//!   writers, and migrations.
 //! - [`keys`]: the key domain, free of I/O: format and checksum, hashing,
-//!   scopes, CIDR allow-lists, and the decision.
+//!   scopes, CIDR allow-lists, the decision, and operator tokens and roles.
 //!
 //! Leaves that any layer may use: [`config`] (settings types; it imports
 //! only [`keys`]), [`telemetry`] (logs, spans, the caller's trace id),

@@ -78,8 +78,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Keys { conn, command } => client::keys(conn, command).await,
         Command::Operators { conn, command } => client::operators(conn, command).await,
         Command::Audit { conn, command } => client::audit(conn, command).await,
-        Command::Verify { conn, key, ip, scope, endpoint, method } => {
-            client::verify(conn, key, ip, scope, endpoint, method).await
+        Command::Verify { conn, api_key, ip, scope, endpoint, method } => {
+            client::verify(conn, api_key, ip, scope, endpoint, method).await
         }
     }
 }

@@ -45,8 +45,40 @@ pub fn tracer_provider() -> Result<Option<SdkTracerProvider>, opentelemetry_otlp
     if !otlp_configured() {
         return Ok(None);
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(tls) = otlp_tls()? {
+        use opentelemetry_otlp::WithTonicConfig as _;
+        builder = builder.with_tls_config(tls);
+    }
+    let exporter = builder.build()?;
     Ok(Some(SdkTracerProvider::builder().with_resource(resource()).with_batch_exporter(exporter).build()))
+}
+
+/// TLS to the collector from the specification's variables: the CA in
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`, and for mTLS the client certificate
+/// and key in `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` and `…_CLIENT_KEY`.
+/// Same rustls and ring provider as the listeners.
+fn otlp_tls() -> Result<Option<tonic::transport::ClientTlsConfig>, opentelemetry_otlp::ExporterBuildError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |variable: &str| -> Result<Option<Vec<u8>>, opentelemetry_otlp::ExporterBuildError> {
+        match std::env::var_os(variable) {
+            None => Ok(None),
+            Some(path) => std::fs::read(&path).map(Some).map_err(|e| {
+                opentelemetry_otlp::ExporterBuildError::InvalidConfiguration(format!(
+                    "{variable}: cannot read {}: {e}",
+                    std::path::Path::new(&path).display()
+                ))
+            }),
+        }
+    };
+    let Some(ca) = read("OTEL_EXPORTER_OTLP_CERTIFICATE")? else { return Ok(None) };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let (Some(cert), Some(key)) =
+        (read("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")?, read("OTEL_EXPORTER_OTLP_CLIENT_KEY")?)
+    {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Ok(Some(tls))
 }
 
 /// Whether an OpenTelemetry layer is installed, i.e. whether spans carry

@@ -55,9 +55,9 @@ pub enum Command {
     Verify {
         #[command(flatten)]
         conn: Connection,
-        /// The key; `-` reads it from standard input (keeps it out of `ps`).
+        /// The API key; `-` reads it from standard input (keeps it out of `ps`).
         #[arg(long)]
-        key: String,
+        api_key: String,
         #[arg(long, default_value = "")]
         ip: String,
         /// Scope the request needs; empty authenticates only.
@@ -214,7 +214,7 @@ pub enum AuditCommand {
         #[arg(long)]
         merchant: String,
         /// Only this key's events.
-        #[arg(long = "key", default_value = "")]
+        #[arg(long = "key-id", default_value = "")]
         key_id: String,
         /// RFC 3339, inclusive.
         #[arg(long)]
@@ -227,4 +227,15 @@ pub enum AuditCommand {
         #[arg(long, default_value = "")]
         page_token: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
 }

@@ -134,22 +134,12 @@ async fn an_operator_token_revoked_on_one_replica_is_refused_by_another_within_a
     let fleet = postgres_fleet().await;
     let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
     let mut on_a = clients(a.addr).await;
-    let token = on_a
-        .admin
-        .create_operator_token(pb::CreateOperatorTokenRequest {
-            name: "fleet-operator".into(),
-            role: pb::OperatorRole::KeyManager as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut on_b = admin_client(connect(b.addr).await, &token.plaintext_token);
+    let (token_id, token) =
+        crate::helpers::issue_operator(&mut on_a.admin, "fleet-operator", pb::OperatorRole::KeyManager, &[])
+            .await;
+    let mut on_b = admin_client(connect(b.addr).await, &token);
     on_b.list_scopes(pb::ListScopesRequest {}).await.expect("the token works on B");
-    on_a.admin
-        .revoke_operator_token(pb::RevokeOperatorTokenRequest { id: token.operator_token.unwrap().id })
-        .await
-        .unwrap();
+    on_a.admin.revoke_operator_token(pb::RevokeOperatorTokenRequest { id: token_id }).await.unwrap();
     let revoked = Instant::now();
     loop {
         match on_b.list_scopes(pb::ListScopesRequest {}).await {

@@ -293,6 +293,26 @@ pub async fn create_sales_key(admin: &mut AdminClient, name: &str) -> (String, S
     (r.api_key.unwrap().id, r.plaintext_key)
 }
 
+/// Issues an operator token through `admin`; returns its id and plaintext.
+pub async fn issue_operator(
+    admin: &mut AdminClient,
+    name: &str,
+    role: pb::OperatorRole,
+    merchants: &[&str],
+) -> (String, String) {
+    let r = admin
+        .create_operator_token(pb::CreateOperatorTokenRequest {
+            name: name.into(),
+            role: role as i32,
+            merchant_ids: merchants.iter().map(|m| (*m).to_owned()).collect(),
+            expires_at: None,
+        })
+        .await
+        .expect("CreateOperatorToken")
+        .into_inner();
+    (r.operator_token.unwrap().id, r.plaintext_token)
+}
+
 impl TestApp {
     /// An admin client presenting another token.
     pub fn admin_as(&self, token: &str) -> AdminClient {

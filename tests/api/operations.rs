@@ -111,9 +111,9 @@ async fn the_cli_manages_keys_end_to_end(backend: Backend) {
     assert!(table.starts_with("ID") && table.contains("CLI bot") && table.contains("ACTIVE"), "{table}");
     assert!(!table.contains(&key[16..]), "the secret is never listed");
 
-    let (out, _) = cli(&app, &["verify", "--key", &key, "--scope", "invoice:read", "--json"]);
+    let (out, _) = cli(&app, &["verify", "--api-key", &key, "--scope", "invoice:read", "--json"]);
     assert_eq!(json(&out)["decision"], "ALLOW");
-    let (out, _) = cli(&app, &["verify", "--key", &key, "--scope", "sales:read"]);
+    let (out, _) = cli(&app, &["verify", "--api-key", &key, "--scope", "sales:read"]);
     assert!(out.starts_with("ALLOW"), "{out}");
 
     let (out, _) = cli(
@@ -152,7 +152,7 @@ async fn the_cli_manages_keys_end_to_end(backend: Backend) {
     let (out, _) = cli(&app, &["keys", "usage", "--merchant", MERCHANT, &id, "--json"]);
     assert_eq!(json(&out)["request_count"], 2);
 
-    let (out, _) = cli(&app, &["audit", "list", "--merchant", MERCHANT, "--key", &id, "--json"]);
+    let (out, _) = cli(&app, &["audit", "list", "--merchant", MERCHANT, "--key-id", &id, "--json"]);
     let kinds: Vec<String> = json(&out)["events"]
         .as_array()
         .unwrap()
@@ -185,18 +185,11 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
     let channel = crate::helpers::connect(replica.addr).await;
     let mut admin = crate::helpers::admin_client(channel.clone(), ADMIN_TOKEN);
     let (id, key) = crate::helpers::create_sales_key(&mut admin, "logged").await;
-    let operator = admin
-        .create_operator_token(pb::CreateOperatorTokenRequest {
-            name: "logged-operator".into(),
-            role: pb::OperatorRole::Auditor as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut as_operator = crate::helpers::admin_client(channel.clone(), &operator.plaintext_token);
+    let (_, operator) =
+        crate::helpers::issue_operator(&mut admin, "logged-operator", pb::OperatorRole::Auditor, &[]).await;
+    let mut as_operator = crate::helpers::admin_client(channel.clone(), &operator);
     as_operator.list_scopes(pb::ListScopesRequest {}).await.unwrap();
-    let wrong_operator = crate::helpers::wrong_secret(&operator.plaintext_token, 1);
+    let wrong_operator = crate::helpers::wrong_secret(&operator, 1);
     let refused = crate::helpers::admin_client(channel.clone(), &wrong_operator)
         .list_scopes(pb::ListScopesRequest {})
         .await
@@ -224,7 +217,7 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
         }
     }
     assert!(logs.contains("KeyAdmin call unauthenticated"), "the refusal was not logged");
-    for secret in [&key[16..], &operator.plaintext_token[16..], &wrong_operator[16..], ADMIN_TOKEN, PEPPER] {
+    for secret in [&key[16..], &operator[16..], &wrong_operator[16..], ADMIN_TOKEN, PEPPER] {
         assert!(!logs.contains(secret), "a secret reached the logs");
     }
     crate::helpers::drop_database(postgres).await;

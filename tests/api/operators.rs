@@ -6,8 +6,8 @@ use keywarden::api::pb;
 use tonic::Code;
 
 use crate::helpers::{
-    AdminClient, Backend, MERCHANT, OTHER_MERCHANT, TestApp, create_sales_key, scalar, spawn_app,
-    violated_fields,
+    AdminClient, Backend, MERCHANT, OTHER_MERCHANT, TestApp, create_sales_key, issue_operator, scalar,
+    spawn_app, violated_fields,
 };
 
 backend_tests!(
@@ -16,25 +16,6 @@ backend_tests!(
     operator_tokens_are_shown_once_stored_as_digests_and_refused_once_revoked_or_expired,
     refused_calls_are_audited_at_most_twice_per_peer_and_minute,
 );
-
-async fn issue(
-    admin: &mut AdminClient,
-    name: &str,
-    role: pb::OperatorRole,
-    merchants: &[&str],
-) -> (String, String) {
-    let r = admin
-        .create_operator_token(pb::CreateOperatorTokenRequest {
-            name: name.into(),
-            role: role as i32,
-            merchant_ids: merchants.iter().map(|m| (*m).to_owned()).collect(),
-            expires_at: None,
-        })
-        .await
-        .expect("CreateOperatorToken")
-        .into_inner();
-    (r.operator_token.unwrap().id, r.plaintext_token)
-}
 
 const RPCS: [&str; 12] = [
     "CreateKey",
@@ -55,7 +36,7 @@ const RPCS: [&str; 12] = [
 /// to make the call; `setup` (the bootstrap admin) makes what it acts on.
 async fn call(rpc: &str, caller: &mut AdminClient, setup: &mut AdminClient) -> Result<(), tonic::Status> {
     let (key_id, _) = create_sales_key(setup, "matrix").await;
-    let (token_id, _) = issue(setup, "matrix", pb::OperatorRole::Auditor, &[]).await;
+    let (token_id, _) = issue_operator(setup, "matrix", pb::OperatorRole::Auditor, &[]).await;
     let merchant_id = MERCHANT.to_owned();
     match rpc {
         "CreateKey" => caller
@@ -135,7 +116,7 @@ async fn every_role_may_call_exactly_its_rpcs(backend: Backend) {
         (pb::OperatorRole::Auditor, &["GetKey", "ListKeys", "GetKeyUsage", "ListAuditEvents", "ListScopes"]),
     ];
     for (role, allowed) in matrix {
-        let (_, token) = issue(&mut app.admin, &format!("{role:?}"), role, &[]).await;
+        let (_, token) = issue_operator(&mut app.admin, &format!("{role:?}"), role, &[]).await;
         let mut caller = app.admin_as(&token);
         for rpc in RPCS {
             let result = call(rpc, &mut caller, &mut app.admin).await;
@@ -145,6 +126,31 @@ async fn every_role_may_call_exactly_its_rpcs(backend: Backend) {
                 let status = result.expect_err(&format!("{role:?} may not call {rpc}"));
                 assert_eq!(status.code(), Code::PermissionDenied, "{role:?} {rpc}: {status:?}");
             }
+        }
+    }
+    // Every admin action and every denial names its actor: the token's name.
+    app.settle().await;
+    let anonymous = scalar(
+        &app.database_url,
+        "SELECT COUNT(*) FROM audit_events WHERE kind NOT IN ('VERIFY', 'AUTHENTICATION_FAILED') \
+         AND (actor IS NULL OR actor = '')",
+    )
+    .await;
+    assert_eq!(anonymous, 0, "admin rows without an actor");
+    for (role, allowed) in matrix {
+        let by_role = |kinds: &str| {
+            format!("SELECT COUNT(*) FROM audit_events WHERE actor = '{role:?}' AND kind IN ({kinds})")
+        };
+        let denied = scalar(&app.database_url, &by_role("'ACCESS_DENIED'")).await;
+        assert_eq!(
+            denied as usize,
+            RPCS.len() - allowed.len(),
+            "{role:?}: one ACCESS_DENIED row per refused RPC"
+        );
+        if allowed.contains(&"CreateKey") {
+            let created = scalar(&app.database_url, &by_role("'KEY_CREATED'")).await;
+            // CreateKey, and RegenerateKey's successor.
+            assert_eq!(created, 2, "{role:?}: its key creations name it");
         }
     }
     app.stop().await;
@@ -160,7 +166,8 @@ async fn a_merchant_limited_token_cannot_reach_another_merchant_whatever_it_gues
             ..Default::default()
         })
         .await;
-    let (_, token) = issue(&mut app.admin, "support", pb::OperatorRole::KeyManager, &[MERCHANT]).await;
+    let (_, token) =
+        issue_operator(&mut app.admin, "support", pb::OperatorRole::KeyManager, &[MERCHANT]).await;
     let mut support = app.admin_as(&token);
     let (own_key, _) = create_sales_key(&mut support, "ours").await;
 
@@ -255,7 +262,8 @@ async fn operator_tokens_are_shown_once_stored_as_digests_and_refused_once_revok
     backend: Backend,
 ) {
     let mut app = spawn_app(backend).await;
-    let (id, token) = issue(&mut app.admin, "rotating-bot", pb::OperatorRole::Auditor, &[MERCHANT]).await;
+    let (id, token) =
+        issue_operator(&mut app.admin, "rotating-bot", pb::OperatorRole::Auditor, &[MERCHANT]).await;
     assert!(token.starts_with("kwop_") && token.len() == 54, "{token}");
     let mut bot = app.admin_as(&token);
     bot.list_keys(pb::ListKeysRequest { merchant_id: MERCHANT.into(), ..Default::default() }).await.unwrap();

@@ -1,5 +1,6 @@
 //! Every Verify produces a `keywarden.verify` span that says what its audit
-//! row says, joined to the caller's W3C trace, and never carries the key.
+//! row says, joined to the caller's W3C trace, and never carries the key;
+//! admin spans name their actor and never carry an operator token.
 
 use std::collections::HashMap;
 
@@ -148,5 +149,20 @@ async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(b
         let everything = format!("{span:?}");
         assert!(!everything.contains(&key[16..]), "the secret never reaches a span");
     }
+
+    // An admin call by an operator token: its span names the token's name,
+    // and no span carries the token.
+    let (_, operator) =
+        crate::helpers::issue_operator(&mut app.admin, "span-operator", pb::OperatorRole::Auditor, &[]).await;
+    app.admin_as(&operator).list_scopes(pb::ListScopesRequest {}).await.unwrap();
+    let spans = eventually("the operator's admin span", || {
+        let spans = capture.exporter.get_finished_spans().unwrap();
+        spans
+            .iter()
+            .any(|s| attributes(s).get("actor").map(String::as_str) == Some("span-operator"))
+            .then_some(spans)
+    })
+    .await;
+    assert!(!format!("{spans:?}").contains(&operator[16..]), "an operator token reached a span");
     app.stop().await;
 }
