@@ -433,7 +433,7 @@ impl Application {
                 .add_service(verify_service)
                 .add_optional_service((!separate_admin).then(|| admin_service.clone()))
                 .serve_with_incoming_shutdown(
-                    tls::incoming(listener, tls.clone(), Arc::clone(&metrics)),
+                    tls::incoming(listener, tls.clone(), Arc::clone(&metrics), draining.clone()),
                     draining_now(&draining),
                 ),
         );
@@ -446,24 +446,23 @@ impl Application {
                     .add_service(reflection_v1alpha)
                     .add_service(admin_service)
                     .serve_with_incoming_shutdown(
-                        tls::incoming(listener, tls.clone(), Arc::clone(&metrics)),
+                        tls::incoming(listener, tls.clone(), Arc::clone(&metrics), draining.clone()),
                         draining_now(&draining),
                     ),
             ),
             None => Box::pin(async { Ok(()) }),
         };
         // Plaintext by design: kubelet's gRPC probes cannot speak TLS, and
-        // health carries no secret.
-        let health_server: Serving = match health_listener {
-            Some(listener) => {
-                Box::pin(Server::builder().add_service(health_service).serve_with_incoming_shutdown(
-                    tls::incoming(listener, None, Arc::clone(&metrics)),
-                    draining_now(&draining),
-                ))
-            }
-            None => Box::pin(async { Ok(()) }),
-        };
-        let servers = async { tokio::try_join!(main_server, admin_server, health_server).map(|_| ()) };
+        // health carries no secret. It keeps answering through the drain
+        // (readiness NOT_SERVING, liveness SERVING) and closes after it.
+        let (health_closing, health_close) = watch::channel(false);
+        let health_server = health_listener.map(|listener| {
+            tokio::spawn(Server::builder().add_service(health_service).serve_with_incoming_shutdown(
+                tls::incoming(listener, None, Arc::clone(&metrics), health_close.clone()),
+                draining_now(&health_close),
+            ))
+        });
+        let servers = async { tokio::try_join!(main_server, admin_server).map(|_| ()) };
         let grace = settings.shutdown_grace();
         let grace_over = {
             let mut draining = draining.clone();
@@ -475,6 +474,13 @@ impl Application {
         tokio::select! {
             served = servers => served.context("serving gRPC")?,
             () = grace_over => tracing::warn!(grace_ms = grace.as_millis() as u64, "drain period over; abandoning calls still in flight"),
+        }
+        let _ = health_closing.send(true);
+        if let Some(health_server) = health_server {
+            let abort = health_server.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(1), health_server).await.is_err() {
+                abort.abort();
+            }
         }
         // Summaries of refusals still being counted go out with the rest.
         access.flush().await;

@@ -26,7 +26,7 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -277,17 +277,39 @@ impl AsyncWrite for Conn {
 
 /// Connections accepted on `listener`, handshaken with `tls` when given.
 /// Handshakes run concurrently, off the accept loop, so a slow or hostile
-/// client cannot hold up others. Accepting stops when the stream is dropped
-/// (the server stopped taking connections).
+/// client cannot hold up others. A connection is accepted only when the
+/// server can take it at once, and accepting stops (the listener closes)
+/// as soon as `draining` turns true: a client connecting during the drain
+/// is refused and tries another replica, rather than being accepted and
+/// then reset when the process exits.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<TlsSource>>,
     metrics: Arc<Metrics>,
+    mut draining: watch::Receiver<bool>,
 ) -> ReceiverStream<io::Result<Conn>> {
-    let (tx, rx) = mpsc::channel::<io::Result<Conn>>(64);
+    let (tx, rx) = mpsc::channel::<io::Result<Conn>>(1);
     tokio::spawn(async move {
+        let stop = async move {
+            let _ = draining.wait_for(|d| *d).await;
+        };
+        tokio::pin!(stop);
         loop {
+            // Plaintext: hold a slot before accepting, so that a connection
+            // is only accepted when the server takes it at once. (TLS
+            // connections take their slot after the handshake.)
+            let permit = match tls {
+                None => tokio::select! {
+                    () = &mut stop => return,
+                    permit = tx.clone().reserve_owned() => match permit {
+                        Ok(p) => Some(p),
+                        Err(_) => return,
+                    },
+                },
+                Some(_) => None,
+            };
             let accepted = tokio::select! {
+                () = &mut stop => return,
                 () = tx.closed() => return,
                 accepted = listener.accept() => accepted,
             };
@@ -301,15 +323,13 @@ pub fn incoming(
             };
             // Small writes (one response at a time) must not wait for Nagle.
             let _ = stream.set_nodelay(true);
-            match &tls {
-                None => {
-                    let conn =
-                        Conn { io: Io::Plain(stream), peer: PeerInfo { addr: Some(addr), identity: None } };
-                    if tx.send(Ok(conn)).await.is_err() {
-                        return;
-                    }
+            let peer = PeerInfo { addr: Some(addr), identity: None };
+            match (&tls, permit) {
+                (None, Some(permit)) => {
+                    permit.send(Ok(Conn { io: Io::Plain(stream), peer }));
                 }
-                Some(tls) => {
+                (None, None) => {}
+                (Some(tls), _) => {
                     let acceptor = tls.acceptor();
                     let tx = tx.clone();
                     let metrics = Arc::clone(&metrics);

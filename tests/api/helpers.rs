@@ -576,6 +576,8 @@ pub struct Replica {
     pub addr: SocketAddr,
     /// Where its `/metrics` listens.
     pub metrics: Option<SocketAddr>,
+    /// Its plaintext health listener, if configured.
+    pub health: Option<SocketAddr>,
     pub logs: Arc<Mutex<Vec<String>>>,
 }
 
@@ -624,14 +626,16 @@ pub fn spawn_embedded(data_dir: &std::path::Path, env: &[(&str, &str)]) -> Repli
             {
                 // Absent when the metrics endpoint is off.
                 let metrics = v["metrics"].as_str().and_then(|m| m.parse::<SocketAddr>().ok());
-                let _ = tx.send((addr, metrics));
+                let health = v["health_listen"].as_str().and_then(|m| m.parse::<SocketAddr>().ok());
+                let _ = tx.send((addr, metrics, health));
             }
             eprintln!("[keywarden] {line}");
             kept.lock().unwrap().push(line);
         }
     });
-    let (addr, metrics) = rx.recv_timeout(Duration::from_secs(30)).expect("keywarden announced its address");
-    Replica { child, addr, metrics, logs }
+    let (addr, metrics, health) =
+        rx.recv_timeout(Duration::from_secs(30)).expect("keywarden announced its address");
+    Replica { child, addr, metrics, health, logs }
 }
 
 pub fn sigterm(child: &Child) {

@@ -161,6 +161,53 @@ async fn shutdown_turns_health_not_serving_before_the_server_goes(backend: Backe
     stopping.await.unwrap();
 }
 
+/// During the drain the plaintext health port keeps answering (readiness
+/// NOT_SERVING, liveness SERVING) while the gRPC port refuses new
+/// connections, so clients go elsewhere at once instead of being accepted
+/// and then reset; calls already in flight are still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_refuses_new_connections_while_the_health_port_reports_not_serving() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let replica = spawn_embedded(
+        dir.path(),
+        &[("KEYWARDEN_HASH_WORKERS", "1"), ("KEYWARDEN_HEALTH_LISTEN_ADDR", "127.0.0.1:0")],
+    );
+    let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    let mut admin = crate::helpers::admin_client(crate::helpers::connect(replica.addr).await, token.trim());
+    let (_, key) = crate::helpers::create_sales_key(&mut admin, "drained").await;
+    // Twenty wrong secrets queued on one scrypt thread keep the drain busy.
+    let gated = crate::helpers::hold_cold_calls(&replica, &key, 20).await;
+    let health_port = replica.health.expect("the health listener was announced");
+    let health = HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{health_port}")).unwrap().connect_lazy(),
+    );
+    sigterm(&replica.child);
+    crate::helpers::until("readiness NOT_SERVING on the health port", || {
+        let mut health = health.clone();
+        async move {
+            let status = health.check(HealthCheckRequest::default()).await.ok()?.into_inner().status;
+            (status == ServingStatus::NotServing as i32).then_some(())
+        }
+    })
+    .await;
+    crate::helpers::until("the gRPC port to refuse new connections", || async {
+        tokio::net::TcpStream::connect(replica.addr).await.is_err().then_some(())
+    })
+    .await;
+    let mut live = health.clone();
+    let liveness = live.check(HealthCheckRequest { service: "liveness".into() }).await.unwrap().into_inner();
+    assert_eq!(liveness.status, ServingStatus::Serving as i32, "liveness during the drain");
+    assert!(gated.iter().any(|call| !call.is_finished()), "the drain ended before the checks ran");
+    for call in gated {
+        let answered = call.await.unwrap().expect("a call accepted before SIGTERM is answered");
+        assert_eq!(answered.into_inner().deny_reason, pb::DenyReason::NotFound as i32);
+    }
+    assert!(crate::helpers::exited(replica.child).await.success());
+}
+
 /// The README's first command keeps key hashes, the audit trail and the
 /// generated secrets from other local users: the data directory is 0700 and
 /// every file in it that holds them 0600, from the first run on; a later run
