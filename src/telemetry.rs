@@ -46,7 +46,7 @@ pub fn tracer_provider() -> Result<Option<SdkTracerProvider>, opentelemetry_otlp
         return Ok(None);
     }
     let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-    if let Some(tls) = otlp_tls()? {
+    if let Some(tls) = otlp_tls(|variable| std::env::var_os(variable))? {
         use opentelemetry_otlp::WithTonicConfig as _;
         builder = builder.with_tls_config(tls);
     }
@@ -57,11 +57,13 @@ pub fn tracer_provider() -> Result<Option<SdkTracerProvider>, opentelemetry_otlp
 /// TLS to the collector from the specification's variables: the CA in
 /// `OTEL_EXPORTER_OTLP_CERTIFICATE`, and for mTLS the client certificate
 /// and key in `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` and `…_CLIENT_KEY`.
-/// Same rustls and ring provider as the listeners.
-fn otlp_tls() -> Result<Option<tonic::transport::ClientTlsConfig>, opentelemetry_otlp::ExporterBuildError> {
+/// Same rustls and ring provider as the listeners. `env` reads a variable.
+fn otlp_tls(
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, opentelemetry_otlp::ExporterBuildError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     let read = |variable: &str| -> Result<Option<Vec<u8>>, opentelemetry_otlp::ExporterBuildError> {
-        match std::env::var_os(variable) {
+        match env(variable) {
             None => Ok(None),
             Some(path) => std::fs::read(&path).map(Some).map_err(|e| {
                 opentelemetry_otlp::ExporterBuildError::InvalidConfiguration(format!(
@@ -203,4 +205,29 @@ pub fn span_trace_id(span: &tracing::Span) -> Option<String> {
     let otel_span = context.span();
     let span_context = otel_span.span_context();
     span_context.is_valid().then(|| span_context.trace_id().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn otlp_tls_comes_from_the_specification_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["collector".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let vars = |pairs: Vec<(&'static str, std::path::PathBuf)>| {
+            move |name: &str| pairs.iter().find(|(n, _)| *n == name).map(|(_, p)| p.clone().into_os_string())
+        };
+        assert!(otlp_tls(vars(vec![])).unwrap().is_none(), "no CA: plaintext or system defaults");
+        assert!(otlp_tls(vars(vec![("OTEL_EXPORTER_OTLP_CERTIFICATE", ca)])).unwrap().is_some());
+        let missing = otlp_tls(vars(vec![("OTEL_EXPORTER_OTLP_CERTIFICATE", dir.path().join("absent.pem"))]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("OTEL_EXPORTER_OTLP_CERTIFICATE") && missing.contains("absent.pem"),
+            "{missing}"
+        );
+    }
 }

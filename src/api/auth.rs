@@ -18,7 +18,7 @@ use tower::{Layer, Service};
 use super::peer::PeerInfo;
 use crate::{
     keys::operator::AdminAction,
-    service::access::{Access, Credentials, Peer, Principal},
+    service::access::{Access, Credentials, Peer},
 };
 
 /// Authenticates every KeyAdmin call.
@@ -99,18 +99,11 @@ where
                 identity: info.identity.as_deref().map(str::to_owned),
                 ip: info.addr.map(|a| a.ip().to_string()),
             };
-            let principal: Result<Principal, Status> = {
-                let header = request.headers().get(http::header::AUTHORIZATION).map(|v| bearer(v.as_bytes()));
-                match header {
-                    Some(Err(status)) => Err(status),
-                    Some(Ok(token)) => access
-                        .authenticate(Credentials { bearer: Some(token), peer }, action)
-                        .await
-                        .map_err(Status::from),
-                    None => access
-                        .authenticate(Credentials { bearer: None, peer }, action)
-                        .await
-                        .map_err(Status::from),
+            let header = request.headers().get(http::header::AUTHORIZATION).map(|v| bearer(v.as_bytes()));
+            let principal = match header.transpose() {
+                Err(status) => Err(status),
+                Ok(bearer) => {
+                    access.authenticate(Credentials { bearer, peer }, action).await.map_err(Status::from)
                 }
             };
             match principal {

@@ -91,16 +91,29 @@ fn kind(k: AuditKind) -> pb::AuditEventKind {
     }
 }
 
-pub fn operator_token(t: StoredOperator) -> pb::OperatorToken {
-    let role = match t.role {
+/// A request's role; `None` when unspecified or unknown.
+pub fn role_in(role: i32) -> Option<OperatorRole> {
+    match pb::OperatorRole::try_from(role).ok()? {
+        pb::OperatorRole::Unspecified => None,
+        pb::OperatorRole::Admin => Some(OperatorRole::Admin),
+        pb::OperatorRole::KeyManager => Some(OperatorRole::KeyManager),
+        pb::OperatorRole::Auditor => Some(OperatorRole::Auditor),
+    }
+}
+
+fn role_out(role: OperatorRole) -> pb::OperatorRole {
+    match role {
         OperatorRole::Admin => pb::OperatorRole::Admin,
         OperatorRole::KeyManager => pb::OperatorRole::KeyManager,
         OperatorRole::Auditor => pb::OperatorRole::Auditor,
-    };
+    }
+}
+
+pub fn operator_token(t: StoredOperator) -> pb::OperatorToken {
     pb::OperatorToken {
         id: t.id,
         name: t.name,
-        role: role.into(),
+        role: role_out(t.role).into(),
         merchant_ids: t.merchant_ids,
         created_by: t.created_by,
         created_at: Some(timestamp(t.created_at)),

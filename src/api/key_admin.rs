@@ -11,13 +11,10 @@ use super::{
     pb::{self, key_admin_server::KeyAdmin},
     trace::{adopt_parent, traced},
 };
-use crate::{
-    keys::operator::OperatorRole,
-    service::{
-        access::Principal,
-        admin::{AuditFilter, CreateKey, KeyManager, UpdateKey},
-        operators::{NewOperator, OperatorTokens},
-    },
+use crate::service::{
+    access::Principal,
+    admin::{AuditFilter, CreateKey, KeyManager, UpdateKey},
+    operators::{NewOperator, OperatorTokens},
 };
 
 #[derive(Debug, Clone)]
@@ -43,15 +40,6 @@ fn admin_call<T>(request: &Request<T>, rpc: &'static str) -> Result<(Principal, 
         tracing::trace_span!("keywarden.admin", otel.name = rpc, otel.kind = "server", actor = %who.actor);
     adopt_parent(&span, request);
     Ok((who, span))
-}
-
-fn role_in(role: i32) -> Option<OperatorRole> {
-    match pb::OperatorRole::try_from(role).ok()? {
-        pb::OperatorRole::Unspecified => None,
-        pb::OperatorRole::Admin => Some(OperatorRole::Admin),
-        pb::OperatorRole::KeyManager => Some(OperatorRole::KeyManager),
-        pb::OperatorRole::Auditor => Some(OperatorRole::Auditor),
-    }
 }
 
 #[tonic::async_trait]
@@ -219,7 +207,7 @@ impl KeyAdmin for KeyAdminService {
         let r = request.into_inner();
         let input = NewOperator {
             expires_at: timestamp_in("expires_at", r.expires_at)?,
-            role: role_in(r.role),
+            role: convert::role_in(r.role),
             name: r.name,
             merchant_ids: r.merchant_ids,
         };

@@ -5,7 +5,6 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tonic::Request;
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
 /// The peer of one connection.
@@ -15,23 +14,6 @@ pub struct PeerInfo {
     /// The client certificate's identity (mTLS only): its URI SAN, else its
     /// first DNS SAN.
     pub identity: Option<Arc<str>>,
-}
-
-impl PeerInfo {
-    /// The peer of `request`, as audit rows name it: identity, else address.
-    pub fn describe(&self) -> String {
-        match (&self.identity, self.addr) {
-            (Some(identity), _) => identity.to_string(),
-            (None, Some(addr)) => addr.ip().to_string(),
-            (None, None) => "unknown".to_owned(),
-        }
-    }
-}
-
-/// The [`PeerInfo`] the transport attached to `request` (an empty one for
-/// in-process calls).
-pub fn peer_of<T>(request: &Request<T>) -> PeerInfo {
-    request.extensions().get::<PeerInfo>().cloned().unwrap_or_default()
 }
 
 /// Longest identity kept: a SAN is attacker-chosen only within what the CA

@@ -17,7 +17,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use chrono::{DateTime, Timelike as _, Utc};
+use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -60,16 +60,6 @@ impl Peer {
 }
 
 impl Principal {
-    /// A full-power principal for in-process callers (tests, tools).
-    pub fn admin(actor: &str) -> Self {
-        Self {
-            actor: actor.to_owned(),
-            role: OperatorRole::Admin,
-            merchants: Vec::new(),
-            peer: Peer::default(),
-        }
-    }
-
     fn covers(&self, merchant: &str) -> bool {
         self.merchants.is_empty() || self.merchants.iter().any(|m| m == merchant)
     }
@@ -82,6 +72,9 @@ pub struct Credentials<'a> {
     pub bearer: Option<&'a [u8]>,
     pub peer: Peer,
 }
+
+/// Who a credential names (actor, role, merchants), or why it names nobody.
+type Grant = Result<(String, OperatorRole, Vec<String>), &'static str>;
 
 /// Most (peer, kind, …) refusal series itemised per minute; beyond it,
 /// refusals are only counted into one row per minute.
@@ -161,10 +154,10 @@ impl Access {
         action: AdminAction,
         merchant: Option<&str>,
     ) -> Result<(), ServiceError> {
-        let why = if !who.role.allows(action) {
-            "outside the caller's role"
+        let (why, scope) = if !who.role.allows(action) {
+            ("outside the caller's role", "")
         } else if merchant.is_some_and(|m| !who.covers(m)) {
-            "outside the caller's merchants"
+            ("outside the caller's merchants", " for this merchant")
         } else {
             return Ok(());
         };
@@ -185,10 +178,9 @@ impl Access {
             clock::now(),
         );
         Err(ServiceError::PermissionDenied(format!(
-            "{} may not call {}{}",
+            "{} may not call {}{scope}",
             who.role.as_str(),
-            action.rpc(),
-            if why == "outside the caller's merchants" { " for this merchant" } else { "" }
+            action.rpc()
         )))
     }
 
@@ -203,11 +195,7 @@ impl Access {
         self.refusals.queue_all(self.refusals.summaries(clock::now(), true)).await;
     }
 
-    async fn operator(
-        &self,
-        token: &[u8],
-        now: DateTime<Utc>,
-    ) -> Result<Result<(String, OperatorRole, Vec<String>), &'static str>, ServiceError> {
+    async fn operator(&self, token: &[u8], now: DateTime<Utc>) -> Result<Grant, ServiceError> {
         // Shape and checksum first: garbage never reaches the store.
         let Some(token) = std::str::from_utf8(token).ok().and_then(|t| OperatorSecret::parse(t).ok()) else {
             return Ok(Err("malformed operator token"));
@@ -227,7 +215,7 @@ impl Access {
         Ok(Ok((stored.name, stored.role, stored.merchant_ids)))
     }
 
-    fn bootstrap_token(&self, token: &[u8]) -> Result<(String, OperatorRole, Vec<String>), &'static str> {
+    fn bootstrap_token(&self, token: &[u8]) -> Grant {
         let presented = sha256(token);
         let mut found = None;
         // Every configured token is compared, match or not.
@@ -239,7 +227,7 @@ impl Access {
         found.map(|name| (name, OperatorRole::Admin, Vec::new())).ok_or("invalid credentials")
     }
 
-    fn identity(&self, identity: Option<&str>) -> Result<(String, OperatorRole, Vec<String>), &'static str> {
+    fn identity(&self, identity: Option<&str>) -> Grant {
         let Some(identity) = identity else {
             return Err("missing credentials: send `authorization: Bearer <operator token>`");
         };
@@ -324,38 +312,34 @@ impl Refusals {
     /// The summary rows of the repeats of a minute that has ended (or of
     /// the current one too, with `all`).
     fn summaries(&self, now: DateTime<Utc>, all: bool) -> Vec<AuditRecord> {
-        {
-            let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
-            if !all && window.minute == minute_of(now) {
-                return Vec::new();
-            }
-            let start = DateTime::from_timestamp(window.minute * 60, 0).unwrap_or(now);
-            let mut rows: Vec<AuditRecord> = std::mem::take(&mut window.counts)
-                .into_iter()
-                .filter(|(_, n)| *n > 1)
-                .map(|(key, n)| {
-                    let detail = format!(
-                        "peer: {}; {}; {} more in the minute from {}",
-                        key.peer.describe(),
-                        key.why,
-                        n - 1,
-                        start.with_second(0).unwrap_or(start).to_rfc3339()
-                    );
-                    key.record(now, detail)
-                })
-                .collect();
-            if window.unitemised > 0 {
-                let mut row = AuditRecord::new(AuditKind::AuthenticationFailed, now, None);
-                row.detail = Some(format!(
-                    "{} further refusals from more than {MAX_REFUSAL_SERIES} peers in the minute from {}",
-                    window.unitemised,
-                    start.to_rfc3339()
-                ));
-                rows.push(row);
-                window.unitemised = 0;
-            }
-            rows
+        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        if !all && window.minute == minute_of(now) {
+            return Vec::new();
         }
+        let start = DateTime::from_timestamp(window.minute * 60, 0).unwrap_or(now).to_rfc3339();
+        let mut rows: Vec<AuditRecord> = std::mem::take(&mut window.counts)
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(key, n)| {
+                let detail = format!(
+                    "peer: {}; {}; {} more in the minute from {start}",
+                    key.peer.describe(),
+                    key.why,
+                    n - 1
+                );
+                key.record(now, detail)
+            })
+            .collect();
+        if window.unitemised > 0 {
+            let mut row = AuditRecord::new(AuditKind::AuthenticationFailed, now, None);
+            row.detail = Some(format!(
+                "{} further refusals from more than {MAX_REFUSAL_SERIES} peers in the minute from {start}",
+                window.unitemised
+            ));
+            rows.push(row);
+            window.unitemised = 0;
+        }
+        rows
     }
 
     async fn queue_all(&self, rows: Vec<AuditRecord>) {

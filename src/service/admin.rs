@@ -256,7 +256,7 @@ impl KeyManager {
         let _pause = self.usage.pause_flush().await?;
         let mut rows =
             self.store.list_keys(merchant_id, include_revoked, now, cursor.as_ref(), limit + 1).await?;
-        let next_page_token = next_token(&mut rows, limit, |k| page::encode(k.created_at, &k.id));
+        let next_page_token = page::next_token(&mut rows, limit, |k| page::encode(k.created_at, &k.id));
         let items = rows
             .into_iter()
             .map(|k| {
@@ -493,7 +493,7 @@ impl KeyManager {
             end: filter.end,
         };
         let mut rows = self.store.list_audit(&query, cursor.as_ref(), limit + 1).await?;
-        let next_page_token = next_token(&mut rows, limit, |r| page::encode(r.timestamp, &r.id));
+        let next_page_token = page::next_token(&mut rows, limit, |r| page::encode(r.timestamp, &r.id));
         Ok(Page { items: rows, next_page_token })
     }
 
@@ -557,17 +557,6 @@ fn refusal(key: &StoredKey, now: DateTime<Utc>, verb: &str) -> ServiceError {
             key.id,
             key.replaced_by_key_id.as_deref().unwrap_or("another key")
         )),
-    }
-}
-
-/// Drops the look-ahead row and returns the token for the next page.
-fn next_token<T>(rows: &mut Vec<T>, limit: u64, token: impl Fn(&T) -> String) -> String {
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    if rows.len() > limit {
-        rows.truncate(limit);
-        rows.last().map(token).unwrap_or_default()
-    } else {
-        String::new()
     }
 }
 

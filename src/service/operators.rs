@@ -137,13 +137,7 @@ impl OperatorTokens {
         let limit = page::page_size(page_size)?;
         let cursor = page::decode(page_token)?.map(|(created_at, id)| OperatorCursor { created_at, id });
         let mut rows = self.store.list_operators(cursor.as_ref(), limit + 1).await?;
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        let next_page_token = if rows.len() > limit {
-            rows.truncate(limit);
-            rows.last().map(|t| page::encode(t.created_at, &t.id)).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = page::next_token(&mut rows, limit, |t| page::encode(t.created_at, &t.id));
         Ok(Page { items: rows, next_page_token })
     }
 

@@ -18,6 +18,18 @@ pub fn page_size(requested: i32) -> Result<u64, ServiceError> {
     }
 }
 
+/// Drops the look-ahead row (a page is read with `limit + 1`) and returns
+/// the token for the next page, empty on the last.
+pub fn next_token<T>(rows: &mut Vec<T>, limit: u64, token: impl Fn(&T) -> String) -> String {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(token).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
 pub fn encode(at: DateTime<Utc>, id: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{}.{id}", at.timestamp_micros()))
 }

@@ -416,12 +416,6 @@ impl Application {
             }
         };
         tokio::spawn(signal);
-        let draining_now = |rx: &watch::Receiver<bool>| {
-            let mut rx = rx.clone();
-            async move {
-                let _ = rx.wait_for(|d| *d).await;
-            }
-        };
         type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
         let separate_admin = admin_listener.is_some();
         let main_server: Serving = Box::pin(
@@ -433,8 +427,8 @@ impl Application {
                 .add_service(verify_service)
                 .add_optional_service((!separate_admin).then(|| admin_service.clone()))
                 .serve_with_incoming_shutdown(
-                    tls::incoming(listener, tls.clone(), Arc::clone(&metrics), draining.clone()),
-                    draining_now(&draining),
+                    tls::incoming(listener, tls.clone(), Arc::clone(&metrics), stopped(draining.clone())),
+                    stopped(draining.clone()),
                 ),
         );
         let admin_server: Serving = match admin_listener {
@@ -446,8 +440,8 @@ impl Application {
                     .add_service(reflection_v1alpha)
                     .add_service(admin_service)
                     .serve_with_incoming_shutdown(
-                        tls::incoming(listener, tls.clone(), Arc::clone(&metrics), draining.clone()),
-                        draining_now(&draining),
+                        tls::incoming(listener, tls.clone(), Arc::clone(&metrics), stopped(draining.clone())),
+                        stopped(draining.clone()),
                     ),
             ),
             None => Box::pin(async { Ok(()) }),
@@ -458,16 +452,16 @@ impl Application {
         let (health_closing, health_close) = watch::channel(false);
         let health_server = health_listener.map(|listener| {
             tokio::spawn(Server::builder().add_service(health_service).serve_with_incoming_shutdown(
-                tls::incoming(listener, None, Arc::clone(&metrics), health_close.clone()),
-                draining_now(&health_close),
+                tls::incoming(listener, None, Arc::clone(&metrics), stopped(health_close.clone())),
+                stopped(health_close.clone()),
             ))
         });
         let servers = async { tokio::try_join!(main_server, admin_server).map(|_| ()) };
         let grace = settings.shutdown_grace();
         let grace_over = {
-            let mut draining = draining.clone();
+            let draining = stopped(draining.clone());
             async move {
-                let _ = draining.wait_for(|d| *d).await;
+                draining.await;
                 tokio::time::sleep(grace).await;
             }
         };

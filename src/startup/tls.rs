@@ -26,7 +26,7 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::mpsc,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -133,8 +133,16 @@ impl Material {
 #[derive(Debug)]
 pub struct TlsSource {
     settings: TlsSettings,
-    current: RwLock<(Arc<ServerConfig>, Arc<Material>)>,
+    current: RwLock<Served>,
     metrics: Arc<Metrics>,
+}
+
+/// What new handshakes use, and the file contents last seen (a bad file
+/// is remembered too, so that it is counted once).
+#[derive(Debug)]
+struct Served {
+    config: Arc<ServerConfig>,
+    seen: Material,
 }
 
 impl TlsSource {
@@ -142,48 +150,41 @@ impl TlsSource {
     pub fn load(settings: TlsSettings, metrics: Arc<Metrics>) -> Result<Arc<Self>, TlsError> {
         let material = Material::read(&settings)?;
         let config = material.server_config(&settings)?;
-        Ok(Arc::new(Self { settings, current: RwLock::new((Arc::new(config), Arc::new(material))), metrics }))
-    }
-
-    pub fn mutual(&self) -> bool {
-        self.settings.client_ca_file.is_some()
+        let current = RwLock::new(Served { config: Arc::new(config), seen: material });
+        Ok(Arc::new(Self { settings, current, metrics }))
     }
 
     fn acceptor(&self) -> TlsAcceptor {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        TlsAcceptor::from(Arc::clone(&current.0))
+        TlsAcceptor::from(Arc::clone(&current.config))
     }
 
-    /// Re-reads the files if they changed. Returns whether new material is
-    /// now served.
-    pub fn reload(&self) -> bool {
+    /// Re-reads the files and, if they changed, serves them to new
+    /// connections; files that do not load leave the current ones in place.
+    fn reload(&self) {
         let material = match Material::read(&self.settings) {
             Ok(m) => m,
             Err(e) => {
                 self.metrics.tls_reload_failures.inc();
                 tracing::error!(error = %e, "TLS files unreadable; still serving the previous certificate");
-                return false;
+                return;
             }
         };
-        if *self.current.read().unwrap_or_else(|e| e.into_inner()).1 == material {
-            return false;
+        if self.current.read().unwrap_or_else(|e| e.into_inner()).seen == material {
+            return;
         }
-        match material.server_config(&self.settings) {
+        let config = material.server_config(&self.settings);
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        current.seen = material;
+        match config {
             Ok(config) => {
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) =
-                    (Arc::new(config), Arc::new(material));
+                current.config = Arc::new(config);
                 self.metrics.tls_reloads.inc();
                 tracing::info!("TLS certificate, key or client CA changed: new connections use them");
-                true
             }
             Err(e) => {
-                // Counted once per distinct bad content: remember it so the
-                // next poll does not count it again.
                 self.metrics.tls_reload_failures.inc();
                 tracing::error!(error = %e, "changed TLS files do not load; still serving the previous certificate");
-                let previous = Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()).0);
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = (previous, Arc::new(material));
-                false
             }
         }
     }
@@ -279,34 +280,31 @@ impl AsyncWrite for Conn {
 /// Handshakes run concurrently, off the accept loop, so a slow or hostile
 /// client cannot hold up others. A connection is accepted only when the
 /// server can take it at once, and accepting stops (the listener closes)
-/// as soon as `draining` turns true: a client connecting during the drain
+/// as soon as `stop` resolves (the drain starts): a client connecting then
 /// is refused and tries another replica, rather than being accepted and
 /// then reset when the process exits.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<TlsSource>>,
     metrics: Arc<Metrics>,
-    mut draining: watch::Receiver<bool>,
+    stop: impl Future<Output = ()> + Send + 'static,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel::<io::Result<Conn>>(1);
     tokio::spawn(async move {
-        let stop = async move {
-            let _ = draining.wait_for(|d| *d).await;
-        };
         tokio::pin!(stop);
         loop {
             // Plaintext: hold a slot before accepting, so that a connection
             // is only accepted when the server takes it at once. (TLS
             // connections take their slot after the handshake.)
-            let permit = match tls {
+            let slot = match &tls {
                 None => tokio::select! {
                     () = &mut stop => return,
                     permit = tx.clone().reserve_owned() => match permit {
-                        Ok(p) => Some(p),
+                        Ok(p) => Slot::Plain(p),
                         Err(_) => return,
                     },
                 },
-                Some(_) => None,
+                Some(tls) => Slot::AfterHandshake(Arc::clone(tls)),
             };
             let accepted = tokio::select! {
                 () = &mut stop => return,
@@ -323,13 +321,13 @@ pub fn incoming(
             };
             // Small writes (one response at a time) must not wait for Nagle.
             let _ = stream.set_nodelay(true);
-            let peer = PeerInfo { addr: Some(addr), identity: None };
-            match (&tls, permit) {
-                (None, Some(permit)) => {
+            match slot {
+                Slot::Plain(permit) => {
+                    let peer = PeerInfo { addr: Some(addr), identity: None };
                     permit.send(Ok(Conn { io: Io::Plain(stream), peer }));
                 }
-                (None, None) => {}
-                (Some(tls), _) => {
+                Slot::AfterHandshake(tls) => {
+                    // The configuration current now, after any reload.
                     let acceptor = tls.acceptor();
                     let tx = tx.clone();
                     let metrics = Arc::clone(&metrics);
@@ -349,6 +347,13 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Where an accepted connection goes: into the slot held for it
+/// (plaintext), or through a TLS handshake that then waits for one.
+enum Slot {
+    Plain(mpsc::OwnedPermit<io::Result<Conn>>),
+    AfterHandshake(Arc<TlsSource>),
 }
 
 async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, addr: SocketAddr) -> io::Result<Conn> {

@@ -227,11 +227,7 @@ impl Store {
             query = query.filter(C::RevokedAt.is_null().or(C::RevokedAt.gt(now)));
         }
         if let Some(cursor) = after {
-            query = query.filter(
-                C::CreatedAt
-                    .lt(cursor.created_at)
-                    .or(C::CreatedAt.eq(cursor.created_at).and(C::Id.lt(cursor.id.as_str()))),
-            );
+            query = query.filter(super::older_than(C::CreatedAt, C::Id, cursor.created_at, &cursor.id));
         }
         self.count_read();
         query

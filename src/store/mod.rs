@@ -34,6 +34,18 @@ use thiserror::Error;
 
 use migration::Migrator;
 
+/// Rows after the cursor `(at, id)` in a listing ordered newest first by
+/// `(at_col, id_col)`: keyset pagination, stable under concurrent inserts.
+fn older_than<C: sea_orm::ColumnTrait>(
+    at_col: C,
+    id_col: C,
+    at: chrono::DateTime<chrono::Utc>,
+    id: &str,
+) -> impl sea_orm::sea_query::IntoCondition {
+    use sea_orm::ExprTrait as _;
+    at_col.lt(at).or(at_col.eq(at).and(id_col.lt(id)))
+}
+
 /// This binary's migrations against a database's.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SchemaStatus {

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, ExprTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr,
+    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr,
     TransactionTrait, sea_query::Expr,
 };
 
@@ -130,11 +130,7 @@ impl Store {
         use operator_token::Column as C;
         let mut query = operator_token::Entity::find();
         if let Some(cursor) = after {
-            query = query.filter(
-                C::CreatedAt
-                    .lt(cursor.created_at)
-                    .or(C::CreatedAt.eq(cursor.created_at).and(C::Id.lt(cursor.id.as_str()))),
-            );
+            query = query.filter(super::older_than(C::CreatedAt, C::Id, cursor.created_at, &cursor.id));
         }
         self.count_read();
         query

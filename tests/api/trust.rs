@@ -302,38 +302,11 @@ async fn the_cli_speaks_mtls_and_takes_tokens_only_from_a_file_or_the_environmen
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };
-    let (ok, out, err) = cli(
-        &[
-            "operators",
-            "create",
-            "--name",
-            "support",
-            "--role",
-            "auditor",
-            "--merchant",
-            MERCHANT,
-            "--json",
-            "--token-file",
-        ],
-        &[],
-    );
+    let create =
+        ["operators", "create", "--name", "support", "--role", "auditor", "--merchant", MERCHANT, "--json"];
+    let (ok, out, err) = cli(&[&create[..], &["--token-file"]].concat(), &[]);
     assert!(!ok && err.contains("--token-file"), "a flag without its file: {err}");
-    let (ok, out2, err2) = cli(
-        &[
-            "operators",
-            "create",
-            "--name",
-            "support",
-            "--role",
-            "auditor",
-            "--merchant",
-            MERCHANT,
-            "--json",
-            "--token-file",
-            token_file.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (ok, out2, err2) = cli(&[&create[..], &["--token-file", token_file.to_str().unwrap()]].concat(), &[]);
     assert!(ok, "{out}{err}{out2}{err2}");
     let created: serde_json::Value = serde_json::from_str(&out2).unwrap();
     let operator = created["plaintext_token"].as_str().unwrap().to_owned();

@@ -461,11 +461,7 @@ fn list_select(
             select = select.filter(C::Timestamp.lt(end));
         }
         if let Some(cursor) = after {
-            select = select.filter(
-                C::Timestamp
-                    .lt(cursor.timestamp)
-                    .or(C::Timestamp.eq(cursor.timestamp).and(C::Id.lt(cursor.id.as_str()))),
-            );
+            select = select.filter(super::older_than(C::Timestamp, C::Id, cursor.timestamp, &cursor.id));
         }
         select.order_by_desc(C::Timestamp).order_by_desc(C::Id).limit(limit)
     }
