@@ -1,6 +1,6 @@
 //! KeyAdmin authentication, as a tower layer around the KeyAdmin service:
 //! every call's credentials (a bearer token, else the mTLS client identity)
-//! become a [`Principal`] in the request extensions before any handler
+//! become a [`Principal`](crate::service::access::Principal) in the request extensions before any handler
 //! runs, or the call ends UNAUTHENTICATED. What the principal may do is the
 //! service's decision ([`crate::service::access::Access::authorize`]).
 
