@@ -72,6 +72,21 @@ pub struct AuditSettings {
     /// inserts under load, at most this much delay when idle.
     pub linger: Duration,
     pub overflow: Overflow,
+    /// How long Verify may wait for room in a full queue before the
+    /// overflow mode applies (UNAVAILABLE under `block`, a counted loss
+    /// under `drop`).
+    pub wait: Duration,
+}
+
+/// Guess throttling (see `throttle`).
+#[derive(Debug, Clone)]
+pub struct ThrottleSettings {
+    /// Wrong secrets per lookup prefix per window before its uncached
+    /// checks are refused; 0 turns the prefix limit off.
+    pub per_prefix: u32,
+    /// Wrong secrets per client IP per window; 0 turns the IP limit off.
+    pub per_ip: u32,
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -160,7 +175,32 @@ pub struct Settings {
     pub audit_batch_size: usize,
     pub audit_linger_ms: u64,
     pub audit_overflow: Overflow,
-    /// scrypt threads; 0 means one per CPU.
+    /// How long a Verify waits for room in a full audit queue.
+    pub audit_queue_wait_ms: u64,
+    /// Largest Verify request message, in bytes.
+    pub max_verify_message_bytes: usize,
+    /// Largest RecordOutcomes request message, in bytes.
+    pub max_record_outcomes_message_bytes: usize,
+    /// Largest request message of any other RPC (KeyAdmin, health), in bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams (concurrent calls) one connection may have open.
+    pub max_concurrent_streams: u32,
+    /// Connections one listener holds open at once, TLS handshakes
+    /// included; beyond that new connections wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// How long one call may run before it is answered CANCELLED.
+    pub request_timeout_ms: u64,
+    /// HTTP/2 PING interval on idle connections; 0 turns keepalive off.
+    pub http2_keepalive_interval_ms: u64,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout_ms: u64,
+    /// Wrong secrets per key prefix per window before throttling; 0: off.
+    pub throttle_failures_per_prefix: u32,
+    /// Wrong secrets per client IP (the Verify `ip`) per window; 0: off.
+    pub throttle_failures_per_ip: u32,
+    pub throttle_window_ms: u64,
+    /// scrypt threads; 0 means one per CPU the process may use (its cgroup
+    /// CPU quota, or the machine's CPUs without one).
     pub hash_workers: usize,
     /// scrypt jobs that may wait; beyond that Verify answers RESOURCE_EXHAUSTED.
     pub hash_queue: usize,
@@ -218,6 +258,18 @@ impl Default for Settings {
             audit_batch_size: 16_000,
             audit_linger_ms: 50,
             audit_overflow: Overflow::Block,
+            audit_queue_wait_ms: 100,
+            max_verify_message_bytes: 16 << 10,
+            max_record_outcomes_message_bytes: 256 << 10,
+            max_message_bytes: 1 << 20,
+            max_concurrent_streams: 200,
+            max_connections: 4096,
+            request_timeout_ms: 30_000,
+            http2_keepalive_interval_ms: 30_000,
+            http2_keepalive_timeout_ms: 10_000,
+            throttle_failures_per_prefix: 10,
+            throttle_failures_per_ip: 100,
+            throttle_window_ms: 60_000,
             hash_workers: 0,
             hash_queue: 32,
             db_max_connections: 10,
@@ -304,7 +356,29 @@ impl Settings {
             batch_size: self.audit_batch_size,
             linger: Duration::from_millis(self.audit_linger_ms),
             overflow: self.audit_overflow,
+            wait: Duration::from_millis(self.audit_queue_wait_ms),
         }
+    }
+
+    pub fn throttle(&self) -> ThrottleSettings {
+        ThrottleSettings {
+            per_prefix: self.throttle_failures_per_prefix,
+            per_ip: self.throttle_failures_per_ip,
+            window: Duration::from_millis(self.throttle_window_ms.max(1)),
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms.max(1))
+    }
+
+    pub fn http2_keepalive_interval(&self) -> Option<Duration> {
+        (self.http2_keepalive_interval_ms > 0)
+            .then(|| Duration::from_millis(self.http2_keepalive_interval_ms))
+    }
+
+    pub fn http2_keepalive_timeout(&self) -> Duration {
+        Duration::from_millis(self.http2_keepalive_timeout_ms.max(1))
     }
 
     pub fn db_acquire_timeout(&self) -> Duration {

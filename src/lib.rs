@@ -18,9 +18,10 @@
 //!   [`service::operators::OperatorTokens`] and [`service::verify::Verifier`];
 //!   who may do what ([`service::access`]); request validation; the scrypt
 //!   pool.
-//! - [`cache`], [`usage`], [`audit`]: runtime state of the Verify path. The
-//!   verification cache and the change feed that keeps it current; batched
-//!   usage counters; the audit queue and its writer.
+//! - [`cache`], [`usage`], [`audit`], [`throttle`]: runtime state of the
+//!   Verify path. The verification cache and the change feed that keeps it
+//!   current; batched usage counters; the audit queue and its writer; the
+//!   counters of wrong secrets that throttle guessing.
 //! - [`store`]: persistence on sea-orm (SQLite or PostgreSQL): keys, usage,
 //!   operator tokens, the audit row ([`store::audit::AuditRecord`]) and its
 //!   writers, and migrations.
@@ -42,4 +43,5 @@ pub mod service;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod throttle;
 pub mod usage;

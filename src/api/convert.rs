@@ -74,6 +74,7 @@ pub fn deny_reason(r: DenyReason) -> pb::DenyReason {
         DenyReason::Expired => pb::DenyReason::Expired,
         DenyReason::IpNotAllowed => pb::DenyReason::IpNotAllowed,
         DenyReason::InsufficientScope => pb::DenyReason::InsufficientScope,
+        DenyReason::Throttled => pb::DenyReason::Throttled,
     }
 }
 

@@ -3,13 +3,15 @@
 //! module (and the command-line client, another edge). Service errors become
 //! `tonic::Status` in one place, [`status`]. Who is calling: [`peer`] (the
 //! connection's address and mTLS identity), [`callers`] (KeyVerify's allowed
-//! identities) and [`auth`] (KeyAdmin credentials), both layers.
+//! identities) and [`auth`] (KeyAdmin credentials), both layers; [`limits`]
+//! bounds each RPC's request size.
 
 pub mod auth;
 pub mod callers;
 pub mod convert;
 pub mod key_admin;
 pub mod key_verify;
+pub mod limits;
 pub mod pb;
 pub mod peer;
 pub mod status;

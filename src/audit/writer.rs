@@ -1,9 +1,10 @@
 //! The audit queue: Verify hands its row to a bounded queue and returns; a
 //! writer task inserts rows in multi-row batches.
 //!
-//! Nothing is dropped silently. When the queue is full, Verify waits for room
-//! (back-pressure, the default) or, if configured to drop, the row is counted
-//! and logged. A failed insert keeps its batch and retries, so an outage only
+//! Nothing is dropped silently. When the queue is full, Verify waits a
+//! bounded time for room; then it fails closed (`block`, the default: no
+//! decision without its audit row) or, if configured to drop, the row is
+//! counted and logged. A failed insert keeps its batch and retries, so an outage only
 //! delays rows. RecordOutcomes may arrive while an allowed row is still queued
 //! or being written; the outcome is held next to the row and applied either
 //! way (see [`AuditQueue::record_outcomes`]).
@@ -36,6 +37,8 @@ struct Counters {
     /// Rows the writer has taken off the queue and not yet committed.
     in_hand: AtomicU64,
     dropped: AtomicU64,
+    /// Verify calls refused because the queue stayed full (`block`).
+    refused: AtomicU64,
     failed_writes: AtomicU64,
 }
 
@@ -45,14 +48,21 @@ pub struct AuditQueue {
     tx: mpsc::Sender<AuditRecord>,
     outcomes: Outcomes,
     overflow: Overflow,
+    wait: Duration,
     counters: Arc<Counters>,
     capacity: usize,
 }
 
-/// The queue was closed for shutdown.
-#[derive(Debug, thiserror::Error)]
-#[error("the audit queue is closed")]
-pub struct QueueClosed;
+/// Why a row was not queued.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueueError {
+    /// The queue was closed for shutdown.
+    #[error("the audit queue is closed")]
+    Closed,
+    /// Full for longer than the wait allowed, under `audit_overflow = "block"`.
+    #[error("the audit queue is full")]
+    Full,
+}
 
 /// The receiving side; [`AuditWriter::run`] is the writer task.
 #[derive(Debug)]
@@ -75,6 +85,7 @@ pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWrit
             tx,
             outcomes: Arc::clone(&outcomes),
             overflow: settings.overflow,
+            wait: settings.wait,
             counters: Arc::clone(&counters),
             capacity,
         },
@@ -92,10 +103,10 @@ pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWrit
 impl AuditQueue {
     /// Queues a verification row. The row is offered to the queue when
     /// `push` is called; the future only waits for room if the queue is
-    /// full under `audit_overflow = "block"`. Not an `async fn`, so that
+    /// full, for at most the configured wait. Not an `async fn`, so that
     /// the row is not carried inside the future: every Verify awaits this,
     /// and its future is copied at each await and spawn.
-    pub fn push(&self, record: AuditRecord) -> impl Future<Output = Result<(), QueueClosed>> + Send + '_ {
+    pub fn push(&self, record: AuditRecord) -> impl Future<Output = Result<(), QueueError>> + Send + '_ {
         if record.decision == Some(Decision::Allow) {
             self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).insert(record.id.clone(), None);
         }
@@ -104,17 +115,10 @@ impl AuditQueue {
             Ok(()) => Ok(None),
             Err(mpsc::error::TrySendError::Closed(record)) => {
                 self.forget_outcome(&record);
-                Err(QueueClosed)
+                Err(QueueError::Closed)
             }
-            Err(mpsc::error::TrySendError::Full(record)) => match self.overflow {
-                // Boxed: the wait is rare, and `send`'s future is over a kilobyte.
-                Overflow::Block => Ok(Some(Box::pin(self.send_waiting(record)))),
-                Overflow::Drop => {
-                    self.count_dropped(&record);
-                    self.forget_outcome(&record);
-                    Ok(None)
-                }
-            },
+            // Boxed: the wait is rare, and `send`'s future is over a kilobyte.
+            Err(mpsc::error::TrySendError::Full(record)) => Ok(Some(Box::pin(self.send_waiting(record)))),
         };
         async move {
             match waiting? {
@@ -124,11 +128,29 @@ impl AuditQueue {
         }
     }
 
-    async fn send_waiting(&self, record: AuditRecord) -> Result<(), QueueClosed> {
-        self.tx.send(record).await.map_err(|mpsc::error::SendError(record)| {
-            self.forget_outcome(&record);
-            QueueClosed
-        })
+    async fn send_waiting(&self, record: AuditRecord) -> Result<(), QueueError> {
+        let permit = match tokio::time::timeout(self.wait, self.tx.reserve()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => {
+                self.forget_outcome(&record);
+                return Err(QueueError::Closed);
+            }
+            Err(_) => {
+                self.forget_outcome(&record);
+                return match self.overflow {
+                    Overflow::Block => {
+                        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        Err(QueueError::Full)
+                    }
+                    Overflow::Drop => {
+                        self.count_dropped(&record);
+                        Ok(())
+                    }
+                };
+            }
+        };
+        permit.send(record);
+        Ok(())
     }
 
     fn count_dropped(&self, record: &AuditRecord) {
@@ -183,6 +205,11 @@ impl AuditQueue {
 
     pub fn dropped(&self) -> u64 {
         self.counters.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Verify calls answered UNAVAILABLE because the queue stayed full.
+    pub fn refused(&self) -> u64 {
+        self.counters.refused.load(Ordering::Relaxed)
     }
 
     pub fn written(&self) -> u64 {
@@ -355,6 +382,7 @@ mod tests {
             batch_size: 100,
             linger: Duration::from_secs(600),
             overflow: Overflow::Block,
+            wait: Duration::from_millis(100),
         };
         let (queue, writer) = channel(store, &settings);
         for _ in 0..3 {

@@ -36,25 +36,31 @@ pub enum DenyReason {
     Expired,
     IpNotAllowed,
     InsufficientScope,
+    /// Too many wrong secrets lately on this prefix or from this client:
+    /// refused without checking the secret.
+    Throttled,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (so `ALL[r as usize] == r`).
-    pub const ALL: [DenyReason; 6] = [
+    pub const ALL: [DenyReason; 7] = [
         Self::Malformed,
         Self::NotFound,
         Self::Revoked,
         Self::Expired,
         Self::IpNotAllowed,
         Self::InsufficientScope,
+        Self::Throttled,
     ];
 
     /// The HTTP status the calling service answers: 401 when the caller is not
-    /// authenticated, 403 when it is but may not do this.
+    /// authenticated, 403 when it is but may not do this, 429 when it must
+    /// slow down.
     pub fn http_status(self) -> u16 {
         match self {
             Self::Malformed | Self::NotFound | Self::Revoked | Self::Expired => 401,
             Self::IpNotAllowed | Self::InsufficientScope => 403,
+            Self::Throttled => 429,
         }
     }
 
@@ -66,6 +72,7 @@ impl DenyReason {
             Self::Expired => "EXPIRED",
             Self::IpNotAllowed => "IP_NOT_ALLOWED",
             Self::InsufficientScope => "INSUFFICIENT_SCOPE",
+            Self::Throttled => "THROTTLED",
         }
     }
 
@@ -204,9 +211,9 @@ mod tests {
     }
 
     #[test]
-    fn statuses_split_into_401_and_403() {
+    fn statuses_split_into_401_403_and_429() {
         let statuses: Vec<u16> = DenyReason::ALL.iter().map(|r| r.http_status()).collect();
-        assert_eq!(statuses, [401, 401, 401, 401, 403, 403]);
+        assert_eq!(statuses, [401, 401, 401, 401, 403, 403, 429]);
         for r in DenyReason::ALL {
             assert_eq!(DenyReason::parse(r.as_str()), Some(r));
         }

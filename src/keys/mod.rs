@@ -1,10 +1,12 @@
 //! The key domain, free of I/O: the key format and checksum ([`format`](mod@format)),
 //! hashing at rest ([`hash`]), scopes and presets ([`scope`]), IP allow-lists
-//! ([`cidr`]), the verification decision ([`decision`]), and operator
-//! tokens and roles ([`operator`]).
+//! ([`cidr`]), the verification decision ([`decision`]), audit event ids
+//! that say who issued them ([`event_id`]), and operator tokens and roles
+//! ([`operator`]).
 
 pub mod cidr;
 pub mod decision;
+pub mod event_id;
 pub mod format;
 pub mod hash;
 pub mod operator;
@@ -14,6 +16,7 @@ use chrono::{DateTime, Utc};
 
 pub use cidr::AllowList;
 pub use decision::{Decision, DenyReason, KeyState, Policy, decide};
+pub use event_id::EventIds;
 pub use format::{KeyPrefix, LookupPrefix, Malformed, PlainKey};
 pub use hash::{KeyHash, KeyHasher};
 pub use scope::{ScopeCatalogue, ScopeSet};

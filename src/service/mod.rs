@@ -93,7 +93,9 @@ impl IdentifyError for ServiceError {
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
         if e.is_unavailable() {
-            Self::Unavailable(format!("the key store is unavailable: {e}"))
+            // The driver's text (hosts, statements) stays in the log.
+            tracing::warn!(error = %e, "the key store is unavailable");
+            Self::Unavailable("the key store is unavailable; retry with backoff".into())
         } else {
             Self::Internal(e.to_string())
         }

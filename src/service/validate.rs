@@ -10,14 +10,28 @@ pub const MAX_REASON: usize = 500;
 pub const MAX_PRESENTED_KEY: usize = 128;
 pub const MAX_ENDPOINT: usize = 2048;
 pub const MAX_METHOD: usize = 32;
+/// Most characters of caller input an error message quotes.
+pub const MAX_EXCERPT: usize = 64;
 
-/// Collects violations so one response can name every bad field.
+/// Most violations one error lists; a request with more gets the first
+/// ones and a count, so the error stays small whatever the request holds.
+pub const MAX_LISTED_VIOLATIONS: usize = 10;
+
+/// Collects violations so one response can name every bad field (up to
+/// [`MAX_LISTED_VIOLATIONS`]).
 #[derive(Debug, Default)]
-pub struct Violations(Vec<FieldViolation>);
+pub struct Violations {
+    listed: Vec<FieldViolation>,
+    unlisted: usize,
+}
 
 impl Violations {
     pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push(FieldViolation::new(field, description));
+        if self.listed.len() < MAX_LISTED_VIOLATIONS {
+            self.listed.push(FieldViolation::new(field, description));
+        } else {
+            self.unlisted += 1;
+        }
     }
 
     pub fn check(&mut self, field: &str, result: Result<(), String>) {
@@ -26,8 +40,21 @@ impl Violations {
         }
     }
 
-    pub fn into_result(self) -> Result<(), super::ServiceError> {
-        if self.0.is_empty() { Ok(()) } else { Err(super::ServiceError::Invalid(self.0)) }
+    pub fn into_result(mut self) -> Result<(), super::ServiceError> {
+        if self.unlisted > 0 {
+            let more = format!("{} more invalid fields not listed", self.unlisted);
+            self.listed.push(FieldViolation::new("request", more));
+        }
+        if self.listed.is_empty() { Ok(()) } else { Err(super::ServiceError::Invalid(self.listed)) }
+    }
+}
+
+/// At most `max` characters of caller input, for quoting it in an error;
+/// longer input is cut and marked, so errors never echo it unbounded.
+pub fn excerpt(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => format!("{s:?}"),
+        Some((end, _)) => format!("{:?}…", &s[..end]),
     }
 }
 
@@ -113,6 +140,24 @@ mod tests {
         assert!(text(&"é".repeat(101), MAX_NAME, true).is_err());
         assert!(text("line\nbreak", MAX_NAME, true).is_err());
         assert!(text("", MAX_REASON, false).is_ok());
+    }
+
+    #[test]
+    fn errors_list_a_bounded_number_of_fields() {
+        let mut v = Violations::default();
+        for i in 0..100_000 {
+            v.add(format!("outcomes[{i}].status"), "bad");
+        }
+        let Err(super::super::ServiceError::Invalid(listed)) = v.into_result() else { panic!("invalid") };
+        assert_eq!(listed.len(), MAX_LISTED_VIOLATIONS + 1);
+        assert_eq!(listed[MAX_LISTED_VIOLATIONS].description, "99990 more invalid fields not listed");
+    }
+
+    #[test]
+    fn excerpts_are_bounded_and_quoted() {
+        assert_eq!(excerpt("abc", 8), "\"abc\"");
+        assert_eq!(excerpt(&"é".repeat(1000), 4), "\"éééé\"…");
+        assert_eq!(excerpt("a\nb", 8), "\"a\\nb\"");
     }
 
     #[test]

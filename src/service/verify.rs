@@ -11,23 +11,27 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Deps, ServiceError,
-    hash_pool::HashPool,
+    hash_pool::{HashPool, Lane},
     validate::{self, Violations},
 };
 use crate::{
-    audit::{self, AuditKind, AuditRecord, writer::AuditQueue},
+    audit::{
+        self, AuditKind, AuditRecord,
+        writer::{AuditQueue, QueueError},
+    },
     cache::{
-        VerifyCache,
+        IdentifyError, VerifyCache,
         changes::{Freshness, Trust},
     },
     clock,
     keys::{
-        AllowList, Decision, DenyReason, KeyHasher, KeyPrefix, KeyState, PlainKey, Policy, ScopeCatalogue,
-        ScopeSet, decide,
+        AllowList, Decision, DenyReason, EventIds, KeyHasher, KeyPrefix, KeyState, PlainKey, Policy,
+        ScopeCatalogue, ScopeSet, decide,
     },
     metrics::Metrics,
     store::{Store, keys::StoredKey},
     telemetry,
+    throttle::GuessThrottle,
     usage::UsageTracker,
 };
 
@@ -98,6 +102,8 @@ pub struct Verifier {
     prefix: KeyPrefix,
     usage: Arc<UsageTracker>,
     audit: AuditQueue,
+    ids: EventIds,
+    throttle: Arc<GuessThrottle>,
     /// `None` runs scrypt on every call (for measuring the cold path).
     cache: Option<Arc<VerifyCache>>,
     freshness: Arc<Freshness>,
@@ -108,6 +114,9 @@ pub struct Verifier {
 #[derive(Debug, Clone)]
 pub struct VerifyParts {
     pub audit: AuditQueue,
+    /// Mints the audit ids Verify returns, and recognises them later.
+    pub ids: EventIds,
+    pub throttle: Arc<GuessThrottle>,
     pub cache: Option<Arc<VerifyCache>>,
     pub freshness: Arc<Freshness>,
     pub metrics: Arc<Metrics>,
@@ -122,8 +131,21 @@ struct Checked {
 impl Verifier {
     pub fn new(deps: Deps, parts: VerifyParts) -> Self {
         let Deps { store, hasher, pool, catalogue, prefix, usage } = deps;
-        let VerifyParts { audit, cache, freshness, metrics } = parts;
-        Self { store, hasher, pool, catalogue, prefix, usage, audit, cache, freshness, metrics }
+        let VerifyParts { audit, ids, throttle, cache, freshness, metrics } = parts;
+        Self {
+            store,
+            hasher,
+            pool,
+            catalogue,
+            prefix,
+            usage,
+            audit,
+            ids,
+            throttle,
+            cache,
+            freshness,
+            metrics,
+        }
     }
 
     /// Decides on one presented key. Denials are verdicts, not errors; errors
@@ -144,6 +166,7 @@ impl Verifier {
         let checked = self.check(&input)?;
         let now = clock::now();
         let mut record = AuditRecord::new(AuditKind::Verify, now, telemetry::current_trace_id());
+        record.id = self.ids.mint();
         record.endpoint = Some(input.endpoint).filter(|s| !s.is_empty());
         record.method = Some(input.method).filter(|s| !s.is_empty());
         record.ip = checked.ip.map(|ip| ip.to_string());
@@ -152,9 +175,9 @@ impl Verifier {
             Err(_) => Err(DenyReason::Malformed),
             Ok(key) => {
                 record.key_prefix = Some(key.lookup_prefix().as_str().to_owned());
-                match self.identify(key).await? {
-                    None => Err(DenyReason::NotFound),
-                    Some(state) => {
+                match self.identify(key, checked.ip).await? {
+                    Err(reason) => Err(reason),
+                    Ok(state) => {
                         record.merchant_id = Some(state.merchant_id.clone());
                         record.api_key_id = Some(state.key_id.to_string());
                         record.api_key_name = Some(state.name.clone());
@@ -186,19 +209,27 @@ impl Verifier {
         }
         audit::record_on_span(span, &record);
         let audit_event_id = record.id.clone();
-        self.audit
-            .push(record)
-            .await
-            .map_err(|_| ServiceError::Unavailable("the server is shutting down".into()))?;
+        self.audit.push(record).await.map_err(|e| match e {
+            QueueError::Closed => ServiceError::Unavailable("the server is shutting down".into()),
+            QueueError::Full => {
+                ServiceError::Unavailable("the audit trail is not keeping up; retry with backoff".into())
+            }
+        })?;
         Ok(Verdict { outcome, audit_event_id })
     }
 
     /// Completes allowed rows with the HTTP status the caller answered.
+    /// The work is bounded before any is done: an oversized call is refused
+    /// whole, errors list a few fields, the database gets one statement, and
+    /// only ids this deployment issued may wait for their row.
     pub async fn record_outcomes(&self, outcomes: Vec<(String, i32)>) -> Result<u64, ServiceError> {
-        let mut v = Violations::default();
         if outcomes.len() > MAX_OUTCOMES {
-            v.add("outcomes", format!("at most {MAX_OUTCOMES} per call"));
+            return Err(ServiceError::invalid(
+                "outcomes",
+                format!("at most {MAX_OUTCOMES} per call (got {})", outcomes.len()),
+            ));
         }
+        let mut v = Violations::default();
         let mut checked = Vec::with_capacity(outcomes.len());
         for (i, (id, status)) in outcomes.into_iter().enumerate() {
             if id.is_empty() || id.len() > 64 {
@@ -215,13 +246,16 @@ impl Verifier {
         let written = matched.iter().filter(|m| **m).count() as u64;
         // A row verified on another replica may still be in that replica's
         // queue: hold its outcome in the database until the row lands. Only
-        // ids this fleet could have issued lately qualify, and since this
-        // replica cannot tell them from unknown ids, they are not counted.
+        // ids this deployment minted lately qualify (their tag says so), and
+        // since this replica cannot tell whether the row will land, they are
+        // not counted.
         let now = clock::now();
         let pending: Vec<(String, u16)> = rest
             .into_iter()
             .zip(matched)
-            .filter(|((id, _), matched)| !matched && audit::recently_issued(id, now))
+            .filter(|((id, _), matched)| {
+                !matched && self.ids.issued_at(id).is_some_and(|at| audit::recently_issued(at, now))
+            })
             .map(|(outcome, _)| outcome)
             .collect();
         self.store.hold_outcomes(&pending, now).await?;
@@ -249,13 +283,11 @@ impl Verifier {
         } else {
             let found = self.catalogue.required(&input.required_scope);
             if found.is_none() {
-                let valid: Vec<String> = self.catalogue.scopes().map(|(d, _)| d.name.clone()).collect();
                 v.add(
                     "required_scope",
                     format!(
-                        "unknown scope {:?}; valid scopes are: {}",
-                        input.required_scope,
-                        valid.join(", ")
+                        "unknown scope {}; ListScopes returns the catalogue",
+                        validate::excerpt(&input.required_scope, validate::MAX_EXCERPT)
                     ),
                 );
             }
@@ -267,35 +299,46 @@ impl Verifier {
         Ok(Checked { ip, required })
     }
 
-    /// The key's current state if it exists and the secret matches; `None`
-    /// for an unknown prefix or a wrong secret (indistinguishable by design).
+    /// The key's current state if it exists and the secret matches;
+    /// NOT_FOUND for an unknown prefix or a wrong secret (indistinguishable
+    /// by design), THROTTLED when its secret may not be checked now.
     /// Warm: two cache lookups. Cold: one indexed read and one scrypt, shared
     /// by every concurrent call presenting the same key.
-    async fn identify(&self, key: PlainKey) -> Result<Option<Arc<KeyState>>, ServiceError> {
+    async fn identify(&self, key: PlainKey, ip: Option<IpAddr>) -> Result<Identified, ServiceError> {
         let Some(cache) = &self.cache else {
-            return Ok(self.noting_outage(Box::pin(self.check_secret(&key)).await)?.map(Arc::new));
+            let checked = self.noting_outage(Box::pin(self.check_secret(&key, ip)).await)?;
+            return Ok(checked.map(Arc::new));
         };
         let digest = cache.digest(&key);
         let key_id = match cache.identity(&digest) {
             Some(id) => id,
-            None if cache.known_bad(&digest) => return Ok(None),
+            None if cache.known_bad(&digest) => return Ok(Err(DenyReason::NotFound)),
             // Boxed, like every other store read below: the cold path's
             // futures (sea-orm, scrypt pool, single flight) are kilobytes,
             // and inline they would make every warm call's future that size
             // and copy it at each await and spawn.
-            None => match Box::pin(cache.identify_once(digest, self.identify_cold(cache, key))).await {
+            None => match Box::pin(cache.identify_once(digest, self.identify_cold(cache, key, ip))).await {
                 Ok(id) => id,
-                Err(ServiceError::NotFound(_)) => return Ok(None),
-                Err(e) => return Err(e),
+                Err(Cold::Denied(reason)) => return Ok(Err(reason)),
+                Err(Cold::Failed(e)) => return Err(e),
             },
         };
+        Ok(self.current_state(cache, &key_id).await?.ok_or(DenyReason::NotFound))
+    }
+
+    /// An identified key's state, from the cache while it is trusted.
+    async fn current_state(
+        &self,
+        cache: &VerifyCache,
+        key_id: &str,
+    ) -> Result<Option<Arc<KeyState>>, ServiceError> {
         match self.freshness.trust() {
             Trust::Trusted => {
-                if let Some(state) = cache.state(&key_id) {
+                if let Some(state) = cache.state(key_id) {
                     return Ok(Some(state));
                 }
                 let since = cache.epoch();
-                let state = self.load_state(&key_id).await?;
+                let state = self.load_state(key_id).await?;
                 if let Some(state) = &state {
                     cache.fill_state(since, Arc::clone(state));
                 }
@@ -303,27 +346,32 @@ impl Verifier {
             }
             // Change notices are not arriving: the database is the truth,
             // and what is cached may only stand in while it is unreachable.
-            Trust::ReadThrough => match self.load_state(&key_id).await {
-                Err(ServiceError::Unavailable(reason)) => match cache.state(&key_id) {
+            Trust::ReadThrough => match self.load_state(key_id).await {
+                Err(ServiceError::Unavailable(reason)) => match cache.state(key_id) {
                     Some(state) if self.freshness.trust() == Trust::Stale => Ok(Some(state)),
                     _ => Err(ServiceError::Unavailable(reason)),
                 },
                 other => other,
             },
-            Trust::Stale => match cache.state(&key_id) {
+            Trust::Stale => match cache.state(key_id) {
                 Some(state) => Ok(Some(state)),
-                None => self.load_state(&key_id).await,
+                None => self.load_state(key_id).await,
             },
-            Trust::Expired => self.load_state(&key_id).await,
+            Trust::Expired => self.load_state(key_id).await,
         }
     }
 
     /// First sight of a key: check it, and remember its state if the cache
     /// is current.
-    async fn identify_cold(&self, cache: &VerifyCache, key: PlainKey) -> Result<Arc<str>, ServiceError> {
+    async fn identify_cold(
+        &self,
+        cache: &VerifyCache,
+        key: PlainKey,
+        ip: Option<IpAddr>,
+    ) -> Result<Arc<str>, Cold> {
         let since = cache.epoch();
-        let checked = self.noting_outage(self.check_secret(&key).await)?;
-        let state = Arc::new(checked.ok_or(ServiceError::NotFound("key"))?);
+        let checked = self.noting_outage(self.check_secret(&key, ip).await).map_err(Cold::Failed)?;
+        let state = Arc::new(checked.map_err(Cold::Denied)?);
         if self.freshness.trust() == Trust::Trusted {
             cache.fill_state(since, Arc::clone(&state));
         }
@@ -352,16 +400,59 @@ impl Verifier {
         result
     }
 
-    /// One indexed read by lookup prefix and one scrypt on the pool.
-    async fn check_secret(&self, key: &PlainKey) -> Result<Option<KeyState>, ServiceError> {
-        let Some(stored) = self.store.find_by_prefix(key.lookup_prefix().as_str()).await? else {
-            return Ok(None);
+    /// One indexed read by lookup prefix and one scrypt on the pool, unless
+    /// the prefix or the client IP is throttled. A prefix with recent wrong
+    /// secrets waits for a hashing thread behind every other key.
+    async fn check_secret(
+        &self,
+        key: &PlainKey,
+        ip: Option<IpAddr>,
+    ) -> Result<Result<KeyState, DenyReason>, ServiceError> {
+        let lookup = key.lookup_prefix();
+        let prefix = lookup.as_str();
+        if self.throttle.check(prefix, ip).is_some() {
+            return Ok(Err(DenyReason::Throttled));
+        }
+        let Some(stored) = self.store.find_by_prefix(prefix).await? else {
+            return Ok(Err(DenyReason::NotFound));
+        };
+        let lane = if self.throttle.suspect(prefix) { Lane::Later } else { Lane::First };
+        let Ok(admission) = self.throttle.admit(prefix, ip) else {
+            return Ok(Err(DenyReason::Throttled));
         };
         let (hasher, hash, key) = (self.hasher.clone(), stored.hash.clone(), key.clone());
-        if !self.pool.run(move || hasher.verify(&key, &hash)).await? {
-            return Ok(None);
+        match self.pool.run_in(lane, move || hasher.verify(&key, &hash)).await {
+            // A wrong secret stays counted.
+            Ok(false) => Ok(Err(DenyReason::NotFound)),
+            Ok(true) => {
+                self.throttle.uncount(admission);
+                key_state(&stored, &self.catalogue).map(Ok)
+            }
+            Err(e) => {
+                self.throttle.uncount(admission);
+                Err(e.into())
+            }
         }
-        key_state(&stored, &self.catalogue).map(Some)
+    }
+}
+
+/// What identification found: the key, or why it is denied.
+type Identified = Result<Arc<KeyState>, DenyReason>;
+
+/// Why a first-sight check did not yield a key (the single flight's error).
+enum Cold {
+    Denied(DenyReason),
+    Failed(ServiceError),
+}
+
+impl IdentifyError for Cold {
+    fn unknown_key() -> Self {
+        Self::Denied(DenyReason::NotFound)
+    }
+    /// Only NOT_FOUND is remembered as a bad key; a throttled secret was
+    /// never checked.
+    fn is_unknown_key(&self) -> bool {
+        matches!(self, Self::Denied(DenyReason::NotFound))
     }
 }
 

@@ -16,6 +16,7 @@ use crate::{
     cache::{VerifyCache, changes::Freshness},
     metrics::Metrics,
     service::hash_pool::HashPool,
+    throttle::GuessThrottle,
     usage::UsageTracker,
 };
 
@@ -23,6 +24,8 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct Sources {
     pub pool: HashPool,
+    pub admin_pool: HashPool,
+    pub throttle: Arc<GuessThrottle>,
     pub audit: AuditQueue,
     pub usage: Arc<UsageTracker>,
     pub cache: Option<Arc<VerifyCache>>,
@@ -65,7 +68,41 @@ impl Collector for Snapshot {
             None,
             s.pool.queued() as f64,
         )?;
-        counter(&mut encoder, "scrypt_runs", "scrypt hashes computed", s.pool.runs())?;
+        counter(&mut encoder, "scrypt_runs", "scrypt hashes computed for Verify", s.pool.runs())?;
+        counter(
+            &mut encoder,
+            "scrypt_admin_runs",
+            "scrypt hashes computed for KeyAdmin (create, regenerate)",
+            s.admin_pool.runs(),
+        )?;
+        let (prefixes, ips) = s.throttle.over_limit();
+        gauge(
+            &mut encoder,
+            "throttled_prefixes",
+            "key prefixes over their limit of wrong secrets now",
+            None,
+            prefixes as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "throttled_ips",
+            "client IPs over their limit of wrong secrets now",
+            None,
+            ips as f64,
+        )?;
+        let (by_prefix, by_ip) = s.throttle.refused();
+        counter(
+            &mut encoder,
+            "throttled_checks_prefix",
+            "uncached checks refused because their prefix was over its limit",
+            by_prefix,
+        )?;
+        counter(
+            &mut encoder,
+            "throttled_checks_ip",
+            "uncached checks refused because their client IP was over its limit",
+            by_ip,
+        )?;
         gauge(
             &mut encoder,
             "audit_queue_depth",
@@ -79,6 +116,12 @@ impl Collector for Snapshot {
             "audit_rows_dropped",
             "audit rows dropped because the queue was full",
             s.audit.dropped(),
+        )?;
+        counter(
+            &mut encoder,
+            "audit_queue_refusals",
+            "Verify calls answered UNAVAILABLE because the audit queue stayed full",
+            s.audit.refused(),
         )?;
         counter(
             &mut encoder,

@@ -28,6 +28,7 @@ use crate::{
         callers::VerifyCallers,
         key_admin::KeyAdminService,
         key_verify::KeyVerifyService,
+        limits::{MessageLimitLayer, MessageLimits},
         pb::{key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer},
     },
     audit::writer::{self, AuditQueue, AuditWriter},
@@ -36,7 +37,7 @@ use crate::{
         changes::{ChangeFeed, Freshness},
     },
     config::{Secrets, Settings},
-    keys::operator::TokenDigester,
+    keys::{EventIds, operator::TokenDigester},
     metrics::Metrics,
     service::{
         Deps,
@@ -47,6 +48,7 @@ use crate::{
         verify::{Verifier, VerifyParts},
     },
     store::{Store, StoreOptions},
+    throttle::GuessThrottle,
     usage::UsageTracker,
 };
 use exporter::{Exporter, Sources};
@@ -65,6 +67,13 @@ const RETENTION_BATCH: u64 = 5_000;
 const REFUSAL_SWEEP: Duration = Duration::from_secs(10);
 /// The pepper subkey's purpose for operator token digests.
 const OPERATOR_DIGEST_PURPOSE: &str = "keywarden operator token v1";
+/// scrypt threads reserved for KeyAdmin (create, regenerate).
+const ADMIN_HASH_WORKERS: usize = 1;
+/// KeyVerify's path prefix, and its Verify method's path (for size limits).
+const VERIFY_SERVICE: &str = "/keywarden.v1.KeyVerify/";
+const VERIFY_METHOD: &str = "/keywarden.v1.KeyVerify/Verify";
+/// The pepper subkey that tags verification audit ids.
+const EVENT_ID_PURPOSE: &str = "keywarden audit event id v1";
 
 /// A built, bound, not yet serving keywarden.
 pub struct Application {
@@ -79,6 +88,8 @@ pub struct Application {
     audit: AuditQueue,
     audit_writer: AuditWriter,
     pool: HashPool,
+    admin_pool: HashPool,
+    throttle: Arc<GuessThrottle>,
     cache: Option<Arc<VerifyCache>>,
     freshness: Arc<Freshness>,
     metrics: Arc<Metrics>,
@@ -102,6 +113,9 @@ impl std::fmt::Debug for Application {
 pub struct Probes {
     pub store: Store,
     pub pool: HashPool,
+    /// KeyAdmin's own scrypt thread.
+    pub admin_pool: HashPool,
+    pub throttle: Arc<GuessThrottle>,
     pub audit: AuditQueue,
     pub usage: Arc<UsageTracker>,
     pub cache: Option<Arc<VerifyCache>>,
@@ -140,6 +154,11 @@ impl Application {
 
         let pool =
             HashPool::new(settings.hash_workers(), settings.hash_queue).context("starting scrypt threads")?;
+        // CreateKey and RegenerateKey hash on their own thread, so that an
+        // emergency rotation never waits behind Verify's cold keys.
+        let admin_pool = HashPool::named("keywarden-scrypt-admin", ADMIN_HASH_WORKERS, settings.hash_queue)
+            .context("starting the admin scrypt thread")?;
+        let throttle = Arc::new(GuessThrottle::new(settings.throttle()));
         let usage = UsageTracker::new(store.clone());
         let (audit, audit_writer) = writer::channel(store.clone(), &settings.audit());
         let cache = if settings.cache_enabled {
@@ -161,6 +180,8 @@ impl Application {
             &metrics,
             Sources {
                 pool: pool.clone(),
+                admin_pool: admin_pool.clone(),
+                throttle: Arc::clone(&throttle),
                 audit: audit.clone(),
                 usage: Arc::clone(&usage),
                 cache: cache.clone(),
@@ -176,6 +197,7 @@ impl Application {
             Arc::clone(&metrics),
         ));
         let operators = Arc::new(OperatorTokens::new(store.clone(), Arc::clone(&access)));
+        let event_ids = EventIds::new(secrets.hasher.subkey_mac(EVENT_ID_PURPOSE));
         let deps = Deps {
             store: store.clone(),
             hasher: secrets.hasher,
@@ -190,11 +212,17 @@ impl Application {
         if let Some(cache) = &cache {
             listeners.push(Arc::clone(cache) as Arc<dyn KeyChangeListener>);
         }
-        let manager = KeyManager::new(deps.clone(), listeners, Arc::clone(&access));
+        let manager = KeyManager::new(
+            Deps { pool: admin_pool.clone(), ..deps.clone() },
+            listeners,
+            Arc::clone(&access),
+        );
         let verifier = Verifier::new(
             deps,
             VerifyParts {
                 audit: audit.clone(),
+                ids: event_ids,
+                throttle: Arc::clone(&throttle),
                 cache: cache.clone(),
                 freshness: Arc::clone(&freshness),
                 metrics: Arc::clone(&metrics),
@@ -251,6 +279,8 @@ impl Application {
             audit,
             audit_writer,
             pool,
+            admin_pool,
+            throttle,
             cache,
             freshness,
             metrics,
@@ -286,6 +316,8 @@ impl Application {
         Probes {
             store: self.store.clone(),
             pool: self.pool.clone(),
+            admin_pool: self.admin_pool.clone(),
+            throttle: Arc::clone(&self.throttle),
             audit: self.audit.clone(),
             usage: Arc::clone(&self.usage),
             cache: self.cache.clone(),
@@ -388,18 +420,37 @@ impl Application {
         let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
         let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
 
+        let limits = MessageLimits::new(settings.max_message_bytes)
+            .with(VERIFY_SERVICE, settings.max_record_outcomes_message_bytes)
+            .with(VERIFY_METHOD, settings.max_verify_message_bytes);
         // Layers on every gRPC listener, outermost first.
         let stack = ServiceBuilder::new()
             // Read the caller's W3C trace context before anything runs, so
             // every span and audit row of the call joins its trace.
             .layer(api::trace::TraceContextLayer)
+            // Bound what one call may send, per method, before it is decoded.
+            .layer(MessageLimitLayer::new(limits))
             .into_inner();
-        // KeyVerify: only the allowed client identities under mTLS.
-        let verify_service = KeyVerifyServer::with_interceptor(verify, callers);
+        // KeyVerify: only the allowed client identities under mTLS. tonic's
+        // own per-message limit rejects on the declared length, before
+        // buffering.
+        let verify_service = tonic::service::interceptor::InterceptedService::new(
+            KeyVerifyServer::new(verify)
+                .max_decoding_message_size(settings.max_record_outcomes_message_bytes),
+            callers,
+        );
         // KeyAdmin: every call authenticated before its handler runs.
         let admin_service = ServiceBuilder::new()
             .layer(AdminAuthLayer::new(Arc::clone(&access)))
-            .service(KeyAdminServer::new(admin));
+            .service(KeyAdminServer::new(admin).max_decoding_message_size(settings.max_message_bytes));
+        // Every gRPC listener's HTTP/2 limits.
+        let server = || {
+            Server::builder()
+                .max_concurrent_streams(settings.max_concurrent_streams)
+                .timeout(settings.request_timeout())
+                .http2_keepalive_interval(settings.http2_keepalive_interval())
+                .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout()))
+        };
 
         let (draining_tx, draining) = watch::channel(false);
         let signal = {
@@ -419,7 +470,7 @@ impl Application {
         type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
         let separate_admin = admin_listener.is_some();
         let main_server: Serving = Box::pin(
-            Server::builder()
+            server()
                 .layer(stack.clone())
                 .add_service(health_service.clone())
                 .add_service(reflection_v1.clone())
@@ -427,20 +478,32 @@ impl Application {
                 .add_service(verify_service)
                 .add_optional_service((!separate_admin).then(|| admin_service.clone()))
                 .serve_with_incoming_shutdown(
-                    tls::incoming(listener, tls.clone(), Arc::clone(&metrics), stopped(draining.clone())),
+                    tls::incoming(
+                        listener,
+                        tls.clone(),
+                        settings.max_connections,
+                        Arc::clone(&metrics),
+                        stopped(draining.clone()),
+                    ),
                     stopped(draining.clone()),
                 ),
         );
         let admin_server: Serving = match admin_listener {
             Some(listener) => Box::pin(
-                Server::builder()
+                server()
                     .layer(stack.clone())
                     .add_service(health_service.clone())
                     .add_service(reflection_v1)
                     .add_service(reflection_v1alpha)
                     .add_service(admin_service)
                     .serve_with_incoming_shutdown(
-                        tls::incoming(listener, tls.clone(), Arc::clone(&metrics), stopped(draining.clone())),
+                        tls::incoming(
+                            listener,
+                            tls.clone(),
+                            settings.max_connections,
+                            Arc::clone(&metrics),
+                            stopped(draining.clone()),
+                        ),
                         stopped(draining.clone()),
                     ),
             ),
@@ -451,8 +514,14 @@ impl Application {
         // (readiness NOT_SERVING, liveness SERVING) and closes after it.
         let (health_closing, health_close) = watch::channel(false);
         let health_server = health_listener.map(|listener| {
-            tokio::spawn(Server::builder().add_service(health_service).serve_with_incoming_shutdown(
-                tls::incoming(listener, None, Arc::clone(&metrics), stopped(health_close.clone())),
+            tokio::spawn(server().add_service(health_service).serve_with_incoming_shutdown(
+                tls::incoming(
+                    listener,
+                    None,
+                    settings.max_connections,
+                    Arc::clone(&metrics),
+                    stopped(health_close.clone()),
+                ),
                 stopped(health_close.clone()),
             ))
         });

@@ -26,7 +26,7 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -207,10 +207,12 @@ impl TlsSource {
     }
 }
 
-/// One accepted connection, plaintext or TLS, with its peer.
+/// One accepted connection, plaintext or TLS, with its peer. It holds one
+/// of the listener's connection slots until it closes.
 pub struct Conn {
     io: Io,
     peer: PeerInfo,
+    _slot: OwnedSemaphorePermit,
 }
 
 enum Io {
@@ -278,21 +280,32 @@ impl AsyncWrite for Conn {
 
 /// Connections accepted on `listener`, handshaken with `tls` when given.
 /// Handshakes run concurrently, off the accept loop, so a slow or hostile
-/// client cannot hold up others. A connection is accepted only when the
-/// server can take it at once, and accepting stops (the listener closes)
+/// client cannot hold up others. At most `max_connections` are open at
+/// once, handshakes included: past that, new clients wait in the kernel's
+/// backlog rather than cost memory here. A connection is accepted only when
+/// the server can take it at once, and accepting stops (the listener closes)
 /// as soon as `stop` resolves (the drain starts): a client connecting then
 /// is refused and tries another replica, rather than being accepted and
 /// then reset when the process exits.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<TlsSource>>,
+    max_connections: usize,
     metrics: Arc<Metrics>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel::<io::Result<Conn>>(1);
+    let open = Arc::new(Semaphore::new(max_connections.max(1)));
     tokio::spawn(async move {
         tokio::pin!(stop);
         loop {
+            let room = tokio::select! {
+                () = &mut stop => return,
+                permit = Arc::clone(&open).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             // Plaintext: hold a slot before accepting, so that a connection
             // is only accepted when the server takes it at once. (TLS
             // connections take their slot after the handshake.)
@@ -324,7 +337,7 @@ pub fn incoming(
             match slot {
                 Slot::Plain(permit) => {
                     let peer = PeerInfo { addr: Some(addr), identity: None };
-                    permit.send(Ok(Conn { io: Io::Plain(stream), peer }));
+                    permit.send(Ok(Conn { io: Io::Plain(stream), peer, _slot: room }));
                 }
                 Slot::AfterHandshake(tls) => {
                     // The configuration current now, after any reload.
@@ -332,7 +345,7 @@ pub fn incoming(
                     let tx = tx.clone();
                     let metrics = Arc::clone(&metrics);
                     tokio::spawn(async move {
-                        match handshake(acceptor, stream, addr).await {
+                        match handshake(acceptor, stream, addr, room).await {
                             Ok(conn) => {
                                 let _ = tx.send(Ok(conn)).await;
                             }
@@ -356,7 +369,12 @@ enum Slot {
     AfterHandshake(Arc<TlsSource>),
 }
 
-async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, addr: SocketAddr) -> io::Result<Conn> {
+async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    addr: SocketAddr,
+    slot: OwnedSemaphorePermit,
+) -> io::Result<Conn> {
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
@@ -367,5 +385,5 @@ async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, addr: SocketAddr) -
         .and_then(|chain| chain.first())
         .and_then(|leaf| identity_of(leaf.as_ref()))
         .map(Arc::from);
-    Ok(Conn { io: Io::Tls(Box::new(tls)), peer: PeerInfo { addr: Some(addr), identity } })
+    Ok(Conn { io: Io::Tls(Box::new(tls)), peer: PeerInfo { addr: Some(addr), identity }, _slot: slot })
 }

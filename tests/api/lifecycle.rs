@@ -173,7 +173,13 @@ async fn draining_refuses_new_connections_while_the_health_port_reports_not_serv
     let dir = tempfile::tempdir().unwrap();
     let replica = spawn_embedded(
         dir.path(),
-        &[("KEYWARDEN_HASH_WORKERS", "1"), ("KEYWARDEN_HEALTH_LISTEN_ADDR", "127.0.0.1:0")],
+        &[
+            ("KEYWARDEN_HASH_WORKERS", "1"),
+            ("KEYWARDEN_HEALTH_LISTEN_ADDR", "127.0.0.1:0"),
+            // Twenty wrong secrets on one prefix: past the default guess
+            // limit, which would answer half of them at once.
+            ("KEYWARDEN_THROTTLE_FAILURES_PER_PREFIX", "0"),
+        ],
     );
     let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
     let mut admin = crate::helpers::admin_client(crate::helpers::connect(replica.addr).await, token.trim());

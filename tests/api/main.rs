@@ -7,6 +7,7 @@
 #[macro_use]
 mod helpers;
 
+mod abuse;
 mod admin_api;
 mod fleet;
 mod hot_path;

@@ -33,7 +33,7 @@ backend_tests!(
     usage_counts_stay_exact_while_flushes_run_under_load,
     shutdown_gives_up_on_a_stuck_usage_flush_and_says_so,
     audit_rows_carry_the_callers_trace_id_without_span_export,
-    a_full_audit_queue_holds_verify_back_by_default,
+    a_full_audit_queue_answers_unavailable_within_the_wait_bound,
     a_full_audit_queue_drops_and_counts_when_configured_to,
 );
 
@@ -585,11 +585,12 @@ async fn verify_rows(app: &crate::helpers::TestApp) -> usize {
     app.probes.audit.written() as usize
 }
 
-async fn a_full_audit_queue_holds_verify_back_by_default(backend: Backend) {
+async fn a_full_audit_queue_answers_unavailable_within_the_wait_bound(backend: Backend) {
     // No linger: the writer takes one row and goes straight to the write.
     let mut app = spawn_app_with(backend, |s| {
         s.audit_queue_capacity = 1;
         s.audit_linger_ms = 0;
+        s.audit_queue_wait_ms = 300;
     })
     .await;
     let (_, key) = app.key_with_scopes(&["sales:read"]).await;
@@ -600,22 +601,25 @@ async fn a_full_audit_queue_holds_verify_back_by_default(backend: Backend) {
     app.verify(&key, "", "").await;
     eventually("the writer to take the row", || (app.probes.audit.depth() == 0).then_some(())).await;
     app.verify(&key, "", "").await;
-    // ...so the next Verify waits for room instead of losing its row.
-    let mut client = app.verify.clone();
-    let held = {
-        let key = key.clone();
-        tokio::spawn(
-            async move { client.verify(pb::VerifyRequest { key, ..Default::default() }).await.unwrap() },
-        )
-    };
-    // A negative needs a window: the call is still waiting after it.
-    let mut held = held;
-    let waited = tokio::time::timeout(Duration::from_millis(300), &mut held).await;
-    assert!(waited.is_err(), "Verify should wait while the audit queue is full");
+    // ...so the next Verify waits the bound for room, then fails closed:
+    // no decision without its audit row.
+    let started = std::time::Instant::now();
+    let refused = app.verify.verify(pb::VerifyRequest { key: key.clone(), ..Default::default() }).await;
+    let waited = started.elapsed();
+    let status = refused.expect_err("no decision without its audit row");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("audit"), "{}", status.message());
+    assert!(waited >= Duration::from_millis(300), "answered after {waited:?}, before the bound");
+    assert!(waited < Duration::from_secs(3), "answered after {waited:?}, long past the 300 ms bound");
+    assert_eq!(app.probes.audit.refused(), 1);
     lock.release().await;
-    held.await.unwrap();
+    assert_eq!(outcome(&app.verify(&key, "", "").await), allowed(), "serving again once rows move");
     app.settle().await;
-    assert_eq!(verify_rows(&app).await - written, 3, "every row written");
+    assert_eq!(
+        verify_rows(&app).await - written,
+        3,
+        "every answered call's row written, none for the refused one"
+    );
     assert_eq!(app.probes.audit.dropped(), 0);
     app.stop().await;
 }
@@ -625,6 +629,7 @@ async fn a_full_audit_queue_drops_and_counts_when_configured_to(backend: Backend
         s.audit_queue_capacity = 1;
         s.audit_linger_ms = 0;
         s.audit_overflow = keywarden::config::Overflow::Drop;
+        s.audit_queue_wait_ms = 50;
     })
     .await;
     let (_, key) = app.key_with_scopes(&["sales:read"]).await;
@@ -638,7 +643,7 @@ async fn a_full_audit_queue_drops_and_counts_when_configured_to(backend: Backend
     for _ in 0..10 {
         assert_eq!(outcome(&app.verify(&key, "", "").await), allowed());
     }
-    assert!(started.elapsed() < Duration::from_secs(3), "Verify never waits on auditing in drop mode");
+    assert!(started.elapsed() < Duration::from_secs(3), "each Verify waits at most the 50 ms bound");
     lock.release().await;
     app.settle().await;
     let dropped = app.probes.audit.dropped() as usize;

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, ExprTrait, Iterable, QueryFilter, QueryOrder, QuerySelect,
     QueryTrait, Statement, TransactionTrait, Value,
-    sea_query::{Expr, OnConflict, Order, Query},
+    sea_query::{CaseStatement, Expr, OnConflict, Order, Query},
 };
 use uuid::Uuid;
 
@@ -212,6 +212,10 @@ fn on_conflict() -> OnConflict {
 /// and SQLite's 32766 bound parameters.
 const PORTABLE_CHUNK: usize = 2000;
 
+/// Outcomes per UPDATE: three bound values each, well inside both
+/// backends' parameter limits.
+const OUTCOME_CHUNK: usize = 1000;
+
 /// Inserts `rows` on `db` (a connection or a transaction) as multi-row
 /// upserts on the event id: the admin rows of a key change, in its
 /// transaction, and the retry of a bulk batch that may be partly stored.
@@ -306,30 +310,36 @@ impl Store {
         }
     }
 
-    /// Sets the reported HTTP status on allowed verification rows; returns
-    /// how many rows matched. Later reports overwrite earlier ones.
-    /// Returns, per outcome, whether it matched a row.
+    /// Sets the reported status of allowed verification rows, one
+    /// statement per [`OUTCOME_CHUNK`] outcomes (an `UPDATE … CASE …
+    /// RETURNING id`); says for each outcome whether its row exists. When an
+    /// id comes twice, its last status wins.
     pub async fn set_outcomes(&self, outcomes: &[(String, u16)]) -> Result<Vec<bool>, StoreError> {
         use audit_event::Column as C;
-        if outcomes.is_empty() {
-            return Ok(Vec::new());
+        let mut updated = std::collections::HashSet::new();
+        for chunk in outcomes.chunks(OUTCOME_CHUNK) {
+            let mut last: std::collections::HashMap<&str, u16> = std::collections::HashMap::new();
+            for (id, status) in chunk {
+                last.insert(id.as_str(), *status);
+            }
+            let mut by_id = CaseStatement::new();
+            for (id, status) in &last {
+                by_id = by_id.case(Expr::col(C::Id).eq(*id), Expr::value(i32::from(*status)));
+            }
+            let statement = Query::update()
+                .table(audit_event::Entity)
+                .value(C::Status, by_id.finally(Expr::col(C::Status)))
+                .and_where(Expr::col(C::Id).is_in(last.keys().copied()))
+                .and_where(Expr::col(C::Kind).eq(AuditKind::Verify.as_str()))
+                .and_where(Expr::col(C::Decision).eq(Decision::Allow.as_str()))
+                .returning_col(C::Id)
+                .to_owned();
+            self.count(1);
+            for row in self.db().query_all(&statement).await? {
+                updated.insert(row.try_get::<String>("", "id")?);
+            }
         }
-        let txn = self.db().begin().await?;
-        self.count(2 + outcomes.len() as u64);
-        let mut matched = Vec::with_capacity(outcomes.len());
-        for (id, status) in outcomes {
-            let rows = audit_event::Entity::update_many()
-                .col_expr(C::Status, Expr::value(Some(i32::from(*status))))
-                .filter(C::Id.eq(id.as_str()))
-                .filter(C::Kind.eq(AuditKind::Verify.as_str()))
-                .filter(C::Decision.eq(Decision::Allow.as_str()))
-                .exec(&txn)
-                .await?
-                .rows_affected;
-            matched.push(rows > 0);
-        }
-        txn.commit().await?;
-        Ok(matched)
+        Ok(outcomes.iter().map(|(id, _)| updated.contains(id)).collect())
     }
 
     /// Newest first, `limit` rows after `after`.

@@ -1,0 +1,143 @@
+//! Per-RPC request size limits. tonic's own limit is per service and
+//! checks each message's declared length; this layer bounds what one call
+//! may send in all, per method, so that a Verify (a few hundred bytes) can
+//! never carry what RecordOutcomes may.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http_body::{Frame, SizeHint};
+use tonic::{
+    Status,
+    body::Body,
+    codegen::{Bytes, http},
+};
+use tower::{Layer, Service};
+
+/// gRPC frames each message with a 5-byte header.
+const FRAME_HEADER: u64 = 5;
+
+/// Most bytes one request message may have, by method; the longest
+/// matching path prefix wins.
+#[derive(Debug, Clone)]
+pub struct MessageLimits {
+    by_prefix: Vec<(&'static str, usize)>,
+    default: usize,
+}
+
+impl MessageLimits {
+    pub fn new(default: usize) -> Self {
+        Self { by_prefix: Vec::new(), default }
+    }
+
+    /// Applies `limit` to every path starting with `prefix` (a service
+    /// `/pkg.Service/` or a method `/pkg.Service/Method`).
+    pub fn with(mut self, prefix: &'static str, limit: usize) -> Self {
+        self.by_prefix.push((prefix, limit));
+        self.by_prefix.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        self
+    }
+
+    pub fn limit(&self, path: &str) -> usize {
+        self.by_prefix.iter().find(|(p, _)| path.starts_with(p)).map_or(self.default, |(_, l)| *l)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageLimitLayer(MessageLimits);
+
+impl MessageLimitLayer {
+    pub fn new(limits: MessageLimits) -> Self {
+        Self(limits)
+    }
+}
+
+impl<S> Layer<S> for MessageLimitLayer {
+    type Service = MessageLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MessageLimit { inner, limits: self.0.clone() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageLimit<S> {
+    inner: S,
+    limits: MessageLimits,
+}
+
+impl<S> Service<http::Request<Body>> for MessageLimit<S>
+where
+    S: Service<http::Request<Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let limit = self.limits.limit(request.uri().path());
+        let request = request.map(|body| Body::new(Limited { inner: body, limit, seen: 0 }));
+        self.inner.call(request)
+    }
+}
+
+/// A request body that fails with RESOURCE_EXHAUSTED once it carries more
+/// than one message of `limit` bytes (unary calls send one message).
+struct Limited {
+    inner: Body,
+    limit: usize,
+    seen: u64,
+}
+
+impl http_body::Body for Limited {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            self.seen += data.len() as u64;
+            if self.seen > self.limit as u64 + FRAME_HEADER {
+                return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                    "request message larger than {} bytes, the limit for this method",
+                    self.limit
+                )))));
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_matching_prefix_sets_the_limit() {
+        let limits = MessageLimits::new(1 << 20)
+            .with("/keywarden.v1.KeyVerify/", 256 << 10)
+            .with("/keywarden.v1.KeyVerify/Verify", 16 << 10);
+        assert_eq!(limits.limit("/keywarden.v1.KeyVerify/Verify"), 16 << 10);
+        assert_eq!(limits.limit("/keywarden.v1.KeyVerify/RecordOutcomes"), 256 << 10);
+        assert_eq!(limits.limit("/keywarden.v1.KeyAdmin/ListKeys"), 1 << 20);
+    }
+}

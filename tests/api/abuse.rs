@@ -1,0 +1,221 @@
+//! Abuse resistance through the real server: guessing is throttled without
+//! scrypt while real keys keep working, every request's work is bounded,
+//! and hostile input leaves the server serving within its memory.
+
+use std::time::{Duration, Instant};
+
+use keywarden::api::pb::{self, DenyReason as R};
+use tonic::Code;
+
+use crate::helpers::{
+    Backend, OTHER_MERCHANT, allowed, deny, outcome, spawn_app_with, until, violated_fields, wrong_secret,
+};
+
+backend_tests!(
+    guessing_on_a_known_prefix_is_throttled_without_scrypt_while_real_keys_keep_working,
+    a_client_ip_guessing_across_prefixes_is_throttled,
+    record_outcomes_refuses_an_oversized_call_whole_and_lists_few_violations,
+    record_outcomes_keeps_nothing_for_ids_this_deployment_did_not_issue,
+);
+
+fn guess(key: &str, variant: u32, ip: &str) -> pb::VerifyRequest {
+    pb::VerifyRequest { key: wrong_secret(key, variant), ip: ip.into(), ..Default::default() }
+}
+
+async fn guessing_on_a_known_prefix_is_throttled_without_scrypt_while_real_keys_keep_working(
+    backend: Backend,
+) {
+    const LIMIT: u32 = 5;
+    const WINDOW: Duration = Duration::from_secs(2);
+    let mut app = spawn_app_with(backend, |s| {
+        s.throttle_failures_per_prefix = LIMIT;
+        s.throttle_failures_per_ip = 0;
+        s.throttle_window_ms = WINDOW.as_millis() as u64;
+    })
+    .await;
+    let (_, attacked) = app.key_with_scopes(&["sales:read"]).await;
+    assert_eq!(outcome(&app.verify(&attacked, "", "").await), allowed(), "the holder's key, now cached");
+    let fresh = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: OTHER_MERCHANT.into(),
+            name: "never verified".into(),
+            scopes: vec!["sales:read".into()],
+            ..Default::default()
+        })
+        .await
+        .1;
+
+    let runs = app.probes.pool.runs();
+    for v in 0..LIMIT {
+        let r = app.verify.verify(guess(&attacked, v, "")).await.unwrap().into_inner();
+        assert_eq!(outcome(&r), deny(R::NotFound), "guess {v} is checked");
+    }
+    assert_eq!(app.probes.pool.runs() - runs, u64::from(LIMIT), "one scrypt per guess up to the limit");
+    let limited_at = Instant::now();
+
+    // Past the limit: refused at once, no scrypt, while the guessing goes on
+    // concurrently and the real keys keep working.
+    let guesser = {
+        let (mut client, attacked) = (app.verify.clone(), attacked.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for v in 100..150 {
+                answers.push(outcome(&client.verify(guess(&attacked, v, "")).await.unwrap().into_inner()));
+            }
+            answers
+        })
+    };
+    assert_eq!(
+        outcome(&app.verify(&attacked, "", "").await),
+        allowed(),
+        "the cached holder is not throttled"
+    );
+    assert_eq!(
+        outcome(&app.verify(&fresh, "", "").await),
+        allowed(),
+        "another merchant's fresh key verifies"
+    );
+    let answers = guesser.await.unwrap();
+    assert!(answers.iter().all(|a| *a == deny(R::Throttled)), "every guess past the limit: {answers:?}");
+    assert_eq!(
+        app.probes.pool.runs() - runs,
+        u64::from(LIMIT) + 1,
+        "past the limit only the fresh key's first check ran scrypt"
+    );
+    let metrics = app.probes.exporter.render();
+    let metrics = crate::helpers::parse_metrics(&metrics);
+    assert_eq!(metrics["keywarden_throttled_prefixes"], 1.0);
+    assert_eq!(metrics["keywarden_throttled_checks_prefix_total"], 50.0);
+
+    // The window slides on: the prefix is checked again.
+    until("the throttle to lift", || {
+        let mut client = app.verify.clone();
+        let attacked = attacked.clone();
+        async move {
+            let r = client.verify(guess(&attacked, 999, "")).await.unwrap().into_inner();
+            (outcome(&r) == deny(R::NotFound)).then_some(())
+        }
+    })
+    .await;
+    let lifted = limited_at.elapsed();
+    assert!(lifted >= WINDOW / 2, "lifted after {lifted:?}, well inside the {WINDOW:?} window");
+    app.stop().await;
+}
+
+async fn a_client_ip_guessing_across_prefixes_is_throttled(backend: Backend) {
+    let mut app = spawn_app_with(backend, |s| {
+        s.throttle_failures_per_prefix = 100;
+        s.throttle_failures_per_ip = 3;
+    })
+    .await;
+    let mut keys = Vec::new();
+    for _ in 0..4 {
+        keys.push(app.key_with_scopes(&["sales:read"]).await.1);
+    }
+    let attacker = "203.0.113.7";
+    for key in &keys[..3] {
+        let r = app.verify.verify(guess(key, 1, attacker)).await.unwrap().into_inner();
+        assert_eq!(outcome(&r), deny(R::NotFound));
+    }
+    let runs = app.probes.pool.runs();
+    let r = app.verify.verify(guess(&keys[3], 1, attacker)).await.unwrap().into_inner();
+    assert_eq!(outcome(&r), deny(R::Throttled), "a fourth prefix from the same IP");
+    assert_eq!(app.probes.pool.runs(), runs, "refused without scrypt");
+    let r = app.verify.verify(guess(&keys[3], 1, "203.0.113.8")).await.unwrap().into_inner();
+    assert_eq!(outcome(&r), deny(R::NotFound), "another IP is checked");
+    assert_eq!(outcome(&app.verify(&keys[3], "198.51.100.1", "").await), allowed());
+    let metrics = crate::helpers::parse_metrics(&app.probes.exporter.render());
+    assert_eq!(metrics["keywarden_throttled_ips"], 1.0);
+    assert_eq!(metrics["keywarden_throttled_checks_ip_total"], 1.0);
+    app.stop().await;
+}
+
+async fn record_outcomes_refuses_an_oversized_call_whole_and_lists_few_violations(backend: Backend) {
+    let mut app = spawn_app_with(backend, |_| {}).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    let allowed_row = app.verify(&key, "", "").await.audit_event_id;
+    let outcome_of = |id: &str, status| pb::Outcome { audit_event_id: id.into(), status };
+
+    // Past the limit: refused before any entry is looked at, nothing changed.
+    let mut too_many = vec![outcome_of(&allowed_row, 201)];
+    too_many.extend((0..1000).map(|_| outcome_of("", 0)));
+    let started = Instant::now();
+    let status = app
+        .verify
+        .record_outcomes(pb::RecordOutcomesRequest { outcomes: too_many })
+        .await
+        .expect_err("1001 outcomes");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&status), ["outcomes"]);
+    assert!(status.message().contains("at most 1000 per call (got 1001)"), "{}", status.message());
+
+    // At the limit, all invalid: a bounded error naming the first fields.
+    let invalid = (0..1000).map(|_| outcome_of("x", 7)).collect();
+    let status = app
+        .verify
+        .record_outcomes(pb::RecordOutcomesRequest { outcomes: invalid })
+        .await
+        .expect_err("invalid statuses");
+    let fields = violated_fields(&status);
+    assert_eq!(fields.len(), 11, "ten violations and a count: {fields:?}");
+    assert_eq!(fields[0], "outcomes[0].status");
+    assert!(status.message().contains("990 more invalid fields not listed"), "{}", status.message());
+    assert!(status.message().len() < 2048, "{} bytes", status.message().len());
+
+    // At the limit, valid: one statement sets the one known row.
+    let mut at_limit = vec![outcome_of(&allowed_row, 201)];
+    at_limit.extend((0..999).map(|i| outcome_of(&uuid::Uuid::now_v7().to_string(), 200 + i % 300)));
+    let updated = app
+        .verify
+        .record_outcomes(pb::RecordOutcomesRequest { outcomes: at_limit })
+        .await
+        .unwrap()
+        .into_inner()
+        .updated;
+    assert_eq!(updated, 1);
+    app.settle().await;
+    let status = crate::helpers::scalar(
+        &app.database_url,
+        &format!("SELECT CAST(status AS BIGINT) FROM audit_events WHERE id = '{allowed_row}'"),
+    )
+    .await;
+    assert_eq!(status, 201);
+    app.stop().await;
+}
+
+async fn record_outcomes_keeps_nothing_for_ids_this_deployment_did_not_issue(backend: Backend) {
+    let mut app = spawn_app_with(backend, |_| {}).await;
+    // Ids that look recent but were never minted here (plain UUIDv7s), and
+    // ones that are not ids at all.
+    let made_up: Vec<pb::Outcome> = (0..1000)
+        .map(|i| pb::Outcome {
+            audit_event_id: if i % 2 == 0 { uuid::Uuid::now_v7().to_string() } else { format!("id-{i}") },
+            status: 200,
+        })
+        .collect();
+    let updated = app
+        .verify
+        .record_outcomes(pb::RecordOutcomesRequest { outcomes: made_up })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.updated, 0);
+    let held = crate::helpers::scalar(&app.database_url, "SELECT count(*) FROM audit_outcomes").await;
+    assert_eq!(held, 0, "no outcome held for an id this deployment did not issue");
+    // An id this deployment issued is recognised: its row exists, so the
+    // outcome lands on it.
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    let id = app.verify(&key, "", "").await.audit_event_id;
+    app.settle().await;
+    let r = app
+        .verify
+        .record_outcomes(pb::RecordOutcomesRequest {
+            outcomes: vec![pb::Outcome { audit_event_id: id, status: 204 }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.updated, 1);
+    app.stop().await;
+}
