@@ -580,9 +580,7 @@ async fn seed(cache: &keywarden::cache::VerifyCache, n: usize) {
             version: 1,
         });
         cache
-            .identify_once(cache.digest(&key), async {
-                Ok::<_, keywarden::service::ServiceError>(Arc::clone(&id))
-            })
+            .identify_once(cache.digest(&key), async { Ok::<_, Unreachable>(Arc::clone(&id)) })
             .await
             .unwrap();
         cache.fill_state(cache.epoch(), state);
@@ -975,5 +973,18 @@ fn main() {
     if let Some(admin_url) = &args.postgres {
         server_rt.shutdown_timeout(Duration::from_secs(1));
         client_rt.block_on(drop_postgres(admin_url));
+    }
+}
+
+/// The error type of a pre-warming identification that always succeeds.
+#[derive(Debug)]
+struct Unreachable;
+
+impl keywarden::cache::IdentifyError for Unreachable {
+    fn unknown_key(_: keywarden::cache::Owner) -> Self {
+        Self
+    }
+    fn unknown_owner(&self) -> Option<keywarden::cache::Owner> {
+        None
     }
 }

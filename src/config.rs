@@ -177,6 +177,9 @@ pub struct Settings {
     pub audit_overflow: Overflow,
     /// How long a Verify waits for room in a full audit queue.
     pub audit_queue_wait_ms: u64,
+    /// How often rollup rows (calls of no merchant) are written with their
+    /// counts so far.
+    pub audit_rollup_interval_ms: u64,
     /// Largest Verify request message, in bytes.
     pub max_verify_message_bytes: usize,
     /// Largest RecordOutcomes request message, in bytes.
@@ -259,6 +262,7 @@ impl Default for Settings {
             audit_linger_ms: 50,
             audit_overflow: Overflow::Block,
             audit_queue_wait_ms: 100,
+            audit_rollup_interval_ms: 5_000,
             max_verify_message_bytes: 16 << 10,
             max_record_outcomes_message_bytes: 256 << 10,
             max_message_bytes: 1 << 20,
@@ -358,6 +362,10 @@ impl Settings {
             overflow: self.audit_overflow,
             wait: Duration::from_millis(self.audit_queue_wait_ms),
         }
+    }
+
+    pub fn audit_rollup_interval(&self) -> Duration {
+        Duration::from_millis(self.audit_rollup_interval_ms.max(10))
     }
 
     pub fn throttle(&self) -> ThrottleSettings {

@@ -89,6 +89,7 @@ fn kind(k: AuditKind) -> pb::AuditEventKind {
         AuditKind::AuthenticationFailed => pb::AuditEventKind::AuthenticationFailed,
         AuditKind::OperatorTokenCreated => pb::AuditEventKind::OperatorTokenCreated,
         AuditKind::OperatorTokenRevoked => pb::AuditEventKind::OperatorTokenRevoked,
+        AuditKind::VerifyRollup => pb::AuditEventKind::VerifyRollup,
     }
 }
 
@@ -164,6 +165,7 @@ pub fn audit_event(r: AuditRecord) -> pb::AuditEvent {
         trace_id: r.trace_id.unwrap_or_default(),
         key_prefix: r.key_prefix.unwrap_or_default(),
         detail: r.detail.unwrap_or_default(),
+        count: r.count.map_or(0, i64::from),
     }
 }
 

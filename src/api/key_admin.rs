@@ -160,6 +160,7 @@ impl KeyAdmin for KeyAdminService {
             start: timestamp_in("start_time", r.start_time)?,
             end: timestamp_in("end_time", r.end_time)?,
             merchant_id: r.merchant_id,
+            unattributed: r.unattributed,
             api_key_id: r.api_key_id,
             page_size: r.page_size,
             page_token: r.page_token,

@@ -6,6 +6,7 @@
 //! Administrative actions do not go through the writer: their rows are
 //! written in the same transaction as the change they record.
 
+pub mod rollup;
 pub mod writer;
 
 use chrono::{DateTime, Utc};

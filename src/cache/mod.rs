@@ -47,10 +47,16 @@ pub trait KeyChangeListener: Send + Sync + std::fmt::Debug {
 /// the cache needs to tell "no such key" (remembered in the negative cache)
 /// from every other failure (not remembered).
 pub trait IdentifyError {
-    /// The error for a key known not to exist.
-    fn unknown_key() -> Self;
-    fn is_unknown_key(&self) -> bool;
+    /// The error for a key known not to exist; `owner` is the key whose
+    /// prefix it has, when only its secret was wrong.
+    fn unknown_key(owner: Owner) -> Self;
+    /// `Some(owner)` when this error says the key does not exist.
+    fn unknown_owner(&self) -> Option<Owner>;
 }
+
+/// The id of the key whose prefix a wrong secret was presented with; `None`
+/// for a prefix no key has.
+pub type Owner = Option<Arc<str>>;
 
 /// A presented key as the cache knows it.
 pub type Digest = [u8; 32];
@@ -100,7 +106,7 @@ pub struct VerifyCache {
     identities: Cache<Digest, Arc<str>>,
     states: Cache<Arc<str>, Loaded>,
     /// Digest → when the entry stops counting.
-    negative: Cache<Digest, Instant>,
+    negative: Cache<Digest, (Instant, Owner)>,
     state_ttl: Duration,
     negative_ttl: Duration,
     epoch: AtomicU64,
@@ -158,39 +164,41 @@ impl VerifyCache {
             Ok(id) => return Ok(id),
             Err(guard) => guard,
         };
-        if self.known_bad(&digest) {
-            return Err(E::unknown_key());
+        if let Some(owner) = self.known_bad(&digest) {
+            return Err(E::unknown_key(owner));
         }
         let result = identify.await;
         match &result {
             Ok(id) => {
                 let _ = guard.insert(Arc::clone(id));
             }
-            Err(e) if e.is_unknown_key() => {
-                self.remember_bad(digest);
+            Err(e) => {
+                if let Some(owner) = e.unknown_owner() {
+                    self.remember_bad(digest, owner);
+                }
                 drop(guard);
             }
-            Err(_) => drop(guard),
         }
         result
     }
 
-    pub fn known_bad(&self, digest: &Digest) -> bool {
+    /// `Some(owner)` if the digest is a key found not to exist lately.
+    pub fn known_bad(&self, digest: &Digest) -> Option<Owner> {
         match self.negative.get(digest) {
-            Some(until) if Instant::now() < until => {
+            Some((until, owner)) if Instant::now() < until => {
                 self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
-                true
+                Some(owner)
             }
             Some(_) => {
                 self.negative.remove(digest);
-                false
+                None
             }
-            None => false,
+            None => None,
         }
     }
 
-    pub fn remember_bad(&self, digest: Digest) {
-        self.negative.insert(digest, Instant::now() + self.negative_ttl);
+    pub fn remember_bad(&self, digest: Digest, owner: Owner) {
+        self.negative.insert(digest, (Instant::now() + self.negative_ttl, owner));
     }
 
     pub fn state(&self, key_id: &str) -> Option<Arc<KeyState>> {
@@ -252,11 +260,11 @@ mod tests {
     }
 
     impl IdentifyError for TestError {
-        fn unknown_key() -> Self {
+        fn unknown_key(_: Owner) -> Self {
             Self::Unknown
         }
-        fn is_unknown_key(&self) -> bool {
-            *self == Self::Unknown
+        fn unknown_owner(&self) -> Option<Owner> {
+            (*self == Self::Unknown).then_some(None)
         }
     }
 
@@ -355,7 +363,7 @@ mod tests {
             assert_eq!(t.await.unwrap(), Err(TestError::Unknown));
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        assert!(c.known_bad(&[9u8; 32]));
+        assert_eq!(c.known_bad(&[9u8; 32]), Some(None));
     }
 
     #[test]
@@ -365,10 +373,10 @@ mod tests {
             ..CacheSettings::default()
         })
         .unwrap();
-        c.remember_bad([1u8; 32]);
-        assert!(c.known_bad(&[1u8; 32]));
+        c.remember_bad([1u8; 32], Some(Arc::from("k")));
+        assert_eq!(c.known_bad(&[1u8; 32]), Some(Some(Arc::from("k"))));
         std::thread::sleep(Duration::from_millis(40));
-        assert!(!c.known_bad(&[1u8; 32]));
+        assert_eq!(c.known_bad(&[1u8; 32]), None);
     }
 
     #[test]
@@ -391,7 +399,7 @@ mod tests {
         for i in 0u32..1_000_000 {
             let mut digest = [0u8; 32];
             digest[..4].copy_from_slice(&i.to_le_bytes());
-            c.remember_bad(digest);
+            c.remember_bad(digest, None);
         }
         let (_, _, negative) = c.sizes();
         assert!(negative <= 10_000, "{negative} entries");

@@ -247,9 +247,10 @@ pub async fn operators(conn: Connection, command: OperatorsCommand) -> anyhow::R
 pub async fn audit(conn: Connection, command: AuditCommand) -> anyhow::Result<()> {
     let token = token(&conn)?;
     let mut admin = KeyAdminClient::new(channel(&conn).await?);
-    let AuditCommand::List { merchant, key_id, since, until, page_size, page_token } = command;
+    let AuditCommand::List { merchant, unattributed, key_id, since, until, page_size, page_token } = command;
     let request = pb::ListAuditEventsRequest {
         merchant_id: merchant,
+        unattributed,
         api_key_id: key_id,
         start_time: timestamp("--since", since.as_deref())?,
         end_time: timestamp("--until", until.as_deref())?,

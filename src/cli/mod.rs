@@ -211,8 +211,14 @@ pub enum OperatorsCommand {
 pub enum AuditCommand {
     /// Audit events, newest first.
     List {
-        #[arg(long)]
+        /// The merchant whose events to list.
+        #[arg(long, required_unless_present = "unattributed", default_value = "")]
         merchant: String,
+        /// Instead, the events of no merchant: rollups of malformed,
+        /// unknown and throttled Verify calls, failed authentications,
+        /// operator tokens (ADMIN only).
+        #[arg(long, conflicts_with = "merchant")]
+        unattributed: bool,
         /// Only this key's events.
         #[arg(long = "key-id", default_value = "")]
         key_id: String,

@@ -228,6 +228,7 @@ fn event_json(e: &pb::AuditEvent) -> Value {
         "trace_id": e.trace_id,
         "key_prefix": e.key_prefix,
         "detail": e.detail,
+        "count": e.count,
     })
 }
 
@@ -247,6 +248,7 @@ pub fn audit(json: bool, events: &[pb::AuditEvent], next: &str) {
         .map(|d| {
             let what = match cell(d, "kind").as_str() {
                 "VERIFY" => format!("VERIFY {}", cell(d, "decision")),
+                "VERIFY_ROLLUP" => format!("VERIFY_ROLLUP ×{}", cell(d, "count")),
                 other => other.to_owned(),
             };
             vec![

@@ -161,6 +161,28 @@ impl Access {
         } else {
             return Ok(());
         };
+        self.refuse(who, action, merchant, why, scope)
+    }
+
+    /// Rows that belong to no merchant (rollups of garbage, failed
+    /// authentications, operator tokens) are for ADMIN callers without a
+    /// merchant limit.
+    pub fn authorize_unattributed(&self, who: &Principal, action: AdminAction) -> Result<(), ServiceError> {
+        if who.role != OperatorRole::Admin || !who.merchants.is_empty() {
+            let why = "rows of no merchant are for unrestricted ADMIN callers";
+            return self.refuse(who, action, None, why, " for rows of no merchant");
+        }
+        self.authorize(who, action, None)
+    }
+
+    fn refuse(
+        &self,
+        who: &Principal,
+        action: AdminAction,
+        merchant: Option<&str>,
+        why: &'static str,
+        scope: &str,
+    ) -> Result<(), ServiceError> {
         self.metrics.admin_permission_denied.inc();
         // The merchant asked for is recorded only when it is a well-formed
         // id: the row stays bounded whatever the caller sends.

@@ -67,7 +67,10 @@ pub struct UpdateKey {
 
 #[derive(Debug)]
 pub struct AuditFilter {
+    /// Empty with `unattributed`.
     pub merchant_id: String,
+    /// The rows of no merchant instead of one merchant's (ADMIN only).
+    pub unattributed: bool,
     pub api_key_id: String,
     pub start: Option<DateTime<Utc>>,
     pub end: Option<DateTime<Utc>>,
@@ -472,9 +475,17 @@ impl KeyManager {
         who: &Principal,
         filter: AuditFilter,
     ) -> Result<Page<AuditRecord>, ServiceError> {
-        self.access.authorize(who, AdminAction::ListAuditEvents, Some(&filter.merchant_id))?;
+        if filter.unattributed {
+            self.access.authorize_unattributed(who, AdminAction::ListAuditEvents)?;
+        } else {
+            self.access.authorize(who, AdminAction::ListAuditEvents, Some(&filter.merchant_id))?;
+        }
         let mut v = Violations::default();
-        v.check("merchant_id", validate::merchant_id(&filter.merchant_id));
+        match (filter.unattributed, filter.merchant_id.is_empty()) {
+            (true, true) => {}
+            (true, false) => v.add("merchant_id", "must be empty with unattributed"),
+            (false, _) => v.check("merchant_id", validate::merchant_id(&filter.merchant_id)),
+        }
         if !filter.api_key_id.is_empty() {
             v.check("api_key_id", validate::key_id(&filter.api_key_id));
         }
@@ -487,7 +498,7 @@ impl KeyManager {
         let limit = page::page_size(filter.page_size)?;
         let cursor = page::decode(&filter.page_token)?.map(|(timestamp, id)| AuditCursor { timestamp, id });
         let query = AuditQuery {
-            merchant_id: &filter.merchant_id,
+            merchant_id: (!filter.unattributed).then_some(filter.merchant_id.as_str()),
             api_key_id: (!filter.api_key_id.is_empty()).then_some(filter.api_key_id.as_str()),
             start: filter.start,
             end: filter.end,

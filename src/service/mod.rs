@@ -16,7 +16,6 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::{
-    cache::IdentifyError,
     keys::{KeyHasher, KeyPrefix, ScopeCatalogue},
     store::{Store, StoreError},
     usage::UsageTracker,
@@ -78,15 +77,6 @@ fn describe(violations: &[FieldViolation]) -> String {
 impl ServiceError {
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self::Invalid(vec![FieldViolation::new(field, description)])
-    }
-}
-
-impl IdentifyError for ServiceError {
-    fn unknown_key() -> Self {
-        Self::NotFound("key")
-    }
-    fn is_unknown_key(&self) -> bool {
-        matches!(self, Self::NotFound(_))
     }
 }
 

@@ -17,10 +17,11 @@ use super::{
 use crate::{
     audit::{
         self, AuditKind, AuditRecord,
+        rollup::Rollups,
         writer::{AuditQueue, QueueError},
     },
     cache::{
-        IdentifyError, VerifyCache,
+        IdentifyError, Owner, VerifyCache,
         changes::{Freshness, Trust},
     },
     clock,
@@ -103,6 +104,7 @@ pub struct Verifier {
     usage: Arc<UsageTracker>,
     audit: AuditQueue,
     ids: EventIds,
+    rollups: Arc<Rollups>,
     throttle: Arc<GuessThrottle>,
     /// `None` runs scrypt on every call (for measuring the cold path).
     cache: Option<Arc<VerifyCache>>,
@@ -116,6 +118,8 @@ pub struct VerifyParts {
     pub audit: AuditQueue,
     /// Mints the audit ids Verify returns, and recognises them later.
     pub ids: EventIds,
+    /// Where calls that belong to no merchant are counted.
+    pub rollups: Arc<Rollups>,
     pub throttle: Arc<GuessThrottle>,
     pub cache: Option<Arc<VerifyCache>>,
     pub freshness: Arc<Freshness>,
@@ -131,7 +135,7 @@ struct Checked {
 impl Verifier {
     pub fn new(deps: Deps, parts: VerifyParts) -> Self {
         let Deps { store, hasher, pool, catalogue, prefix, usage } = deps;
-        let VerifyParts { audit, ids, throttle, cache, freshness, metrics } = parts;
+        let VerifyParts { audit, ids, rollups, throttle, cache, freshness, metrics } = parts;
         Self {
             store,
             hasher,
@@ -141,6 +145,7 @@ impl Verifier {
             usage,
             audit,
             ids,
+            rollups,
             throttle,
             cache,
             freshness,
@@ -176,7 +181,16 @@ impl Verifier {
             Ok(key) => {
                 record.key_prefix = Some(key.lookup_prefix().as_str().to_owned());
                 match self.identify(key, checked.ip).await? {
-                    Err(reason) => Err(reason),
+                    Err(Refused { reason, owner }) => {
+                        // A wrong secret for an existing key is its
+                        // merchant's business: a full row on that key.
+                        if let Some(owner) = owner {
+                            record.merchant_id = Some(owner.merchant_id.clone());
+                            record.api_key_id = Some(owner.key_id.to_string());
+                            record.api_key_name = Some(owner.name.clone());
+                        }
+                        Err(reason)
+                    }
                     Ok(state) => {
                         record.merchant_id = Some(state.merchant_id.clone());
                         record.api_key_id = Some(state.key_id.to_string());
@@ -206,6 +220,15 @@ impl Verifier {
                     self.usage.record_denied(key_id);
                 }
             }
+        }
+        // A call that belongs to no merchant is counted in a rollup row,
+        // not queued: garbage cannot take the queue's room from real keys.
+        if record.merchant_id.is_none()
+            && let Err(reason) = outcome
+        {
+            record.id = self.rollups.add(&record, reason);
+            audit::record_on_span(span, &record);
+            return Ok(Verdict { outcome, audit_event_id: record.id });
         }
         audit::record_on_span(span, &record);
         let audit_event_id = record.id.clone();
@@ -312,18 +335,40 @@ impl Verifier {
         let digest = cache.digest(&key);
         let key_id = match cache.identity(&digest) {
             Some(id) => id,
-            None if cache.known_bad(&digest) => return Ok(Err(DenyReason::NotFound)),
+            None if let Some(owner) = cache.known_bad(&digest) => {
+                return self.refused_for(cache, owner).await.map(Err);
+            }
             // Boxed, like every other store read below: the cold path's
             // futures (sea-orm, scrypt pool, single flight) are kilobytes,
             // and inline they would make every warm call's future that size
             // and copy it at each await and spawn.
             None => match Box::pin(cache.identify_once(digest, self.identify_cold(cache, key, ip))).await {
                 Ok(id) => id,
-                Err(Cold::Denied(reason)) => return Ok(Err(reason)),
+                Err(Cold::Denied(refused)) => return Ok(Err(refused)),
+                Err(Cold::KnownBad(owner)) => return self.refused_for(cache, owner).await.map(Err),
                 Err(Cold::Failed(e)) => return Err(e),
             },
         };
-        Ok(self.current_state(cache, &key_id).await?.ok_or(DenyReason::NotFound))
+        Ok(self
+            .current_state(cache, &key_id)
+            .await?
+            .ok_or(Refused { reason: DenyReason::NotFound, owner: None }))
+    }
+
+    /// NOT_FOUND for a key found bad lately, with its owner's current state
+    /// when only the secret was wrong.
+    fn refused_for<'a>(
+        &'a self,
+        cache: &'a VerifyCache,
+        owner: Owner,
+    ) -> BoxFuture<'a, Result<Refused, ServiceError>> {
+        Box::pin(async move {
+            let owner = match owner {
+                Some(key_id) => self.current_state(cache, &key_id).await?,
+                None => None,
+            };
+            Ok(Refused { reason: DenyReason::NotFound, owner })
+        })
     }
 
     /// An identified key's state, from the cache while it is trusted.
@@ -407,23 +452,28 @@ impl Verifier {
         &self,
         key: &PlainKey,
         ip: Option<IpAddr>,
-    ) -> Result<Result<KeyState, DenyReason>, ServiceError> {
+    ) -> Result<Result<KeyState, Refused>, ServiceError> {
         let lookup = key.lookup_prefix();
         let prefix = lookup.as_str();
+        let refused = |reason| Ok(Err(Refused { reason, owner: None }));
         if self.throttle.check(prefix, ip).is_some() {
-            return Ok(Err(DenyReason::Throttled));
+            return refused(DenyReason::Throttled);
         }
         let Some(stored) = self.store.find_by_prefix(prefix).await? else {
-            return Ok(Err(DenyReason::NotFound));
+            return refused(DenyReason::NotFound);
         };
         let lane = if self.throttle.suspect(prefix) { Lane::Later } else { Lane::First };
         let Ok(admission) = self.throttle.admit(prefix, ip) else {
-            return Ok(Err(DenyReason::Throttled));
+            return refused(DenyReason::Throttled);
         };
         let (hasher, hash, key) = (self.hasher.clone(), stored.hash.clone(), key.clone());
         match self.pool.run_in(lane, move || hasher.verify(&key, &hash)).await {
-            // A wrong secret stays counted.
-            Ok(false) => Ok(Err(DenyReason::NotFound)),
+            // A wrong secret stays counted, and is its key's merchant's
+            // business.
+            Ok(false) => {
+                let owner = Some(Arc::new(key_state(&stored, &self.catalogue)?));
+                Ok(Err(Refused { reason: DenyReason::NotFound, owner }))
+            }
             Ok(true) => {
                 self.throttle.uncount(admission);
                 key_state(&stored, &self.catalogue).map(Ok)
@@ -437,22 +487,37 @@ impl Verifier {
 }
 
 /// What identification found: the key, or why it is denied.
-type Identified = Result<Arc<KeyState>, DenyReason>;
+type Identified = Result<Arc<KeyState>, Refused>;
+
+/// Why no usable key was found; for a wrong secret, whose key it was.
+struct Refused {
+    reason: DenyReason,
+    owner: Option<Arc<KeyState>>,
+}
 
 /// Why a first-sight check did not yield a key (the single flight's error).
 enum Cold {
-    Denied(DenyReason),
+    Denied(Refused),
     Failed(ServiceError),
+    /// A concurrent caller's check found the key bad; its owner is looked
+    /// up again from the key id.
+    KnownBad(Owner),
 }
 
 impl IdentifyError for Cold {
-    fn unknown_key() -> Self {
-        Self::Denied(DenyReason::NotFound)
+    fn unknown_key(owner: Owner) -> Self {
+        Self::KnownBad(owner)
     }
     /// Only NOT_FOUND is remembered as a bad key; a throttled secret was
     /// never checked.
-    fn is_unknown_key(&self) -> bool {
-        matches!(self, Self::Denied(DenyReason::NotFound))
+    fn unknown_owner(&self) -> Option<Owner> {
+        match self {
+            Self::Denied(Refused { reason: DenyReason::NotFound, owner }) => {
+                Some(owner.as_ref().map(|o| Arc::clone(&o.key_id)))
+            }
+            Self::KnownBad(owner) => Some(owner.clone()),
+            _ => None,
+        }
     }
 }
 

@@ -31,6 +31,7 @@ use crate::{
         limits::{MessageLimitLayer, MessageLimits},
         pb::{key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer},
     },
+    audit::rollup::Rollups,
     audit::writer::{self, AuditQueue, AuditWriter},
     cache::{
         KeyChangeListener, VerifyCache,
@@ -90,6 +91,7 @@ pub struct Application {
     pool: HashPool,
     admin_pool: HashPool,
     throttle: Arc<GuessThrottle>,
+    rollups: Arc<Rollups>,
     cache: Option<Arc<VerifyCache>>,
     freshness: Arc<Freshness>,
     metrics: Arc<Metrics>,
@@ -116,6 +118,7 @@ pub struct Probes {
     /// KeyAdmin's own scrypt thread.
     pub admin_pool: HashPool,
     pub throttle: Arc<GuessThrottle>,
+    pub rollups: Arc<Rollups>,
     pub audit: AuditQueue,
     pub usage: Arc<UsageTracker>,
     pub cache: Option<Arc<VerifyCache>>,
@@ -159,6 +162,7 @@ impl Application {
         let admin_pool = HashPool::named("keywarden-scrypt-admin", ADMIN_HASH_WORKERS, settings.hash_queue)
             .context("starting the admin scrypt thread")?;
         let throttle = Arc::new(GuessThrottle::new(settings.throttle()));
+        let rollups = Arc::new(Rollups::default());
         let usage = UsageTracker::new(store.clone());
         let (audit, audit_writer) = writer::channel(store.clone(), &settings.audit());
         let cache = if settings.cache_enabled {
@@ -222,6 +226,7 @@ impl Application {
             VerifyParts {
                 audit: audit.clone(),
                 ids: event_ids,
+                rollups: Arc::clone(&rollups),
                 throttle: Arc::clone(&throttle),
                 cache: cache.clone(),
                 freshness: Arc::clone(&freshness),
@@ -281,6 +286,7 @@ impl Application {
             pool,
             admin_pool,
             throttle,
+            rollups,
             cache,
             freshness,
             metrics,
@@ -318,6 +324,7 @@ impl Application {
             pool: self.pool.clone(),
             admin_pool: self.admin_pool.clone(),
             throttle: Arc::clone(&self.throttle),
+            rollups: Arc::clone(&self.rollups),
             audit: self.audit.clone(),
             usage: Arc::clone(&self.usage),
             cache: self.cache.clone(),
@@ -342,6 +349,7 @@ impl Application {
             store,
             usage,
             audit_writer,
+            rollups,
             admin,
             verify,
             access,
@@ -360,6 +368,12 @@ impl Application {
         ));
         let audit_task =
             tokio::spawn(audit_writer.run(stopped(tasks_stopped.clone()), settings.flush_timeout()));
+        let rollup_task = tokio::spawn(Arc::clone(&rollups).run(
+            store.clone(),
+            settings.audit_rollup_interval(),
+            stopped(tasks_stopped.clone()),
+            settings.flush_timeout(),
+        ));
         let mut helpers: Vec<JoinHandle<()>> = Vec::new();
         if let Some(pool) = store.listen_pool() {
             let feed =
@@ -562,7 +576,8 @@ impl Application {
             }
         }
         let unwritten_usage = join("usage flusher", usage_task).await;
-        let unwritten_audit = join("audit writer", audit_task).await;
+        let unwritten_audit =
+            join("audit writer", audit_task).await + join("audit rollup writer", rollup_task).await;
         // Closing waits for connections in use; one may be stuck on a lock.
         if tokio::time::timeout(settings.flush_timeout(), store.close()).await.is_err() {
             tracing::warn!("database connections did not close in time; leaving them to the exit");

@@ -16,6 +16,7 @@ backend_tests!(
     a_client_ip_guessing_across_prefixes_is_throttled,
     record_outcomes_refuses_an_oversized_call_whole_and_lists_few_violations,
     record_outcomes_keeps_nothing_for_ids_this_deployment_did_not_issue,
+    garbage_is_counted_in_rollup_rows_while_attempts_on_real_keys_keep_a_row_each,
 );
 
 fn guess(key: &str, variant: u32, ip: &str) -> pb::VerifyRequest {
@@ -217,5 +218,117 @@ async fn record_outcomes_keeps_nothing_for_ids_this_deployment_did_not_issue(bac
         .unwrap()
         .into_inner();
     assert_eq!(r.updated, 1);
+    app.stop().await;
+}
+
+async fn garbage_is_counted_in_rollup_rows_while_attempts_on_real_keys_keep_a_row_each(backend: Backend) {
+    let mut app = spawn_app_with(backend, |s| s.throttle_failures_per_prefix = 3).await;
+    let (real, key) = app.key_with_scopes(&["sales:read"]).await;
+    let unknown = keywarden::keys::PlainKey::generate(&keywarden::keys::KeyPrefix::default()).unwrap();
+    let call = |key: String, ip: &str, endpoint: &str| pb::VerifyRequest {
+        key,
+        ip: ip.into(),
+        endpoint: endpoint.into(),
+        method: "GET".into(),
+        ..Default::default()
+    };
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..300 {
+        // Two sources of malformed keys, one of unknown prefixes.
+        let ip = if i % 3 == 0 { "203.0.113.1" } else { "203.0.113.2" };
+        let r = app.verify.verify(call(format!("sntr_junk{i}"), ip, "/a")).await.unwrap().into_inner();
+        assert_eq!(outcome(&r), deny(R::Malformed));
+        ids.insert(r.audit_event_id);
+    }
+    for _ in 0..50 {
+        let r = app.verify.verify(call(unknown.expose().to_owned(), "203.0.113.3", "/b")).await.unwrap();
+        ids.insert(r.into_inner().audit_event_id);
+    }
+    // Real key: verified (so cached), then five wrong secrets (three
+    // checked, two throttled).
+    let allowed_row = app.verify.verify(call(key.clone(), "198.51.100.9", "/c")).await.unwrap().into_inner();
+    assert_eq!(outcome(&allowed_row), allowed());
+    let mut real_rows = Vec::new();
+    for v in 0..5 {
+        let r =
+            app.verify.verify(call(wrong_secret(&key, v), "198.51.100.9", "/c")).await.unwrap().into_inner();
+        real_rows.push((r.audit_event_id, r.deny_reason));
+    }
+    assert!(ids.len() <= 3, "one rollup id per minute and distinct request: {ids:?}");
+    app.settle().await;
+
+    // The merchant sees every attempt on its key, one row each.
+    let merchant_rows = app
+        .admin
+        .list_audit_events(pb::ListAuditEventsRequest {
+            merchant_id: crate::helpers::MERCHANT.into(),
+            api_key_id: real.id.clone(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let verify_rows: Vec<_> =
+        merchant_rows.iter().filter(|e| e.kind == pb::AuditEventKind::Verify as i32).collect();
+    assert_eq!(verify_rows.len(), 4, "three wrong secrets and the right one: {verify_rows:?}");
+    assert_eq!(verify_rows.iter().filter(|e| e.deny_reason == R::NotFound as i32).count(), 3);
+    assert!(verify_rows.iter().all(|e| e.count == 0));
+    assert_eq!(real_rows.iter().filter(|(_, r)| *r == R::Throttled as i32).count(), 2);
+
+    // An ADMIN sees the rollups, with exact counts.
+    let unattributed = app
+        .admin
+        .list_audit_events(pb::ListAuditEventsRequest {
+            unattributed: true,
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let rollups: Vec<_> =
+        unattributed.iter().filter(|e| e.kind == pb::AuditEventKind::VerifyRollup as i32).collect();
+    let mut counts: Vec<_> = rollups
+        .iter()
+        .map(|e| (e.deny_reason, e.ip.as_str(), e.endpoint.as_str(), e.key_prefix.as_str(), e.count))
+        .collect();
+    counts.sort();
+    // Spanning a minute boundary splits a group in two; the sums still hold.
+    let total = |reason: R, ip: &str| -> i64 {
+        counts.iter().filter(|c| c.0 == reason as i32 && c.1 == ip).map(|c| c.4).sum()
+    };
+    assert_eq!(total(R::Malformed, "203.0.113.1"), 100);
+    assert_eq!(total(R::Malformed, "203.0.113.2"), 200);
+    assert_eq!(total(R::NotFound, "203.0.113.3"), 50);
+    assert_eq!(total(R::Throttled, "198.51.100.9"), 2);
+    assert!(rollups.iter().all(|e| e.merchant_id.is_empty() && e.status >= 401));
+    assert!(
+        rollups.iter().any(|e| e.deny_reason == R::NotFound as i32 && e.key_prefix == unknown.expose()[..16]),
+        "the unknown prefix is kept"
+    );
+    assert!(rollups.len() <= 8, "{} rollup rows for 352 calls", rollups.len());
+
+    // Rows of no merchant are for unrestricted ADMIN callers only.
+    let (_, auditor) =
+        crate::helpers::issue_operator(&mut app.admin, "auditor", pb::OperatorRole::Auditor, &[]).await;
+    let mut as_auditor = crate::helpers::admin_client(crate::helpers::connect(app.addr).await, &auditor);
+    let refused = as_auditor
+        .list_audit_events(pb::ListAuditEventsRequest { unattributed: true, ..Default::default() })
+        .await
+        .expect_err("an auditor may not list rows of no merchant");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let status = app
+        .admin
+        .list_audit_events(pb::ListAuditEventsRequest {
+            unattributed: true,
+            merchant_id: "m".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("both");
+    assert_eq!(violated_fields(&status), ["merchant_id"]);
     app.stop().await;
 }

@@ -317,7 +317,8 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     assert_eq!(
         crate::helpers::scalar(url, &format!("SELECT denied_count FROM api_keys WHERE id = '{key_id}'"))
             .await,
-        denied_n
+        denied_n + gated_n,
+        "wrong secrets tried against the key count as its denials"
     );
     fleet.drop().await;
 }
@@ -576,8 +577,8 @@ async fn audit_listing_is_served_by_indexes(backend: Backend) {
             .unwrap();
         db.close().await.ok();
     }
-    let by_merchant = AuditQuery { merchant_id: "m7", api_key_id: None, start: None, end: None };
-    let by_key = AuditQuery { merchant_id: "m7", api_key_id: Some("k7"), start: None, end: None };
+    let by_merchant = AuditQuery { merchant_id: Some("m7"), api_key_id: None, start: None, end: None };
+    let by_key = AuditQuery { merchant_id: Some("m7"), api_key_id: Some("k7"), start: None, end: None };
     for (query, index) in [(by_merchant, "idx_audit_events_merchant_ts"), (by_key, "idx_audit_events_key_ts")]
     {
         let plan = app.probes.store.explain_list_audit(&query, 51).await.unwrap();
@@ -687,7 +688,7 @@ async fn a_large_audit_batch_lands_whole_with_every_field(backend: Backend) {
         })
         .collect();
     app.probes.store.insert_audit_batch(&rows).await.unwrap();
-    let query = AuditQuery { merchant_id: MERCHANT, api_key_id: None, start: None, end: None };
+    let query = AuditQuery { merchant_id: Some(MERCHANT), api_key_id: None, start: None, end: None };
     let mut stored = app.probes.store.list_audit(&query, None, 5_000).await.unwrap();
     stored.sort_by(|a, b| a.id.cmp(&b.id));
     let mut sent = rows.clone();

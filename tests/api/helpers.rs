@@ -154,6 +154,7 @@ pub fn test_settings(database_url: &str, data_dir: &std::path::Path) -> Settings
         database_url: Some(database_url.to_owned()),
         pepper: Some(SecretString::from(PEPPER)),
         usage_flush_interval_ms: 100,
+        audit_rollup_interval_ms: 100,
         shutdown_grace_ms: 2_000,
         flush_timeout_ms: 5_000,
         db_max_connections: 5,
@@ -386,8 +387,12 @@ impl TestApp {
 
     /// Waits until every queued audit row and usage count is in the database.
     pub async fn settle(&self) {
-        let drained = || self.probes.audit.unwritten() == 0 && self.probes.usage.pending_keys() == 0;
-        eventually("the audit queue and usage counts to drain", || drained().then_some(())).await;
+        let drained = || {
+            self.probes.audit.unwritten() == 0
+                && self.probes.usage.pending_keys() == 0
+                && self.probes.rollups.due().is_empty()
+        };
+        eventually("the audit queue, rollups and usage counts to drain", || drained().then_some(())).await;
     }
 }
 

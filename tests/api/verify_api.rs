@@ -402,9 +402,12 @@ async fn denials_are_audited_with_401_or_403(backend: Backend) {
     let unknown = keywarden::keys::PlainKey::generate(&keywarden::keys::KeyPrefix::default()).unwrap();
     let not_found = app.verify(unknown.expose(), "10.0.0.1", "").await;
     app.settle().await;
+    // Calls of no merchant are counted in rollup rows, whose ids Verify returns.
     let m = app.probes.store.get_audit(&malformed.audit_event_id).await.unwrap().unwrap();
+    assert_eq!((m.kind, m.count), (keywarden::audit::AuditKind::VerifyRollup, Some(1)));
     assert_eq!((m.status, m.api_key_id, m.key_prefix), (Some(401), None, None));
     let n = app.probes.store.get_audit(&not_found.audit_event_id).await.unwrap().unwrap();
+    assert_eq!((n.kind, n.count), (keywarden::audit::AuditKind::VerifyRollup, Some(1)));
     assert_eq!((n.status, n.key_prefix.as_deref()), (Some(401), Some(&unknown.expose()[..16])));
     let s = audit_event(&mut app, &scope.audit_event_id).await;
     assert_eq!((s.status, s.api_key_id.as_str()), (403, api_key.id.as_str()));

@@ -23,6 +23,8 @@ pub struct Model {
     pub actor: Option<String>,
     pub trace_id: Option<String>,
     pub detail: Option<String>,
+    /// Calls a VERIFY_ROLLUP row stands for; NULL on every other row.
+    pub count: Option<i32>,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

@@ -7,6 +7,7 @@ mod m20261127_000001_create_tables;
 mod m20261127_000002_audit_outcomes;
 mod m20261128_000003_usage_flushes;
 mod m20261203_000004_operator_tokens;
+mod m20261203_000005_audit_rollup_count;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000002_audit_outcomes::Migration),
             Box::new(m20261128_000003_usage_flushes::Migration),
             Box::new(m20261203_000004_operator_tokens::Migration),
+            Box::new(m20261203_000005_audit_rollup_count::Migration),
         ]
     }
 }
