@@ -137,6 +137,7 @@ IDLE_MIB = 40            # idle RSS (BENCHMARKS.md), rounded up
 CACHE_MIB_PER_KEY = 0.6 / 1024   # 100k cached keys (BENCHMARKS.md), rounded up
 SCRYPT_MIB = 32          # N=2^15, r=8: 128 * r * N bytes per hash in progress
 AUDIT_ROW_MIB = 3 / 1024 # bound for one queued row: fields at their validated maxima
+ROLLUP_MIB = 5           # at most 10,000 open rollup groups of ~0.5 KiB
 
 
 def mebibytes(quantity):
@@ -159,7 +160,9 @@ def memory_fits(kinds, label):
     parts = {
         "idle": IDLE_MIB,
         "cache": int(config["KEYWARDEN_CACHE_MAX_KEYS"]) * CACHE_MIB_PER_KEY,
-        "scrypt": max(workers, 1) * SCRYPT_MIB,
+        # The Verify pool, plus KeyAdmin's own thread.
+        "scrypt": (max(workers, 1) + 1) * SCRYPT_MIB,
+        "audit rollups": ROLLUP_MIB,
         "audit queue": int(config["KEYWARDEN_AUDIT_QUEUE_CAPACITY"]) * AUDIT_ROW_MIB,
     }
     need = sum(parts.values())

@@ -30,7 +30,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -519,6 +519,100 @@ async fn warm(conns: &[Connection], keys: &[String], ip: &str) {
     }
 }
 
+/// What a guessing storm measured.
+struct Storm {
+    /// Warm traffic at the fixed rate, alone and then during the storm.
+    warm_alone: Outcome,
+    warm_during: Outcome,
+    /// Fresh keys verified one by one during the storm: ALLOW answers (with
+    /// latencies) and every other answer by name.
+    fresh: Outcome,
+    fresh_total: usize,
+    /// The guessers' answers, by deny reason or error code.
+    guesses: BTreeMap<String, usize>,
+    /// scrypt runs during the storm, and how many of them fresh keys took.
+    scrypts: u64,
+    seconds: f64,
+}
+
+/// The guessing storm: `guessers` callers sending distinct wrong secrets on
+/// `attacked`'s (known) prefix as fast as they are answered, while warm
+/// traffic runs at `rate` and `fresh` keys, never verified before, verify
+/// one by one spread over the storm.
+async fn guessing_storm(
+    addr: SocketAddr,
+    conns: &[Connection],
+    warm: &Arc<Load>,
+    rate: f64,
+    duration: Duration,
+    attacked: &str,
+    fresh: Vec<String>,
+    scrypts: impl Fn() -> u64,
+) -> Storm {
+    let warm_alone = fixed_rate(conns, warm, rate, Duration::ZERO, duration).await.swap_remove(0).finish();
+    let guessers = 80;
+    let guess_conns = connect(addr, 8).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let before = scrypts();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for g in 0..guessers {
+        let (mut client, stop) = (guess_conns[g % guess_conns.len()].verify.clone(), Arc::clone(&stop));
+        let attacked = attacked.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = wrong_secret(&attacked, 10_000_000 + g * 1_000_000 + n);
+                n += 1;
+                let answer = match client.verify(pb::VerifyRequest { key, ..Default::default() }).await {
+                    Ok(r) => pb::DenyReason::try_from(r.into_inner().deny_reason)
+                        .map_or("?".to_owned(), |d| d.as_str_name().to_owned()),
+                    Err(s) => format!("{:?}", s.code()),
+                };
+                *answers.entry(answer).or_default() += 1;
+            }
+            answers
+        }));
+    }
+    let fresh_total = fresh.len();
+    let trickle = {
+        let mut client = conns[0].verify.clone();
+        let gap = duration / u32::try_from(fresh_total.max(1)).unwrap_or(1);
+        tokio::spawn(async move {
+            let mut out = Outcome { seconds: duration.as_secs_f64(), ..Outcome::default() };
+            for key in fresh {
+                tokio::time::sleep(gap).await;
+                let t = Instant::now();
+                let r = client
+                    .verify(pb::VerifyRequest { key, ip: "10.9.9.9".into(), ..Default::default() })
+                    .await;
+                let result = match r {
+                    Ok(r) if r.get_ref().decision == pb::Decision::Allow as i32 => Ok(()),
+                    Ok(r) => Err(format!("DENY {:?}", r.into_inner().deny_reason)),
+                    Err(s) => Err(format!("{:?}", s.code())),
+                };
+                match result {
+                    Ok(()) => record(&mut out, Ok(()), t.elapsed()),
+                    Err(e) => *out.errors.entry(e).or_default() += 1,
+                }
+            }
+            out
+        })
+    };
+    let warm_during = fixed_rate(conns, warm, rate, Duration::ZERO, duration).await.swap_remove(0).finish();
+    let fresh = trickle.await.unwrap().finish();
+    stop.store(true, Ordering::Relaxed);
+    let mut guesses = BTreeMap::new();
+    for t in tasks {
+        for (k, v) in t.await.unwrap() {
+            *guesses.entry(k).or_default() += v;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Storm { warm_alone, warm_during, fresh, fresh_total, guesses, scrypts: scrypts() - before, seconds }
+}
+
 fn wrong_secret(key: &str, variant: usize) -> String {
     let body = format!("{}{:0>32}", &key[..16], variant);
     checksummed(body)
@@ -884,6 +978,41 @@ fn main() {
             b,
         );
 
+        // Guessing storm, on the server's default throttle: a known prefix
+        // (a warm key's) attacked by 80 guessers, at the same fixed warm load,
+        // with 20 fresh keys of another merchant verifying during it.
+        drain_audit(probes.as_ref()).await;
+        let fresh = create_keys(server.addr, &args.token, 20, &[]).await;
+        let storm = guessing_storm(
+            server.addr,
+            &conns,
+            &warm_load,
+            rate,
+            slice * 2,
+            &keys[1],
+            fresh,
+            scrypts,
+        )
+        .await;
+        let limit = Settings::default().throttle_failures_per_prefix;
+        let fresh_ok = storm.fresh.calls;
+        let attacked_scrypts = storm.scrypts.saturating_sub(fresh_ok as u64);
+        println!();
+        println!(
+            "## Guessing storm: 80 guessers on one known prefix for {:.1} s, warm load {rate:.0} calls/s, {} fresh keys",
+            storm.seconds, storm.fresh_total
+        );
+        println!();
+        print_rows(
+            &[
+                Row { name: "warm Verify ALLOW alone".into(), outcome: storm.warm_alone.clone() },
+                Row { name: "warm Verify ALLOW during the storm".into(), outcome: storm.warm_during.clone() },
+                Row { name: "fresh keys' first Verify during the storm".into(), outcome: storm.fresh.clone() },
+            ],
+            b,
+        );
+        println!("guess answers: {:?}; scrypt runs: {} ({fresh_ok} for fresh keys)", storm.guesses, storm.scrypts);
+
         println!();
         println!("## Targets");
         println!();
@@ -932,6 +1061,27 @@ fn main() {
             mixed[2].calls,
             mixed[2].errors,
             verdict(r <= 1.25)
+        );
+
+        let r = storm.warm_during.percentile(0.99) / storm.warm_alone.percentile(0.99);
+        println!(
+            "| guessing storm: warm p99 ≤ 1.5 × warm-only p99 | {:.3} ms vs {:.3} ms = {r:.2} × | {} |",
+            storm.warm_during.percentile(0.99),
+            storm.warm_alone.percentile(0.99),
+            verdict(r <= 1.5)
+        );
+        println!(
+            "| guessing storm: fresh legitimate keys 100 % ALLOW | {fresh_ok} of {} (p99 {:.1} ms; others: {:?}) | {} |",
+            storm.fresh_total,
+            storm.fresh.percentile(0.99),
+            storm.fresh.errors,
+            verdict(fresh_ok == storm.fresh_total)
+        );
+        let per_minute = attacked_scrypts as f64 * 60.0 / storm.seconds.max(60.0);
+        println!(
+            "| guessing storm: scrypt runs on the attacked prefix ≤ {limit} per minute | {attacked_scrypts} in {:.1} s (the window is 60 s) | {} |",
+            storm.seconds,
+            verdict(per_minute <= f64::from(limit))
         );
 
         // Cache memory: 100k entries of the real types through the cache's own

@@ -87,8 +87,9 @@ where
     }
 }
 
-/// A request body that fails with RESOURCE_EXHAUSTED once it carries more
-/// than one message of `limit` bytes (unary calls send one message).
+/// A request body that fails with OUT_OF_RANGE (tonic's code for a message
+/// over its limit) once it carries more than one message of `limit` bytes
+/// (unary calls send one message).
 struct Limited {
     inner: Body,
     limit: usize,
@@ -109,7 +110,7 @@ impl http_body::Body for Limited {
         {
             self.seen += data.len() as u64;
             if self.seen > self.limit as u64 + FRAME_HEADER {
-                return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                return Poll::Ready(Some(Err(Status::out_of_range(format!(
                     "request message larger than {} bytes, the limit for this method",
                     self.limit
                 )))));

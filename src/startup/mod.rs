@@ -68,6 +68,8 @@ const RETENTION_BATCH: u64 = 5_000;
 const REFUSAL_SWEEP: Duration = Duration::from_secs(10);
 /// The pepper subkey's purpose for operator token digests.
 const OPERATOR_DIGEST_PURPOSE: &str = "keywarden operator token v1";
+/// Largest health or reflection request (a service name, a symbol).
+const HEALTH_MAX_MESSAGE: usize = 4 << 10;
 /// scrypt threads reserved for KeyAdmin (create, regenerate).
 const ADMIN_HASH_WORKERS: usize = 1;
 /// KeyVerify's path prefix, and its Verify method's path (for size limits).
@@ -413,6 +415,9 @@ impl Application {
         )));
 
         let (health, health_service) = tonic_health::server::health_reporter();
+        // tonic reserves a message's declared length before reading it: every
+        // service gets a limit, not tonic's 4 MiB default.
+        let health_service = health_service.max_decoding_message_size(HEALTH_MAX_MESSAGE);
         set_health(&health, ServingStatus::Serving).await;
         health.set_service_status(LIVENESS, ServingStatus::Serving).await;
         let (stop_monitor, monitor_stopped) = watch::channel(false);
@@ -431,8 +436,14 @@ impl Application {
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
-        let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
-        let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
+        let reflection_v1 = reflection()
+            .build_v1()
+            .context("building reflection v1")?
+            .max_decoding_message_size(HEALTH_MAX_MESSAGE);
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .context("building reflection v1alpha")?
+            .max_decoding_message_size(HEALTH_MAX_MESSAGE);
 
         let limits = MessageLimits::new(settings.max_message_bytes)
             .with(VERIFY_SERVICE, settings.max_record_outcomes_message_bytes)
