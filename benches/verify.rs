@@ -521,60 +521,113 @@ async fn warm(conns: &[Connection], keys: &[String], ip: &str) {
 
 /// What a guessing storm measured.
 struct Storm {
-    /// Warm traffic at the fixed rate, alone and then during the storm.
+    /// Warm traffic at the fixed rate: alone, during the storm, and during
+    /// a flood of no-op calls from as many callers (the control: what any
+    /// flood of that size costs on these two cores).
     warm_alone: Outcome,
     warm_during: Outcome,
+    warm_noop_flood: Outcome,
     /// Fresh keys verified one by one during the storm: ALLOW answers (with
     /// latencies) and every other answer by name.
     fresh: Outcome,
     fresh_total: usize,
-    /// The guessers' answers, by deny reason or error code.
+    /// The guessers' answers, by deny reason or error code; the no-op
+    /// flood's call count.
     guesses: BTreeMap<String, usize>,
-    /// scrypt runs during the storm, and how many of them fresh keys took.
+    noop_calls: usize,
+    /// scrypt runs during the storm (fresh keys' included).
     scrypts: u64,
     seconds: f64,
 }
 
-/// The guessing storm: `guessers` callers sending distinct wrong secrets on
-/// `attacked`'s (known) prefix as fast as they are answered, while warm
-/// traffic runs at `rate` and `fresh` keys, never verified before, verify
-/// one by one spread over the storm.
+/// A guessing storm's shape.
+struct StormPlan {
+    /// Warm traffic's fixed rate, and how long each phase lasts.
+    rate: f64,
+    duration: Duration,
+    /// The warm key whose (known) prefix is attacked.
+    attacked: String,
+    /// Keys never verified before, verified one by one during the storm.
+    fresh: Vec<String>,
+}
+
+const STORM_CALLERS: usize = 80;
+
+/// `STORM_CALLERS` closed-loop callers until `stop`: distinct wrong secrets
+/// on `attacked`'s prefix, or (without one) no-op Health/Check calls.
+fn flood(
+    conns: &[Connection],
+    attacked: Option<&str>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<BTreeMap<String, usize>>> {
+    (0..STORM_CALLERS)
+        .map(|g| {
+            let conn = conns[g % conns.len()].clone();
+            let (stop, attacked) = (Arc::clone(stop), attacked.map(str::to_owned));
+            tokio::spawn(async move {
+                let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let answer = match &attacked {
+                        Some(attacked) => {
+                            let key = wrong_secret(attacked, 10_000_000 + g * 1_000_000 + n);
+                            match conn
+                                .verify
+                                .clone()
+                                .verify(pb::VerifyRequest { key, ..Default::default() })
+                                .await
+                            {
+                                Ok(r) => pb::DenyReason::try_from(r.into_inner().deny_reason)
+                                    .map_or("?".to_owned(), |d| d.as_str_name().to_owned()),
+                                Err(s) => format!("{:?}", s.code()),
+                            }
+                        }
+                        None => match conn.health.clone().check(HealthCheckRequest::default()).await {
+                            Ok(_) => "SERVING".to_owned(),
+                            Err(s) => format!("{:?}", s.code()),
+                        },
+                    };
+                    n += 1;
+                    *answers.entry(answer).or_default() += 1;
+                }
+                answers
+            })
+        })
+        .collect()
+}
+
+async fn stop_flood(
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<BTreeMap<String, usize>>>,
+) -> BTreeMap<String, usize> {
+    stop.store(true, Ordering::Relaxed);
+    let mut all = BTreeMap::new();
+    for t in tasks {
+        for (k, v) in t.await.unwrap() {
+            *all.entry(k).or_default() += v;
+        }
+    }
+    all
+}
+
+/// The guessing storm: callers sending distinct wrong secrets on a known
+/// prefix as fast as they are answered, while warm traffic runs at a fixed
+/// rate and fresh keys verify one by one; then the same warm traffic under
+/// as many callers sending no-op calls, as the control.
 async fn guessing_storm(
     addr: SocketAddr,
     conns: &[Connection],
     warm: &Arc<Load>,
-    rate: f64,
-    duration: Duration,
-    attacked: &str,
-    fresh: Vec<String>,
+    plan: StormPlan,
     scrypts: impl Fn() -> u64,
 ) -> Storm {
+    let StormPlan { rate, duration, attacked, fresh } = plan;
     let warm_alone = fixed_rate(conns, warm, rate, Duration::ZERO, duration).await.swap_remove(0).finish();
-    let guessers = 80;
-    let guess_conns = connect(addr, 8).await;
+    let flood_conns = connect(addr, 8).await;
     let stop = Arc::new(AtomicBool::new(false));
     let before = scrypts();
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for g in 0..guessers {
-        let (mut client, stop) = (guess_conns[g % guess_conns.len()].verify.clone(), Arc::clone(&stop));
-        let attacked = attacked.to_owned();
-        tasks.push(tokio::spawn(async move {
-            let mut answers: BTreeMap<String, usize> = BTreeMap::new();
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let key = wrong_secret(&attacked, 10_000_000 + g * 1_000_000 + n);
-                n += 1;
-                let answer = match client.verify(pb::VerifyRequest { key, ..Default::default() }).await {
-                    Ok(r) => pb::DenyReason::try_from(r.into_inner().deny_reason)
-                        .map_or("?".to_owned(), |d| d.as_str_name().to_owned()),
-                    Err(s) => format!("{:?}", s.code()),
-                };
-                *answers.entry(answer).or_default() += 1;
-            }
-            answers
-        }));
-    }
+    let guessers = flood(&flood_conns, Some(&attacked), &stop);
     let fresh_total = fresh.len();
     let trickle = {
         let mut client = conns[0].verify.clone();
@@ -587,14 +640,14 @@ async fn guessing_storm(
                 let r = client
                     .verify(pb::VerifyRequest { key, ip: "10.9.9.9".into(), ..Default::default() })
                     .await;
-                let result = match r {
-                    Ok(r) if r.get_ref().decision == pb::Decision::Allow as i32 => Ok(()),
-                    Ok(r) => Err(format!("DENY {:?}", r.into_inner().deny_reason)),
-                    Err(s) => Err(format!("{:?}", s.code())),
-                };
-                match result {
-                    Ok(()) => record(&mut out, Ok(()), t.elapsed()),
-                    Err(e) => *out.errors.entry(e).or_default() += 1,
+                match r {
+                    Ok(r) if r.get_ref().decision == pb::Decision::Allow as i32 => {
+                        record(&mut out, Ok(()), t.elapsed());
+                    }
+                    Ok(r) => {
+                        *out.errors.entry(format!("DENY {:?}", r.into_inner().deny_reason)).or_default() += 1
+                    }
+                    Err(s) => *out.errors.entry(format!("{:?}", s.code())).or_default() += 1,
                 }
             }
             out
@@ -602,15 +655,26 @@ async fn guessing_storm(
     };
     let warm_during = fixed_rate(conns, warm, rate, Duration::ZERO, duration).await.swap_remove(0).finish();
     let fresh = trickle.await.unwrap().finish();
-    stop.store(true, Ordering::Relaxed);
-    let mut guesses = BTreeMap::new();
-    for t in tasks {
-        for (k, v) in t.await.unwrap() {
-            *guesses.entry(k).or_default() += v;
-        }
-    }
+    let guesses = stop_flood(&stop, guessers).await;
     let seconds = started.elapsed().as_secs_f64();
-    Storm { warm_alone, warm_during, fresh, fresh_total, guesses, scrypts: scrypts() - before, seconds }
+    let scrypts = scrypts() - before;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let noop = flood(&flood_conns, None, &stop);
+    let warm_noop_flood =
+        fixed_rate(conns, warm, rate, Duration::ZERO, duration).await.swap_remove(0).finish();
+    let noop_calls = stop_flood(&stop, noop).await.values().sum();
+    Storm {
+        warm_alone,
+        warm_during,
+        warm_noop_flood,
+        fresh,
+        fresh_total,
+        guesses,
+        noop_calls,
+        scrypts,
+        seconds,
+    }
 }
 
 fn wrong_secret(key: &str, variant: usize) -> String {
@@ -983,35 +1047,33 @@ fn main() {
         // with 20 fresh keys of another merchant verifying during it.
         drain_audit(probes.as_ref()).await;
         let fresh = create_keys(server.addr, &args.token, 20, &[]).await;
-        let storm = guessing_storm(
-            server.addr,
-            &conns,
-            &warm_load,
-            rate,
-            slice * 2,
-            &keys[1],
-            fresh,
-            scrypts,
-        )
-        .await;
+        let plan = StormPlan { rate, duration: slice * 2, attacked: keys[1].clone(), fresh };
+        let guessing = guessing_storm(server.addr, &conns, &warm_load, plan, scrypts).await;
         let limit = Settings::default().throttle_failures_per_prefix;
-        let fresh_ok = storm.fresh.calls;
-        let attacked_scrypts = storm.scrypts.saturating_sub(fresh_ok as u64);
+        let fresh_ok = guessing.fresh.calls;
+        let attacked_scrypts = guessing.scrypts.saturating_sub(fresh_ok as u64);
         println!();
         println!(
             "## Guessing storm: 80 guessers on one known prefix for {:.1} s, warm load {rate:.0} calls/s, {} fresh keys",
-            storm.seconds, storm.fresh_total
+            guessing.seconds, guessing.fresh_total
         );
         println!();
         print_rows(
             &[
-                Row { name: "warm Verify ALLOW alone".into(), outcome: storm.warm_alone.clone() },
-                Row { name: "warm Verify ALLOW during the storm".into(), outcome: storm.warm_during.clone() },
-                Row { name: "fresh keys' first Verify during the storm".into(), outcome: storm.fresh.clone() },
+                Row { name: "warm Verify ALLOW alone".into(), outcome: guessing.warm_alone.clone() },
+                Row { name: "warm Verify ALLOW during the storm".into(), outcome: guessing.warm_during.clone() },
+                Row {
+                    name: "warm Verify ALLOW during a no-op flood (control)".into(),
+                    outcome: guessing.warm_noop_flood.clone(),
+                },
+                Row { name: "fresh keys' first Verify during the storm".into(), outcome: guessing.fresh.clone() },
             ],
             b,
         );
-        println!("guess answers: {:?}; scrypt runs: {} ({fresh_ok} for fresh keys)", storm.guesses, storm.scrypts);
+        println!(
+            "guess answers: {:?}; scrypt runs: {} ({fresh_ok} for fresh keys); the control flood answered {} no-op calls",
+            guessing.guesses, guessing.scrypts, guessing.noop_calls
+        );
 
         println!();
         println!("## Targets");
@@ -1063,24 +1125,29 @@ fn main() {
             verdict(r <= 1.25)
         );
 
-        let r = storm.warm_during.percentile(0.99) / storm.warm_alone.percentile(0.99);
+        let r = guessing.warm_during.percentile(0.99) / guessing.warm_alone.percentile(0.99);
         println!(
             "| guessing storm: warm p99 ≤ 1.5 × warm-only p99 | {:.3} ms vs {:.3} ms = {r:.2} × | {} |",
-            storm.warm_during.percentile(0.99),
-            storm.warm_alone.percentile(0.99),
+            guessing.warm_during.percentile(0.99),
+            guessing.warm_alone.percentile(0.99),
             verdict(r <= 1.5)
+        );
+        let r = guessing.warm_noop_flood.percentile(0.99) / guessing.warm_alone.percentile(0.99);
+        println!(
+            "| (control) warm p99 under {STORM_CALLERS} callers of a no-op call | {:.3} ms = {r:.2} × warm-only | - |",
+            guessing.warm_noop_flood.percentile(0.99),
         );
         println!(
             "| guessing storm: fresh legitimate keys 100 % ALLOW | {fresh_ok} of {} (p99 {:.1} ms; others: {:?}) | {} |",
-            storm.fresh_total,
-            storm.fresh.percentile(0.99),
-            storm.fresh.errors,
-            verdict(fresh_ok == storm.fresh_total)
+            guessing.fresh_total,
+            guessing.fresh.percentile(0.99),
+            guessing.fresh.errors,
+            verdict(fresh_ok == guessing.fresh_total)
         );
-        let per_minute = attacked_scrypts as f64 * 60.0 / storm.seconds.max(60.0);
+        let per_minute = attacked_scrypts as f64 * 60.0 / guessing.seconds.max(60.0);
         println!(
             "| guessing storm: scrypt runs on the attacked prefix ≤ {limit} per minute | {attacked_scrypts} in {:.1} s (the window is 60 s) | {} |",
-            storm.seconds,
+            guessing.seconds,
             verdict(per_minute <= f64::from(limit))
         );
 

@@ -210,6 +210,9 @@ pub struct Settings {
     pub db_max_connections: u32,
     /// How long a call waits for a database connection before failing.
     pub db_acquire_timeout_ms: u64,
+    /// Database connections Verify traffic can never take: KeyAdmin, the
+    /// health check and the audit, rollup and usage writers share them.
+    pub db_reserved_connections: u32,
     /// How long cached key state may be served once change notices stop and
     /// the database is unreachable; after that Verify fails closed.
     pub staleness_bound_ms: u64,
@@ -278,6 +281,7 @@ impl Default for Settings {
             hash_queue: 32,
             db_max_connections: 10,
             db_acquire_timeout_ms: 2_000,
+            db_reserved_connections: 3,
             staleness_bound_ms: 30_000,
             health_check_interval_ms: 1_000,
             audit_retention_days: 90,
@@ -387,6 +391,12 @@ impl Settings {
 
     pub fn http2_keepalive_timeout(&self) -> Duration {
         Duration::from_millis(self.http2_keepalive_timeout_ms.max(1))
+    }
+
+    /// Connections Verify may hold at once: the pool less the reserve, at
+    /// least one.
+    pub fn db_verify_connections(&self) -> usize {
+        self.db_max_connections.saturating_sub(self.db_reserved_connections).max(1) as usize
     }
 
     pub fn db_acquire_timeout(&self) -> Duration {

@@ -106,6 +106,10 @@ pub struct Verifier {
     ids: EventIds,
     rollups: Arc<Rollups>,
     throttle: Arc<GuessThrottle>,
+    /// Database connections Verify may hold at once, and how long it waits
+    /// for one.
+    db_lane: tokio::sync::Semaphore,
+    db_wait: std::time::Duration,
     /// `None` runs scrypt on every call (for measuring the cold path).
     cache: Option<Arc<VerifyCache>>,
     freshness: Arc<Freshness>,
@@ -121,6 +125,10 @@ pub struct VerifyParts {
     /// Where calls that belong to no merchant are counted.
     pub rollups: Arc<Rollups>,
     pub throttle: Arc<GuessThrottle>,
+    /// Database connections Verify may hold at once (the pool's size minus
+    /// what is reserved for everything else), and how long it waits.
+    pub db_connections: usize,
+    pub db_wait: std::time::Duration,
     pub cache: Option<Arc<VerifyCache>>,
     pub freshness: Arc<Freshness>,
     pub metrics: Arc<Metrics>,
@@ -135,7 +143,8 @@ struct Checked {
 impl Verifier {
     pub fn new(deps: Deps, parts: VerifyParts) -> Self {
         let Deps { store, hasher, pool, catalogue, prefix, usage } = deps;
-        let VerifyParts { audit, ids, rollups, throttle, cache, freshness, metrics } = parts;
+        let VerifyParts { audit, ids, rollups, throttle, db_connections, db_wait, cache, freshness, metrics } =
+            parts;
         Self {
             store,
             hasher,
@@ -147,6 +156,8 @@ impl Verifier {
             ids,
             rollups,
             throttle,
+            db_lane: tokio::sync::Semaphore::new(db_connections.max(1)),
+            db_wait,
             cache,
             freshness,
             metrics,
@@ -265,6 +276,7 @@ impl Verifier {
         }
         v.into_result()?;
         let (held, rest) = self.audit.record_outcomes(checked);
+        let lane = self.db_lane().await?;
         let matched = self.store.set_outcomes(&rest).await?;
         let written = matched.iter().filter(|m| **m).count() as u64;
         // A row verified on another replica may still be in that replica's
@@ -282,6 +294,7 @@ impl Verifier {
             .map(|(outcome, _)| outcome)
             .collect();
         self.store.hold_outcomes(&pending, now).await?;
+        drop(lane);
         Ok(held + written)
     }
 
@@ -430,10 +443,25 @@ impl Verifier {
         key_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Arc<KeyState>>, ServiceError>> {
         Box::pin(async move {
+            let lane = self.db_lane().await?;
             let stored =
                 self.noting_outage(self.store.find_by_id(key_id).await.map_err(ServiceError::from))?;
+            drop(lane);
             stored.map(|s| key_state(&s, &self.catalogue).map(Arc::new)).transpose()
         })
+    }
+
+    /// One of the database connections Verify may use at once: the rest of
+    /// the pool stays free for KeyAdmin, health checks and the writers,
+    /// whatever Verify traffic does.
+    async fn db_lane(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ServiceError> {
+        match tokio::time::timeout(self.db_wait, self.db_lane.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(ServiceError::Unavailable("the server is shutting down".into())),
+            Err(_) => Err(ServiceError::Unavailable(
+                "Verify's share of database connections is busy; retry with backoff".into(),
+            )),
+        }
     }
 
     /// Marks the database down when a read says it is unreachable, so that
@@ -459,7 +487,10 @@ impl Verifier {
         if self.throttle.check(prefix, ip).is_some() {
             return refused(DenyReason::Throttled);
         }
-        let Some(stored) = self.store.find_by_prefix(prefix).await? else {
+        let lane = self.db_lane().await?;
+        let stored = self.store.find_by_prefix(prefix).await;
+        drop(lane);
+        let Some(stored) = stored? else {
             return refused(DenyReason::NotFound);
         };
         let lane = if self.throttle.suspect(prefix) { Lane::Later } else { Lane::First };

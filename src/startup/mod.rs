@@ -230,6 +230,8 @@ impl Application {
                 ids: event_ids,
                 rollups: Arc::clone(&rollups),
                 throttle: Arc::clone(&throttle),
+                db_connections: settings.db_verify_connections(),
+                db_wait: settings.db_acquire_timeout(),
                 cache: cache.clone(),
                 freshness: Arc::clone(&freshness),
                 metrics: Arc::clone(&metrics),

@@ -332,3 +332,64 @@ async fn garbage_is_counted_in_rollup_rows_while_attempts_on_real_keys_keep_a_ro
     assert_eq!(violated_fields(&status), ["merchant_id"]);
     app.stop().await;
 }
+
+/// Verify holds at most the pool less the reserve: with every key read
+/// stuck behind a lock, KeyAdmin and the health check still get connections.
+/// (PostgreSQL: an ACCESS EXCLUSIVE lock blocks reads, which SQLite's WAL
+/// never does.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
+async fn verify_traffic_cannot_take_the_connections_kept_for_admin_and_health() {
+    use sea_orm::sqlx::{Connection, Executor};
+    let mut app = spawn_app_with(Backend::postgres(), |s| {
+        s.db_max_connections = 4;
+        s.db_reserved_connections = 2;
+        s.db_acquire_timeout_ms = 3_000;
+    })
+    .await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    let mut lock = sea_orm::sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+    lock.execute("BEGIN").await.unwrap();
+    lock.execute("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    // Ten first sights of keys: each needs a key read, which now waits.
+    let stuck: Vec<_> = (0..10)
+        .map(|i| {
+            let mut client = app.verify.clone();
+            let request = guess(&key, 500 + i, "");
+            tokio::spawn(async move { client.verify(request).await })
+        })
+        .collect();
+    until("Verify's reads to wait on the lock", || {
+        let url = app.database_url.clone();
+        async move {
+            let waiting = crate::helpers::scalar(
+                &url,
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            )
+            .await;
+            (waiting >= 2).then_some(())
+        }
+    })
+    .await;
+    // KeyAdmin reads another table on a reserved connection, well within
+    // the acquire timeout.
+    let started = Instant::now();
+    app.admin.list_operator_tokens(pb::ListOperatorTokensRequest::default()).await.expect("an admin call");
+    assert!(started.elapsed() < Duration::from_secs(2), "the admin call waited {:?}", started.elapsed());
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(crate::helpers::connect(app.addr).await);
+    let status =
+        health.check(tonic_health::pb::HealthCheckRequest::default()).await.unwrap().into_inner().status;
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    lock.execute("ROLLBACK").await.unwrap();
+    for call in stuck {
+        match call.await.unwrap() {
+            Ok(r) => assert_eq!(outcome(&r.into_inner()), deny(R::NotFound)),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(status.message().contains("Verify's share"), "{}", status.message());
+            }
+        }
+    }
+    app.stop().await;
+}
