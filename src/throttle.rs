@@ -118,7 +118,7 @@ pub struct GuessThrottle {
     throttled_ip: AtomicU64,
 }
 
-/// An admitted check, counted as a failure until [`Admission::succeeded`].
+/// An admitted check, counted as a failure until [`GuessThrottle::uncount`].
 #[derive(Debug)]
 pub struct Admission {
     prefix: String,

@@ -332,7 +332,7 @@ impl Store {
     }
 
     /// Sets the reported status of allowed verification rows, one
-    /// statement per [`OUTCOME_CHUNK`] outcomes (an `UPDATE … CASE …
+    /// statement per 1000 outcomes (an `UPDATE … CASE …
     /// RETURNING id`); says for each outcome whether its row exists. When an
     /// id comes twice, its last status wins.
     pub async fn set_outcomes(&self, outcomes: &[(String, u16)]) -> Result<Vec<bool>, StoreError> {
