@@ -187,6 +187,9 @@ impl Store {
             let pool = SqlitePoolOptions::new()
                 .max_connections(options.max_connections)
                 .acquire_timeout(options.acquire_timeout)
+                // No reaper task (see the PostgreSQL pool below).
+                .idle_timeout(None)
+                .max_lifetime(None)
                 .connect_with(connect)
                 .await
                 .map_err(|e| StoreError::Unavailable(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e)))))?;
@@ -194,9 +197,19 @@ impl Store {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let connect = PgConnectOptions::from_str(url)
                 .map_err(|e| StoreError::Db(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e)))))?;
+            // sqlx 0.9's reaper (the task idle_timeout and max_lifetime
+            // start) reads the idle count while `release` has pushed a
+            // connection but not yet counted it; a concurrent acquire can make
+            // the count wrap to usize::MAX, and the reaper then loops over
+            // "idle" connections without ever yielding, which pins a runtime
+            // thread and hangs shutdown. Without either timeout there is no
+            // reaper; connections are checked before each use instead
+            // (sqlx's test_before_acquire), and the pool is small and bounded.
             let pool = PgPoolOptions::new()
                 .max_connections(options.max_connections)
                 .acquire_timeout(options.acquire_timeout)
+                .idle_timeout(None)
+                .max_lifetime(None)
                 .connect_with(connect.clone().application_name("keywarden"))
                 .await
                 .map_err(|e| StoreError::Unavailable(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e)))))?;
