@@ -109,7 +109,21 @@ fn is_shutdown_refusal(status: &tonic::Status) -> bool {
         }
         false
     };
-    matches!(status.code(), Code::Unavailable | Code::Cancelled) || graceful_go_away()
+    // A request written while the server's GOAWAY is in flight is never
+    // read; the server closes the connection once its drained streams are
+    // done, and the unread request turns the close into a reset. The call
+    // did no work (the exact counts below prove it), so it is a refusal too.
+    let reset_unread = || {
+        let mut source = std::error::Error::source(status);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return io.kind() == std::io::ErrorKind::ConnectionReset;
+            }
+            source = e.source();
+        }
+        false
+    };
+    matches!(status.code(), Code::Unavailable | Code::Cancelled) || graceful_go_away() || reset_unread()
 }
 
 fn allowed(r: &pb::VerifyResponse) -> bool {
