@@ -10,6 +10,7 @@
 //! that time.
 
 use std::{
+    borrow::Borrow,
     collections::HashMap,
     hash::Hash,
     net::IpAddr,
@@ -17,7 +18,7 @@ use std::{
         Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use crate::config::ThrottleSettings;
@@ -61,24 +62,30 @@ struct Counts<K> {
     pruned: u64,
 }
 
-impl<K: Hash + Eq + Clone> Counts<K> {
+impl<K: Hash + Eq> Counts<K> {
     fn new() -> Self {
         Self { map: HashMap::new(), pruned: 0 }
     }
 
-    fn estimate(&self, key: &K, window: u64, fraction: f64) -> f64 {
+    fn estimate<Q: Hash + Eq + ?Sized>(&self, key: &Q, window: u64, fraction: f64) -> f64
+    where
+        K: Borrow<Q>,
+    {
         self.map.get(key).map_or(0.0, |c| c.at(window).estimate(fraction))
     }
 
-    fn add(&mut self, key: &K, window: u64) {
+    fn add(&mut self, key: K, window: u64) {
         self.prune(window);
-        let count = self.map.entry(key.clone()).or_insert(Count { window, current: 0, previous: 0 });
+        let count = self.map.entry(key).or_insert(Count { window, current: 0, previous: 0 });
         *count = count.at(window);
         count.current = count.current.saturating_add(1);
     }
 
     /// Takes back one failure (the secret was right after all).
-    fn sub(&mut self, key: &K, window: u64) {
+    fn sub<Q: Hash + Eq + ?Sized>(&mut self, key: &Q, window: u64)
+    where
+        K: Borrow<Q>,
+    {
         if let Some(count) = self.map.get_mut(key) {
             *count = count.at(window);
             if count.current > 0 {
@@ -121,6 +128,9 @@ pub struct GuessThrottle {
 /// An admitted check, counted as a failure until [`GuessThrottle::uncount`].
 #[derive(Debug)]
 pub struct Admission {
+    /// The prefix had wrong secrets lately: its check waits behind others
+    /// for a hashing thread.
+    pub suspect: bool,
     prefix: String,
     ip: Option<IpAddr>,
     window: u64,
@@ -151,9 +161,7 @@ impl GuessThrottle {
     fn refusal(&self, state: &State, prefix: &str, ip: Option<IpAddr>) -> Option<Throttled> {
         let (window, fraction) = self.now();
         let s = &self.settings;
-        if s.per_prefix > 0
-            && state.prefixes.estimate(&prefix.to_owned(), window, fraction) >= f64::from(s.per_prefix)
-        {
+        if s.per_prefix > 0 && state.prefixes.estimate(prefix, window, fraction) >= f64::from(s.per_prefix) {
             return Some(Throttled::Prefix);
         }
         if let Some(ip) = ip
@@ -187,28 +195,22 @@ impl GuessThrottle {
         if let Some(refused) = self.count(self.refusal(&state, prefix, ip)) {
             return Err(refused);
         }
-        let (window, _) = self.now();
-        state.prefixes.add(&prefix.to_owned(), window);
+        let (window, fraction) = self.now();
+        let suspect = state.prefixes.estimate(prefix, window, fraction) > 0.0;
+        state.prefixes.add(prefix.to_owned(), window);
         if let Some(ip) = ip {
-            state.ips.add(&ip, window);
+            state.ips.add(ip, window);
         }
-        Ok(Admission { prefix: prefix.to_owned(), ip, window })
+        Ok(Admission { suspect, prefix: prefix.to_owned(), ip, window })
     }
 
     /// The secret was right, or could not be checked: not a failure.
     pub fn uncount(&self, admission: Admission) {
         let mut state = self.lock();
-        state.prefixes.sub(&admission.prefix, admission.window);
+        state.prefixes.sub(admission.prefix.as_str(), admission.window);
         if let Some(ip) = admission.ip {
             state.ips.sub(&ip, admission.window);
         }
-    }
-
-    /// Whether `prefix` had wrong secrets lately (its checks wait behind
-    /// others for a hashing thread).
-    pub fn suspect(&self, prefix: &str) -> bool {
-        let (window, fraction) = self.now();
-        self.lock().prefixes.estimate(&prefix.to_owned(), window, fraction) > 0.0
     }
 
     /// Checks refused so far, by prefix and by IP.
@@ -225,14 +227,12 @@ impl GuessThrottle {
             state.ips.over(self.settings.per_ip.max(1), window, fraction),
         )
     }
-
-    pub fn window(&self) -> Duration {
-        self.settings.window
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn throttle(per_prefix: u32, per_ip: u32, window: Duration) -> GuessThrottle {
@@ -242,13 +242,13 @@ mod tests {
     #[test]
     fn a_prefix_is_refused_after_its_limit_of_failures_only() {
         let t = throttle(3, 0, Duration::from_secs(60));
-        for _ in 0..3 {
-            assert!(t.admit("sntr_aaaaaaaaaaa", None).is_ok());
-        }
+        let suspects: Vec<bool> =
+            (0..3).map(|_| t.admit("sntr_aaaaaaaaaaa", None).unwrap().suspect).collect();
+        assert_eq!(suspects, [false, true, true], "suspect once it has had a failure");
         assert_eq!(t.admit("sntr_aaaaaaaaaaa", None).unwrap_err(), Throttled::Prefix);
         assert_eq!(t.check("sntr_aaaaaaaaaaa", None), Some(Throttled::Prefix));
-        assert!(t.admit("sntr_bbbbbbbbbbb", None).is_ok(), "another prefix is not affected");
-        assert!(t.suspect("sntr_aaaaaaaaaaa") && !t.suspect("sntr_ccccccccccc"));
+        let other = t.admit("sntr_bbbbbbbbbbb", None).expect("another prefix is not affected");
+        assert!(!other.suspect);
         assert_eq!(t.refused(), (2, 0));
         assert_eq!(t.over_limit(), (1, 0));
     }
@@ -258,10 +258,10 @@ mod tests {
         let t = throttle(2, 0, Duration::from_secs(60));
         for _ in 0..10 {
             let a = t.admit("sntr_aaaaaaaaaaa", None).unwrap();
+            assert!(!a.suspect, "no failure counted before it");
             t.uncount(a);
         }
         assert_eq!(t.check("sntr_aaaaaaaaaaa", None), None);
-        assert!(!t.suspect("sntr_aaaaaaaaaaa"));
     }
 
     #[test]

@@ -78,7 +78,8 @@ impl Rollups {
             prefix: row.key_prefix.clone(),
         };
         let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        if !groups.contains_key(&group) && groups.len() >= MAX_GROUPS {
+        // Only a full map needs the extra lookup.
+        if groups.len() >= MAX_GROUPS && !groups.contains_key(&group) {
             group = Group { minute, reason, ip: None, endpoint: None, method: None, prefix: None };
         }
         let tally = groups.entry(group).or_insert_with(|| Tally {

@@ -181,8 +181,10 @@ impl Verifier {
     async fn decide(&self, input: VerifyInput, span: &tracing::Span) -> Result<Verdict, ServiceError> {
         let checked = self.check(&input)?;
         let now = clock::now();
-        let mut record = AuditRecord::new(AuditKind::Verify, now, telemetry::current_trace_id());
-        record.id = self.ids.mint();
+        // The id is given once it is known where the row goes: a minted id
+        // for the queue, the rollup's id otherwise.
+        let mut record =
+            AuditRecord::with_id(String::new(), AuditKind::Verify, now, telemetry::current_trace_id());
         record.endpoint = Some(input.endpoint).filter(|s| !s.is_empty());
         record.method = Some(input.method).filter(|s| !s.is_empty());
         record.ip = checked.ip.map(|ip| ip.to_string());
@@ -241,6 +243,7 @@ impl Verifier {
             audit::record_on_span(span, &record);
             return Ok(Verdict { outcome, audit_event_id: record.id });
         }
+        record.id = self.ids.mint();
         audit::record_on_span(span, &record);
         let audit_event_id = record.id.clone();
         self.audit.push(record).await.map_err(|e| match e {
@@ -493,10 +496,10 @@ impl Verifier {
         let Some(stored) = stored? else {
             return refused(DenyReason::NotFound);
         };
-        let lane = if self.throttle.suspect(prefix) { Lane::Later } else { Lane::First };
         let Ok(admission) = self.throttle.admit(prefix, ip) else {
             return refused(DenyReason::Throttled);
         };
+        let lane = if admission.suspect { Lane::Later } else { Lane::First };
         let (hasher, hash, key) = (self.hasher.clone(), stored.hash.clone(), key.clone());
         match self.pool.run_in(lane, move || hasher.verify(&key, &hash)).await {
             // A wrong secret stays counted, and is its key's merchant's

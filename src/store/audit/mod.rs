@@ -106,8 +106,13 @@ pub struct AuditRecord {
 impl AuditRecord {
     /// An empty row of `kind` with a fresh id, in the trace `trace_id`.
     pub fn new(kind: AuditKind, at: DateTime<Utc>, trace_id: Option<String>) -> Self {
+        Self::with_id(new_event_id(), kind, at, trace_id)
+    }
+
+    /// An empty row of `kind` with the id `id`.
+    pub fn with_id(id: String, kind: AuditKind, at: DateTime<Utc>, trace_id: Option<String>) -> Self {
         Self {
-            id: new_event_id(),
+            id,
             timestamp: at,
             kind,
             merchant_id: None,
