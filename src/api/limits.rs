@@ -1,7 +1,8 @@
-//! Per-RPC request size limits. tonic's own limit is per service and
-//! checks each message's declared length; this layer bounds what one call
-//! may send in all, per method, so that a Verify (a few hundred bytes) can
-//! never carry what RecordOutcomes may.
+//! Per-method request size limits. tonic's own limit is per service (and
+//! checks each message's declared length before reading it); this layer
+//! adds tighter limits for single methods, so that a Verify (a few hundred
+//! bytes) can never carry what RecordOutcomes, in the same service, may.
+//! Other methods' bodies pass through untouched.
 
 use std::{
     pin::Pin,
@@ -19,29 +20,19 @@ use tower::{Layer, Service};
 /// gRPC frames each message with a 5-byte header.
 const FRAME_HEADER: u64 = 5;
 
-/// Most bytes one request message may have, by method; the longest
-/// matching path prefix wins.
-#[derive(Debug, Clone)]
-pub struct MessageLimits {
-    by_prefix: Vec<(&'static str, usize)>,
-    default: usize,
-}
+/// Most bytes one request message of a method (`/pkg.Service/Method`)
+/// may have, for the methods whose limit is tighter than their service's.
+#[derive(Debug, Clone, Default)]
+pub struct MessageLimits(Vec<(&'static str, usize)>);
 
 impl MessageLimits {
-    pub fn new(default: usize) -> Self {
-        Self { by_prefix: Vec::new(), default }
-    }
-
-    /// Applies `limit` to every path starting with `prefix` (a service
-    /// `/pkg.Service/` or a method `/pkg.Service/Method`).
-    pub fn with(mut self, prefix: &'static str, limit: usize) -> Self {
-        self.by_prefix.push((prefix, limit));
-        self.by_prefix.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    pub fn with(mut self, method: &'static str, limit: usize) -> Self {
+        self.0.push((method, limit));
         self
     }
 
-    pub fn limit(&self, path: &str) -> usize {
-        self.by_prefix.iter().find(|(p, _)| path.starts_with(p)).map_or(self.default, |(_, l)| *l)
+    pub fn limit(&self, path: &str) -> Option<usize> {
+        self.0.iter().find(|(method, _)| *method == path).map(|(_, limit)| *limit)
     }
 }
 
@@ -81,9 +72,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let limit = self.limits.limit(request.uri().path());
-        let request = request.map(|body| Body::new(Limited { inner: body, limit, seen: 0 }));
-        self.inner.call(request)
+        match self.limits.limit(request.uri().path()) {
+            Some(limit) => {
+                self.inner.call(request.map(|body| Body::new(Limited { inner: body, limit, seen: 0 })))
+            }
+            None => self.inner.call(request),
+        }
     }
 }
 
@@ -133,12 +127,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_longest_matching_prefix_sets_the_limit() {
-        let limits = MessageLimits::new(1 << 20)
-            .with("/keywarden.v1.KeyVerify/", 256 << 10)
-            .with("/keywarden.v1.KeyVerify/Verify", 16 << 10);
-        assert_eq!(limits.limit("/keywarden.v1.KeyVerify/Verify"), 16 << 10);
-        assert_eq!(limits.limit("/keywarden.v1.KeyVerify/RecordOutcomes"), 256 << 10);
-        assert_eq!(limits.limit("/keywarden.v1.KeyAdmin/ListKeys"), 1 << 20);
+    fn only_the_named_methods_have_a_limit_of_their_own() {
+        let limits = MessageLimits::default().with("/keywarden.v1.KeyVerify/Verify", 16 << 10);
+        assert_eq!(limits.limit("/keywarden.v1.KeyVerify/Verify"), Some(16 << 10));
+        assert_eq!(limits.limit("/keywarden.v1.KeyVerify/RecordOutcomes"), None, "its service's limit");
+        assert_eq!(limits.limit("/keywarden.v1.KeyVerify/VerifyX"), None);
     }
 }

@@ -196,6 +196,22 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// A job holding a one-thread pool's worker until `release` is sent,
+    /// returned once the worker has picked it up.
+    async fn occupy(
+        pool: &HashPool,
+    ) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<Result<Option<()>, PoolError>>) {
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let blocker = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.run(move || gate.recv().ok()).await })
+        };
+        while pool.runs() == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        (release, blocker)
+    }
+
     #[tokio::test]
     async fn runs_jobs_and_counts_them() {
         let pool = HashPool::new(2, 4).unwrap();
@@ -206,17 +222,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_fails_fast() {
         let pool = HashPool::new(1, 1).unwrap();
-        let (release, gate) = std::sync::mpsc::channel::<()>();
-        let gate = Arc::new(Mutex::new(gate));
-        let blocker = {
-            let pool = pool.clone();
-            let gate = Arc::clone(&gate);
-            tokio::spawn(async move { pool.run(move || gate.lock().unwrap().recv().ok()).await })
-        };
-        // Wait until the worker has picked the blocker up.
-        while pool.runs() == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let (release, blocker) = occupy(&pool).await;
         let queued = {
             let pool = pool.clone();
             tokio::spawn(async move { pool.run(|| 1).await })
@@ -248,16 +254,7 @@ mod tests {
     #[tokio::test]
     async fn the_first_lane_goes_first_and_a_full_later_lane_does_not_block_it() {
         let pool = HashPool::new(1, 2).unwrap();
-        let (release, gate) = std::sync::mpsc::channel::<()>();
-        let gate = Arc::new(Mutex::new(gate));
-        let blocker = {
-            let pool = pool.clone();
-            let gate = Arc::clone(&gate);
-            tokio::spawn(async move { pool.run(move || gate.lock().unwrap().recv().ok()).await })
-        };
-        while pool.runs() == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let (release, blocker) = occupy(&pool).await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let submit = |lane: Lane, tag: &'static str| {
             let (pool, order) = (pool.clone(), Arc::clone(&order));

@@ -72,8 +72,7 @@ const OPERATOR_DIGEST_PURPOSE: &str = "keywarden operator token v1";
 const HEALTH_MAX_MESSAGE: usize = 4 << 10;
 /// scrypt threads reserved for KeyAdmin (create, regenerate).
 const ADMIN_HASH_WORKERS: usize = 1;
-/// KeyVerify's path prefix, and its Verify method's path (for size limits).
-const VERIFY_SERVICE: &str = "/keywarden.v1.KeyVerify/";
+/// The Verify method's path (for its size limit).
 const VERIFY_METHOD: &str = "/keywarden.v1.KeyVerify/Verify";
 /// The pepper subkey that tags verification audit ids.
 const EVENT_ID_PURPOSE: &str = "keywarden audit event id v1";
@@ -447,15 +446,14 @@ impl Application {
             .context("building reflection v1alpha")?
             .max_decoding_message_size(HEALTH_MAX_MESSAGE);
 
-        let limits = MessageLimits::new(settings.max_message_bytes)
-            .with(VERIFY_SERVICE, settings.max_record_outcomes_message_bytes)
-            .with(VERIFY_METHOD, settings.max_verify_message_bytes);
+        // Verify's limit is tighter than its service's (RecordOutcomes').
+        let limits = MessageLimits::default().with(VERIFY_METHOD, settings.max_verify_message_bytes);
         // Layers on every gRPC listener, outermost first.
         let stack = ServiceBuilder::new()
             // Read the caller's W3C trace context before anything runs, so
             // every span and audit row of the call joins its trace.
             .layer(api::trace::TraceContextLayer)
-            // Bound what one call may send, per method, before it is decoded.
+            // Bound what a Verify may send, below its service's limit.
             .layer(MessageLimitLayer::new(limits))
             .into_inner();
         // KeyVerify: only the allowed client identities under mTLS. tonic's
@@ -494,6 +492,16 @@ impl Application {
             }
         };
         tokio::spawn(signal);
+        // A listener's connections, until `stop` (the drain) closes it.
+        let incoming = |listener, tls, stop: &watch::Receiver<bool>| {
+            tls::incoming(
+                listener,
+                tls,
+                settings.max_connections,
+                Arc::clone(&metrics),
+                stopped(stop.clone()),
+            )
+        };
         type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
         let separate_admin = admin_listener.is_some();
         let main_server: Serving = Box::pin(
@@ -505,13 +513,7 @@ impl Application {
                 .add_service(verify_service)
                 .add_optional_service((!separate_admin).then(|| admin_service.clone()))
                 .serve_with_incoming_shutdown(
-                    tls::incoming(
-                        listener,
-                        tls.clone(),
-                        settings.max_connections,
-                        Arc::clone(&metrics),
-                        stopped(draining.clone()),
-                    ),
+                    incoming(listener, tls.clone(), &draining),
                     stopped(draining.clone()),
                 ),
         );
@@ -524,13 +526,7 @@ impl Application {
                     .add_service(reflection_v1alpha)
                     .add_service(admin_service)
                     .serve_with_incoming_shutdown(
-                        tls::incoming(
-                            listener,
-                            tls.clone(),
-                            settings.max_connections,
-                            Arc::clone(&metrics),
-                            stopped(draining.clone()),
-                        ),
+                        incoming(listener, tls.clone(), &draining),
                         stopped(draining.clone()),
                     ),
             ),
@@ -542,13 +538,7 @@ impl Application {
         let (health_closing, health_close) = watch::channel(false);
         let health_server = health_listener.map(|listener| {
             tokio::spawn(server().add_service(health_service).serve_with_incoming_shutdown(
-                tls::incoming(
-                    listener,
-                    None,
-                    settings.max_connections,
-                    Arc::clone(&metrics),
-                    stopped(health_close.clone()),
-                ),
+                incoming(listener, None, &health_close),
                 stopped(health_close.clone()),
             ))
         });
