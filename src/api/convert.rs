@@ -6,7 +6,11 @@ use super::pb;
 use crate::{
     audit::{AuditKind, AuditRecord},
     keys::{Decision, DenyReason, KeyStatus, operator::OperatorRole},
-    service::{ServiceError, admin::KeyView, verify::Verdict},
+    service::{
+        ServiceError,
+        admin::KeyView,
+        verify::{Verdict, VerifyInput},
+    },
     store::operators::StoredOperator,
 };
 
@@ -166,6 +170,16 @@ pub fn audit_event(r: AuditRecord) -> pb::AuditEvent {
         key_prefix: r.key_prefix.unwrap_or_default(),
         detail: r.detail.unwrap_or_default(),
         count: r.count.map_or(0, i64::from),
+    }
+}
+
+pub fn verify_input(r: pb::VerifyRequest) -> VerifyInput {
+    VerifyInput {
+        key: r.key,
+        ip: r.ip,
+        required_scope: r.required_scope,
+        endpoint: r.endpoint,
+        method: r.method,
     }
 }
 

@@ -10,10 +10,7 @@ use super::{
     pb::{self, key_verify_server::KeyVerify},
     trace::{adopt_parent, traced},
 };
-use crate::{
-    audit,
-    service::verify::{Verifier, VerifyInput},
-};
+use crate::{audit, service::verify::Verifier};
 
 #[derive(Debug, Clone)]
 pub struct KeyVerifyService {
@@ -34,14 +31,7 @@ impl KeyVerify for KeyVerifyService {
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         let span = audit::verify_span();
         adopt_parent(&span, &request);
-        let r = request.into_inner();
-        let input = VerifyInput {
-            key: r.key,
-            ip: r.ip,
-            required_scope: r.required_scope,
-            endpoint: r.endpoint,
-            method: r.method,
-        };
+        let input = convert::verify_input(request.into_inner());
         let verdict = traced(&span, self.verifier.verify(input, &span)).await?;
         Ok(Response::new(convert::verdict(verdict)))
     }

@@ -134,10 +134,82 @@ pub struct VerifyParts {
     pub metrics: Arc<Metrics>,
 }
 
-/// Validated request fields.
-struct Checked {
-    ip: Option<IpAddr>,
-    required: Option<ScopeSet>,
+/// A Verify request's fields, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    pub ip: Option<IpAddr>,
+    pub required: Option<ScopeSet>,
+}
+
+/// Validates a Verify request's fields, naming each bad one. The key's
+/// shape is not checked here: a malformed key is a verdict, not an error.
+pub fn check_request(catalogue: &ScopeCatalogue, input: &VerifyInput) -> Result<Checked, ServiceError> {
+    let mut v = Violations::default();
+    if input.key.len() > validate::MAX_PRESENTED_KEY {
+        v.add("key", format!("must be at most {} characters", validate::MAX_PRESENTED_KEY));
+    }
+    let ip = if input.ip.is_empty() {
+        None
+    } else {
+        match input.ip.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                v.add("ip", "is not an IPv4 or IPv6 address (leave it empty if unknown)");
+                None
+            }
+        }
+    };
+    let required = if input.required_scope.is_empty() {
+        None
+    } else {
+        let found = catalogue.required(&input.required_scope);
+        if found.is_none() {
+            v.add(
+                "required_scope",
+                format!(
+                    "unknown scope {}; ListScopes returns the catalogue",
+                    validate::excerpt(&input.required_scope, validate::MAX_EXCERPT)
+                ),
+            );
+        }
+        found
+    };
+    v.check("endpoint", validate::endpoint(&input.endpoint));
+    v.check("method", validate::method(&input.method));
+    v.into_result()?;
+    Ok(Checked { ip, required })
+}
+
+/// What an allowed key grants, for the response.
+fn grant(catalogue: &ScopeCatalogue, state: &KeyState) -> Grant {
+    Grant {
+        merchant_id: state.merchant_id.clone(),
+        key_id: state.key_id.to_string(),
+        key_name: state.name.clone(),
+        scopes: catalogue.names(state.policy.scopes),
+        expires_at: state.policy.expires_at,
+    }
+}
+
+/// The outcome Verify reaches for `input` when identification finds
+/// `found` (the key's state, if its prefix exists and the secret matches),
+/// without I/O: the validation, parsing and policy steps of
+/// [`Verifier::verify`], in its order. It lets the fuzzer and property
+/// tests drive the whole decision from request bytes; the server runs the
+/// same steps with identification (store, scrypt, throttle) in between.
+pub fn decide_offline(
+    catalogue: &ScopeCatalogue,
+    prefix: &KeyPrefix,
+    input: &VerifyInput,
+    found: Option<&KeyState>,
+    now: DateTime<Utc>,
+) -> Result<Result<Grant, DenyReason>, ServiceError> {
+    let checked = check_request(catalogue, input)?;
+    if PlainKey::parse(prefix, &input.key).is_err() {
+        return Ok(Err(DenyReason::Malformed));
+    }
+    let Some(state) = found else { return Ok(Err(DenyReason::NotFound)) };
+    Ok(decide(&state.policy, now, checked.ip, checked.required).map(|()| grant(catalogue, state)))
 }
 
 impl Verifier {
@@ -179,7 +251,7 @@ impl Verifier {
     }
 
     async fn decide(&self, input: VerifyInput, span: &tracing::Span) -> Result<Verdict, ServiceError> {
-        let checked = self.check(&input)?;
+        let checked = check_request(&self.catalogue, &input)?;
         let now = clock::now();
         // The id is given once it is known where the row goes: a minted id
         // for the queue, the rollup's id otherwise.
@@ -208,13 +280,8 @@ impl Verifier {
                         record.merchant_id = Some(state.merchant_id.clone());
                         record.api_key_id = Some(state.key_id.to_string());
                         record.api_key_name = Some(state.name.clone());
-                        decide(&state.policy, now, checked.ip, checked.required).map(|()| Grant {
-                            merchant_id: state.merchant_id.clone(),
-                            key_id: state.key_id.to_string(),
-                            key_name: state.name.clone(),
-                            scopes: self.catalogue.names(state.policy.scopes),
-                            expires_at: state.policy.expires_at,
-                        })
+                        decide(&state.policy, now, checked.ip, checked.required)
+                            .map(|()| grant(&self.catalogue, &state))
                     }
                 }
             }
@@ -299,43 +366,6 @@ impl Verifier {
         self.store.hold_outcomes(&pending, now).await?;
         drop(lane);
         Ok(held + written)
-    }
-
-    fn check(&self, input: &VerifyInput) -> Result<Checked, ServiceError> {
-        let mut v = Violations::default();
-        if input.key.len() > validate::MAX_PRESENTED_KEY {
-            v.add("key", format!("must be at most {} characters", validate::MAX_PRESENTED_KEY));
-        }
-        let ip = if input.ip.is_empty() {
-            None
-        } else {
-            match input.ip.parse::<IpAddr>() {
-                Ok(ip) => Some(ip),
-                Err(_) => {
-                    v.add("ip", "is not an IPv4 or IPv6 address (leave it empty if unknown)");
-                    None
-                }
-            }
-        };
-        let required = if input.required_scope.is_empty() {
-            None
-        } else {
-            let found = self.catalogue.required(&input.required_scope);
-            if found.is_none() {
-                v.add(
-                    "required_scope",
-                    format!(
-                        "unknown scope {}; ListScopes returns the catalogue",
-                        validate::excerpt(&input.required_scope, validate::MAX_EXCERPT)
-                    ),
-                );
-            }
-            found
-        };
-        v.check("endpoint", validate::endpoint(&input.endpoint));
-        v.check("method", validate::method(&input.method));
-        v.into_result()?;
-        Ok(Checked { ip, required })
     }
 
     /// The key's current state if it exists and the secret matches;
@@ -557,3 +587,56 @@ impl IdentifyError for Cold {
 
 /// Most outcomes one RecordOutcomes call may carry.
 pub const MAX_OUTCOMES: usize = 1000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(key: &str, ip: &str, scope: &str) -> VerifyInput {
+        VerifyInput {
+            key: key.into(),
+            ip: ip.into(),
+            required_scope: scope.into(),
+            endpoint: "/v1/invoices".into(),
+            method: "GET".into(),
+        }
+    }
+
+    fn state(catalogue: &ScopeCatalogue, scopes: &[&str], cidrs: &[&str]) -> KeyState {
+        KeyState {
+            key_id: Arc::from("k1"),
+            merchant_id: "m1".into(),
+            name: "n".into(),
+            policy: Policy {
+                revoked_at: None,
+                expires_at: None,
+                allowed: AllowList::parse(cidrs).unwrap(),
+                scopes: catalogue.expand(catalogue.parse_grant(scopes).unwrap()),
+            },
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn the_offline_decision_validates_then_parses_then_decides() {
+        let catalogue = ScopeCatalogue::default();
+        let prefix = KeyPrefix::new("sntr_").unwrap();
+        let key = PlainKey::generate(&prefix).unwrap();
+        let key = key.expose();
+        let held = state(&catalogue, &["invoice:write"], &["10.0.0.0/8"]);
+        let now = clock::now();
+        let decide = |i: &VerifyInput, found| decide_offline(&catalogue, &prefix, i, found, now);
+
+        let allowed = decide(&input(key, "10.0.0.1", "invoice:read"), Some(&held)).unwrap().unwrap();
+        assert_eq!(allowed.merchant_id, "m1");
+        assert_eq!(allowed.scopes, ["invoice:read", "invoice:write"]);
+        assert_eq!(decide(&input(key, "11.0.0.1", ""), Some(&held)).unwrap(), Err(DenyReason::IpNotAllowed));
+        assert_eq!(decide(&input(key, "10.0.0.1", ""), None).unwrap(), Err(DenyReason::NotFound));
+        assert_eq!(decide(&input("sntr_x", "", ""), Some(&held)).unwrap(), Err(DenyReason::Malformed));
+        let Err(ServiceError::Invalid(fields)) = decide(&input(key, "nope", "no:such"), Some(&held)) else {
+            panic!("bad fields are an error, not a verdict");
+        };
+        let names: Vec<&str> = fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(names, ["ip", "required_scope"]);
+    }
+}
