@@ -126,6 +126,46 @@ async fn migrate_command_prepares_the_schema_alone(backend: Backend) {
     crate::helpers::drop_database(postgres).await;
 }
 
+/// A malformed secret setting stops the binary with an error that names the
+/// setting and contains no part of its value, whichever way it is wrong.
+#[test]
+fn a_malformed_secret_setting_is_named_but_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "s3cr3t-d0-not-print";
+    for (setting, value) in [
+        ("KEYWARDEN_ADMIN_TOKENS", secret.to_owned()),
+        ("KEYWARDEN_ADMIN_TOKENS", format!("{{ops = [\"{secret}\"]}}")),
+        ("KEYWARDEN_PEPPER", format!("{secret}!!")),
+        ("KEYWARDEN_PEPPER", format!("[\"{secret}\"]")),
+        ("KEYWARDEN_ADMIN_TOKEN", "s3cr3t".to_owned()),
+        ("KEYWARDEN_DATABASE_URL", format!("postgres://kw:{secret}@127.0.0.1:notaport/kw")),
+    ] {
+        let refused = Command::new(env!("CARGO_BIN_EXE_keywarden"))
+            .arg("serve")
+            .env_clear()
+            .env("KEYWARDEN_DATA_DIR", dir.path())
+            .env("KEYWARDEN_LISTEN_ADDR", "127.0.0.1:0")
+            .env("KEYWARDEN_METRICS_ADDR", "127.0.0.1:0")
+            .env("KEYWARDEN_PEPPER", PEPPER)
+            .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env(setting, &value)
+            .output()
+            .unwrap();
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&refused.stdout),
+            String::from_utf8_lossy(&refused.stderr)
+        );
+        assert!(!refused.status.success(), "{setting}={value} was accepted: {output}");
+        let named = setting.trim_start_matches("KEYWARDEN_");
+        assert!(
+            output.to_lowercase().contains(&named.to_lowercase()) || output.contains("database"),
+            "{output}"
+        );
+        assert!(!output.contains("s3cr3t"), "{setting}: the value is in the error: {output}");
+    }
+}
+
 /// A Watch stream left open by a client (a probe, a sidecar) ends with
 /// NOT_SERVING when shutdown begins instead of holding the drain open until
 /// the grace period runs out.
