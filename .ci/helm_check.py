@@ -171,14 +171,35 @@ def memory_fits(kinds, label):
     return need <= 0.9 * limit, f"{label}: {need:.0f} MiB ({shown}) against 90% of the {limit:.0f} MiB limit"
 
 
-# Default values.
-docs = render(None, "default")
+def merged(base, extra):
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# The chart never generates a secret: the default values alone (no
+# existingSecret, no pepper) do not render, and say what to set.
+try:
+    Chart.load(CHART).render(None, name="keywarden", namespace="payments", is_install=True)
+    check(False, "default values rendered without a pepper or existingSecret")
+except HelmError as e:
+    check("existingSecret" in str(e) and "pepper" in str(e), f"default values: the refusal names existingSecret: {e}")
+
+# Default values plus the two secrets a trial install must give.
+trial = {"secrets": {"pepper": "B" * 44, "adminToken": "trial-admin-token-0123"}}
+docs = render(trial, "default")
 validate(docs, "default")
-kinds = check_promises(docs, "default", [])
+kinds = check_promises(docs, "default", ["B" * 44])
 check(*memory_fits(kinds, "default"))
 check("Secret" in kinds and "HorizontalPodAutoscaler" not in kinds and "ServiceMonitor" not in kinds,
       "default: chart-managed Secret, no HPA, no ServiceMonitor")
 check(kinds["Deployment"][0]["spec"]["replicas"] == 2, "default: 2 replicas")
+# Rendering again (as `helm template` does on every Argo CD sync) gives the
+# same Secret: nothing in it is generated.
+again = by_kind(render(trial, "default, rendered again"))
+check(again["Secret"][0]["stringData"] == kinds["Secret"][0]["stringData"],
+      "default: a second render keeps the Secret's pepper and admin token")
 
 # Explicit secrets must land in the Secret only.
 explicit = {"secrets": {"databaseUrl": "postgres://kw:s3cret-pw@db:5432/kw", "pepper": "A" * 44, "adminToken": "token-" + "x" * 20}}
@@ -207,7 +228,7 @@ check(kinds["ConfigMap"][0]["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("h
 check("deployment.environment=production" in kinds["ConfigMap"][0]["data"]["OTEL_RESOURCE_ATTRIBUTES"], "production: resource attributes")
 
 # The memory check itself rejects a budget that cannot fit.
-fits, why = memory_fits(by_kind(render({"config": {"cacheMaxKeys": 1_000_000}}, "oversized-cache")), "oversized-cache")
+fits, why = memory_fits(by_kind(render(merged(trial, {"config": {"cacheMaxKeys": 1_000_000}}), "oversized-cache")), "oversized-cache")
 check(not fits, f"the memory check accepts 1M cached keys in 512 MiB: {why}")
 
 # Bad values fail at install time (values.schema.json).
@@ -224,9 +245,12 @@ for bad, why in [
     ({"tls": {"existingSecret": "tls", "clientCa": {"existingSecret": "ca"}}, "operatorIdentities": [{"identity": "x", "role": "root"}]},
      "operator roles are an enum"),
     ({"tls": {"certManager": {"enabled": True}}}, "cert-manager needs an issuer"),
+    ({"secrets": {"pepper": ""}}, "no pepper and no existingSecret"),
+    ({"secrets": {"adminToken": ""}}, "no admin token and no existingSecret"),
 ]:
     try:
-        Chart.load(CHART).render(bad, name="keywarden", namespace="payments", is_install=True)
+        # On top of a trial's secrets, so that only the bad value is wrong.
+        Chart.load(CHART).render(merged(trial, bad), name="keywarden", namespace="payments", is_install=True)
         check(False, f"schema accepted bad values: {why}")
     except HelmError as e:
         print(f"rejected as expected ({why}): {str(e).splitlines()[0][:120]}")
