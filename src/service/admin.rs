@@ -26,7 +26,7 @@ use crate::{
     store::{
         Store,
         audit::{AuditCursor, AuditQuery},
-        keys::{Change, InsertError, KeyChanges, KeyCursor, NewKey, StoredKey, UsageDelta},
+        keys::{Change, InsertError, KeyChanges, KeyCursor, NewKey, Rotation, StoredKey, UsageDelta},
     },
     telemetry::current_trace_id,
     usage::UsageTracker,
@@ -313,11 +313,12 @@ impl KeyManager {
             current_trace_id(),
         )
         .with_detail(describe_changes(&changes));
+        let _pause = self.usage.pause_flush().await?;
         match self.store.update_key(&req.merchant_id, &req.key_id, &changes, now, audit).await? {
             Change::Applied(key) => {
                 self.announce(&key.id);
                 tracing::info!(actor = %who.actor, merchant_id = %key.merchant_id, key_id = %key.id, paths = ?req.paths, "key updated");
-                self.view_with_usage(key, now).await
+                Ok(self.committed(key, now))
             }
             Change::NotFound => Err(ServiceError::NotFound("key")),
             Change::Refused(key) => Err(refusal(&key, now, "updated")),
@@ -350,14 +351,15 @@ impl KeyManager {
         if let Some(reason) = reason {
             audit = audit.with_detail(format!("reason: {reason}"));
         }
+        let _pause = self.usage.pause_flush().await?;
         match self.store.revoke_key(merchant_id, key_id, reason, now, audit).await? {
             Change::Applied(key) => {
                 self.announce(&key.id);
                 tracing::info!(actor = %who.actor, merchant_id, key_id, "key revoked");
-                self.view_with_usage(key, now).await
+                Ok(self.committed(key, now))
             }
             // Revoking twice is a no-op that answers with the revoked key.
-            Change::Refused(key) => self.view_with_usage(key, now).await,
+            Change::Refused(key) => Ok(self.committed(key, now)),
             Change::NotFound => Err(ServiceError::NotFound("key")),
         }
     }
@@ -384,6 +386,7 @@ impl KeyManager {
             let trace = current_trace_id();
             let prefix = plaintext.lookup_prefix().as_str().to_owned();
             let new_id = successor_id.clone();
+            let _pause = self.usage.pause_flush().await?;
             let result = self
                 .store
                 .regenerate_key(merchant_id, key_id, &successor_id, revoke_at, now, move |old| {
@@ -436,18 +439,17 @@ impl KeyManager {
                 })
                 .await;
             return match result {
-                Ok((Change::Applied(old), Some(new))) => {
+                Ok(Rotation::Applied { old, new }) => {
                     self.announce(&old.id);
                     tracing::info!(actor = %who.actor, merchant_id, key_id, successor = %new.id, grace_secs = grace.num_seconds(), "key regenerated");
                     Ok(Regenerated {
-                        key: view(new, UsageDelta::default(), now),
+                        key: view(*new, UsageDelta::default(), now),
                         plaintext,
-                        previous: self.view_with_usage(old, now).await?,
+                        previous: self.committed(old, now),
                     })
                 }
-                Ok((Change::Applied(_), None)) => Err(ServiceError::Internal("successor vanished".into())),
-                Ok((Change::NotFound, _)) => Err(ServiceError::NotFound("key")),
-                Ok((Change::Refused(old), _)) => Err(refusal(&old, now, "regenerated")),
+                Ok(Rotation::NotFound) => Err(ServiceError::NotFound("key")),
+                Ok(Rotation::Refused(old)) => Err(refusal(&old, now, "regenerated")),
                 Err(InsertError::PrefixTaken) => continue,
                 Err(InsertError::Store(e)) => Err(e.into()),
             };
@@ -508,9 +510,14 @@ impl KeyManager {
         Ok(Page { items: rows, next_page_token })
     }
 
-    /// The key as just changed, with usage read consistently.
-    async fn view_with_usage(&self, key: StoredKey, _now: DateTime<Utc>) -> Result<KeyView, ServiceError> {
-        self.read(&key.merchant_id, &key.id).await
+    /// A key as its transaction committed it, with the usage this replica
+    /// has not flushed yet. Built from the transaction's own result, never
+    /// from a read after the commit that could fail once the change is
+    /// made; the caller holds the flush paused across the transaction, so
+    /// the two parts count each use once.
+    fn committed(&self, key: StoredKey, now: DateTime<Utc>) -> KeyView {
+        let pending = self.usage.pending(&key.id);
+        view(key, pending, now)
     }
 }
 

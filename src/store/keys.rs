@@ -143,6 +143,15 @@ pub enum Change {
     Refused(StoredKey),
 }
 
+/// What a regeneration did: the old key as revoked and its successor, both
+/// as the transaction left them.
+#[derive(Debug)]
+pub enum Rotation {
+    Applied { old: StoredKey, new: Box<StoredKey> },
+    NotFound,
+    Refused(StoredKey),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InsertError {
     #[error("the lookup prefix is already taken")]
@@ -314,7 +323,7 @@ impl Store {
         revoke_at: DateTime<Utc>,
         now: DateTime<Utc>,
         make_successor: F,
-    ) -> Result<(Change, Option<StoredKey>), InsertError>
+    ) -> Result<Rotation, InsertError>
     where
         F: FnOnce(&StoredKey) -> (NewKey, Vec<AuditRecord>) + Send,
     {
@@ -336,10 +345,10 @@ impl Store {
             .map_err(StoreError::from)?
             .rows_affected;
         let Some(old) = fetch_scoped(&txn, merchant_id, key_id).await? else {
-            return Ok((Change::NotFound, None));
+            return Ok(Rotation::NotFound);
         };
         if updated != 1 {
-            return Ok((Change::Refused(old), None));
+            return Ok(Rotation::Refused(old));
         }
         let (new_key, audits) = make_successor(&old);
         let new_id = new_key.id.clone();
@@ -352,10 +361,19 @@ impl Store {
             other => other.map_err(StoreError::from)?,
         };
         insert_audit_rows(&txn, &audits).await?;
-        let new = fetch(&txn, &new_id).await?;
+        // Read before the commit: what is answered is what commits, with no
+        // read after it that could fail and lose the new plaintext.
+        let Some(new) = fetch(&txn, &new_id).await? else {
+            return Err(StoreError::Corrupt {
+                id: new_id,
+                what: "successor key",
+                detail: "not readable in the transaction that inserted it".into(),
+            }
+            .into());
+        };
         self.notify_change(&txn, &old).await?;
         txn.commit().await.map_err(StoreError::from)?;
-        Ok((Change::Applied(old), new))
+        Ok(Rotation::Applied { old, new: Box::new(new) })
     }
 
     /// Adds one flush of batched usage to the key rows: one UPDATE … FROM

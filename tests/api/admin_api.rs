@@ -6,8 +6,8 @@ use prost_types::{Duration as PbDuration, FieldMask, Timestamp};
 use tonic::Code;
 
 use crate::helpers::{
-    Backend, MERCHANT, OTHER_MERCHANT, PORTAL_TOKEN, TestApp, allowed, deny, eventually, outcome, spawn_app,
-    until, violated_fields,
+    Backend, MERCHANT, OTHER_MERCHANT, PORTAL_TOKEN, Proxy, TestApp, allowed, deny, eventually, outcome,
+    spawn_app, spawn_app_over, until, violated_fields,
 };
 
 backend_tests!(
@@ -697,5 +697,72 @@ async fn admin_actions_are_audited_in_the_same_transaction(backend: Backend) {
     let successor = audit(&mut app, &regenerated.api_key.unwrap().id).await;
     assert_eq!(successor.len(), 1);
     assert!(successor[0].detail.contains(&key.id));
+    app.stop().await;
+}
+
+/// The database goes away right after it acknowledges the change's COMMIT:
+/// the answer comes from the transaction itself, so RegenerateKey still
+/// returns the only copy of the new plaintext and RevokeKey its result.
+#[tokio::test]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
+async fn committed_changes_answer_what_they_committed_when_the_database_goes_right_after() {
+    let backend = Backend::postgres();
+    let Backend::Postgres(server) = &backend else { unreachable!() };
+    let proxy = Proxy::start(Proxy::upstream_of(server)).await;
+    let mut app = spawn_app_over(
+        backend.clone(),
+        None,
+        |_| async {},
+        |s| {
+            // In the clear: the proxy reads the protocol to find the COMMIT.
+            s.database_url =
+                s.database_url.as_deref().map(|url| format!("{}?sslmode=disable", proxy.url_for(url)));
+            s.db_acquire_timeout_ms = 500;
+        },
+    )
+    .await;
+    let (old, old_plaintext) = app.key_with_scopes(&["sales:read"]).await;
+    let (revoked, revoked_plaintext) = app.key_with_scopes(&["sales:read"]).await;
+
+    proxy.cut_after_commit_of(b"regenerated");
+    let done = regenerate(&mut app, &old.id, None).await.expect("the committed rotation is answered");
+    assert!(proxy.tripped(), "the database went away right after the rotation's commit");
+    let new = done.api_key.unwrap();
+    assert_eq!(done.previous_key.unwrap().replaced_by_key_id, new.id);
+
+    proxy.restore();
+    proxy.cut_after_commit_of(b"laptop stolen");
+    let answered = app
+        .admin
+        .revoke_key(pb::RevokeKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: revoked.id.clone(),
+            reason: "laptop stolen".into(),
+        })
+        .await
+        .expect("the committed revocation is answered")
+        .into_inner();
+    assert!(proxy.tripped(), "the database went away right after the revocation's commit");
+    assert_eq!(answered.api_key.unwrap().status, KeyStatus::Revoked as i32);
+
+    // What was answered is what the database holds.
+    proxy.restore();
+    let verify = app.verify.clone();
+    for (key, expected) in [
+        (done.plaintext_key, allowed()),
+        (old_plaintext, deny(R::Revoked)),
+        (revoked_plaintext, deny(R::Revoked)),
+    ] {
+        until("the database to answer again", || {
+            let (mut client, key) = (verify.clone(), key.clone());
+            async move {
+                let request =
+                    pb::VerifyRequest { key, required_scope: "sales:read".into(), ..Default::default() };
+                client.verify(request).await.ok().map(|r| outcome(&r.into_inner()))
+            }
+        })
+        .await;
+        assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), expected);
+    }
     app.stop().await;
 }

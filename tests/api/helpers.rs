@@ -9,7 +9,10 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -670,35 +673,119 @@ pub async fn exited(mut child: Child) -> std::process::ExitStatus {
 }
 
 /// A TCP proxy that a test can cut (drop every connection and refuse new
-/// ones) and restore, to simulate the database going away.
+/// ones) and restore, to simulate the database going away; or arm to cut
+/// itself right after the database acknowledges a chosen transaction's
+/// COMMIT ([`Proxy::cut_after_commit_of`]).
 pub struct Proxy {
     pub addr: SocketAddr,
-    cut: tokio::sync::watch::Sender<bool>,
+    cut: Arc<tokio::sync::watch::Sender<bool>>,
+    trigger: Arc<Mutex<Option<Vec<u8>>>>,
+    tripped: Arc<AtomicBool>,
+}
+
+/// PostgreSQL's CommandComplete message for a COMMIT: 'C', length 11, "COMMIT\0".
+const COMMIT_COMPLETE: &[u8] = b"C\0\0\0\x0bCOMMIT\0";
+
+/// Whether `pattern` occurs in what a stream has carried so far, across
+/// read boundaries (it keeps the last bytes of the previous chunk).
+#[derive(Default)]
+struct Scan {
+    tail: Vec<u8>,
+}
+
+impl Scan {
+    fn seen(&mut self, chunk: &[u8], pattern: &[u8]) -> bool {
+        self.tail.extend_from_slice(chunk);
+        let found = self.tail.windows(pattern.len()).any(|w| w == pattern);
+        let keep = self.tail.len().saturating_sub(pattern.len().saturating_sub(1));
+        self.tail.drain(..keep);
+        found
+    }
 }
 
 impl Proxy {
     pub async fn start(upstream: SocketAddr) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (cut, watch) = tokio::sync::watch::channel(false);
+        let cut = Arc::new(cut);
+        let trigger: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let tripped = Arc::new(AtomicBool::new(false));
+        let (cutter, armed, trip) = (Arc::clone(&cut), Arc::clone(&trigger), Arc::clone(&tripped));
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((inbound, _)) = listener.accept().await else { return };
                 if *watch.borrow() {
                     drop(inbound);
                     continue;
                 }
                 let mut watch = watch.clone();
+                let (cutter, armed, trip) = (Arc::clone(&cutter), Arc::clone(&armed), Arc::clone(&trip));
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_server, mut to_server) = outbound.into_split();
+                    // Whether this connection's transaction carried the marker.
+                    let marked = Arc::new(AtomicBool::new(false));
+                    let up = {
+                        let (armed, marked) = (Arc::clone(&armed), Arc::clone(&marked));
+                        async move {
+                            let (mut buf, mut scan) = (vec![0u8; 16 * 1024], Scan::default());
+                            loop {
+                                let n = from_client.read(&mut buf).await?;
+                                if n == 0 {
+                                    return Ok::<(), std::io::Error>(());
+                                }
+                                let marker = armed.lock().unwrap().clone();
+                                if marker.is_some_and(|m| scan.seen(&buf[..n], &m)) {
+                                    marked.store(true, Ordering::SeqCst);
+                                }
+                                to_server.write_all(&buf[..n]).await?;
+                            }
+                        }
+                    };
+                    let down = async move {
+                        let (mut buf, mut scan) = (vec![0u8; 16 * 1024], Scan::default());
+                        loop {
+                            let n = from_server.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<(), std::io::Error>(());
+                            }
+                            to_client.write_all(&buf[..n]).await?;
+                            if marked.load(Ordering::SeqCst)
+                                && scan.seen(&buf[..n], COMMIT_COMPLETE)
+                                && armed.lock().unwrap().take().is_some()
+                            {
+                                trip.store(true, Ordering::SeqCst);
+                                cutter.send_replace(true);
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = up => {}
+                        _ = down => {}
                         _ = watch.wait_for(|cut| *cut) => {}
                     }
                 });
             }
         });
-        Self { addr, cut }
+        Self { addr, cut, trigger, tripped }
+    }
+
+    /// Arms a cut for right after the database acknowledges the COMMIT of
+    /// the first transaction whose statements carry `marker` (e.g. a bind
+    /// parameter's text): that commit lands, nothing after it does. The
+    /// proxy reads the protocol, so the client must not use TLS
+    /// (`sslmode=disable`).
+    pub fn cut_after_commit_of(&self, marker: &[u8]) {
+        self.tripped.store(false, Ordering::SeqCst);
+        *self.trigger.lock().unwrap() = Some(marker.to_vec());
+    }
+
+    /// Whether an armed cut went off.
+    pub fn tripped(&self) -> bool {
+        self.tripped.load(Ordering::SeqCst)
     }
 
     pub fn cut(&self) {
