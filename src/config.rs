@@ -216,8 +216,13 @@ pub struct Settings {
     /// How long cached key state may be served once change notices stop and
     /// the database is unreachable; after that Verify fails closed.
     pub staleness_bound_ms: u64,
-    /// How often the database is pinged for health.
+    /// How often the database is pinged for health (and its clock read,
+    /// on which revocation and expiry are decided).
     pub health_check_interval_ms: u64,
+    /// How far this replica's own clock is off, for tests of clock skew.
+    /// Never read from the environment or a file.
+    #[serde(skip)]
+    pub clock_skew_ms: i64,
     /// Audit rows older than this many days are deleted; 0 keeps them forever.
     pub audit_retention_days: u32,
     pub audit_retention_interval_ms: u64,
@@ -284,6 +289,7 @@ impl Default for Settings {
             db_reserved_connections: 3,
             staleness_bound_ms: 30_000,
             health_check_interval_ms: 1_000,
+            clock_skew_ms: 0,
             audit_retention_days: 90,
             audit_retention_interval_ms: 600_000,
             cache_enabled: true,

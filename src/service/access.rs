@@ -25,7 +25,7 @@ use subtle::ConstantTimeEq;
 use super::{ServiceError, validate};
 use crate::{
     audit::{AuditKind, AuditRecord, writer::AuditQueue},
-    clock,
+    clock::{self, DbClock},
     config::IdentityGrant,
     keys::operator::{AdminAction, OperatorRole, OperatorSecret, TokenDigester},
     metrics::Metrics,
@@ -88,6 +88,7 @@ pub struct Access {
     identities: Vec<IdentityGrant>,
     refusals: Refusals,
     metrics: Arc<Metrics>,
+    clock: Arc<DbClock>,
 }
 
 impl Access {
@@ -98,10 +99,16 @@ impl Access {
         identities: Vec<IdentityGrant>,
         audit: AuditQueue,
         metrics: Arc<Metrics>,
+        clock: Arc<DbClock>,
     ) -> Self {
         let bootstrap =
             bootstrap.iter().map(|(n, t)| (n.clone(), sha256(t.expose_secret().as_bytes()))).collect();
-        Self { store, digester, bootstrap, identities, refusals: Refusals::new(audit), metrics }
+        Self { store, digester, bootstrap, identities, refusals: Refusals::new(audit), metrics, clock }
+    }
+
+    /// Now on the database's clock, on which operator tokens are revoked.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
     }
 
     pub fn digester(&self) -> &TokenDigester {
@@ -114,7 +121,7 @@ impl Access {
         credentials: Credentials<'_>,
         action: AdminAction,
     ) -> Result<Principal, ServiceError> {
-        let now = clock::now();
+        let now = self.clock.now();
         let outcome = match credentials.bearer {
             Some(token) if OperatorSecret::looks_like(token) => self.operator(token, now).await?,
             Some(token) => self.bootstrap_token(token),

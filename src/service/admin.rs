@@ -18,7 +18,7 @@ use super::{
 use crate::{
     audit::{AuditKind, AuditRecord},
     cache::KeyChangeListener,
-    clock,
+    clock::{self, DbClock},
     keys::{
         AllowList, KeyHasher, KeyPrefix, KeyStatus, PlainKey, ScopeCatalogue, cidr::CidrError,
         operator::AdminAction,
@@ -114,14 +114,15 @@ pub struct KeyManager {
     usage: Arc<UsageTracker>,
     listeners: Vec<Arc<dyn KeyChangeListener>>,
     access: Arc<Access>,
+    clock: Arc<DbClock>,
 }
 
 impl KeyManager {
     /// `listeners` hear of every committed change (caches, other replicas);
     /// `access` decides what each caller may do.
     pub fn new(deps: Deps, listeners: Vec<Arc<dyn KeyChangeListener>>, access: Arc<Access>) -> Self {
-        let Deps { store, hasher, pool, catalogue, prefix, usage } = deps;
-        Self { store, hasher, pool, catalogue, prefix, usage, listeners, access }
+        let Deps { store, hasher, pool, catalogue, prefix, usage, clock } = deps;
+        Self { store, hasher, pool, catalogue, prefix, usage, listeners, access, clock }
     }
 
     pub fn catalogue(&self, who: &Principal) -> Result<&ScopeCatalogue, ServiceError> {
@@ -146,7 +147,7 @@ impl KeyManager {
 
     pub async fn create(&self, who: &Principal, req: CreateKey) -> Result<Issued, ServiceError> {
         self.access.authorize(who, AdminAction::CreateKey, Some(&req.merchant_id))?;
-        let now = clock::now();
+        let now = self.clock.now();
         let mut v = Violations::default();
         v.check("merchant_id", validate::merchant_id(&req.merchant_id));
         v.check("name", validate::text(&req.name, validate::MAX_NAME, true));
@@ -238,7 +239,7 @@ impl KeyManager {
         let _pause = self.usage.pause_flush().await?;
         let key = self.store.get_key(merchant_id, key_id).await?.ok_or(ServiceError::NotFound("key"))?;
         let pending = self.usage.pending(&key.id);
-        Ok(view(key, pending, clock::now()))
+        Ok(view(key, pending, self.clock.now()))
     }
 
     pub async fn list(
@@ -255,7 +256,7 @@ impl KeyManager {
         v.into_result()?;
         let limit = page::page_size(page_size)?;
         let cursor = page::decode(page_token)?.map(|(created_at, id)| KeyCursor { created_at, id });
-        let now = clock::now();
+        let now = self.clock.now();
         let _pause = self.usage.pause_flush().await?;
         let mut rows =
             self.store.list_keys(merchant_id, include_revoked, now, cursor.as_ref(), limit + 1).await?;
@@ -273,7 +274,7 @@ impl KeyManager {
     pub async fn update(&self, who: &Principal, req: UpdateKey) -> Result<KeyView, ServiceError> {
         self.access.authorize(who, AdminAction::UpdateKey, Some(&req.merchant_id))?;
         check_ids(&req.merchant_id, &req.key_id)?;
-        let now = clock::now();
+        let now = self.clock.now();
         let mut v = Violations::default();
         let mut changes = KeyChanges::default();
         if req.paths.is_empty() {
@@ -337,7 +338,7 @@ impl KeyManager {
         let mut v = Violations::default();
         v.check("reason", validate::text(reason, validate::MAX_REASON, false));
         v.into_result()?;
-        let now = clock::now();
+        let now = self.clock.now();
         let reason = (!reason.is_empty()).then_some(reason);
         let mut audit = AuditRecord::admin(
             AuditKind::KeyRevoked,
@@ -379,7 +380,7 @@ impl KeyManager {
         }
         for _ in 0..INSERT_ATTEMPTS {
             let (plaintext, hash) = self.issue().await?;
-            let now = clock::now();
+            let now = self.clock.now();
             let successor_id = new_key_id();
             let revoke_at = clock::stored(now + grace);
             let actor_name = who.actor.clone();

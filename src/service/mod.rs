@@ -16,6 +16,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::{
+    clock::DbClock,
     keys::{KeyHasher, KeyPrefix, ScopeCatalogue},
     store::{Store, StoreError},
     usage::UsageTracker,
@@ -30,6 +31,8 @@ pub struct Deps {
     pub catalogue: Arc<ScopeCatalogue>,
     pub prefix: KeyPrefix,
     pub usage: Arc<UsageTracker>,
+    /// The database's clock, on which revocation and expiry are decided.
+    pub clock: Arc<DbClock>,
 }
 
 /// One invalid request field and what is wrong with it.

@@ -57,7 +57,7 @@ impl OperatorTokens {
 
     pub async fn create(&self, who: &Principal, req: NewOperator) -> Result<IssuedOperator, ServiceError> {
         self.access.authorize(who, AdminAction::CreateOperatorToken, None)?;
-        let now = clock::now();
+        let now = self.access.now();
         let mut v = Violations::default();
         v.check("name", validate::text(&req.name, validate::MAX_NAME, true));
         match req.role {
@@ -146,7 +146,7 @@ impl OperatorTokens {
         let mut v = Violations::default();
         v.check("id", validate::key_id(id));
         v.into_result()?;
-        let now = clock::now();
+        let now = self.access.now();
         let mut audit = AuditRecord::new(AuditKind::OperatorTokenRevoked, now, current_trace_id());
         audit.actor = Some(who.actor.clone());
         audit.detail = Some(format!("operator token {id}"));

@@ -24,7 +24,7 @@ use crate::{
         IdentifyError, Owner, VerifyCache,
         changes::{Freshness, Trust},
     },
-    clock,
+    clock::{self, DbClock},
     keys::{
         AllowList, Decision, DenyReason, EventIds, KeyHasher, KeyPrefix, KeyState, PlainKey, Policy,
         ScopeCatalogue, ScopeSet, decide,
@@ -114,6 +114,7 @@ pub struct Verifier {
     cache: Option<Arc<VerifyCache>>,
     freshness: Arc<Freshness>,
     metrics: Arc<Metrics>,
+    clock: Arc<DbClock>,
 }
 
 /// What the Verify path needs beyond [`Deps`].
@@ -214,7 +215,7 @@ pub fn decide_offline(
 
 impl Verifier {
     pub fn new(deps: Deps, parts: VerifyParts) -> Self {
-        let Deps { store, hasher, pool, catalogue, prefix, usage } = deps;
+        let Deps { store, hasher, pool, catalogue, prefix, usage, clock } = deps;
         let VerifyParts { audit, ids, rollups, throttle, db_connections, db_wait, cache, freshness, metrics } =
             parts;
         Self {
@@ -233,6 +234,7 @@ impl Verifier {
             cache,
             freshness,
             metrics,
+            clock,
         }
     }
 
@@ -252,7 +254,9 @@ impl Verifier {
 
     async fn decide(&self, input: VerifyInput, span: &tracing::Span) -> Result<Verdict, ServiceError> {
         let checked = check_request(&self.catalogue, &input)?;
-        let now = clock::now();
+        // The database's clock: revocations stamped by another replica
+        // compare against the clock they were stamped on.
+        let now = self.clock.now();
         // The id is given once it is known where the row goes: a minted id
         // for the queue, the rollup's id otherwise.
         let mut record =

@@ -37,6 +37,7 @@ use crate::{
         KeyChangeListener, VerifyCache,
         changes::{ChangeFeed, Freshness},
     },
+    clock::DbClock,
     config::{Secrets, Settings},
     keys::{EventIds, operator::TokenDigester},
     metrics::Metrics,
@@ -95,6 +96,7 @@ pub struct Application {
     rollups: Arc<Rollups>,
     cache: Option<Arc<VerifyCache>>,
     freshness: Arc<Freshness>,
+    clock: Arc<DbClock>,
     metrics: Arc<Metrics>,
     exporter: Exporter,
     admin: KeyAdminService,
@@ -155,6 +157,10 @@ impl Application {
                 "the database has migrations of a newer release; serving on it (releases are N-1 compatible)"
             );
         }
+        // Revocation and expiry are decided on the database's clock, read
+        // before serving and at every health check.
+        let clock = Arc::new(DbClock::skewed(chrono::Duration::milliseconds(settings.clock_skew_ms)));
+        read_database_clock(&store, &clock).await.context("reading the database's clock")?;
 
         let pool =
             HashPool::new(settings.hash_workers(), settings.hash_queue).context("starting scrypt threads")?;
@@ -200,6 +206,7 @@ impl Application {
             settings.operator_identities.clone(),
             audit.clone(),
             Arc::clone(&metrics),
+            Arc::clone(&clock),
         ));
         let operators = Arc::new(OperatorTokens::new(store.clone(), Arc::clone(&access)));
         let event_ids = EventIds::new(secrets.hasher.subkey_mac(EVENT_ID_PURPOSE));
@@ -210,6 +217,7 @@ impl Application {
             catalogue,
             prefix,
             usage: Arc::clone(&usage),
+            clock: Arc::clone(&clock),
         };
         // This replica's cache hears of its own changes at once; other
         // replicas hear through the change feed.
@@ -292,6 +300,7 @@ impl Application {
             rollups,
             cache,
             freshness,
+            clock,
             metrics,
             exporter,
         })
@@ -359,6 +368,7 @@ impl Application {
             callers,
             cache,
             freshness,
+            clock,
             metrics,
             exporter,
             ..
@@ -424,6 +434,7 @@ impl Application {
         let (stop_monitor, monitor_stopped) = watch::channel(false);
         let monitor = tokio::spawn(monitor_database(
             store.clone(),
+            Arc::clone(&clock),
             Arc::clone(&freshness),
             health.clone(),
             settings.health_check_interval(),
@@ -617,8 +628,29 @@ async fn end_health_watches(mut health: HealthReporter) {
 /// Pings the database every `interval`; health follows [`Freshness::serving`]:
 /// SERVING while the database answers or within the staleness bound after it
 /// stopped.
+/// Reads the database's clock into `clock`, and says when this replica's
+/// own clock is far from it.
+async fn read_database_clock(store: &Store, clock: &DbClock) -> Result<(), crate::store::StoreError> {
+    let sent = clock.local();
+    let db = store.database_time().await?;
+    clock.observe(db, sent, clock.local());
+    let offset = clock.offset();
+    if offset.num_milliseconds().abs() > CLOCK_OFFSET_WARNING_MS {
+        tracing::warn!(
+            offset_ms = offset.num_milliseconds(),
+            "this replica's clock is off from the database's; decisions use the database's"
+        );
+    }
+    Ok(())
+}
+
+/// An offset from the database's clock worth a warning (NTP keeps
+/// clocks within milliseconds).
+const CLOCK_OFFSET_WARNING_MS: i64 = 1_000;
+
 async fn monitor_database(
     store: Store,
+    clock: Arc<DbClock>,
     freshness: Arc<Freshness>,
     health: HealthReporter,
     interval: Duration,
@@ -634,7 +666,11 @@ async fn monitor_database(
             _ = ticker.tick() => {}
         }
         let reachable = matches!(
-            tokio::time::timeout(interval.max(Duration::from_millis(500)), store.ping()).await,
+            tokio::time::timeout(
+                interval.max(Duration::from_millis(500)),
+                read_database_clock(&store, &clock)
+            )
+            .await,
             Ok(Ok(()))
         );
         if reachable {

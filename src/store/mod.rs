@@ -355,8 +355,32 @@ impl Store {
     /// [`Self::statements`]: that count is what serving calls costs, and a
     /// ping runs on a timer whatever the load.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.db.execute_raw(Statement::from_string(self.db_backend(), "SELECT 1")).await?;
-        Ok(())
+        self.database_time().await.map(drop)
+    }
+
+    /// The database's clock, to microseconds on PostgreSQL and
+    /// milliseconds on SQLite; read as text so both backends parse alike.
+    /// Like [`Self::ping`], it is not counted in [`Self::statements`].
+    pub async fn database_time(&self) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
+        let sql = match self.backend() {
+            Backend::Postgres => {
+                r#"SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#
+            }
+            Backend::Sqlite => "SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        };
+        let text = self
+            .db
+            .query_one_raw(Statement::from_string(self.db_backend(), sql))
+            .await?
+            .and_then(|row| row.try_get_by_index::<String>(0).ok())
+            .unwrap_or_default();
+        chrono::DateTime::parse_from_rfc3339(&text).map(|t| t.with_timezone(&chrono::Utc)).map_err(|e| {
+            StoreError::Corrupt {
+                id: "now".into(),
+                what: "database clock reading",
+                detail: format!("{text:?}: {e}"),
+            }
+        })
     }
 
     /// The change listener's pool; `None` on SQLite (one process, so changes

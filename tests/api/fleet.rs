@@ -27,8 +27,8 @@ use tonic_health::pb::{
 };
 
 use crate::helpers::{
-    ADMIN_TOKEN, AdminClient, Backend, MERCHANT, Proxy, Replica, admin_client, connect, eventually,
-    fresh_database, revoke, sigterm, spawn_app_with, spawn_binary, until,
+    ADMIN_TOKEN, AdminClient, Backend, MERCHANT, Proxy, Replica, admin_client, connect, deny, eventually,
+    fresh_database, outcome, revoke, sigterm, spawn_app_over, spawn_app_with, spawn_binary, until,
 };
 
 backend_tests!(
@@ -734,4 +734,68 @@ async fn shutdown_gives_up_on_a_stuck_audit_write_after_the_flush_timeout(backen
     assert!(message.contains("1 audit rows") && message.contains("unwritten"), "{message}");
     lock.release().await;
     app.stop().await;
+}
+
+/// Replicas whose clocks disagree still agree on revocation: it is stamped
+/// and judged on the database's clock. The admin replica's clock runs an
+/// hour ahead, the verifying replica's an hour behind; compared on their
+/// own clocks, the revoked key would verify for two more hours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
+async fn replicas_with_skewed_clocks_deny_a_revoked_key_at_once() {
+    const HOUR_MS: i64 = 3_600_000;
+    let mut ahead =
+        spawn_app_over(Backend::postgres(), None, |_| async {}, |s| s.clock_skew_ms = HOUR_MS).await;
+    let url = ahead.database_url.clone();
+    let behind = spawn_app_over(
+        Backend::postgres(),
+        None,
+        |_| async {},
+        |s| {
+            s.database_url = Some(url);
+            s.clock_skew_ms = -HOUR_MS;
+        },
+    )
+    .await;
+    let (revoked, revoked_plaintext) = ahead.key_with_scopes(&["sales:read"]).await;
+    let (rotated, rotated_plaintext) = ahead.key_with_scopes(&["sales:read"]).await;
+    for key in [&revoked_plaintext, &rotated_plaintext] {
+        let r = behind.verify.clone().verify(sales(key)).await.unwrap().into_inner();
+        assert!(allowed(&r), "cached on the replica that is behind");
+    }
+
+    revoke(&mut ahead.admin, &revoked.id).await;
+    let revoked_at = Instant::now();
+    let denied = |key: String| {
+        let client = behind.verify.clone();
+        move || {
+            let (mut client, key) = (client.clone(), key.clone());
+            async move {
+                let r = client.verify(sales(&key)).await.ok()?.into_inner();
+                (outcome(&r) == deny(pb::DenyReason::Revoked)).then_some(())
+            }
+        }
+    };
+    until("the replica behind to deny the revoked key", denied(revoked_plaintext)).await;
+    assert!(revoked_at.elapsed() < Duration::from_secs(2), "denied after {:?}", revoked_at.elapsed());
+
+    // A rotation's grace ends on the database's clock too.
+    ahead
+        .admin
+        .regenerate_key(pb::RegenerateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: rotated.id.clone(),
+            grace_period: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        })
+        .await
+        .unwrap();
+    let rotated_at = Instant::now();
+    until("the rotated key's grace to end on the replica behind", denied(rotated_plaintext)).await;
+    assert!(rotated_at.elapsed() < Duration::from_secs(5), "denied after {:?}", rotated_at.elapsed());
+    behind.stop().await;
+    ahead.stop().await;
+}
+
+fn sales(key: &str) -> pb::VerifyRequest {
+    pb::VerifyRequest { key: key.to_owned(), required_scope: "sales:read".into(), ..Default::default() }
 }
