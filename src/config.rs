@@ -76,6 +76,8 @@ pub struct AuditSettings {
     /// overflow mode applies (UNAVAILABLE under `block`, a counted loss
     /// under `drop`).
     pub wait: Duration,
+    /// Where audit rows go that the database refuses, also as dead letters.
+    pub dead_letter_file: PathBuf,
 }
 
 /// Guess throttling (see `throttle`).
@@ -436,6 +438,7 @@ impl Settings {
             linger: Duration::from_millis(self.audit_linger_ms),
             overflow: self.audit_overflow,
             wait: Duration::from_millis(self.audit_queue_wait_ms),
+            dead_letter_file: self.data_dir.join(DEAD_LETTER_FILE),
         }
     }
 
@@ -673,6 +676,10 @@ impl Secrets {
 
 /// The embedded database's file name in the data directory.
 pub const DATABASE_FILE: &str = "keywarden.db";
+/// Audit rows refused by the database, and then as dead letters too, in
+/// `data_dir` (one JSON object per line).
+pub const DEAD_LETTER_FILE: &str = "audit-dead-letters.jsonl";
+
 /// Where an embedded run keeps the pepper and the admin token it generated.
 const PEPPER_FILE: &str = "pepper";
 const ADMIN_TOKEN_FILE: &str = "admin-token";

@@ -5,7 +5,10 @@
 //! bounded time for room; then it fails closed (`block`, the default: no
 //! decision without its audit row) or, if configured to drop, the row is
 //! counted and logged. A failed insert keeps its batch and retries, so an outage only
-//! delays rows. RecordOutcomes may arrive while an allowed row is still queued
+//! delays rows; a batch the database refuses for what it holds is written
+//! in halves down to the refused row, which becomes a dead letter (table
+//! `audit_dead_letters`, or a file if the database refuses that too), so
+//! one bad row cannot block every row behind it. RecordOutcomes may arrive while an allowed row is still queued
 //! or being written; the outcome is held next to the row and applied either
 //! way (see [`AuditQueue::record_outcomes`]).
 
@@ -40,6 +43,7 @@ struct Counters {
     /// Verify calls refused because the queue stayed full (`block`).
     refused: AtomicU64,
     failed_writes: AtomicU64,
+    dead_letters: AtomicU64,
 }
 
 /// The sending side, shared by every Verify.
@@ -73,6 +77,8 @@ pub struct AuditWriter {
     batch_size: usize,
     linger: Duration,
     counters: Arc<Counters>,
+    /// Where a dead letter goes when the database refuses it too.
+    dead_letter_file: std::path::PathBuf,
 }
 
 pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWriter) {
@@ -96,6 +102,7 @@ pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWrit
             batch_size: settings.batch_size.max(1),
             linger: settings.linger,
             counters,
+            dead_letter_file: settings.dead_letter_file.clone(),
         },
     )
 }
@@ -219,6 +226,11 @@ impl AuditQueue {
     pub fn failed_writes(&self) -> u64 {
         self.counters.failed_writes.load(Ordering::Relaxed)
     }
+
+    /// Rows the database refused for what they hold, kept apart.
+    pub fn dead_letters(&self) -> u64 {
+        self.counters.dead_letters.load(Ordering::Relaxed)
+    }
 }
 
 impl AuditWriter {
@@ -299,6 +311,12 @@ impl AuditWriter {
                 },
                 None => attempt.await,
             };
+            // Refused for what it holds: retrying the batch whole would
+            // fail forever, so its rows are written apart.
+            let result = match result {
+                Err(e) if e.is_permanent() => self.isolate(batch, &e).await,
+                other => other,
+            };
             match result {
                 Ok(()) => break,
                 Err(e) => {
@@ -322,6 +340,63 @@ impl AuditWriter {
             self.write_late_outcomes(&late, deadline).await;
         }
         true
+    }
+
+    /// Writes a batch the database refused in halves, down to the rows it
+    /// refuses, which become dead letters. A transient failure on the way
+    /// is returned and the whole batch retried: its rows are upserts.
+    async fn isolate(
+        &self,
+        rows: &[AuditRecord],
+        first: &crate::store::StoreError,
+    ) -> Result<(), crate::store::StoreError> {
+        tracing::warn!(error = %first, rows = rows.len(), "the database refused an audit batch; writing it apart");
+        let mut parts = vec![rows];
+        while let Some(part) = parts.pop() {
+            match self.store.insert_audit_batch(part).await {
+                Ok(()) => {}
+                Err(e) if e.is_permanent() && part.len() > 1 => {
+                    let (front, back) = part.split_at(part.len() / 2);
+                    parts.push(back);
+                    parts.push(front);
+                }
+                Err(e) if e.is_permanent() => self.dead_letter(&part[0], &e.to_string()).await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps a refused row with why: in the database, or in a file when the
+    /// database refuses the dead letter too.
+    async fn dead_letter(&self, row: &AuditRecord, reason: &str) -> Result<(), crate::store::StoreError> {
+        match self.store.insert_dead_letter(row, reason).await {
+            Ok(()) => {}
+            Err(e) if e.is_permanent() => self.dead_letter_to_file(row, reason, &e.to_string()),
+            Err(e) => return Err(e),
+        }
+        self.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(audit_event_id = %row.id.escape_default(), reason, "audit row refused by the database; kept as a dead letter");
+        Ok(())
+    }
+
+    fn dead_letter_to_file(&self, row: &AuditRecord, reason: &str, refused: &str) {
+        use std::io::Write as _;
+        let line =
+            serde_json::json!({ "reason": reason, "dead_letter_refused": refused, "row": row.to_json() });
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let written = options.open(&self.dead_letter_file).and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            tracing::error!(
+                audit_event_id = %row.id.escape_default(),
+                file = %self.dead_letter_file.display(),
+                error = %e,
+                "audit row refused by the database and by the dead-letter file: lost"
+            );
+        }
     }
 
     fn hold(&self, batch: &[AuditRecord]) {
@@ -383,6 +458,7 @@ mod tests {
             linger: Duration::from_secs(600),
             overflow: Overflow::Block,
             wait: Duration::from_millis(100),
+            dead_letter_file: dir.path().join("dead-letters.jsonl"),
         };
         let (queue, writer) = channel(store, &settings);
         for _ in 0..3 {

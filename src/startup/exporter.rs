@@ -129,6 +129,12 @@ impl Collector for Snapshot {
             "failed audit batch inserts (retried)",
             s.audit.failed_writes(),
         )?;
+        counter(
+            &mut encoder,
+            "audit_dead_letters",
+            "audit rows the database refused for what they hold, kept apart with the reason",
+            s.audit.dead_letters(),
+        )?;
         gauge(
             &mut encoder,
             "usage_pending_keys",

@@ -113,6 +113,26 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
     }
+
+    /// Whether the database refused the statement for what it holds (a
+    /// constraint, a value it cannot store), so that running it again can
+    /// never succeed; locks, timeouts and lost connections are not.
+    pub fn is_permanent(&self) -> bool {
+        let Self::Db(DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e))) = self
+        else {
+            return false;
+        };
+        let Some(db) = e.as_database_error() else { return false };
+        let Some(code) = db.code() else { return false };
+        if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+            // SQLite's extended result code; the primary code is its low
+            // byte: TOOBIG, CONSTRAINT, MISMATCH, RANGE.
+            return code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 18 | 19 | 20 | 25));
+        }
+        // PostgreSQL's SQLSTATE: class 22 data exception, class 23
+        // integrity constraint violation.
+        code.starts_with("22") || code.starts_with("23")
+    }
 }
 
 /// Connection-level failures, as opposed to errors in what was asked.

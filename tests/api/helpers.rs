@@ -452,6 +452,28 @@ pub async fn scalar(database_url: &str, sql: &str) -> i64 {
     n
 }
 
+/// The first column of the first row of `sql`, as text.
+pub async fn text(database_url: &str, sql: &str) -> String {
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let db = Database::connect(database_url).await.unwrap();
+    let row = db
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no row: {sql}"));
+    let text: String = row.try_get_by_index(0).unwrap();
+    db.close().await.ok();
+    text
+}
+
+/// Runs one statement on the test's database (a fault to inject).
+pub async fn execute(database_url: &str, sql: &str) {
+    use sea_orm::{ConnectionTrait, Database};
+    let db = Database::connect(database_url).await.unwrap();
+    db.execute_unprepared(sql).await.unwrap();
+    db.close().await.ok();
+}
+
 pub async fn lock_audit_table(database_url: &str) -> TableLock {
     lock_table(database_url, "audit_events").await
 }

@@ -35,6 +35,7 @@ backend_tests!(
     audit_rows_carry_the_callers_trace_id_without_span_export,
     a_full_audit_queue_answers_unavailable_within_the_wait_bound,
     a_full_audit_queue_drops_and_counts_when_configured_to,
+    a_row_the_database_refuses_becomes_a_dead_letter_and_its_batch_is_stored,
 );
 
 fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
@@ -652,5 +653,95 @@ async fn a_full_audit_queue_drops_and_counts_when_configured_to(backend: Backend
     let dropped = app.probes.audit.dropped() as usize;
     assert_eq!(dropped, 9, "one row queued behind the stuck one, the other nine dropped");
     assert_eq!(verify_rows(&app).await - written + dropped, 11, "every row is either written or counted");
+    app.stop().await;
+}
+
+/// One row the database refuses for what it holds (a constraint the test
+/// adds) must not block the rows batched with it: the batch is written in
+/// halves, the refused row is kept as a dead letter with the reason (in a
+/// file when the database refuses that too), and the writer goes on.
+async fn a_row_the_database_refuses_becomes_a_dead_letter_and_its_batch_is_stored(backend: Backend) {
+    let mut data_dir = None;
+    // A long linger puts the calls below in one batch.
+    let mut app = spawn_app_with(backend, |s| {
+        s.audit_linger_ms = 500;
+        data_dir = Some(s.data_dir.clone());
+    })
+    .await;
+    let (_, plaintext) = app.key_with_scopes(&["sales:read"]).await;
+    let poison: &[&str] = if app.database_url.starts_with("sqlite:") {
+        &[
+            "CREATE TRIGGER poison BEFORE INSERT ON audit_events WHEN NEW.endpoint LIKE '/poison%' \
+             BEGIN SELECT RAISE(ABORT, 'poisoned row'); END",
+            "CREATE TRIGGER poison_letter BEFORE INSERT ON audit_dead_letters WHEN NEW.\"row\" LIKE '%/poison-twice%' \
+             BEGIN SELECT RAISE(ABORT, 'poisoned letter'); END",
+        ]
+    } else {
+        &[
+            "ALTER TABLE audit_events ADD CONSTRAINT poison CHECK (endpoint NOT LIKE '/poison%')",
+            "ALTER TABLE audit_dead_letters ADD CONSTRAINT poison_letter CHECK (\"row\" NOT LIKE '%/poison-twice%')",
+        ]
+    };
+    for statement in poison {
+        crate::helpers::execute(&app.database_url, statement).await;
+    }
+
+    let mut ids = Vec::new();
+    for endpoint in ["/a", "/b", "/c", "/poison", "/d", "/e", "/f", "/g"] {
+        let r = app
+            .verify
+            .verify(pb::VerifyRequest {
+                key: plaintext.clone(),
+                required_scope: "sales:read".into(),
+                endpoint: endpoint.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push((endpoint, r.audit_event_id));
+    }
+    app.settle().await;
+    for (endpoint, id) in &ids {
+        let stored = crate::helpers::scalar(
+            &app.database_url,
+            &format!("SELECT COUNT(*) FROM audit_events WHERE id = '{id}'"),
+        )
+        .await;
+        let dead = crate::helpers::scalar(
+            &app.database_url,
+            &format!("SELECT COUNT(*) FROM audit_dead_letters WHERE id = '{id}' AND reason LIKE '%poison%'"),
+        )
+        .await;
+        let expected = if *endpoint == "/poison" { (0, 1) } else { (1, 0) };
+        assert_eq!((stored, dead), expected, "{endpoint}: (stored, dead-lettered)");
+    }
+    let row = crate::helpers::text(&app.database_url, "SELECT \"row\" FROM audit_dead_letters").await;
+    assert!(row.contains("/poison") && row.contains(&ids[3].1), "the dead letter holds the row: {row}");
+    let metrics = crate::helpers::parse_metrics(&app.probes.exporter.render());
+    assert_eq!(metrics["keywarden_audit_dead_letters_total"], 1.0);
+
+    // A row whose dead letter is refused too goes to a file in the data
+    // directory; the writer goes on and later rows land.
+    let twice = app
+        .verify
+        .verify(pb::VerifyRequest {
+            key: plaintext.clone(),
+            required_scope: "sales:read".into(),
+            endpoint: "/poison-twice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = app.verify(&plaintext, "", "sales:read").await;
+    app.settle().await;
+    let later = format!("SELECT COUNT(*) FROM audit_events WHERE id = '{}'", r.audit_event_id);
+    assert_eq!(crate::helpers::scalar(&app.database_url, &later).await, 1);
+    let file = data_dir.unwrap().join(keywarden::config::DEAD_LETTER_FILE);
+    let lines = std::fs::read_to_string(&file).unwrap_or_default();
+    assert!(lines.contains(&twice.audit_event_id) && lines.contains("poison"), "{}: {lines}", file.display());
+    let metrics = crate::helpers::parse_metrics(&app.probes.exporter.render());
+    assert_eq!(metrics["keywarden_audit_dead_letters_total"], 2.0);
     app.stop().await;
 }

@@ -315,7 +315,52 @@ pub struct AuditQuery<'a> {
     pub end: Option<DateTime<Utc>>,
 }
 
+impl AuditRecord {
+    /// The row as one JSON object keyed by column, for a dead letter: text
+    /// with every character escaped that a database might refuse.
+    pub fn to_json(&self) -> String {
+        use sea_orm::Iden as _;
+        let fields: serde_json::Map<String, serde_json::Value> = self
+            .cells()
+            .into_iter()
+            .map(|(column, cell)| {
+                let value = match cell {
+                    Cell::Text(v) => v.map_or(serde_json::Value::Null, |v| v.into()),
+                    Cell::Time(t) => t.to_rfc3339().into(),
+                    Cell::Int(v) => v.map_or(serde_json::Value::Null, |v| v.into()),
+                };
+                (column.to_string(), value)
+            })
+            .collect();
+        // Escaped to ASCII: PostgreSQL text refuses NUL, JSON escapes it.
+        serde_json::Value::Object(fields).to_string().escape_default().to_string()
+    }
+}
+
+/// Most characters of a database error kept as a dead letter's reason.
+const MAX_DEAD_LETTER_REASON: usize = 500;
+
 impl Store {
+    /// Keeps a row the database refused for what it holds, with why. A row
+    /// dead-lettered twice (a retried batch) is kept once.
+    pub async fn insert_dead_letter(&self, row: &AuditRecord, reason: &str) -> Result<(), StoreError> {
+        let reason: String = reason.chars().filter(|c| *c != '\0').take(MAX_DEAD_LETTER_REASON).collect();
+        let mut insert = Query::insert();
+        insert
+            .into_table(sea_orm::sea_query::Alias::new("audit_dead_letters"))
+            .columns(["id", "failed_at", "reason", "row"].map(sea_orm::sea_query::Alias::new))
+            .values_panic([
+                Expr::val(row.id.escape_default().to_string()),
+                Expr::val(crate::clock::now()),
+                Expr::val(reason),
+                Expr::val(row.to_json()),
+            ])
+            .on_conflict(OnConflict::column(sea_orm::sea_query::Alias::new("id")).do_nothing().to_owned());
+        self.count(1);
+        self.db().execute(&insert).await?;
+        Ok(())
+    }
+
     /// Writes a batch of rows atomically through the backend's bulk path.
     /// Writing a batch again (a retry whose first commit was not
     /// acknowledged) stores each row once.

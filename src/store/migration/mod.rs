@@ -8,6 +8,7 @@ mod m20261127_000002_audit_outcomes;
 mod m20261128_000003_usage_flushes;
 mod m20261203_000004_operator_tokens;
 mod m20261203_000005_audit_rollup_count;
+mod m20261203_000006_audit_dead_letters;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000003_usage_flushes::Migration),
             Box::new(m20261203_000004_operator_tokens::Migration),
             Box::new(m20261203_000005_audit_rollup_count::Migration),
+            Box::new(m20261203_000006_audit_dead_letters::Migration),
         ]
     }
 }
