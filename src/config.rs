@@ -169,6 +169,12 @@ pub struct Settings {
     pub shutdown_grace_ms: u64,
     /// How long the final audit/usage flush may retry at shutdown.
     pub flush_timeout_ms: u64,
+    /// The first wait before a failed background task is restarted; it
+    /// doubles on each failure, up to 5 s.
+    pub task_restart_backoff_ms: u64,
+    /// Failures of one background task within a minute after which the
+    /// process gives up: it drains and exits non-zero.
+    pub task_restart_limit: usize,
     pub usage_flush_interval_ms: u64,
     pub audit_queue_capacity: usize,
     /// Rows per insert. Large batches matter most for SQLite: each batch
@@ -265,6 +271,8 @@ impl Default for Settings {
             migrate_on_start: true,
             log_format: LogFormat::Text,
             shutdown_grace_ms: 10_000,
+            task_restart_backoff_ms: 100,
+            task_restart_limit: 5,
             flush_timeout_ms: 30_000,
             usage_flush_interval_ms: 1_000,
             audit_queue_capacity: 100_000,

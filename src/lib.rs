@@ -7,8 +7,9 @@
 //!
 //! - [`startup`]: assembly. Builds every part from [`config::Settings`],
 //!   runs the servers and background tasks, shuts down in order; its
-//!   [`startup::tls`] accepts connections (TLS/mTLS, certificate reload)
-//!   and [`startup::exporter`] serves `/metrics`.
+//!   [`startup::tls`] accepts connections (TLS/mTLS, certificate reload),
+//!   [`startup::supervise`] restarts failed background tasks, and
+//!   [`startup::exporter`] serves `/metrics`.
 //! - [`cli`]: the command-line client (KeyAdmin and KeyVerify over gRPC).
 //! - [`api`]: the gRPC layer. Decodes messages, calls a use case, and maps
 //!   every [`service::ServiceError`] to a `tonic::Status` in one place

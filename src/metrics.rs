@@ -21,6 +21,11 @@ pub struct DecisionLabels {
     pub reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    pub task: &'static str,
+}
+
 /// Metrics updated by the code paths themselves.
 #[derive(Debug)]
 pub struct Metrics {
@@ -33,6 +38,8 @@ pub struct Metrics {
     pub verify_duration: Histogram,
     pub propagation_lag: Histogram,
     pub listener_reconnects: Counter,
+    /// Background tasks restarted after a failure, by task.
+    pub task_restarts: Family<TaskLabels, Counter>,
     /// TLS material re-read and served to new connections.
     pub tls_reloads: Counter,
     /// Changed TLS files that did not load; the previous material stays.
@@ -62,6 +69,7 @@ impl Default for Metrics {
             // 0.5 ms to ~8 s.
             propagation_lag: Histogram::new(exponential_buckets(0.000_5, 2.0, 15)),
             listener_reconnects: Counter::default(),
+            task_restarts: Family::default(),
             tls_reloads: Counter::default(),
             tls_reload_failures: Counter::default(),
             tls_handshake_failures: Counter::default(),

@@ -71,7 +71,11 @@ pub enum QueueError {
 /// The receiving side; [`AuditWriter::run`] is the writer task.
 #[derive(Debug)]
 pub struct AuditWriter {
-    rx: mpsc::Receiver<AuditRecord>,
+    /// The queue's receiving end and the batch in hand. Behind a lock that
+    /// a run holds throughout, so that a run aborted or panicking leaves
+    /// both to the next run (see `startup::supervise`): nothing in hand is
+    /// lost with it.
+    state: tokio::sync::Mutex<Pending>,
     outcomes: Outcomes,
     store: Store,
     batch_size: usize,
@@ -79,6 +83,12 @@ pub struct AuditWriter {
     counters: Arc<Counters>,
     /// Where a dead letter goes when the database refuses it too.
     dead_letter_file: std::path::PathBuf,
+}
+
+#[derive(Debug)]
+struct Pending {
+    rx: mpsc::Receiver<AuditRecord>,
+    batch: Vec<AuditRecord>,
 }
 
 pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWriter) {
@@ -96,7 +106,7 @@ pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWrit
             capacity,
         },
         AuditWriter {
-            rx,
+            state: tokio::sync::Mutex::new(Pending { rx, batch: Vec::new() }),
             outcomes,
             store,
             batch_size: settings.batch_size.max(1),
@@ -237,23 +247,37 @@ impl AuditWriter {
     /// Writes batches until `stop` resolves, then closes the queue and writes
     /// what is left, retrying failed writes until `final_deadline` passes.
     /// Returns how many rows could not be written (0 is the only good answer).
-    pub async fn run(mut self, stop: impl Future<Output = ()>, final_deadline: Duration) -> usize {
+    /// Restartable: a run picks up the batch a previous run left in hand.
+    pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>, final_deadline: Duration) -> usize {
         tokio::pin!(stop);
-        let mut batch = Vec::with_capacity(self.batch_size);
-        loop {
+        let mut pending = self.state.lock().await;
+        let Pending { rx, batch } = &mut *pending;
+        // A batch a previous run left in hand goes first.
+        let mut stopped = false;
+        if !batch.is_empty() {
+            self.hold(batch);
             tokio::select! {
-                received = self.rx.recv_many(&mut batch, self.batch_size) => {
+                _ = self.write(batch, None) => {}
+                () = &mut stop => stopped = true,
+            }
+        }
+        loop {
+            if stopped {
+                break;
+            }
+            tokio::select! {
+                received = rx.recv_many(batch, self.batch_size) => {
                     if received == 0 {
                         return 0;
                     }
-                    self.hold(&batch);
+                    self.hold(batch);
                     // Neither the linger nor a write (which retries for as
                     // long as the database is away) may hold up shutdown.
                     // Both are cancel-safe: rows received or not yet
                     // acknowledged stay in `batch` for the final drain.
                     let linger_then_write = async {
-                        self.fill(&mut batch).await;
-                        self.write(&mut batch, None).await
+                        self.fill(rx, batch).await;
+                        self.write(batch, None).await
                     };
                     tokio::select! {
                         _ = linger_then_write => {}
@@ -265,12 +289,12 @@ impl AuditWriter {
         }
         // Senders now get QueueClosed; everything already queued is drained,
         // starting with a batch whose write shutdown interrupted.
-        self.rx.close();
+        rx.close();
         let give_up = tokio::time::Instant::now() + final_deadline;
-        while !batch.is_empty() || self.rx.recv_many(&mut batch, self.batch_size).await > 0 {
-            self.hold(&batch);
-            if !self.write(&mut batch, Some(give_up)).await {
-                let lost = batch.len() + self.rx.len();
+        while !batch.is_empty() || rx.recv_many(batch, self.batch_size).await > 0 {
+            self.hold(batch);
+            if !self.write(batch, Some(give_up)).await {
+                let lost = batch.len() + rx.len();
                 tracing::error!(rows = lost, "audit rows could not be written before shutdown");
                 return lost;
             }
@@ -279,7 +303,7 @@ impl AuditWriter {
     }
 
     /// Tops `batch` up with rows arriving within the linger time.
-    async fn fill(&mut self, batch: &mut Vec<AuditRecord>) {
+    async fn fill(&self, rx: &mut mpsc::Receiver<AuditRecord>, batch: &mut Vec<AuditRecord>) {
         // Tokio rounds a deadline up to its next millisecond tick, so a zero
         // linger given to the timer would still wait and take later rows.
         if self.linger.is_zero() {
@@ -288,7 +312,7 @@ impl AuditWriter {
         let until = tokio::time::Instant::now() + self.linger;
         while batch.len() < self.batch_size {
             let room = self.batch_size - batch.len();
-            match tokio::time::timeout_at(until, self.rx.recv_many(batch, room)).await {
+            match tokio::time::timeout_at(until, rx.recv_many(batch, room)).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => self.hold(batch),
             }
@@ -465,7 +489,7 @@ mod tests {
             queue.push(AuditRecord::new(AuditKind::Verify, Utc::now(), None)).await.unwrap();
         }
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(writer.run(
+        let run = tokio::spawn(Arc::new(writer).run(
             async move {
                 let _ = stop_rx.await;
             },

@@ -30,6 +30,7 @@ pub struct Sources {
     pub usage: Arc<UsageTracker>,
     pub cache: Option<Arc<VerifyCache>>,
     pub freshness: Arc<Freshness>,
+    pub tasks: super::supervise::Supervisor,
 }
 
 /// The scrape-time view of [`Sources`].
@@ -129,6 +130,13 @@ impl Collector for Snapshot {
             "failed audit batch inserts (retried)",
             s.audit.failed_writes(),
         )?;
+        gauge(
+            &mut encoder,
+            "tasks_down",
+            "background tasks failed and not running (the replica is not ready meanwhile)",
+            None,
+            s.tasks.down() as f64,
+        )?;
         counter(
             &mut encoder,
             "audit_dead_letters",
@@ -224,6 +232,11 @@ impl Exporter {
             "key change committed on one replica to notice received on this one",
             Unit::Seconds,
             metrics.propagation_lag.clone(),
+        );
+        registry.register(
+            "task_restarts",
+            "background tasks restarted after a failure (panic, abort, early return), by task",
+            metrics.task_restarts.clone(),
         );
         registry.register(
             "change_listener_reconnects",

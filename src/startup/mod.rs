@@ -11,6 +11,7 @@
 //! [`exporter`] serves `/metrics`.
 
 pub mod exporter;
+pub mod supervise;
 pub mod tls;
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
@@ -49,6 +50,7 @@ use crate::{
         operators::OperatorTokens,
         verify::{Verifier, VerifyParts},
     },
+    startup::supervise::{RestartPolicy, Supervisor},
     store::{Store, StoreOptions},
     throttle::GuessThrottle,
     usage::UsageTracker,
@@ -97,6 +99,10 @@ pub struct Application {
     cache: Option<Arc<VerifyCache>>,
     freshness: Arc<Freshness>,
     clock: Arc<DbClock>,
+    /// Background tasks, restarted when they fail; `stop_tasks` ends them.
+    supervisor: Supervisor,
+    stop_tasks: watch::Sender<bool>,
+    tasks_stopped: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     exporter: Exporter,
     admin: KeyAdminService,
@@ -128,6 +134,8 @@ pub struct Probes {
     pub freshness: Arc<Freshness>,
     pub metrics: Arc<Metrics>,
     pub exporter: Exporter,
+    /// The background tasks' supervisor (tests kill tasks through it).
+    pub tasks: Supervisor,
 }
 
 impl Application {
@@ -183,6 +191,9 @@ impl Application {
             None => Freshness::in_process(settings.staleness_bound()),
         };
         let metrics = Arc::new(Metrics::default());
+        let (stop_tasks, tasks_stopped) = watch::channel(false);
+        let supervisor =
+            Supervisor::new(restart_policy(&settings), tasks_stopped.clone(), Arc::clone(&metrics));
         let tls = match tls_settings {
             Some(t) => Some(TlsSource::load(t, Arc::clone(&metrics)).context("loading the TLS certificate")?),
             None => None,
@@ -197,6 +208,7 @@ impl Application {
                 usage: Arc::clone(&usage),
                 cache: cache.clone(),
                 freshness: Arc::clone(&freshness),
+                tasks: supervisor.clone(),
             },
         );
         let access = Arc::new(Access::new(
@@ -301,6 +313,9 @@ impl Application {
             cache,
             freshness,
             clock,
+            supervisor,
+            stop_tasks,
+            tasks_stopped,
             metrics,
             exporter,
         })
@@ -343,6 +358,7 @@ impl Application {
             freshness: Arc::clone(&self.freshness),
             metrics: Arc::clone(&self.metrics),
             exporter: self.exporter.clone(),
+            tasks: self.supervisor.clone(),
         }
     }
 
@@ -369,61 +385,130 @@ impl Application {
             cache,
             freshness,
             clock,
+            supervisor,
+            stop_tasks,
+            tasks_stopped,
             metrics,
             exporter,
             ..
         } = self;
-        let (stop_tasks, tasks_stopped) = watch::channel(false);
-        let usage_task = tokio::spawn(Arc::clone(&usage).run(
-            settings.usage_flush_interval(),
-            stopped(tasks_stopped.clone()),
-            settings.flush_timeout(),
-        ));
-        let audit_task =
-            tokio::spawn(audit_writer.run(stopped(tasks_stopped.clone()), settings.flush_timeout()));
-        let rollup_task = tokio::spawn(Arc::clone(&rollups).run(
-            store.clone(),
-            settings.audit_rollup_interval(),
-            stopped(tasks_stopped.clone()),
-            settings.flush_timeout(),
-        ));
-        let mut helpers: Vec<JoinHandle<()>> = Vec::new();
-        if let Some(pool) = store.listen_pool() {
-            let feed =
-                ChangeFeed::new(pool.clone(), cache.clone(), Arc::clone(&freshness), Arc::clone(&metrics));
-            helpers.push(tokio::spawn(feed.run(stopped(tasks_stopped.clone()))));
+        // Every background task runs under the supervisor: restarted when
+        // it fails, and the replica not ready while it is down.
+        let stop = {
+            let tasks_stopped = tasks_stopped.clone();
+            move || stopped(tasks_stopped.clone())
+        };
+        let usage_task = {
+            let (usage, interval, timeout, stop) =
+                (Arc::clone(&usage), settings.usage_flush_interval(), settings.flush_timeout(), stop.clone());
+            supervisor.spawn(
+                "usage flusher",
+                move || Arc::clone(&usage).run(interval, stop(), timeout),
+                || {},
+            )
+        };
+        let audit_task = {
+            let (writer, timeout, stop) = (Arc::new(audit_writer), settings.flush_timeout(), stop.clone());
+            supervisor.spawn("audit writer", move || Arc::clone(&writer).run(stop(), timeout), || {})
+        };
+        let rollup_task = {
+            let (rollups, store, interval, timeout, stop) = (
+                Arc::clone(&rollups),
+                store.clone(),
+                settings.audit_rollup_interval(),
+                settings.flush_timeout(),
+                stop.clone(),
+            );
+            supervisor.spawn(
+                "audit rollup writer",
+                move || Arc::clone(&rollups).run(store.clone(), interval, stop(), timeout),
+                || {},
+            )
+        };
+        let mut helpers: Vec<JoinHandle<Option<()>>> = Vec::new();
+        if let Some(pool) = store.listen_pool().cloned() {
+            let (cache, freshness, metrics, stop) =
+                (cache.clone(), Arc::clone(&freshness), Arc::clone(&metrics), stop.clone());
+            let lost = Arc::clone(&freshness);
+            helpers.push(supervisor.spawn(
+                "change feed",
+                move || {
+                    ChangeFeed::new(pool.clone(), cache.clone(), Arc::clone(&freshness), Arc::clone(&metrics))
+                        .run(stop())
+                },
+                // Notices may be missed until it listens again.
+                move || lost.listener_lost(),
+            ));
         }
         if let Some(listener) = metrics_listener {
-            let stop = stopped(tasks_stopped.clone());
-            helpers.push(tokio::spawn(async move {
-                if let Err(e) = exporter::serve(listener, exporter, stop).await {
-                    tracing::error!(error = %e, "metrics endpoint failed");
-                }
-            }));
+            let addr = listener.local_addr().context("the metrics listener's address")?;
+            let first = Arc::new(std::sync::Mutex::new(Some(listener)));
+            let stop = stop.clone();
+            helpers.push(supervisor.spawn(
+                "metrics endpoint",
+                move || {
+                    let (first, exporter, stop) = (Arc::clone(&first), exporter.clone(), stop());
+                    async move {
+                        // A restart binds the same address again.
+                        let taken = first.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                        let listener = match taken {
+                            Some(listener) => listener,
+                            None => match tokio::net::TcpListener::bind(addr).await {
+                                Ok(listener) => listener,
+                                Err(e) => {
+                                    return tracing::error!(error = %e, %addr, "metrics endpoint cannot bind");
+                                }
+                            },
+                        };
+                        if let Err(e) = exporter::serve(listener, exporter, stop).await {
+                            tracing::error!(error = %e, "metrics endpoint failed");
+                        }
+                    }
+                },
+                || {},
+            ));
         }
         if let Some(tls) = &tls {
-            helpers.push(tokio::spawn(Arc::clone(tls).watch(stopped(tasks_stopped.clone()))));
+            let (tls, stop) = (Arc::clone(tls), stop.clone());
+            helpers.push(supervisor.spawn(
+                "certificate reloader",
+                move || Arc::clone(&tls).watch(stop()),
+                || {},
+            ));
         }
         {
-            let access = Arc::clone(&access);
-            let stop = stopped(tasks_stopped.clone());
-            helpers.push(tokio::spawn(async move {
-                tokio::pin!(stop);
-                let mut ticker = tokio::time::interval(REFUSAL_SWEEP);
-                loop {
-                    tokio::select! {
-                        () = &mut stop => return,
-                        _ = ticker.tick() => access.sweep().await,
+            let (access, stop) = (Arc::clone(&access), stop.clone());
+            helpers.push(supervisor.spawn(
+                "refusal summaries",
+                move || {
+                    let (access, stop) = (Arc::clone(&access), stop());
+                    async move {
+                        tokio::pin!(stop);
+                        let mut ticker = tokio::time::interval(REFUSAL_SWEEP);
+                        loop {
+                            tokio::select! {
+                                () = &mut stop => return,
+                                _ = ticker.tick() => access.sweep().await,
+                            }
+                        }
                     }
-                }
-            }));
+                },
+                || {},
+            ));
         }
-        helpers.push(tokio::spawn(prune_audit(
-            store.clone(),
-            settings.audit_retention(),
-            settings.audit_retention_interval(),
-            stopped(tasks_stopped.clone()),
-        )));
+        {
+            let (store, retention, every, stop) = (
+                store.clone(),
+                settings.audit_retention(),
+                settings.audit_retention_interval(),
+                stop.clone(),
+            );
+            helpers.push(supervisor.spawn(
+                "audit retention",
+                move || prune_audit(store.clone(), retention, every, stop()),
+                || {},
+            ));
+        }
 
         let (health, health_service) = tonic_health::server::health_reporter();
         // tonic reserves a message's declared length before reading it: every
@@ -437,6 +522,7 @@ impl Application {
             Arc::clone(&clock),
             Arc::clone(&freshness),
             health.clone(),
+            supervisor.clone(),
             settings.health_check_interval(),
             stopped(monitor_stopped),
         ));
@@ -489,11 +575,19 @@ impl Application {
         };
 
         let (draining_tx, draining) = watch::channel(false);
+        // A task the supervisor gave up on stops the process like a signal,
+        // and the run then ends in an error (a non-zero exit).
+        let gave_up: Arc<std::sync::OnceLock<&'static str>> = Arc::default();
         let signal = {
-            let health = health.clone();
+            let (health, tasks, gave_up) = (health.clone(), supervisor.clone(), Arc::clone(&gave_up));
             async move {
-                shutdown.await;
-                tracing::info!("shutdown requested: no longer serving, draining in-flight calls");
+                tokio::select! {
+                    () = shutdown => tracing::info!("shutdown requested: no longer serving, draining in-flight calls"),
+                    task = tasks.gave_up() => {
+                        let _ = gave_up.set(task);
+                        tracing::error!(task, "a background task cannot be kept running: draining and exiting");
+                    }
+                }
                 // Stop the monitor first so it cannot report SERVING again.
                 let _ = stop_monitor.send(true);
                 let _ = monitor.await;
@@ -596,6 +690,9 @@ impl Application {
         if tokio::time::timeout(settings.flush_timeout(), store.close()).await.is_err() {
             tracing::warn!("database connections did not close in time; leaving them to the exit");
         }
+        if let Some(task) = gave_up.get() {
+            anyhow::bail!("stopped because the background task \"{task}\" kept failing");
+        }
         if unwritten_usage + unwritten_audit > 0 {
             anyhow::bail!(
                 "stopped with {unwritten_audit} audit rows and usage of {unwritten_usage} keys unwritten \
@@ -653,6 +750,7 @@ async fn monitor_database(
     clock: Arc<DbClock>,
     freshness: Arc<Freshness>,
     health: HealthReporter,
+    tasks: Supervisor,
     interval: Duration,
     stop: impl Future<Output = ()>,
 ) {
@@ -661,16 +759,33 @@ async fn monitor_database(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut serving = true;
     loop {
-        tokio::select! {
+        // A background task going down or up changes readiness at once;
+        // the database is pinged on the ticker.
+        let tick = tokio::select! {
             () = &mut stop => return,
-            _ = ticker.tick() => {}
+            _ = ticker.tick() => true,
+            () = tasks.changed() => false,
+        };
+        if tick {
+            ping_database(&store, &clock, &freshness, interval).await;
         }
+        let now_serving = freshness.serving() && tasks.ready();
+        if now_serving != serving {
+            serving = now_serving;
+            let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+            tracing::warn!(?status, tasks_down = tasks.down(), "health changed");
+            set_health(&health, status).await;
+        }
+    }
+}
+
+/// Reads the database's clock as the health ping and records whether the
+/// database answered.
+async fn ping_database(store: &Store, clock: &DbClock, freshness: &Freshness, interval: Duration) {
+    {
         let reachable = matches!(
-            tokio::time::timeout(
-                interval.max(Duration::from_millis(500)),
-                read_database_clock(&store, &clock)
-            )
-            .await,
+            tokio::time::timeout(interval.max(Duration::from_millis(500)), read_database_clock(store, clock))
+                .await,
             Ok(Ok(()))
         );
         if reachable {
@@ -683,13 +798,6 @@ async fn monitor_database(
                 tracing::warn!("database unreachable: cached keys keep verifying within the staleness bound");
             }
             freshness.database_down();
-        }
-        let now_serving = freshness.serving();
-        if now_serving != serving {
-            serving = now_serving;
-            let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-            tracing::warn!(?status, "health changed");
-            set_health(&health, status).await;
         }
     }
 }
@@ -753,13 +861,28 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 /// Waits for a flusher; returns what it could not write.
-async fn join(what: &str, task: JoinHandle<usize>) -> usize {
+async fn join(what: &str, task: JoinHandle<Option<usize>>) -> usize {
     match task.await {
-        Ok(unwritten) => unwritten,
+        Ok(Some(unwritten)) => unwritten,
+        // Given up on or cut short: what it held is not known to be written.
+        Ok(None) => {
+            tracing::error!(task = what, "background task did not finish its final flush");
+            1
+        }
         Err(e) => {
             tracing::error!(task = what, error = %e, "background task failed");
             1
         }
+    }
+}
+
+fn restart_policy(settings: &Settings) -> RestartPolicy {
+    let backoff = Duration::from_millis(settings.task_restart_backoff_ms.max(1));
+    RestartPolicy {
+        backoff,
+        max_backoff: backoff.max(Duration::from_secs(5)),
+        max_failures: settings.task_restart_limit,
+        window: Duration::from_secs(60),
     }
 }
 

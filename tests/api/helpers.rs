@@ -348,6 +348,13 @@ impl TestApp {
         tokio::time::timeout(within, handle).await.expect("the app stopped in time").unwrap()
     }
 
+    /// How the app's run ended by itself (without being asked to stop),
+    /// failing the test after `within`.
+    pub async fn ended_within(&mut self, within: Duration) -> anyhow::Result<()> {
+        let handle = self.handle.take().expect("the app is running");
+        tokio::time::timeout(within, handle).await.expect("the app ended in time").unwrap()
+    }
+
     /// Graceful stop that keeps the database for inspection.
     pub async fn stop_serving(&mut self) {
         if let Some(tx) = self.shutdown.take() {

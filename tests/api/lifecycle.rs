@@ -13,6 +13,8 @@ backend_tests!(
     migrate_command_prepares_the_schema_alone,
     shutdown_turns_health_not_serving_before_the_server_goes,
     an_open_health_watch_does_not_hold_shutdown,
+    a_killed_background_task_is_restarted_and_the_replica_is_not_ready_meanwhile,
+    a_background_task_that_keeps_failing_stops_the_process_with_an_error,
 );
 
 async fn sigterm_answers_calls_in_flight_and_flushes_every_usage_count_and_audit_row(backend: Backend) {
@@ -301,4 +303,70 @@ async fn the_embedded_data_directory_is_private_to_its_owner() {
     }
     sigterm(&second.child);
     assert!(crate::helpers::exited(second.child).await.success());
+}
+
+/// Killing a background task (the audit writer; on PostgreSQL also the
+/// change feed) turns readiness NOT_SERVING until the supervisor has
+/// restarted it; liveness stays SERVING, and the restarted task does its
+/// work: rows queued meanwhile are written, the feed listens again.
+async fn a_killed_background_task_is_restarted_and_the_replica_is_not_ready_meanwhile(backend: Backend) {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let postgres = matches!(backend, Backend::Postgres(_));
+    // A restart delay long enough to observe.
+    let mut app = crate::helpers::spawn_app_with(backend, |s| s.task_restart_backoff_ms = 1_000).await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    let mut health = HealthClient::new(app.channel());
+    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
+
+    let mut tasks = vec!["audit writer"];
+    if postgres {
+        tasks.push("change feed");
+    }
+    for task in tasks {
+        assert!(app.probes.tasks.kill(task), "{task} is running");
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), watch.message()).await.unwrap();
+        assert_eq!(next.unwrap().unwrap().status, ServingStatus::NotServing as i32, "{task} down");
+        let liveness =
+            health.check(HealthCheckRequest { service: "liveness".into() }).await.unwrap().into_inner();
+        assert_eq!(liveness.status, ServingStatus::Serving as i32, "the process itself is alive");
+        // Verify keeps answering meanwhile; its row waits in the queue.
+        let r = app.verify(&key, "", "sales:read").await;
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), watch.message()).await.unwrap();
+        assert_eq!(next.unwrap().unwrap().status, ServingStatus::Serving as i32, "{task} restarted");
+        app.settle().await;
+        let stored = format!("SELECT COUNT(*) FROM audit_events WHERE id = '{}'", r.audit_event_id);
+        assert_eq!(crate::helpers::scalar(&app.database_url, &stored).await, 1, "after {task}'s restart");
+        let metrics = crate::helpers::parse_metrics(&app.probes.exporter.render());
+        assert_eq!(metrics[&format!("keywarden_task_restarts_total{{task=\"{task}\"}}")], 1.0);
+    }
+    if postgres {
+        eventually("the restarted feed to listen", || app.probes.freshness.trusted().then_some(())).await;
+    }
+    app.stop().await;
+}
+
+/// A task that fails more often than `task_restart_limit` within a minute
+/// is given up on: the replica drains and the run ends in an error naming
+/// the task, so the process exits non-zero and Kubernetes restarts it.
+async fn a_background_task_that_keeps_failing_stops_the_process_with_an_error(backend: Backend) {
+    let mut app = crate::helpers::spawn_app_with(backend, |s| {
+        s.task_restart_backoff_ms = 10;
+        s.task_restart_limit = 2;
+    })
+    .await;
+    for _ in 0..3 {
+        let tasks = app.probes.tasks.clone();
+        crate::helpers::until("the retention task to be running", || {
+            let tasks = tasks.clone();
+            async move { tasks.kill("audit retention").then_some(()) }
+        })
+        .await;
+    }
+    let ended = app.ended_within(std::time::Duration::from_secs(30)).await;
+    let error = ended.expect_err("the run ends in an error");
+    assert!(error.to_string().contains("audit retention"), "{error:#}");
+    app.stop().await;
 }
