@@ -227,6 +227,10 @@ pub struct Settings {
     /// How often the database is pinged for health (and its clock read,
     /// on which revocation and expiry are decided).
     pub health_check_interval_ms: u64,
+    /// How often each replica NOTIFYs its own channel to prove its change
+    /// listener alive (PostgreSQL); two intervals without any notice and
+    /// the listener is declared dead.
+    pub feed_heartbeat_interval_ms: u64,
     /// How far this replica's own clock is off, for tests of clock skew.
     /// Never read from the environment or a file.
     #[serde(skip)]
@@ -299,6 +303,7 @@ impl Default for Settings {
             db_reserved_connections: 3,
             staleness_bound_ms: 30_000,
             health_check_interval_ms: 1_000,
+            feed_heartbeat_interval_ms: 2_000,
             clock_skew_ms: 0,
             audit_retention_days: 90,
             audit_retention_interval_ms: 600_000,
@@ -417,6 +422,10 @@ impl Settings {
             Some(url) => url.clone(),
             None => format!("sqlite://{}?mode=rwc", self.data_dir.join(DATABASE_FILE).display()),
         }
+    }
+
+    pub fn feed_heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.feed_heartbeat_interval_ms.max(10))
     }
 
     pub fn shutdown_grace(&self) -> Duration {

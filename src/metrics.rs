@@ -38,6 +38,9 @@ pub struct Metrics {
     pub verify_duration: Histogram,
     pub propagation_lag: Histogram,
     pub listener_reconnects: Counter,
+    /// Times the change listener was declared dead for hearing nothing,
+    /// not even its own heartbeat, for two intervals.
+    pub listener_heartbeat_misses: Counter,
     /// Background tasks restarted after a failure, by task.
     pub task_restarts: Family<TaskLabels, Counter>,
     /// TLS material re-read and served to new connections.
@@ -69,6 +72,7 @@ impl Default for Metrics {
             // 0.5 ms to ~8 s.
             propagation_lag: Histogram::new(exponential_buckets(0.000_5, 2.0, 15)),
             listener_reconnects: Counter::default(),
+            listener_heartbeat_misses: Counter::default(),
             task_restarts: Family::default(),
             tls_reloads: Counter::default(),
             tls_reload_failures: Counter::default(),

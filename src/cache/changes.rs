@@ -14,6 +14,15 @@
 //! - listening again: every cached state is dropped first, since the replica
 //!   cannot know what it missed.
 //!
+//! A listener connection can also die without telling anyone (half-open: the
+//! peer or a middlebox gone, nothing closed). So each replica NOTIFYs a
+//! channel of its own every heartbeat interval through its regular pool,
+//! and a listener that has heard nothing, not even its own heartbeat, for
+//! two intervals is declared dead: trust drops to read-through, and the
+//! feed reconnects and drops every cached state on return. A dead listener
+//! says nothing about the database: its reachability is the health
+//! monitor's to judge.
+//!
 //! On SQLite (one process) changes are announced in-process and the cache is
 //! always trusted.
 
@@ -28,7 +37,10 @@ use std::{
 use sea_orm::sqlx::postgres::{PgListener, PgPool};
 
 use super::VerifyCache;
-use crate::{metrics::Metrics, store::CHANGES_CHANNEL};
+use crate::{
+    metrics::Metrics,
+    store::{CHANGES_CHANNEL, Store},
+};
 
 /// What cached key state may be used for right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +147,35 @@ pub struct ChangeFeed {
     cache: Option<Arc<VerifyCache>>,
     freshness: Arc<Freshness>,
     metrics: Arc<Metrics>,
+    /// Where heartbeats are sent from: the regular pool, not the listener.
+    store: Store,
+    heartbeat: Duration,
+    /// This replica's own heartbeat channel.
+    own_channel: String,
+}
+
+/// Stops the heartbeat task with the connection it proves alive.
+struct Beating(tokio::task::JoinHandle<()>);
+
+impl Drop for Beating {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// NOTIFYs `channel` every `every` through the regular pool. A failure is
+/// not the listener's (the health monitor judges the database): it only
+/// means no heartbeat this time.
+async fn heartbeats(store: Store, channel: String, every: Duration) {
+    let mut beat = tokio::time::interval(every);
+    loop {
+        beat.tick().await;
+        match tokio::time::timeout(every, store.notify(&channel)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not sent"),
+            Err(_) => tracing::debug!("heartbeat not sent in time"),
+        }
+    }
 }
 
 /// A parsed notice: `<key id> <version> <sent at, µs since the epoch>`.
@@ -147,13 +188,18 @@ fn parse(payload: &str) -> Option<(&str, i64, i64)> {
 }
 
 impl ChangeFeed {
+    /// `heartbeat`: how often this replica NOTIFYs its own channel; two
+    /// intervals without any notice and the listener is declared dead.
     pub fn new(
         pool: PgPool,
         cache: Option<Arc<VerifyCache>>,
         freshness: Arc<Freshness>,
         metrics: Arc<Metrics>,
+        store: Store,
+        heartbeat: Duration,
     ) -> Self {
-        Self { pool, cache, freshness, metrics }
+        let own_channel = format!("keywarden_heartbeat_{}", uuid::Uuid::now_v7().simple());
+        Self { pool, cache, freshness, metrics, store, heartbeat, own_channel }
     }
 
     /// LISTENs until `stop`, reconnecting with backoff whenever the
@@ -163,16 +209,25 @@ impl ChangeFeed {
         let mut backoff = Duration::from_millis(100);
         let mut first = true;
         loop {
+            // A connection that hangs (half-open) is given up on like one
+            // that fails.
             let listener = tokio::select! {
                 () = &mut stop => return,
-                connected = self.listen() => connected,
+                connected = tokio::time::timeout(self.heartbeat * 2, self.listen()) => connected,
             };
             let mut listener = match listener {
-                Ok(l) => l,
-                Err(e) => {
+                Ok(Ok(l)) => l,
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".to_owned(),
+                    };
                     self.freshness.listener_lost();
-                    self.freshness.database_down();
-                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "change listener cannot connect");
+                    tracing::warn!(
+                        error,
+                        retry_ms = backoff.as_millis() as u64,
+                        "change listener cannot connect"
+                    );
                     tokio::select! {
                         () = &mut stop => return,
                         () = tokio::time::sleep(backoff) => {}
@@ -186,7 +241,6 @@ impl ChangeFeed {
             if let Some(cache) = &self.cache {
                 cache.invalidate_all();
             }
-            self.freshness.database_up();
             self.freshness.listener_up();
             if first {
                 tracing::info!(channel = CHANGES_CHANNEL, "listening for key changes");
@@ -195,12 +249,32 @@ impl ChangeFeed {
                 self.metrics.listener_reconnects.inc();
                 tracing::warn!("change listener reconnected; dropped all cached key state");
             }
+            // Heartbeats go out from their own task, so that receiving is
+            // never cancelled mid-message to send one.
+            let _beating = Beating(tokio::spawn(heartbeats(
+                self.store.clone(),
+                self.own_channel.clone(),
+                self.heartbeat,
+            )));
+            let mut last_heard = tokio::time::Instant::now();
             loop {
+                let silent_until = last_heard + self.heartbeat * 2;
                 let received = tokio::select! {
                     () = &mut stop => return,
                     received = listener.try_recv() => received,
+                    () = tokio::time::sleep_until(silent_until) => {
+                        self.freshness.listener_lost();
+                        self.metrics.listener_heartbeat_misses.inc();
+                        tracing::warn!(
+                            silent_ms = last_heard.elapsed().as_millis() as u64,
+                            "change listener heard nothing, not even its own heartbeat, for two intervals; reconnecting"
+                        );
+                        break;
+                    }
                 };
+                last_heard = tokio::time::Instant::now();
                 match received {
+                    Ok(Some(notice)) if notice.channel() == self.own_channel => {}
                     Ok(Some(notice)) => self.apply(notice.payload()),
                     Ok(None) => {
                         self.freshness.listener_lost();
@@ -222,7 +296,7 @@ impl ChangeFeed {
         // Report a lost connection instead of silently reconnecting: the
         // notices missed in between must be accounted for.
         listener.eager_reconnect(false);
-        listener.listen(CHANGES_CHANNEL).await?;
+        listener.listen_all([CHANGES_CHANNEL, self.own_channel.as_str()]).await?;
         Ok(listener)
     }
 

@@ -239,6 +239,11 @@ impl Exporter {
             metrics.task_restarts.clone(),
         );
         registry.register(
+            "change_listener_heartbeat_misses",
+            "times the change listener heard nothing, not even its own heartbeat, for two intervals (it reconnects)",
+            metrics.listener_heartbeat_misses.clone(),
+        );
+        registry.register(
             "change_listener_reconnects",
             "times the change listener reconnected (cached state dropped each time)",
             metrics.listener_reconnects.clone(),

@@ -427,14 +427,27 @@ impl Application {
         };
         let mut helpers: Vec<JoinHandle<Option<()>>> = Vec::new();
         if let Some(pool) = store.listen_pool().cloned() {
-            let (cache, freshness, metrics, stop) =
-                (cache.clone(), Arc::clone(&freshness), Arc::clone(&metrics), stop.clone());
+            let (cache, freshness, metrics, store, heartbeat, stop) = (
+                cache.clone(),
+                Arc::clone(&freshness),
+                Arc::clone(&metrics),
+                store.clone(),
+                settings.feed_heartbeat_interval(),
+                stop.clone(),
+            );
             let lost = Arc::clone(&freshness);
             helpers.push(supervisor.spawn(
                 "change feed",
                 move || {
-                    ChangeFeed::new(pool.clone(), cache.clone(), Arc::clone(&freshness), Arc::clone(&metrics))
-                        .run(stop())
+                    ChangeFeed::new(
+                        pool.clone(),
+                        cache.clone(),
+                        Arc::clone(&freshness),
+                        Arc::clone(&metrics),
+                        store.clone(),
+                        heartbeat,
+                    )
+                    .run(stop())
                 },
                 // Notices may be missed until it listens again.
                 move || lost.listener_lost(),

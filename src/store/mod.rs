@@ -403,6 +403,19 @@ impl Store {
         })
     }
 
+    /// `NOTIFY channel` with an empty payload (the change feed's heartbeat).
+    /// Not counted in [`Self::statements`]: it runs on a timer.
+    pub async fn notify(&self, channel: &str) -> Result<(), StoreError> {
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                self.db_backend(),
+                "SELECT pg_notify($1, '')",
+                [sea_orm::Value::from(channel.to_owned())],
+            ))
+            .await?;
+        Ok(())
+    }
+
     /// The change listener's pool; `None` on SQLite (one process, so changes
     /// are announced in-process).
     pub fn listen_pool(&self) -> Option<&PgPool> {

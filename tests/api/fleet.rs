@@ -799,3 +799,58 @@ async fn replicas_with_skewed_clocks_deny_a_revoked_key_at_once() {
 fn sales(key: &str) -> pb::VerifyRequest {
     pb::VerifyRequest { key: key.to_owned(), required_scope: "sales:read".into(), ..Default::default() }
 }
+
+/// A change listener that goes half-open (the proxy holds its traffic
+/// without closing anything) is declared dead within two heartbeat
+/// intervals. The replica then reads key state through, so a revocation
+/// made meanwhile on another replica is obeyed at once; the database is
+/// not taken for down; and when traffic flows again it listens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
+async fn a_half_open_listener_is_detected_within_two_heartbeats() {
+    const HEARTBEAT: Duration = Duration::from_millis(300);
+    let Backend::Postgres(server) = Backend::postgres() else { unreachable!() };
+    let proxy = Proxy::start(Proxy::upstream_of(&server)).await;
+    let held = spawn_app_over(
+        Backend::postgres(),
+        None,
+        |_| async {},
+        |s| {
+            // In the clear: the proxy reads the startup message's application name.
+            s.database_url =
+                s.database_url.as_deref().map(|url| format!("{}?sslmode=disable", proxy.url_for(url)));
+            s.feed_heartbeat_interval_ms = HEARTBEAT.as_millis() as u64;
+        },
+    )
+    .await;
+    let url = held.database_url.clone();
+    let mut direct =
+        spawn_app_over(Backend::postgres(), None, |_| async {}, |s| s.database_url = Some(url)).await;
+    let (key, plaintext) = direct.key_with_scopes(&["sales:read"]).await;
+    eventually("the listener to be up", || held.probes.freshness.trusted().then_some(())).await;
+    let r = held.verify.clone().verify(sales(&plaintext)).await.unwrap().into_inner();
+    assert!(allowed(&r), "cached on the replica whose listener will hang");
+
+    proxy.stall_connections_carrying(keywarden::store::LISTENER_APPLICATION.as_bytes());
+    let stalled = Instant::now();
+    eventually("the half-open listener to be declared dead", || {
+        (!held.probes.freshness.trusted()).then_some(())
+    })
+    .await;
+    let detected = stalled.elapsed();
+    assert!(detected <= HEARTBEAT * 2 + Duration::from_millis(250), "detected after {detected:?}");
+    assert!(held.probes.freshness.database_reachable(), "a dead listener is not a database outage");
+
+    revoke(&mut direct.admin, &key.id).await;
+    let revoked = Instant::now();
+    let r = held.verify.clone().verify(sales(&plaintext)).await.unwrap().into_inner();
+    assert_eq!(outcome(&r), deny(pb::DenyReason::Revoked), "read through while the listener is dead");
+    assert!(revoked.elapsed() < Duration::from_secs(1));
+
+    proxy.unstall();
+    eventually("the listener to be back", || held.probes.freshness.trusted().then_some(())).await;
+    let metrics = crate::helpers::parse_metrics(&held.probes.exporter.render());
+    assert!(metrics["keywarden_change_listener_heartbeat_misses_total"] >= 1.0);
+    direct.stop().await;
+    held.stop().await;
+}

@@ -710,6 +710,21 @@ pub struct Proxy {
     cut: Arc<tokio::sync::watch::Sender<bool>>,
     trigger: Arc<Mutex<Option<Vec<u8>>>>,
     tripped: Arc<AtomicBool>,
+    /// Connections whose startup carries this are held: bytes are read
+    /// but not forwarded, and nothing is closed (half-open).
+    stall: Arc<tokio::sync::watch::Sender<Option<Vec<u8>>>>,
+}
+
+/// Waits while `stall` names a marker that `startup` carries.
+async fn while_stalled(stall: &mut tokio::sync::watch::Receiver<Option<Vec<u8>>>, startup: &Mutex<Vec<u8>>) {
+    loop {
+        let held = stall.borrow_and_update().as_ref().is_some_and(|marker| {
+            startup.lock().unwrap().windows(marker.len()).any(|w| w == marker.as_slice())
+        });
+        if !held || stall.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// PostgreSQL's CommandComplete message for a COMMIT: 'C', length 11, "COMMIT\0".
@@ -741,7 +756,9 @@ impl Proxy {
         let cut = Arc::new(cut);
         let trigger: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
         let tripped = Arc::new(AtomicBool::new(false));
+        let stall = Arc::new(tokio::sync::watch::Sender::new(None::<Vec<u8>>));
         let (cutter, armed, trip) = (Arc::clone(&cut), Arc::clone(&trigger), Arc::clone(&tripped));
+        let staller = Arc::clone(&stall);
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else { return };
@@ -751,14 +768,18 @@ impl Proxy {
                 }
                 let mut watch = watch.clone();
                 let (cutter, armed, trip) = (Arc::clone(&cutter), Arc::clone(&armed), Arc::clone(&trip));
+                let (mut stall_up, mut stall_down) = (staller.subscribe(), staller.subscribe());
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
                     let (mut from_client, mut to_client) = inbound.into_split();
                     let (mut from_server, mut to_server) = outbound.into_split();
                     // Whether this connection's transaction carried the marker.
                     let marked = Arc::new(AtomicBool::new(false));
+                    // The first bytes the client sent (its startup message).
+                    let startup: Arc<Mutex<Vec<u8>>> = Arc::default();
                     let up = {
-                        let (armed, marked) = (Arc::clone(&armed), Arc::clone(&marked));
+                        let (armed, marked, startup) =
+                            (Arc::clone(&armed), Arc::clone(&marked), Arc::clone(&startup));
                         async move {
                             let (mut buf, mut scan) = (vec![0u8; 16 * 1024], Scan::default());
                             loop {
@@ -766,6 +787,12 @@ impl Proxy {
                                 if n == 0 {
                                     return Ok::<(), std::io::Error>(());
                                 }
+                                {
+                                    let mut startup = startup.lock().unwrap();
+                                    let room = 1024usize.saturating_sub(startup.len()).min(n);
+                                    startup.extend_from_slice(&buf[..room]);
+                                }
+                                while_stalled(&mut stall_up, &startup).await;
                                 let marker = armed.lock().unwrap().clone();
                                 if marker.is_some_and(|m| scan.seen(&buf[..n], &m)) {
                                     marked.store(true, Ordering::SeqCst);
@@ -781,6 +808,7 @@ impl Proxy {
                             if n == 0 {
                                 return Ok::<(), std::io::Error>(());
                             }
+                            while_stalled(&mut stall_down, &startup).await;
                             to_client.write_all(&buf[..n]).await?;
                             if marked.load(Ordering::SeqCst)
                                 && scan.seen(&buf[..n], COMMIT_COMPLETE)
@@ -799,7 +827,19 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, cut, trigger, tripped }
+        Self { addr, cut, trigger, tripped, stall }
+    }
+
+    /// Holds every connection, open or future, whose startup message
+    /// carries `marker` (e.g. an application name): its bytes stop flowing
+    /// both ways, and nothing is closed. The client must not use TLS.
+    pub fn stall_connections_carrying(&self, marker: &[u8]) {
+        self.stall.send_replace(Some(marker.to_vec()));
+    }
+
+    /// Lets stalled connections flow again.
+    pub fn unstall(&self) {
+        self.stall.send_replace(None);
     }
 
     /// Arms a cut for right after the database acknowledges the COMMIT of
