@@ -5,6 +5,7 @@ for the default values and for ci/production-values.yaml. Also checks what
 the chart promises (security context, probes, hooks, no secret in the
 ConfigMap) and that values.schema.json rejects bad values."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def render(values, label):
 
 
 def validate(docs, label):
-    crds = ("monitoring.coreos.com/", "cert-manager.io/")
+    crds = ("monitoring.coreos.com/", "cert-manager.io/")  # no bundled schemas
     builtin = [d for d in docs if not d["apiVersion"].startswith(crds)]
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / f"{label}.yaml"
@@ -215,6 +216,17 @@ kinds = check_promises(docs, "production", [])
 check(*memory_fits(kinds, "production"))
 check("Secret" not in kinds, "production: existingSecret means no chart-managed Secret")
 check("HorizontalPodAutoscaler" in kinds and "ServiceMonitor" in kinds, "production: HPA and ServiceMonitor rendered")
+# The alerts and the dashboard are the chart's files, unchanged.
+alerts = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+check("PrometheusRule" in kinds and kinds["PrometheusRule"][0]["spec"]["groups"] == alerts["groups"],
+      "production: the PrometheusRule carries files/alerts.yaml")
+check(kinds["PrometheusRule"][0]["metadata"]["labels"].get("release") == "kube-prometheus-stack",
+      "production: the PrometheusRule has the labels Prometheus selects on")
+dashboards = [d for d in kinds["ConfigMap"] if d["metadata"]["name"].endswith("-dashboard")]
+check(len(dashboards) == 1 and dashboards[0]["metadata"]["labels"].get("grafana_dashboard") == "1",
+      "production: the dashboard ConfigMap has the sidecar's label")
+check(json.loads(dashboards[0]["data"]["keywarden.json"]) == json.loads((CHART / "files" / "dashboard.json").read_text()),
+      "production: the dashboard ConfigMap carries files/dashboard.json")
 check("replicas" not in kinds["Deployment"][0]["spec"], "production: the HPA owns the replica count")
 env = {e["name"] for e in kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]}
 config = kinds["ConfigMap"][0]["data"]

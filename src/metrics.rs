@@ -22,6 +22,11 @@ pub struct DecisionLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskLabels {
     pub task: &'static str,
 }
@@ -41,6 +46,8 @@ pub struct Metrics {
     /// Times the change listener was declared dead for hearing nothing,
     /// not even its own heartbeat, for two intervals.
     pub listener_heartbeat_misses: Counter,
+    /// gRPC answers other than OK, by status code.
+    pub grpc_errors: Family<CodeLabels, Counter>,
     /// Background tasks restarted after a failure, by task.
     pub task_restarts: Family<TaskLabels, Counter>,
     /// TLS material re-read and served to new connections.
@@ -74,6 +81,7 @@ impl Default for Metrics {
             listener_reconnects: Counter::default(),
             listener_heartbeat_misses: Counter::default(),
             task_restarts: Family::default(),
+            grpc_errors: Family::default(),
             tls_reloads: Counter::default(),
             tls_reload_failures: Counter::default(),
             tls_handshake_failures: Counter::default(),

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod callers;
+pub mod codes;
 pub mod convert;
 pub mod key_admin;
 pub mod key_verify;

@@ -213,6 +213,11 @@ impl AuditQueue {
         self.capacity - self.tx.capacity()
     }
 
+    /// Rows the queue holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Rows accepted and not yet committed: queued, or in the writer's
     /// batch (which the queue's depth no longer counts while the batch
     /// lingers or its insert runs).

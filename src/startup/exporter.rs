@@ -111,6 +111,13 @@ impl Collector for Snapshot {
             None,
             s.audit.depth() as f64,
         )?;
+        gauge(
+            &mut encoder,
+            "audit_queue_capacity",
+            "audit rows the queue holds at most (audit_queue_capacity)",
+            None,
+            s.audit.capacity() as f64,
+        )?;
         counter(&mut encoder, "audit_rows_written", "audit rows written to the database", s.audit.written())?;
         counter(
             &mut encoder,
@@ -232,6 +239,11 @@ impl Exporter {
             "key change committed on one replica to notice received on this one",
             Unit::Seconds,
             metrics.propagation_lag.clone(),
+        );
+        registry.register(
+            "grpc_errors",
+            "gRPC answers other than OK, by status code (all services and listeners)",
+            metrics.grpc_errors.clone(),
         );
         registry.register(
             "task_restarts",

@@ -565,6 +565,8 @@ impl Application {
             .layer(api::trace::TraceContextLayer)
             // Bound what a Verify may send, below its service's limit.
             .layer(MessageLimitLayer::new(limits))
+            // Count error answers by code, for the overload and outage alerts.
+            .layer(tower::util::MapResponseLayer::new(api::codes::counter(Arc::clone(&metrics))))
             .into_inner();
         // KeyVerify: only the allowed client identities under mTLS. tonic's
         // own per-message limit rejects on the declared length, before

@@ -89,6 +89,8 @@ impl Supervisor {
         Fut: Future<Output = T> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
+        // Exported at zero from the start.
+        inner.metrics.task_restarts.get_or_create(&TaskLabels { task: name }).inc_by(0);
         tokio::spawn(async move {
             let mut failures: VecDeque<Instant> = VecDeque::new();
             let mut backoff = inner.policy.backoff;

@@ -62,6 +62,15 @@ async fn metrics_are_valid_openmetrics_and_count_what_happened(backend: Backend)
     assert_eq!(get("keywarden_db_errors_total"), 0.0);
     assert_eq!(get("keywarden_cache_trusted"), 1.0);
     assert!(m.contains_key("keywarden_revocation_propagation_seconds_count"));
+    every_metric_the_alerts_and_the_dashboard_name_exists(&body);
+
+    // Error answers are counted by code, whichever service gives them.
+    for _ in 0..2 {
+        let bad = pb::VerifyRequest { key: key.clone(), ip: "not an ip".into(), ..Default::default() };
+        assert_eq!(verify.verify(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+    let m = crate::helpers::parse_metrics(&crate::helpers::scrape(metrics).await.1);
+    assert_eq!(m[r#"keywarden_grpc_errors_total{code="INVALID_ARGUMENT"}"#], 2.0);
     sigterm(&replica.child);
     assert!(crate::helpers::exited(replica.child).await.success());
     crate::helpers::drop_database(postgres).await;
@@ -271,4 +280,37 @@ fn own_tcp_socket(local_port: u16) -> std::os::fd::OwnedFd {
         .unwrap_or_else(|| panic!("no descriptor of this process is {target}"));
     let me = pidfd_open(getpid(), PidfdFlags::empty()).unwrap();
     pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()).unwrap()
+}
+
+/// Every `keywarden_*` metric the chart's alerts and dashboard name is one
+/// this server exports: a sample, or a family declared in the exposition
+/// (a labelled counter has no sample until its first event).
+fn every_metric_the_alerts_and_the_dashboard_name_exists(exposition: &str) {
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/keywarden/files");
+    let mut named = std::collections::BTreeSet::new();
+    for file in ["alerts.yaml", "dashboard.json"] {
+        let text = std::fs::read_to_string(chart.join(file)).unwrap();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("keywarden_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            named.insert(name);
+        }
+    }
+    assert!(named.len() > 10, "names found: {named:?}");
+    let families: Vec<&str> =
+        exposition.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    let samples = crate::helpers::parse_metrics(exposition);
+    for name in &named {
+        let sampled = samples.keys().any(|s| s == name || s.starts_with(&format!("{name}{{")));
+        let declared = families.iter().any(|family| {
+            ["", "_total", "_bucket", "_count", "_sum"]
+                .iter()
+                .any(|suffix| format!("{family}{suffix}") == *name)
+        });
+        assert!(sampled || declared, "{name} is named by the chart's alerts or dashboard but not exported");
+    }
 }
