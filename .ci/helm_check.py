@@ -196,6 +196,24 @@ check(*memory_fits(kinds, "default"))
 check("Secret" in kinds and "HorizontalPodAutoscaler" not in kinds and "ServiceMonitor" not in kinds,
       "default: chart-managed Secret, no HPA, no ServiceMonitor")
 check(kinds["Deployment"][0]["spec"]["replicas"] == 2, "default: 2 replicas")
+# The audit spool: its own volume (emptyDir by default, a claim as an
+# option), mounted where the data directory is, and bounded below its size.
+def spool_of(kinds):
+    pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    volume = next(v for v in pod["volumes"] if v["name"] == "spool")
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "spool")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    return volume, mount, env
+
+
+volume, mount, env = spool_of(kinds)
+check(mount["mountPath"] == env["KEYWARDEN_DATA_DIR"], "default: the spool volume is the data directory")
+check("emptyDir" in volume and int(env["KEYWARDEN_AUDIT_SPOOL_MAX_BYTES"]) < mebibytes(volume["emptyDir"]["sizeLimit"]) * 2**20,
+      f"default: an emptyDir spool, bounded below its size limit: {volume} {env}")
+volume, _, _ = spool_of(by_kind(render(merged(trial, {"spool": {"existingClaim": "keywarden-spool"}}), "spool-claim")))
+check(volume.get("persistentVolumeClaim", {}).get("claimName") == "keywarden-spool", "spool.existingClaim mounts the claim")
+
 # Rendering again (as `helm template` does on every Argo CD sync) gives the
 # same Secret: nothing in it is generated.
 again = by_kind(render(trial, "default, rendered again"))

@@ -78,6 +78,8 @@ pub struct AuditSettings {
     pub wait: Duration,
     /// Where audit rows go that the database refuses, also as dead letters.
     pub dead_letter_file: PathBuf,
+    /// How long an audit write may take before its batch goes to the spool.
+    pub spill_after: Duration,
 }
 
 /// Guess throttling (see `throttle`).
@@ -227,6 +229,14 @@ pub struct Settings {
     /// How often the database is pinged for health (and its clock read,
     /// on which revocation and expiry are decided).
     pub health_check_interval_ms: u64,
+    /// Where audit rows wait on local disk while the database is slow or
+    /// unreachable; default `<data_dir>/spool`.
+    pub audit_spool_dir: Option<PathBuf>,
+    /// Most bytes the spool may hold; 0 turns it off (a failing database
+    /// then fills the queue, and the overflow mode applies).
+    pub audit_spool_max_bytes: u64,
+    /// How long an audit write may take before its batch is spooled.
+    pub audit_spill_after_ms: u64,
     /// How often each replica NOTIFYs its own channel to prove its change
     /// listener alive (PostgreSQL); two intervals without any notice and
     /// the listener is declared dead.
@@ -304,6 +314,9 @@ impl Default for Settings {
             staleness_bound_ms: 30_000,
             health_check_interval_ms: 1_000,
             feed_heartbeat_interval_ms: 2_000,
+            audit_spool_dir: None,
+            audit_spool_max_bytes: 256 * 1024 * 1024,
+            audit_spill_after_ms: 500,
             clock_skew_ms: 0,
             audit_retention_days: 90,
             audit_retention_interval_ms: 600_000,
@@ -424,6 +437,12 @@ impl Settings {
         }
     }
 
+    /// The spool's directory, if there is a spool.
+    pub fn audit_spool_dir(&self) -> Option<PathBuf> {
+        (self.audit_spool_max_bytes > 0)
+            .then(|| self.audit_spool_dir.clone().unwrap_or_else(|| self.data_dir.join("spool")))
+    }
+
     pub fn feed_heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.feed_heartbeat_interval_ms.max(10))
     }
@@ -456,6 +475,7 @@ impl Settings {
             overflow: self.audit_overflow,
             wait: Duration::from_millis(self.audit_queue_wait_ms),
             dead_letter_file: self.data_dir.join(DEAD_LETTER_FILE),
+            spill_after: Duration::from_millis(self.audit_spill_after_ms.max(1)),
         }
     }
 

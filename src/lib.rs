@@ -21,7 +21,8 @@
 //!   pool.
 //! - [`cache`], [`usage`], [`audit`], [`throttle`]: runtime state of the
 //!   Verify path. The verification cache and the change feed that keeps it
-//!   current; batched usage counters; the audit queue and its writer; the
+//!   current; batched usage counters; the audit queue, its writer and its
+//!   local spool; the
 //!   counters of wrong secrets that throttle guessing.
 //! - [`store`]: persistence on sea-orm (SQLite or PostgreSQL): keys, usage,
 //!   operator tokens, the audit row ([`store::audit::AuditRecord`]) and its

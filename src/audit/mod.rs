@@ -1,12 +1,15 @@
 //! The audit trail around the stored row ([`AuditRecord`], owned by the
 //! store): the batching writer that gets verification rows into the store
-//! without putting a database write on the Verify path ([`writer`]), and
-//! the span that carries the same fields.
+//! without putting a database write on the Verify path ([`writer`]), the
+//! local spool where rows wait while the database is slow or away
+//! ([`spool`]), rollups of calls that belong to no merchant ([`rollup`]),
+//! and the span that carries the same fields.
 //!
 //! Administrative actions do not go through the writer: their rows are
 //! written in the same transaction as the change they record.
 
 pub mod rollup;
+pub mod spool;
 pub mod writer;
 
 use chrono::{DateTime, Utc};

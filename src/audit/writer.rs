@@ -8,7 +8,11 @@
 //! delays rows; a batch the database refuses for what it holds is written
 //! in halves down to the refused row, which becomes a dead letter (table
 //! `audit_dead_letters`, or a file if the database refuses that too), so
-//! one bad row cannot block every row behind it. RecordOutcomes may arrive while an allowed row is still queued
+//! one bad row cannot block every row behind it. With a spool
+//! ([`super::spool`]), a write that fails or takes longer than the spill
+//! bound puts its batch on local disk instead, and so do the batches after
+//! it until the spool has been replayed into the database, in order: an
+//! outage fills the spool, not the queue, and Verify does not wait. RecordOutcomes may arrive while an allowed row is still queued
 //! or being written; the outcome is held next to the row and applied either
 //! way (see [`AuditQueue::record_outcomes`]).
 
@@ -23,12 +27,25 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::AuditRecord;
+use super::{
+    AuditRecord,
+    spool::{Spool, SpoolError},
+};
 use crate::{
     config::{AuditSettings, Overflow},
     keys::Decision,
     store::Store,
 };
+
+/// First wait before replaying the spool again after a failure (doubling
+/// to 5 s).
+const REPLAY_RETRY: Duration = Duration::from_millis(100);
+/// How long one replay turn may run before new batches get their turn.
+const REPLAY_BUDGET: Duration = Duration::from_millis(200);
+/// Rows per replayed insert at most; fewer after an insert ran past its
+/// bound (halving, down to [`REPLAY_MIN_ROWS`]), more again as they succeed.
+const REPLAY_MAX_ROWS: usize = 2_000;
+const REPLAY_MIN_ROWS: usize = 50;
 
 /// Reported statuses of allowed rows not yet committed, by row id. `None`
 /// until RecordOutcomes reports one.
@@ -44,6 +61,9 @@ struct Counters {
     refused: AtomicU64,
     failed_writes: AtomicU64,
     dead_letters: AtomicU64,
+    /// Spool lines that could not be read back (a torn line after a
+    /// machine crash): skipped.
+    spool_unreadable: AtomicU64,
 }
 
 /// The sending side, shared by every Verify.
@@ -55,6 +75,7 @@ pub struct AuditQueue {
     wait: Duration,
     counters: Arc<Counters>,
     capacity: usize,
+    spool: Option<Arc<Spool>>,
 }
 
 /// Why a row was not queued.
@@ -83,6 +104,15 @@ pub struct AuditWriter {
     counters: Arc<Counters>,
     /// Where a dead letter goes when the database refuses it too.
     dead_letter_file: std::path::PathBuf,
+    spool: Option<Arc<Spool>>,
+    /// How long a write may take before its batch goes to the spool.
+    spill_after: Duration,
+    /// Outcomes reported for rows while they were being spooled, applied
+    /// to them when they are replayed. (Outcomes reported later find no
+    /// row in memory and take RecordOutcomes' database path.)
+    late: Mutex<HashMap<String, u16>>,
+    /// Rows per replayed insert now.
+    replay_rows: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -91,7 +121,13 @@ struct Pending {
     batch: Vec<AuditRecord>,
 }
 
-pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWriter) {
+/// The queue and its writer; with `spool`, the writer spills to it when
+/// the database fails or is slow.
+pub fn channel(
+    store: Store,
+    settings: &AuditSettings,
+    spool: Option<Arc<Spool>>,
+) -> (AuditQueue, AuditWriter) {
     let capacity = settings.capacity.max(1);
     let (tx, rx) = mpsc::channel(capacity);
     let outcomes = Outcomes::default();
@@ -104,6 +140,7 @@ pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWrit
             wait: settings.wait,
             counters: Arc::clone(&counters),
             capacity,
+            spool: spool.clone(),
         },
         AuditWriter {
             state: tokio::sync::Mutex::new(Pending { rx, batch: Vec::new() }),
@@ -113,6 +150,10 @@ pub fn channel(store: Store, settings: &AuditSettings) -> (AuditQueue, AuditWrit
             linger: settings.linger,
             counters,
             dead_letter_file: settings.dead_letter_file.clone(),
+            spool,
+            spill_after: settings.spill_after,
+            late: Mutex::default(),
+            replay_rows: std::sync::atomic::AtomicUsize::new(REPLAY_MAX_ROWS),
         },
     )
 }
@@ -222,7 +263,32 @@ impl AuditQueue {
     /// batch (which the queue's depth no longer counts while the batch
     /// lingers or its insert runs).
     pub fn unwritten(&self) -> u64 {
-        self.depth() as u64 + self.counters.in_hand.load(Ordering::Relaxed)
+        self.depth() as u64 + self.counters.in_hand.load(Ordering::Relaxed) + self.spooled_rows()
+    }
+
+    /// Rows on the spool, not yet replayed into the database.
+    pub fn spooled_rows(&self) -> u64 {
+        self.spool.as_ref().map_or(0, |s| s.rows())
+    }
+
+    /// Bytes on the spool, not yet replayed.
+    pub fn spooled_bytes(&self) -> u64 {
+        self.spool.as_ref().map_or(0, |s| s.bytes())
+    }
+
+    /// Rows replayed from the spool into the database since start.
+    pub fn replayed_rows(&self) -> u64 {
+        self.spool.as_ref().map_or(0, |s| s.replayed())
+    }
+
+    /// Seconds the oldest spooled row has waited.
+    pub fn spool_oldest_age(&self) -> f64 {
+        self.spool.as_ref().map_or(0.0, |s| s.oldest_age(crate::clock::now()))
+    }
+
+    /// Spool lines that could not be read back, skipped.
+    pub fn spool_unreadable(&self) -> u64 {
+        self.counters.spool_unreadable.load(Ordering::Relaxed)
     }
 
     pub fn dropped(&self) -> u64 {
@@ -266,11 +332,27 @@ impl AuditWriter {
                 () = &mut stop => stopped = true,
             }
         }
+        let mut replay_at = tokio::time::Instant::now();
+        let mut replay_backoff = REPLAY_RETRY;
         loop {
             if stopped {
                 break;
             }
             tokio::select! {
+                // Spooled rows go back to the database between batches.
+                () = tokio::time::sleep_until(replay_at), if self.spool_has_rows() => {
+                    match self.replay(REPLAY_BUDGET).await {
+                        Ok(()) => {
+                            replay_backoff = REPLAY_RETRY;
+                            replay_at = tokio::time::Instant::now();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_ms = replay_backoff.as_millis() as u64, "replaying the audit spool failed; retrying");
+                            replay_at = tokio::time::Instant::now() + replay_backoff;
+                            replay_backoff = (replay_backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
                 received = rx.recv_many(batch, self.batch_size) => {
                     if received == 0 {
                         return 0;
@@ -304,7 +386,114 @@ impl AuditWriter {
                 return lost;
             }
         }
+        // What is spooled is safe on disk; as much as the deadline allows
+        // goes to the database now, the rest at the next start.
+        while self.spool_has_rows() && tokio::time::Instant::now() < give_up {
+            let budget = give_up.saturating_duration_since(tokio::time::Instant::now());
+            if let Err(e) = tokio::time::timeout(budget, self.replay(budget)).await.unwrap_or(Ok(())) {
+                tracing::warn!(error = %e, "replaying the audit spool at shutdown failed");
+                break;
+            }
+        }
+        if let Some(spool) = &self.spool
+            && !spool.is_empty()
+        {
+            tracing::warn!(
+                rows = spool.rows(),
+                "audit rows remain in the spool; they are replayed at the next start"
+            );
+        }
         0
+    }
+
+    fn spool_has_rows(&self) -> bool {
+        self.spool.as_ref().is_some_and(|s| !s.is_empty())
+    }
+
+    /// Puts `batch` on the spool (clearing it); false if there is no spool
+    /// or it refused the batch (full, or a disk error), so that the caller
+    /// keeps retrying the database and the overflow mode applies.
+    fn spill(&self, batch: &mut Vec<AuditRecord>) -> bool {
+        let Some(spool) = &self.spool else { return false };
+        match spool.append(batch) {
+            Ok(()) => {
+                let late = self.release_outcomes(batch);
+                self.late.lock().unwrap_or_else(PoisonError::into_inner).extend(late);
+                batch.clear();
+                self.hold(batch);
+                true
+            }
+            Err(e @ SpoolError::Full(_)) => {
+                tracing::warn!(error = %e, rows = batch.len(), "audit spool full; waiting for the database");
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, rows = batch.len(), "audit spool unwritable; waiting for the database");
+                false
+            }
+        }
+    }
+
+    /// Replays spooled rows into the database, oldest first, for about
+    /// `budget`, with the outcomes reported for them while they were spooled.
+    async fn replay(&self, budget: Duration) -> Result<(), crate::store::StoreError> {
+        let Some(spool) = &self.spool else { return Ok(()) };
+        let until = tokio::time::Instant::now() + budget;
+        while tokio::time::Instant::now() < until {
+            let rows = self.replay_rows.load(Ordering::Relaxed).min(self.batch_size);
+            let chunk = match spool.read_chunk(rows) {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the audit spool failed");
+                    break;
+                }
+            };
+            spool.note_oldest(&chunk);
+            if chunk.unreadable > 0 {
+                self.counters.spool_unreadable.fetch_add(chunk.unreadable, Ordering::Relaxed);
+                tracing::error!(lines = chunk.unreadable, "unreadable audit spool lines skipped");
+            }
+            let mut chunk = chunk;
+            {
+                let mut late = self.late.lock().unwrap_or_else(PoisonError::into_inner);
+                for row in &mut chunk.rows {
+                    if let Some(status) = late.remove(&row.id) {
+                        row.status = Some(status);
+                    }
+                }
+            }
+            if !chunk.rows.is_empty() {
+                // Bounded like a direct write: an attempt on a database that
+                // hangs must not leave the queue unattended.
+                let attempt =
+                    tokio::time::timeout(self.spill_after, self.store.insert_audit_batch(&chunk.rows));
+                match attempt.await {
+                    Ok(Ok(())) => {
+                        let grown = (rows * 2).min(REPLAY_MAX_ROWS);
+                        self.replay_rows.store(grown, Ordering::Relaxed);
+                    }
+                    Ok(Err(e)) if e.is_permanent() => self.isolate(&chunk.rows, &e).await?,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        // A slow database gets smaller inserts.
+                        self.replay_rows.store((rows / 2).max(REPLAY_MIN_ROWS), Ordering::Relaxed);
+                        return Err(crate::store::StoreError::Unavailable(sea_orm::DbErr::Custom(
+                            "replay insert took longer than audit_spill_after_ms".into(),
+                        )));
+                    }
+                }
+            }
+            if let Err(e) = spool.commit(&chunk) {
+                tracing::error!(error = %e, "recording audit spool progress failed");
+                break;
+            }
+            self.counters.written.fetch_add(chunk.rows.len() as u64, Ordering::Relaxed);
+            if spool.is_empty() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Tops `batch` up with rows arriving within the linger time.
@@ -328,15 +517,32 @@ impl AuditWriter {
     /// gives up when it passes and returns false.
     async fn write(&self, batch: &mut Vec<AuditRecord>, deadline: Option<tokio::time::Instant>) -> bool {
         self.apply_held_outcomes(batch);
+        // While rows wait on the spool, new ones join them there, so that
+        // rows reach the database in the order they were taken.
+        if self.spool_has_rows() && self.spill(batch) {
+            return true;
+        }
         let mut backoff = Duration::from_millis(50);
         loop {
             let attempt = self.store.insert_audit_batch(batch);
             // With a deadline, an attempt stuck on the database (a lock, a
-            // half-open connection) is abandoned when it passes too.
-            let result = match deadline {
+            // half-open connection) is abandoned when it passes too; with a
+            // spool, when it takes longer than the spill bound (if it
+            // commits after all, the replayed rows are upserts).
+            let spill_at = self.spool.is_some().then(|| tokio::time::Instant::now() + self.spill_after);
+            let give_up = match (deadline, spill_at) {
+                (Some(d), Some(s)) => Some(d.min(s)),
+                (d, s) => d.or(s),
+            };
+            let result = match give_up {
                 Some(d) => match tokio::time::timeout_at(d, attempt).await {
                     Ok(result) => result,
-                    Err(_) => return false,
+                    Err(_) if self.spill(batch) => return true,
+                    Err(_) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => return false,
+                    Err(_) => {
+                        self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                 },
                 None => attempt.await,
             };
@@ -350,6 +556,11 @@ impl AuditWriter {
                 Ok(()) => break,
                 Err(e) => {
                     self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
+                    // The database failing does not hold Verify up.
+                    if self.spill(batch) {
+                        tracing::warn!(error = %e, "audit insert failed; batch spooled to disk");
+                        return true;
+                    }
                     tracing::warn!(error = %e, rows = batch.len(), "audit insert failed; retrying");
                     if deadline.is_some_and(|d| tokio::time::Instant::now() + backoff > d) {
                         return false;
@@ -488,8 +699,9 @@ mod tests {
             overflow: Overflow::Block,
             wait: Duration::from_millis(100),
             dead_letter_file: dir.path().join("dead-letters.jsonl"),
+            spill_after: Duration::from_millis(500),
         };
-        let (queue, writer) = channel(store, &settings);
+        let (queue, writer) = channel(store, &settings, None);
         for _ in 0..3 {
             queue.push(AuditRecord::new(AuditKind::Verify, Utc::now(), None)).await.unwrap();
         }

@@ -113,6 +113,39 @@ impl Collector for Snapshot {
         )?;
         gauge(
             &mut encoder,
+            "audit_spool",
+            "bytes of audit rows on the local spool, waiting for the database",
+            Some(&Unit::Bytes),
+            s.audit.spooled_bytes() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "audit_spool_rows",
+            "audit rows on the local spool, waiting for the database",
+            None,
+            s.audit.spooled_rows() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "audit_spool_oldest_row_age",
+            "how long the oldest spooled audit row has waited",
+            Some(&Unit::Seconds),
+            s.audit.spool_oldest_age(),
+        )?;
+        counter(
+            &mut encoder,
+            "audit_spool_replayed_rows",
+            "audit rows replayed from the spool into the database",
+            s.audit.replayed_rows(),
+        )?;
+        counter(
+            &mut encoder,
+            "audit_spool_unreadable_lines",
+            "spool lines that could not be read back (a torn line after a machine crash), skipped",
+            s.audit.spool_unreadable(),
+        )?;
+        gauge(
+            &mut encoder,
             "audit_queue_capacity",
             "audit rows the queue holds at most (audit_queue_capacity)",
             None,

@@ -32,8 +32,8 @@ use crate::{
         limits::{MessageLimitLayer, MessageLimits},
         pb::{key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer},
     },
-    audit::rollup::Rollups,
     audit::writer::{self, AuditQueue, AuditWriter},
+    audit::{rollup::Rollups, spool::Spool},
     cache::{
         KeyChangeListener, VerifyCache,
         changes::{ChangeFeed, Freshness},
@@ -179,7 +179,14 @@ impl Application {
         let throttle = Arc::new(GuessThrottle::new(settings.throttle()));
         let rollups = Arc::new(Rollups::default());
         let usage = UsageTracker::new(store.clone());
-        let (audit, audit_writer) = writer::channel(store.clone(), &settings.audit());
+        let spool = match settings.audit_spool_dir() {
+            Some(dir) => Some(Arc::new(
+                Spool::open(&dir, settings.audit_spool_max_bytes)
+                    .with_context(|| format!("opening the audit spool in {}", dir.display()))?,
+            )),
+            None => None,
+        };
+        let (audit, audit_writer) = writer::channel(store.clone(), &settings.audit(), spool);
         let cache = if settings.cache_enabled {
             Some(Arc::new(VerifyCache::new(&settings.cache()).context("seeding the cache secret")?))
         } else {
@@ -745,7 +752,12 @@ async fn end_health_watches(mut health: HealthReporter) {
 async fn read_database_clock(store: &Store, clock: &DbClock) -> Result<(), crate::store::StoreError> {
     let sent = clock.local();
     let db = store.database_time().await?;
-    clock.observe(db, sent, clock.local());
+    match store.backend() {
+        // An embedded database's clock is this machine's, which a reading
+        // (to milliseconds) would only blur.
+        crate::store::Backend::Sqlite => clock.same_machine(),
+        crate::store::Backend::Postgres => clock.observe(db, sent, clock.local()),
+    }
     let offset = clock.offset();
     if offset.num_milliseconds().abs() > CLOCK_OFFSET_WARNING_MS {
         tracing::warn!(

@@ -28,7 +28,7 @@ use tonic_health::pb::{
 
 use crate::helpers::{
     ADMIN_TOKEN, AdminClient, Backend, MERCHANT, Proxy, Replica, admin_client, connect, deny, eventually,
-    fresh_database, outcome, revoke, sigterm, spawn_app_over, spawn_app_with, spawn_binary, until,
+    fresh_database, outcome, revoke, sales, sigterm, spawn_app_over, spawn_app_with, spawn_binary, until,
 };
 
 backend_tests!(
@@ -721,6 +721,8 @@ async fn shutdown_gives_up_on_a_stuck_audit_write_after_the_flush_timeout(backen
     let mut app = spawn_app_with(backend, |s| {
         s.flush_timeout_ms = 1000;
         s.shutdown_grace_ms = 500;
+        // Without a spool: with one, the row would wait on disk instead.
+        s.audit_spool_max_bytes = 0;
     })
     .await;
     app.settle().await;
@@ -794,10 +796,6 @@ async fn replicas_with_skewed_clocks_deny_a_revoked_key_at_once() {
     assert!(rotated_at.elapsed() < Duration::from_secs(5), "denied after {:?}", rotated_at.elapsed());
     behind.stop().await;
     ahead.stop().await;
-}
-
-fn sales(key: &str) -> pb::VerifyRequest {
-    pb::VerifyRequest { key: key.to_owned(), required_scope: "sales:read".into(), ..Default::default() }
 }
 
 /// A change listener that goes half-open (the proxy holds its traffic

@@ -595,6 +595,11 @@ pub async fn hold_cold_calls(
     calls
 }
 
+/// A Verify of `key` that requires `sales:read`.
+pub fn sales(key: &str) -> pb::VerifyRequest {
+    pb::VerifyRequest { key: key.to_owned(), required_scope: "sales:read".into(), ..Default::default() }
+}
+
 /// Revokes `key_id` of the test merchant, with no reason given.
 pub async fn revoke(admin: &mut AdminClient, key_id: &str) {
     admin

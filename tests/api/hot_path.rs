@@ -84,7 +84,9 @@ async fn expiry_is_checked_against_the_clock_while_cached(backend: Backend) {
         }
     })
     .await;
-    assert!(chrono::Utc::now() >= expires);
+    // Expiry is judged on the database's clock, which a replica estimates
+    // to within half a round trip.
+    assert!(chrono::Utc::now() + chrono::Duration::milliseconds(50) >= expires);
     assert_eq!(after_expiry, deny(R::Expired));
     assert_eq!(app.probes.pool.runs(), runs, "no scrypt: decided from the cached state");
     assert_eq!(app.probes.store.reads(), reads, "no read: decided from the cached state");

@@ -17,6 +17,7 @@ mod operations;
 mod operators;
 mod pki;
 mod spans;
+mod spool;
 mod trust;
 mod upgrades;
 mod verify_api;

@@ -595,6 +595,8 @@ async fn a_full_audit_queue_answers_unavailable_within_the_wait_bound(backend: B
         s.audit_queue_capacity = 1;
         s.audit_linger_ms = 0;
         s.audit_queue_wait_ms = 300;
+        // A spool with no room: the overflow mode applies as without one.
+        s.audit_spool_max_bytes = 1;
     })
     .await;
     let (_, key) = app.key_with_scopes(&["sales:read"]).await;
@@ -634,6 +636,8 @@ async fn a_full_audit_queue_drops_and_counts_when_configured_to(backend: Backend
         s.audit_linger_ms = 0;
         s.audit_overflow = keywarden::config::Overflow::Drop;
         s.audit_queue_wait_ms = 50;
+        // A spool with no room: the overflow mode applies as without one.
+        s.audit_spool_max_bytes = 1;
     })
     .await;
     let (_, key) = app.key_with_scopes(&["sales:read"]).await;
