@@ -6,12 +6,13 @@
 //! if the secret turns out right, so no more than the limit of scrypts run
 //! on one prefix per window, however many guessers race. State is per
 //! replica; entries exist only for prefixes and IPs with wrong secrets in
-//! the last two windows, so memory is bounded by what scrypt can check in
-//! that time.
+//! the last window and hold at most the limit's number of failure times,
+//! so memory is bounded by what scrypt can check in that time, and the
+//! window is exact: no window-long span holds more than the limit.
 
 use std::{
     borrow::Borrow,
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     hash::Hash,
     net::IpAddr,
     sync::{
@@ -30,82 +31,73 @@ pub enum Throttled {
     Ip,
 }
 
-/// Failures of one prefix or IP in the current and the previous window.
-#[derive(Debug, Clone, Copy)]
-struct Count {
-    window: u64,
-    current: u32,
-    previous: u32,
-}
+/// When one prefix or IP had its recent failures (nanoseconds since the
+/// throttle's epoch), oldest first. Only the last `limit` are kept: that is
+/// all a refusal needs, so memory per entry is bounded and the window is
+/// exact: no more than `limit` failures in any window-long span.
+#[derive(Debug, Default)]
+struct Failures(VecDeque<u64>);
 
-impl Count {
-    /// Rolls the counts forward to `window`.
-    fn at(mut self, window: u64) -> Self {
-        if window > self.window {
-            self.previous = if window == self.window + 1 { self.current } else { 0 };
-            self.current = 0;
-            self.window = window;
-        }
-        self
-    }
-
-    /// The sliding-window estimate: the previous window weighted by how
-    /// much of it still overlaps the last `window` length, plus the current.
-    fn estimate(&self, elapsed_fraction: f64) -> f64 {
-        f64::from(self.previous) * (1.0 - elapsed_fraction) + f64::from(self.current)
+impl Failures {
+    /// Failures within the window ending at `now`.
+    fn recent(&self, now: u64, window: u64) -> u32 {
+        let since = now.saturating_sub(window);
+        u32::try_from(self.0.iter().rev().take_while(|at| **at > since).count()).unwrap_or(u32::MAX)
     }
 }
 
 #[derive(Debug)]
 struct Counts<K> {
-    map: HashMap<K, Count>,
+    map: HashMap<K, Failures>,
+    /// Failures kept per entry: the limit.
+    keep: usize,
     pruned: u64,
 }
 
 impl<K: Hash + Eq> Counts<K> {
-    fn new() -> Self {
-        Self { map: HashMap::new(), pruned: 0 }
+    fn new(limit: u32) -> Self {
+        Self { map: HashMap::new(), keep: usize::try_from(limit.max(1)).unwrap_or(usize::MAX), pruned: 0 }
     }
 
-    fn estimate<Q: Hash + Eq + ?Sized>(&self, key: &Q, window: u64, fraction: f64) -> f64
+    fn recent<Q: Hash + Eq + ?Sized>(&self, key: &Q, now: u64, window: u64) -> u32
     where
         K: Borrow<Q>,
     {
-        self.map.get(key).map_or(0.0, |c| c.at(window).estimate(fraction))
+        self.map.get(key).map_or(0, |f| f.recent(now, window))
     }
 
-    fn add(&mut self, key: K, window: u64) {
-        self.prune(window);
-        let count = self.map.entry(key).or_insert(Count { window, current: 0, previous: 0 });
-        *count = count.at(window);
-        count.current = count.current.saturating_add(1);
+    fn add(&mut self, key: K, now: u64, window: u64) {
+        self.prune(now, window);
+        let keep = self.keep;
+        let failures = self.map.entry(key).or_default();
+        failures.0.push_back(now);
+        while failures.0.len() > keep {
+            failures.0.pop_front();
+        }
     }
 
-    /// Takes back one failure (the secret was right after all).
-    fn sub<Q: Hash + Eq + ?Sized>(&mut self, key: &Q, window: u64)
+    /// Takes back the failure counted at `at` (the secret was right).
+    fn sub<Q: Hash + Eq + ?Sized>(&mut self, key: &Q, at: u64)
     where
         K: Borrow<Q>,
     {
-        if let Some(count) = self.map.get_mut(key) {
-            *count = count.at(window);
-            if count.current > 0 {
-                count.current -= 1;
-            } else {
-                count.previous = count.previous.saturating_sub(1);
-            }
+        if let Some(failures) = self.map.get_mut(key)
+            && let Some(i) = failures.0.iter().rposition(|t| *t == at)
+        {
+            failures.0.remove(i);
         }
     }
 
-    /// Once per window, forgets entries with nothing in the last two.
-    fn prune(&mut self, window: u64) {
-        if window > self.pruned {
-            self.map.retain(|_, c| c.window + 1 >= window);
-            self.pruned = window;
+    /// Once per window, forgets entries with nothing in the last one.
+    fn prune(&mut self, now: u64, window: u64) {
+        if now >= self.pruned.saturating_add(window) {
+            self.map.retain(|_, f| f.recent(now, window) > 0);
+            self.pruned = now;
         }
     }
 
-    fn over(&self, limit: u32, window: u64, fraction: f64) -> usize {
-        self.map.values().filter(|c| c.at(window).estimate(fraction) >= f64::from(limit)).count()
+    fn over(&self, limit: u32, now: u64, window: u64) -> usize {
+        self.map.values().filter(|f| f.recent(now, window) >= limit).count()
     }
 }
 
@@ -133,25 +125,26 @@ pub struct Admission {
     pub suspect: bool,
     prefix: String,
     ip: Option<IpAddr>,
-    window: u64,
+    /// When it was counted.
+    at: u64,
 }
 
 impl GuessThrottle {
     pub fn new(settings: ThrottleSettings) -> Self {
+        let state = State { prefixes: Counts::new(settings.per_prefix), ips: Counts::new(settings.per_ip) };
         Self {
             settings,
             epoch: Instant::now(),
-            state: Mutex::new(State { prefixes: Counts::new(), ips: Counts::new() }),
+            state: Mutex::new(state),
             throttled_prefix: AtomicU64::new(0),
             throttled_ip: AtomicU64::new(0),
         }
     }
 
-    fn now(&self) -> (u64, f64) {
-        let window = self.settings.window.as_nanos().max(1);
-        let elapsed = self.epoch.elapsed().as_nanos();
-        let index = u64::try_from(elapsed / window).unwrap_or(u64::MAX);
-        (index, (elapsed % window) as f64 / window as f64)
+    /// Now and the window's length, in nanoseconds since the epoch.
+    fn now(&self) -> (u64, u64) {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        (now, u64::try_from(self.settings.window.as_nanos()).unwrap_or(u64::MAX).max(1))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -159,14 +152,14 @@ impl GuessThrottle {
     }
 
     fn refusal(&self, state: &State, prefix: &str, ip: Option<IpAddr>) -> Option<Throttled> {
-        let (window, fraction) = self.now();
+        let (now, window) = self.now();
         let s = &self.settings;
-        if s.per_prefix > 0 && state.prefixes.estimate(prefix, window, fraction) >= f64::from(s.per_prefix) {
+        if s.per_prefix > 0 && state.prefixes.recent(prefix, now, window) >= s.per_prefix {
             return Some(Throttled::Prefix);
         }
         if let Some(ip) = ip
             && s.per_ip > 0
-            && state.ips.estimate(&ip, window, fraction) >= f64::from(s.per_ip)
+            && state.ips.recent(&ip, now, window) >= s.per_ip
         {
             return Some(Throttled::Ip);
         }
@@ -195,21 +188,21 @@ impl GuessThrottle {
         if let Some(refused) = self.count(self.refusal(&state, prefix, ip)) {
             return Err(refused);
         }
-        let (window, fraction) = self.now();
-        let suspect = state.prefixes.estimate(prefix, window, fraction) > 0.0;
-        state.prefixes.add(prefix.to_owned(), window);
+        let (now, window) = self.now();
+        let suspect = state.prefixes.recent(prefix, now, window) > 0;
+        state.prefixes.add(prefix.to_owned(), now, window);
         if let Some(ip) = ip {
-            state.ips.add(ip, window);
+            state.ips.add(ip, now, window);
         }
-        Ok(Admission { suspect, prefix: prefix.to_owned(), ip, window })
+        Ok(Admission { suspect, prefix: prefix.to_owned(), ip, at: now })
     }
 
     /// The secret was right, or could not be checked: not a failure.
     pub fn uncount(&self, admission: Admission) {
         let mut state = self.lock();
-        state.prefixes.sub(admission.prefix.as_str(), admission.window);
+        state.prefixes.sub(admission.prefix.as_str(), admission.at);
         if let Some(ip) = admission.ip {
-            state.ips.sub(&ip, admission.window);
+            state.ips.sub(&ip, admission.at);
         }
     }
 
@@ -220,11 +213,11 @@ impl GuessThrottle {
 
     /// Prefixes and IPs over their limit now.
     pub fn over_limit(&self) -> (usize, usize) {
-        let (window, fraction) = self.now();
+        let (now, window) = self.now();
         let state = self.lock();
         (
-            state.prefixes.over(self.settings.per_prefix.max(1), window, fraction),
-            state.ips.over(self.settings.per_ip.max(1), window, fraction),
+            state.prefixes.over(self.settings.per_prefix.max(1), now, window),
+            state.ips.over(self.settings.per_ip.max(1), now, window),
         )
     }
 }
@@ -288,11 +281,32 @@ mod tests {
     }
 
     #[test]
-    fn the_previous_window_counts_in_proportion() {
-        let c = Count { window: 4, current: 10, previous: 0 }.at(5);
-        assert_eq!((c.previous, c.current), (10, 0));
-        assert!((c.estimate(0.25) - 7.5).abs() < 1e-9);
-        let gone = Count { window: 4, current: 10, previous: 3 }.at(6);
-        assert_eq!((gone.previous, gone.current), (0, 0));
+    fn no_more_than_the_limit_in_any_window_long_span() {
+        let t = throttle(3, 0, Duration::from_millis(300));
+        let start = Instant::now();
+        t.admit("sntr_aaaaaaaaaaa", None).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        t.admit("sntr_aaaaaaaaaaa", None).unwrap();
+        t.admit("sntr_aaaaaaaaaaa", None).unwrap();
+        // However the span falls on the clock, a fourth waits until the
+        // first failure is a full window old.
+        while start.elapsed() < Duration::from_millis(280) {
+            assert!(t.admit("sntr_aaaaaaaaaaa", None).is_err());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(t.admit("sntr_aaaaaaaaaaa", None).is_ok(), "the first failure aged out");
+        assert!(t.admit("sntr_aaaaaaaaaaa", None).is_err(), "the other two have not");
+    }
+
+    #[test]
+    fn an_entry_keeps_at_most_its_limit_of_failures() {
+        let mut counts = Counts::<&str>::new(3);
+        for at in 1..=10 {
+            counts.add("k", at, 1_000);
+        }
+        assert_eq!(counts.map["k"].0, [8, 9, 10]);
+        counts.sub("k", 9);
+        assert_eq!(counts.recent("k", 10, 1_000), 2);
     }
 }
