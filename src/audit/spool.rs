@@ -24,10 +24,8 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 
-use super::{AuditKind, AuditRecord};
-use crate::keys::{Decision, DenyReason};
+use super::AuditRecord;
 
 /// A segment is closed for appends past this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
@@ -39,95 +37,6 @@ pub enum SpoolError {
     Full(u64),
     #[error("audit spool: {0}")]
     Io(#[from] io::Error),
-}
-
-/// One row as a spool line: the record's fields, enums by name.
-#[derive(Debug, Serialize, Deserialize)]
-struct Line {
-    id: String,
-    /// Microseconds since the epoch (the stored precision).
-    ts: i64,
-    kind: String,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    merchant_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    api_key_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    api_key_name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    key_prefix: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    endpoint: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    method: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    ip: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    status: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    decision: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    deny_reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    actor: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    trace_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    detail: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    count: Option<u32>,
-}
-
-impl Line {
-    fn of(r: &AuditRecord) -> Self {
-        Self {
-            id: r.id.clone(),
-            ts: r.timestamp.timestamp_micros(),
-            kind: r.kind.as_str().to_owned(),
-            merchant_id: r.merchant_id.clone(),
-            api_key_id: r.api_key_id.clone(),
-            api_key_name: r.api_key_name.clone(),
-            key_prefix: r.key_prefix.clone(),
-            endpoint: r.endpoint.clone(),
-            method: r.method.clone(),
-            ip: r.ip.clone(),
-            status: r.status,
-            decision: r.decision.map(|d| d.as_str().to_owned()),
-            deny_reason: r.deny_reason.map(|d| d.as_str().to_owned()),
-            actor: r.actor.clone(),
-            trace_id: r.trace_id.clone(),
-            detail: r.detail.clone(),
-            count: r.count,
-        }
-    }
-
-    fn into_record(self) -> Option<AuditRecord> {
-        Some(AuditRecord {
-            id: self.id,
-            timestamp: DateTime::from_timestamp_micros(self.ts)?,
-            kind: AuditKind::parse(&self.kind)?,
-            merchant_id: self.merchant_id,
-            api_key_id: self.api_key_id,
-            api_key_name: self.api_key_name,
-            key_prefix: self.key_prefix,
-            endpoint: self.endpoint,
-            method: self.method,
-            ip: self.ip,
-            status: self.status,
-            decision: match self.decision {
-                Some(d) => Some(Decision::parse(&d)?),
-                None => None,
-            },
-            deny_reason: match self.deny_reason {
-                Some(r) => Some(DenyReason::parse(&r)?),
-                None => None,
-            },
-            actor: self.actor,
-            trace_id: self.trace_id,
-            detail: self.detail,
-            count: self.count,
-        })
-    }
 }
 
 #[derive(Debug)]
@@ -150,6 +59,8 @@ struct State {
     /// The oldest unreplayed row's timestamp, when known.
     oldest: Option<DateTime<Utc>>,
     replayed: u64,
+    /// Lines skipped for being unreadable since start.
+    unreadable: u64,
 }
 
 /// Rows read for replay, and where the oldest segment's replay then ends.
@@ -208,7 +119,7 @@ impl Spool {
         let spool = Self {
             dir: dir.to_owned(),
             max_bytes,
-            state: Mutex::new(State { segments, offset, rows, oldest: None, replayed: 0 }),
+            state: Mutex::new(State { segments, offset, rows, oldest: None, replayed: 0, unreadable: 0 }),
         };
         if rows > 0 {
             tracing::warn!(rows, dir = %dir.display(), "audit rows left in the spool by a previous run; replaying them");
@@ -224,8 +135,7 @@ impl Spool {
     pub fn append(&self, rows: &[AuditRecord]) -> Result<(), SpoolError> {
         let mut buf = Vec::with_capacity(rows.len() * 256);
         for row in rows {
-            // A row always serializes: strings, numbers and a timestamp.
-            serde_json::to_writer(&mut buf, &Line::of(row)).map_err(io::Error::other)?;
+            buf.extend_from_slice(row.to_json().as_bytes());
             buf.push(b'\n');
         }
         let mut state = self.lock();
@@ -297,10 +207,14 @@ impl Spool {
             }
             end += line.len() as u64;
             lines += 1;
-            match serde_json::from_slice::<Line>(line).ok().and_then(Line::into_record) {
+            match AuditRecord::from_json(line) {
                 Some(row) => rows.push(row),
                 None => unreadable += 1,
             }
+        }
+        let mut state = self.lock();
+        if state.oldest.is_none() {
+            state.oldest = rows.first().map(|r| r.timestamp);
         }
         Ok(Some(Chunk { rows, unreadable, seq, end, lines }))
     }
@@ -315,6 +229,7 @@ impl Spool {
         state.offset = chunk.end;
         state.rows = state.rows.saturating_sub(chunk.lines);
         state.replayed += chunk.rows.len() as u64;
+        state.unreadable += chunk.unreadable;
         state.oldest = None;
         let done = state.segments.front().is_some_and(|s| s.bytes <= chunk.end);
         if done {
@@ -349,8 +264,14 @@ impl Spool {
         self.lock().replayed
     }
 
-    /// Age of the oldest row waiting, as far as this process knows it (rows
-    /// left by a previous process count from the first replay attempt).
+    /// Lines that could not be read back (a torn line after a machine
+    /// crash), skipped, since start.
+    pub fn unreadable(&self) -> u64 {
+        self.lock().unreadable
+    }
+
+    /// Age of the oldest row waiting, from its timestamp (rows left by a
+    /// previous process are aged from the first replay read on).
     pub fn oldest_age(&self, now: DateTime<Utc>) -> f64 {
         let state = self.lock();
         match (state.rows, state.oldest) {
@@ -358,19 +279,15 @@ impl Spool {
             (_, Some(t)) => (now - t).num_milliseconds().max(0) as f64 / 1000.0,
         }
     }
-
-    /// Notes the oldest row waiting (from the chunk replay read).
-    pub fn note_oldest(&self, chunk: &Chunk) {
-        let mut state = self.lock();
-        if state.oldest.is_none() {
-            state.oldest = chunk.rows.first().map(|r| r.timestamp);
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        audit::AuditKind,
+        keys::{Decision, DenyReason},
+    };
 
     fn row(i: u32) -> AuditRecord {
         let mut r = AuditRecord::new(AuditKind::Verify, crate::clock::now(), Some(format!("trace{i}")));

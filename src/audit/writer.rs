@@ -61,9 +61,6 @@ struct Counters {
     refused: AtomicU64,
     failed_writes: AtomicU64,
     dead_letters: AtomicU64,
-    /// Spool lines that could not be read back (a torn line after a
-    /// machine crash): skipped.
-    spool_unreadable: AtomicU64,
 }
 
 /// The sending side, shared by every Verify.
@@ -288,7 +285,7 @@ impl AuditQueue {
 
     /// Spool lines that could not be read back, skipped.
     pub fn spool_unreadable(&self) -> u64 {
-        self.counters.spool_unreadable.load(Ordering::Relaxed)
+        self.spool.as_ref().map_or(0, |s| s.unreadable())
     }
 
     pub fn dropped(&self) -> u64 {
@@ -449,9 +446,7 @@ impl AuditWriter {
                     break;
                 }
             };
-            spool.note_oldest(&chunk);
             if chunk.unreadable > 0 {
-                self.counters.spool_unreadable.fetch_add(chunk.unreadable, Ordering::Relaxed);
                 tracing::error!(lines = chunk.unreadable, "unreadable audit spool lines skipped");
             }
             let mut chunk = chunk;
@@ -622,8 +617,13 @@ impl AuditWriter {
 
     fn dead_letter_to_file(&self, row: &AuditRecord, reason: &str, refused: &str) {
         use std::io::Write as _;
-        let line =
-            serde_json::json!({ "reason": reason, "dead_letter_refused": refused, "row": row.to_json() });
+        let text = |s: &str| serde_json::Value::from(s).to_string();
+        let line = format!(
+            r#"{{"reason":{},"dead_letter_refused":{},"row":{}}}"#,
+            text(reason),
+            text(refused),
+            row.to_json()
+        );
         let mut options = std::fs::OpenOptions::new();
         options.create(true).append(true);
         #[cfg(unix)]

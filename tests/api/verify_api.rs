@@ -720,8 +720,11 @@ async fn a_row_the_database_refuses_becomes_a_dead_letter_and_its_batch_is_store
         let expected = if *endpoint == "/poison" { (0, 1) } else { (1, 0) };
         assert_eq!((stored, dead), expected, "{endpoint}: (stored, dead-lettered)");
     }
-    let row = crate::helpers::text(&app.database_url, "SELECT \"row\" FROM audit_dead_letters").await;
+    let row =
+        crate::helpers::value::<String>(&app.database_url, "SELECT \"row\" FROM audit_dead_letters").await;
     assert!(row.contains("/poison") && row.contains(&ids[3].1), "the dead letter holds the row: {row}");
+    let kept: serde_json::Value = serde_json::from_str(&row).expect("the dead letter's row is JSON");
+    assert_eq!((kept["endpoint"].as_str(), kept["id"].as_str()), (Some("/poison"), Some(ids[3].1.as_str())));
     let metrics = crate::helpers::parse_metrics(&app.probes.exporter.render());
     assert_eq!(metrics["keywarden_audit_dead_letters_total"], 1.0);
 

@@ -17,6 +17,7 @@ use sea_orm::{
     QueryTrait, Statement, TransactionTrait, Value,
     sea_query::{CaseStatement, Expr, OnConflict, Order, Query},
 };
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{Backend, Store, StoreError, entity::audit_event};
@@ -315,25 +316,108 @@ pub struct AuditQuery<'a> {
     pub end: Option<DateTime<Utc>>,
 }
 
+/// A row as JSON, for the spool and dead letters: its fields by name,
+/// enums by their stored names, absent fields left out. serde_json escapes
+/// what a database might refuse in text (NUL among them).
+#[derive(Debug, Serialize, Deserialize)]
+struct JsonRow {
+    id: String,
+    /// Microseconds since the epoch (the stored precision).
+    ts: i64,
+    kind: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    merchant_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    api_key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    api_key_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    key_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    endpoint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    decision: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    deny_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    actor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    trace_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    count: Option<u32>,
+}
+
+impl JsonRow {
+    fn of(r: &AuditRecord) -> Self {
+        Self {
+            id: r.id.clone(),
+            ts: r.timestamp.timestamp_micros(),
+            kind: r.kind.as_str().to_owned(),
+            merchant_id: r.merchant_id.clone(),
+            api_key_id: r.api_key_id.clone(),
+            api_key_name: r.api_key_name.clone(),
+            key_prefix: r.key_prefix.clone(),
+            endpoint: r.endpoint.clone(),
+            method: r.method.clone(),
+            ip: r.ip.clone(),
+            status: r.status,
+            decision: r.decision.map(|d| d.as_str().to_owned()),
+            deny_reason: r.deny_reason.map(|d| d.as_str().to_owned()),
+            actor: r.actor.clone(),
+            trace_id: r.trace_id.clone(),
+            detail: r.detail.clone(),
+            count: r.count,
+        }
+    }
+
+    fn into_record(self) -> Option<AuditRecord> {
+        Some(AuditRecord {
+            id: self.id,
+            timestamp: DateTime::from_timestamp_micros(self.ts)?,
+            kind: AuditKind::parse(&self.kind)?,
+            merchant_id: self.merchant_id,
+            api_key_id: self.api_key_id,
+            api_key_name: self.api_key_name,
+            key_prefix: self.key_prefix,
+            endpoint: self.endpoint,
+            method: self.method,
+            ip: self.ip,
+            status: self.status,
+            decision: match self.decision {
+                Some(d) => Some(Decision::parse(&d)?),
+                None => None,
+            },
+            deny_reason: match self.deny_reason {
+                Some(r) => Some(DenyReason::parse(&r)?),
+                None => None,
+            },
+            actor: self.actor,
+            trace_id: self.trace_id,
+            detail: self.detail,
+            count: self.count,
+        })
+    }
+}
+
 impl AuditRecord {
-    /// The row as one JSON object keyed by column, for a dead letter: text
-    /// with every character escaped that a database might refuse.
+    /// The row as one line of JSON: its fields by name, enums by their
+    /// stored names, absent fields left out.
     pub fn to_json(&self) -> String {
-        use sea_orm::Iden as _;
-        let fields: serde_json::Map<String, serde_json::Value> = self
-            .cells()
-            .into_iter()
-            .map(|(column, cell)| {
-                let value = match cell {
-                    Cell::Text(v) => v.map_or(serde_json::Value::Null, |v| v.into()),
-                    Cell::Time(t) => t.to_rfc3339().into(),
-                    Cell::Int(v) => v.map_or(serde_json::Value::Null, |v| v.into()),
-                };
-                (column.to_string(), value)
-            })
-            .collect();
-        // Escaped to ASCII: PostgreSQL text refuses NUL, JSON escapes it.
-        serde_json::Value::Object(fields).to_string().escape_default().to_string()
+        // A row always serializes: strings, numbers and enum names.
+        serde_json::to_string(&JsonRow::of(self)).unwrap_or_default()
+    }
+
+    /// A row from [`AuditRecord::to_json`]'s form; `None` if it is not one.
+    pub fn from_json(json: &[u8]) -> Option<Self> {
+        serde_json::from_slice::<JsonRow>(json).ok().and_then(JsonRow::into_record)
     }
 }
 
@@ -350,7 +434,7 @@ impl Store {
             .into_table(sea_orm::sea_query::Alias::new("audit_dead_letters"))
             .columns(["id", "failed_at", "reason", "row"].map(sea_orm::sea_query::Alias::new))
             .values_panic([
-                Expr::val(row.id.escape_default().to_string()),
+                Expr::val(row.id.clone()),
                 Expr::val(crate::clock::now()),
                 Expr::val(reason),
                 Expr::val(row.to_json()),
