@@ -154,15 +154,6 @@ pub struct ChangeFeed {
     own_channel: String,
 }
 
-/// Stops the heartbeat task with the connection it proves alive.
-struct Beating(tokio::task::JoinHandle<()>);
-
-impl Drop for Beating {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// NOTIFYs `channel` every `every` through the regular pool. A failure is
 /// not the listener's (the health monitor judges the database): it only
 /// means no heartbeat this time.
@@ -250,12 +241,10 @@ impl ChangeFeed {
                 tracing::warn!("change listener reconnected; dropped all cached key state");
             }
             // Heartbeats go out from their own task, so that receiving is
-            // never cancelled mid-message to send one.
-            let _beating = Beating(tokio::spawn(heartbeats(
-                self.store.clone(),
-                self.own_channel.clone(),
-                self.heartbeat,
-            )));
+            // never cancelled mid-message to send one; the set aborts it
+            // with the connection it proves alive.
+            let mut beating = tokio::task::JoinSet::new();
+            beating.spawn(heartbeats(self.store.clone(), self.own_channel.clone(), self.heartbeat));
             let mut last_heard = tokio::time::Instant::now();
             loop {
                 let silent_until = last_heard + self.heartbeat * 2;

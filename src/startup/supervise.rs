@@ -17,7 +17,7 @@ use std::{
 
 use tokio::{
     sync::{Notify, watch},
-    task::{AbortHandle, JoinHandle},
+    task::{AbortHandle, JoinHandle, JoinSet},
     time::Instant,
 };
 
@@ -95,13 +95,15 @@ impl Supervisor {
             let mut failures: VecDeque<Instant> = VecDeque::new();
             let mut backoff = inner.policy.backoff;
             loop {
-                let run = tokio::spawn(start());
-                inner.lock_running().insert(name, run.abort_handle());
-                let why = match run.await {
-                    Ok(output) if *inner.stopping.borrow() => return Some(output),
-                    Ok(_) => "returned before shutdown".to_owned(),
-                    Err(e) if e.is_panic() => "panicked".to_owned(),
-                    Err(_) => "was aborted".to_owned(),
+                // In a set of its own: aborting the supervisor (shutdown
+                // abandoning a stuck helper) aborts the run with it.
+                let mut run = JoinSet::new();
+                inner.lock_running().insert(name, run.spawn(start()));
+                let why = match run.join_next().await {
+                    Some(Ok(output)) if *inner.stopping.borrow() => return Some(output),
+                    Some(Ok(_)) => "returned before shutdown",
+                    Some(Err(e)) if e.is_panic() => "panicked",
+                    _ => "was aborted",
                 };
                 inner.lock_running().remove(name);
                 if *inner.stopping.borrow() {
