@@ -42,9 +42,10 @@ impl DbClock {
         now() + Duration::microseconds(self.skew_us)
     }
 
-    /// Now, on the database's clock.
+    /// Now, on the database's clock. Skew and offset are whole
+    /// microseconds, so the result stays at the stored precision.
     pub fn now(&self) -> DateTime<Utc> {
-        stored(self.local() + self.offset())
+        now() + Duration::microseconds(self.skew_us + self.offset_us.load(Ordering::Relaxed))
     }
 
     /// For a database on this machine (SQLite): its clock is the machine's,

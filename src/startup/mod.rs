@@ -744,9 +744,6 @@ async fn end_health_watches(mut health: HealthReporter) {
     }
 }
 
-/// Pings the database every `interval`; health follows [`Freshness::serving`]:
-/// SERVING while the database answers or within the staleness bound after it
-/// stopped.
 /// Reads the database's clock into `clock`, and says when this replica's
 /// own clock is far from it.
 async fn read_database_clock(store: &Store, clock: &DbClock) -> Result<(), crate::store::StoreError> {
@@ -772,6 +769,9 @@ async fn read_database_clock(store: &Store, clock: &DbClock) -> Result<(), crate
 /// clocks within milliseconds).
 const CLOCK_OFFSET_WARNING_MS: i64 = 1_000;
 
+/// Pings the database every `interval`; health follows [`Freshness::serving`]
+/// (SERVING while the database answers or within the staleness bound after
+/// it stopped) and the background tasks (NOT_SERVING while one is down).
 async fn monitor_database(
     store: Store,
     clock: Arc<DbClock>,
@@ -809,23 +809,18 @@ async fn monitor_database(
 /// Reads the database's clock as the health ping and records whether the
 /// database answered.
 async fn ping_database(store: &Store, clock: &DbClock, freshness: &Freshness, interval: Duration) {
-    {
-        let reachable = matches!(
-            tokio::time::timeout(interval.max(Duration::from_millis(500)), read_database_clock(store, clock))
-                .await,
-            Ok(Ok(()))
-        );
-        if reachable {
-            if !freshness.database_reachable() {
-                tracing::info!("database reachable again");
-            }
-            freshness.database_up();
-        } else {
-            if freshness.database_reachable() {
-                tracing::warn!("database unreachable: cached keys keep verifying within the staleness bound");
-            }
-            freshness.database_down();
+    let reading =
+        tokio::time::timeout(interval.max(Duration::from_millis(500)), read_database_clock(store, clock));
+    if matches!(reading.await, Ok(Ok(()))) {
+        if !freshness.database_reachable() {
+            tracing::info!("database reachable again");
         }
+        freshness.database_up();
+    } else {
+        if freshness.database_reachable() {
+            tracing::warn!("database unreachable: cached keys keep verifying within the staleness bound");
+        }
+        freshness.database_down();
     }
 }
 

@@ -371,16 +371,10 @@ impl Store {
         Ok(Migrator::get_migration_models(&self.db).await?.into_iter().map(|m| m.version).collect())
     }
 
-    /// A trivial round trip, for health checks. Not counted in
-    /// [`Self::statements`]: that count is what serving calls costs, and a
-    /// ping runs on a timer whatever the load.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        self.database_time().await.map(drop)
-    }
-
     /// The database's clock, to microseconds on PostgreSQL and
     /// milliseconds on SQLite; read as text so both backends parse alike.
-    /// Like [`Self::ping`], it is not counted in [`Self::statements`].
+    /// The health monitor's ping; like other timed reads, not counted in
+    /// [`Self::statements`] (that count is what serving calls costs).
     pub async fn database_time(&self) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
         let sql = match self.backend() {
             Backend::Postgres => {
