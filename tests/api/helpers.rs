@@ -445,22 +445,8 @@ pub enum TableLock {
 }
 
 /// The first column of the first row of `sql`, on a connection of its own
-/// (counts and other single numbers read straight from the database).
-pub async fn scalar(database_url: &str, sql: &str) -> i64 {
-    use sea_orm::{ConnectionTrait, Database, Statement};
-    let db = Database::connect(database_url).await.unwrap();
-    let row = db
-        .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
-        .await
-        .unwrap()
-        .unwrap();
-    let n: i64 = row.try_get_by_index(0).unwrap();
-    db.close().await.ok();
-    n
-}
-
-/// The first column of the first row of `sql`, as text.
-pub async fn text(database_url: &str, sql: &str) -> String {
+/// (counts and other single values read straight from the database).
+pub async fn value<T: sea_orm::TryGetable>(database_url: &str, sql: &str) -> T {
     use sea_orm::{ConnectionTrait, Database, Statement};
     let db = Database::connect(database_url).await.unwrap();
     let row = db
@@ -468,9 +454,14 @@ pub async fn text(database_url: &str, sql: &str) -> String {
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("no row: {sql}"));
-    let text: String = row.try_get_by_index(0).unwrap();
+    let value = row.try_get_by_index(0).unwrap();
     db.close().await.ok();
-    text
+    value
+}
+
+/// [`value`] for a number (counts, mostly).
+pub async fn scalar(database_url: &str, sql: &str) -> i64 {
+    value(database_url, sql).await
 }
 
 /// Runs one statement on the test's database (a fault to inject).
