@@ -24,7 +24,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::keys::{
-    KeyHasher, KeyPrefix,
+    KeyHasher, KeyPrefix, PepperId,
     hash::PepperError,
     operator::{OPERATOR_PREFIX, OperatorRole},
     scope::{CatalogueError, PresetDef, ScopeCatalogue, ScopeDef},
@@ -157,8 +157,16 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// `sqlite://…` or `postgres://…`; default: SQLite in `data_dir`.
     pub database_url: Option<String>,
-    /// Base64, at least 32 bytes.
+    /// Base64, at least 32 bytes: pepper generation `1`, whose hashes are
+    /// `v1$salt$hash`.
     pub pepper: Option<SecretString>,
+    /// Later pepper generations by id (1-32 of `A-Z a-z 0-9 _ -`), base64,
+    /// at least 32 bytes each; hashes under them are `v2$<id>$salt$hash`.
+    pub peppers: BTreeMap<String, SecretString>,
+    /// The generation new hashes are made under. Required when more than
+    /// one pepper is configured; otherwise the only one.
+    #[serde(deserialize_with = "id_text")]
+    pub pepper_current: Option<String>,
     /// A single admin token, named `admin`.
     pub admin_token: Option<SecretString>,
     /// Admin tokens by name; the name is the audit actor.
@@ -279,6 +287,8 @@ impl Default for Settings {
             data_dir: PathBuf::from("keywarden-data"),
             database_url: None,
             pepper: None,
+            peppers: BTreeMap::new(),
+            pepper_current: None,
             admin_token: None,
             admin_tokens: BTreeMap::new(),
             key_prefix: "sntr_".into(),
@@ -340,7 +350,7 @@ pub enum ConfigError {
     #[error("configuration: {0}")]
     Invalid(String),
     // The cause is the source, which error reports print after this.
-    #[error("configuration: KEYWARDEN_PEPPER")]
+    #[error("configuration: KEYWARDEN_PEPPER / KEYWARDEN_PEPPERS")]
     Pepper(#[from] PepperError),
     #[error("configuration: scope catalogue")]
     Catalogue(#[from] CatalogueError),
@@ -627,6 +637,21 @@ impl Settings {
     }
 }
 
+/// An id given as text or, as an environment variable like
+/// `KEYWARDEN_PEPPER_CURRENT=2` reads, as a number.
+fn id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TextOrNumber {
+        Text(String),
+        Number(u64),
+    }
+    Ok(Option::<TextOrNumber>::deserialize(d)?.map(|v| match v {
+        TextOrNumber::Text(s) => s,
+        TextOrNumber::Number(n) => n.to_string(),
+    }))
+}
+
 /// Accepts `"a,b"` (an environment variable) or `["a", "b"]` (TOML).
 fn comma_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
@@ -656,20 +681,7 @@ impl Secrets {
     /// Takes the configured secrets or, on an embedded run, reads or
     /// generates them in the data directory.
     pub fn resolve(settings: &Settings) -> Result<Self, ConfigError> {
-        let pepper = match &settings.pepper {
-            Some(p) => p.clone(),
-            None if settings.is_embedded() => {
-                bootstrap(&settings.data_dir, PEPPER_FILE, "KEYWARDEN_PEPPER", 32)?
-            }
-            None => {
-                return Err(ConfigError::Invalid(
-                    "KEYWARDEN_PEPPER is required with PostgreSQL (base64, at least 32 bytes); \
-                     generate one with: head -c 32 /dev/urandom | base64"
-                        .into(),
-                ));
-            }
-        };
-        let hasher = KeyHasher::from_base64(pepper.expose_secret())?;
+        let hasher = resolve_peppers(settings)?;
 
         let mut admin_tokens: Vec<(String, SecretString)> =
             settings.admin_tokens.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
@@ -709,6 +721,60 @@ impl Secrets {
         }
         Ok(Self { hasher, admin_tokens })
     }
+}
+
+/// The configured pepper generations as one [`KeyHasher`]. Generation `1`
+/// is `pepper` (on an embedded run, read or generated in the data
+/// directory when not configured); errors name generations, never values.
+fn resolve_peppers(settings: &Settings) -> Result<KeyHasher, ConfigError> {
+    let mut peppers: Vec<(PepperId, SecretString)> = Vec::new();
+    for (id, secret) in &settings.peppers {
+        let id = PepperId::parse(id).map_err(|e| {
+            ConfigError::Invalid(format!("peppers (KEYWARDEN_PEPPERS) names a generation {id:?}: {e}"))
+        })?;
+        if id.is_first() && settings.pepper.is_some() {
+            return Err(ConfigError::Invalid(
+                "pepper (KEYWARDEN_PEPPER) and peppers.1 are both generation 1; keep one".into(),
+            ));
+        }
+        peppers.push((id, secret.clone()));
+    }
+    let first = match &settings.pepper {
+        Some(p) => Some(p.clone()),
+        // Nothing configured: an embedded run makes its own.
+        None if settings.is_embedded() && settings.peppers.is_empty() => {
+            Some(bootstrap(&settings.data_dir, PEPPER_FILE, "KEYWARDEN_PEPPER", 32)?)
+        }
+        // Rotated on an embedded run: the generated pepper stays generation
+        // 1 while its file is there, but a missing one is never made up.
+        None if settings.is_embedded() && !settings.peppers.contains_key(PepperId::FIRST) => {
+            read_secret(&settings.data_dir.join(PEPPER_FILE))?
+        }
+        None => None,
+    };
+    if let Some(first) = first {
+        peppers.insert(0, (PepperId::first(), first));
+    }
+    let current = match (&settings.pepper_current, peppers.as_slice()) {
+        (Some(id), _) => PepperId::parse(id)
+            .map_err(|e| ConfigError::Invalid(format!("pepper_current (KEYWARDEN_PEPPER_CURRENT): {e}")))?,
+        (None, [(only, _)]) => only.clone(),
+        (None, []) => {
+            return Err(ConfigError::Invalid(
+                "KEYWARDEN_PEPPER is required with PostgreSQL (base64, at least 32 bytes); \
+                 generate one with: head -c 32 /dev/urandom | base64"
+                    .into(),
+            ));
+        }
+        (None, _) => {
+            return Err(ConfigError::Invalid(
+                "several peppers are configured: name the one new hashes use in pepper_current \
+                 (KEYWARDEN_PEPPER_CURRENT)"
+                    .into(),
+            ));
+        }
+    };
+    Ok(KeyHasher::new(peppers.iter().map(|(id, secret)| (id.clone(), secret.expose_secret())), &current)?)
 }
 
 /// The embedded database's file name in the data directory.
@@ -780,14 +846,19 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Reads `<dir>/<file>`, or creates it (mode 0600) with `len` random bytes in
 /// base64 and says so on stderr — the path, never the value.
+/// A secret file's content, or `None` if there is no such file.
+fn read_secret(path: &Path) -> Result<Option<SecretString>, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(existing) => Ok(Some(SecretString::from(existing.trim().to_owned()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ConfigError::Io { what: "cannot read", path: path.to_owned(), source: e }),
+    }
+}
+
 fn bootstrap(dir: &Path, file: &str, variable: &str, len: usize) -> Result<SecretString, ConfigError> {
     let path = dir.join(file);
-    match std::fs::read_to_string(&path) {
-        Ok(existing) => return Ok(SecretString::from(existing.trim().to_owned())),
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(ConfigError::Io { what: "cannot read", path, source: e });
-        }
-        Err(_) => {}
+    if let Some(existing) = read_secret(&path)? {
+        return Ok(existing);
     }
     create_private_dir(dir).map_err(|e| ConfigError::Io {
         what: "cannot create",
@@ -852,6 +923,50 @@ mod tests {
     }
 
     #[test]
+    fn peppers_rotate_by_id_with_one_named_current() {
+        let b64 = |byte: u8| STANDARD.encode([byte; 32]);
+        let load = |toml: &str| {
+            let mut settings: Settings = Figment::new().merge(Toml::string(toml)).extract().unwrap();
+            settings.database_url = Some("postgres://x@localhost/db".into());
+            settings.admin_token = Some(SecretString::from("a-long-enough-admin-token"));
+            Secrets::resolve(&settings).map(|s| s.hasher)
+        };
+        let error = |toml: &str| {
+            let e = load(toml).unwrap_err();
+            let mut text = e.to_string();
+            if let Some(source) = std::error::Error::source(&e) {
+                text = format!("{text}: {source}");
+            }
+            text
+        };
+        let (one, two) = (b64(1), b64(2));
+
+        // An environment variable's `2` arrives as a number; it is an id.
+        let hasher =
+            load(&format!("pepper = \"{one}\"\npeppers = {{ 2 = \"{two}\" }}\npepper_current = 2")).unwrap();
+        assert_eq!(hasher.current().as_str(), "2");
+        assert_eq!(hasher.ids().map(|id| id.as_str().to_owned()).collect::<Vec<_>>(), ["2", "1"]);
+        // Generation 1 may be retired.
+        let hasher = load(&format!("peppers = {{ 2 = \"{two}\" }}")).unwrap();
+        assert_eq!(hasher.ids().count(), 1);
+
+        let several = error(&format!("pepper = \"{one}\"\npeppers = {{ 2 = \"{two}\" }}"));
+        assert!(several.contains("KEYWARDEN_PEPPER_CURRENT"), "{several}");
+        let twice = error(&format!("pepper = \"{one}\"\npeppers = {{ 1 = \"{two}\" }}"));
+        assert!(twice.contains("both generation 1"), "{twice}");
+        let unknown = error(&format!("pepper = \"{one}\"\npepper_current = \"3\""));
+        assert!(unknown.contains("current pepper 3 is not configured"), "{unknown}");
+        let bad_id = error(&format!("peppers = {{ \"a.b\" = \"{two}\" }}"));
+        assert!(bad_id.contains("KEYWARDEN_PEPPERS"), "{bad_id}");
+        // A malformed secret is named by its generation, never quoted.
+        let garbled =
+            error(&format!("pepper = \"{one}\"\npeppers = {{ 2 = \"s3cr3t!!\" }}\npepper_current = 2"));
+        assert!(garbled.contains("pepper 2 is not valid base64") && !garbled.contains("s3cr3t"), "{garbled}");
+        let short = error(&format!("peppers = {{ 2 = \"{}\" }}", STANDARD.encode(b"s3cr3t")));
+        assert!(short.contains("pepper 2 must be at least 32 bytes"), "{short}");
+    }
+
+    #[test]
     fn short_admin_tokens_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let settings = Settings {
@@ -885,6 +1000,7 @@ mod tests {
         let cases = [
             (r#"admin_tokens = "s3cr3t-token""#, "admin_tokens", "expected a map, found a string"),
             (r#"pepper = ["s3cr3t-pepper"]"#, "pepper", "found a list"),
+            (r#"peppers = "s3cr3t-pepper""#, "peppers", "expected a map, found a string"),
             (r#"admin_token = 4711"#, "admin_token", "found an integer"),
             (r#"db_max_connections = "s3cr3t-count""#, "db_max_connections", "found a string"),
             // A parser's message that does not quote the value is kept.
@@ -934,9 +1050,12 @@ mod tests {
         let settings = Settings {
             pepper: Some(SecretString::from("c2VjcmV0LXBlcHBlci12YWx1ZS0xMjM0NTY3ODkwYWJjZGVm")),
             admin_token: Some(SecretString::from("very-secret-admin-token")),
+            peppers: BTreeMap::from([("2".into(), SecretString::from("c2VjcmV0LXNlY29uZC1wZXBwZXI="))]),
             ..Settings::default()
         };
         let shown = format!("{settings:?}");
         assert!(!shown.contains("very-secret-admin-token") && !shown.contains("c2VjcmV0"), "{shown}");
+        let hasher = KeyHasher::from_base64(&STANDARD.encode([9u8; 32])).unwrap();
+        assert!(!format!("{hasher:?}").contains(&STANDARD.encode([9u8; 32])));
     }
 }

@@ -18,7 +18,8 @@
 //! - [`service`]: the use cases, [`service::admin::KeyManager`],
 //!   [`service::operators::OperatorTokens`] and [`service::verify::Verifier`];
 //!   who may do what ([`service::access`]); request validation; the scrypt
-//!   pool.
+//!   pool; pepper generations ([`service::peppers`]) and the background
+//!   rehash of keys checked under an old one ([`service::rehash`]).
 //! - [`cache`], [`usage`], [`audit`], [`throttle`]: runtime state of the
 //!   Verify path. The verification cache and the change feed that keeps it
 //!   current; batched usage counters; the audit queue, its writer and its

@@ -77,6 +77,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Keys { conn, command } => client::keys(conn, command).await,
         Command::Operators { conn, command } => client::operators(conn, command).await,
+        Command::Peppers { conn, command } => client::peppers(conn, command).await,
         Command::Audit { conn, command } => client::audit(conn, command).await,
         Command::Verify { conn, api_key, ip, scope, endpoint, method } => {
             client::verify(conn, api_key, ip, scope, endpoint, method).await

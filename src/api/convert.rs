@@ -9,6 +9,7 @@ use crate::{
     service::{
         ServiceError,
         admin::KeyView,
+        peppers::Generation,
         verify::{Verdict, VerifyInput},
     },
     store::operators::StoredOperator,
@@ -125,6 +126,19 @@ pub fn operator_token(t: StoredOperator) -> pb::OperatorToken {
         created_at: Some(timestamp(t.created_at)),
         expires_at: t.expires_at.map(timestamp),
         revoked_at: t.revoked_at.map(timestamp),
+    }
+}
+
+pub fn pepper_generation(g: Generation) -> pb::PepperGeneration {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    pb::PepperGeneration {
+        retirable: g.retirable(),
+        id: g.id,
+        configured: g.configured,
+        current: g.current,
+        live_keys: count(g.counts.live_keys),
+        inactive_keys: count(g.counts.inactive_keys),
+        live_operator_tokens: count(g.counts.live_operator_tokens),
     }
 }
 

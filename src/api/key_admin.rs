@@ -15,17 +15,19 @@ use crate::service::{
     access::Principal,
     admin::{AuditFilter, CreateKey, KeyManager, UpdateKey},
     operators::{NewOperator, OperatorTokens},
+    peppers::Peppers,
 };
 
 #[derive(Debug, Clone)]
 pub struct KeyAdminService {
     manager: Arc<KeyManager>,
     operators: Arc<OperatorTokens>,
+    peppers: Arc<Peppers>,
 }
 
 impl KeyAdminService {
-    pub fn new(manager: Arc<KeyManager>, operators: Arc<OperatorTokens>) -> Self {
-        Self { manager, operators }
+    pub fn new(manager: Arc<KeyManager>, operators: Arc<OperatorTokens>, peppers: Arc<Peppers>) -> Self {
+        Self { manager, operators, peppers }
     }
 }
 
@@ -241,6 +243,17 @@ impl KeyAdmin for KeyAdminService {
         let token = traced(&span, self.operators.revoke(&who, &r.id)).await?;
         Ok(Response::new(pb::RevokeOperatorTokenResponse {
             operator_token: Some(convert::operator_token(token)),
+        }))
+    }
+
+    async fn get_pepper_status(
+        &self,
+        request: Request<pb::GetPepperStatusRequest>,
+    ) -> Result<Response<pb::GetPepperStatusResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.GetPepperStatus")?;
+        let generations = traced(&span, self.peppers.status(&who)).await?;
+        Ok(Response::new(pb::GetPepperStatusResponse {
+            generations: generations.into_iter().map(convert::pepper_generation).collect(),
         }))
     }
 }

@@ -9,7 +9,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
-use super::{AuditCommand, Connection, KeysCommand, OperatorsCommand, render};
+use super::{AuditCommand, Connection, KeysCommand, OperatorsCommand, PeppersCommand, render};
 use crate::api::pb::{self, key_admin_client::KeyAdminClient, key_verify_client::KeyVerifyClient};
 
 fn read(what: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
@@ -241,6 +241,19 @@ pub async fn operators(conn: Connection, command: OperatorsCommand) -> anyhow::R
             render::operators(conn.json, revoked.operator_token.as_slice(), "");
         }
     }
+    Ok(())
+}
+
+pub async fn peppers(conn: Connection, command: PeppersCommand) -> anyhow::Result<()> {
+    let token = token(&conn)?;
+    let mut admin = KeyAdminClient::new(channel(&conn).await?);
+    let PeppersCommand::Status = command;
+    let status = admin
+        .get_pepper_status(authorized(pb::GetPepperStatusRequest {}, &token)?)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    render::peppers(conn.json, &status.generations);
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! The command line: `serve` and `migrate` run the service; `keys`,
-//! `operators`, `audit` and `verify` are thin gRPC clients for people
+//! `operators`, `peppers`, `audit` and `verify` are thin gRPC clients for people
 //! without grpcurl. Tokens come from the environment or a file, never from
 //! argv (where `ps` would show them).
 
@@ -43,6 +43,13 @@ pub enum Command {
         conn: Connection,
         #[command(subcommand)]
         command: OperatorsCommand,
+    },
+    /// Pepper generations and what still needs each; ADMIN only.
+    Peppers {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: PeppersCommand,
     },
     /// Read a merchant's audit trail.
     Audit {
@@ -205,6 +212,13 @@ pub enum OperatorsCommand {
     },
     /// Revoke a token, on every replica at once.
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeppersCommand {
+    /// How many live keys and operator tokens remain on each generation;
+    /// a generation that is not current and has none may be retired.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

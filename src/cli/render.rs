@@ -188,6 +188,46 @@ pub fn operator_issued(json: bool, token: Option<&pb::OperatorToken>, plaintext:
     println!("\ntoken: {plaintext}");
 }
 
+pub fn peppers(json: bool, generations: &[pb::PepperGeneration]) {
+    if json {
+        let items: Vec<Value> = generations
+            .iter()
+            .map(|g| {
+                json!({
+                    "id": g.id,
+                    "configured": g.configured,
+                    "current": g.current,
+                    "live_keys": g.live_keys,
+                    "inactive_keys": g.inactive_keys,
+                    "live_operator_tokens": g.live_operator_tokens,
+                    "retirable": g.retirable,
+                })
+            })
+            .collect();
+        println!("{}", json!({ "generations": items }));
+        return;
+    }
+    let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
+    let rows: Vec<Vec<String>> = generations
+        .iter()
+        .map(|g| {
+            vec![
+                g.id.clone(),
+                yes_no(g.current),
+                yes_no(g.configured),
+                g.live_keys.to_string(),
+                g.live_operator_tokens.to_string(),
+                g.inactive_keys.to_string(),
+                yes_no(g.retirable),
+            ]
+        })
+        .collect();
+    table(
+        &["PEPPER", "CURRENT", "CONFIGURED", "LIVE KEYS", "LIVE TOKENS", "INACTIVE KEYS", "RETIRABLE"],
+        &rows,
+    );
+}
+
 pub fn usage(json: bool, usage: &pb::GetKeyUsageResponse) {
     if json {
         println!(

@@ -2,21 +2,23 @@
 //! the rest under a pepper subkey. Every replica of a deployment shares the
 //! pepper, so any of them can tell an id the deployment issued from a
 //! made-up one without storing anything, and keep state (held outcomes) only
-//! for the former.
+//! for the former. New ids are tagged under the current pepper; ids tagged
+//! under any other configured one are still recognised, so a rotation does
+//! not orphan the outcomes of calls answered just before it.
 
 use chrono::{DateTime, Utc};
 use subtle::ConstantTimeEq as _;
 use uuid::Uuid;
 
-use super::hash::KeyedMac;
+use super::hash::{KeyedMac, SubkeyMacs};
 
 /// Mints and recognises this deployment's verification event ids.
 #[derive(Clone, Debug)]
-pub struct EventIds(KeyedMac);
+pub struct EventIds(SubkeyMacs);
 
 impl EventIds {
-    pub fn new(mac: KeyedMac) -> Self {
-        Self(mac)
+    pub fn new(macs: SubkeyMacs) -> Self {
+        Self(macs)
     }
 
     /// A new id: a UUIDv7 (time-ordered, like every audit id) with the tag
@@ -24,7 +26,7 @@ impl EventIds {
     /// keep ids minted in the same millisecond apart.
     pub fn mint(&self) -> String {
         let mut bytes = *Uuid::now_v7().as_bytes();
-        let tag = self.tag(&bytes);
+        let tag = tag(self.0.current().1, &bytes);
         bytes[12..].copy_from_slice(&tag);
         Uuid::from_bytes(bytes).to_string()
     }
@@ -41,17 +43,21 @@ impl EventIds {
             return None;
         }
         let bytes = uuid.as_bytes();
-        if !bool::from(self.tag(bytes).ct_eq(&bytes[12..])) {
+        let mut known = false;
+        for mac in self.0.all() {
+            known |= bool::from(tag(mac, bytes).ct_eq(&bytes[12..]));
+        }
+        if !known {
             return None;
         }
         let (secs, nanos) = uuid.get_timestamp()?.to_unix();
         DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
     }
+}
 
-    fn tag(&self, bytes: &[u8; 16]) -> [u8; 4] {
-        let digest = self.0.digest(&bytes[..12]);
-        [digest[0], digest[1], digest[2], digest[3]]
-    }
+fn tag(mac: &KeyedMac, bytes: &[u8; 16]) -> [u8; 4] {
+    let digest = mac.digest(&bytes[..12]);
+    [digest[0], digest[1], digest[2], digest[3]]
 }
 
 #[cfg(test)]
@@ -59,8 +65,34 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    use crate::keys::hash::{KeyHasher, PepperId};
+
+    fn b64(secret: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{:<32}", String::from_utf8_lossy(secret)))
+    }
+
     fn ids(secret: &[u8]) -> EventIds {
-        EventIds::new(KeyedMac::new(secret))
+        EventIds::new(KeyHasher::from_base64(&b64(secret)).unwrap().subkey_macs("event ids"))
+    }
+
+    #[test]
+    fn ids_minted_before_a_rotation_are_still_recognised_after_it() {
+        let before = ids(b"one pepper");
+        let id = before.mint();
+        let (first, second) = (b64(b"one pepper"), b64(b"another pepper"));
+        let rotated = KeyHasher::new(
+            [(PepperId::first(), first.as_str()), (PepperId::parse("2").unwrap(), second.as_str())],
+            &PepperId::parse("2").unwrap(),
+        )
+        .unwrap();
+        let after = EventIds::new(rotated.subkey_macs("event ids"));
+        assert!(after.issued_at(&id).is_some());
+        // New ids are tagged under the new pepper: a replica without it cannot place them.
+        let new = after.mint();
+        assert!(after.issued_at(&new).is_some());
+        assert_eq!(before.issued_at(&new), None);
+        assert!(ids(b"another pepper").issued_at(&new).is_some());
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub use cidr::AllowList;
 pub use decision::{Decision, DenyReason, KeyState, Policy, decide};
 pub use event_id::EventIds;
 pub use format::{KeyPrefix, LookupPrefix, Malformed, PlainKey};
-pub use hash::{KeyHash, KeyHasher};
+pub use hash::{KeyHash, KeyHasher, PepperId};
 pub use scope::{ScopeCatalogue, ScopeSet};
 
 /// A key's lifecycle state, derived from its timestamps.

@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq;
 
 use super::{
     format::{KeyPrefix, Malformed, PlainKey, RandomnessUnavailable},
-    hash::KeyedMac,
+    hash::{PepperId, SubkeyMacs},
 };
 
 /// The prefix of every operator token.
@@ -62,22 +62,32 @@ impl fmt::Debug for OperatorSecret {
 }
 
 /// Digests operator tokens for storage under a key derived from the pepper,
-/// so a database dump alone cannot be matched against guesses.
+/// so a database dump alone cannot be matched against guesses. New digests
+/// use the current pepper; a stored digest names the generation it was
+/// made under, and is checked under that one.
 #[derive(Clone, Debug)]
-pub struct TokenDigester(KeyedMac);
+pub struct TokenDigester(SubkeyMacs);
 
 impl TokenDigester {
-    pub fn new(mac: KeyedMac) -> Self {
-        Self(mac)
+    pub fn new(macs: SubkeyMacs) -> Self {
+        Self(macs)
     }
 
-    pub fn digest(&self, token: &OperatorSecret) -> [u8; 32] {
-        self.0.digest(token.expose().as_bytes())
+    /// The digest under the current pepper, and that pepper's id.
+    pub fn digest(&self, token: &OperatorSecret) -> (PepperId, [u8; 32]) {
+        let (id, mac) = self.0.current();
+        (id.clone(), mac.digest(token.expose().as_bytes()))
     }
 
-    /// Constant-time comparison of a token with a stored digest.
-    pub fn matches(&self, token: &OperatorSecret, stored: &[u8]) -> bool {
-        self.digest(token).ct_eq(stored).into()
+    /// Constant-time comparison of a token with a digest stored under
+    /// generation `pepper`; never matches under a pepper not configured.
+    pub fn matches(&self, token: &OperatorSecret, pepper: &PepperId, stored: &[u8]) -> bool {
+        self.0.of(pepper).is_some_and(|mac| mac.digest(token.expose().as_bytes()).ct_eq(stored).into())
+    }
+
+    /// Whether a digest made under `pepper` is worth rewriting.
+    pub fn is_current(&self, pepper: &PepperId) -> bool {
+        self.0.current().0 == pepper
     }
 }
 
@@ -108,7 +118,7 @@ impl OperatorRole {
         use AdminAction::*;
         match self {
             Self::Admin => true,
-            Self::KeyManager => !action.is_operator_management(),
+            Self::KeyManager => !action.is_admin_only(),
             Self::Auditor => matches!(action, GetKey | ListKeys | GetKeyUsage | ListAuditEvents | ListScopes),
         }
     }
@@ -129,10 +139,11 @@ pub enum AdminAction {
     CreateOperatorToken,
     ListOperatorTokens,
     RevokeOperatorToken,
+    GetPepperStatus,
 }
 
 impl AdminAction {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::CreateKey,
         Self::GetKey,
         Self::ListKeys,
@@ -145,6 +156,7 @@ impl AdminAction {
         Self::CreateOperatorToken,
         Self::ListOperatorTokens,
         Self::RevokeOperatorToken,
+        Self::GetPepperStatus,
     ];
 
     /// The RPC's name, as audit rows and logs show it.
@@ -162,11 +174,19 @@ impl AdminAction {
             Self::CreateOperatorToken => "CreateOperatorToken",
             Self::ListOperatorTokens => "ListOperatorTokens",
             Self::RevokeOperatorToken => "RevokeOperatorToken",
+            Self::GetPepperStatus => "GetPepperStatus",
         }
     }
 
-    pub fn is_operator_management(self) -> bool {
-        matches!(self, Self::CreateOperatorToken | Self::ListOperatorTokens | Self::RevokeOperatorToken)
+    /// Operator credentials and the deployment's secrets: ADMIN's alone.
+    pub fn is_admin_only(self) -> bool {
+        matches!(
+            self,
+            Self::CreateOperatorToken
+                | Self::ListOperatorTokens
+                | Self::RevokeOperatorToken
+                | Self::GetPepperStatus
+        )
     }
 }
 

@@ -29,7 +29,7 @@ use crate::{
     config::IdentityGrant,
     keys::operator::{AdminAction, OperatorRole, OperatorSecret, TokenDigester},
     metrics::Metrics,
-    store::Store,
+    store::{Store, operators::StoredOperator},
     telemetry::current_trace_id,
 };
 
@@ -233,8 +233,11 @@ impl Access {
         let Some(stored) = self.store.find_operator_by_prefix(&token.lookup_prefix()).await? else {
             return Ok(Err("invalid credentials"));
         };
-        if !self.digester.matches(&token, &stored.digest) {
+        if !self.digester.matches(&token, &stored.pepper, &stored.digest) {
             return Ok(Err("invalid credentials"));
+        }
+        if !self.digester.is_current(&stored.pepper) {
+            self.move_to_current_pepper(&token, &stored);
         }
         if stored.revoked_at.is_some_and(|r| r <= now) {
             return Ok(Err("operator token revoked"));
@@ -243,6 +246,24 @@ impl Access {
             return Ok(Err("operator token expired"));
         }
         Ok(Ok((stored.name, stored.role, stored.merchant_ids)))
+    }
+
+    /// Rewrites a token's digest under the current pepper, in the
+    /// background: the call it authenticated does not wait, and a failure
+    /// only means the rewrite is tried on the token's next use.
+    fn move_to_current_pepper(&self, token: &OperatorSecret, stored: &StoredOperator) {
+        let (pepper, digest) = self.digester.digest(token);
+        let (store, id, checked) = (self.store.clone(), stored.id.clone(), stored.digest.clone());
+        tokio::spawn(async move {
+            match store.rewrite_operator_digest(&id, &checked, &pepper, &digest).await {
+                Ok(_) => {
+                    tracing::info!(token_id = %id, %pepper, "operator token moved to the current pepper")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, token_id = %id, "cannot move an operator token to the current pepper")
+                }
+            }
+        });
     }
 
     fn bootstrap_token(&self, token: &[u8]) -> Grant {

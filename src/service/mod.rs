@@ -8,6 +8,8 @@ pub mod admin;
 pub mod hash_pool;
 pub mod operators;
 pub mod page;
+pub mod peppers;
+pub mod rehash;
 pub mod validate;
 pub mod verify;
 

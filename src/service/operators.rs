@@ -93,13 +93,15 @@ impl OperatorTokens {
         for _ in 0..INSERT_ATTEMPTS {
             let plaintext = OperatorSecret::generate()?;
             let id = Uuid::now_v7().to_string();
+            let (pepper, digest) = self.access.digester().digest(&plaintext);
             let token = StoredOperator {
                 id: id.clone(),
                 name: req.name.clone(),
                 role,
                 merchant_ids: merchant_ids.clone(),
                 prefix: plaintext.lookup_prefix(),
-                digest: self.access.digester().digest(&plaintext).to_vec(),
+                digest: digest.to_vec(),
+                pepper,
                 created_by: who.actor.clone(),
                 created_at: now,
                 expires_at: req.expires_at.map(clock::stored),

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use super::{
     Deps, ServiceError,
     hash_pool::{HashPool, Lane},
+    rehash::Rehasher,
     validate::{self, Violations},
 };
 use crate::{
@@ -115,6 +116,8 @@ pub struct Verifier {
     freshness: Arc<Freshness>,
     metrics: Arc<Metrics>,
     clock: Arc<DbClock>,
+    /// Keys checked under an old pepper go here to be hashed again.
+    rehasher: Arc<Rehasher>,
 }
 
 /// What the Verify path needs beyond [`Deps`].
@@ -133,6 +136,7 @@ pub struct VerifyParts {
     pub cache: Option<Arc<VerifyCache>>,
     pub freshness: Arc<Freshness>,
     pub metrics: Arc<Metrics>,
+    pub rehasher: Arc<Rehasher>,
 }
 
 /// A Verify request's fields, validated.
@@ -216,8 +220,18 @@ pub fn decide_offline(
 impl Verifier {
     pub fn new(deps: Deps, parts: VerifyParts) -> Self {
         let Deps { store, hasher, pool, catalogue, prefix, usage, clock } = deps;
-        let VerifyParts { audit, ids, rollups, throttle, db_connections, db_wait, cache, freshness, metrics } =
-            parts;
+        let VerifyParts {
+            audit,
+            ids,
+            rollups,
+            throttle,
+            db_connections,
+            db_wait,
+            cache,
+            freshness,
+            metrics,
+            rehasher,
+        } = parts;
         Self {
             store,
             hasher,
@@ -235,6 +249,7 @@ impl Verifier {
             freshness,
             metrics,
             clock,
+            rehasher,
         }
     }
 
@@ -534,17 +549,25 @@ impl Verifier {
             return refused(DenyReason::Throttled);
         };
         let lane = if admission.suspect { Lane::Later } else { Lane::First };
-        let (hasher, hash, key) = (self.hasher.clone(), stored.hash.clone(), key.clone());
-        match self.pool.run_in(lane, move || hasher.verify(&key, &hash)).await {
+        let (hasher, hash, plain) = (self.hasher.clone(), stored.hash.clone(), key.clone());
+        match self.pool.run_in(lane, move || hasher.verify(&plain, &hash)).await {
             // A wrong secret stays counted, and is its key's merchant's
             // business.
-            Ok(false) => {
+            Ok(Ok(false)) => {
                 let owner = Some(Arc::new(key_state(&stored, &self.catalogue)?));
                 Ok(Err(Refused { reason: DenyReason::NotFound, owner }))
             }
-            Ok(true) => {
+            Ok(Ok(true)) => {
                 self.throttle.uncount(admission);
-                key_state(&stored, &self.catalogue).map(Ok)
+                let state = key_state(&stored, &self.catalogue)?;
+                self.rehasher.offer(&state.key_id, key, &stored.hash);
+                Ok(Ok(state))
+            }
+            // An operator retired a pepper this key still needs: a fault of
+            // configuration, not a wrong secret.
+            Ok(Err(unknown)) => {
+                self.throttle.uncount(admission);
+                Err(ServiceError::Internal(format!("key {}: {unknown}", stored.id)))
             }
             Err(e) => {
                 self.throttle.uncount(admission);

@@ -15,7 +15,7 @@ use crate::{
     audit::writer::AuditQueue,
     cache::{VerifyCache, changes::Freshness},
     metrics::Metrics,
-    service::hash_pool::HashPool,
+    service::{hash_pool::HashPool, rehash::Rehasher},
     throttle::GuessThrottle,
     usage::UsageTracker,
 };
@@ -31,6 +31,7 @@ pub struct Sources {
     pub cache: Option<Arc<VerifyCache>>,
     pub freshness: Arc<Freshness>,
     pub tasks: super::supervise::Supervisor,
+    pub rehasher: Arc<Rehasher>,
 }
 
 /// The scrape-time view of [`Sources`].
@@ -176,6 +177,24 @@ impl Collector for Snapshot {
             "background tasks failed and not running (the replica is not ready meanwhile)",
             None,
             s.tasks.down() as f64,
+        )?;
+        counter(
+            &mut encoder,
+            "keys_rehashed",
+            "keys moved to the current pepper after a successful check under an older one",
+            s.rehasher.rewritten(),
+        )?;
+        counter(
+            &mut encoder,
+            "rehash_dropped",
+            "keys not queued for rehashing because the queue was full (offered again after their next first check)",
+            s.rehasher.dropped(),
+        )?;
+        counter(
+            &mut encoder,
+            "rehash_write_failures",
+            "failed writes of rehashed keys (retried)",
+            s.rehasher.failed_writes(),
         )?;
         counter(
             &mut encoder,

@@ -48,6 +48,8 @@ use crate::{
         admin::KeyManager,
         hash_pool::HashPool,
         operators::OperatorTokens,
+        peppers::Peppers,
+        rehash::Rehasher,
         verify::{Verifier, VerifyParts},
     },
     startup::supervise::{RestartPolicy, Supervisor},
@@ -80,6 +82,21 @@ const VERIFY_METHOD: &str = "/keywarden.v1.KeyVerify/Verify";
 /// The pepper subkey that tags verification audit ids.
 const EVENT_ID_PURPOSE: &str = "keywarden audit event id v1";
 
+/// Says at start when live keys or operator tokens are stored under a
+/// pepper this replica was not given: they cannot verify or authenticate
+/// here. Serving goes on (retiring a pepper early may be deliberate), and a
+/// failed count only means the warning is skipped.
+async fn warn_of_missing_peppers(peppers: &Peppers, clock: &DbClock) {
+    match peppers.missing(clock.now()).await {
+        Ok(missing) => {
+            for (pepper, live) in missing {
+                tracing::error!(%pepper, live, "live keys or operator tokens are hashed under a pepper that is not configured; they cannot verify until it is");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot count keys by pepper generation"),
+    }
+}
+
 /// A built, bound, not yet serving keywarden.
 pub struct Application {
     settings: Settings,
@@ -109,6 +126,7 @@ pub struct Application {
     verify: KeyVerifyService,
     access: Arc<Access>,
     callers: VerifyCallers,
+    rehasher: Arc<Rehasher>,
 }
 
 impl std::fmt::Debug for Application {
@@ -205,6 +223,9 @@ impl Application {
             Some(t) => Some(TlsSource::load(t, Arc::clone(&metrics)).context("loading the TLS certificate")?),
             None => None,
         };
+        // Keys checked under an old pepper are hashed again on KeyAdmin's
+        // scrypt thread, behind its own work.
+        let rehasher = Rehasher::new(store.clone(), secrets.hasher.clone(), admin_pool.clone());
         let exporter = Exporter::new(
             &metrics,
             Sources {
@@ -216,11 +237,12 @@ impl Application {
                 cache: cache.clone(),
                 freshness: Arc::clone(&freshness),
                 tasks: supervisor.clone(),
+                rehasher: Arc::clone(&rehasher),
             },
         );
         let access = Arc::new(Access::new(
             store.clone(),
-            TokenDigester::new(secrets.hasher.subkey_mac(OPERATOR_DIGEST_PURPOSE)),
+            TokenDigester::new(secrets.hasher.subkey_macs(OPERATOR_DIGEST_PURPOSE)),
             &secrets.admin_tokens,
             settings.operator_identities.clone(),
             audit.clone(),
@@ -228,7 +250,9 @@ impl Application {
             Arc::clone(&clock),
         ));
         let operators = Arc::new(OperatorTokens::new(store.clone(), Arc::clone(&access)));
-        let event_ids = EventIds::new(secrets.hasher.subkey_mac(EVENT_ID_PURPOSE));
+        let event_ids = EventIds::new(secrets.hasher.subkey_macs(EVENT_ID_PURPOSE));
+        let peppers = Arc::new(Peppers::new(store.clone(), secrets.hasher.clone(), Arc::clone(&access)));
+        warn_of_missing_peppers(&peppers, &clock).await;
         let deps = Deps {
             store: store.clone(),
             hasher: secrets.hasher,
@@ -261,6 +285,7 @@ impl Application {
                 cache: cache.clone(),
                 freshness: Arc::clone(&freshness),
                 metrics: Arc::clone(&metrics),
+                rehasher: Arc::clone(&rehasher),
             },
         );
         let listener = TcpListener::bind(settings.listen_addr)
@@ -305,7 +330,8 @@ impl Application {
             tls,
             callers: VerifyCallers::new(&settings.verify_callers),
             access,
-            admin: KeyAdminService::new(Arc::new(manager), operators),
+            admin: KeyAdminService::new(Arc::new(manager), operators, peppers),
+            rehasher,
             verify: KeyVerifyService::new(Arc::new(verifier)),
             settings,
             listener,
@@ -397,6 +423,7 @@ impl Application {
             tasks_stopped,
             metrics,
             exporter,
+            rehasher,
             ..
         } = self;
         // Every background task runs under the supervisor: restarted when
@@ -433,6 +460,10 @@ impl Application {
             )
         };
         let mut helpers: Vec<JoinHandle<Option<()>>> = Vec::new();
+        {
+            let (rehasher, stop) = (Arc::clone(&rehasher), stop.clone());
+            helpers.push(supervisor.spawn("pepper rehash", move || Arc::clone(&rehasher).run(stop()), || {}));
+        }
         if let Some(pool) = store.listen_pool().cloned() {
             let (cache, freshness, metrics, store, heartbeat, stop) = (
                 cache.clone(),

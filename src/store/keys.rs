@@ -99,6 +99,7 @@ impl NewKey {
             name: Set(self.name),
             prefix: Set(self.prefix),
             key_hash: Set(self.hash.to_string()),
+            pepper: Set(self.hash.pepper().to_string()),
             scopes: Set(self.scopes.join(" ")),
             allowed_cidrs: Set(self.allowed_cidrs.join(" ")),
             expires_at: Set(self.expires_at),

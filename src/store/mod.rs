@@ -10,6 +10,7 @@ pub mod entity;
 pub mod keys;
 pub mod migration;
 pub mod operators;
+pub mod peppers;
 
 use std::{
     str::FromStr,

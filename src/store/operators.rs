@@ -13,7 +13,7 @@ use super::{
     entity::operator_token,
     keys::InsertError,
 };
-use crate::keys::operator::OperatorRole;
+use crate::keys::{PepperId, operator::OperatorRole};
 
 /// An operator token as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,8 @@ pub struct StoredOperator {
     pub merchant_ids: Vec<String>,
     pub prefix: String,
     pub digest: Vec<u8>,
+    /// The pepper generation `digest` was made under.
+    pub pepper: PepperId,
     pub created_by: String,
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
@@ -40,9 +42,12 @@ impl TryFrom<operator_token::Model> for StoredOperator {
         let role =
             OperatorRole::parse(&m.role).ok_or_else(|| corrupt("operator role", format!("{:?}", m.role)))?;
         let digest = decode_hex(&m.digest).ok_or_else(|| corrupt("operator digest", "not hex".into()))?;
+        let pepper =
+            PepperId::parse(&m.pepper).map_err(|e| corrupt("operator digest's pepper", e.to_string()))?;
         Ok(Self {
             role,
             digest,
+            pepper,
             merchant_ids: m.merchant_ids.split_whitespace().map(str::to_owned).collect(),
             id: m.id,
             name: m.name,
@@ -64,6 +69,7 @@ impl StoredOperator {
             merchant_ids: Set(self.merchant_ids.join(" ")),
             prefix: Set(self.prefix),
             digest: Set(encode_hex(&self.digest)),
+            pepper: Set(self.pepper.to_string()),
             created_by: Set(self.created_by),
             created_at: Set(self.created_at),
             expires_at: Set(self.expires_at),
@@ -72,7 +78,7 @@ impl StoredOperator {
     }
 }
 
-fn encode_hex(bytes: &[u8]) -> String {
+pub(super) fn encode_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -197,6 +197,23 @@ pub async fn spawn_app_over<F: Future<Output = ()>>(
     let dir = tempfile::tempdir().unwrap();
     let (database_url, postgres) = fresh_database(&backend, dir.path()).await;
     prepare(database_url.clone()).await;
+    serve_on(database_url, postgres, dir, tls, customise).await
+}
+
+/// Another app on `first`'s database (e.g. a restart with new settings);
+/// `first` keeps owning the database, so it must outlive this one.
+pub async fn spawn_app_on(first: &TestApp, customise: impl FnOnce(&mut Settings)) -> TestApp {
+    serve_on(first.database_url.clone(), None, tempfile::tempdir().unwrap(), first.tls.clone(), customise)
+        .await
+}
+
+async fn serve_on(
+    database_url: String,
+    postgres: Option<(String, String)>,
+    dir: tempfile::TempDir,
+    tls: Option<crate::pki::TlsClient>,
+    customise: impl FnOnce(&mut Settings),
+) -> TestApp {
     let mut settings = test_settings(&database_url, dir.path());
     customise(&mut settings);
     let app = Application::build(settings).await.expect("application builds");
@@ -875,4 +892,24 @@ impl Proxy {
         let userinfo = authority.rsplit_once('@').map(|(u, _)| format!("{u}@")).unwrap_or_default();
         format!("{scheme}://{userinfo}{}/{path}", self.addr)
     }
+}
+
+/// Runs the `keywarden` command line against `app` as the bootstrap admin;
+/// fails the test unless it succeeds. Returns stdout and stderr.
+pub fn cli(app: &TestApp, args: &[&str]) -> (String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .args(args)
+        .env("KEYWARDEN_SERVER", format!("http://{}", app.addr))
+        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8(output.stdout).unwrap(), String::from_utf8(output.stderr).unwrap());
+    assert!(output.status.success(), "keywarden {args:?} failed:\n{stderr}");
+    (stdout, stderr)
+}
+
+/// `stdout` as one JSON document.
+pub fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }

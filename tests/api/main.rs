@@ -15,6 +15,7 @@ mod hot_path;
 mod lifecycle;
 mod operations;
 mod operators;
+mod peppers;
 mod pki;
 mod spans;
 mod spool;

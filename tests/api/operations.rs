@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use crate::helpers::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, TestApp, sigterm, spawn_app, spawn_binary};
+use crate::helpers::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, cli, json, sigterm, spawn_app, spawn_binary};
 use keywarden::api::pb;
 
 backend_tests!(
@@ -74,23 +74,6 @@ async fn metrics_are_valid_openmetrics_and_count_what_happened(backend: Backend)
     sigterm(&replica.child);
     assert!(crate::helpers::exited(replica.child).await.success());
     crate::helpers::drop_database(postgres).await;
-}
-
-fn cli(app: &TestApp, args: &[&str]) -> (String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .args(args)
-        .env("KEYWARDEN_SERVER", format!("http://{}", app.addr))
-        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    let (stdout, stderr) =
-        (String::from_utf8(output.stdout).unwrap(), String::from_utf8(output.stderr).unwrap());
-    assert!(output.status.success(), "keywarden {args:?} failed:\n{stderr}");
-    (stdout, stderr)
-}
-
-fn json(stdout: &str) -> serde_json::Value {
-    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
 async fn the_cli_manages_keys_end_to_end(backend: Backend) {

@@ -17,7 +17,7 @@ backend_tests!(
     refused_calls_are_audited_at_most_twice_per_peer_and_minute,
 );
 
-const RPCS: [&str; 12] = [
+const RPCS: [&str; 13] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -30,6 +30,7 @@ const RPCS: [&str; 12] = [
     "CreateOperatorToken",
     "ListOperatorTokens",
     "RevokeOperatorToken",
+    "GetPepperStatus",
 ];
 
 /// Calls `rpc` as `caller` with arguments that succeed for a caller allowed
@@ -90,6 +91,7 @@ async fn call(rpc: &str, caller: &mut AdminClient, setup: &mut AdminClient) -> R
         "RevokeOperatorToken" => {
             caller.revoke_operator_token(pb::RevokeOperatorTokenRequest { id: token_id }).await.map(drop)
         }
+        "GetPepperStatus" => caller.get_pepper_status(pb::GetPepperStatusRequest {}).await.map(drop),
         other => panic!("no such RPC {other}"),
     }
 }
@@ -99,7 +101,7 @@ async fn every_role_may_call_exactly_its_rpcs(backend: Backend) {
     // The table, written out rather than read from the code under test.
     let matrix: [(pb::OperatorRole, &[&str]); 3] = [
         (pb::OperatorRole::Admin, &RPCS),
-        // Every key RPC (the first nine), none of the operator-token ones.
+        // Every key RPC (the first nine), none of the ADMIN-only ones.
         (pb::OperatorRole::KeyManager, &RPCS[..9]),
         (pb::OperatorRole::Auditor, &["GetKey", "ListKeys", "GetKeyUsage", "ListAuditEvents", "ListScopes"]),
     ];

@@ -1,5 +1,5 @@
 //! `api_keys`: one row per issued key. The plaintext is never stored, only
-//! its lookup prefix (unique) and its v1 hash.
+//! its lookup prefix (unique) and its hash.
 
 use sea_orm::entity::prelude::*;
 
@@ -14,6 +14,8 @@ pub struct Model {
     #[sea_orm(unique)]
     pub prefix: String,
     pub key_hash: String,
+    /// The pepper generation `key_hash` names, written with it.
+    pub pepper: String,
     /// Space-separated scope names, in catalogue order.
     pub scopes: String,
     /// Space-separated canonical IPs and CIDR ranges.

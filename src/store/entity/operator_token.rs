@@ -18,6 +18,8 @@ pub struct Model {
     pub prefix: String,
     /// Hex HMAC-SHA256 of the token under a pepper subkey.
     pub digest: String,
+    /// The pepper generation the digest was made under.
+    pub pepper: String,
     pub created_by: String,
     pub created_at: DateTimeUtc,
     pub expires_at: Option<DateTimeUtc>,

@@ -9,6 +9,7 @@ mod m20261128_000003_usage_flushes;
 mod m20261203_000004_operator_tokens;
 mod m20261203_000005_audit_rollup_count;
 mod m20261203_000006_audit_dead_letters;
+mod m20261203_000007_pepper_generations;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000004_operator_tokens::Migration),
             Box::new(m20261203_000005_audit_rollup_count::Migration),
             Box::new(m20261203_000006_audit_dead_letters::Migration),
+            Box::new(m20261203_000007_pepper_generations::Migration),
         ]
     }
 }
