@@ -114,8 +114,8 @@ def check_promises(docs, label, secrets):
     job = kinds["Job"][0]
     check(job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade", f"{label}: migration is a pre-install,pre-upgrade hook")
     check(job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"], f"{label}: the hook runs keywarden migrate")
-    for key in ("PEPPER", "ADMIN_TOKEN", "DATABASE_URL"):
-        check(not any(key in k for k in config), f"{label}: {key} is not in the ConfigMap")
+    for key in ("PEPPER", "PEPPERS", "ADMIN_TOKEN", "ADMIN_TOKENS", "DATABASE_URL"):
+        check(f"KEYWARDEN_{key}" not in config, f"{label}: {key} is not in the ConfigMap")
     for value in secrets:
         check(all(value not in str(v) for v in config.values()), f"{label}: no secret value in the ConfigMap")
     secret_refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]}
@@ -225,6 +225,23 @@ explicit = {"secrets": {"databaseUrl": "postgres://kw:s3cret-pw@db:5432/kw", "pe
 docs = render(explicit, "explicit-secrets")
 kinds = check_promises(docs, "explicit-secrets", ["s3cret-pw", "A" * 44, "x" * 20])
 check(kinds["Secret"][0]["stringData"]["pepper"] == "A" * 44, "explicit-secrets: the pepper is in the Secret")
+
+# A rotation in progress: generation 2 current, generation 1 kept; then
+# generation 1 retired, which the chart renders without a `pepper` key.
+rotating = {"secrets": {"pepper": "A" * 44, "peppers": '{2="' + "C" * 44 + '"}', "adminToken": "token-" + "x" * 20},
+            "config": {"pepperCurrent": "2"}}
+docs = render(rotating, "rotating")
+kinds = check_promises(docs, "rotating", ["A" * 44, "C" * 44, "x" * 20])
+check(kinds["ConfigMap"][0]["data"].get("KEYWARDEN_PEPPER_CURRENT") == "2", "rotating: the current pepper is in the ConfigMap")
+check(kinds["Secret"][0]["stringData"]["peppers"] == '{2="' + "C" * 44 + '"}', "rotating: later peppers are in the Secret")
+container = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+check(refs["KEYWARDEN_PEPPERS"]["key"] == "peppers" and refs["KEYWARDEN_PEPPERS"]["optional"]
+      and refs["KEYWARDEN_PEPPER"]["optional"], "rotating: either pepper key may be absent from the Secret")
+retired = {"secrets": {"pepper": "", "peppers": '{2="' + "C" * 44 + '"}', "adminToken": "token-" + "x" * 20},
+           "config": {"pepperCurrent": "2"}}
+kinds = check_promises(render(retired, "retired"), "retired", ["C" * 44])
+check("pepper" not in kinds["Secret"][0]["stringData"], "retired: generation 1 is gone from the Secret")
 
 # Production-like values.
 production = yaml.safe_load((CHART / "ci" / "production-values.yaml").read_text())
