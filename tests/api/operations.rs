@@ -2,7 +2,7 @@
 //! command-line client against a real server, and logs that never carry a
 //! secret.
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use crate::helpers::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, cli, json, sigterm, spawn_app, spawn_binary};
 use keywarden::api::pb;
@@ -218,21 +218,31 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
     crate::helpers::drop_database(postgres).await;
 }
 
-/// sqlx 0.9.0 stopped setting TCP_NODELAY on PostgreSQL sockets
-/// (vendor/README.md); without it every write longer than one segment waits
-/// for the server's delayed ACK. The option is read off the pooled
-/// connection's own socket, found by the client port PostgreSQL reports.
+/// sqlx 0.9.0 stopped setting TCP_NODELAY on PostgreSQL sockets, and never
+/// set TCP keepalive (vendor/README.md); without the first every write
+/// longer than one segment waits for the server's delayed ACK, without the
+/// second a half-open connection is never noticed. The options are read off
+/// the pooled connection's own socket, found by the client port PostgreSQL
+/// reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
-async fn postgres_connections_are_opened_with_tcp_nodelay() {
+async fn postgres_connections_are_opened_with_tcp_nodelay_and_keepalive() {
+    use rustix::net::sockopt;
     let Backend::Postgres(url) = Backend::postgres() else { unreachable!("postgres() is PostgreSQL") };
     let store = keywarden::store::Store::connect(&url, &Default::default()).await.unwrap();
+    // The change listener's pool: a LISTEN connection waits on reads.
     let pool = store.listen_pool().expect("a PostgreSQL store has a pool of its own");
     let mut connection = pool.acquire().await.unwrap();
     let port: i32 =
         sea_orm::sqlx::query_scalar("SELECT inet_client_port()").fetch_one(&mut *connection).await.unwrap();
     let socket = own_tcp_socket(u16::try_from(port).unwrap());
-    assert!(rustix::net::sockopt::tcp_nodelay(&socket).unwrap(), "TCP_NODELAY is off on the pooled socket");
+    assert!(sockopt::tcp_nodelay(&socket).unwrap(), "TCP_NODELAY is off on the pooled socket");
+    // A server gone without closing is found by the kernel within
+    // 10 s + 3 × 5 s of silence, not never.
+    assert!(sockopt::socket_keepalive(&socket).unwrap(), "SO_KEEPALIVE is off on the pooled socket");
+    assert_eq!(sockopt::tcp_keepidle(&socket).unwrap(), Duration::from_secs(10));
+    assert_eq!(sockopt::tcp_keepintvl(&socket).unwrap(), Duration::from_secs(5));
+    assert_eq!(sockopt::tcp_keepcnt(&socket).unwrap(), 3);
     drop(connection);
     store.close().await;
 }

@@ -193,6 +193,14 @@ pub async fn connect_tcp<Ws: WithSocket>(
         // not in a release yet): without TCP_NODELAY, the tail of every
         // write larger than one segment waits for the server's delayed ACK.
         stream.set_nodelay(true)?;
+        // keywarden patch (upstream: transact-rs/sqlx#3540, open PR #4355):
+        // TCP keepalive, so that the kernel finds a connection whose server
+        // vanished without closing it (a failover, a lost NAT mapping)
+        // instead of a read waiting on it forever.
+        let keepalive = socket2::TcpKeepalive::new().with_time(std::time::Duration::from_secs(10));
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "freebsd"))]
+        let keepalive = keepalive.with_interval(std::time::Duration::from_secs(5)).with_retries(3);
+        socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
         return Ok(with_socket.with_socket(stream).await);
     }
 
