@@ -806,7 +806,11 @@ async fn replicas_with_skewed_clocks_deny_a_revoked_key_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_half_open_listener_is_detected_within_two_heartbeats() {
-    const HEARTBEAT: Duration = Duration::from_millis(300);
+    const HEARTBEAT: Duration = Duration::from_secs(1);
+    // What a busy test machine may add to the detection (the check's timer
+    // and this test's polling are scheduled late); less than an interval,
+    // so the bound still tells two intervals from three.
+    const SCHEDULING: Duration = Duration::from_millis(750);
     let Backend::Postgres(server) = Backend::postgres() else { unreachable!() };
     let proxy = Proxy::start(Proxy::upstream_of(&server)).await;
     let held = spawn_app_over(
@@ -836,7 +840,7 @@ async fn a_half_open_listener_is_detected_within_two_heartbeats() {
     })
     .await;
     let detected = stalled.elapsed();
-    assert!(detected <= HEARTBEAT * 2 + Duration::from_millis(250), "detected after {detected:?}");
+    assert!(detected <= HEARTBEAT * 2 + SCHEDULING, "detected after {detected:?}");
     assert!(held.probes.freshness.database_reachable(), "a dead listener is not a database outage");
 
     revoke(&mut direct.admin, &key.id).await;
