@@ -28,6 +28,8 @@
 //! - [`store`]: persistence on sea-orm (SQLite or PostgreSQL): keys, usage,
 //!   operator tokens, the audit row ([`store::audit::AuditRecord`]) and its
 //!   writers, and migrations.
+//! - [`routes`]: the gateway's route table (which scope an HTTP method and
+//!   path need), parsed and matched without I/O; it imports only [`keys`].
 //! - [`keys`]: the key domain, free of I/O: format and checksum, hashing,
 //!   scopes, CIDR allow-lists, the decision, and operator tokens and roles.
 //!
@@ -42,6 +44,7 @@ pub mod clock;
 pub mod config;
 pub mod keys;
 pub mod metrics;
+pub mod routes;
 pub mod service;
 pub mod startup;
 pub mod store;
