@@ -4,6 +4,29 @@
 
 use std::{env, path::PathBuf};
 
+/// Envoy's ext_authz service as a descriptor set, for server reflection
+/// only: envoy-types provides the Rust types (third_party/envoy-protos).
+fn envoy_descriptors(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = match env::var_os("PROTOC") {
+        Some(p) => PathBuf::from(p),
+        None => protoc_bin_vendored::protoc_bin_path()?,
+    };
+    let status = std::process::Command::new(protoc)
+        .arg("-I")
+        .arg("third_party/envoy-protos")
+        .arg("-I")
+        .arg(protoc_bin_vendored::include_path()?)
+        .arg("--include_imports")
+        .arg(format!("--descriptor_set_out={}", out_dir.join("envoy_descriptor.bin").display()))
+        .arg("envoy/service/auth/v3/external_auth.proto")
+        .status()?;
+    if !status.success() {
+        return Err(format!("protoc failed on third_party/envoy-protos: {status}").into());
+    }
+    println!("cargo:rerun-if-changed=third_party/envoy-protos");
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let protos = [
@@ -28,6 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ])
         .compile_with_config(config, &protos, &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
+    envoy_descriptors(&out_dir)?;
     // An empty KEYWARDEN_TEST_POSTGRES_URL opts out of the PostgreSQL test
     // runs: they are then compiled as ignored, and reported so, instead of
     // passing without running.

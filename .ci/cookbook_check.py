@@ -4,6 +4,7 @@ server started as it shows: a first run (embedded SQLite, generated secrets)
 serving mutual TLS with the certificates its first block makes, using only
 server reflection. Only the port is swapped for a free one."""
 
+import json
 import os
 import pathlib
 import re
@@ -52,6 +53,13 @@ def main():
         tls = ["-cacert", "ca.pem", "-cert", "client.pem", "-key", "client.key"]
         described = subprocess.run(["grpcurl", *tls, f"127.0.0.1:{port}", "describe", "keywarden.v1.KeyVerify"],
                                    cwd=work, capture_output=True, text=True, check=True).stdout
+        # Envoy's Check, known to grpcurl only through reflection; no route
+        # file, so every request is refused as unrouted.
+        envoy_request = {"attributes": {"request": {"http": {"method": "GET", "path": "/public/api/v1/sales",
+                                                             "headers": {"x-api-key": "sntr_x"}}}}}
+        checked = subprocess.run(["grpcurl", *tls, "-d", json.dumps(envoy_request), f"127.0.0.1:{port}",
+                                  "envoy.service.auth.v3.Authorization/Check"],
+                                 cwd=work, capture_output=True, text=True)
         plaintext = subprocess.run(["grpcurl", "-plaintext", f"127.0.0.1:{port}", "list"],
                                    cwd=work, capture_output=True, text=True)
         no_client_cert = subprocess.run(["grpcurl", "-cacert", "ca.pem", f"127.0.0.1:{port}", "list"],
@@ -62,8 +70,11 @@ def main():
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
     print(output[-4000:])
+    print(checked.stdout[-2000:], checked.stderr[-2000:])
     expected = {
         "describe via reflection, over mTLS": "rpc Verify ( .keywarden.v1.VerifyRequest )" in described,
+        "Envoy's Check through reflection": checked.returncode == 0 and "DENY_REASON_NO_ROUTE" in checked.stdout
+        and '"code": "Forbidden"' in checked.stdout,
         "plaintext refused": plaintext.returncode != 0,
         "no client certificate refused": no_client_cert.returncode != 0,
         "operator token issued": '"plaintextToken": "kwop_' in output and '"role": "OPERATOR_ROLE_KEY_MANAGER"' in output,

@@ -249,6 +249,14 @@ pub struct Settings {
     /// listener alive (PostgreSQL); two intervals without any notice and
     /// the listener is declared dead.
     pub feed_heartbeat_interval_ms: u64,
+    /// Gateway mode: the route table (TOML) that says which scope each
+    /// HTTP method and path need. Without it, Check denies every request.
+    pub routes_file: Option<PathBuf>,
+    /// How often the route file is read again for changes.
+    pub routes_reload_interval_ms: u64,
+    /// Proxies in front of Envoy whose `x-forwarded-for` entries are
+    /// trusted: 0 uses the connection's source address.
+    pub trusted_proxy_hops: usize,
     /// How far this replica's own clock is off, for tests of clock skew.
     /// Never read from the environment or a file.
     #[serde(skip)]
@@ -324,6 +332,9 @@ impl Default for Settings {
             staleness_bound_ms: 30_000,
             health_check_interval_ms: 1_000,
             feed_heartbeat_interval_ms: 2_000,
+            routes_file: None,
+            routes_reload_interval_ms: 2_000,
+            trusted_proxy_hops: 0,
             audit_spool_dir: None,
             audit_spool_max_bytes: 256 * 1024 * 1024,
             audit_spill_after_ms: 500,
@@ -455,6 +466,10 @@ impl Settings {
 
     pub fn feed_heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.feed_heartbeat_interval_ms.max(10))
+    }
+
+    pub fn routes_reload_interval(&self) -> Duration {
+        Duration::from_millis(self.routes_reload_interval_ms.max(10))
     }
 
     pub fn shutdown_grace(&self) -> Duration {

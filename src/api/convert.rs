@@ -80,6 +80,7 @@ pub fn deny_reason(r: DenyReason) -> pb::DenyReason {
         DenyReason::IpNotAllowed => pb::DenyReason::IpNotAllowed,
         DenyReason::InsufficientScope => pb::DenyReason::InsufficientScope,
         DenyReason::Throttled => pb::DenyReason::Throttled,
+        DenyReason::NoRoute => pb::DenyReason::NoRoute,
     }
 }
 

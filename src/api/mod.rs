@@ -4,12 +4,14 @@
 //! `tonic::Status` in one place, [`status`]. Who is calling: [`peer`] (the
 //! connection's address and mTLS identity), [`callers`] (KeyVerify's allowed
 //! identities) and [`auth`] (KeyAdmin credentials), both layers; [`limits`]
-//! bounds each RPC's request size.
+//! bounds each RPC's request size. [`ext_authz`] answers Envoy's
+//! Check (gateway mode) with envoy-types' messages.
 
 pub mod auth;
 pub mod callers;
 pub mod codes;
 pub mod convert;
+pub mod ext_authz;
 pub mod key_admin;
 pub mod key_verify;
 pub mod limits;

@@ -39,11 +39,14 @@ pub enum DenyReason {
     /// Too many wrong secrets lately on this prefix or from this client:
     /// refused without checking the secret.
     Throttled,
+    /// Gateway mode: no route matched, and unmatched requests are denied.
+    /// Decided before any key is looked at.
+    NoRoute,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (so `ALL[r as usize] == r`).
-    pub const ALL: [DenyReason; 7] = [
+    pub const ALL: [DenyReason; 8] = [
         Self::Malformed,
         Self::NotFound,
         Self::Revoked,
@@ -51,6 +54,7 @@ impl DenyReason {
         Self::IpNotAllowed,
         Self::InsufficientScope,
         Self::Throttled,
+        Self::NoRoute,
     ];
 
     /// The HTTP status the calling service answers: 401 when the caller is not
@@ -59,7 +63,7 @@ impl DenyReason {
     pub fn http_status(self) -> u16 {
         match self {
             Self::Malformed | Self::NotFound | Self::Revoked | Self::Expired => 401,
-            Self::IpNotAllowed | Self::InsufficientScope => 403,
+            Self::IpNotAllowed | Self::InsufficientScope | Self::NoRoute => 403,
             Self::Throttled => 429,
         }
     }
@@ -73,6 +77,7 @@ impl DenyReason {
             Self::IpNotAllowed => "IP_NOT_ALLOWED",
             Self::InsufficientScope => "INSUFFICIENT_SCOPE",
             Self::Throttled => "THROTTLED",
+            Self::NoRoute => "NO_ROUTE",
         }
     }
 
@@ -213,7 +218,7 @@ mod tests {
     #[test]
     fn statuses_split_into_401_403_and_429() {
         let statuses: Vec<u16> = DenyReason::ALL.iter().map(|r| r.http_status()).collect();
-        assert_eq!(statuses, [401, 401, 401, 401, 403, 403, 429]);
+        assert_eq!(statuses, [401, 401, 401, 401, 403, 403, 429, 403]);
         for r in DenyReason::ALL {
             assert_eq!(DenyReason::parse(r.as_str()), Some(r));
         }

@@ -341,6 +341,35 @@ impl Verifier {
         Ok(Verdict { outcome, audit_event_id })
     }
 
+    /// A request refused before any key is looked at (the gateway's
+    /// unmatched route): audited as a Verify that belongs to no merchant,
+    /// in a rollup row, and counted with the other decisions.
+    pub fn refuse(
+        &self,
+        endpoint: String,
+        method: String,
+        ip: Option<IpAddr>,
+        reason: DenyReason,
+        span: &tracing::Span,
+    ) -> Verdict {
+        let mut record = AuditRecord::with_id(
+            String::new(),
+            AuditKind::Verify,
+            self.clock.now(),
+            telemetry::current_trace_id(),
+        );
+        record.endpoint = Some(endpoint).filter(|s| !s.is_empty());
+        record.method = Some(method).filter(|s| !s.is_empty());
+        record.ip = ip.map(|ip| ip.to_string());
+        record.decision = Some(Decision::Deny);
+        record.deny_reason = Some(reason);
+        record.status = Some(reason.http_status());
+        record.id = self.rollups.add(&record, reason);
+        audit::record_on_span(span, &record);
+        self.metrics.count_decision(Some(reason));
+        Verdict { outcome: Err(reason), audit_event_id: record.id }
+    }
+
     /// Completes allowed rows with the HTTP status the caller answered.
     /// The work is bounded before any is done: an oversized call is refused
     /// whole, errors list a few fields, the database gets one statement, and

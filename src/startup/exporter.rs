@@ -32,6 +32,7 @@ pub struct Sources {
     pub freshness: Arc<Freshness>,
     pub tasks: super::supervise::Supervisor,
     pub rehasher: Arc<Rehasher>,
+    pub routes: Arc<super::routes::RouteReloader>,
 }
 
 /// The scrape-time view of [`Sources`].
@@ -177,6 +178,25 @@ impl Collector for Snapshot {
             "background tasks failed and not running (the replica is not ready meanwhile)",
             None,
             s.tasks.down() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "gateway_routes",
+            "routes in the gateway's table in use",
+            None,
+            s.routes.routes() as f64,
+        )?;
+        counter(
+            &mut encoder,
+            "gateway_route_reloads",
+            "changed route files put in service",
+            s.routes.reloads(),
+        )?;
+        counter(
+            &mut encoder,
+            "gateway_route_reload_failures",
+            "changed route files refused (the previous table stays in use)",
+            s.routes.failures(),
         )?;
         counter(
             &mut encoder,

@@ -11,6 +11,7 @@
 //! [`exporter`] serves `/metrics`.
 
 pub mod exporter;
+pub mod routes;
 pub mod supervise;
 pub mod tls;
 
@@ -27,6 +28,7 @@ use crate::{
         self,
         auth::AdminAuthLayer,
         callers::VerifyCallers,
+        ext_authz::CheckService,
         key_admin::KeyAdminService,
         key_verify::KeyVerifyService,
         limits::{MessageLimitLayer, MessageLimits},
@@ -46,6 +48,7 @@ use crate::{
         Deps,
         access::Access,
         admin::KeyManager,
+        gateway::Gateway,
         hash_pool::HashPool,
         operators::OperatorTokens,
         peppers::Peppers,
@@ -57,7 +60,9 @@ use crate::{
     throttle::GuessThrottle,
     usage::UsageTracker,
 };
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use exporter::{Exporter, Sources};
+use routes::RouteReloader;
 use tls::TlsSource;
 
 /// Names under which grpc.health.v1 reports readiness; "" is the whole
@@ -79,6 +84,9 @@ const HEALTH_MAX_MESSAGE: usize = 4 << 10;
 const ADMIN_HASH_WORKERS: usize = 1;
 /// The Verify method's path (for its size limit).
 const VERIFY_METHOD: &str = "/keywarden.v1.KeyVerify/Verify";
+/// Largest ext_authz CheckRequest: Envoy's default request-header limit
+/// (60 KiB) with room for the attributes around it.
+const CHECK_MAX_MESSAGE: usize = 128 << 10;
 /// The pepper subkey that tags verification audit ids.
 const EVENT_ID_PURPOSE: &str = "keywarden audit event id v1";
 
@@ -124,6 +132,9 @@ pub struct Application {
     exporter: Exporter,
     admin: KeyAdminService,
     verify: KeyVerifyService,
+    /// Envoy's ext_authz Check, on the same engine as Verify.
+    check: CheckService,
+    routes: Arc<RouteReloader>,
     access: Arc<Access>,
     callers: VerifyCallers,
     rehasher: Arc<Rehasher>,
@@ -168,6 +179,7 @@ impl Application {
         let tls_settings = settings.tls()?;
         let secrets = Secrets::resolve(&settings)?;
         let catalogue = Arc::new(settings.catalogue()?);
+        let routes = RouteReloader::load(settings.routes_file.clone(), Arc::clone(&catalogue))?;
         let prefix = settings.key_prefix()?;
         let options = StoreOptions {
             max_connections: settings.db_max_connections,
@@ -238,6 +250,7 @@ impl Application {
                 freshness: Arc::clone(&freshness),
                 tasks: supervisor.clone(),
                 rehasher: Arc::clone(&rehasher),
+                routes: Arc::clone(&routes),
             },
         );
         let access = Arc::new(Access::new(
@@ -273,7 +286,7 @@ impl Application {
             listeners,
             Arc::clone(&access),
         );
-        let verifier = Verifier::new(
+        let verifier = Arc::new(Verifier::new(
             deps,
             VerifyParts {
                 audit: audit.clone(),
@@ -287,7 +300,9 @@ impl Application {
                 metrics: Arc::clone(&metrics),
                 rehasher: Arc::clone(&rehasher),
             },
-        );
+        ));
+        let gateway =
+            Arc::new(Gateway::new(Arc::clone(&verifier), routes.subscribe(), settings.trusted_proxy_hops));
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("binding {}", settings.listen_addr))?;
@@ -332,7 +347,9 @@ impl Application {
             access,
             admin: KeyAdminService::new(Arc::new(manager), operators, peppers),
             rehasher,
-            verify: KeyVerifyService::new(Arc::new(verifier)),
+            verify: KeyVerifyService::new(verifier),
+            check: CheckService::new(gateway),
+            routes,
             settings,
             listener,
             store,
@@ -424,6 +441,8 @@ impl Application {
             metrics,
             exporter,
             rehasher,
+            check,
+            routes,
             ..
         } = self;
         // Every background task runs under the supervisor: restarted when
@@ -460,6 +479,15 @@ impl Application {
             )
         };
         let mut helpers: Vec<JoinHandle<Option<()>>> = Vec::new();
+        {
+            let (routes, every, stop) =
+                (Arc::clone(&routes), settings.routes_reload_interval(), stop.clone());
+            helpers.push(supervisor.spawn(
+                "route table reloader",
+                move || Arc::clone(&routes).watch(every, stop()),
+                || {},
+            ));
+        }
         {
             let (rehasher, stop) = (Arc::clone(&rehasher), stop.clone());
             helpers.push(supervisor.spawn("pepper rehash", move || Arc::clone(&rehasher).run(stop()), || {}));
@@ -582,6 +610,7 @@ impl Application {
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(api::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(api::pb::ENVOY_FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
@@ -612,7 +641,13 @@ impl Application {
         let verify_service = tonic::service::interceptor::InterceptedService::new(
             KeyVerifyServer::new(verify)
                 .max_decoding_message_size(settings.max_record_outcomes_message_bytes),
-            callers,
+            callers.clone(),
+        );
+        // Envoy's Check: the same callers as KeyVerify, and a bound on the
+        // request headers Envoy forwards.
+        let check_service = tonic::service::interceptor::InterceptedService::new(
+            AuthorizationServer::new(check).max_decoding_message_size(CHECK_MAX_MESSAGE),
+            callers.clone(),
         );
         // KeyAdmin: every call authenticated before its handler runs.
         let admin_service = ServiceBuilder::new()
@@ -669,6 +704,7 @@ impl Application {
                 .add_service(reflection_v1.clone())
                 .add_service(reflection_v1alpha.clone())
                 .add_service(verify_service)
+                .add_service(check_service)
                 .add_optional_service((!separate_admin).then(|| admin_service.clone()))
                 .serve_with_incoming_shutdown(
                     incoming(listener, tls.clone(), &draining),

@@ -10,6 +10,7 @@ mod helpers;
 mod abuse;
 mod admin_api;
 mod fleet;
+mod gateway;
 mod hostile;
 mod hot_path;
 mod lifecycle;

@@ -1,0 +1,185 @@
+//! Envoy's external authorization, `envoy.service.auth.v3.Authorization/Check`,
+//! on the Verify engine: same cache, revocation feed, throttle, audit row
+//! and span. Decodes Envoy's HTTP attributes, asks [`Gateway`], and
+//! answers the documented HTTP responses:
+//!
+//! - allowed: OK, `x-keywarden-{merchant-id,key-id,scopes,audit-id}` set
+//!   (overwriting whatever the client sent) and the key's header removed;
+//! - 401 (`www-authenticate: Bearer`) for a missing, malformed, unknown,
+//!   revoked or expired key; 403 for scope, IP or an unmatched route; 429
+//!   when throttled; 503 when keywarden cannot decide safely; each with a
+//!   JSON body `{"error", "reason"}` and the matching gRPC status code.
+//!
+//! `dynamic_metadata` carries the decision for Envoy's own access log.
+
+use std::{net::IpAddr, sync::Arc};
+
+use envoy_types::{
+    ext_authz::v3::{
+        CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+        pb::{Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode},
+    },
+    pb::{
+        envoy::config::core::v3::address,
+        google::protobuf::{Struct, Value, value::Kind},
+    },
+};
+use tonic::{Code, Request, Response, Status};
+
+use super::trace::{adopt_parent, traced};
+use crate::{
+    audit,
+    keys::DenyReason,
+    service::{
+        ServiceError,
+        gateway::{Checked, Gateway, HttpCheck},
+    },
+};
+
+/// The headers an allowed request carries upstream.
+pub const MERCHANT_HEADER: &str = "x-keywarden-merchant-id";
+pub const KEY_ID_HEADER: &str = "x-keywarden-key-id";
+pub const SCOPES_HEADER: &str = "x-keywarden-scopes";
+pub const AUDIT_ID_HEADER: &str = "x-keywarden-audit-id";
+
+#[derive(Debug, Clone)]
+pub struct CheckService {
+    gateway: Arc<Gateway>,
+}
+
+impl CheckService {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+/// The HTTP request Envoy describes, as the gateway needs it.
+fn http_check(request: CheckRequest) -> HttpCheck {
+    let attributes = request.attributes.unwrap_or_default();
+    let source = attributes.source.and_then(|peer| peer.address).and_then(|a| match a.address {
+        Some(address::Address::SocketAddress(s)) => s.address.parse::<IpAddr>().ok(),
+        _ => None,
+    });
+    let http = attributes.request.and_then(|r| r.http).unwrap_or_default();
+    let mut headers = http.headers;
+    // Envoy lower-cases header names; `header_map` is the newer form.
+    if let Some(map) = http.header_map {
+        for h in map.headers {
+            let value = if h.raw_value.is_empty() {
+                h.value
+            } else {
+                String::from_utf8_lossy(&h.raw_value).into_owned()
+            };
+            headers.entry(h.key.to_ascii_lowercase()).or_insert(value);
+        }
+    }
+    HttpCheck {
+        method: http.method,
+        path: http.path,
+        authorization: headers.remove("authorization"),
+        x_api_key: headers.remove("x-api-key"),
+        forwarded_for: headers.remove("x-forwarded-for"),
+        source,
+    }
+}
+
+fn text(s: impl Into<String>) -> Value {
+    Value { kind: Some(Kind::StringValue(s.into())) }
+}
+
+/// The decision for Envoy's access log (`envoy.filters.http.ext_authz`
+/// namespace in dynamic metadata).
+fn metadata(fields: &[(&str, String)]) -> Struct {
+    Struct { fields: fields.iter().map(|(k, v)| ((*k).to_owned(), text(v.clone()))).collect() }
+}
+
+fn deny_status(reason: DenyReason) -> (HttpStatusCode, Code) {
+    match reason.http_status() {
+        401 => (HttpStatusCode::Unauthorized, Code::Unauthenticated),
+        429 => (HttpStatusCode::TooManyRequests, Code::ResourceExhausted),
+        _ => (HttpStatusCode::Forbidden, Code::PermissionDenied),
+    }
+}
+
+fn short_text(reason: DenyReason) -> &'static str {
+    match reason {
+        DenyReason::Malformed => "missing or malformed API key",
+        DenyReason::NotFound => "invalid API key",
+        DenyReason::Revoked => "API key revoked",
+        DenyReason::Expired => "API key expired",
+        DenyReason::IpNotAllowed => "client IP not allowed for this key",
+        DenyReason::InsufficientScope => "API key lacks the scope this route needs",
+        DenyReason::Throttled => "too many failed attempts; retry later",
+        DenyReason::NoRoute => "no such route",
+    }
+}
+
+fn denied(http: HttpStatusCode, code: Code, error: &str, reason: &str, meta: Struct) -> CheckResponse {
+    let mut body = DeniedHttpResponseBuilder::new();
+    body.set_http_status(http);
+    body.add_header("content-type", "application/json", None, true);
+    if http == HttpStatusCode::Unauthorized {
+        body.add_header("www-authenticate", "Bearer", None, true);
+    }
+    body.set_body(serde_json::json!({ "error": error, "reason": reason }).to_string());
+    let mut response = CheckResponse::with_status(Status::new(code, error));
+    response.set_http_response(body).set_dynamic_metadata(Some(meta));
+    response
+}
+
+fn respond(checked: Checked) -> CheckResponse {
+    let audit_id = checked.verdict.audit_event_id;
+    match checked.verdict.outcome {
+        Ok(grant) => {
+            let mut ok = OkHttpResponseBuilder::new();
+            let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+            ok.add_header(MERCHANT_HEADER, grant.merchant_id.clone(), overwrite, true);
+            ok.add_header(KEY_ID_HEADER, grant.key_id.clone(), overwrite, true);
+            ok.add_header(SCOPES_HEADER, grant.scopes.join(","), overwrite, true);
+            ok.add_header(AUDIT_ID_HEADER, audit_id.clone(), overwrite, true);
+            if let Some(header) = checked.key_header {
+                ok.remove_header(header);
+            }
+            let mut response = CheckResponse::with_status(Status::ok(""));
+            response.set_http_response(ok).set_dynamic_metadata(Some(metadata(&[
+                ("decision", "ALLOW".into()),
+                ("merchant_id", grant.merchant_id),
+                ("key_id", grant.key_id),
+                ("audit_id", audit_id),
+            ])));
+            response
+        }
+        Err(reason) => {
+            let (http, code) = deny_status(reason);
+            let name = format!("DENY_REASON_{}", reason.as_str());
+            let meta =
+                metadata(&[("decision", "DENY".into()), ("reason", name.clone()), ("audit_id", audit_id)]);
+            denied(http, code, short_text(reason), &name, meta)
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for CheckService {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let span = audit::verify_span();
+        adopt_parent(&span, &request);
+        let check = http_check(request.into_inner());
+        match traced(&span, self.gateway.check(check, &span)).await {
+            Ok(checked) => Ok(Response::new(respond(checked))),
+            // Envoy fails closed on an error too, but a 503 it can pass on
+            // says why.
+            Err(ServiceError::Unavailable(why) | ServiceError::Overloaded(why)) => {
+                let meta = metadata(&[("decision", "UNAVAILABLE".into())]);
+                Ok(Response::new(denied(
+                    HttpStatusCode::ServiceUnavailable,
+                    Code::Unavailable,
+                    &why,
+                    "DENY_REASON_UNSPECIFIED",
+                    meta,
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}

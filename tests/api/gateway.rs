@@ -1,0 +1,385 @@
+//! Gateway mode: Envoy's ext_authz Check, called through envoy-types'
+//! generated client as Envoy would, against a real server with a route
+//! file.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::{
+    config::core::v3::{
+        Address, SocketAddress, address, header_value_option::HeaderAppendAction, socket_address,
+    },
+    service::auth::v3::{
+        AttributeContext, CheckRequest, CheckResponse,
+        attribute_context::{HttpRequest, Peer, Request},
+        authorization_client::AuthorizationClient,
+        check_response::HttpResponse,
+    },
+};
+use keywarden::{api::pb, config::Settings};
+use tonic::transport::Channel;
+
+use crate::helpers::{
+    Backend, MERCHANT, TestApp, create_sales_key, eventually, revoke, spawn_app_on, spawn_app_over,
+    spawn_app_with, until, wrong_secret,
+};
+
+backend_tests!(
+    every_decision_answers_its_http_status_body_headers_and_grpc_code,
+    routes_decide_the_scope_and_a_changed_file_takes_effect_unless_invalid,
+    trusted_hops_choose_the_client_ip_a_cidr_limited_key_is_judged_on,
+);
+
+const ROUTES: &str = r#"unmatched = "deny"
+[[route]]
+method = "POST"
+path = "/public/api/v1/invoices"
+scope = "invoice:write"
+[[route]]
+method = "GET"
+path = "/public/api/v1/invoices/{id}"
+scope = "invoice:read"
+[[route]]
+method = "*"
+path = "/public/api/v1/sales/**"
+scope = "sales:read"
+"#;
+
+/// A route file in its own directory (kept alive by the returned guard).
+fn route_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+fn with_routes(path: &std::path::Path) -> impl FnOnce(&mut Settings) + use<> {
+    let path = path.to_owned();
+    move |s: &mut Settings| {
+        s.routes_file = Some(path);
+        s.routes_reload_interval_ms = 50;
+    }
+}
+
+fn client(app: &TestApp) -> AuthorizationClient<Channel> {
+    AuthorizationClient::new(Channel::from_shared(format!("http://{}", app.addr)).unwrap().connect_lazy())
+}
+
+/// What Envoy sends for `method path` from `source` with `headers`.
+fn request(method: &str, path: &str, headers: &[(&str, &str)], source: &str) -> CheckRequest {
+    let address = Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: source.into(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(40_000)),
+            ..Default::default()
+        })),
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(Peer { address: Some(address), ..Default::default() }),
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: method.into(),
+                    path: path.into(),
+                    headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn check(client: &mut AuthorizationClient<Channel>, req: CheckRequest) -> CheckResponse {
+    client.check(req).await.expect("Check answers").into_inner()
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+/// An allowed answer: the headers it sets (name → (value, overwrites)) and
+/// the headers it removes.
+fn allowed(r: &CheckResponse) -> (HashMap<String, (String, bool)>, Vec<String>) {
+    assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
+    let Some(HttpResponse::OkResponse(ok)) = &r.http_response else { panic!("not an OK response: {r:?}") };
+    let set = ok
+        .headers
+        .iter()
+        .filter_map(|h| {
+            let header = h.header.as_ref()?;
+            let overwrites = h.append_action == HeaderAppendAction::OverwriteIfExistsOrAdd as i32;
+            Some((header.key.clone(), (header.value.clone(), overwrites)))
+        })
+        .collect();
+    (set, ok.headers_to_remove.clone())
+}
+
+/// A denied answer: (HTTP status, gRPC code, body's reason, www-authenticate).
+fn denied(r: &CheckResponse) -> (i32, i32, String, Option<String>) {
+    let Some(HttpResponse::DeniedResponse(d)) = &r.http_response else { panic!("not a denial: {r:?}") };
+    let header = |name: &str| {
+        d.headers.iter().filter_map(|h| h.header.as_ref()).find(|h| h.key == name).map(|h| h.value.clone())
+    };
+    assert_eq!(header("content-type").as_deref(), Some("application/json"));
+    let body: serde_json::Value = serde_json::from_str(&d.body).expect("a JSON body");
+    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    (
+        d.status.as_ref().map_or(0, |s| s.code),
+        r.status.as_ref().map_or(0, |s| s.code),
+        body["reason"].as_str().unwrap_or_default().to_owned(),
+        header("www-authenticate"),
+    )
+}
+
+const UNAUTHENTICATED: i32 = tonic::Code::Unauthenticated as i32;
+const PERMISSION_DENIED: i32 = tonic::Code::PermissionDenied as i32;
+const RESOURCE_EXHAUSTED: i32 = tonic::Code::ResourceExhausted as i32;
+
+async fn every_decision_answers_its_http_status_body_headers_and_grpc_code(backend: Backend) {
+    let (_dir, path) = route_file(ROUTES);
+    let mut app = spawn_app_with(backend, with_routes(&path)).await;
+    let (reader, read_key) = app.key_with_scopes(&["invoice:read"]).await;
+    let mut gateway = client(&app);
+    let source = "192.0.2.10";
+
+    // Allowed, key in `authorization`: the grant travels upstream, the key does not.
+    let r = check(
+        &mut gateway,
+        request(
+            "GET",
+            "/public/api/v1/invoices/42?expand=lines",
+            &[("authorization", &bearer(&read_key)), ("x-keywarden-merchant-id", "forged")],
+            source,
+        ),
+    )
+    .await;
+    let (set, removed) = allowed(&r);
+    assert_eq!(
+        set["x-keywarden-merchant-id"],
+        (MERCHANT.to_owned(), true),
+        "overwrites what the client sent"
+    );
+    assert_eq!(set["x-keywarden-key-id"], (reader.id.clone(), true));
+    assert_eq!(set["x-keywarden-scopes"], ("invoice:read".to_owned(), true));
+    let audit_id = set["x-keywarden-audit-id"].0.clone();
+    assert!(!audit_id.is_empty());
+    assert_eq!(removed, ["authorization"]);
+    let meta = r.dynamic_metadata.as_ref().expect("metadata for Envoy's access log");
+    assert!(meta.fields.contains_key("decision") && meta.fields.contains_key("audit_id"));
+
+    // Key in `x-api-key`: that header is the one removed.
+    let r =
+        check(&mut gateway, request("GET", "/public/api/v1/invoices/7", &[("x-api-key", &read_key)], source))
+            .await;
+    assert_eq!(allowed(&r).1, ["x-api-key"]);
+
+    // The audit row is Verify's, with the method and the path without its query.
+    app.settle().await;
+    let events = app
+        .admin
+        .list_audit_events(pb::ListAuditEventsRequest {
+            merchant_id: MERCHANT.into(),
+            api_key_id: reader.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let row = events.iter().find(|e| e.id == audit_id).expect("the Check's audit row");
+    assert_eq!(
+        (row.endpoint.as_str(), row.method.as_str(), row.ip.as_str()),
+        ("/public/api/v1/invoices/42", "GET", source)
+    );
+
+    // Every denial: status, gRPC code, reason, www-authenticate on 401.
+    let unauthenticated =
+        |reason: &str| (401, UNAUTHENTICATED, format!("DENY_REASON_{reason}"), Some("Bearer".to_owned()));
+    let forbidden = |reason: &str| (403, PERMISSION_DENIED, format!("DENY_REASON_{reason}"), None);
+    let get = |headers: &[(&str, &str)]| request("GET", "/public/api/v1/invoices/1", headers, source);
+    assert_eq!(denied(&check(&mut gateway, get(&[])).await), unauthenticated("MALFORMED"), "no key");
+    assert_eq!(
+        denied(&check(&mut gateway, get(&[("authorization", "Basic abc")])).await),
+        unauthenticated("MALFORMED")
+    );
+    assert_eq!(
+        denied(&check(&mut gateway, get(&[("authorization", &bearer(&wrong_secret(&read_key, 1)))])).await),
+        unauthenticated("NOT_FOUND")
+    );
+    let post = request("POST", "/public/api/v1/invoices", &[("authorization", &bearer(&read_key))], source);
+    assert_eq!(denied(&check(&mut gateway, post).await), forbidden("INSUFFICIENT_SCOPE"));
+    let nowhere = request("GET", "/internal/admin", &[("authorization", &bearer(&read_key))], source);
+    assert_eq!(denied(&check(&mut gateway, nowhere).await), forbidden("NO_ROUTE"));
+    let (revoked, revoked_key) = app.key_with_scopes(&["invoice:read"]).await;
+    revoke(&mut app.admin, &revoked.id).await;
+    assert_eq!(
+        denied(&check(&mut gateway, get(&[("authorization", &bearer(&revoked_key))])).await),
+        unauthenticated("REVOKED")
+    );
+
+    // Guessing a key's secret is throttled: 429, RESOURCE_EXHAUSTED.
+    let (_, target) = create_sales_key(&mut app.admin, "guessed").await;
+    let guess = |n| {
+        request(
+            "GET",
+            "/public/api/v1/sales/q4",
+            &[("authorization", &bearer(&wrong_secret(&target, n)))],
+            source,
+        )
+    };
+    let mut throttled = None;
+    for n in 0..40 {
+        let r = check(&mut gateway, guess(n)).await;
+        if denied(&r).0 == 429 {
+            throttled = Some(denied(&r));
+            break;
+        }
+    }
+    assert_eq!(throttled, Some((429, RESOURCE_EXHAUSTED, "DENY_REASON_THROTTLED".to_owned(), None)));
+    app.stop().await;
+}
+
+async fn routes_decide_the_scope_and_a_changed_file_takes_effect_unless_invalid(backend: Backend) {
+    let (_dir, path) = route_file(&ROUTES.replace("\"deny\"", "\"authenticate\""));
+    let mut app = spawn_app_with(backend, with_routes(&path)).await;
+    let (_, sales_key) = create_sales_key(&mut app.admin, "sales").await;
+    let mut gateway = client(&app);
+    let source = "192.0.2.10";
+    let call =
+        |method: &str, path: &str| request(method, path, &[("authorization", &bearer(&sales_key))], source);
+
+    // `**` with any method; unmatched under "authenticate": any valid key.
+    allowed(&check(&mut gateway, call("DELETE", "/public/api/v1/sales/2026/q4")).await);
+    allowed(&check(&mut gateway, call("GET", "/elsewhere")).await);
+    // A route that needs another scope.
+    assert_eq!(denied(&check(&mut gateway, call("GET", "/public/api/v1/invoices/1")).await).0, 403);
+
+    // A valid change takes effect: the invoice route now takes sales:read
+    // (an earlier route wins over the older ones), and unmatched is denied.
+    let changed = format!(
+        "unmatched = \"deny\"\n[[route]]\nmethod = \"GET\"\npath = \"/public/api/v1/invoices/{{id}}\"\nscope = \"sales:read\"\n{}",
+        ROUTES.split_once('\n').unwrap().1.replace(
+            "path = \"/public/api/v1/invoices/{id}\"",
+            "path = \"/public/api/v1/invoices/{id}/lines\""
+        )
+    );
+    std::fs::write(&path, changed).unwrap();
+    until("the changed route file to take effect", || {
+        let mut g = gateway.clone();
+        let req = call("GET", "/public/api/v1/invoices/1");
+        async move {
+            g.check(req)
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+                .filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
+        }
+    })
+    .await;
+    assert_eq!(denied(&check(&mut gateway, call("GET", "/elsewhere")).await).2, "DENY_REASON_NO_ROUTE");
+
+    // An invalid file is refused, counted, and the table in use stays.
+    std::fs::write(&path, ROUTES.replace("sales:read", "sales:reed")).unwrap();
+    let metrics = app.probes.exporter.clone();
+    eventually("the invalid route file to be refused", || {
+        let m = crate::helpers::parse_metrics(&metrics.render());
+        (m["keywarden_gateway_route_reload_failures_total"] >= 1.0).then_some(())
+    })
+    .await;
+    allowed(&check(&mut gateway, call("GET", "/public/api/v1/invoices/1")).await);
+    app.stop().await;
+}
+
+async fn trusted_hops_choose_the_client_ip_a_cidr_limited_key_is_judged_on(backend: Backend) {
+    let (_dir, path) = route_file(ROUTES);
+    for (hops, expected_ip, allowed_expected) in [(1, "10.0.0.5", true), (0, "192.0.2.10", false)] {
+        let routes = with_routes(&path);
+        let mut app = spawn_app_over(
+            backend.clone(),
+            None,
+            |_| async {},
+            move |s| {
+                routes(s);
+                s.trusted_proxy_hops = hops;
+            },
+        )
+        .await;
+        let (key, plaintext) = app
+            .create_key(pb::CreateKeyRequest {
+                merchant_id: MERCHANT.into(),
+                name: "office only".into(),
+                scopes: vec!["sales:read".into()],
+                allowed_cidrs: vec!["10.0.0.0/24".into()],
+                ..Default::default()
+            })
+            .await;
+        let headers =
+            [("authorization", bearer(&plaintext)), ("x-forwarded-for", "evil, 10.0.0.5".to_owned())];
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r =
+            check(&mut client(&app), request("GET", "/public/api/v1/sales", &headers, "192.0.2.10")).await;
+        if allowed_expected {
+            allowed(&r);
+        } else {
+            assert_eq!(denied(&r), (403, PERMISSION_DENIED, "DENY_REASON_IP_NOT_ALLOWED".to_owned(), None));
+        }
+        app.settle().await;
+        let events = app
+            .admin
+            .list_audit_events(pb::ListAuditEventsRequest {
+                merchant_id: MERCHANT.into(),
+                api_key_id: key.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        let checked: Vec<&str> = events
+            .iter()
+            .filter(|e| e.kind == pb::AuditEventKind::Verify as i32)
+            .map(|e| e.ip.as_str())
+            .collect();
+        assert_eq!(checked, [expected_ip], "hops = {hops}");
+        app.stop().await;
+    }
+}
+
+/// A key revoked through one replica is denied by another's Check at once:
+/// the gateway shares Verify's cache and its PostgreSQL change feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
+async fn a_key_revoked_on_another_replica_is_denied_by_check_within_the_fleet_bound() {
+    let (_dir, path) = route_file(ROUTES);
+    let mut admin_replica = spawn_app_with(Backend::postgres(), with_routes(&path)).await;
+    let gateway_replica = spawn_app_on(&admin_replica, with_routes(&path)).await;
+    let (key, plaintext) = create_sales_key(&mut admin_replica.admin, "revoked elsewhere").await;
+    let mut gateway = client(&gateway_replica);
+    let call =
+        || request("GET", "/public/api/v1/sales", &[("authorization", &bearer(&plaintext))], "192.0.2.10");
+    // Cached on the gateway replica, and its change listener up.
+    allowed(&check(&mut gateway, call()).await);
+    eventually("the gateway replica to listen for changes", || {
+        gateway_replica.probes.freshness.trusted().then_some(())
+    })
+    .await;
+
+    revoke(&mut admin_replica.admin, &key).await;
+    let revoked = std::time::Instant::now();
+    until("Check on the other replica to deny the revoked key", || {
+        let (mut gateway, req) = (gateway.clone(), call());
+        async move {
+            gateway.check(req).await.ok().filter(|r| r.get_ref().status.as_ref().is_some_and(|s| s.code != 0))
+        }
+    })
+    .await;
+    // The fleet bound is 100 ms at p99 (fleet::revocation_on_one_replica_…);
+    // a busy test machine gets ten times that, far below the cache TTL a
+    // missed notice costs.
+    let took = revoked.elapsed();
+    assert!(took < std::time::Duration::from_secs(1), "denied after {took:?}");
+    assert_eq!(denied(&check(&mut gateway, call()).await).2, "DENY_REASON_REVOKED");
+    gateway_replica.stop().await;
+    admin_replica.stop().await;
+}
