@@ -16,7 +16,8 @@ import yaml
 from helm_python import Chart, lint
 from helm_python.errors import HelmError
 
-CHART = pathlib.Path(__file__).resolve().parent.parent / "helm" / "keywarden"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "keywarden"
 KUBE = "1.30.0"
 failures = []
 
@@ -242,6 +243,27 @@ retired = {"secrets": {"pepper": "", "peppers": '{2="' + "C" * 44 + '"}', "admin
            "config": {"pepperCurrent": "2"}}
 kinds = check_promises(render(retired, "retired"), "retired", ["C" * 44])
 check("pepper" not in kinds["Secret"][0]["stringData"], "retired: generation 1 is gone from the Secret")
+
+# Gateway mode, with the values docs/gateway.md shows: the route table
+# becomes a ConfigMap mounted as a directory, named by KEYWARDEN_ROUTES_FILE,
+# and it is the route table the docs (and so the tests) use.
+guide = (ROOT / "docs" / "gateway.md").read_text()
+documented_routes = guide.split("```toml\n", 1)[1].split("```", 1)[0]
+helm_block = guide.split("## 5. Helm", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+gateway = dict(trial, **yaml.safe_load(helm_block))
+kinds = check_promises(render(gateway, "gateway"), "gateway", ["B" * 44])
+routes_map = [c for c in kinds["ConfigMap"] if c["metadata"]["name"].endswith("-routes")]
+check(len(routes_map) == 1 and routes_map[0]["data"]["routes.toml"].strip() == documented_routes.strip(),
+      "gateway: the documented Helm values carry the documented route table")
+config = next(c for c in kinds["ConfigMap"] if not c["metadata"]["name"].endswith("-routes"))["data"]
+check(config.get("KEYWARDEN_ROUTES_FILE") == "/etc/keywarden/routes/routes.toml"
+      and config.get("KEYWARDEN_TRUSTED_PROXY_HOPS") == "1", "gateway: the route file and trusted hops are configured")
+pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+mount = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "routes"]
+volume = [v for v in pod["volumes"] if v["name"] == "routes"]
+check(mount and mount[0]["mountPath"] == "/etc/keywarden/routes" and "subPath" not in mount[0]
+      and volume and volume[0]["configMap"]["name"] == routes_map[0]["metadata"]["name"],
+      "gateway: the routes ConfigMap is mounted as a directory, so edits reach running pods")
 
 # Production-like values.
 production = yaml.safe_load((CHART / "ci" / "production-values.yaml").read_text())

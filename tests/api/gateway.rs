@@ -29,20 +29,13 @@ backend_tests!(
     trusted_hops_choose_the_client_ip_a_cidr_limited_key_is_judged_on,
 );
 
-const ROUTES: &str = r#"unmatched = "deny"
-[[route]]
-method = "POST"
-path = "/public/api/v1/invoices"
-scope = "invoice:write"
-[[route]]
-method = "GET"
-path = "/public/api/v1/invoices/{id}"
-scope = "invoice:read"
-[[route]]
-method = "*"
-path = "/public/api/v1/sales/**"
-scope = "sales:read"
-"#;
+/// The route table docs/gateway.md shows (its first TOML block): the
+/// documented values are the tested ones.
+fn documented_routes() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/gateway.md")).unwrap();
+    let block = doc.split("```toml\n").nth(1).expect("docs/gateway.md shows a route table");
+    block.split("```").next().unwrap().to_owned()
+}
 
 /// A route file in its own directory (kept alive by the returned guard).
 fn route_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
@@ -137,7 +130,7 @@ const PERMISSION_DENIED: i32 = tonic::Code::PermissionDenied as i32;
 const RESOURCE_EXHAUSTED: i32 = tonic::Code::ResourceExhausted as i32;
 
 async fn every_decision_answers_its_http_status_body_headers_and_grpc_code(backend: Backend) {
-    let (_dir, path) = route_file(ROUTES);
+    let (_dir, path) = route_file(&documented_routes());
     let mut app = spawn_app_with(backend, with_routes(&path)).await;
     let (reader, read_key) = app.key_with_scopes(&["invoice:read"]).await;
     let mut gateway = client(&app);
@@ -241,7 +234,7 @@ async fn every_decision_answers_its_http_status_body_headers_and_grpc_code(backe
 }
 
 async fn routes_decide_the_scope_and_a_changed_file_takes_effect_unless_invalid(backend: Backend) {
-    let (_dir, path) = route_file(&ROUTES.replace("\"deny\"", "\"authenticate\""));
+    let (_dir, path) = route_file(&documented_routes().replace("\"deny\"", "\"authenticate\""));
     let mut app = spawn_app_with(backend, with_routes(&path)).await;
     let (_, sales_key) = create_sales_key(&mut app.admin, "sales").await;
     let mut gateway = client(&app);
@@ -259,7 +252,7 @@ async fn routes_decide_the_scope_and_a_changed_file_takes_effect_unless_invalid(
     // (an earlier route wins over the older ones), and unmatched is denied.
     let changed = format!(
         "unmatched = \"deny\"\n[[route]]\nmethod = \"GET\"\npath = \"/public/api/v1/invoices/{{id}}\"\nscope = \"sales:read\"\n{}",
-        ROUTES.split_once('\n').unwrap().1.replace(
+        documented_routes().split_once('\n').unwrap().1.replace(
             "path = \"/public/api/v1/invoices/{id}\"",
             "path = \"/public/api/v1/invoices/{id}/lines\""
         )
@@ -280,7 +273,7 @@ async fn routes_decide_the_scope_and_a_changed_file_takes_effect_unless_invalid(
     assert_eq!(denied(&check(&mut gateway, call("GET", "/elsewhere")).await).2, "DENY_REASON_NO_ROUTE");
 
     // An invalid file is refused, counted, and the table in use stays.
-    std::fs::write(&path, ROUTES.replace("sales:read", "sales:reed")).unwrap();
+    std::fs::write(&path, documented_routes().replace("sales:read", "sales:reed")).unwrap();
     let metrics = app.probes.exporter.clone();
     eventually("the invalid route file to be refused", || {
         let m = crate::helpers::parse_metrics(&metrics.render());
@@ -292,7 +285,7 @@ async fn routes_decide_the_scope_and_a_changed_file_takes_effect_unless_invalid(
 }
 
 async fn trusted_hops_choose_the_client_ip_a_cidr_limited_key_is_judged_on(backend: Backend) {
-    let (_dir, path) = route_file(ROUTES);
+    let (_dir, path) = route_file(&documented_routes());
     for (hops, expected_ip, allowed_expected) in [(1, "10.0.0.5", true), (0, "192.0.2.10", false)] {
         let routes = with_routes(&path);
         let mut app = spawn_app_over(
@@ -351,7 +344,7 @@ async fn trusted_hops_choose_the_client_ip_a_cidr_limited_key_is_judged_on(backe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_key_revoked_on_another_replica_is_denied_by_check_within_the_fleet_bound() {
-    let (_dir, path) = route_file(ROUTES);
+    let (_dir, path) = route_file(&documented_routes());
     let mut admin_replica = spawn_app_with(Backend::postgres(), with_routes(&path)).await;
     let gateway_replica = spawn_app_on(&admin_replica, with_routes(&path)).await;
     let (key, plaintext) = create_sales_key(&mut admin_replica.admin, "revoked elsewhere").await;

@@ -116,3 +116,12 @@ capabilities:
 {identity = {{ $g.identity | quote }}, role = {{ $g.role | quote }}, merchant_ids = [{{ range $j, $m := $g.merchantIds }}{{ if $j }}, {{ end }}{{ $m | quote }}{{ end }}]}
 {{- end -}}]
 {{- end }}
+
+{{/* The ConfigMap holding the gateway's routes.toml, if any. */}}
+{{- define "keywarden.routesConfigMap" -}}
+{{- if .Values.gateway.existingConfigMap -}}
+{{ .Values.gateway.existingConfigMap }}
+{{- else if .Values.gateway.routes -}}
+{{ include "keywarden.fullname" . }}-routes
+{{- end -}}
+{{- end }}
