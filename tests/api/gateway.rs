@@ -376,3 +376,55 @@ async fn a_key_revoked_on_another_replica_is_denied_by_check_within_the_fleet_bo
     gateway_replica.stop().await;
     admin_replica.stop().await;
 }
+
+/// Past the staleness bound, with the database unreachable, Check cannot
+/// decide safely: 503 with UNAVAILABLE, never an answer from stale state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
+async fn past_the_staleness_bound_with_the_database_away_check_answers_503() {
+    use crate::helpers::Proxy;
+    let (_dir, path) = route_file(&documented_routes());
+    let Backend::Postgres(server) = Backend::postgres() else { unreachable!() };
+    let proxy = Proxy::start(Proxy::upstream_of(&server)).await;
+    let routes = with_routes(&path);
+    let mut app = spawn_app_over(
+        Backend::postgres(),
+        None,
+        |_| async {},
+        |s| {
+            routes(s);
+            s.database_url = s.database_url.as_deref().map(|url| proxy.url_for(url));
+            s.staleness_bound_ms = 1_000;
+            s.health_check_interval_ms = 100;
+            s.db_acquire_timeout_ms = 300;
+        },
+    )
+    .await;
+    let (_, plaintext) = create_sales_key(&mut app.admin, "bounded").await;
+    let mut gateway = client(&app);
+    let call =
+        || request("GET", "/public/api/v1/sales", &[("authorization", &bearer(&plaintext))], "192.0.2.10");
+    allowed(&check(&mut gateway, call()).await);
+    proxy.cut();
+    let answer = until("Check to stop deciding past the bound", || {
+        let (mut gateway, req) = (gateway.clone(), call());
+        async move {
+            let r = gateway.check(req).await.ok()?.into_inner();
+            r.status.as_ref().is_some_and(|s| s.code == tonic::Code::Unavailable as i32).then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(
+        denied(&answer),
+        (503, tonic::Code::Unavailable as i32, "DENY_REASON_UNSPECIFIED".to_owned(), None)
+    );
+    proxy.restore();
+    until("Check to decide again once the database answers", || {
+        let (mut gateway, req) = (gateway.clone(), call());
+        async move {
+            gateway.check(req).await.ok().filter(|r| r.get_ref().status.as_ref().is_some_and(|s| s.code == 0))
+        }
+    })
+    .await;
+    app.stop().await;
+}
