@@ -4,7 +4,7 @@
 
 use std::{env, path::PathBuf};
 
-/// Envoy's ext_authz service as a descriptor set, for server reflection
+/// Envoy's ext_authz and access-log services as a descriptor set, for server reflection
 /// only: envoy-types provides the Rust types (third_party/envoy-protos).
 fn envoy_descriptors(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let protoc = match env::var_os("PROTOC") {
@@ -19,6 +19,7 @@ fn envoy_descriptors(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error
         .arg("--include_imports")
         .arg(format!("--descriptor_set_out={}", out_dir.join("envoy_descriptor.bin").display()))
         .arg("envoy/service/auth/v3/external_auth.proto")
+        .arg("envoy/service/accesslog/v3/als.proto")
         .status()?;
     if !status.success() {
         return Err(format!("protoc failed on third_party/envoy-protos: {status}").into());

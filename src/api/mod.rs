@@ -5,8 +5,10 @@
 //! connection's address and mTLS identity), [`callers`] (KeyVerify's allowed
 //! identities) and [`auth`] (KeyAdmin credentials), both layers; [`limits`]
 //! bounds each RPC's request size. [`ext_authz`] answers Envoy's
-//! Check (gateway mode) with envoy-types' messages.
+//! Check (gateway mode) with envoy-types' messages, and [`access_log`]
+//! takes Envoy's access-log stream onto the audit rows.
 
+pub mod access_log;
 pub mod auth;
 pub mod callers;
 pub mod codes;

@@ -14,8 +14,8 @@ tonic::include_proto!("keywarden.v1");
 /// Encoded `FileDescriptorSet` of every keywarden proto file and its imports.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/keywarden_descriptor.bin"));
 
-/// Encoded `FileDescriptorSet` of Envoy's ext_authz service and its
-/// imports (the Rust types come from envoy-types).
+/// Encoded `FileDescriptorSet` of Envoy's ext_authz and access-log
+/// services and their imports (the Rust types come from envoy-types).
 pub const ENVOY_FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptor.bin"));
 

@@ -33,6 +33,7 @@ pub struct Sources {
     pub tasks: super::supervise::Supervisor,
     pub rehasher: Arc<Rehasher>,
     pub routes: Arc<super::routes::RouteReloader>,
+    pub access_log: Arc<crate::api::access_log::AccessLogCounters>,
 }
 
 /// The scrape-time view of [`Sources`].
@@ -197,6 +198,24 @@ impl Collector for Snapshot {
             "gateway_route_reload_failures",
             "changed route files refused (the previous table stays in use)",
             s.routes.failures(),
+        )?;
+        counter(
+            &mut encoder,
+            "access_log_outcomes_recorded",
+            "statuses from Envoy's access-log stream handed to the audit trail",
+            s.access_log.recorded.load(Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "access_log_entries_skipped",
+            "access-log entries without an x-keywarden-audit-id or a usable status",
+            s.access_log.skipped.load(Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "access_log_outcomes_failed",
+            "access-log statuses lost because their batch could not be written",
+            s.access_log.failed.load(Relaxed),
         )?;
         counter(
             &mut encoder,

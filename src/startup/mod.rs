@@ -26,6 +26,7 @@ use tower::ServiceBuilder;
 use crate::{
     api::{
         self,
+        access_log::{AccessLogCounters, AccessLogSink},
         auth::AdminAuthLayer,
         callers::VerifyCallers,
         ext_authz::CheckService,
@@ -60,7 +61,10 @@ use crate::{
     throttle::GuessThrottle,
     usage::UsageTracker,
 };
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use envoy_types::{
+    ext_authz::v3::pb::AuthorizationServer,
+    pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer,
+};
 use exporter::{Exporter, Sources};
 use routes::RouteReloader;
 use tls::TlsSource;
@@ -134,6 +138,8 @@ pub struct Application {
     verify: KeyVerifyService,
     /// Envoy's ext_authz Check, on the same engine as Verify.
     check: CheckService,
+    /// Envoy's access-log stream, onto the audit rows Check wrote.
+    access_log: AccessLogSink,
     routes: Arc<RouteReloader>,
     access: Arc<Access>,
     callers: VerifyCallers,
@@ -238,6 +244,7 @@ impl Application {
         // Keys checked under an old pepper are hashed again on KeyAdmin's
         // scrypt thread, behind its own work.
         let rehasher = Rehasher::new(store.clone(), secrets.hasher.clone(), admin_pool.clone());
+        let access_log_counters = Arc::new(AccessLogCounters::default());
         let exporter = Exporter::new(
             &metrics,
             Sources {
@@ -251,6 +258,7 @@ impl Application {
                 tasks: supervisor.clone(),
                 rehasher: Arc::clone(&rehasher),
                 routes: Arc::clone(&routes),
+                access_log: Arc::clone(&access_log_counters),
             },
         );
         let access = Arc::new(Access::new(
@@ -303,6 +311,7 @@ impl Application {
         ));
         let gateway =
             Arc::new(Gateway::new(Arc::clone(&verifier), routes.subscribe(), settings.trusted_proxy_hops));
+        let access_log = AccessLogSink::new(Arc::clone(&verifier), access_log_counters);
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("binding {}", settings.listen_addr))?;
@@ -349,6 +358,7 @@ impl Application {
             rehasher,
             verify: KeyVerifyService::new(verifier),
             check: CheckService::new(gateway),
+            access_log,
             routes,
             settings,
             listener,
@@ -442,6 +452,7 @@ impl Application {
             exporter,
             rehasher,
             check,
+            access_log,
             routes,
             ..
         } = self;
@@ -649,6 +660,11 @@ impl Application {
             AuthorizationServer::new(check).max_decoding_message_size(CHECK_MAX_MESSAGE),
             callers.clone(),
         );
+        // Envoy's access-log stream: the same callers again.
+        let access_log_service = tonic::service::interceptor::InterceptedService::new(
+            AccessLogServiceServer::new(access_log).max_decoding_message_size(settings.max_message_bytes),
+            callers.clone(),
+        );
         // KeyAdmin: every call authenticated before its handler runs.
         let admin_service = ServiceBuilder::new()
             .layer(AdminAuthLayer::new(Arc::clone(&access)))
@@ -705,6 +721,7 @@ impl Application {
                 .add_service(reflection_v1alpha.clone())
                 .add_service(verify_service)
                 .add_service(check_service)
+                .add_service(access_log_service)
                 .add_optional_service((!separate_admin).then(|| admin_service.clone()))
                 .serve_with_incoming_shutdown(
                     incoming(listener, tls.clone(), &draining),

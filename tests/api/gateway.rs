@@ -27,6 +27,7 @@ backend_tests!(
     every_decision_answers_its_http_status_body_headers_and_grpc_code,
     routes_decide_the_scope_and_a_changed_file_takes_effect_unless_invalid,
     trusted_hops_choose_the_client_ip_a_cidr_limited_key_is_judged_on,
+    the_access_log_stream_fills_the_status_of_every_checked_request,
 );
 
 /// The route table docs/gateway.md shows (its first TOML block): the
@@ -426,5 +427,105 @@ async fn past_the_staleness_bound_with_the_database_away_check_answers_503() {
         }
     })
     .await;
+    app.stop().await;
+}
+
+/// One access-log entry as Envoy streams it: the request's audit-id header
+/// (when logged) and the status Envoy answered.
+fn log_entry(
+    audit_id: Option<&str>,
+    status: u32,
+) -> envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry {
+    use envoy_types::pb::{
+        envoy::data::accesslog::v3::{HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties},
+        google::protobuf::UInt32Value,
+    };
+    HttpAccessLogEntry {
+        request: Some(HttpRequestProperties {
+            request_headers: audit_id
+                .map(|id| ("x-keywarden-audit-id".to_owned(), id.to_owned()))
+                .into_iter()
+                .collect(),
+            path: "/public/api/v1/sales".into(),
+            ..Default::default()
+        }),
+        response: Some(HttpResponseProperties {
+            response_code: Some(UInt32Value { value: status }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn the_access_log_stream_fills_the_status_of_every_checked_request(backend: Backend) {
+    use envoy_types::pb::envoy::service::accesslog::v3::{
+        StreamAccessLogsMessage,
+        access_log_service_client::AccessLogServiceClient,
+        stream_access_logs_message::{HttpAccessLogEntries, LogEntries},
+    };
+    let (_dir, path) = route_file(&documented_routes());
+    let mut app = spawn_app_with(backend, with_routes(&path)).await;
+    let (key_id, plaintext) = create_sales_key(&mut app.admin, "logged").await;
+    let mut gateway = client(&app);
+    let mut audit_ids = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let r = check(
+            &mut gateway,
+            request("GET", "/public/api/v1/sales", &[("authorization", &bearer(&plaintext))], "192.0.2.10"),
+        )
+        .await;
+        audit_ids.push(allowed(&r).0["x-keywarden-audit-id"].0.clone());
+    }
+    // One stream: ten messages of a hundred entries, then five entries
+    // Envoy logged without the header (requests Check never saw).
+    let mut messages: Vec<StreamAccessLogsMessage> = audit_ids
+        .chunks(100)
+        .map(|ids| StreamAccessLogsMessage {
+            log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+                log_entry: ids.iter().map(|id| log_entry(Some(id), 201)).collect(),
+            })),
+            ..Default::default()
+        })
+        .collect();
+    messages.push(StreamAccessLogsMessage {
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: (0..5).map(|_| log_entry(None, 200)).collect(),
+        })),
+        ..Default::default()
+    });
+    let channel = Channel::from_shared(format!("http://{}", app.addr)).unwrap().connect_lazy();
+    AccessLogServiceClient::new(channel)
+        .stream_access_logs(tokio_stream::iter(messages))
+        .await
+        .expect("the stream is taken");
+
+    // ListAuditEvents shows the status on every one of the 1000 rows.
+    app.settle().await;
+    let mut statuses = HashMap::new();
+    let mut page_token = String::new();
+    loop {
+        let page = app
+            .admin
+            .list_audit_events(pb::ListAuditEventsRequest {
+                merchant_id: MERCHANT.into(),
+                api_key_id: key_id.clone(),
+                page_size: 500,
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        statuses.extend(page.events.into_iter().map(|e| (e.id, e.status)));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let filled = audit_ids.iter().filter(|id| statuses.get(*id) == Some(&201)).count();
+    assert_eq!(filled, 1000, "every checked request's row carries the status Envoy logged");
+    let m = crate::helpers::parse_metrics(&app.probes.exporter.render());
+    assert_eq!(m["keywarden_access_log_entries_skipped_total"], 5.0);
+    assert_eq!(m["keywarden_access_log_outcomes_recorded_total"], 1000.0);
     app.stop().await;
 }

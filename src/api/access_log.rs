@@ -1,0 +1,117 @@
+//! Envoy's access-log stream, `envoy.service.accesslog.v3.AccessLogService/
+//! StreamAccessLogs`: the HTTP status Envoy answered for each request Check
+//! allowed goes onto that request's audit row, as RecordOutcomes does. An
+//! entry names its row by the `x-keywarden-audit-id` request header (Envoy
+//! logs it when `additional_request_headers_to_log` lists it); entries
+//! without one, or without a usable status, are counted and skipped.
+//!
+//! A stream lives as long as Envoy keeps it open. It holds at most one
+//! batch of outcomes in memory ([`MAX_OUTCOMES`]), written when full, when
+//! the stream pauses for [`LINGER`], and when it ends.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use envoy_types::pb::envoy::service::accesslog::v3::{
+    StreamAccessLogsMessage, StreamAccessLogsResponse, access_log_service_server::AccessLogService,
+    stream_access_logs_message::LogEntries,
+};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::ext_authz::AUDIT_ID_HEADER;
+use crate::service::verify::{MAX_OUTCOMES, Verifier};
+
+/// How long a partial batch waits for more entries before it is written.
+pub const LINGER: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Default)]
+pub struct AccessLogCounters {
+    /// Entries whose status was handed to the audit trail.
+    pub recorded: AtomicU64,
+    /// Entries without an audit id or a usable status.
+    pub skipped: AtomicU64,
+    /// Outcomes lost because their batch could not be written.
+    pub failed: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLogSink {
+    verifier: Arc<Verifier>,
+    counters: Arc<AccessLogCounters>,
+}
+
+impl AccessLogSink {
+    /// `counters` are shared with the metrics endpoint.
+    pub fn new(verifier: Arc<Verifier>, counters: Arc<AccessLogCounters>) -> Self {
+        Self { verifier, counters }
+    }
+
+    /// Takes a message's HTTP entries into `batch`, writing it whenever it
+    /// fills.
+    async fn take(&self, message: StreamAccessLogsMessage, batch: &mut Vec<(String, i32)>) {
+        let Some(LogEntries::HttpLogs(logs)) = message.log_entries else { return };
+        for entry in logs.log_entry {
+            let id = entry.request.and_then(|mut r| r.request_headers.remove(AUDIT_ID_HEADER));
+            let status = entry.response.and_then(|r| r.response_code).map(|c| c.value);
+            match (id, status.and_then(|s| i32::try_from(s).ok())) {
+                (Some(id), Some(status))
+                    if !id.is_empty() && id.len() <= 64 && (100..=599).contains(&status) =>
+                {
+                    batch.push((id, status));
+                    if batch.len() >= MAX_OUTCOMES {
+                        self.flush(batch).await;
+                    }
+                }
+                _ => {
+                    self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    async fn flush(&self, batch: &mut Vec<(String, i32)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        match self.verifier.record_outcomes(std::mem::take(batch)).await {
+            Ok(_) => {
+                self.counters.recorded.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.counters.failed.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(error = %e, outcomes = n, "access-log statuses could not be recorded");
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AccessLogService for AccessLogSink {
+    async fn stream_access_logs(
+        &self,
+        request: Request<Streaming<StreamAccessLogsMessage>>,
+    ) -> Result<Response<StreamAccessLogsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut batch = Vec::with_capacity(MAX_OUTCOMES);
+        loop {
+            match tokio::time::timeout(LINGER, stream.message()).await {
+                Ok(Ok(Some(message))) => self.take(message, &mut batch).await,
+                Ok(Ok(None)) => {
+                    self.flush(&mut batch).await;
+                    return Ok(Response::new(StreamAccessLogsResponse {}));
+                }
+                Ok(Err(status)) => {
+                    self.flush(&mut batch).await;
+                    return Err(status);
+                }
+                Err(_) => self.flush(&mut batch).await,
+            }
+        }
+    }
+}
