@@ -35,6 +35,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use envoy_types::pb::envoy::{
+    config::core::v3::{Address, SocketAddress, address, socket_address},
+    service::auth::v3::{
+        AttributeContext, CheckRequest,
+        attribute_context::{HttpRequest, Peer, Request as HttpAttributes},
+        authorization_client::AuthorizationClient,
+    },
+};
 use keywarden::{
     api::pb::{self, key_admin_client::KeyAdminClient, key_verify_client::KeyVerifyClient},
     config::Settings,
@@ -167,12 +175,50 @@ async fn fresh_postgres(admin_url: &str) -> String {
 struct Connection {
     health: HealthClient<Channel>,
     verify: KeyVerifyClient<Channel>,
+    check: AuthorizationClient<Channel>,
+}
+
+/// The gateway's route table on the benchmark's servers: the sales route
+/// Check scenarios call needs the scope the warm keys hold.
+const ROUTES: &str = "unmatched = \"deny\"\n[[route]]\nmethod = \"GET\"\npath = \"/public/api/v1/sales/**\"\nscope = \"sales:read\"\n";
+
+/// What Envoy sends to Check for a GET of the sales route with `key`.
+fn check_request(key: &str) -> CheckRequest {
+    let source = Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: "10.1.2.3".into(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(40_000)),
+            ..Default::default()
+        })),
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(Peer { address: Some(source), ..Default::default() }),
+            request: Some(HttpAttributes {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/public/api/v1/sales/2026/q4?currency=EUR".into(),
+                    headers: [
+                        ("authorization".to_owned(), format!("Bearer {key}")),
+                        ("user-agent".to_owned(), "bench/1.0".to_owned()),
+                        ("accept".to_owned(), "application/json".to_owned()),
+                    ]
+                    .into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
 }
 
 /// What a scenario sends.
 enum Load {
     /// grpc.health.v1.Health/Check: the no-op floor.
     Health,
+    /// Envoy's ext_authz Check for the sales route, one of `keys` per call.
+    Check(Arc<Vec<String>>),
     /// Verify requests drawn from a weighted mix of (weight, keys, scope, ip).
     Verify { mix: Vec<(u32, Arc<Vec<String>>, &'static str, &'static str)>, total_weight: u32 },
 }
@@ -205,12 +251,20 @@ impl Load {
 
     fn classes(&self) -> usize {
         match self {
-            Self::Health => 1,
+            Self::Health | Self::Check(_) => 1,
             Self::Verify { mix, .. } => mix.len(),
         }
     }
 
     async fn call(&self, conn: &Connection, i: usize) -> Result<(), tonic::Code> {
+        if let Self::Check(keys) = self {
+            let mut client = conn.check.clone();
+            return client
+                .check(check_request(&keys[i % keys.len()]))
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code());
+        }
         match self.pick(i) {
             None => {
                 let mut client = conn.health.clone();
@@ -413,7 +467,8 @@ async fn connect_tls(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, n: us
         let channel = support::tls::channel(Arc::clone(config), addr).await;
         conns.push(Connection {
             health: HealthClient::new(channel.clone()),
-            verify: KeyVerifyClient::new(channel),
+            verify: KeyVerifyClient::new(channel.clone()),
+            check: AuthorizationClient::new(channel),
         });
     }
     conns
@@ -464,10 +519,82 @@ async fn connect(addr: SocketAddr, n: usize) -> Vec<Connection> {
         let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
         conns.push(Connection {
             health: HealthClient::new(channel.clone()),
-            verify: KeyVerifyClient::new(channel),
+            verify: KeyVerifyClient::new(channel.clone()),
+            check: AuthorizationClient::new(channel),
         });
     }
     conns
+}
+
+/// Entries per second Envoy's access-log stream takes: `n` audit ids from
+/// warm Verify calls, then one stream of 100-entry messages carrying them,
+/// timed from the first message to the answer (which follows the last
+/// batch's write).
+async fn access_log_rate(addr: SocketAddr, conns: &[Connection], keys: &Arc<Vec<String>>, n: usize) -> f64 {
+    use envoy_types::pb::{
+        envoy::{
+            data::accesslog::v3::{HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties},
+            service::accesslog::v3::{
+                StreamAccessLogsMessage,
+                access_log_service_client::AccessLogServiceClient,
+                stream_access_logs_message::{HttpAccessLogEntries, LogEntries},
+            },
+        },
+        google::protobuf::UInt32Value,
+    };
+    let per_conn = n.div_ceil(conns.len());
+    let mut tasks = Vec::new();
+    for (c, conn) in conns.iter().enumerate() {
+        let (mut client, keys) = (conn.verify.clone(), Arc::clone(keys));
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(per_conn);
+            for i in 0..per_conn {
+                let r = client
+                    .verify(pb::VerifyRequest {
+                        key: keys[(c * per_conn + i) % keys.len()].clone(),
+                        ip: "10.1.2.3".into(),
+                        required_scope: "sales:read".into(),
+                        endpoint: "/public/api/v1/sales".into(),
+                        method: "GET".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                ids.push(r.audit_event_id);
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::with_capacity(n);
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    let messages: Vec<StreamAccessLogsMessage> = ids
+        .chunks(100)
+        .map(|chunk| StreamAccessLogsMessage {
+            log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+                log_entry: chunk
+                    .iter()
+                    .map(|id| HttpAccessLogEntry {
+                        request: Some(HttpRequestProperties {
+                            request_headers: [("x-keywarden-audit-id".to_owned(), id.clone())].into(),
+                            ..Default::default()
+                        }),
+                        response: Some(HttpResponseProperties {
+                            response_code: Some(UInt32Value { value: 200 }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+            })),
+            ..Default::default()
+        })
+        .collect();
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let started = Instant::now();
+    AccessLogServiceClient::new(channel).stream_access_logs(tokio_stream::iter(messages)).await.unwrap();
+    ids.len() as f64 / started.elapsed().as_secs_f64()
 }
 
 // ------------------------------------------------------------------ fixtures
@@ -859,7 +986,11 @@ fn main() {
                 Some(admin_url) => client_rt.block_on(fresh_postgres(admin_url)),
                 None => format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display()),
             };
-            let server = start_server(&server_rt, &url, dir.path(), true, args.hash_workers, |_| {});
+            let routes = dir.path().join("routes.toml");
+            std::fs::write(&routes, ROUTES).unwrap();
+            let server = start_server(&server_rt, &url, dir.path(), true, args.hash_workers, move |s| {
+                s.routes_file = Some(routes);
+            });
             let cold = start_server(&server_rt, &url, dir.path(), false, args.hash_workers, |_| {});
             let tls_servers = (!args.no_tls).then(|| {
                 let tls = |mutual: bool| {
@@ -921,6 +1052,11 @@ fn main() {
             ("malformed key (bad checksum)", "malformed", Load::verify(vec![(1, bad, "", "10.1.2.3")]), 0),
             ("wrong secret, one key repeated", "wrong-secret", Load::verify(vec![(1, wrong, "", "10.1.2.3")]), 0),
         ];
+        // Gateway mode: the same warm keys through Envoy's Check, and
+        // malformed keys answered 401.
+        scenarios.push(("warm Check ALLOW (gateway)", "check-allow", Arc::new(Load::Check(Arc::clone(&keys))), 0));
+        let bad_for_check: Arc<Vec<String>> = Arc::new(keys.iter().take(100).map(|k| bad_checksum(k)).collect());
+        scenarios.push(("Check DENY 401 (bad checksum)", "check-malformed", Arc::new(Load::Check(bad_for_check)), 0));
         if sets.len() == 3 {
             let allow = || Load::verify(vec![(1, Arc::clone(&keys), "sales:read", "10.1.2.3")]);
             scenarios.push(("warm Verify ALLOW over TLS", "allow-tls", allow(), 1));
@@ -972,6 +1108,13 @@ fn main() {
         let baseline = closed[0][0].clone();
         let warm_allow = closed[1][0].clone();
         let malformed = closed[4][0].clone();
+        let by_id = |id: &str| {
+            let i = scenarios.iter().position(|(_, s, _, _)| *s == id).expect("a scenario with this id");
+            closed[i][0].clone()
+        };
+        let (check_allow, check_malformed) = (by_id("check-allow"), by_id("check-malformed"));
+        let als_rate = access_log_rate(server.addr, &conns, &keys, 20_000).await;
+        drain_audit(probes.as_ref()).await;
         let mut rows: Vec<Row> =
             scenarios.iter().zip(&closed).map(|((name, _, _, _), o)| Row { name: name.to_string(), outcome: o[0].clone() }).collect();
 
@@ -1091,6 +1234,21 @@ fn main() {
         );
         let r = malformed.throughput() / baseline.throughput();
         println!("| malformed keys ≥ 0.85 × baseline | {r:.2} × | {} |", verdict(r >= 0.85));
+        let r = check_allow.throughput() / warm_allow.throughput();
+        println!(
+            "| gateway: warm Check ALLOW ≥ 0.9 × warm Verify ALLOW | {:.0}/s vs {:.0}/s = {r:.2} × | {} |",
+            check_allow.throughput(),
+            warm_allow.throughput(),
+            verdict(r >= 0.9)
+        );
+        let r = check_malformed.throughput() / baseline.throughput();
+        println!("| gateway: Check DENY 401 (bad checksum), against the no-op baseline | {r:.2} × | - |");
+        let r = als_rate / check_allow.throughput();
+        println!(
+            "| gateway: access-log ingestion ≥ warm Check rate | {als_rate:.0} entries/s vs {:.0} Checks/s = {r:.2} × | {} |",
+            check_allow.throughput(),
+            verdict(r >= 1.0)
+        );
         if let Some(c) = &cold {
             let capacity = cores as f64 / hash_seconds;
             let r = c.throughput() / capacity;
