@@ -185,6 +185,18 @@ pub fn check_request(catalogue: &ScopeCatalogue, input: &VerifyInput) -> Result<
     Ok(Checked { ip, required })
 }
 
+/// A Verify audit row with the request's fields; its id is given once it is
+/// known where the row goes (a minted id for the queue, the rollup's
+/// otherwise).
+fn verify_record(now: DateTime<Utc>, endpoint: String, method: String, ip: Option<IpAddr>) -> AuditRecord {
+    let mut record =
+        AuditRecord::with_id(String::new(), AuditKind::Verify, now, telemetry::current_trace_id());
+    record.endpoint = Some(endpoint).filter(|s| !s.is_empty());
+    record.method = Some(method).filter(|s| !s.is_empty());
+    record.ip = ip.map(|ip| ip.to_string());
+    record
+}
+
 /// What an allowed key grants, for the response.
 fn grant(catalogue: &ScopeCatalogue, state: &KeyState) -> Grant {
     Grant {
@@ -272,13 +284,7 @@ impl Verifier {
         // The database's clock: revocations stamped by another replica
         // compare against the clock they were stamped on.
         let now = self.clock.now();
-        // The id is given once it is known where the row goes: a minted id
-        // for the queue, the rollup's id otherwise.
-        let mut record =
-            AuditRecord::with_id(String::new(), AuditKind::Verify, now, telemetry::current_trace_id());
-        record.endpoint = Some(input.endpoint).filter(|s| !s.is_empty());
-        record.method = Some(input.method).filter(|s| !s.is_empty());
-        record.ip = checked.ip.map(|ip| ip.to_string());
+        let mut record = verify_record(now, input.endpoint, input.method, checked.ip);
 
         let outcome = match PlainKey::parse(&self.prefix, &input.key) {
             Err(_) => Err(DenyReason::Malformed),
@@ -352,15 +358,7 @@ impl Verifier {
         reason: DenyReason,
         span: &tracing::Span,
     ) -> Verdict {
-        let mut record = AuditRecord::with_id(
-            String::new(),
-            AuditKind::Verify,
-            self.clock.now(),
-            telemetry::current_trace_id(),
-        );
-        record.endpoint = Some(endpoint).filter(|s| !s.is_empty());
-        record.method = Some(method).filter(|s| !s.is_empty());
-        record.ip = ip.map(|ip| ip.to_string());
+        let mut record = verify_record(self.clock.now(), endpoint, method, ip);
         record.decision = Some(Decision::Deny);
         record.deny_reason = Some(reason);
         record.status = Some(reason.http_status());
