@@ -162,24 +162,41 @@ impl AuditQueue {
     /// the row is not carried inside the future: every Verify awaits this,
     /// and its future is copied at each await and spawn.
     pub fn push(&self, record: AuditRecord) -> impl Future<Output = Result<(), QueueError>> + Send + '_ {
-        if record.decision == Some(Decision::Allow) {
-            self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).insert(record.id.clone(), None);
-        }
-        // Every path that loses the row gets it back, and forgets its outcome.
-        let waiting = match self.tx.try_send(record) {
-            Ok(()) => Ok(None),
-            Err(mpsc::error::TrySendError::Closed(record)) => {
-                self.forget_outcome(&record);
-                Err(QueueError::Closed)
-            }
-            // Boxed: the wait is rare, and `send`'s future is over a kilobyte.
-            Err(mpsc::error::TrySendError::Full(record)) => Ok(Some(Box::pin(self.send_waiting(record)))),
-        };
+        // Boxed: the wait is rare, and `send`'s future is over a kilobyte.
+        let waiting = self.offer(record).map(|full| full.map(|record| Box::pin(self.send_waiting(record))));
         async move {
             match waiting? {
                 None => Ok(()),
                 Some(wait) => wait.await,
             }
+        }
+    }
+
+    /// Queues a row without making the caller wait: it is in the queue (and
+    /// counted by [`Self::unwritten`]) when this returns, unless the queue
+    /// is full; only then does a task of its own wait for room.
+    pub fn push_detached(&self, record: AuditRecord) {
+        if let Ok(Some(record)) = self.offer(record) {
+            let queue = self.clone();
+            tokio::spawn(async move {
+                let _ = queue.send_waiting(record).await;
+            });
+        }
+    }
+
+    /// Offers the row to the queue now; gives it back if the queue is full.
+    fn offer(&self, record: AuditRecord) -> Result<Option<AuditRecord>, QueueError> {
+        if record.decision == Some(Decision::Allow) {
+            self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).insert(record.id.clone(), None);
+        }
+        // Every path that loses the row gets it back, and forgets its outcome.
+        match self.tx.try_send(record) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(record)) => {
+                self.forget_outcome(&record);
+                Err(QueueError::Closed)
+            }
+            Err(mpsc::error::TrySendError::Full(record)) => Ok(Some(record)),
         }
     }
 
@@ -724,6 +741,34 @@ mod tests {
 
     /// A batch the writer has taken but not committed is out of the queue
     /// yet not written: `unwritten` must still count it.
+    /// A row queued without waiting is in the queue when the call returns,
+    /// before any other task has run (the runtime here has one thread); a
+    /// row that finds the queue full waits for room in a task of its own.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_detached_push_is_queued_before_the_caller_goes_on() {
+        let (store, dir) = temp_sqlite_store().await;
+        let settings = AuditSettings {
+            capacity: 1,
+            batch_size: 1,
+            linger: Duration::from_secs(600),
+            overflow: Overflow::Block,
+            wait: Duration::from_secs(5),
+            dead_letter_file: dir.path().join("dead-letters.jsonl"),
+            spill_after: Duration::from_millis(500),
+        };
+        let (queue, writer) = channel(store, &settings, None);
+        queue.push_detached(AuditRecord::new(AuditKind::AccessDenied, Utc::now(), None));
+        assert_eq!(queue.unwritten(), 1, "the row is queued at once");
+        let second = AuditRecord::new(AuditKind::AccessDenied, Utc::now(), None);
+        let second_id = second.id.clone();
+        queue.push_detached(second);
+        assert_eq!(queue.depth(), 1, "the full queue holds only the first row");
+        let mut state = writer.state.lock().await;
+        assert!(state.rx.recv().await.is_some());
+        let waited = tokio::time::timeout(Duration::from_secs(5), state.rx.recv()).await;
+        assert_eq!(waited.ok().flatten().map(|r| r.id), Some(second_id), "the waiting row arrives");
+    }
+
     #[tokio::test]
     async fn rows_the_writer_holds_count_as_unwritten_until_committed() {
         let (queue, stop_tx, run, _dir) = three_rows_lingering().await;

@@ -399,11 +399,10 @@ impl Refusals {
         }
     }
 
-    /// Queues a row without making the refused caller wait for room.
+    /// Queues a row without making the refused caller wait for room. The
+    /// row is queued before the refusal is answered, so whoever waits for
+    /// the queue to drain after it sees the row.
     fn write(&self, row: AuditRecord) {
-        let queue = self.queue.clone();
-        tokio::spawn(async move {
-            let _ = queue.push(row).await;
-        });
+        self.queue.push_detached(row);
     }
 }
