@@ -16,6 +16,8 @@ COPY Cargo.toml Cargo.lock build.rs ./
 # The patched sqlx-core that [patch.crates-io] points at (vendor/README.md).
 COPY vendor ./vendor
 COPY proto ./proto
+# A workspace member: its manifest is needed to resolve the workspace.
+COPY client ./client
 RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && echo 'fn main() {}' > benches/verify.rs \
     && cargo build --release --locked --bin keywarden || true

@@ -101,7 +101,8 @@ fn deny_status(reason: DenyReason) -> (HttpStatusCode, Code) {
     }
 }
 
-fn short_text(reason: DenyReason) -> &'static str {
+/// The `error` text of a denial's body; keywarden-client answers the same.
+pub fn short_text(reason: DenyReason) -> &'static str {
     match reason {
         DenyReason::Malformed => "missing or malformed API key",
         DenyReason::NotFound => "invalid API key",

@@ -1,0 +1,345 @@
+//! The tower layer: a key from the request's headers, a scope from the
+//! service's route function, a Verify call, and a grant or a denial.
+
+use std::{
+    borrow::Cow,
+    fmt,
+    future::Future,
+    net::IpAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header, request::Parts};
+use http_body_util::{Either, Full};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::{
+    client::{Client, Decision, Error},
+    pb::{DenyReason, VerifyRequest},
+};
+
+/// The headers a key may come in, as at keywarden's gateway.
+const AUTHORIZATION: &str = "authorization";
+const X_API_KEY: &str = "x-api-key";
+/// Longest key keywarden accepts; a longer one is malformed without a call.
+const MAX_KEY: usize = 128;
+/// Limits of Verify's audit fields.
+const MAX_ENDPOINT: usize = 2048;
+const MAX_METHOD: usize = 32;
+
+/// What a route needs, as the service's route function says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requirement {
+    /// A key granting this scope.
+    Scope(Cow<'static, str>),
+    /// Any valid key, whatever its scopes.
+    AnyValidKey,
+    /// No such route: 403 without a Verify call.
+    NoRoute,
+}
+
+impl Requirement {
+    pub fn scope(scope: impl Into<Cow<'static, str>>) -> Self {
+        Self::Scope(scope.into())
+    }
+}
+
+type RouteFn = dyn Fn(&Method, &str) -> Requirement + Send + Sync;
+type ClientIpFn = dyn Fn(&Parts) -> Option<IpAddr> + Send + Sync;
+
+/// Verifies every request's key before the inner service sees it.
+#[derive(Clone)]
+pub struct VerifyLayer {
+    client: Client,
+    routes: Arc<RouteFn>,
+    client_ip: Arc<ClientIpFn>,
+}
+
+impl fmt::Debug for VerifyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyLayer").field("client", &self.client).finish_non_exhaustive()
+    }
+}
+
+impl VerifyLayer {
+    /// `routes` says what each request (method, path without the query)
+    /// needs.
+    pub fn new(
+        client: Client,
+        routes: impl Fn(&Method, &str) -> Requirement + Send + Sync + 'static,
+    ) -> Self {
+        Self { client, routes: Arc::new(routes), client_ip: Arc::new(connection_ip) }
+    }
+
+    /// Where the client's address comes from. By default, the connection's
+    /// peer: tonic's `TcpConnectInfo`, or axum's `ConnectInfo<SocketAddr>`
+    /// with the `axum` feature. Behind proxies, read the entry your nearest
+    /// trusted proxy wrote in `x-forwarded-for`, never the left-most one.
+    pub fn client_ip(mut self, client_ip: impl Fn(&Parts) -> Option<IpAddr> + Send + Sync + 'static) -> Self {
+        self.client_ip = Arc::new(client_ip);
+        self
+    }
+}
+
+impl<S> Layer<S> for VerifyLayer {
+    type Service = VerifyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        VerifyService { inner, layer: self.clone() }
+    }
+}
+
+/// The service [`VerifyLayer`] wraps around another.
+#[derive(Clone, Debug)]
+pub struct VerifyService<S> {
+    inner: S,
+    layer: VerifyLayer,
+}
+
+type Answer<B> = Response<Either<B, Full<Bytes>>>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for VerifyService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: 'static,
+{
+    type Response = Answer<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The instance polled ready is the one called; its clone waits for
+        // the next poll_ready.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(layer.handle(inner, request))
+    }
+}
+
+impl VerifyLayer {
+    async fn handle<S, ReqBody, ResBody>(
+        self,
+        mut inner: S,
+        request: Request<ReqBody>,
+    ) -> Result<Answer<ResBody>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    {
+        let (mut parts, body) = request.into_parts();
+        let required_scope = match (self.routes)(&parts.method, parts.uri.path()) {
+            Requirement::NoRoute => return Ok(Denial::Denied(DenyReason::NoRoute).response()),
+            Requirement::Scope(scope) => scope.into_owned(),
+            Requirement::AnyValidKey => String::new(),
+        };
+        let (key, header) = presented_key(&parts.headers);
+        if key.len() > MAX_KEY {
+            return Ok(Denial::Denied(DenyReason::Malformed).response());
+        }
+        let call = VerifyRequest {
+            key,
+            ip: (self.client_ip)(&parts).map(|ip| ip.to_string()).unwrap_or_default(),
+            required_scope,
+            endpoint: audit_endpoint(parts.uri.path()),
+            method: Some(parts.method.as_str())
+                .filter(|m| m.len() <= MAX_METHOD)
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        let grant = match self.client.verify(call).await {
+            Ok(Decision::Allow(grant)) => grant,
+            Ok(Decision::Deny(reason)) => return Ok(Denial::Denied(reason).response()),
+            Err(e @ Error::Refused(_)) => {
+                tracing::error!(error = %e, "keywarden refused to verify: answering 500");
+                return Ok(Denial::Misconfigured.response());
+            }
+            Err(e @ Error::Unavailable(_)) => {
+                tracing::warn!(error = %e, "keywarden could not decide: answering 503");
+                return Ok(Denial::Unavailable.response());
+            }
+        };
+        // The handler has the grant; the key stays out of its reach (and logs).
+        if let Some(header) = header {
+            parts.headers.remove(header);
+        }
+        let audit_id = grant.audit_id.clone();
+        parts.extensions.insert(grant);
+        let response = inner.call(Request::from_parts(parts, body)).await?;
+        self.client.report(audit_id, response.status().as_u16());
+        Ok(response.map(Either::Left))
+    }
+}
+
+/// A refusal, answered as keywarden's gateway answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// keywarden denied the key (or the layer found no key or no route).
+    Denied(DenyReason),
+    /// keywarden could not be reached or could not decide safely: 503.
+    Unavailable,
+    /// keywarden refused the call itself (e.g. an unknown scope): 500.
+    Misconfigured,
+}
+
+impl Denial {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::Denied(reason) => match reason {
+                DenyReason::Malformed | DenyReason::NotFound | DenyReason::Revoked | DenyReason::Expired => {
+                    StatusCode::UNAUTHORIZED
+                }
+                DenyReason::Throttled => StatusCode::TOO_MANY_REQUESTS,
+                DenyReason::IpNotAllowed
+                | DenyReason::InsufficientScope
+                | DenyReason::NoRoute
+                | DenyReason::Unspecified => StatusCode::FORBIDDEN,
+            },
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The JSON body: `{"error": "<short text>", "reason": "DENY_REASON_…"}`.
+    pub fn body(self) -> String {
+        let (error, reason) = match self {
+            Self::Denied(reason) => (short_text(reason), reason.as_str_name()),
+            Self::Unavailable => ("API key check unavailable", DenyReason::Unspecified.as_str_name()),
+            Self::Misconfigured => ("API key check misconfigured", DenyReason::Unspecified.as_str_name()),
+        };
+        serde_json::json!({ "error": error, "reason": reason }).to_string()
+    }
+
+    /// The response, with `www-authenticate: Bearer` on 401.
+    pub fn response<B>(self) -> Response<Either<B, Full<Bytes>>> {
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from(self.body()))));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if self.status() == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// The gateway's texts, so that a service answers as Envoy in front of it
+/// would.
+fn short_text(reason: DenyReason) -> &'static str {
+    match reason {
+        DenyReason::Malformed => "missing or malformed API key",
+        DenyReason::NotFound => "invalid API key",
+        DenyReason::Revoked => "API key revoked",
+        DenyReason::Expired => "API key expired",
+        DenyReason::IpNotAllowed => "client IP not allowed for this key",
+        DenyReason::InsufficientScope => "API key lacks the scope this route needs",
+        DenyReason::Throttled => "too many failed attempts; retry later",
+        DenyReason::NoRoute => "no such route",
+        DenyReason::Unspecified => "API key refused",
+    }
+}
+
+/// The key a request presents and the header it came in, as the gateway
+/// reads them: `authorization: Bearer <key>` first, then `x-api-key`. A
+/// header that is not text presents no key.
+fn presented_key(headers: &HeaderMap) -> (String, Option<&'static str>) {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let bearer = text(AUTHORIZATION)
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
+    if let Some(key) = bearer {
+        return (key.to_owned(), Some(AUTHORIZATION));
+    }
+    match text(X_API_KEY) {
+        Some(key) => (key.trim().to_owned(), Some(X_API_KEY)),
+        // A key in another scheme does not reach the handler either.
+        None => (String::new(), headers.contains_key(AUTHORIZATION).then_some(AUTHORIZATION)),
+    }
+}
+
+/// A path fit for Verify's audit field: no control characters, at most
+/// its length limit.
+fn audit_endpoint(path: &str) -> String {
+    let mut endpoint: String = path.chars().filter(|c| !c.is_control()).collect();
+    if endpoint.len() > MAX_ENDPOINT {
+        let mut cut = MAX_ENDPOINT;
+        while !endpoint.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        endpoint.truncate(cut);
+    }
+    endpoint
+}
+
+/// The connection's peer address, from what the server put into the
+/// request's extensions.
+fn connection_ip(parts: &Parts) -> Option<IpAddr> {
+    #[cfg(feature = "axum")]
+    if let Some(info) = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>() {
+        return Some(info.0.ip());
+    }
+    parts
+        .extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|info| info.remote_addr())
+        .map(|addr| addr.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static("")));
+        }
+        map
+    }
+
+    #[test]
+    fn the_key_comes_from_a_bearer_token_first_then_x_api_key() {
+        let both = headers(&[("authorization", "Bearer sntr_a"), ("x-api-key", "sntr_b")]);
+        assert_eq!(presented_key(&both), ("sntr_a".into(), Some(AUTHORIZATION)));
+        let lower = headers(&[("authorization", "bearer  sntr_a ")]);
+        assert_eq!(presented_key(&lower), ("sntr_a".into(), Some(AUTHORIZATION)));
+        let basic = headers(&[("authorization", "Basic dXNlcg=="), ("x-api-key", "sntr_b")]);
+        assert_eq!(presented_key(&basic), ("sntr_b".into(), Some(X_API_KEY)));
+        let only_basic = headers(&[("authorization", "Basic dXNlcg==")]);
+        assert_eq!(presented_key(&only_basic), (String::new(), Some(AUTHORIZATION)));
+        assert_eq!(presented_key(&HeaderMap::new()), (String::new(), None));
+    }
+
+    #[test]
+    fn denials_answer_the_gateways_statuses_and_bodies() {
+        let revoked = Denial::Denied(DenyReason::Revoked);
+        assert_eq!(revoked.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(revoked.body(), r#"{"error":"API key revoked","reason":"DENY_REASON_REVOKED"}"#);
+        let response = revoked.response::<Full<Bytes>>();
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        assert_eq!(Denial::Denied(DenyReason::Throttled).status(), StatusCode::TOO_MANY_REQUESTS);
+        let scope = Denial::Denied(DenyReason::InsufficientScope).response::<Full<Bytes>>();
+        assert_eq!(scope.status(), StatusCode::FORBIDDEN);
+        assert!(scope.headers().get(header::WWW_AUTHENTICATE).is_none());
+        assert_eq!(Denial::Unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn audit_endpoints_lose_control_characters_and_stay_within_the_limit() {
+        assert_eq!(audit_endpoint("/a\u{7f}/b\n"), "/a/b");
+        let long = format!("/{}", "é".repeat(MAX_ENDPOINT));
+        let cut = audit_endpoint(&long);
+        assert!(cut.len() <= MAX_ENDPOINT && cut.len() > MAX_ENDPOINT - 2);
+    }
+}
