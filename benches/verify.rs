@@ -862,6 +862,7 @@ async fn seed(cache: &keywarden::cache::VerifyCache, n: usize) {
                 allowed: AllowList::parse(&["192.168.0.0/16"]).unwrap(),
                 scopes,
             },
+            rate_limits: Default::default(),
             version: 1,
         });
         cache

@@ -107,10 +107,18 @@ struct Counters {
 }
 
 /// What keywarden decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     Allow(Grant),
-    Deny(pb::DenyReason),
+    Deny(Refusal),
+}
+
+/// Why a key was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub reason: pb::DenyReason,
+    /// On `DENY_REASON_RATE_LIMITED`, the limit that refused the call.
+    pub rate_limit: Option<pb::RateLimitStatus>,
 }
 
 /// An allowed request's grant; [`crate::VerifyLayer`] puts it into the
@@ -172,7 +180,7 @@ impl Client {
                 audit_id: response.audit_event_id,
             }),
             // An unknown decision is not an allow.
-            _ => Decision::Deny(response.deny_reason()),
+            _ => Decision::Deny(Refusal { reason: response.deny_reason(), rate_limit: response.rate_limit }),
         })
     }
 

@@ -18,7 +18,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::{
-    client::{Client, Decision, Error},
+    client::{Client, Decision, Error, Refusal},
     pb::{DenyReason, VerifyRequest},
 };
 
@@ -158,7 +158,7 @@ impl VerifyLayer {
         };
         let grant = match self.client.verify(call).await {
             Ok(Decision::Allow(grant)) => grant,
-            Ok(Decision::Deny(reason)) => return Ok(Denial::Denied(reason).response()),
+            Ok(Decision::Deny(refusal)) => return Ok(Denial::from(refusal).response()),
             Err(e @ Error::Refused(_)) => {
                 tracing::error!(error = %e, "keywarden refused to verify: answering 500");
                 return Ok(Denial::Misconfigured.response());
@@ -189,6 +189,35 @@ pub enum Denial {
     Unavailable,
     /// keywarden refused the call itself (e.g. an unknown scope): 500.
     Misconfigured,
+    /// Over one of the key's rate limits: 429 with the IETF RateLimit
+    /// header fields, as the gateway answers.
+    RateLimited {
+        limit: u32,
+        remaining: u32,
+        /// Seconds until the limit is full again.
+        reset_secs: u64,
+    },
+}
+
+impl From<Refusal> for Denial {
+    fn from(refusal: Refusal) -> Self {
+        match (refusal.reason, refusal.rate_limit) {
+            (DenyReason::RateLimited, Some(status)) => {
+                let reset_at = status.reset_at.unwrap_or_default();
+                let now =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let reset_ms = (i128::from(reset_at.seconds) * 1_000
+                    + i128::from(reset_at.nanos / 1_000_000))
+                    - i128::try_from(now.as_millis()).unwrap_or(i128::MAX);
+                Self::RateLimited {
+                    limit: status.limit,
+                    remaining: status.remaining,
+                    reset_secs: u64::try_from((reset_ms.max(0) + 999) / 1_000).unwrap_or(u64::MAX),
+                }
+            }
+            (reason, _) => Self::Denied(reason),
+        }
+    }
 }
 
 impl Denial {
@@ -198,7 +227,7 @@ impl Denial {
                 DenyReason::Malformed | DenyReason::NotFound | DenyReason::Revoked | DenyReason::Expired => {
                     StatusCode::UNAUTHORIZED
                 }
-                DenyReason::Throttled => StatusCode::TOO_MANY_REQUESTS,
+                DenyReason::Throttled | DenyReason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
                 DenyReason::IpNotAllowed
                 | DenyReason::InsufficientScope
                 | DenyReason::NoRoute
@@ -206,6 +235,7 @@ impl Denial {
             },
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -213,6 +243,9 @@ impl Denial {
     pub fn body(self) -> String {
         let (error, reason) = match self {
             Self::Denied(reason) => (short_text(reason), reason.as_str_name()),
+            Self::RateLimited { .. } => {
+                (short_text(DenyReason::RateLimited), DenyReason::RateLimited.as_str_name())
+            }
             Self::Unavailable => ("API key check unavailable", DenyReason::Unspecified.as_str_name()),
             Self::Misconfigured => ("API key check misconfigured", DenyReason::Unspecified.as_str_name()),
         };
@@ -227,6 +260,11 @@ impl Denial {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if self.status() == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Self::RateLimited { limit, remaining, reset_secs } = self {
+            headers.insert("ratelimit-limit", HeaderValue::from(limit));
+            headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
+            headers.insert("ratelimit-reset", HeaderValue::from(reset_secs));
         }
         response
     }
@@ -244,6 +282,7 @@ fn short_text(reason: DenyReason) -> &'static str {
         DenyReason::InsufficientScope => "API key lacks the scope this route needs",
         DenyReason::Throttled => "too many failed attempts; retry later",
         DenyReason::NoRoute => "no such route",
+        DenyReason::RateLimited => "rate limit exceeded; retry later",
         DenyReason::Unspecified => "API key refused",
     }
 }
@@ -333,6 +372,29 @@ mod tests {
         assert_eq!(scope.status(), StatusCode::FORBIDDEN);
         assert!(scope.headers().get(header::WWW_AUTHENTICATE).is_none());
         assert_eq!(Denial::Unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn a_rate_limited_refusal_carries_the_ratelimit_headers() {
+        let in_ten_seconds =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 10;
+        let refusal = Refusal {
+            reason: DenyReason::RateLimited,
+            rate_limit: Some(crate::pb::RateLimitStatus {
+                name: "per-minute".into(),
+                limit: 100,
+                remaining: 0,
+                reset_at: Some(prost_types::Timestamp { seconds: in_ten_seconds as i64, nanos: 0 }),
+            }),
+        };
+        let response = Denial::from(refusal).response::<Full<Bytes>>();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()["ratelimit-limit"], "100");
+        assert_eq!(response.headers()["ratelimit-remaining"], "0");
+        let reset: u64 = response.headers()["ratelimit-reset"].to_str().unwrap().parse().unwrap();
+        assert!((9..=10).contains(&reset), "{reset}");
+        let body = Denial::Denied(DenyReason::RateLimited).body();
+        assert_eq!(Denial::from(Refusal { reason: DenyReason::RateLimited, rate_limit: None }).body(), body);
     }
 
     #[test]

@@ -32,7 +32,7 @@
 mod client;
 mod layer;
 
-pub use client::{Builder, Client, Decision, Error, Grant};
+pub use client::{Builder, Client, Decision, Error, Grant, Refusal};
 pub use layer::{Denial, Requirement, VerifyLayer, VerifyService};
 
 /// The generated KeyVerify messages and client.

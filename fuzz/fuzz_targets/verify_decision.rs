@@ -78,6 +78,7 @@ fn state(flags: u8, mask: u64) -> KeyState {
             allowed: AllowList::parse(ALLOW_LISTS[usize::from(flags >> 6)]).expect("fixed lists parse"),
             scopes,
         },
+        rate_limits: Default::default(),
         version: 1,
     }
 }
@@ -156,7 +157,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let response = convert::verdict(Verdict { outcome: outcome.clone(), audit_event_id: "id".into() });
+    let response = convert::verdict(Verdict { outcome: outcome.clone(), audit_event_id: "id".into(), rate_limit: None });
     let decoded = pb::VerifyResponse::decode(response.encode_to_vec().as_slice()).expect("our own encoding");
     match outcome {
         Ok(_) => assert_eq!(decoded.decision(), pb::Decision::Allow),

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use super::pb;
 use crate::{
     audit::{AuditKind, AuditRecord},
-    keys::{Decision, DenyReason, KeyStatus, operator::OperatorRole},
+    keys::{Decision, DenyReason, KeyStatus, LimitStatus, RateLimit, RateLimits, operator::OperatorRole},
     service::{
         ServiceError,
         admin::KeyView,
@@ -55,6 +55,50 @@ pub fn duration_in(
         .ok_or_else(invalid)
 }
 
+/// Rate limits as a request gives them. A window that is absent, negative
+/// or not whole milliseconds becomes 0 ms, which validation refuses by
+/// name (`rate_limits[i].window`).
+pub fn rate_limits_in(limits: Vec<pb::RateLimit>) -> Vec<RateLimit> {
+    limits
+        .into_iter()
+        .map(|l| RateLimit {
+            name: l.name.into(),
+            limit: l.limit,
+            window_ms: l.window.map_or(0, |w| {
+                let whole = w.nanos >= 0 && w.nanos % 1_000_000 == 0;
+                u64::try_from(w.seconds)
+                    .ok()
+                    .filter(|_| whole)
+                    .and_then(|s| s.checked_mul(1_000)?.checked_add(u64::try_from(w.nanos / 1_000_000).ok()?))
+                    .unwrap_or(0)
+            }),
+        })
+        .collect()
+}
+
+fn rate_limits_out(limits: &RateLimits) -> Vec<pb::RateLimit> {
+    limits
+        .iter()
+        .map(|l| pb::RateLimit {
+            name: l.name.to_string(),
+            limit: l.limit,
+            window: Some(prost_types::Duration {
+                seconds: i64::try_from(l.window_ms / 1_000).unwrap_or(i64::MAX),
+                nanos: i32::try_from(l.window_ms % 1_000).unwrap_or(0) * 1_000_000,
+            }),
+        })
+        .collect()
+}
+
+pub fn rate_limit_status(s: &LimitStatus) -> pb::RateLimitStatus {
+    pb::RateLimitStatus {
+        name: s.name.to_string(),
+        limit: s.limit,
+        remaining: s.remaining,
+        reset_at: Some(timestamp(s.reset_at)),
+    }
+}
+
 fn status(s: KeyStatus) -> pb::KeyStatus {
     match s {
         KeyStatus::Active => pb::KeyStatus::Active,
@@ -81,6 +125,7 @@ pub fn deny_reason(r: DenyReason) -> pb::DenyReason {
         DenyReason::InsufficientScope => pb::DenyReason::InsufficientScope,
         DenyReason::Throttled => pb::DenyReason::Throttled,
         DenyReason::NoRoute => pb::DenyReason::NoRoute,
+        DenyReason::RateLimited => pb::DenyReason::RateLimited,
     }
 }
 
@@ -152,6 +197,7 @@ pub fn api_key(view: KeyView) -> pb::ApiKey {
         prefix: k.prefix,
         scopes: k.scopes,
         allowed_cidrs: k.allowed_cidrs,
+        rate_limits: rate_limits_out(&k.rate_limits),
         expires_at: opt_timestamp(k.expires_at),
         created_at: Some(timestamp(k.created_at)),
         created_by: k.created_by,
@@ -199,6 +245,7 @@ pub fn verify_input(r: pb::VerifyRequest) -> VerifyInput {
 }
 
 pub fn verdict(v: Verdict) -> pb::VerifyResponse {
+    let rate_limit = v.rate_limit.as_ref().map(rate_limit_status);
     match v.outcome {
         Ok(grant) => pb::VerifyResponse {
             decision: pb::Decision::Allow.into(),
@@ -209,11 +256,13 @@ pub fn verdict(v: Verdict) -> pb::VerifyResponse {
             scopes: grant.scopes,
             expires_at: opt_timestamp(grant.expires_at),
             audit_event_id: v.audit_event_id,
+            rate_limit,
         },
         Err(reason) => pb::VerifyResponse {
             decision: pb::Decision::Deny.into(),
             deny_reason: deny_reason(reason).into(),
             audit_event_id: v.audit_event_id,
+            rate_limit,
             ..Default::default()
         },
     }
@@ -237,5 +286,28 @@ mod tests {
         assert_eq!(d, chrono::Duration::seconds(90) + chrono::Duration::nanoseconds(5));
         assert!(duration_in("g", Some(prost_types::Duration { seconds: 1, nanos: -1 })).is_err());
         assert!(duration_in("g", Some(prost_types::Duration { seconds: i64::MAX, nanos: 0 })).is_err());
+    }
+
+    #[test]
+    fn rate_limit_windows_are_whole_milliseconds_or_refused_as_zero() {
+        let window = |seconds, nanos| {
+            let limit = pb::RateLimit {
+                name: "l".into(),
+                limit: 1,
+                window: Some(prost_types::Duration { seconds, nanos }),
+            };
+            rate_limits_in(vec![limit])[0].window_ms
+        };
+        assert_eq!(window(10, 500_000_000), 10_500);
+        assert_eq!(window(10, 1), 0);
+        assert_eq!(window(-1, 0), 0);
+        assert_eq!(window(i64::MAX, 0), 0);
+        let limits = RateLimits::new(rate_limits_in(vec![pb::RateLimit {
+            name: "l".into(),
+            limit: 5,
+            window: Some(prost_types::Duration { seconds: 1, nanos: 250_000_000 }),
+        }]))
+        .unwrap();
+        assert_eq!(rate_limits_in(rate_limits_out(&limits)), limits.iter().cloned().collect::<Vec<_>>());
     }
 }

@@ -27,9 +27,11 @@ use envoy_types::{
 use tonic::{Code, Request, Response, Status};
 
 use super::trace::{adopt_parent, traced};
+use chrono::{DateTime, Utc};
+
 use crate::{
-    audit,
-    keys::DenyReason,
+    audit, clock,
+    keys::{DenyReason, LimitStatus},
     service::{
         ServiceError,
         gateway::{Checked, Gateway, HttpCheck},
@@ -112,13 +114,36 @@ pub fn short_text(reason: DenyReason) -> &'static str {
         DenyReason::InsufficientScope => "API key lacks the scope this route needs",
         DenyReason::Throttled => "too many failed attempts; retry later",
         DenyReason::NoRoute => "no such route",
+        DenyReason::RateLimited => "rate limit exceeded; retry later",
     }
 }
 
-fn denied(http: HttpStatusCode, code: Code, error: &str, reason: &str, meta: Struct) -> CheckResponse {
+/// The IETF RateLimit header fields (draft-ietf-httpapi-ratelimit-headers)
+/// for a limit's status: its size, what is left, and the seconds until it
+/// is full again.
+pub fn ratelimit_headers(status: &LimitStatus, now: DateTime<Utc>) -> [(&'static str, String); 3] {
+    let reset_ms = (status.reset_at - now).num_milliseconds().max(0);
+    [
+        ("ratelimit-limit", status.limit.to_string()),
+        ("ratelimit-remaining", status.remaining.to_string()),
+        ("ratelimit-reset", ((reset_ms + 999) / 1_000).to_string()),
+    ]
+}
+
+fn denied(
+    http: HttpStatusCode,
+    code: Code,
+    error: &str,
+    reason: &str,
+    meta: Struct,
+    extra: &[(&str, String)],
+) -> CheckResponse {
     let mut body = DeniedHttpResponseBuilder::new();
     body.set_http_status(http);
     body.add_header("content-type", "application/json", None, true);
+    for (name, value) in extra {
+        body.add_header(*name, value.clone(), None, true);
+    }
     if http == HttpStatusCode::Unauthorized {
         body.add_header("www-authenticate", "Bearer", None, true);
     }
@@ -155,7 +180,11 @@ fn respond(checked: Checked) -> CheckResponse {
             let name = format!("DENY_REASON_{}", reason.as_str());
             let meta =
                 metadata(&[("decision", "DENY".into()), ("reason", name.clone()), ("audit_id", audit_id)]);
-            denied(http, code, short_text(reason), &name, meta)
+            let limit_headers = match (reason, &checked.verdict.rate_limit) {
+                (DenyReason::RateLimited, Some(status)) => ratelimit_headers(status, clock::now()).to_vec(),
+                _ => Vec::new(),
+            };
+            denied(http, code, short_text(reason), &name, meta, &limit_headers)
         }
     }
 }
@@ -178,6 +207,7 @@ impl Authorization for CheckService {
                     &why,
                     "DENY_REASON_UNSPECIFIED",
                     meta,
+                    &[],
                 )))
             }
             Err(e) => Err(e.into()),

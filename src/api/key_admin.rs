@@ -59,6 +59,7 @@ impl KeyAdmin for KeyAdminService {
             scopes: r.scopes,
             preset: r.preset,
             allowed_cidrs: r.allowed_cidrs,
+            rate_limits: convert::rate_limits_in(r.rate_limits),
         };
         let issued = traced(&span, self.manager.create(&who, input)).await?;
         Ok(Response::new(pb::CreateKeyResponse {
@@ -108,6 +109,7 @@ impl KeyAdmin for KeyAdminService {
             name: r.name,
             scopes: r.scopes,
             allowed_cidrs: r.allowed_cidrs,
+            rate_limits: convert::rate_limits_in(r.rate_limits),
         };
         let key = traced(&span, self.manager.update(&who, input)).await?;
         Ok(Response::new(pb::UpdateKeyResponse { api_key: Some(convert::api_key(key)) }))

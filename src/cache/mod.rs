@@ -279,6 +279,7 @@ mod tests {
                 allowed: AllowList::default(),
                 scopes: ScopeSet::default(),
             },
+            rate_limits: Default::default(),
             version: 1,
         })
     }

@@ -94,6 +94,35 @@ pub fn duration(value: &str) -> anyhow::Result<prost_types::Duration> {
     Ok(prost_types::Duration { seconds, nanos: 0 })
 }
 
+/// `NAME=LIMIT/WINDOW`, the window a number with ms, s, m, h or d. The
+/// server checks the values; this only reads the shape.
+fn rate_limit(spec: &str) -> anyhow::Result<pb::RateLimit> {
+    let shape =
+        || anyhow::anyhow!("--rate-limit {spec:?}: expected NAME=LIMIT/WINDOW, e.g. per-minute=100/60s");
+    let (name, rest) = spec.split_once('=').ok_or_else(shape)?;
+    let (limit, window) = rest.split_once('/').ok_or_else(shape)?;
+    let digits = window.find(|c: char| !c.is_ascii_digit()).ok_or_else(shape)?;
+    let (amount, unit) = window.split_at(digits);
+    let amount: u64 = amount.parse().map_err(|_| shape())?;
+    let ms_per = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(shape()),
+    };
+    let ms = amount.checked_mul(ms_per).ok_or_else(shape)?;
+    Ok(pb::RateLimit {
+        name: name.to_owned(),
+        limit: limit.parse().map_err(|_| shape())?,
+        window: Some(prost_types::Duration {
+            seconds: i64::try_from(ms / 1_000).map_err(|_| shape())?,
+            nanos: i32::try_from(ms % 1_000).map_err(|_| shape())? * 1_000_000,
+        }),
+    })
+}
+
 fn status_error(e: tonic::Status) -> anyhow::Error {
     use tonic_types::StatusExt;
     let mut message = format!("{:?}: {}", e.code(), e.message());
@@ -109,7 +138,7 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
     let token = token(&conn)?;
     let mut admin = KeyAdminClient::new(channel(&conn).await?);
     match command {
-        KeysCommand::Create { merchant, name, scopes, preset, expires_at, allowed } => {
+        KeysCommand::Create { merchant, name, scopes, preset, expires_at, allowed, rate_limits } => {
             let request = pb::CreateKeyRequest {
                 merchant_id: merchant,
                 name,
@@ -117,6 +146,7 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
                 preset,
                 expires_at: timestamp("--expires-at", expires_at.as_deref())?,
                 allowed_cidrs: allowed,
+                rate_limits: rate_limits.iter().map(|s| rate_limit(s)).collect::<anyhow::Result<_>>()?,
             };
             let created =
                 admin.create_key(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
@@ -143,6 +173,8 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
             allow_any_ip,
             expires_at,
             no_expiry,
+            rate_limits,
+            no_rate_limits,
         } => {
             let mut paths = Vec::new();
             if name.is_some() {
@@ -157,9 +189,12 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
             if expires_at.is_some() || no_expiry {
                 paths.push("expires_at".to_owned());
             }
+            if !rate_limits.is_empty() || no_rate_limits {
+                paths.push("rate_limits".to_owned());
+            }
             if paths.is_empty() {
                 bail!(
-                    "nothing to change: give --name, --scope, --allow/--allow-any-ip or --expires-at/--no-expiry"
+                    "nothing to change: give --name, --scope, --allow/--allow-any-ip, --expires-at/--no-expiry or --rate-limit/--no-rate-limits"
                 );
             }
             let request = pb::UpdateKeyRequest {
@@ -169,6 +204,7 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
                 scopes,
                 allowed_cidrs: allowed,
                 expires_at: timestamp("--expires-at", expires_at.as_deref())?,
+                rate_limits: rate_limits.iter().map(|s| rate_limit(s)).collect::<anyhow::Result<_>>()?,
                 update_mask: Some(prost_types::FieldMask { paths }),
             };
             let key =

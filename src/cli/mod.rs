@@ -125,6 +125,10 @@ pub enum KeysCommand {
         /// An IP or CIDR range the key may be used from (repeat for several).
         #[arg(long = "allow")]
         allowed: Vec<String>,
+        /// A rate limit NAME=LIMIT/WINDOW, e.g. per-minute=100/60s (repeat
+        /// for several; windows in ms, s, m, h or d).
+        #[arg(long = "rate-limit")]
+        rate_limits: Vec<String>,
     },
     /// List keys, newest first.
     List {
@@ -142,7 +146,8 @@ pub enum KeysCommand {
         merchant: String,
         key_id: String,
     },
-    /// Change name, scopes, IP limits or expiry; only what is given changes.
+    /// Change name, scopes, IP limits, expiry or rate limits; only what is
+    /// given changes.
     Update {
         #[arg(long)]
         merchant: String,
@@ -161,6 +166,12 @@ pub enum KeysCommand {
         /// Remove the expiry.
         #[arg(long, conflicts_with = "expires_at")]
         no_expiry: bool,
+        /// Replace the key's rate limits (NAME=LIMIT/WINDOW, repeat).
+        #[arg(long = "rate-limit")]
+        rate_limits: Vec<String>,
+        /// Remove every rate limit.
+        #[arg(long, conflicts_with = "rate_limits")]
+        no_rate_limits: bool,
     },
     /// Revoke a key, immediately.
     Revoke {

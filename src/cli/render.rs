@@ -18,6 +18,19 @@ fn status(key: &pb::ApiKey) -> String {
     enum_name(pb::KeyStatus::try_from(key.status).ok().map(|s| s.as_str_name()), "KEY_STATUS_")
 }
 
+/// `name=limit/window` with the window in seconds, e.g. `per-minute=100/60s`.
+fn rate_limits(key: &pb::ApiKey) -> Vec<String> {
+    key.rate_limits
+        .iter()
+        .map(|l| {
+            let w = l.window.unwrap_or_default();
+            let ms = w.seconds.saturating_mul(1_000).saturating_add(i64::from(w.nanos / 1_000_000));
+            let window = if ms % 1_000 == 0 { format!("{}s", ms / 1_000) } else { format!("{ms}ms") };
+            format!("{}={}/{window}", l.name, l.limit)
+        })
+        .collect()
+}
+
 fn key_json(key: &pb::ApiKey) -> Value {
     json!({
         "id": key.id,
@@ -26,6 +39,7 @@ fn key_json(key: &pb::ApiKey) -> Value {
         "prefix": key.prefix,
         "scopes": key.scopes,
         "allowed_cidrs": key.allowed_cidrs,
+        "rate_limits": rate_limits(key),
         "expires_at": time(key.expires_at.as_ref()),
         "created_at": time(key.created_at.as_ref()),
         "created_by": key.created_by,
@@ -71,6 +85,7 @@ fn key_rows(keys: &[&pb::ApiKey]) -> Vec<Vec<String>> {
                 status(k),
                 k.scopes.join(","),
                 or_dash(Some(k.allowed_cidrs.join(","))),
+                or_dash(Some(rate_limits(k).join(","))),
                 or_dash(time(k.expires_at.as_ref())),
                 or_dash(time(k.last_used_at.as_ref())),
                 k.request_count.to_string(),
@@ -79,8 +94,18 @@ fn key_rows(keys: &[&pb::ApiKey]) -> Vec<Vec<String>> {
         .collect()
 }
 
-const KEY_HEADERS: [&str; 9] =
-    ["ID", "NAME", "PREFIX", "STATUS", "SCOPES", "ALLOWED IPS", "EXPIRES", "LAST USED", "REQUESTS"];
+const KEY_HEADERS: [&str; 10] = [
+    "ID",
+    "NAME",
+    "PREFIX",
+    "STATUS",
+    "SCOPES",
+    "ALLOWED IPS",
+    "RATE LIMITS",
+    "EXPIRES",
+    "LAST USED",
+    "REQUESTS",
+];
 
 pub fn key(json: bool, key: Option<&pb::ApiKey>) {
     let Some(key) = key else { return };

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
 
-use super::{cidr::AllowList, scope::ScopeSet};
+use super::{cidr::AllowList, limits::RateLimits, scope::ScopeSet};
 
 /// Allow or deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,11 +42,13 @@ pub enum DenyReason {
     /// Gateway mode: no route matched, and unmatched requests are denied.
     /// Decided before any key is looked at.
     NoRoute,
+    /// One of the key's rate limits has no token left for this call.
+    RateLimited,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (so `ALL[r as usize] == r`).
-    pub const ALL: [DenyReason; 8] = [
+    pub const ALL: [DenyReason; 9] = [
         Self::Malformed,
         Self::NotFound,
         Self::Revoked,
@@ -55,6 +57,7 @@ impl DenyReason {
         Self::InsufficientScope,
         Self::Throttled,
         Self::NoRoute,
+        Self::RateLimited,
     ];
 
     /// The HTTP status the calling service answers: 401 when the caller is not
@@ -64,7 +67,7 @@ impl DenyReason {
         match self {
             Self::Malformed | Self::NotFound | Self::Revoked | Self::Expired => 401,
             Self::IpNotAllowed | Self::InsufficientScope | Self::NoRoute => 403,
-            Self::Throttled => 429,
+            Self::Throttled | Self::RateLimited => 429,
         }
     }
 
@@ -78,6 +81,7 @@ impl DenyReason {
             Self::InsufficientScope => "INSUFFICIENT_SCOPE",
             Self::Throttled => "THROTTLED",
             Self::NoRoute => "NO_ROUTE",
+            Self::RateLimited => "RATE_LIMITED",
         }
     }
 
@@ -105,6 +109,9 @@ pub struct KeyState {
     pub merchant_id: String,
     pub name: String,
     pub policy: Policy,
+    /// Checked after the policy allows a call (a denied call takes no
+    /// token).
+    pub rate_limits: RateLimits,
     pub version: i64,
 }
 
@@ -218,7 +225,7 @@ mod tests {
     #[test]
     fn statuses_split_into_401_403_and_429() {
         let statuses: Vec<u16> = DenyReason::ALL.iter().map(|r| r.http_status()).collect();
-        assert_eq!(statuses, [401, 401, 401, 401, 403, 403, 429, 403]);
+        assert_eq!(statuses, [401, 401, 401, 401, 403, 403, 429, 403, 429]);
         for r in DenyReason::ALL {
             assert_eq!(DenyReason::parse(r.as_str()), Some(r));
         }

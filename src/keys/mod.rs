@@ -1,7 +1,8 @@
 //! The key domain, free of I/O: the key format and checksum ([`format`](mod@format)),
 //! hashing at rest ([`hash`]), scopes and presets ([`scope`]), IP allow-lists
 //! ([`cidr`]), the verification decision ([`decision`]), audit event ids
-//! that say who issued them ([`event_id`]), and operator tokens and roles
+//! that say who issued them ([`event_id`]), rate limits and their GCRA
+//! arithmetic ([`limits`]), and operator tokens and roles
 //! ([`operator`]).
 
 pub mod cidr;
@@ -9,6 +10,7 @@ pub mod decision;
 pub mod event_id;
 pub mod format;
 pub mod hash;
+pub mod limits;
 pub mod operator;
 pub mod scope;
 
@@ -19,6 +21,7 @@ pub use decision::{Decision, DenyReason, KeyState, Policy, decide};
 pub use event_id::EventIds;
 pub use format::{KeyPrefix, LookupPrefix, Malformed, PlainKey};
 pub use hash::{KeyHash, KeyHasher, PepperId};
+pub use limits::{LimitStatus, RateLimit, RateLimits};
 pub use scope::{ScopeCatalogue, ScopeSet};
 
 /// A key's lifecycle state, derived from its timestamps.

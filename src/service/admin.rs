@@ -20,8 +20,8 @@ use crate::{
     cache::KeyChangeListener,
     clock::{self, DbClock},
     keys::{
-        AllowList, KeyHasher, KeyPrefix, KeyStatus, PlainKey, ScopeCatalogue, cidr::CidrError,
-        operator::AdminAction,
+        AllowList, KeyHasher, KeyPrefix, KeyStatus, PlainKey, RateLimit, RateLimits, ScopeCatalogue,
+        cidr::CidrError, operator::AdminAction,
     },
     store::{
         Store,
@@ -52,6 +52,7 @@ pub struct CreateKey {
     pub preset: String,
     pub expires_at: Option<DateTime<Utc>>,
     pub allowed_cidrs: Vec<String>,
+    pub rate_limits: Vec<RateLimit>,
 }
 
 #[derive(Debug)]
@@ -62,6 +63,7 @@ pub struct UpdateKey {
     pub scopes: Vec<String>,
     pub allowed_cidrs: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    pub rate_limits: Vec<RateLimit>,
     pub paths: Vec<String>,
 }
 
@@ -180,15 +182,16 @@ impl KeyManager {
         };
         check_expiry(&mut v, req.expires_at, now);
         let allowed = parse_cidrs(&mut v, &req.allowed_cidrs);
+        let limits = parse_limits(&mut v, req.rate_limits);
         v.into_result()?;
-        let (Some(scopes), Some(allowed)) = (scopes, allowed) else {
+        let (Some(scopes), Some(allowed), Some(limits)) = (scopes, allowed, limits) else {
             return Err(ServiceError::Internal("validation passed without values".into()));
         };
         let scope_names = self.catalogue.names(scopes);
         for _ in 0..INSERT_ATTEMPTS {
             let (plaintext, hash) = self.issue().await?;
             let key_id = new_key_id();
-            let detail = describe_policy(&scope_names, &allowed.canonical(), req.expires_at);
+            let detail = describe_policy(&scope_names, &allowed.canonical(), &limits, req.expires_at);
             let audit = AuditRecord::admin(
                 AuditKind::KeyCreated,
                 now,
@@ -207,6 +210,7 @@ impl KeyManager {
                 hash,
                 scopes: scope_names.clone(),
                 allowed_cidrs: allowed.canonical(),
+                rate_limits: limits.clone(),
                 expires_at: req.expires_at.map(clock::stored),
                 created_at: now,
                 created_by: who.actor.clone(),
@@ -278,7 +282,7 @@ impl KeyManager {
         let mut v = Violations::default();
         let mut changes = KeyChanges::default();
         if req.paths.is_empty() {
-            v.add("update_mask", "name at least one of: name, scopes, allowed_cidrs, expires_at");
+            v.add("update_mask", format!("name at least one of: {UPDATE_PATHS}"));
         }
         for path in &req.paths {
             match path.as_str() {
@@ -297,10 +301,8 @@ impl KeyManager {
                     check_expiry(&mut v, req.expires_at, now);
                     changes.expires_at = Some(req.expires_at.map(clock::stored));
                 }
-                other => v.add(
-                    "update_mask",
-                    format!("unknown path {other:?}; paths are: name, scopes, allowed_cidrs, expires_at"),
-                ),
+                "rate_limits" => changes.rate_limits = parse_limits(&mut v, req.rate_limits.clone()),
+                other => v.add("update_mask", format!("unknown path {other:?}; paths are: {UPDATE_PATHS}")),
             }
         }
         v.into_result()?;
@@ -401,6 +403,7 @@ impl KeyManager {
                         hash,
                         scopes: old.scopes.clone(),
                         allowed_cidrs: old.allowed_cidrs.clone(),
+                        rate_limits: old.rate_limits.clone(),
                         expires_at,
                         created_at: now,
                         created_by: actor_name.clone(),
@@ -433,7 +436,7 @@ impl KeyManager {
                         .with_detail(format!(
                             "regenerated from {}; {}",
                             old.id,
-                            describe_policy(&old.scopes, &old.allowed_cidrs, expires_at)
+                            describe_policy(&old.scopes, &old.allowed_cidrs, &old.rate_limits, expires_at)
                         )),
                     ];
                     (new, audits)
@@ -579,13 +582,42 @@ fn refusal(key: &StoredKey, now: DateTime<Utc>, verb: &str) -> ServiceError {
     }
 }
 
-fn describe_policy(scopes: &[String], cidrs: &[String], expires_at: Option<DateTime<Utc>>) -> String {
-    format!(
+fn describe_policy(
+    scopes: &[String],
+    cidrs: &[String],
+    limits: &RateLimits,
+    expires_at: Option<DateTime<Utc>>,
+) -> String {
+    let mut detail = format!(
         "scopes: {}; allowed_cidrs: {}; expires_at: {}",
         scopes.join(","),
         if cidrs.is_empty() { "any".to_owned() } else { cidrs.join(",") },
         expires_at.map_or_else(|| "never".to_owned(), |e| e.to_rfc3339()),
-    )
+    );
+    if !limits.is_empty() {
+        detail.push_str(&format!("; rate_limits: {}", describe_limits(limits)));
+    }
+    detail
+}
+
+/// `name=limit/window_ms,…` or `none`.
+fn describe_limits(limits: &RateLimits) -> String {
+    if limits.is_empty() { "none".to_owned() } else { limits.to_stored().replace(' ', ",") }
+}
+
+/// The paths UpdateKey's mask may name.
+const UPDATE_PATHS: &str = "name, scopes, allowed_cidrs, expires_at, rate_limits";
+
+fn parse_limits(v: &mut Violations, limits: Vec<RateLimit>) -> Option<RateLimits> {
+    match RateLimits::new(limits) {
+        Ok(limits) => Some(limits),
+        Err(errors) => {
+            for e in errors {
+                v.add(e.field, e.problem);
+            }
+            None
+        }
+    }
 }
 
 fn describe_changes(c: &KeyChanges) -> String {
@@ -601,6 +633,9 @@ fn describe_changes(c: &KeyChanges) -> String {
             "allowed_cidrs: {}",
             if cidrs.is_empty() { "any".into() } else { cidrs.join(",") }
         ));
+    }
+    if let Some(limits) = &c.rate_limits {
+        parts.push(format!("rate_limits: {}", describe_limits(limits)));
     }
     if let Some(expires_at) = c.expires_at {
         parts.push(format!(

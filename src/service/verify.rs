@@ -1,6 +1,7 @@
 //! The Verify pipeline: validate → parse the key (shape and checksum, no I/O)
 //! → identify it (store lookup by prefix, scrypt check on the pool) → decide
-//! against its current policy → queue the audit row and count usage.
+//! against its current policy → take a token from each of its rate limits
+//! → queue the audit row and count usage.
 //!
 //! Nothing here writes to the database: audit rows and usage go through
 //! their batching queues.
@@ -27,9 +28,10 @@ use crate::{
     },
     clock::{self, DbClock},
     keys::{
-        AllowList, Decision, DenyReason, EventIds, KeyHasher, KeyPrefix, KeyState, PlainKey, Policy,
-        ScopeCatalogue, ScopeSet, decide,
+        AllowList, Decision, DenyReason, EventIds, KeyHasher, KeyPrefix, KeyState, LimitStatus, PlainKey,
+        Policy, ScopeCatalogue, ScopeSet, decide,
     },
+    limiter::LocalLimiter,
     metrics::Metrics,
     store::{Store, keys::StoredKey},
     telemetry,
@@ -78,6 +80,10 @@ pub struct Grant {
 pub struct Verdict {
     pub outcome: Result<Grant, DenyReason>,
     pub audit_event_id: String,
+    /// The key's tightest rate limit after an allowed call, or the limit
+    /// that refused it; `None` for keys without limits and for denials
+    /// decided before the limits.
+    pub rate_limit: Option<LimitStatus>,
 }
 
 /// The verification view of a stored key.
@@ -91,6 +97,7 @@ fn key_state(key: &StoredKey, catalogue: &ScopeCatalogue) -> Result<KeyState, Se
         merchant_id: key.merchant_id.clone(),
         name: key.name.clone(),
         policy: Policy { revoked_at: key.revoked_at, expires_at: key.expires_at, allowed, scopes },
+        rate_limits: key.rate_limits.clone(),
         version: key.version,
     })
 }
@@ -107,6 +114,7 @@ pub struct Verifier {
     ids: EventIds,
     rollups: Arc<Rollups>,
     throttle: Arc<GuessThrottle>,
+    limiter: Arc<LocalLimiter>,
     /// Database connections Verify may hold at once, and how long it waits
     /// for one.
     db_lane: tokio::sync::Semaphore,
@@ -129,6 +137,8 @@ pub struct VerifyParts {
     /// Where calls that belong to no merchant are counted.
     pub rollups: Arc<Rollups>,
     pub throttle: Arc<GuessThrottle>,
+    /// Per-key rate limits.
+    pub limiter: Arc<LocalLimiter>,
     /// Database connections Verify may hold at once (the pool's size minus
     /// what is reserved for everything else), and how long it waits.
     pub db_connections: usize,
@@ -237,6 +247,7 @@ impl Verifier {
             ids,
             rollups,
             throttle,
+            limiter,
             db_connections,
             db_wait,
             cache,
@@ -255,6 +266,7 @@ impl Verifier {
             ids,
             rollups,
             throttle,
+            limiter,
             db_lane: tokio::sync::Semaphore::new(db_connections.max(1)),
             db_wait,
             cache,
@@ -285,6 +297,7 @@ impl Verifier {
         // compare against the clock they were stamped on.
         let now = self.clock.now();
         let mut record = verify_record(now, input.endpoint, input.method, checked.ip);
+        let mut rate_limit = None;
 
         let outcome = match PlainKey::parse(&self.prefix, &input.key) {
             Err(_) => Err(DenyReason::Malformed),
@@ -305,8 +318,20 @@ impl Verifier {
                         record.merchant_id = Some(state.merchant_id.clone());
                         record.api_key_id = Some(state.key_id.to_string());
                         record.api_key_name = Some(state.name.clone());
-                        decide(&state.policy, now, checked.ip, checked.required)
-                            .map(|()| grant(&self.catalogue, &state))
+                        decide(&state.policy, now, checked.ip, checked.required).and_then(|()| {
+                            // Only a call the policy allows takes a token,
+                            // at the time it is admitted (a cold call's
+                            // scrypt may have taken a while).
+                            let at = if state.rate_limits.is_empty() { now } else { self.clock.now() };
+                            match self.limiter.check(&state.key_id, &state.rate_limits, at) {
+                                Ok(tightest) => rate_limit = tightest,
+                                Err(refusing) => {
+                                    rate_limit = Some(refusing);
+                                    return Err(DenyReason::RateLimited);
+                                }
+                            }
+                            Ok(grant(&self.catalogue, &state))
+                        })
                     }
                 }
             }
@@ -333,7 +358,7 @@ impl Verifier {
         {
             record.id = self.rollups.add(&record, reason);
             audit::record_on_span(span, &record);
-            return Ok(Verdict { outcome, audit_event_id: record.id });
+            return Ok(Verdict { outcome, audit_event_id: record.id, rate_limit });
         }
         record.id = self.ids.mint();
         audit::record_on_span(span, &record);
@@ -344,7 +369,7 @@ impl Verifier {
                 ServiceError::Unavailable("the audit trail is not keeping up; retry with backoff".into())
             }
         })?;
-        Ok(Verdict { outcome, audit_event_id })
+        Ok(Verdict { outcome, audit_event_id, rate_limit })
     }
 
     /// A request refused before any key is looked at (the gateway's
@@ -365,7 +390,7 @@ impl Verifier {
         record.id = self.rollups.add(&record, reason);
         audit::record_on_span(span, &record);
         self.metrics.count_decision(Some(reason));
-        Verdict { outcome: Err(reason), audit_event_id: record.id }
+        Verdict { outcome: Err(reason), audit_event_id: record.id, rate_limit: None }
     }
 
     /// Completes allowed rows with the HTTP status the caller answered.
@@ -667,6 +692,7 @@ mod tests {
                 allowed: AllowList::parse(cidrs).unwrap(),
                 scopes: catalogue.expand(catalogue.parse_grant(scopes).unwrap()),
             },
+            rate_limits: Default::default(),
             version: 1,
         }
     }

@@ -14,6 +14,7 @@ use prometheus_client::{
 use crate::{
     audit::writer::AuditQueue,
     cache::{VerifyCache, changes::Freshness},
+    limiter::LocalLimiter,
     metrics::Metrics,
     service::{hash_pool::HashPool, rehash::Rehasher},
     throttle::GuessThrottle,
@@ -26,6 +27,7 @@ pub struct Sources {
     pub pool: HashPool,
     pub admin_pool: HashPool,
     pub throttle: Arc<GuessThrottle>,
+    pub limiter: Arc<LocalLimiter>,
     pub audit: AuditQueue,
     pub usage: Arc<UsageTracker>,
     pub cache: Option<Arc<VerifyCache>>,
@@ -106,6 +108,25 @@ impl Collector for Snapshot {
             "throttled_checks_ip",
             "uncached checks refused because their client IP was over its limit",
             by_ip,
+        )?;
+        counter(
+            &mut encoder,
+            "rate_limit_allowed",
+            "calls of keys with rate limits that every limit admitted",
+            s.limiter.allowed(),
+        )?;
+        counter(
+            &mut encoder,
+            "rate_limit_limited",
+            "calls of keys with rate limits refused as RATE_LIMITED",
+            s.limiter.limited(),
+        )?;
+        gauge(
+            &mut encoder,
+            "rate_limit_keys",
+            "keys whose rate limits are below full on this replica (state held)",
+            None,
+            s.limiter.tracked() as f64,
         )?;
         gauge(
             &mut encoder,

@@ -44,6 +44,7 @@ use crate::{
     clock::DbClock,
     config::{Secrets, Settings},
     keys::{EventIds, operator::TokenDigester},
+    limiter::LocalLimiter,
     metrics::Metrics,
     service::{
         Deps,
@@ -213,6 +214,7 @@ impl Application {
         let admin_pool = HashPool::named("keywarden-scrypt-admin", ADMIN_HASH_WORKERS, settings.hash_queue)
             .context("starting the admin scrypt thread")?;
         let throttle = Arc::new(GuessThrottle::new(settings.throttle()));
+        let limiter = Arc::new(LocalLimiter::default());
         let rollups = Arc::new(Rollups::default());
         let usage = UsageTracker::new(store.clone());
         let spool = match settings.audit_spool_dir() {
@@ -251,6 +253,7 @@ impl Application {
                 pool: pool.clone(),
                 admin_pool: admin_pool.clone(),
                 throttle: Arc::clone(&throttle),
+                limiter: Arc::clone(&limiter),
                 audit: audit.clone(),
                 usage: Arc::clone(&usage),
                 cache: cache.clone(),
@@ -301,6 +304,7 @@ impl Application {
                 ids: event_ids,
                 rollups: Arc::clone(&rollups),
                 throttle: Arc::clone(&throttle),
+                limiter,
                 db_connections: settings.db_verify_connections(),
                 db_wait: settings.db_acquire_timeout(),
                 cache: cache.clone(),

@@ -15,7 +15,7 @@ use super::{
     audit::{AuditRecord, insert_audit_rows},
     entity::{api_key, usage_flush},
 };
-use crate::keys::KeyHash;
+use crate::keys::{KeyHash, RateLimits};
 
 /// A key as stored, with its hash parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,7 @@ pub struct StoredKey {
     pub hash: KeyHash,
     pub scopes: Vec<String>,
     pub allowed_cidrs: Vec<String>,
+    pub rate_limits: RateLimits,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub created_by: String,
@@ -49,8 +50,14 @@ impl TryFrom<api_key::Model> for StoredKey {
             what: "key hash",
             detail: e.to_string(),
         })?;
+        let rate_limits = RateLimits::from_stored(&m.rate_limits).map_err(|detail| StoreError::Corrupt {
+            id: m.id.clone(),
+            what: "rate limits",
+            detail,
+        })?;
         Ok(Self {
             hash,
+            rate_limits,
             scopes: split(&m.scopes),
             allowed_cidrs: split(&m.allowed_cidrs),
             id: m.id,
@@ -86,6 +93,7 @@ pub struct NewKey {
     pub hash: KeyHash,
     pub scopes: Vec<String>,
     pub allowed_cidrs: Vec<String>,
+    pub rate_limits: RateLimits,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub created_by: String,
@@ -102,6 +110,7 @@ impl NewKey {
             pepper: Set(self.hash.pepper().to_string()),
             scopes: Set(self.scopes.join(" ")),
             allowed_cidrs: Set(self.allowed_cidrs.join(" ")),
+            rate_limits: Set(self.rate_limits.to_stored()),
             expires_at: Set(self.expires_at),
             created_at: Set(self.created_at),
             created_by: Set(self.created_by),
@@ -123,6 +132,7 @@ pub struct KeyChanges {
     pub name: Option<String>,
     pub scopes: Option<Vec<String>>,
     pub allowed_cidrs: Option<Vec<String>>,
+    pub rate_limits: Option<RateLimits>,
     /// `Some(None)` clears the expiry.
     pub expires_at: Option<Option<DateTime<Utc>>>,
 }
@@ -272,6 +282,9 @@ impl Store {
         }
         if let Some(cidrs) = &changes.allowed_cidrs {
             update = update.col_expr(C::AllowedCidrs, Expr::value(cidrs.join(" ")));
+        }
+        if let Some(limits) = &changes.rate_limits {
+            update = update.col_expr(C::RateLimits, Expr::value(limits.to_stored()));
         }
         if let Some(expires_at) = changes.expires_at {
             update = update.col_expr(C::ExpiresAt, Expr::value(expires_at));

@@ -80,21 +80,6 @@ async fn revoke(app: &mut TestApp, id: &str) -> pb::ApiKey {
         .unwrap()
 }
 
-async fn audit(app: &mut TestApp, key_id: &str) -> Vec<pb::AuditEvent> {
-    app.settle().await;
-    app.admin
-        .list_audit_events(pb::ListAuditEventsRequest {
-            merchant_id: MERCHANT.into(),
-            api_key_id: key_id.into(),
-            page_size: 500,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events
-}
-
 /// Every column of every row, as text, for "the secret is nowhere" checks.
 async fn dump_database(app: &TestApp) -> String {
     use sea_orm::{ConnectionTrait, Database, Statement};
@@ -196,7 +181,7 @@ async fn create_rejects_bad_input_naming_each_field_and_changes_nothing(backend:
         err.message()
     );
     assert!(list(&mut app, 0, "", true).await.api_keys.is_empty(), "nothing was created");
-    assert!(audit(&mut app, "").await.is_empty(), "nothing was audited");
+    assert!(app.audit_of("").await.is_empty(), "nothing was audited");
     assert_eq!(app.probes.pool.runs(), 0, "no key was even hashed");
     app.stop().await;
 }
@@ -380,10 +365,8 @@ async fn revoke_is_immediate_and_idempotent(backend: Backend) {
         .unwrap();
     assert_eq!(second.revoked_at, first.revoked_at, "revoked_at unchanged");
     assert_eq!(second.revoke_reason, "test");
-    let revocations = audit(&mut app, &key.id)
-        .await
-        .into_iter()
-        .filter(|e| e.kind == pb::AuditEventKind::KeyRevoked as i32);
+    let revocations =
+        app.audit_of(&key.id).await.into_iter().filter(|e| e.kind == pb::AuditEventKind::KeyRevoked as i32);
     assert_eq!(revocations.count(), 1);
     app.stop().await;
 }
@@ -557,7 +540,7 @@ async fn admin_calls_need_a_valid_token_and_record_its_name(backend: Backend) {
     let created = portal.create_key(create_req("from portal", &["sales:read"])).await.unwrap().into_inner();
     let key = created.api_key.unwrap();
     assert_eq!(key.created_by, "portal");
-    let events = audit(&mut app, &key.id).await;
+    let events = app.audit_of(&key.id).await;
     assert_eq!(events[0].actor, "portal");
     assert_eq!(events[0].kind, pb::AuditEventKind::KeyCreated as i32);
     app.stop().await;
@@ -598,7 +581,7 @@ async fn audit_trail_filters_by_key_and_time_and_pages(backend: Backend) {
     eventually("the clock to pass the boundary", || (keywarden::clock::now() > boundary).then_some(())).await;
     app.verify(&key_b, "", "").await;
     app.verify(&key_a, "", "").await;
-    let a_events = audit(&mut app, &a.id).await;
+    let a_events = app.audit_of(&a.id).await;
     assert_eq!(a_events.len(), 5, "1 created + 4 verified");
     assert!(a_events.iter().all(|e| e.api_key_id == a.id));
     let stamps: Vec<i64> = a_events
@@ -684,7 +667,7 @@ async fn admin_actions_are_audited_in_the_same_transaction(backend: Backend) {
         .unwrap();
     let regenerated = regenerate(&mut app, &key.id, None).await.unwrap();
     let kinds: Vec<(i32, String, String)> =
-        audit(&mut app, &key.id).await.into_iter().map(|e| (e.kind, e.actor, e.api_key_name)).collect();
+        app.audit_of(&key.id).await.into_iter().map(|e| (e.kind, e.actor, e.api_key_name)).collect();
     use pb::AuditEventKind as K;
     assert_eq!(
         kinds,
@@ -694,7 +677,7 @@ async fn admin_actions_are_audited_in_the_same_transaction(backend: Backend) {
             (K::KeyCreated as i32, "admin".to_owned(), "test key".to_owned()),
         ]
     );
-    let successor = audit(&mut app, &regenerated.api_key.unwrap().id).await;
+    let successor = app.audit_of(&regenerated.api_key.unwrap().id).await;
     assert_eq!(successor.len(), 1);
     assert!(successor[0].detail.contains(&key.id));
     app.stop().await;

@@ -169,18 +169,7 @@ async fn every_decision_answers_its_http_status_body_headers_and_grpc_code(backe
     assert_eq!(allowed(&r).1, ["x-api-key"]);
 
     // The audit row is Verify's, with the method and the path without its query.
-    app.settle().await;
-    let events = app
-        .admin
-        .list_audit_events(pb::ListAuditEventsRequest {
-            merchant_id: MERCHANT.into(),
-            api_key_id: reader.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = app.audit_of(&reader.id).await;
     let row = events.iter().find(|e| e.id == audit_id).expect("the Check's audit row");
     assert_eq!(
         (row.endpoint.as_str(), row.method.as_str(), row.ip.as_str()),
@@ -231,6 +220,34 @@ async fn every_decision_answers_its_http_status_body_headers_and_grpc_code(backe
         }
     }
     assert_eq!(throttled, Some((429, RESOURCE_EXHAUSTED, "DENY_REASON_THROTTLED".to_owned(), None)));
+
+    // A key over its rate limit: 429 with the IETF RateLimit header fields.
+    let (_, limited_key) = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "limited".into(),
+            scopes: vec!["sales:read".into()],
+            rate_limits: vec![pb::RateLimit {
+                name: "per-minute".into(),
+                limit: 1,
+                window: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+            }],
+            ..Default::default()
+        })
+        .await;
+    let sales =
+        || request("GET", "/public/api/v1/sales/q4", &[("authorization", &bearer(&limited_key))], source);
+    allowed(&check(&mut gateway, sales()).await);
+    let r = check(&mut gateway, sales()).await;
+    assert_eq!(denied(&r), (429, RESOURCE_EXHAUSTED, "DENY_REASON_RATE_LIMITED".to_owned(), None));
+    let Some(HttpResponse::DeniedResponse(d)) = &r.http_response else { unreachable!() };
+    let header = |name: &str| {
+        d.headers.iter().filter_map(|h| h.header.as_ref()).find(|h| h.key == name).map(|h| h.value.clone())
+    };
+    assert_eq!(header("ratelimit-limit").as_deref(), Some("1"));
+    assert_eq!(header("ratelimit-remaining").as_deref(), Some("0"));
+    let reset: u64 = header("ratelimit-reset").expect("ratelimit-reset").parse().unwrap();
+    assert!((1..=60).contains(&reset), "seconds until the limit is full again: {reset}");
     app.stop().await;
 }
 
@@ -318,18 +335,7 @@ async fn trusted_hops_choose_the_client_ip_a_cidr_limited_key_is_judged_on(backe
         } else {
             assert_eq!(denied(&r), (403, PERMISSION_DENIED, "DENY_REASON_IP_NOT_ALLOWED".to_owned(), None));
         }
-        app.settle().await;
-        let events = app
-            .admin
-            .list_audit_events(pb::ListAuditEventsRequest {
-                merchant_id: MERCHANT.into(),
-                api_key_id: key.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .events;
+        let events = app.audit_of(&key.id).await;
         let checked: Vec<&str> = events
             .iter()
             .filter(|e| e.kind == pb::AuditEventKind::Verify as i32)

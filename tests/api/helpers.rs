@@ -412,6 +412,23 @@ impl TestApp {
             .into_inner()
     }
 
+    /// A key's audit trail (newest first, up to 500 rows), once everything
+    /// queued is written.
+    pub async fn audit_of(&mut self, key_id: &str) -> Vec<pb::AuditEvent> {
+        self.settle().await;
+        self.admin
+            .list_audit_events(pb::ListAuditEventsRequest {
+                merchant_id: MERCHANT.into(),
+                api_key_id: key_id.into(),
+                page_size: 500,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+    }
+
     /// Waits until every queued audit row and usage count is in the database.
     pub async fn settle(&self) {
         let drained = || {

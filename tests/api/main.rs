@@ -14,6 +14,7 @@ mod gateway;
 mod hostile;
 mod hot_path;
 mod lifecycle;
+mod limits;
 mod middleware;
 mod operations;
 mod operators;

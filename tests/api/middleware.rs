@@ -122,18 +122,8 @@ fn bearer(key: &str) -> String {
 
 /// Every Verify audit row of `key_id`, by id: (status, endpoint, method).
 async fn audit_rows(app: &mut TestApp, key_id: &str) -> HashMap<String, (i32, String, String)> {
-    let page = app
-        .admin
-        .list_audit_events(pb::ListAuditEventsRequest {
-            merchant_id: MERCHANT.into(),
-            api_key_id: key_id.into(),
-            page_size: 500,
-            ..Default::default()
-        })
+    app.audit_of(key_id)
         .await
-        .unwrap()
-        .into_inner();
-    page.events
         .into_iter()
         .filter(|e| e.kind == pb::AuditEventKind::Verify as i32)
         .map(|e| (e.id, (e.status, e.endpoint, e.method)))

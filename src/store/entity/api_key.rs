@@ -20,6 +20,8 @@ pub struct Model {
     pub scopes: String,
     /// Space-separated canonical IPs and CIDR ranges.
     pub allowed_cidrs: String,
+    /// Space-separated `name=limit/window_ms` (`keys::limits`).
+    pub rate_limits: String,
     pub expires_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
     pub created_by: String,

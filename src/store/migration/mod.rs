@@ -10,6 +10,7 @@ mod m20261203_000004_operator_tokens;
 mod m20261203_000005_audit_rollup_count;
 mod m20261203_000006_audit_dead_letters;
 mod m20261203_000007_pepper_generations;
+mod m20261204_000008_rate_limits;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000005_audit_rollup_count::Migration),
             Box::new(m20261203_000006_audit_dead_letters::Migration),
             Box::new(m20261203_000007_pepper_generations::Migration),
+            Box::new(m20261204_000008_rate_limits::Migration),
         ]
     }
 }
