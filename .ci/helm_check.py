@@ -265,6 +265,26 @@ check(mount and mount[0]["mountPath"] == "/etc/keywarden/routes" and "subPath" n
       and volume and volume[0]["configMap"]["name"] == routes_map[0]["metadata"]["name"],
       "gateway: the routes ConfigMap is mounted as a directory, so edits reach running pods")
 
+# The fleet tier: an external Redis, its password and the fleet secret
+# from the Secret, nothing secret in the ConfigMap or the URL.
+fleet_secret = "F" * 40
+fleet = merged(trial, {"redis": {"url": "rediss://redis.payments:6380", "cluster": True},
+                       "secrets": {"fleetSecret": fleet_secret, "redisPassword": "redis-pass-0123456789"}})
+docs = render(fleet, "fleet")
+validate(docs, "fleet")
+kinds = check_promises(docs, "fleet", ["B" * 44, fleet_secret, "redis-pass-0123456789"])
+env = {e["name"]: e for e in kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+check(env.get("KEYWARDEN_REDIS_URL", {}).get("value") == "rediss://redis.payments:6380"
+      and env.get("KEYWARDEN_REDIS_CLUSTER", {}).get("value") == "true", "fleet: the Redis URL and cluster mode are set")
+check(env["KEYWARDEN_FLEET_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "fleet-secret"
+      and env["KEYWARDEN_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password",
+      "fleet: the fleet secret and the Redis password come from the Secret")
+stored = kinds["Secret"][0]["stringData"]
+check(stored.get("fleet-secret") == fleet_secret and stored.get("redis-password") == "redis-pass-0123456789",
+      "fleet: the chart's Secret holds the fleet secret and the password")
+env = {e["name"] for e in by_kind(render(trial, "no-redis"))["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+check(not {"KEYWARDEN_REDIS_URL", "KEYWARDEN_FLEET_SECRET"} & env, "default: Redis stays optional and off")
+
 # Production-like values.
 production = yaml.safe_load((CHART / "ci" / "production-values.yaml").read_text())
 docs = render(production, "production")
@@ -316,6 +336,10 @@ for bad, why in [
     ({"tls": {"certManager": {"enabled": True}}}, "cert-manager needs an issuer"),
     ({"secrets": {"pepper": ""}}, "no pepper and no existingSecret"),
     ({"secrets": {"adminToken": ""}}, "no admin token and no existingSecret"),
+    ({"redis": {"url": "redis://redis:6379"}}, "Redis without a fleet secret"),
+    ({"redis": {"url": "redis://:hunter2@redis:6379"}, "secrets": {"fleetSecret": "F" * 40}},
+     "a password in the Redis URL (it belongs in a Secret)"),
+    ({"secrets": {"fleetSecret": "short"}}, "a fleet secret under 32 bytes"),
 ]:
     try:
         # On top of a trial's secrets, so that only the bad value is wrong.

@@ -257,6 +257,21 @@ pub struct Settings {
     /// Proxies in front of Envoy whose `x-forwarded-for` entries are
     /// trusted: 0 uses the connection's source address.
     pub trusted_proxy_hops: usize,
+    /// The fleet tier: `redis://` or `rediss://` (TLS). Unset keeps all
+    /// state per replica. It may carry a password, so it is a secret.
+    pub redis_url: Option<SecretString>,
+    /// Overrides any password in `redis_url`.
+    pub redis_password: Option<SecretString>,
+    /// `redis_url` names a seed node of a Redis Cluster.
+    pub redis_cluster: bool,
+    /// Bound on each Redis command, connecting included.
+    pub redis_timeout_ms: u64,
+    /// At least 32 bytes; keys the digests replicas share through Redis.
+    /// Required with `redis_url`, and held like the pepper.
+    pub fleet_secret: Option<SecretString>,
+    /// How long a warm-start entry lives after its last use (at least a
+    /// day).
+    pub warm_start_ttl_secs: u64,
     /// How far this replica's own clock is off, for tests of clock skew.
     /// Never read from the environment or a file.
     #[serde(skip)]
@@ -335,6 +350,12 @@ impl Default for Settings {
             routes_file: None,
             routes_reload_interval_ms: 2_000,
             trusted_proxy_hops: 0,
+            redis_url: None,
+            redis_password: None,
+            redis_cluster: false,
+            redis_timeout_ms: 100,
+            fleet_secret: None,
+            warm_start_ttl_secs: 7 * 86_400,
             audit_spool_dir: None,
             audit_spool_max_bytes: 256 * 1024 * 1024,
             audit_spill_after_ms: 500,
@@ -470,6 +491,41 @@ impl Settings {
 
     pub fn routes_reload_interval(&self) -> Duration {
         Duration::from_millis(self.routes_reload_interval_ms.max(10))
+    }
+
+    /// The fleet tier's settings, when Redis is configured.
+    pub fn fleet(&self) -> Result<Option<FleetSettings>, ConfigError> {
+        let Some(url) = &self.redis_url else {
+            return Ok(None);
+        };
+        let Some(secret) = &self.fleet_secret else {
+            return Err(ConfigError::Invalid(
+                "fleet_secret (KEYWARDEN_FLEET_SECRET) is required with redis_url".into(),
+            ));
+        };
+        if secret.expose_secret().len() < MIN_FLEET_SECRET_LEN {
+            return Err(ConfigError::Invalid(format!(
+                "fleet_secret (KEYWARDEN_FLEET_SECRET) is shorter than {MIN_FLEET_SECRET_LEN} bytes"
+            )));
+        }
+        if self.warm_start_ttl_secs < 86_400 {
+            return Err(ConfigError::Invalid(
+                "warm_start_ttl_secs (KEYWARDEN_WARM_START_TTL_SECS) must be at least 86400 (a day)".into(),
+            ));
+        }
+        if self.redis_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "redis_timeout_ms (KEYWARDEN_REDIS_TIMEOUT_MS) must be at least 1".into(),
+            ));
+        }
+        Ok(Some(FleetSettings {
+            redis_url: url.clone(),
+            redis_password: self.redis_password.clone(),
+            redis_cluster: self.redis_cluster,
+            redis_timeout: Duration::from_millis(self.redis_timeout_ms),
+            fleet_secret: secret.clone(),
+            warm_start_ttl: Duration::from_secs(self.warm_start_ttl_secs),
+        }))
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -680,6 +736,31 @@ fn comma_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::
         OneOrMany::Many(v) => v,
     };
     Ok(items.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+}
+
+/// Shortest fleet secret accepted, in bytes.
+pub const MIN_FLEET_SECRET_LEN: usize = 32;
+
+/// The fleet tier (Redis), when configured. Holds secrets: `Debug` shows
+/// none of them.
+#[derive(Clone)]
+pub struct FleetSettings {
+    pub redis_url: SecretString,
+    pub redis_password: Option<SecretString>,
+    pub redis_cluster: bool,
+    pub redis_timeout: Duration,
+    pub fleet_secret: SecretString,
+    pub warm_start_ttl: Duration,
+}
+
+impl std::fmt::Debug for FleetSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetSettings")
+            .field("redis_cluster", &self.redis_cluster)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("warm_start_ttl", &self.warm_start_ttl)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Shortest admin token accepted: anything shorter is guessable.
@@ -935,6 +1016,24 @@ mod tests {
             Settings { database_url: Some("postgres://x@localhost/db".into()), ..Settings::default() };
         let err = Secrets::resolve(&settings).unwrap_err().to_string();
         assert!(err.contains("KEYWARDEN_PEPPER"), "{err}");
+    }
+
+    #[test]
+    fn redis_needs_a_long_fleet_secret_and_errors_never_quote_either() {
+        let url = "redis://:hunter2-password@redis:6379";
+        let mut settings = Settings { redis_url: Some(url.into()), ..Settings::default() };
+        let missing = settings.fleet().unwrap_err().to_string();
+        assert!(missing.contains("KEYWARDEN_FLEET_SECRET") && !missing.contains("hunter2"), "{missing}");
+        settings.fleet_secret = Some("short-secret".into());
+        let short = settings.fleet().unwrap_err().to_string();
+        assert!(short.contains("32 bytes") && !short.contains("short-secret"), "{short}");
+        settings.fleet_secret = Some("f".repeat(32).into());
+        settings.warm_start_ttl_secs = 3_600;
+        assert!(settings.fleet().unwrap_err().to_string().contains("KEYWARDEN_WARM_START_TTL_SECS"));
+        settings.warm_start_ttl_secs = 86_400;
+        let fleet = settings.fleet().unwrap().expect("configured");
+        assert!(!format!("{fleet:?}").contains("hunter2"));
+        assert_eq!(Settings::default().fleet().unwrap().map(|_| ()), None, "no Redis by default");
     }
 
     #[test]

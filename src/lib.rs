@@ -20,11 +20,12 @@
 //!   who may do what ([`service::access`]); request validation; the scrypt
 //!   pool; pepper generations ([`service::peppers`]) and the background
 //!   rehash of keys checked under an old one ([`service::rehash`]).
-//! - [`cache`], [`usage`], [`audit`], [`throttle`], [`limiter`]: runtime
+//! - [`cache`], [`usage`], [`audit`], [`throttle`], [`limiter`], [`fleet`]: runtime
 //!   state of the Verify path. The verification cache and the change feed
 //!   that keeps it current; batched usage counters; the audit queue, its
 //!   writer and its local spool; the counters of wrong secrets that
-//!   throttle guessing; the buckets of per-key rate limits.
+//!   throttle guessing; the buckets of per-key rate limits. [`fleet`]:
+//!   what replicas share through Redis (the warm-start map), optional.
 //! - [`store`]: persistence on sea-orm (SQLite or PostgreSQL): keys, usage,
 //!   operator tokens, the audit row ([`store::audit::AuditRecord`]) and its
 //!   writers, and migrations.
@@ -42,6 +43,7 @@ pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod fleet;
 pub mod keys;
 pub mod limiter;
 pub mod metrics;

@@ -59,6 +59,14 @@ pub struct Metrics {
     /// caller's role or merchants.
     pub admin_unauthenticated: Counter,
     pub admin_permission_denied: Counter,
+    /// Redis commands that failed or timed out, and every command's time.
+    pub redis_errors: Counter,
+    pub redis_duration: Histogram,
+    /// Warm-start lookups that found the key in Redis, and those that did
+    /// not (Redis unreachable included); entries published after a scrypt.
+    pub warm_start_hits: Counter,
+    pub warm_start_misses: Counter,
+    pub warm_start_published: Counter,
 }
 
 impl Default for Metrics {
@@ -87,6 +95,12 @@ impl Default for Metrics {
             tls_handshake_failures: Counter::default(),
             admin_unauthenticated: Counter::default(),
             admin_permission_denied: Counter::default(),
+            redis_errors: Counter::default(),
+            // 50 µs to ~0.8 s.
+            redis_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 15)),
+            warm_start_hits: Counter::default(),
+            warm_start_misses: Counter::default(),
+            warm_start_published: Counter::default(),
         }
     }
 }

@@ -20,7 +20,7 @@ pub use cidr::AllowList;
 pub use decision::{Decision, DenyReason, KeyState, Policy, decide};
 pub use event_id::EventIds;
 pub use format::{KeyPrefix, LookupPrefix, Malformed, PlainKey};
-pub use hash::{KeyHash, KeyHasher, PepperId};
+pub use hash::{KeyHash, KeyHasher, KeyedMac, PepperId};
 pub use limits::{LimitStatus, RateLimit, RateLimits};
 pub use scope::{ScopeCatalogue, ScopeSet};
 

@@ -19,6 +19,7 @@ use crate::{
     audit::{AuditKind, AuditRecord},
     cache::KeyChangeListener,
     clock::{self, DbClock},
+    fleet::WarmStart,
     keys::{
         AllowList, KeyHasher, KeyPrefix, KeyStatus, PlainKey, RateLimit, RateLimits, ScopeCatalogue,
         cidr::CidrError, operator::AdminAction,
@@ -117,6 +118,9 @@ pub struct KeyManager {
     listeners: Vec<Arc<dyn KeyChangeListener>>,
     access: Arc<Access>,
     clock: Arc<DbClock>,
+    /// The fleet's warm-start map, whose entry a revoked or replaced key
+    /// loses.
+    warm: Option<Arc<WarmStart>>,
 }
 
 impl KeyManager {
@@ -124,7 +128,22 @@ impl KeyManager {
     /// `access` decides what each caller may do.
     pub fn new(deps: Deps, listeners: Vec<Arc<dyn KeyChangeListener>>, access: Arc<Access>) -> Self {
         let Deps { store, hasher, pool, catalogue, prefix, usage, clock } = deps;
-        Self { store, hasher, pool, catalogue, prefix, usage, listeners, access, clock }
+        Self { store, hasher, pool, catalogue, prefix, usage, listeners, access, clock, warm: None }
+    }
+
+    pub fn with_warm_start(self, warm: Option<Arc<WarmStart>>) -> Self {
+        Self { warm, ..self }
+    }
+
+    /// Deletes a key's warm-start entry, so that no replica skips scrypt
+    /// for it again. A failure is logged, not answered: the entry only says
+    /// which row a plaintext belongs to, and that row's state denies it.
+    async fn forget_warm(&self, key_id: &str) {
+        if let Some(warm) = &self.warm
+            && let Err(e) = warm.forget(key_id).await
+        {
+            tracing::warn!(key_id, error = %e, "could not delete the key's warm-start entry; it expires with its TTL");
+        }
     }
 
     pub fn catalogue(&self, who: &Principal) -> Result<&ScopeCatalogue, ServiceError> {
@@ -358,6 +377,7 @@ impl KeyManager {
         match self.store.revoke_key(merchant_id, key_id, reason, now, audit).await? {
             Change::Applied(key) => {
                 self.announce(&key.id);
+                self.forget_warm(&key.id).await;
                 tracing::info!(actor = %who.actor, merchant_id, key_id, "key revoked");
                 Ok(self.committed(key, now))
             }
@@ -445,6 +465,7 @@ impl KeyManager {
             return match result {
                 Ok(Rotation::Applied { old, new }) => {
                     self.announce(&old.id);
+                    self.forget_warm(&old.id).await;
                     tracing::info!(actor = %who.actor, merchant_id, key_id, successor = %new.id, grace_secs = grace.num_seconds(), "key regenerated");
                     Ok(Regenerated {
                         key: view(*new, UsageDelta::default(), now),

@@ -27,6 +27,7 @@ use crate::{
         changes::{Freshness, Trust},
     },
     clock::{self, DbClock},
+    fleet::WarmStart,
     keys::{
         AllowList, Decision, DenyReason, EventIds, KeyHasher, KeyPrefix, KeyState, LimitStatus, PlainKey,
         Policy, ScopeCatalogue, ScopeSet, decide,
@@ -126,6 +127,9 @@ pub struct Verifier {
     clock: Arc<DbClock>,
     /// Keys checked under an old pepper go here to be hashed again.
     rehasher: Arc<Rehasher>,
+    /// The fleet's map of keys already checked by scrypt, when Redis is
+    /// configured.
+    warm: Option<Arc<WarmStart>>,
 }
 
 /// What the Verify path needs beyond [`Deps`].
@@ -147,6 +151,7 @@ pub struct VerifyParts {
     pub freshness: Arc<Freshness>,
     pub metrics: Arc<Metrics>,
     pub rehasher: Arc<Rehasher>,
+    pub warm: Option<Arc<WarmStart>>,
 }
 
 /// A Verify request's fields, validated.
@@ -254,6 +259,7 @@ impl Verifier {
             freshness,
             metrics,
             rehasher,
+            warm,
         } = parts;
         Self {
             store,
@@ -274,6 +280,7 @@ impl Verifier {
             metrics,
             clock,
             rehasher,
+            warm,
         }
     }
 
@@ -597,6 +604,16 @@ impl Verifier {
         let Some(stored) = stored? else {
             return refused(DenyReason::NotFound);
         };
+        // Another replica checked this very plaintext against this row: its
+        // scrypt stands for ours. The row is the one the key's own prefix
+        // found, so an entry naming any other key is ignored.
+        if let Some(warm) = &self.warm
+            && warm.lookup(key).await.as_deref() == Some(stored.id.as_str())
+        {
+            let state = key_state(&stored, &self.catalogue)?;
+            self.rehasher.offer(&state.key_id, key, &stored.hash);
+            return Ok(Ok(state));
+        }
         let Ok(admission) = self.throttle.admit(prefix, ip) else {
             return refused(DenyReason::Throttled);
         };
@@ -613,6 +630,7 @@ impl Verifier {
                 self.throttle.uncount(admission);
                 let state = key_state(&stored, &self.catalogue)?;
                 self.rehasher.offer(&state.key_id, key, &stored.hash);
+                self.publish_warm(key, &state);
                 Ok(Ok(state))
             }
             // An operator retired a pepper this key still needs: a fault of
@@ -626,6 +644,17 @@ impl Verifier {
                 Err(e.into())
             }
         }
+    }
+
+    /// Tells the fleet, off the Verify path, that `key` is `state`'s key;
+    /// not for a revoked key, whose entry its revocation deleted.
+    fn publish_warm(&self, key: &PlainKey, state: &KeyState) {
+        let Some(warm) = &self.warm else { return };
+        if state.policy.revoked_at.is_some_and(|at| at <= self.clock.now()) {
+            return;
+        }
+        let (warm, key, key_id) = (Arc::clone(warm), key.clone(), Arc::clone(&state.key_id));
+        tokio::spawn(async move { warm.publish(&key, &key_id).await });
     }
 }
 

@@ -397,6 +397,32 @@ impl Exporter {
             "KeyAdmin calls refused as outside the caller's role or merchants",
             metrics.admin_permission_denied.clone(),
         );
+        registry.register(
+            "redis_errors",
+            "Redis commands that failed or timed out (each use falls back as configured)",
+            metrics.redis_errors.clone(),
+        );
+        registry.register_with_unit(
+            "redis_command_duration",
+            "time of each Redis command, failures included",
+            Unit::Seconds,
+            metrics.redis_duration.clone(),
+        );
+        registry.register(
+            "warm_start_hits",
+            "uncached keys recognised from the fleet's warm-start map, without scrypt",
+            metrics.warm_start_hits.clone(),
+        );
+        registry.register(
+            "warm_start_misses",
+            "uncached keys not in the warm-start map (or Redis unreachable): checked by scrypt",
+            metrics.warm_start_misses.clone(),
+        );
+        registry.register(
+            "warm_start_published",
+            "keys verified by scrypt and published to the warm-start map",
+            metrics.warm_start_published.clone(),
+        );
         registry.register_collector(Box::new(Snapshot(sources)));
         Self { registry: Arc::new(registry) }
     }

@@ -43,6 +43,7 @@ use crate::{
     },
     clock::DbClock,
     config::{Secrets, Settings},
+    fleet::{Redis, WarmStart},
     keys::{EventIds, operator::TokenDigester},
     limiter::LocalLimiter,
     metrics::Metrics,
@@ -236,6 +237,15 @@ impl Application {
             None => Freshness::in_process(settings.staleness_bound()),
         };
         let metrics = Arc::new(Metrics::default());
+        // Redis is optional, and its absence at start is not fatal: the
+        // connection opens in the background and every use falls back.
+        let warm = match settings.fleet()? {
+            Some(fleet) => {
+                let redis = Redis::start(&fleet, Arc::clone(&metrics))?;
+                Some(Arc::new(WarmStart::new(redis, &fleet, Arc::clone(&metrics))))
+            }
+            None => None,
+        };
         let (stop_tasks, tasks_stopped) = watch::channel(false);
         let supervisor =
             Supervisor::new(restart_policy(&settings), tasks_stopped.clone(), Arc::clone(&metrics));
@@ -296,7 +306,8 @@ impl Application {
             Deps { pool: admin_pool.clone(), ..deps.clone() },
             listeners,
             Arc::clone(&access),
-        );
+        )
+        .with_warm_start(warm.clone());
         let verifier = Arc::new(Verifier::new(
             deps,
             VerifyParts {
@@ -311,6 +322,7 @@ impl Application {
                 freshness: Arc::clone(&freshness),
                 metrics: Arc::clone(&metrics),
                 rehasher: Arc::clone(&rehasher),
+                warm,
             },
         ));
         let gateway =

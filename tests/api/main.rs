@@ -25,3 +25,4 @@ mod spool;
 mod trust;
 mod upgrades;
 mod verify_api;
+mod warm_start;

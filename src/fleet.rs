@@ -1,0 +1,314 @@
+//! The fleet tier: state every replica shares through Redis, at Verify
+//! rates. Redis is optional; without it each replica keeps its own.
+//!
+//! Today it holds the warm-start map ([`WarmStart`]): a key one replica
+//! verified by scrypt is recognised by every other replica with one HMAC
+//! and one GET, so a new replica does not pay one scrypt per key the fleet
+//! already knows.
+//!
+//! A Redis failure is never a wrong answer: each use has a fallback (here,
+//! scrypt again), every command is bounded by a timeout, and the transition
+//! between reachable and unreachable is logged once each way.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{FromRedisValue, IntoConnectionInfo};
+use secrecy::ExposeSecret;
+
+use crate::config::FleetSettings;
+use crate::keys::{KeyedMac, PlainKey};
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// The URL did not parse; the URL itself is never quoted (it may hold a
+    /// password).
+    #[error("redis_url (KEYWARDEN_REDIS_URL) is not a redis:// or rediss:// URL")]
+    BadUrl,
+    #[error("Redis is not connected yet")]
+    NotConnected,
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("Redis: {0}")]
+    Command(String),
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+// Built once at start and moved into one task: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Connector {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A shared connection to Redis (or a cluster), opened in the background
+/// so that a replica starts while Redis is away. Commands fail fast until
+/// it is open; afterwards the client reconnects by itself.
+pub struct Redis {
+    conn: OnceLock<Conn>,
+    timeout: Duration,
+    reachable: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis")
+            .field("connected", &self.conn.get().is_some())
+            .field("reachable", &self.reachable.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Redis {
+    /// Validates the settings and starts connecting in the background.
+    pub fn start(settings: &FleetSettings, metrics: Arc<Metrics>) -> Result<Arc<Self>, FleetError> {
+        let mut info =
+            settings.redis_url.expose_secret().into_connection_info().map_err(|_| FleetError::BadUrl)?;
+        if let Some(password) = &settings.redis_password {
+            let redis = info.redis_settings().clone().set_password(password.expose_secret());
+            info = info.set_redis_settings(redis);
+        }
+        let connector = if settings.redis_cluster {
+            let client = redis::cluster::ClusterClientBuilder::new([info])
+                .connection_timeout(settings.redis_timeout)
+                .response_timeout(settings.redis_timeout)
+                .build()
+                .map_err(|_| FleetError::BadUrl)?;
+            Connector::Cluster(client)
+        } else {
+            Connector::Single(redis::Client::open(info).map_err(|_| FleetError::BadUrl)?)
+        };
+        let redis = Arc::new(Self {
+            conn: OnceLock::new(),
+            timeout: settings.redis_timeout,
+            reachable: AtomicBool::new(true),
+            metrics,
+        });
+        tokio::spawn(Arc::clone(&redis).connect(connector));
+        Ok(redis)
+    }
+
+    /// Opens the connection, retrying with backoff until it opens.
+    async fn connect(self: Arc<Self>, connector: Connector) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let opened = match &connector {
+                Connector::Single(client) => {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(self.timeout))
+                        .set_response_timeout(Some(self.timeout))
+                        .set_max_delay(Duration::from_secs(2))
+                        // This loop retries the first connection itself, so
+                        // that the first failure is seen (and logged) at once.
+                        .set_number_of_retries(1);
+                    client.get_connection_manager_with_config(config).await.map(Conn::Single)
+                }
+                Connector::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+            };
+            match opened {
+                Ok(conn) => {
+                    let _ = self.conn.set(conn);
+                    self.note(true, None);
+                    return;
+                }
+                Err(e) => {
+                    self.note(false, Some(&e.to_string()));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Whether the connection is open (it may still fail a command).
+    pub fn connected(&self) -> bool {
+        self.conn.get().is_some()
+    }
+
+    /// Runs one command within the timeout, counting errors and latency.
+    pub async fn run<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, FleetError> {
+        let Some(conn) = self.conn.get() else {
+            self.metrics.redis_errors.inc();
+            self.note(false, Some("not connected"));
+            return Err(FleetError::NotConnected);
+        };
+        let started = Instant::now();
+        let answer = tokio::time::timeout(self.timeout, async {
+            match conn.clone() {
+                Conn::Single(mut c) => cmd.query_async(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
+            }
+        })
+        .await;
+        self.metrics.redis_duration.observe(started.elapsed().as_secs_f64());
+        let result = match answer {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(FleetError::Command(e.to_string())),
+            Err(_) => Err(FleetError::Timeout(self.timeout)),
+        };
+        match &result {
+            Ok(_) => self.note(true, None),
+            Err(e) => {
+                self.metrics.redis_errors.inc();
+                self.note(false, Some(&e.to_string()));
+            }
+        }
+        result
+    }
+
+    /// Logs the transitions between reachable and unreachable, once each.
+    fn note(&self, reachable: bool, error: Option<&str>) {
+        if self.reachable.swap(reachable, Ordering::Relaxed) != reachable {
+            if reachable {
+                tracing::info!("Redis is reachable again");
+            } else {
+                tracing::warn!(error = error.unwrap_or(""), "Redis is unreachable; falling back per use");
+            }
+        }
+    }
+}
+
+/// `HMAC(fleet secret, key) → key id`, shared by the fleet.
+///
+/// A hit only says which key row a presented plaintext belongs to; the
+/// row's state (revoked, expired, scopes) still comes from the database
+/// and the change feed, and the row must have the plaintext's lookup
+/// prefix, so an entry pointing at another key is ignored.
+pub struct WarmStart {
+    redis: Arc<Redis>,
+    mac: KeyedMac,
+    ttl_secs: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for WarmStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WarmStart").field("ttl_secs", &self.ttl_secs).finish_non_exhaustive()
+    }
+}
+
+impl WarmStart {
+    pub fn new(redis: Arc<Redis>, settings: &FleetSettings, metrics: Arc<Metrics>) -> Self {
+        Self {
+            redis,
+            mac: KeyedMac::new(settings.fleet_secret.expose_secret().as_bytes()),
+            ttl_secs: settings.warm_start_ttl.as_secs().max(1),
+            metrics,
+        }
+    }
+
+    /// The Redis key of a plaintext key's entry (hex of its HMAC).
+    fn entry(&self, key: &PlainKey) -> String {
+        let digest = self.mac.digest(key.expose().as_bytes());
+        let mut name = String::with_capacity(ENTRY.len() + 64);
+        name.push_str(ENTRY);
+        for byte in digest {
+            name.push(char::from(HEX[usize::from(byte >> 4)]));
+            name.push(char::from(HEX[usize::from(byte & 15)]));
+        }
+        name
+    }
+
+    /// The key id the fleet verified `key` as, refreshing the entry's TTL;
+    /// `None` when unknown or when Redis cannot say.
+    pub async fn lookup(&self, key: &PlainKey) -> Option<String> {
+        let cmd = redis::cmd("GETEX").arg(self.entry(key)).arg("EX").arg(self.ttl_secs).to_owned();
+        let found = self.redis.run::<Option<String>>(&cmd).await.ok().flatten();
+        let counter =
+            if found.is_some() { &self.metrics.warm_start_hits } else { &self.metrics.warm_start_misses };
+        counter.inc();
+        found
+    }
+
+    /// Publishes that `key` is `key_id`, after a successful scrypt. The
+    /// owner entry lets a revocation find the digest without the plaintext.
+    pub async fn publish(&self, key: &PlainKey, key_id: &str) {
+        let entry = self.entry(key);
+        let set_entry = redis::cmd("SET").arg(&entry).arg(key_id).arg("EX").arg(self.ttl_secs).to_owned();
+        let set_owner =
+            redis::cmd("SET").arg(owner_entry(key_id)).arg(&entry).arg("EX").arg(self.ttl_secs).to_owned();
+        if self.redis.run::<()>(&set_entry).await.is_ok() && self.redis.run::<()>(&set_owner).await.is_ok() {
+            self.metrics.warm_start_published.inc();
+        }
+    }
+
+    /// Deletes a key's entry (revoked or regenerated). A failure leaves an
+    /// entry that names a key the database no longer allows: harmless, and
+    /// it expires with its TTL.
+    pub async fn forget(&self, key_id: &str) -> Result<(), FleetError> {
+        let entry: Option<String> = self.redis.run(redis::cmd("GETDEL").arg(owner_entry(key_id))).await?;
+        if let Some(entry) = entry.filter(|e| e.starts_with(ENTRY)) {
+            self.redis.run::<()>(redis::cmd("DEL").arg(entry)).await?;
+        }
+        Ok(())
+    }
+}
+
+const ENTRY: &str = "keywarden:warm:";
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The entry naming a key id's warm-start digest.
+pub fn owner_entry(key_id: &str) -> String {
+    format!("keywarden:warm-owner:{key_id}")
+}
+
+/// The Redis key of the warm-start entry named by `key_id`'s owner entry,
+/// for tests and operators: `None` when there is none.
+pub async fn entry_of(redis: &Redis, key_id: &str) -> Result<Option<String>, FleetError> {
+    redis.run(redis::cmd("GET").arg(owner_entry(key_id))).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyPrefix;
+    use secrecy::SecretString;
+
+    fn settings(url: &str, secret: &str) -> FleetSettings {
+        FleetSettings {
+            redis_url: SecretString::from(url),
+            redis_password: None,
+            redis_cluster: false,
+            redis_timeout: Duration::from_millis(50),
+            fleet_secret: SecretString::from(secret.repeat(32)),
+            warm_start_ttl: Duration::from_secs(86_400),
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_are_keyed_by_the_fleet_secret_and_never_hold_the_key() {
+        let metrics = Arc::new(Metrics::default());
+        // Nothing listens on port 1.
+        let (sa, sb) = (settings("redis://127.0.0.1:1", "a"), settings("redis://127.0.0.1:1", "b"));
+        let redis = Redis::start(&sa, Arc::clone(&metrics)).unwrap();
+        let a = WarmStart::new(Arc::clone(&redis), &sa, Arc::clone(&metrics));
+        let b = WarmStart::new(Arc::clone(&redis), &sb, Arc::clone(&metrics));
+        let key = PlainKey::generate(&KeyPrefix::default()).unwrap();
+        assert_eq!(a.entry(&key), a.entry(&key));
+        assert_ne!(a.entry(&key), b.entry(&key));
+        assert_eq!(a.entry(&key).len(), ENTRY.len() + 64);
+        assert!(!a.entry(&key).contains(&key.expose()[8..]));
+        // Redis unreachable: a lookup is a miss, not an error.
+        assert_eq!(a.lookup(&key).await, None);
+        assert_eq!(metrics.warm_start_misses.get(), 1);
+        assert!(metrics.redis_errors.get() >= 1);
+    }
+
+    #[test]
+    fn a_url_that_does_not_parse_is_refused_without_quoting_it() {
+        let e = Redis::start(&settings("http://user:hunter2@host", "a"), Arc::new(Metrics::default()))
+            .unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(e.to_string().contains("KEYWARDEN_REDIS_URL"), "{e}");
+    }
+}
