@@ -81,6 +81,8 @@ struct Args {
     /// Skip the TLS and mTLS replicas (they share the database, and their
     /// audit writes with it).
     no_tls: bool,
+    /// The fleet tier's Redis for the warm-start figures; `None` skips them.
+    redis: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -97,6 +99,7 @@ fn parse_args() -> Args {
         token: TOKEN.into(),
         rss_probe: false,
         no_tls: false,
+        redis: Some("redis://127.0.0.1:6379".into()),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -114,6 +117,8 @@ fn parse_args() -> Args {
             "--profile" => args.profile = Some(value()),
             "--rss-probe" => args.rss_probe = true,
             "--no-tls" => args.no_tls = true,
+            "--redis" => args.redis = Some(value()),
+            "--no-redis" => args.redis = None,
             // The older spelling of `--profile allow`.
             "--profile-warm" => args.profile = Some("allow".into()),
             // cargo bench passes --bench to harness-less benchmarks.
@@ -139,6 +144,29 @@ fn start_server(
     hash_workers: usize,
     customise: impl FnOnce(&mut Settings),
 ) -> Server {
+    let mut settings = bench_settings(database_url, dir, cache, hash_workers);
+    customise(&mut settings);
+    let app = runtime.block_on(Application::build(settings)).expect("server builds");
+    let (addr, probes) = (app.local_addr(), app.probes());
+    runtime.spawn(app.run_until_stopped(std::future::pending()));
+    Server { addr, probes: Some(probes) }
+}
+
+/// [`start_server`] from within the client's runtime: built and run on the
+/// server's.
+async fn start_server_from(runtime: &tokio::runtime::Handle, settings: Settings) -> Server {
+    runtime
+        .spawn(async move {
+            let app = Application::build(settings).await.expect("server builds");
+            let (addr, probes) = (app.local_addr(), app.probes());
+            tokio::spawn(app.run_until_stopped(std::future::pending()));
+            Server { addr, probes: Some(probes) }
+        })
+        .await
+        .expect("server starts")
+}
+
+fn bench_settings(database_url: &str, dir: &std::path::Path, cache: bool, hash_workers: usize) -> Settings {
     let mut settings = Settings {
         listen_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_enabled: false,
@@ -150,11 +178,7 @@ fn start_server(
         ..Settings::default()
     };
     settings.admin_tokens.insert("admin".into(), SecretString::from(TOKEN));
-    customise(&mut settings);
-    let app = runtime.block_on(Application::build(settings)).expect("server builds");
-    let (addr, probes) = (app.local_addr(), app.probes());
-    runtime.spawn(app.run_until_stopped(std::future::pending()));
-    Server { addr, probes: Some(probes) }
+    settings
 }
 
 fn bench_database_name() -> String {
@@ -599,7 +623,13 @@ async fn access_log_rate(addr: SocketAddr, conns: &[Connection], keys: &Arc<Vec<
 
 // ------------------------------------------------------------------ fixtures
 
-async fn create_keys(addr: SocketAddr, token: &str, n: usize, cidrs: &[&str]) -> Vec<String> {
+async fn create_keys(
+    addr: SocketAddr,
+    token: &str,
+    n: usize,
+    cidrs: &[&str],
+    rate_limits: &[pb::RateLimit],
+) -> Vec<String> {
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
     let sem = Arc::new(tokio::sync::Semaphore::new(8));
@@ -609,6 +639,7 @@ async fn create_keys(addr: SocketAddr, token: &str, n: usize, cidrs: &[&str]) ->
         let bearer = bearer.clone();
         let sem = Arc::clone(&sem);
         let cidrs: Vec<String> = cidrs.iter().map(|c| (*c).to_owned()).collect();
+        let rate_limits = rate_limits.to_vec();
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.unwrap();
             let mut request = Request::new(pb::CreateKeyRequest {
@@ -616,6 +647,7 @@ async fn create_keys(addr: SocketAddr, token: &str, n: usize, cidrs: &[&str]) ->
                 name: format!("bench key {i}"),
                 scopes: vec!["sales:read".into(), "invoice:read".into()],
                 allowed_cidrs: cidrs,
+                rate_limits,
                 ..Default::default()
             });
             request.metadata_mut().insert("authorization", bearer);
@@ -627,6 +659,46 @@ async fn create_keys(addr: SocketAddr, token: &str, n: usize, cidrs: &[&str]) ->
         keys.push(t.await.unwrap());
     }
     keys
+}
+
+/// A fresh replica's first Verify of each key, `in_flight` at a time, each
+/// call timed; ALLOW is the only success.
+async fn first_verifies(addr: SocketAddr, keys: &[String], in_flight: usize) -> Outcome {
+    let conns = connect(addr, 4).await;
+    let sem = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let mut client = conns[i % conns.len()].verify.clone();
+        let (key, sem) = (key.clone(), Arc::clone(&sem));
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.unwrap();
+            let t = Instant::now();
+            let request =
+                pb::VerifyRequest { key, required_scope: "sales:read".into(), ..Default::default() };
+            let result = match client.verify(request).await {
+                Ok(r) if r.get_ref().decision == pb::Decision::Allow as i32 => Ok(()),
+                Ok(_) => Err(tonic::Code::PermissionDenied),
+                Err(status) => Err(status.code()),
+            };
+            (result, t.elapsed())
+        }));
+    }
+    let mut out = Outcome::default();
+    for t in tasks {
+        let (result, latency) = t.await.unwrap();
+        record(&mut out, result, latency);
+    }
+    out.seconds = started.elapsed().as_secs_f64();
+    out.finish()
+}
+
+/// Whether a Redis answers at `url` (the warm-start figures need one).
+fn redis_answers(url: &str) -> bool {
+    redis::Client::open(url)
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_ok()
 }
 
 /// Verifies every key once, so the cache holds them all.
@@ -980,6 +1052,20 @@ fn main() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pki = support::tls::make(dir.path());
+    // This run's own fleet secret, so that runs sharing a Redis never meet.
+    let fleet = match &args.redis {
+        Some(url) if args.target.is_none() && redis_answers(url) => {
+            Some((url.clone(), format!("bench-fleet-secret-{}", uuid::Uuid::now_v7().simple())))
+        }
+        Some(url) if args.target.is_none() => {
+            eprintln!(
+                "no Redis answers at {url}: the warm-start figures are skipped (--redis URL, or --no-redis)"
+            );
+            None
+        }
+        _ => None,
+    };
+    let mut database_url = None;
     let (server, cold_server, tls_servers) = match args.target {
         Some(addr) => (Server { addr, probes: None }, None, None),
         None => {
@@ -987,10 +1073,18 @@ fn main() {
                 Some(admin_url) => client_rt.block_on(fresh_postgres(admin_url)),
                 None => format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display()),
             };
+            database_url = Some(url.clone());
             let routes = dir.path().join("routes.toml");
             std::fs::write(&routes, ROUTES).unwrap();
+            // The main server publishes every key it verifies by scrypt to
+            // the fleet's warm-start map, for the fresh replica at the end.
+            let fleet = fleet.clone();
             let server = start_server(&server_rt, &url, dir.path(), true, args.hash_workers, move |s| {
                 s.routes_file = Some(routes);
+                if let Some((redis, secret)) = fleet {
+                    s.redis_url = Some(redis.into());
+                    s.fleet_secret = Some(secret.into());
+                }
             });
             let cold = start_server(&server_rt, &url, dir.path(), false, args.hash_workers, |_| {});
             let tls_servers = (!args.no_tls).then(|| {
@@ -1015,10 +1109,19 @@ fn main() {
     client_rt.block_on(async {
         let conns = connect(server.addr, args.connections).await;
         let t = Instant::now();
-        let keys = Arc::new(create_keys(server.addr, &args.token, args.keys, &[]).await);
-        let restricted = Arc::new(create_keys(server.addr, &args.token, args.keys.div_ceil(10), &["192.168.0.0/16"]).await);
+        let keys = Arc::new(create_keys(server.addr, &args.token, args.keys, &[], &[]).await);
+        let restricted =
+            Arc::new(create_keys(server.addr, &args.token, args.keys.div_ceil(10), &["192.168.0.0/16"], &[]).await);
+        // A limit no scenario reaches: what checking it costs, not refusals.
+        let roomy = pb::RateLimit {
+            name: "bench".into(),
+            limit: 1_000_000,
+            window: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        };
+        let limited = Arc::new(create_keys(server.addr, &args.token, args.keys, &[], &[roomy]).await);
         warm(&conns, &keys, "10.1.2.3").await;
         warm(&conns, &restricted, "192.168.1.1").await;
+        warm(&conns, &limited, "10.1.2.3").await;
         // Connection sets: plaintext, then (own server) TLS and mTLS, warmed
         // on their own replicas.
         let mut sets = vec![conns.clone()];
@@ -1058,6 +1161,12 @@ fn main() {
         scenarios.push(("warm Check ALLOW (gateway)", "check-allow", Arc::new(Load::Check(Arc::clone(&keys))), 0));
         let bad_for_check: Arc<Vec<String>> = Arc::new(keys.iter().take(100).map(|k| bad_checksum(k)).collect());
         scenarios.push(("Check DENY 401 (bad checksum)", "check-malformed", Arc::new(Load::Check(bad_for_check)), 0));
+        scenarios.push((
+            "warm Verify ALLOW, rate-limited keys (local)",
+            "allow-limited",
+            Load::verify(vec![(1, Arc::clone(&limited), "sales:read", "10.1.2.3")]),
+            0,
+        ));
         if sets.len() == 3 {
             let allow = || Load::verify(vec![(1, Arc::clone(&keys), "sales:read", "10.1.2.3")]);
             scenarios.push(("warm Verify ALLOW over TLS", "allow-tls", allow(), 1));
@@ -1114,6 +1223,9 @@ fn main() {
             closed[i][0].clone()
         };
         let (check_allow, check_malformed) = (by_id("check-allow"), by_id("check-malformed"));
+        let limited_allow = by_id("allow-limited");
+        let over_tls = [("TLS", "allow-tls"), ("mTLS", "allow-mtls")]
+            .map(|(name, id)| (name, scenarios.iter().position(|(_, s, _, _)| *s == id).map(|i| closed[i][0].clone())));
         let als_rate = access_log_rate(server.addr, &conns, &keys, 20_000).await;
         drain_audit(probes.as_ref()).await;
         let mut rows: Vec<Row> =
@@ -1190,7 +1302,7 @@ fn main() {
         // (a warm key's) attacked by 80 guessers, at the same fixed warm load,
         // with 20 fresh keys of another merchant verifying during it.
         drain_audit(probes.as_ref()).await;
-        let fresh = create_keys(server.addr, &args.token, 20, &[]).await;
+        let fresh = create_keys(server.addr, &args.token, 20, &[], &[]).await;
         let plan = StormPlan { rate, duration: slice * 2, attacked: keys[1].clone(), fresh };
         let guessing = guessing_storm(server.addr, &conns, &warm_load, plan, scrypts).await;
         let limit = Settings::default().throttle_failures_per_prefix;
@@ -1241,6 +1353,15 @@ fn main() {
             check_allow.throughput(),
             warm_allow.throughput(),
             verdict(r >= 0.9)
+        );
+        let r = limited_allow.throughput() / warm_allow.throughput();
+        println!(
+            "| rate limits: warm ALLOW with a limit (local) ≥ 0.95 × without | {:.0}/s vs {:.0}/s = {r:.2} × (p99 {:.3} ms vs {:.3} ms) | {} |",
+            limited_allow.throughput(),
+            warm_allow.throughput(),
+            limited_allow.percentile(0.99),
+            warm_allow.percentile(0.99),
+            verdict(r >= 0.95)
         );
         let r = check_malformed.throughput() / baseline.throughput();
         println!("| gateway: Check DENY 401 (bad checksum), against the no-op baseline | {r:.2} × | - |");
@@ -1314,6 +1435,52 @@ fn main() {
         // fill path (100k real scrypt checks would take most of an hour), in a
         // fresh process, so that the figure is the cache's and not what the
         // allocator kept from the load run.
+        // Warm start: a fresh replica's first Verify of every key the main
+        // server verified (and published), against a fresh replica without
+        // Redis, whose first calls wait for scrypt.
+        if let (Some((redis, secret)), Some(url)) = (&fleet, &database_url) {
+            let published = || probes.as_ref().map_or(0, |p| p.metrics.warm_start_published.get());
+            let known = (keys.len() + restricted.len() + limited.len()) as u64;
+            let t = Instant::now();
+            while published() < known && t.elapsed() < Duration::from_secs(30) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let fresh_settings = |with_redis: bool| {
+                let mut s = bench_settings(url, dir.path(), true, args.hash_workers);
+                if with_redis {
+                    s.redis_url = Some(redis.clone().into());
+                    s.fleet_secret = Some(secret.clone().into());
+                }
+                s
+            };
+            let in_flight = 16;
+            let fresh = start_server_from(server_rt.handle(), fresh_settings(true)).await;
+            let first = first_verifies(fresh.addr, &keys, in_flight).await;
+            let fresh_probes = fresh.probes.as_ref().expect("own server");
+            let (runs, hits) = (fresh_probes.pool.runs(), fresh_probes.metrics.warm_start_hits.get());
+            let plain = start_server_from(server_rt.handle(), fresh_settings(false)).await;
+            let control = first_verifies(plain.addr, &keys[..keys.len().min(100)], in_flight).await;
+            println!(
+                "| warm start: a fresh replica's first Verify of {} known keys, p99 ≤ 5 ms | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({in_flight} in flight; {published} published; errors {:?}) | {} |",
+                keys.len(),
+                first.percentile(0.5),
+                first.percentile(0.99),
+                first.max(),
+                first.errors,
+                verdict(first.percentile(0.99) <= 5.0 && first.errors.is_empty()),
+                published = published(),
+            );
+            println!(
+                "| warm start: scrypt runs on the fresh replica = 0 | {runs} ({hits} warm-start hits) | {} |",
+                verdict(runs == 0)
+            );
+            println!(
+                "| (control) without Redis: first Verify of {} keys through the scrypt queue | p50 {:.1} ms, p99 {:.1} ms ({in_flight} in flight) | - |",
+                control.calls,
+                control.percentile(0.5),
+                control.percentile(0.99),
+            );
+        }
         if args.target.is_none() {
             match probe_rss() {
                 Some((idle, filled)) => println!(
@@ -1325,11 +1492,11 @@ fn main() {
             }
         }
         if let Some((tls_server, mtls_server)) = &tls_servers {
-            for (name, index) in [("TLS", 6), ("mTLS", 7)] {
-                let r = closed[index][0].throughput() / warm_allow.throughput();
+            for (name, o) in over_tls.iter().filter_map(|(name, o)| o.as_ref().map(|o| (name, o))) {
+                let r = o.throughput() / warm_allow.throughput();
                 println!(
                     "| warm ALLOW over {name} ≥ 0.9 × plaintext (persistent connections) | {:.0}/s vs {:.0}/s = {r:.2} × | {} |",
-                    closed[index][0].throughput(),
+                    o.throughput(),
                     warm_allow.throughput(),
                     verdict(r >= 0.9)
                 );
