@@ -146,14 +146,11 @@ fn start_server(
 ) -> Server {
     let mut settings = bench_settings(database_url, dir, cache, hash_workers);
     customise(&mut settings);
-    let app = runtime.block_on(Application::build(settings)).expect("server builds");
-    let (addr, probes) = (app.local_addr(), app.probes());
-    runtime.spawn(app.run_until_stopped(std::future::pending()));
-    Server { addr, probes: Some(probes) }
+    runtime.block_on(start_server_from(runtime.handle(), settings))
 }
 
-/// [`start_server`] from within the client's runtime: built and run on the
-/// server's.
+/// Builds and runs a server on the server's runtime; callable from the
+/// client's.
 async fn start_server_from(runtime: &tokio::runtime::Handle, settings: Settings) -> Server {
     runtime
         .spawn(async move {
@@ -1218,14 +1215,12 @@ fn main() {
         let baseline = closed[0][0].clone();
         let warm_allow = closed[1][0].clone();
         let malformed = closed[4][0].clone();
-        let by_id = |id: &str| {
-            let i = scenarios.iter().position(|(_, s, _, _)| *s == id).expect("a scenario with this id");
-            closed[i][0].clone()
-        };
+        let find = |id: &str| scenarios.iter().position(|(_, s, _, _)| *s == id).map(|i| closed[i][0].clone());
+        let by_id = |id: &str| find(id).expect("a scenario with this id");
         let (check_allow, check_malformed) = (by_id("check-allow"), by_id("check-malformed"));
         let limited_allow = by_id("allow-limited");
-        let over_tls = [("TLS", "allow-tls"), ("mTLS", "allow-mtls")]
-            .map(|(name, id)| (name, scenarios.iter().position(|(_, s, _, _)| *s == id).map(|i| closed[i][0].clone())));
+        // Present only without --no-tls.
+        let over_tls = [("TLS", "allow-tls"), ("mTLS", "allow-mtls")].map(|(name, id)| (name, find(id)));
         let als_rate = access_log_rate(server.addr, &conns, &keys, 20_000).await;
         drain_audit(probes.as_ref()).await;
         let mut rows: Vec<Row> =
@@ -1431,10 +1426,6 @@ fn main() {
             verdict(per_minute <= f64::from(limit))
         );
 
-        // Cache memory: 100k entries of the real types through the cache's own
-        // fill path (100k real scrypt checks would take most of an hour), in a
-        // fresh process, so that the figure is the cache's and not what the
-        // allocator kept from the load run.
         // Warm start: a fresh replica's first Verify of every key the main
         // server verified (and published), against a fresh replica without
         // Redis, whose first calls wait for scrypt.
@@ -1481,6 +1472,10 @@ fn main() {
                 control.percentile(0.99),
             );
         }
+        // Cache memory: 100k entries of the real types through the cache's own
+        // fill path (100k real scrypt checks would take most of an hour), in a
+        // fresh process, so that the figure is the cache's and not what the
+        // allocator kept from the load run.
         if args.target.is_none() {
             match probe_rss() {
                 Some((idle, filled)) => println!(
