@@ -268,7 +268,7 @@ check(mount and mount[0]["mountPath"] == "/etc/keywarden/routes" and "subPath" n
 # The fleet tier: an external Redis, its password and the fleet secret
 # from the Secret, nothing secret in the ConfigMap or the URL.
 fleet_secret = "F" * 40
-fleet = merged(trial, {"redis": {"url": "rediss://redis.payments:6380", "cluster": True},
+fleet = merged(trial, {"redis": {"url": "rediss://redis.payments:6380", "cluster": True, "onRedisFailure": "closed"},
                        "secrets": {"fleetSecret": fleet_secret, "redisPassword": "redis-pass-0123456789"}})
 docs = render(fleet, "fleet")
 validate(docs, "fleet")
@@ -276,6 +276,9 @@ kinds = check_promises(docs, "fleet", ["B" * 44, fleet_secret, "redis-pass-01234
 env = {e["name"]: e for e in kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]}
 check(env.get("KEYWARDEN_REDIS_URL", {}).get("value") == "rediss://redis.payments:6380"
       and env.get("KEYWARDEN_REDIS_CLUSTER", {}).get("value") == "true", "fleet: the Redis URL and cluster mode are set")
+check(env.get("KEYWARDEN_RATE_LIMIT_MODE", {}).get("value") == "redis"
+      and env.get("KEYWARDEN_RATE_LIMIT_ON_REDIS_FAILURE", {}).get("value") == "closed",
+      "fleet: rate limits are fleet-wide, with the chosen failure mode")
 check(env["KEYWARDEN_FLEET_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "fleet-secret"
       and env["KEYWARDEN_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password",
       "fleet: the fleet secret and the Redis password come from the Secret")
@@ -340,6 +343,7 @@ for bad, why in [
     ({"redis": {"url": "redis://:hunter2@redis:6379"}, "secrets": {"fleetSecret": "F" * 40}},
      "a password in the Redis URL (it belongs in a Secret)"),
     ({"secrets": {"fleetSecret": "short"}}, "a fleet secret under 32 bytes"),
+    ({"redis": {"onRedisFailure": "ignore"}}, "an unknown rate-limit failure mode"),
 ]:
     try:
         # On top of a trial's secrets, so that only the bad value is wrong.

@@ -45,8 +45,9 @@ use envoy_types::pb::envoy::{
 };
 use keywarden::{
     api::pb::{self, key_admin_client::KeyAdminClient, key_verify_client::KeyVerifyClient},
-    config::Settings,
+    config::{RateLimitMode, Settings},
     keys::{KeyHasher, KeyPrefix, PlainKey, format::checksummed},
+    limiter::leased::lease_size,
     startup::{Application, Probes},
 };
 use secrecy::SecretString;
@@ -304,6 +305,7 @@ impl Load {
                         required_scope: scope.into(),
                         endpoint: "/public/api/v1/invoices".into(),
                         method: "POST".into(),
+                        cost: 0,
                     })
                     .await
                     .map(|_| ())
@@ -577,6 +579,7 @@ async fn access_log_rate(addr: SocketAddr, conns: &[Connection], keys: &Arc<Vec<
                         required_scope: "sales:read".into(),
                         endpoint: "/public/api/v1/sales".into(),
                         method: "GET".into(),
+                        cost: 0,
                     })
                     .await
                     .unwrap()
@@ -688,6 +691,73 @@ async fn first_verifies(addr: SocketAddr, keys: &[String], in_flight: usize) -> 
     }
     out.seconds = started.elapsed().as_secs_f64();
     out.finish()
+}
+
+/// What a burst against one fleet-wide limit admitted.
+struct Overshoot {
+    limit: u32,
+    window_s: u64,
+    admitted: u64,
+    /// What one exact bucket, full at the start, admits over the burst.
+    exact: u64,
+    /// The documented bound on the difference: N × lease size.
+    bound: u64,
+    seconds: f64,
+}
+
+/// The worst case of leasing, measured: each replica takes a lease of a
+/// key's tokens with one call, the shared bucket refills behind them, then
+/// a burst spread over the replicas spends both the bucket and the leases.
+async fn overshoot(servers: &[Server], token: &str) -> Overshoot {
+    let (limit, window_s) = (1_600u32, 16u64);
+    let per = pb::RateLimit {
+        name: "burst".into(),
+        limit,
+        window: Some(prost_types::Duration { seconds: window_s as i64, nanos: 0 }),
+    };
+    let key = create_keys(servers[0].addr, token, 1, &[], &[per]).await.remove(0);
+    let mut clients = Vec::new();
+    for server in servers {
+        clients.push(connect(server.addr, 1).await.remove(0).verify);
+    }
+    let request =
+        || pb::VerifyRequest { key: key.clone(), required_scope: "sales:read".into(), ..Default::default() };
+    for client in &mut clients {
+        client.verify(request()).await.unwrap();
+    }
+    // Long enough for the shared bucket to refill what was leased, well
+    // within the leases' own window.
+    let leased = u64::from(lease_size(limit)) * servers.len() as u64;
+    tokio::time::sleep(Duration::from_millis(leased * window_s * 1_000 / u64::from(limit) + 1_000)).await;
+
+    let (next, admitted) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let calls = 3 * limit as usize;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..48 {
+        let mut client = clients[worker % clients.len()].clone();
+        let (next, admitted, request) = (Arc::clone(&next), Arc::clone(&admitted), request());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < calls {
+                let r = client.verify(request.clone()).await.unwrap().into_inner();
+                if r.decision == pb::Decision::Allow as i32 {
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Overshoot {
+        limit,
+        window_s,
+        admitted: admitted.load(Ordering::Relaxed) as u64,
+        exact: u64::from(limit) + (seconds * f64::from(limit) / window_s as f64).floor() as u64,
+        bound: leased,
+        seconds,
+    }
 }
 
 /// Whether a Redis answers at `url` (the warm-start figures need one).
@@ -932,6 +1002,7 @@ async fn seed(cache: &keywarden::cache::VerifyCache, n: usize) {
                 scopes,
             },
             rate_limits: Default::default(),
+            credits: None,
             version: 1,
         });
         cache
@@ -1063,6 +1134,7 @@ fn main() {
         _ => None,
     };
     let mut database_url = None;
+    let mut fleet_servers: Vec<Server> = Vec::new();
     let (server, cold_server, tls_servers) = match args.target {
         Some(addr) => (Server { addr, probes: None }, None, None),
         None => {
@@ -1075,14 +1147,27 @@ fn main() {
             std::fs::write(&routes, ROUTES).unwrap();
             // The main server publishes every key it verifies by scrypt to
             // the fleet's warm-start map, for the fresh replica at the end.
-            let fleet = fleet.clone();
+            let main_fleet = fleet.clone();
             let server = start_server(&server_rt, &url, dir.path(), true, args.hash_workers, move |s| {
                 s.routes_file = Some(routes);
-                if let Some((redis, secret)) = fleet {
+                if let Some((redis, secret)) = main_fleet {
                     s.redis_url = Some(redis.into());
                     s.fleet_secret = Some(secret.into());
+                    s.rate_limit_mode = Some(RateLimitMode::Local);
                 }
             });
+            // Three replicas whose rate limits are fleet-wide through Redis.
+            fleet_servers = fleet
+                .iter()
+                .flat_map(|(redis, secret)| std::iter::repeat_n((redis, secret), 3))
+                .map(|(redis, secret)| {
+                    start_server(&server_rt, &url, dir.path(), true, args.hash_workers, |s| {
+                        s.redis_url = Some(redis.clone().into());
+                        s.fleet_secret = Some(secret.clone().into());
+                        s.rate_limit_mode = Some(RateLimitMode::Redis);
+                    })
+                })
+                .collect();
             let cold = start_server(&server_rt, &url, dir.path(), false, args.hash_workers, |_| {});
             let tls_servers = (!args.no_tls).then(|| {
                 let tls = |mutual: bool| {
@@ -1129,6 +1214,15 @@ fn main() {
                 sets.push(set);
             }
         }
+        // Redis mode: the same limited keys on a replica that leases their
+        // tokens from Redis.
+        let mut fleet_set = None;
+        if let Some(fleet_server) = fleet_servers.first() {
+            let set = connect(fleet_server.addr, args.connections).await;
+            warm(&set, &limited, "10.1.2.3").await;
+            fleet_set = Some(sets.len());
+            sets.push(set);
+        }
         eprintln!("setup: {} + {} keys created and warmed in {:.1?}", keys.len(), restricted.len(), t.elapsed());
 
         // The closed-loop scenarios, in the order they run and are reported.
@@ -1164,7 +1258,15 @@ fn main() {
             Load::verify(vec![(1, Arc::clone(&limited), "sales:read", "10.1.2.3")]),
             0,
         ));
-        if sets.len() == 3 {
+        if let Some(set) = fleet_set {
+            scenarios.push((
+                "warm Verify ALLOW, rate-limited keys (Redis)",
+                "allow-limited-redis",
+                Load::verify(vec![(1, Arc::clone(&limited), "sales:read", "10.1.2.3")]),
+                set,
+            ));
+        }
+        if tls_servers.is_some() {
             let allow = || Load::verify(vec![(1, Arc::clone(&keys), "sales:read", "10.1.2.3")]);
             scenarios.push(("warm Verify ALLOW over TLS", "allow-tls", allow(), 1));
             scenarios.push(("warm Verify ALLOW over mTLS", "allow-mtls", allow(), 2));
@@ -1219,6 +1321,7 @@ fn main() {
         let by_id = |id: &str| find(id).expect("a scenario with this id");
         let (check_allow, check_malformed) = (by_id("check-allow"), by_id("check-malformed"));
         let limited_allow = by_id("allow-limited");
+        let fleet_limited_allow = find("allow-limited-redis");
         // Present only without --no-tls.
         let over_tls = [("TLS", "allow-tls"), ("mTLS", "allow-mtls")].map(|(name, id)| (name, find(id)));
         let als_rate = access_log_rate(server.addr, &conns, &keys, 20_000).await;
@@ -1358,6 +1461,31 @@ fn main() {
             warm_allow.percentile(0.99),
             verdict(r >= 0.95)
         );
+        if let Some(o) = &fleet_limited_allow {
+            let r = o.throughput() / warm_allow.throughput();
+            println!(
+                "| rate limits: warm ALLOW with a limit (Redis) ≥ 0.85 × without | {:.0}/s vs {:.0}/s = {r:.2} × (p99 {:.3} ms vs {:.3} ms) | {} |",
+                o.throughput(),
+                warm_allow.throughput(),
+                o.percentile(0.99),
+                warm_allow.percentile(0.99),
+                verdict(r >= 0.85)
+            );
+        }
+        if fleet_servers.len() == 3 {
+            let o = overshoot(&fleet_servers, &args.token).await;
+            println!(
+                "| rate limits (Redis): overshoot over one exact bucket ≤ N × lease = {} (3 replicas, {} per {} s, leases held, then a burst) | {} admitted in {:.2} s, exact bucket {}: overshoot {} | {} |",
+                o.bound,
+                o.limit,
+                o.window_s,
+                o.admitted,
+                o.seconds,
+                o.exact,
+                o.admitted.saturating_sub(o.exact),
+                verdict(o.admitted <= o.exact + o.bound)
+            );
+        }
         let r = check_malformed.throughput() / baseline.throughput();
         println!("| gateway: Check DENY 401 (bad checksum), against the no-op baseline | {r:.2} × | - |");
         let r = als_rate / check_allow.throughput();

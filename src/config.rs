@@ -53,6 +53,29 @@ pub struct IdentityGrant {
     pub merchant_ids: Vec<String>,
 }
 
+/// Where per-key rate limits are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitMode {
+    /// On each replica by itself: exact per replica, N replicas admit N times.
+    Local,
+    /// Fleet-wide through Redis, each replica holding a small lease of tokens.
+    Redis,
+}
+
+/// What Redis-mode rate limits do while Redis cannot grant a lease.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRedisFailure {
+    /// Count on this replica alone until Redis answers again.
+    #[default]
+    Local,
+    /// Admit every call a limit would have decided.
+    Open,
+    /// Refuse them (RATE_LIMITED), as a limit that cannot be checked.
+    Closed,
+}
+
 /// What Verify does when the audit queue is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -272,10 +295,18 @@ pub struct Settings {
     /// How long a warm-start entry lives after its last use (at least a
     /// day).
     pub warm_start_ttl_secs: u64,
+    /// `local` or `redis`; unset means `redis` when `redis_url` is set.
+    pub rate_limit_mode: Option<RateLimitMode>,
+    pub rate_limit_on_redis_failure: OnRedisFailure,
     /// How far this replica's own clock is off, for tests of clock skew.
     /// Never read from the environment or a file.
     #[serde(skip)]
     pub clock_skew_ms: i64,
+    /// How far the credits refill job's calendar is moved from the
+    /// database's clock, for tests of the UTC boundary. Never read from the
+    /// environment or a file.
+    #[serde(skip)]
+    pub refill_clock_offset_ms: i64,
     /// Audit rows older than this many days are deleted; 0 keeps them forever.
     pub audit_retention_days: u32,
     pub audit_retention_interval_ms: u64,
@@ -356,10 +387,13 @@ impl Default for Settings {
             redis_timeout_ms: 100,
             fleet_secret: None,
             warm_start_ttl_secs: 7 * 86_400,
+            rate_limit_mode: None,
+            rate_limit_on_redis_failure: OnRedisFailure::Local,
             audit_spool_dir: None,
             audit_spool_max_bytes: 256 * 1024 * 1024,
             audit_spill_after_ms: 500,
             clock_skew_ms: 0,
+            refill_clock_offset_ms: 0,
             audit_retention_days: 90,
             audit_retention_interval_ms: 600_000,
             cache_enabled: true,
@@ -491,6 +525,18 @@ impl Settings {
 
     pub fn routes_reload_interval(&self) -> Duration {
         Duration::from_millis(self.routes_reload_interval_ms.max(10))
+    }
+
+    /// Where rate limits are counted: `redis` needs `redis_url`.
+    pub fn rate_limit_mode(&self) -> Result<RateLimitMode, ConfigError> {
+        match (self.rate_limit_mode, &self.redis_url) {
+            (Some(RateLimitMode::Redis), None) => Err(ConfigError::Invalid(
+                "rate_limit_mode (KEYWARDEN_RATE_LIMIT_MODE) is redis but redis_url is not set".into(),
+            )),
+            (Some(mode), _) => Ok(mode),
+            (None, Some(_)) => Ok(RateLimitMode::Redis),
+            (None, None) => Ok(RateLimitMode::Local),
+        }
     }
 
     /// The fleet tier's settings, when Redis is configured.
@@ -1034,6 +1080,27 @@ mod tests {
         let fleet = settings.fleet().unwrap().expect("configured");
         assert!(!format!("{fleet:?}").contains("hunter2"));
         assert_eq!(Settings::default().fleet().unwrap().map(|_| ()), None, "no Redis by default");
+    }
+
+    #[test]
+    fn rate_limits_go_to_redis_by_default_only_when_it_is_configured() {
+        let mut settings = Settings::default();
+        assert_eq!(settings.rate_limit_mode().unwrap(), RateLimitMode::Local);
+        settings.rate_limit_mode = Some(RateLimitMode::Redis);
+        assert!(settings.rate_limit_mode().unwrap_err().to_string().contains("KEYWARDEN_RATE_LIMIT_MODE"));
+        settings.redis_url = Some("redis://127.0.0.1".into());
+        settings.rate_limit_mode = None;
+        assert_eq!(settings.rate_limit_mode().unwrap(), RateLimitMode::Redis);
+        settings.rate_limit_mode = Some(RateLimitMode::Local);
+        assert_eq!(settings.rate_limit_mode().unwrap(), RateLimitMode::Local);
+        let parsed: Settings = Figment::new()
+            .merge(Toml::string("rate_limit_mode = \"redis\"\nrate_limit_on_redis_failure = \"closed\""))
+            .extract()
+            .unwrap();
+        assert_eq!(
+            (parsed.rate_limit_mode, parsed.rate_limit_on_redis_failure),
+            (Some(RateLimitMode::Redis), OnRedisFailure::Closed)
+        );
     }
 
     #[test]

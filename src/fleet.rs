@@ -1,10 +1,11 @@
 //! The fleet tier: state every replica shares through Redis, at Verify
 //! rates. Redis is optional; without it each replica keeps its own.
 //!
-//! Today it holds the warm-start map ([`WarmStart`]): a key one replica
+//! It holds the warm-start map ([`WarmStart`]): a key one replica
 //! verified by scrypt is recognised by every other replica with one HMAC
 //! and one GET, so a new replica does not pay one scrypt per key the fleet
-//! already knows.
+//! already knows. The connection also carries the leases of fleet-wide
+//! rate limits ([`crate::limiter`]), as [`Script`]s.
 //!
 //! A Redis failure is never a wrong answer: each use has a fallback (here,
 //! scrypt again), every command is bounded by a timeout, and the transition
@@ -35,6 +36,10 @@ pub enum FleetError {
     Timeout(Duration),
     #[error("Redis: {0}")]
     Command(String),
+    /// EVALSHA of a script this server has not cached (a restart, a
+    /// failover); not a failure, the script is sent whole.
+    #[error("Redis does not know the script")]
+    NoScript,
 }
 
 #[derive(Clone)]
@@ -130,6 +135,11 @@ impl Redis {
         }
     }
 
+    /// The bound on each command.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Whether the connection is open (it may still fail a command).
     pub fn connected(&self) -> bool {
         self.conn.get().is_some()
@@ -153,6 +163,9 @@ impl Redis {
         self.metrics.redis_duration.observe(started.elapsed().as_secs_f64());
         let result = match answer {
             Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                return Err(FleetError::NoScript);
+            }
             Ok(Err(e)) => Err(FleetError::Command(e.to_string())),
             Err(_) => Err(FleetError::Timeout(self.timeout)),
         };
@@ -166,6 +179,30 @@ impl Redis {
         result
     }
 
+    /// Runs a Lua script by its digest, sending it whole only when the
+    /// server does not have it cached.
+    pub async fn eval<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[u64],
+    ) -> Result<T, FleetError> {
+        let by_digest = redis::cmd("EVALSHA")
+            .arg(script.digest.get_hash())
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args)
+            .to_owned();
+        match self.run(&by_digest).await {
+            Err(FleetError::NoScript) => {
+                let whole =
+                    redis::cmd("EVAL").arg(script.source).arg(keys.len()).arg(keys).arg(args).to_owned();
+                self.run(&whole).await
+            }
+            other => other,
+        }
+    }
+
     /// Logs the transitions between reachable and unreachable, once each.
     fn note(&self, reachable: bool, error: Option<&str>) {
         if self.reachable.swap(reachable, Ordering::Relaxed) != reachable {
@@ -175,6 +212,24 @@ impl Redis {
                 tracing::warn!(error = error.unwrap_or(""), "Redis is unreachable; falling back per use");
             }
         }
+    }
+}
+
+/// A Lua script run atomically on Redis, by digest once it is cached.
+pub struct Script {
+    source: &'static str,
+    digest: redis::Script,
+}
+
+impl Script {
+    pub fn new(source: &'static str) -> Self {
+        Self { source, digest: redis::Script::new(source) }
+    }
+}
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Script").field(&self.digest.get_hash()).finish()
     }
 }
 

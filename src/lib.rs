@@ -24,8 +24,10 @@
 //!   state of the Verify path. The verification cache and the change feed
 //!   that keeps it current; batched usage counters; the audit queue, its
 //!   writer and its local spool; the counters of wrong secrets that
-//!   throttle guessing; the buckets of per-key rate limits. [`fleet`]:
-//!   what replicas share through Redis (the warm-start map), optional.
+//!   throttle guessing; per-key rate limits, per replica or leased from
+//!   Redis ([`limiter`], which uses [`fleet`]); credits are spent through
+//!   [`usage`], in the same batches as the counts. [`fleet`]: the Redis
+//!   connection replicas share and the warm-start map, optional.
 //! - [`store`]: persistence on sea-orm (SQLite or PostgreSQL): keys, usage,
 //!   operator tokens, the audit row ([`store::audit::AuditRecord`]) and its
 //!   writers, and migrations.

@@ -79,8 +79,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Operators { conn, command } => client::operators(conn, command).await,
         Command::Peppers { conn, command } => client::peppers(conn, command).await,
         Command::Audit { conn, command } => client::audit(conn, command).await,
-        Command::Verify { conn, api_key, ip, scope, endpoint, method } => {
-            client::verify(conn, api_key, ip, scope, endpoint, method).await
+        Command::Verify { conn, api_key, ip, scope, endpoint, method, cost } => {
+            client::verify(conn, api_key, ip, scope, endpoint, method, cost).await
         }
     }
 }

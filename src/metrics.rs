@@ -67,6 +67,11 @@ pub struct Metrics {
     pub warm_start_hits: Counter,
     pub warm_start_misses: Counter,
     pub warm_start_published: Counter,
+    /// Redis-mode rate limits: leases granted by Redis and the tokens
+    /// they carried; decisions taken without Redis (by the failure mode).
+    pub rate_limit_lease_refills: Counter,
+    pub rate_limit_leased_tokens: Counter,
+    pub rate_limit_fallback_decisions: Counter,
 }
 
 impl Default for Metrics {
@@ -101,6 +106,9 @@ impl Default for Metrics {
             warm_start_hits: Counter::default(),
             warm_start_misses: Counter::default(),
             warm_start_published: Counter::default(),
+            rate_limit_lease_refills: Counter::default(),
+            rate_limit_leased_tokens: Counter::default(),
+            rate_limit_fallback_decisions: Counter::default(),
         }
     }
 }

@@ -155,6 +155,7 @@ impl VerifyLayer {
                 .filter(|m| m.len() <= MAX_METHOD)
                 .unwrap_or_default()
                 .to_owned(),
+            cost: 1,
         };
         let grant = match self.client.verify(call).await {
             Ok(Decision::Allow(grant)) => grant,
@@ -227,7 +228,9 @@ impl Denial {
                 DenyReason::Malformed | DenyReason::NotFound | DenyReason::Revoked | DenyReason::Expired => {
                     StatusCode::UNAUTHORIZED
                 }
-                DenyReason::Throttled | DenyReason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+                DenyReason::Throttled | DenyReason::RateLimited | DenyReason::QuotaExhausted => {
+                    StatusCode::TOO_MANY_REQUESTS
+                }
                 DenyReason::IpNotAllowed
                 | DenyReason::InsufficientScope
                 | DenyReason::NoRoute
@@ -283,6 +286,7 @@ fn short_text(reason: DenyReason) -> &'static str {
         DenyReason::Throttled => "too many failed attempts; retry later",
         DenyReason::NoRoute => "no such route",
         DenyReason::RateLimited => "rate limit exceeded; retry later",
+        DenyReason::QuotaExhausted => "the key's credits are used up",
         DenyReason::Unspecified => "API key refused",
     }
 }

@@ -79,6 +79,7 @@ fn state(flags: u8, mask: u64) -> KeyState {
             scopes,
         },
         rate_limits: Default::default(),
+        credits: None,
         version: 1,
     }
 }
@@ -157,7 +158,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let response = convert::verdict(Verdict { outcome: outcome.clone(), audit_event_id: "id".into(), rate_limit: None });
+    let response = convert::verdict(Verdict {
+        outcome: outcome.clone(),
+        audit_event_id: "id".into(),
+        rate_limit: None,
+        credits_remaining: None,
+    });
     let decoded = pb::VerifyResponse::decode(response.encode_to_vec().as_slice()).expect("our own encoding");
     match outcome {
         Ok(_) => assert_eq!(decoded.decision(), pb::Decision::Allow),

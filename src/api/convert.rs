@@ -5,10 +5,13 @@ use chrono::{DateTime, Utc};
 use super::pb;
 use crate::{
     audit::{AuditKind, AuditRecord},
-    keys::{Decision, DenyReason, KeyStatus, LimitStatus, RateLimit, RateLimits, operator::OperatorRole},
+    keys::{
+        Credits, Decision, DenyReason, KeyStatus, LimitStatus, RateLimit, RateLimits, RefillInterval,
+        operator::OperatorRole,
+    },
     service::{
         ServiceError,
-        admin::KeyView,
+        admin::{CreditsRequest, KeyView},
         peppers::Generation,
         verify::{Verdict, VerifyInput},
     },
@@ -126,6 +129,7 @@ pub fn deny_reason(r: DenyReason) -> pb::DenyReason {
         DenyReason::Throttled => pb::DenyReason::Throttled,
         DenyReason::NoRoute => pb::DenyReason::NoRoute,
         DenyReason::RateLimited => pb::DenyReason::RateLimited,
+        DenyReason::QuotaExhausted => pb::DenyReason::QuotaExhausted,
     }
 }
 
@@ -198,6 +202,7 @@ pub fn api_key(view: KeyView) -> pb::ApiKey {
         scopes: k.scopes,
         allowed_cidrs: k.allowed_cidrs,
         rate_limits: rate_limits_out(&k.rate_limits),
+        credits: credits_out(k.credits),
         expires_at: opt_timestamp(k.expires_at),
         created_at: Some(timestamp(k.created_at)),
         created_by: k.created_by,
@@ -241,7 +246,38 @@ pub fn verify_input(r: pb::VerifyRequest) -> VerifyInput {
         required_scope: r.required_scope,
         endpoint: r.endpoint,
         method: r.method,
+        cost: r.cost,
     }
+}
+
+/// Credits as a request gives them; an unknown interval number counts as
+/// unspecified, which validation refuses by name.
+pub fn credits_in(c: Option<pb::Credits>) -> Option<CreditsRequest> {
+    c.map(|c| CreditsRequest {
+        remaining: c.remaining,
+        refill: c.refill.map(|r| {
+            let interval = match pb::RefillInterval::try_from(r.interval) {
+                Ok(pb::RefillInterval::Daily) => Some(RefillInterval::Daily),
+                Ok(pb::RefillInterval::Monthly) => Some(RefillInterval::Monthly),
+                _ => None,
+            };
+            (r.amount, interval)
+        }),
+    })
+}
+
+fn credits_out(c: Option<Credits>) -> Option<pb::Credits> {
+    c.map(|c| pb::Credits {
+        remaining: c.remaining,
+        refill: c.refill.map(|r| pb::Refill {
+            amount: r.amount,
+            interval: match r.interval {
+                RefillInterval::Daily => pb::RefillInterval::Daily,
+                RefillInterval::Monthly => pb::RefillInterval::Monthly,
+            }
+            .into(),
+        }),
+    })
 }
 
 pub fn verdict(v: Verdict) -> pb::VerifyResponse {
@@ -257,12 +293,14 @@ pub fn verdict(v: Verdict) -> pb::VerifyResponse {
             expires_at: opt_timestamp(grant.expires_at),
             audit_event_id: v.audit_event_id,
             rate_limit,
+            credits_remaining: v.credits_remaining,
         },
         Err(reason) => pb::VerifyResponse {
             decision: pb::Decision::Deny.into(),
             deny_reason: deny_reason(reason).into(),
             audit_event_id: v.audit_event_id,
             rate_limit,
+            credits_remaining: v.credits_remaining,
             ..Default::default()
         },
     }

@@ -115,6 +115,7 @@ pub fn short_text(reason: DenyReason) -> &'static str {
         DenyReason::Throttled => "too many failed attempts; retry later",
         DenyReason::NoRoute => "no such route",
         DenyReason::RateLimited => "rate limit exceeded; retry later",
+        DenyReason::QuotaExhausted => "the key's credits are used up",
     }
 }
 

@@ -60,6 +60,7 @@ impl KeyAdmin for KeyAdminService {
             preset: r.preset,
             allowed_cidrs: r.allowed_cidrs,
             rate_limits: convert::rate_limits_in(r.rate_limits),
+            credits: convert::credits_in(r.credits),
         };
         let issued = traced(&span, self.manager.create(&who, input)).await?;
         Ok(Response::new(pb::CreateKeyResponse {
@@ -110,6 +111,7 @@ impl KeyAdmin for KeyAdminService {
             scopes: r.scopes,
             allowed_cidrs: r.allowed_cidrs,
             rate_limits: convert::rate_limits_in(r.rate_limits),
+            credits: convert::credits_in(r.credits),
         };
         let key = traced(&span, self.manager.update(&who, input)).await?;
         Ok(Response::new(pb::UpdateKeyResponse { api_key: Some(convert::api_key(key)) }))

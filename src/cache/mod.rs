@@ -280,6 +280,7 @@ mod tests {
                 scopes: ScopeSet::default(),
             },
             rate_limits: Default::default(),
+            credits: None,
             version: 1,
         })
     }

@@ -96,6 +96,25 @@ pub fn duration(value: &str) -> anyhow::Result<prost_types::Duration> {
 
 /// `NAME=LIMIT/WINDOW`, the window a number with ms, s, m, h or d. The
 /// server checks the values; this only reads the shape.
+/// `--credits N [--refill AMOUNT/daily|monthly]`.
+fn credits_of(remaining: Option<i64>, refill: Option<&str>) -> anyhow::Result<Option<pb::Credits>> {
+    let Some(remaining) = remaining else { return Ok(None) };
+    let refill = match refill {
+        None => None,
+        Some(spec) => {
+            let shape = || anyhow::anyhow!("--refill {spec:?}: expected AMOUNT/daily or AMOUNT/monthly");
+            let (amount, interval) = spec.split_once('/').ok_or_else(shape)?;
+            let interval = match interval {
+                "daily" => pb::RefillInterval::Daily,
+                "monthly" => pb::RefillInterval::Monthly,
+                _ => return Err(shape()),
+            };
+            Some(pb::Refill { amount: amount.parse().map_err(|_| shape())?, interval: interval.into() })
+        }
+    };
+    Ok(Some(pb::Credits { remaining, refill }))
+}
+
 fn rate_limit(spec: &str) -> anyhow::Result<pb::RateLimit> {
     let shape =
         || anyhow::anyhow!("--rate-limit {spec:?}: expected NAME=LIMIT/WINDOW, e.g. per-minute=100/60s");
@@ -138,7 +157,17 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
     let token = token(&conn)?;
     let mut admin = KeyAdminClient::new(channel(&conn).await?);
     match command {
-        KeysCommand::Create { merchant, name, scopes, preset, expires_at, allowed, rate_limits } => {
+        KeysCommand::Create {
+            merchant,
+            name,
+            scopes,
+            preset,
+            expires_at,
+            allowed,
+            rate_limits,
+            credits,
+            refill,
+        } => {
             let request = pb::CreateKeyRequest {
                 merchant_id: merchant,
                 name,
@@ -147,6 +176,7 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
                 expires_at: timestamp("--expires-at", expires_at.as_deref())?,
                 allowed_cidrs: allowed,
                 rate_limits: rate_limits.iter().map(|s| rate_limit(s)).collect::<anyhow::Result<_>>()?,
+                credits: credits_of(credits, refill.as_deref())?,
             };
             let created =
                 admin.create_key(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
@@ -175,6 +205,9 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
             no_expiry,
             rate_limits,
             no_rate_limits,
+            credits,
+            refill,
+            no_credits,
         } => {
             let mut paths = Vec::new();
             if name.is_some() {
@@ -192,9 +225,12 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
             if !rate_limits.is_empty() || no_rate_limits {
                 paths.push("rate_limits".to_owned());
             }
+            if credits.is_some() || no_credits {
+                paths.push("credits".to_owned());
+            }
             if paths.is_empty() {
                 bail!(
-                    "nothing to change: give --name, --scope, --allow/--allow-any-ip, --expires-at/--no-expiry or --rate-limit/--no-rate-limits"
+                    "nothing to change: give --name, --scope, --allow/--allow-any-ip, --expires-at/--no-expiry, --rate-limit/--no-rate-limits or --credits/--no-credits"
                 );
             }
             let request = pb::UpdateKeyRequest {
@@ -205,6 +241,7 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
                 allowed_cidrs: allowed,
                 expires_at: timestamp("--expires-at", expires_at.as_deref())?,
                 rate_limits: rate_limits.iter().map(|s| rate_limit(s)).collect::<anyhow::Result<_>>()?,
+                credits: credits_of(credits, refill.as_deref())?,
                 update_mask: Some(prost_types::FieldMask { paths }),
             };
             let key =
@@ -319,6 +356,7 @@ pub async fn verify(
     scope: String,
     endpoint: String,
     method: String,
+    cost: u32,
 ) -> anyhow::Result<()> {
     let key = if key == "-" {
         let mut buf = String::new();
@@ -328,7 +366,7 @@ pub async fn verify(
         key
     };
     let mut client = KeyVerifyClient::new(channel(&conn).await?);
-    let request = pb::VerifyRequest { key, ip, required_scope: scope, endpoint, method };
+    let request = pb::VerifyRequest { key, ip, required_scope: scope, endpoint, method, cost };
     let verdict = client.verify(request).await.map_err(status_error)?.into_inner();
     render::verdict(conn.json, &verdict);
     Ok(())

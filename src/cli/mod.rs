@@ -74,6 +74,9 @@ pub enum Command {
         endpoint: String,
         #[arg(long, default_value = "")]
         method: String,
+        /// Credits the call takes from a key with credits (0 means 1).
+        #[arg(long, default_value_t = 0)]
+        cost: u32,
     },
 }
 
@@ -129,6 +132,13 @@ pub enum KeysCommand {
         /// for several; windows in ms, s, m, h or d).
         #[arg(long = "rate-limit")]
         rate_limits: Vec<String>,
+        /// A balance of credits (each Verify takes its cost); unset is
+        /// unlimited.
+        #[arg(long)]
+        credits: Option<i64>,
+        /// Refill the credits to AMOUNT/daily or AMOUNT/monthly (UTC).
+        #[arg(long, requires = "credits")]
+        refill: Option<String>,
     },
     /// List keys, newest first.
     List {
@@ -146,8 +156,8 @@ pub enum KeysCommand {
         merchant: String,
         key_id: String,
     },
-    /// Change name, scopes, IP limits, expiry or rate limits; only what is
-    /// given changes.
+    /// Change name, scopes, IP limits, expiry, rate limits or credits; only
+    /// what is given changes.
     Update {
         #[arg(long)]
         merchant: String,
@@ -172,6 +182,15 @@ pub enum KeysCommand {
         /// Remove every rate limit.
         #[arg(long, conflicts_with = "rate_limits")]
         no_rate_limits: bool,
+        /// Replace the key's credits with this balance.
+        #[arg(long)]
+        credits: Option<i64>,
+        /// With --credits: refill to AMOUNT/daily or AMOUNT/monthly.
+        #[arg(long, requires = "credits")]
+        refill: Option<String>,
+        /// Remove the key's credits (unlimited).
+        #[arg(long, conflicts_with = "credits")]
+        no_credits: bool,
     },
     /// Revoke a key, immediately.
     Revoke {

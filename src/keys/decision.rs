@@ -44,11 +44,13 @@ pub enum DenyReason {
     NoRoute,
     /// One of the key's rate limits has no token left for this call.
     RateLimited,
+    /// The key's credits cannot pay this call's cost.
+    QuotaExhausted,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (so `ALL[r as usize] == r`).
-    pub const ALL: [DenyReason; 9] = [
+    pub const ALL: [DenyReason; 10] = [
         Self::Malformed,
         Self::NotFound,
         Self::Revoked,
@@ -58,6 +60,7 @@ impl DenyReason {
         Self::Throttled,
         Self::NoRoute,
         Self::RateLimited,
+        Self::QuotaExhausted,
     ];
 
     /// The HTTP status the calling service answers: 401 when the caller is not
@@ -67,7 +70,7 @@ impl DenyReason {
         match self {
             Self::Malformed | Self::NotFound | Self::Revoked | Self::Expired => 401,
             Self::IpNotAllowed | Self::InsufficientScope | Self::NoRoute => 403,
-            Self::Throttled | Self::RateLimited => 429,
+            Self::Throttled | Self::RateLimited | Self::QuotaExhausted => 429,
         }
     }
 
@@ -82,6 +85,7 @@ impl DenyReason {
             Self::Throttled => "THROTTLED",
             Self::NoRoute => "NO_ROUTE",
             Self::RateLimited => "RATE_LIMITED",
+            Self::QuotaExhausted => "QUOTA_EXHAUSTED",
         }
     }
 
@@ -112,6 +116,8 @@ pub struct KeyState {
     /// Checked after the policy allows a call (a denied call takes no
     /// token).
     pub rate_limits: RateLimits,
+    /// Spent after the limits admit a call; `None` is unlimited.
+    pub credits: Option<super::credits::Balance>,
     pub version: i64,
 }
 
@@ -225,7 +231,7 @@ mod tests {
     #[test]
     fn statuses_split_into_401_403_and_429() {
         let statuses: Vec<u16> = DenyReason::ALL.iter().map(|r| r.http_status()).collect();
-        assert_eq!(statuses, [401, 401, 401, 401, 403, 403, 429, 403, 429]);
+        assert_eq!(statuses, [401, 401, 401, 401, 403, 403, 429, 403, 429, 429]);
         for r in DenyReason::ALL {
             assert_eq!(DenyReason::parse(r.as_str()), Some(r));
         }

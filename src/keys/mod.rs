@@ -6,6 +6,7 @@
 //! ([`operator`]).
 
 pub mod cidr;
+pub mod credits;
 pub mod decision;
 pub mod event_id;
 pub mod format;
@@ -17,6 +18,7 @@ pub mod scope;
 use chrono::{DateTime, Utc};
 
 pub use cidr::AllowList;
+pub use credits::{Credits, Refill, RefillInterval};
 pub use decision::{Decision, DenyReason, KeyState, Policy, decide};
 pub use event_id::EventIds;
 pub use format::{KeyPrefix, LookupPrefix, Malformed, PlainKey};

@@ -21,8 +21,8 @@ use crate::{
     clock::{self, DbClock},
     fleet::WarmStart,
     keys::{
-        AllowList, KeyHasher, KeyPrefix, KeyStatus, PlainKey, RateLimit, RateLimits, ScopeCatalogue,
-        cidr::CidrError, operator::AdminAction,
+        AllowList, Credits, KeyHasher, KeyPrefix, KeyStatus, PlainKey, RateLimit, RateLimits, RefillInterval,
+        ScopeCatalogue, cidr::CidrError, operator::AdminAction,
     },
     store::{
         Store,
@@ -54,6 +54,15 @@ pub struct CreateKey {
     pub expires_at: Option<DateTime<Utc>>,
     pub allowed_cidrs: Vec<String>,
     pub rate_limits: Vec<RateLimit>,
+    pub credits: Option<CreditsRequest>,
+}
+
+/// Credits as a request gives them, before validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditsRequest {
+    pub remaining: i64,
+    /// `(amount, interval)`; `None` for an interval left unspecified.
+    pub refill: Option<(i64, Option<RefillInterval>)>,
 }
 
 #[derive(Debug)]
@@ -65,6 +74,7 @@ pub struct UpdateKey {
     pub allowed_cidrs: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
     pub rate_limits: Vec<RateLimit>,
+    pub credits: Option<CreditsRequest>,
     pub paths: Vec<String>,
 }
 
@@ -202,7 +212,11 @@ impl KeyManager {
         check_expiry(&mut v, req.expires_at, now);
         let allowed = parse_cidrs(&mut v, &req.allowed_cidrs);
         let limits = parse_limits(&mut v, req.rate_limits);
+        let credits = parse_credits(&mut v, req.credits);
         v.into_result()?;
+        let Some(credits) = credits else {
+            return Err(ServiceError::Internal("validation passed without values".into()));
+        };
         let (Some(scopes), Some(allowed), Some(limits)) = (scopes, allowed, limits) else {
             return Err(ServiceError::Internal("validation passed without values".into()));
         };
@@ -210,7 +224,10 @@ impl KeyManager {
         for _ in 0..INSERT_ATTEMPTS {
             let (plaintext, hash) = self.issue().await?;
             let key_id = new_key_id();
-            let detail = describe_policy(&scope_names, &allowed.canonical(), &limits, req.expires_at);
+            let mut detail = describe_policy(&scope_names, &allowed.canonical(), &limits, req.expires_at);
+            if let Some(c) = &credits {
+                detail.push_str(&format!("; credits: {}", describe_credits(Some(c))));
+            }
             let audit = AuditRecord::admin(
                 AuditKind::KeyCreated,
                 now,
@@ -230,6 +247,7 @@ impl KeyManager {
                 scopes: scope_names.clone(),
                 allowed_cidrs: allowed.canonical(),
                 rate_limits: limits.clone(),
+                credits,
                 expires_at: req.expires_at.map(clock::stored),
                 created_at: now,
                 created_by: who.actor.clone(),
@@ -321,6 +339,7 @@ impl KeyManager {
                     changes.expires_at = Some(req.expires_at.map(clock::stored));
                 }
                 "rate_limits" => changes.rate_limits = parse_limits(&mut v, req.rate_limits.clone()),
+                "credits" => changes.credits = parse_credits(&mut v, req.credits),
                 other => v.add("update_mask", format!("unknown path {other:?}; paths are: {UPDATE_PATHS}")),
             }
         }
@@ -335,6 +354,11 @@ impl KeyManager {
             current_trace_id(),
         )
         .with_detail(describe_changes(&changes));
+        if changes.credits.is_some() {
+            // Spending this replica has recorded so far is taken from the
+            // balance being replaced, not from the new one.
+            self.usage.flush().await?;
+        }
         let _pause = self.usage.pause_flush().await?;
         match self.store.update_key(&req.merchant_id, &req.key_id, &changes, now, audit).await? {
             Change::Applied(key) => {
@@ -424,6 +448,8 @@ impl KeyManager {
                         scopes: old.scopes.clone(),
                         allowed_cidrs: old.allowed_cidrs.clone(),
                         rate_limits: old.rate_limits.clone(),
+                        // The successor carries on with the stored balance.
+                        credits: old.credits,
                         expires_at,
                         created_at: now,
                         created_by: actor_name.clone(),
@@ -586,6 +612,9 @@ fn view(mut key: StoredKey, pending: UsageDelta, now: DateTime<Utc>) -> KeyView 
     key.request_count += pending.allowed;
     key.denied_count += pending.denied;
     key.last_used_at = key.last_used_at.max(pending.last_used_at);
+    if let Some(credits) = &mut key.credits {
+        credits.remaining -= pending.spent;
+    }
     let status = KeyStatus::at(key.revoked_at, key.expires_at, now);
     KeyView { key, status }
 }
@@ -627,7 +656,33 @@ fn describe_limits(limits: &RateLimits) -> String {
 }
 
 /// The paths UpdateKey's mask may name.
-const UPDATE_PATHS: &str = "name, scopes, allowed_cidrs, expires_at, rate_limits";
+const UPDATE_PATHS: &str = "name, scopes, allowed_cidrs, expires_at, rate_limits, credits";
+
+/// Validated credits: `Some(None)` for none given (unlimited), `None` when
+/// a field is bad (named in `v`).
+fn parse_credits(v: &mut Violations, credits: Option<CreditsRequest>) -> Option<Option<Credits>> {
+    let Some(c) = credits else { return Some(None) };
+    match Credits::new(c.remaining, c.refill) {
+        Ok(credits) => Some(Some(credits)),
+        Err(errors) => {
+            for e in errors {
+                v.add(e.field, e.problem);
+            }
+            None
+        }
+    }
+}
+
+/// `remaining` and its refill, or `unlimited`.
+fn describe_credits(c: Option<&Credits>) -> String {
+    match c {
+        None => "unlimited".to_owned(),
+        Some(Credits { remaining, refill: None }) => format!("{remaining}"),
+        Some(Credits { remaining, refill: Some(r) }) => {
+            format!("{remaining}, refilled to {} {}", r.amount, r.interval.as_str())
+        }
+    }
+}
 
 fn parse_limits(v: &mut Violations, limits: Vec<RateLimit>) -> Option<RateLimits> {
     match RateLimits::new(limits) {
@@ -657,6 +712,9 @@ fn describe_changes(c: &KeyChanges) -> String {
     }
     if let Some(limits) = &c.rate_limits {
         parts.push(format!("rate_limits: {}", describe_limits(limits)));
+    }
+    if let Some(credits) = &c.credits {
+        parts.push(format!("credits: {}", describe_credits(credits.as_ref())));
     }
     if let Some(expires_at) = c.expires_at {
         parts.push(format!(

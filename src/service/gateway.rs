@@ -145,6 +145,8 @@ impl Gateway {
             required_scope,
             endpoint: audit_endpoint(&check.path),
             method,
+            // A request through the gateway costs one credit.
+            cost: 1,
         };
         let verdict = self.verifier.verify(input, span).await?;
         Ok(Checked { verdict, key_header })

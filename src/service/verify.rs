@@ -30,9 +30,11 @@ use crate::{
     fleet::WarmStart,
     keys::{
         AllowList, Decision, DenyReason, EventIds, KeyHasher, KeyPrefix, KeyState, LimitStatus, PlainKey,
-        Policy, ScopeCatalogue, ScopeSet, decide,
+        Policy, ScopeCatalogue, ScopeSet,
+        credits::{self, Balance},
+        decide,
     },
-    limiter::LocalLimiter,
+    limiter::Limiter,
     metrics::Metrics,
     store::{Store, keys::StoredKey},
     telemetry,
@@ -52,6 +54,8 @@ pub struct VerifyInput {
     pub required_scope: String,
     pub endpoint: String,
     pub method: String,
+    /// Credits an allowed call takes (0 means 1).
+    pub cost: u32,
 }
 
 impl std::fmt::Debug for VerifyInput {
@@ -62,6 +66,7 @@ impl std::fmt::Debug for VerifyInput {
             .field("required_scope", &self.required_scope)
             .field("endpoint", &self.endpoint)
             .field("method", &self.method)
+            .field("cost", &self.cost)
             .finish()
     }
 }
@@ -85,6 +90,9 @@ pub struct Verdict {
     /// that refused it; `None` for keys without limits and for denials
     /// decided before the limits.
     pub rate_limit: Option<LimitStatus>,
+    /// For keys with credits: the balance after an allowed call, or the one
+    /// that could not pay a refused call.
+    pub credits_remaining: Option<i64>,
 }
 
 /// The verification view of a stored key.
@@ -99,6 +107,7 @@ fn key_state(key: &StoredKey, catalogue: &ScopeCatalogue) -> Result<KeyState, Se
         name: key.name.clone(),
         policy: Policy { revoked_at: key.revoked_at, expires_at: key.expires_at, allowed, scopes },
         rate_limits: key.rate_limits.clone(),
+        credits: key.credits.map(|c| Balance { remaining: c.remaining, seq: key.credits_seq }),
         version: key.version,
     })
 }
@@ -115,7 +124,7 @@ pub struct Verifier {
     ids: EventIds,
     rollups: Arc<Rollups>,
     throttle: Arc<GuessThrottle>,
-    limiter: Arc<LocalLimiter>,
+    limiter: Arc<Limiter>,
     /// Database connections Verify may hold at once, and how long it waits
     /// for one.
     db_lane: tokio::sync::Semaphore,
@@ -142,7 +151,7 @@ pub struct VerifyParts {
     pub rollups: Arc<Rollups>,
     pub throttle: Arc<GuessThrottle>,
     /// Per-key rate limits.
-    pub limiter: Arc<LocalLimiter>,
+    pub limiter: Arc<Limiter>,
     /// Database connections Verify may hold at once (the pool's size minus
     /// what is reserved for everything else), and how long it waits.
     pub db_connections: usize,
@@ -305,6 +314,7 @@ impl Verifier {
         let now = self.clock.now();
         let mut record = verify_record(now, input.endpoint, input.method, checked.ip);
         let mut rate_limit = None;
+        let mut credits_remaining = None;
 
         let outcome = match PlainKey::parse(&self.prefix, &input.key) {
             Err(_) => Err(DenyReason::Malformed),
@@ -325,20 +335,42 @@ impl Verifier {
                         record.merchant_id = Some(state.merchant_id.clone());
                         record.api_key_id = Some(state.key_id.to_string());
                         record.api_key_name = Some(state.name.clone());
-                        decide(&state.policy, now, checked.ip, checked.required).and_then(|()| {
-                            // Only a call the policy allows takes a token,
-                            // at the time it is admitted (a cold call's
-                            // scrypt may have taken a while).
-                            let at = if state.rate_limits.is_empty() { now } else { self.clock.now() };
-                            match self.limiter.check(&state.key_id, &state.rate_limits, at) {
-                                Ok(tightest) => rate_limit = tightest,
-                                Err(refusing) => {
-                                    rate_limit = Some(refusing);
-                                    return Err(DenyReason::RateLimited);
+                        match decide(&state.policy, now, checked.ip, checked.required) {
+                            Err(reason) => Err(reason),
+                            Ok(()) => {
+                                // Only a call the policy allows takes a
+                                // token, at the time it is admitted (a cold
+                                // call's scrypt may have taken a while).
+                                let at = if state.rate_limits.is_empty() { now } else { self.clock.now() };
+                                match self.limiter.check(&state.key_id, &state.rate_limits, at).await {
+                                    Ok(tightest) => {
+                                        rate_limit = tightest;
+                                        // Credits last: a call the limits
+                                        // refuse spends none.
+                                        match state.credits {
+                                            None => Ok(grant(&self.catalogue, &state)),
+                                            Some(balance) => {
+                                                let cost = credits::cost(input.cost);
+                                                match self.usage.spend(&state.key_id, balance, cost) {
+                                                    Ok(left) => {
+                                                        credits_remaining = Some(left);
+                                                        Ok(grant(&self.catalogue, &state))
+                                                    }
+                                                    Err(left) => {
+                                                        credits_remaining = Some(left);
+                                                        Err(DenyReason::QuotaExhausted)
+                                                    }
+                                                }
+                                            }
+                                        }
+                                    }
+                                    Err(refusing) => {
+                                        rate_limit = Some(refusing);
+                                        Err(DenyReason::RateLimited)
+                                    }
                                 }
                             }
-                            Ok(grant(&self.catalogue, &state))
-                        })
+                        }
                     }
                 }
             }
@@ -365,7 +397,7 @@ impl Verifier {
         {
             record.id = self.rollups.add(&record, reason);
             audit::record_on_span(span, &record);
-            return Ok(Verdict { outcome, audit_event_id: record.id, rate_limit });
+            return Ok(Verdict { outcome, audit_event_id: record.id, rate_limit, credits_remaining });
         }
         record.id = self.ids.mint();
         audit::record_on_span(span, &record);
@@ -376,7 +408,7 @@ impl Verifier {
                 ServiceError::Unavailable("the audit trail is not keeping up; retry with backoff".into())
             }
         })?;
-        Ok(Verdict { outcome, audit_event_id, rate_limit })
+        Ok(Verdict { outcome, audit_event_id, rate_limit, credits_remaining })
     }
 
     /// A request refused before any key is looked at (the gateway's
@@ -397,7 +429,7 @@ impl Verifier {
         record.id = self.rollups.add(&record, reason);
         audit::record_on_span(span, &record);
         self.metrics.count_decision(Some(reason));
-        Verdict { outcome: Err(reason), audit_event_id: record.id, rate_limit: None }
+        Verdict { outcome: Err(reason), audit_event_id: record.id, rate_limit: None, credits_remaining: None }
     }
 
     /// Completes allowed rows with the HTTP status the caller answered.
@@ -707,6 +739,7 @@ mod tests {
             required_scope: scope.into(),
             endpoint: "/v1/invoices".into(),
             method: "GET".into(),
+            cost: 0,
         }
     }
 
@@ -722,6 +755,7 @@ mod tests {
                 scopes: catalogue.expand(catalogue.parse_grant(scopes).unwrap()),
             },
             rate_limits: Default::default(),
+            credits: None,
             version: 1,
         }
     }

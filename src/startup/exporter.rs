@@ -14,7 +14,7 @@ use prometheus_client::{
 use crate::{
     audit::writer::AuditQueue,
     cache::{VerifyCache, changes::Freshness},
-    limiter::LocalLimiter,
+    limiter::Limiter,
     metrics::Metrics,
     service::{hash_pool::HashPool, rehash::Rehasher},
     throttle::GuessThrottle,
@@ -27,7 +27,7 @@ pub struct Sources {
     pub pool: HashPool,
     pub admin_pool: HashPool,
     pub throttle: Arc<GuessThrottle>,
-    pub limiter: Arc<LocalLimiter>,
+    pub limiter: Arc<Limiter>,
     pub audit: AuditQueue,
     pub usage: Arc<UsageTracker>,
     pub cache: Option<Arc<VerifyCache>>,
@@ -127,6 +127,13 @@ impl Collector for Snapshot {
             "keys whose rate limits are below full on this replica (state held)",
             None,
             s.limiter.tracked() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "rate_limit_degraded",
+            "1 while Redis-mode rate limits cannot lease from Redis and follow rate_limit_on_redis_failure",
+            None,
+            if s.limiter.degraded() { 1.0 } else { 0.0 },
         )?;
         gauge(
             &mut encoder,
@@ -422,6 +429,21 @@ impl Exporter {
             "warm_start_published",
             "keys verified by scrypt and published to the warm-start map",
             metrics.warm_start_published.clone(),
+        );
+        registry.register(
+            "rate_limit_lease_refills",
+            "leases of fleet-wide rate-limit tokens granted by Redis (rate_limit_mode = redis)",
+            metrics.rate_limit_lease_refills.clone(),
+        );
+        registry.register(
+            "rate_limit_leased_tokens",
+            "tokens carried by those leases",
+            metrics.rate_limit_leased_tokens.clone(),
+        );
+        registry.register(
+            "rate_limit_fallback_decisions",
+            "rate-limit decisions taken without Redis, as rate_limit_on_redis_failure says",
+            metrics.rate_limit_fallback_decisions.clone(),
         );
         registry.register_collector(Box::new(Snapshot(sources)));
         Self { registry: Arc::new(registry) }

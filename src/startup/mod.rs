@@ -42,10 +42,10 @@ use crate::{
         changes::{ChangeFeed, Freshness},
     },
     clock::DbClock,
-    config::{Secrets, Settings},
+    config::{RateLimitMode, Secrets, Settings},
     fleet::{Redis, WarmStart},
-    keys::{EventIds, operator::TokenDigester},
-    limiter::LocalLimiter,
+    keys::{EventIds, RefillInterval, operator::TokenDigester},
+    limiter::{LeasedLimiter, Limiter, LocalLimiter},
     metrics::Metrics,
     service::{
         Deps,
@@ -215,7 +215,6 @@ impl Application {
         let admin_pool = HashPool::named("keywarden-scrypt-admin", ADMIN_HASH_WORKERS, settings.hash_queue)
             .context("starting the admin scrypt thread")?;
         let throttle = Arc::new(GuessThrottle::new(settings.throttle()));
-        let limiter = Arc::new(LocalLimiter::default());
         let rollups = Arc::new(Rollups::default());
         let usage = UsageTracker::new(store.clone());
         let spool = match settings.audit_spool_dir() {
@@ -239,13 +238,26 @@ impl Application {
         let metrics = Arc::new(Metrics::default());
         // Redis is optional, and its absence at start is not fatal: the
         // connection opens in the background and every use falls back.
-        let warm = match settings.fleet()? {
-            Some(fleet) => {
-                let redis = Redis::start(&fleet, Arc::clone(&metrics))?;
-                Some(Arc::new(WarmStart::new(redis, &fleet, Arc::clone(&metrics))))
-            }
+        let redis = match settings.fleet()? {
+            Some(fleet) => Some((Redis::start(&fleet, Arc::clone(&metrics))?, fleet)),
             None => None,
         };
+        let warm = redis
+            .as_ref()
+            .map(|(redis, fleet)| Arc::new(WarmStart::new(Arc::clone(redis), fleet, Arc::clone(&metrics))));
+        let limiter = Arc::new(match (settings.rate_limit_mode()?, &redis) {
+            (RateLimitMode::Redis, Some((redis, _))) => {
+                let local = Arc::new(LocalLimiter::default());
+                let leased = LeasedLimiter::new(
+                    Arc::clone(redis),
+                    Arc::clone(&local),
+                    settings.rate_limit_on_redis_failure,
+                    Arc::clone(&metrics),
+                );
+                Limiter::leased(local, Arc::new(leased))
+            }
+            _ => Limiter::local(),
+        });
         let (stop_tasks, tasks_stopped) = watch::channel(false);
         let supervisor =
             Supervisor::new(restart_policy(&settings), tasks_stopped.clone(), Arc::clone(&metrics));
@@ -603,6 +615,16 @@ impl Application {
             ));
         }
         {
+            let (store, usage, clock, stop) =
+                (store.clone(), Arc::clone(&usage), Arc::clone(&clock), stop.clone());
+            let offset = chrono::Duration::milliseconds(settings.refill_clock_offset_ms);
+            helpers.push(supervisor.spawn(
+                "credits refill",
+                move || refill_credits(store.clone(), Arc::clone(&usage), Arc::clone(&clock), offset, stop()),
+                || {},
+            ));
+        }
+        {
             let (store, retention, every, stop) = (
                 store.clone(),
                 settings.audit_retention(),
@@ -928,6 +950,40 @@ async fn ping_database(store: &Store, clock: &DbClock, freshness: &Freshness, in
 /// interval until it is confirmed, so a retry of a committed flush comes as
 /// soon as the database answers again; a week covers any outage survived.
 const USAGE_FLUSH_MEMORY: chrono::Duration = chrono::Duration::days(7);
+
+/// Longest sleep between refill checks, so that a clock that jumps (or a
+/// boundary missed while the database was away) is noticed soon.
+const REFILL_CHECK: Duration = Duration::from_secs(60);
+
+/// Refills credits at every UTC day boundary (month boundaries are day
+/// boundaries), on whichever replica takes the lock; at start too, to catch
+/// up on boundaries passed while no replica ran.
+async fn refill_credits(
+    store: Store,
+    usage: Arc<UsageTracker>,
+    clock: Arc<DbClock>,
+    offset: chrono::Duration,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        let now = clock.now() + offset;
+        match store.refill_credits(now).await {
+            Ok(Some(refilled)) if !refilled.is_empty() => {
+                tracing::info!(keys = refilled.len(), "credits refilled");
+                usage.sync(&refilled);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "refilling credits failed; will retry"),
+        }
+        let next = RefillInterval::Daily.next_boundary(now);
+        let wait = (next - now).to_std().unwrap_or_default().min(REFILL_CHECK);
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
 
 /// Every `every`: deletes audit rows older than `retention` (if set) in
 /// bounded batches, outcomes held for rows that never appeared, and usage

@@ -15,7 +15,7 @@ use super::{
     audit::{AuditRecord, insert_audit_rows},
     entity::{api_key, usage_flush},
 };
-use crate::keys::{KeyHash, RateLimits};
+use crate::keys::{Credits, KeyHash, RateLimits, Refill, RefillInterval};
 
 /// A key as stored, with its hash parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +39,11 @@ pub struct StoredKey {
     pub denied_count: i64,
     pub last_used_at: Option<DateTime<Utc>>,
     pub version: i64,
+    /// `None` is unlimited. `remaining` is as stored: without the spending
+    /// replicas have not flushed yet.
+    pub credits: Option<Credits>,
+    /// Bumped by every write of the balance.
+    pub credits_seq: i64,
 }
 
 impl TryFrom<api_key::Model> for StoredKey {
@@ -55,9 +60,12 @@ impl TryFrom<api_key::Model> for StoredKey {
             what: "rate limits",
             detail,
         })?;
+        let credits = stored_credits(&m)?;
         Ok(Self {
             hash,
             rate_limits,
+            credits,
+            credits_seq: m.credits_seq,
             scopes: split(&m.scopes),
             allowed_cidrs: split(&m.allowed_cidrs),
             id: m.id,
@@ -79,6 +87,32 @@ impl TryFrom<api_key::Model> for StoredKey {
     }
 }
 
+/// The credits columns as one value; a refill needs both of its columns.
+fn stored_credits(m: &api_key::Model) -> Result<Option<Credits>, StoreError> {
+    let Some(remaining) = m.credits_remaining else { return Ok(None) };
+    let refill = match (m.credits_refill_amount, m.credits_refill_interval.as_deref()) {
+        (None, None) => None,
+        (Some(amount), Some(interval)) => match RefillInterval::parse(interval) {
+            Some(interval) => Some(Refill { amount, interval }),
+            None => {
+                return Err(StoreError::Corrupt {
+                    id: m.id.clone(),
+                    what: "credits refill interval",
+                    detail: format!("{interval:?} is not daily or monthly"),
+                });
+            }
+        },
+        _ => {
+            return Err(StoreError::Corrupt {
+                id: m.id.clone(),
+                what: "credits refill",
+                detail: "an amount without an interval, or the reverse".into(),
+            });
+        }
+    };
+    Ok(Some(Credits { remaining, refill }))
+}
+
 fn split(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_owned).collect()
 }
@@ -94,6 +128,7 @@ pub struct NewKey {
     pub scopes: Vec<String>,
     pub allowed_cidrs: Vec<String>,
     pub rate_limits: RateLimits,
+    pub credits: Option<Credits>,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub created_by: String,
@@ -122,6 +157,18 @@ impl NewKey {
             denied_count: Set(0),
             last_used_at: Set(None),
             version: Set(1),
+            credits_remaining: Set(self.credits.map(|c| c.remaining)),
+            credits_refill_amount: Set(self.credits.and_then(|c| c.refill).map(|r| r.amount)),
+            credits_refill_interval: Set(self
+                .credits
+                .and_then(|c| c.refill)
+                .map(|r| r.interval.as_str().to_owned())),
+            // A new balance counts as refilled at the boundary it was set in.
+            credits_refilled_at: Set(self
+                .credits
+                .and_then(|c| c.refill)
+                .map(|r| r.interval.last_boundary(self.created_at))),
+            credits_seq: Set(0),
         }
     }
 }
@@ -133,6 +180,8 @@ pub struct KeyChanges {
     pub scopes: Option<Vec<String>>,
     pub allowed_cidrs: Option<Vec<String>>,
     pub rate_limits: Option<RateLimits>,
+    /// `Some(None)` makes the key unlimited.
+    pub credits: Option<Option<Credits>>,
     /// `Some(None)` clears the expiry.
     pub expires_at: Option<Option<DateTime<Utc>>>,
 }
@@ -177,12 +226,24 @@ pub struct UsageDelta {
     pub allowed: i64,
     pub denied: i64,
     pub last_used_at: Option<DateTime<Utc>>,
+    /// Credits spent, taken from the balance of a key that has one.
+    pub spent: i64,
+}
+
+/// A key's stored balance as a write left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncedBalance {
+    pub key_id: String,
+    /// `None`: the key has no credits (now).
+    pub remaining: Option<i64>,
+    pub seq: i64,
 }
 
 /// What [`Store::apply_usage`] did with a flush.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UsageApplied {
-    Applied,
+    /// Written; the balances of the keys that spent credits, as written.
+    Applied(Vec<SyncedBalance>),
     /// A flush with this id had already been committed (an earlier attempt
     /// whose acknowledgement was lost); nothing was added again.
     AlreadyApplied,
@@ -288,6 +349,18 @@ impl Store {
         }
         if let Some(expires_at) = changes.expires_at {
             update = update.col_expr(C::ExpiresAt, Expr::value(expires_at));
+        }
+        if let Some(credits) = changes.credits {
+            let refill = credits.and_then(|c| c.refill);
+            update = update
+                .col_expr(C::CreditsRemaining, Expr::value(credits.map(|c| c.remaining)))
+                .col_expr(C::CreditsRefillAmount, Expr::value(refill.map(|r| r.amount)))
+                .col_expr(
+                    C::CreditsRefillInterval,
+                    Expr::value(refill.map(|r| r.interval.as_str().to_owned())),
+                )
+                .col_expr(C::CreditsRefilledAt, Expr::value(refill.map(|r| r.interval.last_boundary(now))))
+                .col_expr(C::CreditsSeq, Expr::col(C::CreditsSeq).add(1));
         }
         let txn = self.db().begin().await?;
         let updated = update
@@ -418,14 +491,87 @@ impl Store {
             txn.rollback().await?;
             return Ok(UsageApplied::AlreadyApplied);
         }
+        let mut balances = Vec::new();
         for chunk in deltas.chunks(USAGE_CHUNK) {
             let (sql, values) = usage_statement(self.backend(), chunk);
             self.count(1);
-            txn.execute_raw(Statement::from_sql_and_values(self.db_backend(), sql, values)).await?;
+            let rows =
+                txn.query_all_raw(Statement::from_sql_and_values(self.db_backend(), sql, values)).await?;
+            balances.extend(rows.iter().map(synced_balance).collect::<Result<Vec<_>, _>>()?);
         }
         self.count(1);
         txn.commit().await?;
-        Ok(UsageApplied::Applied)
+        Ok(UsageApplied::Applied(balances))
+    }
+
+    /// The stored balances of these keys (for a flush whose write was
+    /// already committed).
+    pub async fn credit_balances(&self, key_ids: &[&str]) -> Result<Vec<SyncedBalance>, StoreError> {
+        use api_key::Column as C;
+        let mut out = Vec::with_capacity(key_ids.len());
+        for chunk in key_ids.chunks(USAGE_CHUNK) {
+            self.count(1);
+            let rows: Vec<(String, Option<i64>, i64)> = api_key::Entity::find()
+                .select_only()
+                .columns([C::Id, C::CreditsRemaining, C::CreditsSeq])
+                .filter(C::Id.is_in(chunk.iter().copied()))
+                .into_tuple()
+                .all(self.db())
+                .await?;
+            out.extend(rows.into_iter().map(|(key_id, remaining, seq)| SyncedBalance {
+                key_id,
+                remaining,
+                seq,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Sets every balance whose refill boundary has passed since its last
+    /// refill back to its amount, as of `now` (the database's clock):
+    /// `None` when another replica holds the refill lock (PostgreSQL).
+    /// Each refilled key changes version, so caches everywhere read it
+    /// again; the balances as written are returned. Idempotent: a key is
+    /// refilled once per boundary however often this runs.
+    pub async fn refill_credits(&self, now: DateTime<Utc>) -> Result<Option<Vec<SyncedBalance>>, StoreError> {
+        use api_key::Column as C;
+        let txn = self.db().begin().await?;
+        self.count(2);
+        if !self.try_transaction_lock(&txn, REFILL_LOCK).await? {
+            txn.rollback().await?;
+            return Ok(None);
+        }
+        let mut refilled = Vec::new();
+        for interval in [RefillInterval::Daily, RefillInterval::Monthly] {
+            let boundary = interval.last_boundary(now);
+            self.count(1);
+            let due: Vec<api_key::Model> = api_key::Entity::find()
+                .filter(C::CreditsRefillInterval.eq(interval.as_str()))
+                .filter(C::CreditsRefilledAt.is_null().or(C::CreditsRefilledAt.lt(boundary)))
+                .filter(C::RevokedAt.is_null())
+                .all(&txn)
+                .await?;
+            for key in due {
+                self.count(1);
+                api_key::Entity::update_many()
+                    .col_expr(C::CreditsRemaining, Expr::col(C::CreditsRefillAmount))
+                    .col_expr(C::CreditsRefilledAt, Expr::value(Some(boundary)))
+                    .col_expr(C::CreditsSeq, Expr::col(C::CreditsSeq).add(1))
+                    .col_expr(C::Version, Expr::col(C::Version).add(1))
+                    .filter(C::Id.eq(key.id.as_str()))
+                    .exec(&txn)
+                    .await?;
+                let Some(after) = fetch(&txn, &key.id).await? else { continue };
+                self.notify_change(&txn, &after).await?;
+                refilled.push(SyncedBalance {
+                    key_id: after.id.clone(),
+                    remaining: after.credits.map(|c| c.remaining),
+                    seq: after.credits_seq,
+                });
+            }
+        }
+        txn.commit().await?;
+        Ok(Some(refilled))
     }
 
     /// Whether the usage flush `flush_id` was committed.
@@ -495,6 +641,9 @@ impl Store {
     }
 }
 
+/// Arbitrary constant naming keywarden's credits refill lock.
+const REFILL_LOCK: i64 = 0x6b77_7265_6669_6c6c;
+
 /// Keys per usage UPDATE: four parameters each, well inside both databases'
 /// limits on bound parameters.
 const USAGE_CHUNK: usize = 500;
@@ -502,28 +651,39 @@ const USAGE_CHUNK: usize = 500;
 /// `last_used_at` only ever moves forward (another replica may have seen a
 /// later use); a delta without allowed uses leaves it alone.
 fn usage_statement(backend: Backend, chunk: &[(&str, UsageDelta)]) -> (String, Vec<Value>) {
-    let mut values = Vec::with_capacity(chunk.len() * 4);
+    let mut values = Vec::with_capacity(chunk.len() * 5);
     let mut rows = Vec::with_capacity(chunk.len());
     for (i, (key_id, delta)) in chunk.iter().enumerate() {
         values.push(Value::from(*key_id));
         values.push(Value::from(delta.allowed));
         values.push(Value::from(delta.denied));
         values.push(Value::ChronoDateTimeUtc(delta.last_used_at));
+        values.push(Value::from(delta.spent));
         rows.push(match backend {
             Backend::Postgres => {
-                let n = i * 4;
-                format!("(${}::text, ${}::bigint, ${}::bigint, ${}::timestamptz)", n + 1, n + 2, n + 3, n + 4)
+                let n = i * 5;
+                format!(
+                    "(${}::text, ${}::bigint, ${}::bigint, ${}::timestamptz, ${}::bigint)",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4,
+                    n + 5
+                )
             }
-            Backend::Sqlite => "(?, ?, ?, ?)".to_owned(),
+            Backend::Sqlite => "(?, ?, ?, ?, ?)".to_owned(),
         });
     }
     let rows = rows.join(", ");
     let source = match backend {
-        Backend::Postgres => format!("(VALUES {rows}) AS v(id, allowed, denied, used)"),
+        Backend::Postgres => format!("(VALUES {rows}) AS v(id, allowed, denied, used, spent)"),
         Backend::Sqlite => format!(
-            "(SELECT column1 AS id, column2 AS allowed, column3 AS denied, column4 AS used FROM (VALUES {rows})) AS v"
+            "(SELECT column1 AS id, column2 AS allowed, column3 AS denied, column4 AS used, column5 AS spent \
+             FROM (VALUES {rows})) AS v"
         ),
     };
+    // A balance may end below 0 when replicas without Redis overspend
+    // together: it records what was spent, exactly.
     let sql = format!(
         "UPDATE api_keys SET \
            request_count = api_keys.request_count + v.allowed, \
@@ -531,10 +691,23 @@ fn usage_statement(backend: Backend, chunk: &[(&str, UsageDelta)]) -> (String, V
            last_used_at = CASE \
              WHEN v.used IS NULL THEN api_keys.last_used_at \
              WHEN api_keys.last_used_at IS NULL OR api_keys.last_used_at < v.used THEN v.used \
-             ELSE api_keys.last_used_at END \
-         FROM {source} WHERE api_keys.id = v.id"
+             ELSE api_keys.last_used_at END, \
+           credits_remaining = CASE WHEN v.spent > 0 AND api_keys.credits_remaining IS NOT NULL \
+             THEN api_keys.credits_remaining - v.spent ELSE api_keys.credits_remaining END, \
+           credits_seq = CASE WHEN v.spent > 0 THEN api_keys.credits_seq + 1 ELSE api_keys.credits_seq END \
+         FROM {source} WHERE api_keys.id = v.id \
+         RETURNING api_keys.id, api_keys.credits_remaining, api_keys.credits_seq"
     );
     (sql, values)
+}
+
+/// A row the usage UPDATE returned.
+fn synced_balance(row: &sea_orm::QueryResult) -> Result<SyncedBalance, StoreError> {
+    Ok(SyncedBalance {
+        key_id: row.try_get("", "id")?,
+        remaining: row.try_get("", "credits_remaining")?,
+        seq: row.try_get("", "credits_seq")?,
+    })
 }
 
 async fn fetch<C: ConnectionTrait>(db: &C, key_id: &str) -> Result<Option<StoredKey>, StoreError> {

@@ -185,6 +185,30 @@ pub struct Store {
 }
 
 impl Store {
+    /// On PostgreSQL, takes the advisory lock `lock` for the rest of `txn`
+    /// if no other transaction holds it; `false` means another replica is
+    /// doing this work now. SQLite has one writer: always `true`.
+    pub(crate) async fn try_transaction_lock(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        lock: i64,
+    ) -> Result<bool, StoreError> {
+        use sea_orm::ConnectionTrait;
+        if self.backend() != Backend::Postgres {
+            return Ok(true);
+        }
+        self.count(1);
+        Ok(txn
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                self.db_backend(),
+                "SELECT pg_try_advisory_xact_lock($1)",
+                [sea_orm::Value::from(lock)],
+            ))
+            .await?
+            .and_then(|row| row.try_get_by_index::<bool>(0).ok())
+            .unwrap_or(false))
+    }
+
     /// Connects lazily-validated pools: `sqlite://path?mode=rwc` or `postgres://…`.
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
         let (db, backend) = if url.starts_with("sqlite:") {

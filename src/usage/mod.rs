@@ -1,4 +1,5 @@
-//! Usage counters: request_count, denied_count and last_used_at per key.
+//! Usage counters: request_count, denied_count and last_used_at per key,
+//! and the credits each key has spent.
 //!
 //! Verify only touches an in-memory map; a flusher adds the accumulated
 //! deltas to the key rows at least once per interval (`n = n + delta`, so
@@ -6,6 +7,14 @@
 //! records in the same transaction, and a flush that failed is retried as the
 //! same batch under the same id: an outage delays counts but loses none, and
 //! a commit whose acknowledgement was lost is not counted twice.
+//!
+//! Credits ride in the same batches (`credits_remaining - spent`), so they
+//! are exactly as durable. This replica's view of a balance is the last
+//! stored balance it read (from the key's state, or returned by its own
+//! flush, whichever was written later by `credits_seq`) minus what it has
+//! spent and not yet had confirmed; so its own spending is never counted
+//! twice or missed, and other replicas' spending reaches it with each of
+//! its flushes.
 
 use std::{
     collections::HashMap,
@@ -16,9 +25,10 @@ use std::{
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex as AsyncMutex;
 
+use crate::keys::credits::Balance;
 use crate::store::{
     Store, StoreError,
-    keys::{UsageApplied, UsageDelta},
+    keys::{SyncedBalance, UsageApplied, UsageDelta},
 };
 
 /// Deltas taken out of the map for one flush, and the id that makes
@@ -47,6 +57,17 @@ pub struct UsageTracker {
     /// memory and in the database, or in neither.
     flushing: AsyncMutex<()>,
     last_flushed: Mutex<std::time::Instant>,
+    /// This replica's view of the balances of keys with credits it spent.
+    credits: Mutex<HashMap<String, Ledger>>,
+}
+
+/// A balance as last read, and what this replica has spent from it since
+/// that is not yet confirmed written.
+#[derive(Debug, Clone, Copy)]
+struct Ledger {
+    known: i64,
+    seq: i64,
+    unconfirmed: i64,
 }
 
 impl UsageTracker {
@@ -57,7 +78,80 @@ impl UsageTracker {
             in_flight: Mutex::new(None),
             flushing: AsyncMutex::new(()),
             last_flushed: Mutex::new(std::time::Instant::now()),
+            credits: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Takes `cost` credits from `key_id`, whose state says `balance`, or
+    /// nothing if what is left cannot pay it. `Ok` is the balance after,
+    /// `Err` the balance that could not pay (never below 0).
+    pub fn spend(&self, key_id: &str, balance: Balance, cost: i64) -> Result<i64, i64> {
+        let mut ledgers = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
+        let ledger = match ledgers.get_mut(key_id) {
+            Some(ledger) => ledger,
+            None => ledgers.entry(key_id.to_owned()).or_insert(Ledger {
+                known: balance.remaining,
+                seq: balance.seq,
+                unconfirmed: 0,
+            }),
+        };
+        // While a batch with this key's spending is unconfirmed, a newer
+        // reading may or may not include it: the batch's confirmation
+        // brings the balance instead.
+        if balance.seq > ledger.seq && !self.spending_in_flight(key_id) {
+            ledger.known = balance.remaining;
+            ledger.seq = balance.seq;
+        }
+        let available = ledger.known - ledger.unconfirmed;
+        if available < cost {
+            return Err(available.max(0));
+        }
+        ledger.unconfirmed += cost;
+        drop(ledgers);
+        self.with_delta(key_id, |d| d.spent += cost);
+        Ok(available - cost)
+    }
+
+    fn spending_in_flight(&self, key_id: &str) -> bool {
+        self.in_flight().is_some_and(|f| f.deltas.get(key_id).is_some_and(|d| d.spent > 0))
+    }
+
+    /// A written batch's spending is no longer unconfirmed, and the
+    /// balances read back replace older readings.
+    fn confirm(&self, flush: &Flush, balances: &[SyncedBalance]) {
+        {
+            let mut ledgers = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
+            for (key_id, delta) in flush.deltas.iter().filter(|(_, d)| d.spent > 0) {
+                if let Some(ledger) = ledgers.get_mut(key_id) {
+                    ledger.unconfirmed -= delta.spent;
+                }
+            }
+        }
+        self.sync(balances);
+    }
+
+    /// Balances as a write left them (a flush, a refill) replace older
+    /// readings of keys this replica has spent from.
+    pub fn sync(&self, balances: &[SyncedBalance]) {
+        let mut ledgers = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
+        for b in balances {
+            if let (Some(ledger), Some(remaining)) = (ledgers.get_mut(&b.key_id), b.remaining)
+                && b.seq > ledger.seq
+            {
+                ledger.known = remaining;
+                ledger.seq = b.seq;
+            }
+        }
+    }
+
+    /// Confirms a batch found already written (its acknowledgement was
+    /// lost), reading back the balances it touched.
+    async fn confirm_applied(&self, flush: &Flush) -> Result<(), StoreError> {
+        let spent: Vec<&str> =
+            flush.deltas.iter().filter(|(_, d)| d.spent > 0).map(|(k, _)| k.as_str()).collect();
+        let balances = if spent.is_empty() { Vec::new() } else { self.store.credit_balances(&spent).await? };
+        self.confirm(flush, &balances);
+        Ok(())
     }
 
     fn with_delta(&self, key_id: &str, f: impl FnOnce(&mut UsageDelta)) {
@@ -112,6 +206,7 @@ impl UsageTracker {
             && self.store.usage_flush_applied(&flush.id).await?
         {
             tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "an unacknowledged usage flush had been applied; confirmed");
+            self.confirm_applied(&flush).await?;
             *self.in_flight.lock().unwrap_or_else(PoisonError::into_inner) = None;
         }
         Ok(guard)
@@ -130,6 +225,7 @@ impl UsageTracker {
             total.allowed += delta.allowed;
             total.denied += delta.denied;
             total.last_used_at = total.last_used_at.max(delta.last_used_at);
+            total.spent += delta.spent;
         }
         total
     }
@@ -144,8 +240,12 @@ impl UsageTracker {
         // At most one left-over batch and one fresh one, so a flush ends
         // even while uses keep arriving.
         while let Some((flush, fresh)) = self.next_batch() {
-            if self.store.apply_usage(&flush.id, &flush.rows()).await? == UsageApplied::AlreadyApplied {
-                tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "usage flush had already been applied; not counted again");
+            match self.store.apply_usage(&flush.id, &flush.rows()).await? {
+                UsageApplied::Applied(balances) => self.confirm(&flush, &balances),
+                UsageApplied::AlreadyApplied => {
+                    tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "usage flush had already been applied; not counted again");
+                    self.confirm_applied(&flush).await?;
+                }
             }
             *self.in_flight.lock().unwrap_or_else(PoisonError::into_inner) = None;
             written += flush.deltas.len();
@@ -271,7 +371,10 @@ mod tests {
     async fn a_batch_committed_without_acknowledgement_is_shown_and_counted_once() {
         let (tracker, _dir) = tracker().await;
         let flush = batch_of_three(&tracker).await;
-        assert_eq!(tracker.store.apply_usage(&flush.id, &flush.rows()).await.unwrap(), UsageApplied::Applied);
+        assert!(matches!(
+            tracker.store.apply_usage(&flush.id, &flush.rows()).await.unwrap(),
+            UsageApplied::Applied(_)
+        ));
         assert_eq!(tracker.pending("k1").allowed, 3, "still unconfirmed in memory");
 
         let pause = tracker.pause_flush().await.unwrap();
@@ -295,6 +398,31 @@ mod tests {
         assert_eq!(tracker.flush().await.unwrap(), 1);
         assert_eq!(stored_count(&tracker.store, "k1").await, 3);
         assert_eq!(tracker.pending("k1").allowed, 0);
+    }
+
+    /// A batch whose commit may have landed unacknowledged is in some
+    /// readings of the balance and not in others: until it is confirmed,
+    /// readings are not taken, so its spending is never subtracted twice.
+    #[test]
+    fn spending_in_an_unconfirmed_batch_is_counted_once_and_a_refill_replaces_the_balance() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (tracker, _dir) = rt.block_on(tracker());
+        assert_eq!(tracker.spend("k1", Balance { remaining: 100, seq: 0 }, 30), Ok(70));
+        assert_eq!(tracker.spend("k1", Balance { remaining: 100, seq: 0 }, 71), Err(70), "nothing taken");
+        let (flush, _) = tracker.next_batch().unwrap();
+        // A reading that includes the unconfirmed batch is not taken yet.
+        assert_eq!(tracker.spend("k1", Balance { remaining: 70, seq: 1 }, 5), Ok(65));
+        let written = SyncedBalance { key_id: "k1".into(), remaining: Some(70), seq: 1 };
+        tracker.confirm(&flush, &[written]);
+        *tracker.in_flight.lock().unwrap() = None;
+        assert_eq!(tracker.spend("k1", Balance { remaining: 70, seq: 1 }, 5), Ok(60));
+        assert_eq!(tracker.pending("k1").spent, 10);
+        tracker.sync(&[SyncedBalance { key_id: "k1".into(), remaining: Some(500), seq: 3 }]);
+        assert_eq!(
+            tracker.spend("k1", Balance { remaining: 70, seq: 1 }, 1),
+            Ok(489),
+            "500 less 11 unflushed"
+        );
     }
 
     /// Uses recorded without pause (far faster than any write) must not keep

@@ -406,6 +406,7 @@ impl TestApp {
                 required_scope: scope.into(),
                 endpoint: "/public/api/v1/invoices".into(),
                 method: "POST".into(),
+                cost: 0,
             })
             .await
             .expect("Verify")
@@ -637,6 +638,18 @@ pub async fn revoke(admin: &mut AdminClient, key_id: &str) {
         .unwrap();
 }
 
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// The test Redis (`KEYWARDEN_TEST_REDIS_URL`, default the machine's).
+pub fn redis_url() -> String {
+    std::env::var("KEYWARDEN_TEST_REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned())
+}
+
+/// A fleet secret of this test's own.
+pub fn fleet_secret() -> String {
+    format!("test-fleet-secret-{}", uuid::Uuid::now_v7().simple())
+}
+
 /// A `keywarden serve` process, the address it bound and its log lines.
 pub struct Replica {
     pub child: Child,
@@ -743,6 +756,8 @@ pub struct Proxy {
     /// Connections whose startup carries this are held: bytes are read
     /// but not forwarded, and nothing is closed (half-open).
     stall: Arc<tokio::sync::watch::Sender<Option<Vec<u8>>>>,
+    /// The armed cut also swallows the COMMIT's acknowledgement.
+    lose_ack: Arc<AtomicBool>,
 }
 
 /// Waits while `stall` names a marker that `startup` carries.
@@ -788,6 +803,8 @@ impl Proxy {
         let tripped = Arc::new(AtomicBool::new(false));
         let stall = Arc::new(tokio::sync::watch::Sender::new(None::<Vec<u8>>));
         let (cutter, armed, trip) = (Arc::clone(&cut), Arc::clone(&trigger), Arc::clone(&tripped));
+        let lose_ack = Arc::new(AtomicBool::new(false));
+        let losing = Arc::clone(&lose_ack);
         let staller = Arc::clone(&stall);
         tokio::spawn(async move {
             loop {
@@ -798,6 +815,7 @@ impl Proxy {
                 }
                 let mut watch = watch.clone();
                 let (cutter, armed, trip) = (Arc::clone(&cutter), Arc::clone(&armed), Arc::clone(&trip));
+                let lose = Arc::clone(&losing);
                 let (mut stall_up, mut stall_down) = (staller.subscribe(), staller.subscribe());
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
@@ -839,11 +857,14 @@ impl Proxy {
                                 return Ok::<(), std::io::Error>(());
                             }
                             while_stalled(&mut stall_down, &startup).await;
-                            to_client.write_all(&buf[..n]).await?;
-                            if marked.load(Ordering::SeqCst)
-                                && scan.seen(&buf[..n], COMMIT_COMPLETE)
-                                && armed.lock().unwrap().take().is_some()
-                            {
+                            let committed =
+                                marked.load(Ordering::SeqCst) && scan.seen(&buf[..n], COMMIT_COMPLETE);
+                            // Losing the acknowledgement: the COMMIT landed
+                            // but its answer never reaches the client.
+                            if !(committed && lose.load(Ordering::SeqCst)) {
+                                to_client.write_all(&buf[..n]).await?;
+                            }
+                            if committed && armed.lock().unwrap().take().is_some() {
                                 trip.store(true, Ordering::SeqCst);
                                 cutter.send_replace(true);
                             }
@@ -857,7 +878,7 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, cut, trigger, tripped, stall }
+        Self { addr, cut, trigger, tripped, stall, lose_ack }
     }
 
     /// Holds every connection, open or future, whose startup message
@@ -878,8 +899,16 @@ impl Proxy {
     /// proxy reads the protocol, so the client must not use TLS
     /// (`sslmode=disable`).
     pub fn cut_after_commit_of(&self, marker: &[u8]) {
+        self.lose_ack.store(false, Ordering::SeqCst);
         self.tripped.store(false, Ordering::SeqCst);
         *self.trigger.lock().unwrap() = Some(marker.to_vec());
+    }
+
+    /// As [`Proxy::cut_after_commit_of`], but the client never receives
+    /// the acknowledgement: the commit landed, and the client cannot know.
+    pub fn cut_before_acknowledging_commit_of(&self, marker: &[u8]) {
+        self.cut_after_commit_of(marker);
+        self.lose_ack.store(true, Ordering::SeqCst);
     }
 
     /// Whether an armed cut went off.
@@ -900,6 +929,15 @@ impl Proxy {
         let options: sea_orm::sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
         let upstream = (options.get_host(), options.get_port());
         std::net::ToSocketAddrs::to_socket_addrs(&upstream).unwrap().next().unwrap()
+    }
+
+    /// The server a `redis://` URL names (default port 6379), to proxy.
+    pub fn upstream_of_redis(url: &str) -> SocketAddr {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+        let host = if host.contains(':') { host.to_owned() } else { format!("{host}:6379") };
+        std::net::ToSocketAddrs::to_socket_addrs(&host).unwrap().next().unwrap()
     }
 
     /// `url` with its host and port replaced by the proxy's.

@@ -9,7 +9,9 @@ mod helpers;
 
 mod abuse;
 mod admin_api;
+mod credits;
 mod fleet;
+mod fleet_limits;
 mod gateway;
 mod hostile;
 mod hot_path;

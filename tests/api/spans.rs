@@ -93,6 +93,7 @@ async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(b
             required_scope: scope.into(),
             endpoint: "/public/api/v1/invoices".into(),
             method: "POST".into(),
+            cost: 0,
         });
         request
             .metadata_mut()

@@ -77,6 +77,7 @@ async fn openclaw_example_end_to_end(backend: Backend) {
             required_scope: "invoice:write".into(),
             endpoint: "/public/api/v1/invoices".into(),
             method: "POST".into(),
+            cost: 0,
         })
         .await
         .unwrap()
@@ -301,6 +302,7 @@ async fn verify_rejects_caller_bugs_as_invalid_argument(backend: Backend) {
         required_scope: scope.into(),
         endpoint: endpoint.into(),
         method: method.into(),
+        cost: 0,
     };
     let cases = [
         (request("300.1.2.3", "", "/x", "GET"), "ip"),
@@ -469,13 +471,13 @@ async fn usage_counts_include_unflushed_uses_and_add_up_after_flush(backend: Bac
 async fn a_usage_flush_applied_twice_is_counted_once(backend: Backend) {
     let mut app = spawn_app_with(backend, |s| s.usage_flush_interval_ms = 3_600_000).await;
     let (api_key, _) = app.key_with_scopes(&["sales:read"]).await;
-    let delta = UsageDelta { allowed: 3, denied: 1, last_used_at: Some(chrono::Utc::now()) };
+    let delta = UsageDelta { allowed: 3, denied: 1, last_used_at: Some(chrono::Utc::now()), spent: 0 };
     let batch = [(api_key.id.as_str(), delta)];
     let store = app.probes.store.clone();
-    assert_eq!(store.apply_usage("flush-a", &batch).await.unwrap(), UsageApplied::Applied);
+    assert!(matches!(store.apply_usage("flush-a", &batch).await.unwrap(), UsageApplied::Applied(_)));
     assert_eq!(store.apply_usage("flush-a", &batch).await.unwrap(), UsageApplied::AlreadyApplied);
     assert_eq!(counts(&app, &api_key.id).await, (3, 1));
-    assert_eq!(store.apply_usage("flush-b", &batch).await.unwrap(), UsageApplied::Applied);
+    assert!(matches!(store.apply_usage("flush-b", &batch).await.unwrap(), UsageApplied::Applied(_)));
     assert_eq!(counts(&app, &api_key.id).await, (6, 2), "another flush adds");
     // Retention forgets flush ids by age, and only by age.
     let now = chrono::Utc::now();

@@ -7,20 +7,9 @@
 use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
 
 use crate::helpers::{
-    Backend, Replica, connect, create_sales_key, deny, metrics_of, outcome, revoke, sales, spawn_app_with,
-    spawn_binary, until,
+    Backend, Replica, connect, create_sales_key, deny, fleet_secret, metrics_of, outcome, redis_url, revoke,
+    sales, spawn_app_with, spawn_binary, until,
 };
-
-const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
-
-fn redis_url() -> String {
-    std::env::var("KEYWARDEN_TEST_REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned())
-}
-
-/// A fleet secret of this test's own.
-fn fleet_secret() -> String {
-    format!("test-fleet-secret-{}", uuid::Uuid::now_v7().simple())
-}
 
 async fn redis_get(key: &str) -> Option<String> {
     let client = redis::Client::open(redis_url()).unwrap();

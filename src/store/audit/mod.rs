@@ -559,21 +559,9 @@ impl Store {
         use audit_event::Column as C;
         let txn = self.db().begin().await?;
         self.count(3);
-        if self.backend() == Backend::Postgres {
-            self.count(1);
-            let locked = txn
-                .query_one_raw(Statement::from_sql_and_values(
-                    self.db_backend(),
-                    "SELECT pg_try_advisory_xact_lock($1)",
-                    [Value::from(RETENTION_LOCK)],
-                ))
-                .await?
-                .and_then(|row| row.try_get_by_index::<bool>(0).ok())
-                .unwrap_or(false);
-            if !locked {
-                txn.rollback().await?;
-                return Ok(None);
-            }
+        if !self.try_transaction_lock(&txn, RETENTION_LOCK).await? {
+            txn.rollback().await?;
+            return Ok(None);
         }
         let oldest = Query::select()
             .column(C::Id)

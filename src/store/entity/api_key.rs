@@ -34,6 +34,15 @@ pub struct Model {
     pub last_used_at: Option<DateTimeUtc>,
     /// Bumped by every change, so replicas can tell stale state from fresh.
     pub version: i64,
+    /// The balance (`keys::credits`); `None` is unlimited.
+    pub credits_remaining: Option<i64>,
+    pub credits_refill_amount: Option<i64>,
+    /// `daily` or `monthly`, with `credits_refill_amount`.
+    pub credits_refill_interval: Option<String>,
+    /// The boundary the balance was last refilled at.
+    pub credits_refilled_at: Option<DateTimeUtc>,
+    /// Bumped by every write of the balance, usage flushes included.
+    pub credits_seq: i64,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

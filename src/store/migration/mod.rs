@@ -11,6 +11,7 @@ mod m20261203_000005_audit_rollup_count;
 mod m20261203_000006_audit_dead_letters;
 mod m20261203_000007_pepper_generations;
 mod m20261204_000008_rate_limits;
+mod m20261204_000009_credits;
 
 pub struct Migrator;
 
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000006_audit_dead_letters::Migration),
             Box::new(m20261203_000007_pepper_generations::Migration),
             Box::new(m20261204_000008_rate_limits::Migration),
+            Box::new(m20261204_000009_credits::Migration),
         ]
     }
 }

@@ -1,6 +1,6 @@
-//! Per-key rate limits on this replica (`rate_limit_mode = "local"`): the
-//! state of each limit of each key in use, decided in memory on the Verify
-//! path with GCRA ([`crate::keys::limits`]).
+//! Per-key rate limits on this replica (`rate_limit_mode = "local"`, and
+//! the fallback of Redis mode): the state of each limit of each key in
+//! use, decided in memory with GCRA ([`crate::keys::limits`]).
 //!
 //! A key's state is kept only while one of its limits is below full: a
 //! full bucket is the same as no state, so idle keys cost nothing and the
@@ -9,10 +9,7 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use chrono::{DateTime, Utc};
@@ -32,8 +29,6 @@ const SWEEP_FLOOR: usize = 1_024;
 pub struct LocalLimiter {
     hasher: RandomState,
     shards: [Mutex<Shard>; SHARDS],
-    allowed: AtomicU64,
-    limited: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -57,17 +52,13 @@ impl Default for LocalLimiter {
             shards: std::array::from_fn(|_| {
                 Mutex::new(Shard { keys: HashMap::new(), sweep_at: SWEEP_FLOOR })
             }),
-            allowed: AtomicU64::new(0),
-            limited: AtomicU64::new(0),
         }
     }
 }
 
 impl LocalLimiter {
-    /// Takes one token from every limit of `key_id`, or none if any is
-    /// empty. `Ok` carries the tightest limit (fewest calls left), `Err`
-    /// the first limit that refused. A key without limits is `Ok(None)`
-    /// without taking a lock.
+    /// [`super::Limiter::check`] on this replica's buckets alone, under
+    /// one shard lock.
     pub fn check(
         &self,
         key_id: &Arc<str>,
@@ -100,25 +91,11 @@ impl LocalLimiter {
                         tightest = Some(status);
                     }
                 }
-                (None, status) => {
-                    self.limited.fetch_add(1, Ordering::Relaxed);
-                    return Err(status);
-                }
+                (None, status) => return Err(status),
             }
         }
         buckets.tats = next;
-        self.allowed.fetch_add(1, Ordering::Relaxed);
         Ok(tightest)
-    }
-
-    /// Checks of limited keys that were admitted.
-    pub fn allowed(&self) -> u64 {
-        self.allowed.load(Ordering::Relaxed)
-    }
-
-    /// Checks refused for an empty limit.
-    pub fn limited(&self) -> u64 {
-        self.limited.load(Ordering::Relaxed)
     }
 
     /// Keys whose limits hold state now.
@@ -128,7 +105,7 @@ impl LocalLimiter {
 }
 
 /// Fewer calls left is tighter; on a tie, the later reset.
-fn tighter(a: &LimitStatus, b: &LimitStatus) -> bool {
+pub(super) fn tighter(a: &LimitStatus, b: &LimitStatus) -> bool {
     (a.remaining, std::cmp::Reverse(a.reset_at)) < (b.remaining, std::cmp::Reverse(b.reset_at))
 }
 
@@ -175,7 +152,6 @@ mod tests {
         let status = limiter.check(&key, &both, later).unwrap().unwrap();
         assert_eq!((&*status.name, status.remaining), ("minute", 0));
         assert_eq!(limiter.check(&key, &both, later).unwrap_err().name.as_ref(), "minute");
-        assert_eq!((limiter.allowed(), limiter.limited()), (4, 2));
     }
 
     #[test]

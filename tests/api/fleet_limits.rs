@@ -1,0 +1,179 @@
+//! Fleet-wide rate limits (issue 23, `rate_limit_mode = "redis"`): replicas
+//! share one bucket per limit through a real Redis, each holding a lease of
+//! at most ⌈limit / 16⌉ tokens, and a Redis outage follows
+//! `rate_limit_on_redis_failure`.
+
+use std::time::{Duration, Instant};
+
+use keywarden::{
+    api::pb::{self, key_verify_client::KeyVerifyClient},
+    config::{OnRedisFailure, RateLimitMode},
+    limiter::leased::lease_size,
+};
+
+use crate::helpers::{
+    Backend, MERCHANT, Proxy, Replica, TestApp, allowed, connect, deny, fleet_secret, metrics_of, outcome,
+    redis_url, sales, spawn_app_on, spawn_app_with, spawn_binary, until,
+};
+
+backend_tests!(a_redis_outage_follows_the_configured_failure_mode_and_is_logged_once);
+
+fn per(limit: u32, window: Duration) -> pb::RateLimit {
+    pb::RateLimit {
+        name: "fleet".into(),
+        limit,
+        window: Some(prost_types::Duration { seconds: window.as_secs() as i64, nanos: 0 }),
+    }
+}
+
+async fn limited_key(app: &mut TestApp, limit: pb::RateLimit) -> String {
+    app.create_key(pb::CreateKeyRequest {
+        merchant_id: MERCHANT.into(),
+        name: "fleet-limited".into(),
+        scopes: vec!["sales:read".into()],
+        rate_limits: vec![limit],
+        ..Default::default()
+    })
+    .await
+    .1
+}
+
+#[tokio::test]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
+async fn three_replicas_share_one_limit_of_100_per_minute_within_the_documented_overshoot() {
+    let (url, secret) = (redis_url(), fleet_secret());
+    let fleet = |settings: &mut keywarden::config::Settings| {
+        settings.redis_url = Some(url.clone().into());
+        settings.fleet_secret = Some(secret.clone().into());
+        settings.rate_limit_mode = Some(RateLimitMode::Redis);
+    };
+    let mut a = spawn_app_with(Backend::postgres(), fleet).await;
+    let b = spawn_app_on(&a, fleet).await;
+    let c = spawn_app_on(&a, fleet).await;
+    let key = limited_key(&mut a, per(100, Duration::from_secs(60))).await;
+
+    // 300 calls, in rounds of 15 concurrent ones spread evenly over the
+    // three replicas.
+    let clients = [a.verify.clone(), b.verify.clone(), c.verify.clone()];
+    let started = Instant::now();
+    let mut admitted = 0;
+    let mut refused = 0;
+    for _ in 0..20 {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..15 {
+            let mut client = clients[i % 3].clone();
+            let request = sales(&key);
+            calls.spawn(async move { client.verify(request).await.unwrap().into_inner() });
+        }
+        for r in calls.join_all().await {
+            let status = r.rate_limit.clone().expect("a limited key reports its limit");
+            if outcome(&r) == allowed() {
+                admitted += 1;
+            } else {
+                assert_eq!(outcome(&r), deny(pb::DenyReason::RateLimited));
+                assert_eq!(status.remaining, 0, "a refusal has nothing left");
+                refused += 1;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+
+    // The documented bound (ADR 38): what one exact bucket admits over the
+    // span (the burst plus its refill), plus one lease per replica.
+    let refill = (elapsed.as_secs_f64() * 100.0 / 60.0).ceil() as u32;
+    let bound = 100 + refill + 3 * lease_size(100);
+    assert!(admitted >= 100, "the fleet admitted {admitted}: at least the limit");
+    assert!(admitted <= bound, "the fleet admitted {admitted} in {elapsed:?}: more than {bound}");
+    assert_eq!(admitted + refused, 300);
+
+    for app in [c, b, a] {
+        app.stop().await;
+    }
+}
+
+/// A replica whose Redis is reached through `proxy`, with this failure mode.
+fn replica_via(database_url: &str, dir: &std::path::Path, proxy: &Proxy, mode: &str) -> Replica {
+    let redis = proxy.url_for(&format!("{}/", redis_url().trim_end_matches('/')));
+    spawn_binary(
+        database_url,
+        dir,
+        &[
+            ("KEYWARDEN_REDIS_URL", &redis),
+            ("KEYWARDEN_FLEET_SECRET", &fleet_secret()),
+            ("KEYWARDEN_RATE_LIMIT_MODE", "redis"),
+            ("KEYWARDEN_RATE_LIMIT_ON_REDIS_FAILURE", mode),
+        ],
+    )
+}
+
+async fn metric(replica: &Replica, series: &str) -> f64 {
+    let metrics = metrics_of(replica.metrics.expect("metrics are served")).await;
+    *metrics.get(series).unwrap_or_else(|| panic!("{series} missing"))
+}
+
+async fn a_redis_outage_follows_the_configured_failure_mode_and_is_logged_once(backend: Backend) {
+    let mut app = spawn_app_with(backend, |_| {}).await;
+    let redis = Proxy::upstream_of_redis(&redis_url());
+    for mode in [OnRedisFailure::Local, OnRedisFailure::Open, OnRedisFailure::Closed] {
+        let name = format!("{mode:?}").to_lowercase();
+        let proxy = Proxy::start(redis).await;
+        let dir = tempfile::tempdir().unwrap();
+        let replica = replica_via(&app.database_url, dir.path(), &proxy, &name);
+        let mut client = KeyVerifyClient::new(connect(replica.addr).await);
+
+        // With Redis up, a limited key leases its tokens from it.
+        let healthy = limited_key(&mut app, per(3, Duration::from_secs(10))).await;
+        until("the replica to lease from Redis", || {
+            let (mut client, request) = (client.clone(), sales(&healthy));
+            async move { (outcome(&client.verify(request).await.ok()?.into_inner()) == allowed()).then_some(()) }
+        })
+        .await;
+        assert!(metric(&replica, "keywarden_rate_limit_lease_refills_total").await >= 1.0, "{name}");
+
+        // Redis goes away: a key this replica holds nothing of decides as
+        // the mode says, five calls against a limit of three.
+        proxy.cut();
+        let key = limited_key(&mut app, per(3, Duration::from_secs(10))).await;
+        let mut outcomes = Vec::new();
+        for _ in 0..5 {
+            outcomes.push(outcome(&client.verify(sales(&key)).await.unwrap().into_inner()));
+        }
+        let limited = deny(pb::DenyReason::RateLimited);
+        let expected = match mode {
+            OnRedisFailure::Local => vec![allowed(), allowed(), allowed(), limited, limited],
+            OnRedisFailure::Open => vec![allowed(); 5],
+            OnRedisFailure::Closed => vec![limited; 5],
+        };
+        assert_eq!(outcomes, expected, "{name}");
+        assert_eq!(metric(&replica, "keywarden_rate_limit_fallback_decisions_total").await, 5.0, "{name}");
+        assert_eq!(metric(&replica, "keywarden_rate_limit_degraded").await, 1.0, "{name}");
+        let warning = "rate limits cannot lease from Redis";
+        let warnings = replica.logs.lock().unwrap().iter().filter(|l| l.contains(warning)).count();
+        assert_eq!(warnings, 1, "{name}: one line per transition, not per call");
+
+        // Redis comes back: within a retry the key leases again.
+        proxy.restore();
+        if mode == OnRedisFailure::Closed {
+            until("the closed key to be admitted once Redis answers", || {
+                let (mut client, request) = (client.clone(), sales(&key));
+                async move {
+                    (outcome(&client.verify(request).await.ok()?.into_inner()) == allowed()).then_some(())
+                }
+            })
+            .await;
+        }
+        until("the replica to lease from Redis again", || {
+            let (mut client, request) = (client.clone(), sales(&healthy));
+            let replica = &replica;
+            async move {
+                client.verify(request).await.ok()?;
+                replica.logged("rate limits lease from Redis again").then_some(())
+            }
+        })
+        .await;
+        assert_eq!(metric(&replica, "keywarden_rate_limit_degraded").await, 0.0, "{name}");
+        crate::helpers::sigterm(&replica.child);
+        crate::helpers::exited(replica.child).await;
+    }
+    app.stop().await;
+}
