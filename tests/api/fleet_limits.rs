@@ -177,3 +177,133 @@ async fn a_redis_outage_follows_the_configured_failure_mode_and_is_logged_once(b
     }
     app.stop().await;
 }
+
+/// A three-node Redis Cluster of this test's own (redis-server and
+/// redis-cli, which `.ci/run` installs), stopped when dropped.
+struct RedisCluster {
+    nodes: Vec<std::process::Child>,
+    ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    fn start() -> Self {
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        // Ports whose cluster bus (port + 10000) is free too.
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                ports.push(port);
+            }
+        }
+        let nodes = ports
+            .iter()
+            .map(|port| {
+                Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+                    .args([
+                        "--cluster-config-file",
+                        &format!("nodes-{port}.conf"),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ])
+                    .current_dir(dir.path())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("redis-server runs (.ci/run installs it)")
+            })
+            .collect();
+        let cluster = Self { nodes, ports, _dir: dir };
+        let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let created = Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&addrs)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if created {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cluster was not created");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        while !cluster.ports.iter().all(|p| {
+            Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "cluster", "info"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+        }) {
+            assert!(Instant::now() < deadline, "the cluster did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    fn seed_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.ports[0])
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}
+
+/// The client's cluster mode against a real Redis Cluster: a key's two
+/// limits are leased by one script (their buckets share a slot through the
+/// hash tag, or the cluster would refuse it as CROSSSLOT), and both hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_work_against_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let seed = cluster.seed_url();
+    let mut app = spawn_app_with(Backend::Sqlite, move |s| {
+        s.redis_url = Some(seed.into());
+        s.redis_cluster = true;
+        s.fleet_secret = Some(fleet_secret().into());
+        s.rate_limit_mode = Some(RateLimitMode::Redis);
+        // No fallback: a decision here was leased from the cluster.
+        s.rate_limit_on_redis_failure = OnRedisFailure::Closed;
+    })
+    .await;
+    let (_, key) = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "clustered".into(),
+            scopes: vec!["sales:read".into()],
+            rate_limits: vec![
+                per(3, Duration::from_secs(10)),
+                pb::RateLimit { name: "minute".into(), ..per(100, Duration::from_secs(60)) },
+            ],
+            ..Default::default()
+        })
+        .await;
+    // The cluster client connects in the background.
+    until("the first call to lease from the cluster", || {
+        let (mut client, request) = (app.verify.clone(), sales(&key));
+        async move { (outcome(&client.verify(request).await.ok()?.into_inner()) == allowed()).then_some(()) }
+    })
+    .await;
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        outcomes.push(outcome(&app.verify.verify(sales(&key)).await.unwrap().into_inner()));
+    }
+    let limited = deny(pb::DenyReason::RateLimited);
+    assert_eq!(outcomes, [allowed(), allowed(), limited], "3 per 10 s, the first call included");
+    let r = app.verify.verify(sales(&key)).await.unwrap().into_inner();
+    assert_eq!(r.rate_limit.map(|s| (s.name, s.remaining)), Some(("fleet".to_owned(), 0)));
+    app.stop().await;
+    drop(cluster);
+}
