@@ -281,7 +281,9 @@ impl LeasedLimiter {
             limits
                 .iter()
                 .zip(&state.slots)
-                .map(|(l, s)| lease_size(l.limit) - if s.expires_at <= now { 0 } else { s.held })
+                .map(|(l, s)| {
+                    lease_size(l.limit).saturating_sub(if s.expires_at <= now { 0 } else { s.held })
+                })
                 .collect()
         };
         if wants.iter().all(|w| *w == 0) {
