@@ -335,42 +335,14 @@ impl Verifier {
                         record.merchant_id = Some(state.merchant_id.clone());
                         record.api_key_id = Some(state.key_id.to_string());
                         record.api_key_name = Some(state.name.clone());
-                        match decide(&state.policy, now, checked.ip, checked.required) {
+                        let admitted = match decide(&state.policy, now, checked.ip, checked.required) {
                             Err(reason) => Err(reason),
                             Ok(()) => {
-                                // Only a call the policy allows takes a
-                                // token, at the time it is admitted (a cold
-                                // call's scrypt may have taken a while).
-                                let at = if state.rate_limits.is_empty() { now } else { self.clock.now() };
-                                match self.limiter.check(&state.key_id, &state.rate_limits, at).await {
-                                    Ok(tightest) => {
-                                        rate_limit = tightest;
-                                        // Credits last: a call the limits
-                                        // refuse spends none.
-                                        match state.credits {
-                                            None => Ok(grant(&self.catalogue, &state)),
-                                            Some(balance) => {
-                                                let cost = credits::cost(input.cost);
-                                                match self.usage.spend(&state.key_id, balance, cost) {
-                                                    Ok(left) => {
-                                                        credits_remaining = Some(left);
-                                                        Ok(grant(&self.catalogue, &state))
-                                                    }
-                                                    Err(left) => {
-                                                        credits_remaining = Some(left);
-                                                        Err(DenyReason::QuotaExhausted)
-                                                    }
-                                                }
-                                            }
-                                        }
-                                    }
-                                    Err(refusing) => {
-                                        rate_limit = Some(refusing);
-                                        Err(DenyReason::RateLimited)
-                                    }
-                                }
+                                self.admit(&state, now, input.cost, &mut rate_limit, &mut credits_remaining)
+                                    .await
                             }
-                        }
+                        };
+                        admitted.map(|()| grant(&self.catalogue, &state))
                     }
                 }
             }
@@ -409,6 +381,32 @@ impl Verifier {
             }
         })?;
         Ok(Verdict { outcome, audit_event_id, rate_limit, credits_remaining })
+    }
+
+    /// The limits, then the credits, of a call the policy allows: only such
+    /// a call takes a token (at the time it is admitted; a cold call's
+    /// scrypt may have taken a while), and a call the limits refuse spends
+    /// no credit. What each said goes into the verdict's fields.
+    async fn admit(
+        &self,
+        state: &KeyState,
+        now: DateTime<Utc>,
+        cost: u32,
+        rate_limit: &mut Option<LimitStatus>,
+        credits_remaining: &mut Option<i64>,
+    ) -> Result<(), DenyReason> {
+        let at = if state.rate_limits.is_empty() { now } else { self.clock.now() };
+        match self.limiter.check(&state.key_id, &state.rate_limits, at).await {
+            Ok(tightest) => *rate_limit = tightest,
+            Err(refusing) => {
+                *rate_limit = Some(refusing);
+                return Err(DenyReason::RateLimited);
+            }
+        }
+        let Some(balance) = state.credits else { return Ok(()) };
+        let spent = self.usage.spend(&state.key_id, balance, credits::cost(cost));
+        *credits_remaining = Some(spent.unwrap_or_else(|left| left));
+        spent.map(|_| ()).map_err(|_| DenyReason::QuotaExhausted)
     }
 
     /// A request refused before any key is looked at (the gateway's
