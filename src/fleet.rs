@@ -5,7 +5,8 @@
 //! verified by scrypt is recognised by every other replica with one HMAC
 //! and one GET, so a new replica does not pay one scrypt per key the fleet
 //! already knows. The connection also carries the leases of fleet-wide
-//! rate limits ([`crate::limiter`]), as [`Script`]s.
+//! rate limits and of shared credit balances ([`crate::limiter`]), as
+//! [`Script`]s.
 //!
 //! A Redis failure is never a wrong answer: each use has a fallback (here,
 //! scrypt again), every command is bounded by a timeout, and the transition
@@ -181,11 +182,11 @@ impl Redis {
 
     /// Runs a Lua script by its digest, sending it whole only when the
     /// server does not have it cached.
-    pub async fn eval<T: FromRedisValue>(
+    pub async fn eval<T: FromRedisValue, A: redis::ToRedisArgs>(
         &self,
         script: &Script,
         keys: &[String],
-        args: &[u64],
+        args: &[A],
     ) -> Result<T, FleetError> {
         let by_digest = redis::cmd("EVALSHA")
             .arg(script.digest.get_hash())

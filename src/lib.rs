@@ -26,7 +26,8 @@
 //!   writer and its local spool; the counters of wrong secrets that
 //!   throttle guessing; per-key rate limits, per replica or leased from
 //!   Redis ([`limiter`], which uses [`fleet`]); credits are spent through
-//!   [`usage`], in the same batches as the counts. [`fleet`]: the Redis
+//!   [`usage`], in the same batches as the counts, and in Redis mode leased
+//!   from the fleet's shared balance ([`limiter::credits`]). [`fleet`]: the Redis
 //!   connection replicas share and the warm-start map, optional.
 //! - [`store`]: persistence on sea-orm (SQLite or PostgreSQL): keys, usage,
 //!   operator tokens, the audit row ([`store::audit::AuditRecord`]) and its

@@ -72,6 +72,12 @@ pub struct Metrics {
     pub rate_limit_lease_refills: Counter,
     pub rate_limit_leased_tokens: Counter,
     pub rate_limit_fallback_decisions: Counter,
+    /// Redis-mode credits: leases granted, the credits they carried and
+    /// the credits given back unused; calls decided without Redis.
+    pub credit_lease_refills: Counter,
+    pub credits_leased: Counter,
+    pub credits_returned: Counter,
+    pub credit_fallback_decisions: Counter,
 }
 
 impl Default for Metrics {
@@ -109,6 +115,10 @@ impl Default for Metrics {
             rate_limit_lease_refills: Counter::default(),
             rate_limit_leased_tokens: Counter::default(),
             rate_limit_fallback_decisions: Counter::default(),
+            credit_lease_refills: Counter::default(),
+            credits_leased: Counter::default(),
+            credits_returned: Counter::default(),
+            credit_fallback_decisions: Counter::default(),
         }
     }
 }

@@ -107,11 +107,13 @@ impl Credits {
 }
 
 /// A key's balance as Verify sees it: the stored balance and the sequence
-/// number of the write that set it, so that of two readings the later wins.
+/// number of the write that set it, so that of two readings the later wins;
+/// and the epoch, which moves only when the balance is set outright.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Balance {
     pub remaining: i64,
     pub seq: i64,
+    pub epoch: i64,
 }
 
 /// A call's cost: 0 means 1.

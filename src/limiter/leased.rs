@@ -21,15 +21,15 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
-    sync::{
-        Arc, LazyLock, Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::{Arc, LazyLock, Mutex, PoisonError},
 };
 
 use chrono::{DateTime, Utc};
 
-use super::local::{LocalLimiter, tighter};
+use super::{
+    backoff::{Backoff, RETRY_US},
+    local::{LocalLimiter, tighter},
+};
 use crate::{
     config::OnRedisFailure,
     fleet::{FleetError, Redis, Script},
@@ -42,9 +42,6 @@ use crate::{
 
 /// A lease is at most this fraction of a limit (rounded up).
 pub const LEASE_FRACTION: u32 = 16;
-/// After Redis failed to grant a lease, how long calls that need one go
-/// straight to the failure mode before one of them tries again.
-const RETRY_US: u128 = 1_000_000;
 const SHARDS: usize = 16;
 const SWEEP_FLOOR: usize = 1_024;
 
@@ -62,10 +59,7 @@ pub struct LeasedLimiter {
     on_failure: OnRedisFailure,
     hasher: RandomState,
     shards: [Mutex<Shard>; SHARDS],
-    /// µs since the epoch until which calls needing a lease skip Redis;
-    /// 0 while Redis grants them.
-    retry_at: AtomicU64,
-    degraded: AtomicBool,
+    backoff: Backoff,
     metrics: Arc<Metrics>,
 }
 
@@ -194,8 +188,13 @@ impl LeasedLimiter {
             shards: std::array::from_fn(|_| {
                 Mutex::new(Shard { keys: HashMap::new(), sweep_at: SWEEP_FLOOR })
             }),
-            retry_at: AtomicU64::new(0),
-            degraded: AtomicBool::new(false),
+            backoff: Backoff::new(
+                format!(
+                    "rate limits cannot lease from Redis; following rate_limit_on_redis_failure = {}",
+                    format!("{on_failure:?}").to_lowercase()
+                ),
+                "rate limits lease from Redis again: fleet-wide",
+            ),
             metrics,
         }
     }
@@ -213,7 +212,7 @@ impl LeasedLimiter {
         if let Some(decided) = self.settle(&entry, key_id, limits, now_us) {
             return decided;
         }
-        if !self.skipping_redis(now_us) {
+        if !self.backoff.skipping(now_us) {
             let _asking = entry.asking.lock().await;
             // Another call's lease may have arrived while this one waited.
             if let Some(decided) = self.settle(&entry, key_id, limits, now_us) {
@@ -225,7 +224,7 @@ impl LeasedLimiter {
                         return decided;
                     }
                 }
-                Err(e) => self.failed(now_us, &e),
+                Err(e) => self.backoff.failed(now_us, &e),
             }
         }
         self.without_redis(key_id, limits, now)
@@ -245,7 +244,7 @@ impl LeasedLimiter {
             Take::NeedLease => None,
             Take::Empty(status) => Some(Err(status)),
             Take::Admitted { tightest, top_up } => {
-                if top_up && !state.topping_up && !self.skipping_redis(now) {
+                if top_up && !state.topping_up && !self.backoff.skipping(now) {
                     state.topping_up = true;
                     let (me, entry, key_id, limits) =
                         (Arc::clone(self), Arc::clone(entry), Arc::clone(key_id), limits.clone());
@@ -254,7 +253,7 @@ impl LeasedLimiter {
                             let _asking = entry.asking.lock().await;
                             match me.lease(&entry, &key_id, &limits, now).await {
                                 Ok(()) => {}
-                                Err(e) => me.failed(now, &e),
+                                Err(e) => me.backoff.failed(now, &e),
                             }
                         }
                         entry.state.lock().unwrap_or_else(PoisonError::into_inner).topping_up = false;
@@ -326,7 +325,7 @@ impl LeasedLimiter {
         }
         self.metrics.rate_limit_lease_refills.inc();
         self.metrics.rate_limit_leased_tokens.inc_by(granted_total);
-        self.recovered();
+        self.backoff.recovered();
         Ok(())
     }
 
@@ -350,42 +349,9 @@ impl LeasedLimiter {
         }
     }
 
-    /// Whether calls should not ask Redis now; past the retry time, the
-    /// one call that claims it asks.
-    fn skipping_redis(&self, now: u128) -> bool {
-        let at = self.retry_at.load(Ordering::Relaxed);
-        if at == 0 {
-            return false;
-        }
-        if now < u128::from(at) {
-            return true;
-        }
-        let next = u64::try_from(now + RETRY_US).unwrap_or(u64::MAX);
-        self.retry_at.compare_exchange(at, next, Ordering::Relaxed, Ordering::Relaxed).is_err()
-    }
-
-    fn failed(&self, now: u128, error: &FleetError) {
-        let next = u64::try_from(now + RETRY_US).unwrap_or(u64::MAX);
-        self.retry_at.store(next, Ordering::Relaxed);
-        if !self.degraded.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                %error,
-                on_redis_failure = ?self.on_failure,
-                "rate limits cannot lease from Redis; following rate_limit_on_redis_failure"
-            );
-        }
-    }
-
-    fn recovered(&self) {
-        self.retry_at.store(0, Ordering::Relaxed);
-        if self.degraded.swap(false, Ordering::Relaxed) {
-            tracing::info!("rate limits lease from Redis again: fleet-wide");
-        }
-    }
-
     /// Whether calls that need a lease follow the failure mode now.
     pub fn degraded(&self) -> bool {
-        self.degraded.load(Ordering::Relaxed)
+        self.backoff.degraded()
     }
 
     /// Keys whose leases this replica holds.

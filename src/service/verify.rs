@@ -34,7 +34,7 @@ use crate::{
         credits::{self, Balance},
         decide,
     },
-    limiter::Limiter,
+    limiter::{Limiter, credits::Spend},
     metrics::Metrics,
     store::{Store, keys::StoredKey},
     telemetry,
@@ -107,7 +107,11 @@ fn key_state(key: &StoredKey, catalogue: &ScopeCatalogue) -> Result<KeyState, Se
         name: key.name.clone(),
         policy: Policy { revoked_at: key.revoked_at, expires_at: key.expires_at, allowed, scopes },
         rate_limits: key.rate_limits.clone(),
-        credits: key.credits.map(|c| Balance { remaining: c.remaining, seq: key.credits_seq }),
+        credits: key.credits.map(|c| Balance {
+            remaining: c.remaining,
+            seq: key.credits_seq,
+            epoch: key.credits_epoch,
+        }),
         version: key.version,
     })
 }
@@ -404,7 +408,19 @@ impl Verifier {
             }
         }
         let Some(balance) = state.credits else { return Ok(()) };
-        let spent = self.usage.spend(&state.key_id, balance, credits::cost(cost));
+        let cost = credits::cost(cost);
+        let shared = match self.limiter.credits() {
+            Some(fleet) => fleet.spend(&state.key_id, balance.epoch, cost).await,
+            None => Spend::Unavailable,
+        };
+        let spent = match shared {
+            Spend::Paid(left) => {
+                self.usage.record_spent(&state.key_id, balance, cost);
+                Ok(left)
+            }
+            Spend::Refused(left) => Err(left),
+            Spend::Unavailable => self.usage.spend(&state.key_id, balance, cost),
+        };
         *credits_remaining = Some(spent.unwrap_or_else(|left| left));
         spent.map(|_| ()).map_err(|_| DenyReason::QuotaExhausted)
     }

@@ -137,6 +137,13 @@ impl Collector for Snapshot {
         )?;
         gauge(
             &mut encoder,
+            "credits_degraded",
+            "1 while Redis-mode credits cannot lease from Redis and each replica decides on its own view",
+            None,
+            if s.limiter.credits().is_some_and(|c| c.degraded()) { 1.0 } else { 0.0 },
+        )?;
+        gauge(
+            &mut encoder,
             "audit_queue_depth",
             "audit rows waiting to be written",
             None,
@@ -444,6 +451,26 @@ impl Exporter {
             "rate_limit_fallback_decisions",
             "rate-limit decisions taken without Redis, as rate_limit_on_redis_failure says",
             metrics.rate_limit_fallback_decisions.clone(),
+        );
+        registry.register(
+            "credit_lease_refills",
+            "leases of shared credit balances granted by Redis (rate_limit_mode = redis)",
+            metrics.credit_lease_refills.clone(),
+        );
+        registry.register(
+            "credits_leased",
+            "credits carried by those leases",
+            metrics.credits_leased.clone(),
+        );
+        registry.register(
+            "credits_returned",
+            "leased credits given back to the fleet unused (idle or at shutdown)",
+            metrics.credits_returned.clone(),
+        );
+        registry.register(
+            "credit_fallback_decisions",
+            "credit decisions taken on the replica's own view of the balance because Redis could not lease",
+            metrics.credit_fallback_decisions.clone(),
         );
         registry.register_collector(Box::new(Snapshot(sources)));
         Self { registry: Arc::new(registry) }

@@ -45,7 +45,7 @@ use crate::{
     config::{RateLimitMode, Secrets, Settings},
     fleet::{Redis, WarmStart},
     keys::{EventIds, RefillInterval, operator::TokenDigester},
-    limiter::{LeasedLimiter, Limiter, LocalLimiter},
+    limiter::{LeasedCredits, LeasedLimiter, Limiter, LocalLimiter},
     metrics::Metrics,
     service::{
         Deps,
@@ -121,6 +121,8 @@ pub struct Application {
     metrics_listener: Option<TcpListener>,
     store: Store,
     usage: Arc<UsageTracker>,
+    /// Credits leased from the fleet's balances (Redis mode).
+    credits: Option<Arc<LeasedCredits>>,
     audit: AuditQueue,
     audit_writer: AuditWriter,
     pool: HashPool,
@@ -254,7 +256,8 @@ impl Application {
                     settings.rate_limit_on_redis_failure,
                     Arc::clone(&metrics),
                 );
-                Limiter::leased(local, Arc::new(leased))
+                let credits = LeasedCredits::new(Arc::clone(redis), store.clone(), Arc::clone(&metrics));
+                Limiter::leased(local, Arc::new(leased), Arc::new(credits))
             }
             _ => Limiter::local(),
         });
@@ -327,7 +330,7 @@ impl Application {
                 ids: event_ids,
                 rollups: Arc::clone(&rollups),
                 throttle: Arc::clone(&throttle),
-                limiter,
+                limiter: Arc::clone(&limiter),
                 db_connections: settings.db_verify_connections(),
                 db_wait: settings.db_acquire_timeout(),
                 cache: cache.clone(),
@@ -392,6 +395,7 @@ impl Application {
             listener,
             store,
             usage,
+            credits: limiter.credits().cloned(),
             audit,
             audit_writer,
             pool,
@@ -464,6 +468,7 @@ impl Application {
             metrics_listener,
             store,
             usage,
+            credits,
             audit_writer,
             rollups,
             admin,
@@ -611,6 +616,15 @@ impl Application {
                         }
                     }
                 },
+                || {},
+            ));
+        }
+        if let Some(credits) = &credits {
+            // Credits held unused go back to the fleet, and all at shutdown.
+            let (credits, stop) = (Arc::clone(credits), stop.clone());
+            helpers.push(supervisor.spawn(
+                "credit lease returns",
+                move || Arc::clone(&credits).run(stop()),
                 || {},
             ));
         }

@@ -44,6 +44,8 @@ pub struct StoredKey {
     pub credits: Option<Credits>,
     /// Bumped by every write of the balance.
     pub credits_seq: i64,
+    /// Bumped when the balance is set outright (an update, a refill).
+    pub credits_epoch: i64,
 }
 
 impl TryFrom<api_key::Model> for StoredKey {
@@ -66,6 +68,7 @@ impl TryFrom<api_key::Model> for StoredKey {
             rate_limits,
             credits,
             credits_seq: m.credits_seq,
+            credits_epoch: m.credits_epoch,
             scopes: split(&m.scopes),
             allowed_cidrs: split(&m.allowed_cidrs),
             id: m.id,
@@ -169,6 +172,7 @@ impl NewKey {
                 .and_then(|c| c.refill)
                 .map(|r| r.interval.last_boundary(self.created_at))),
             credits_seq: Set(0),
+            credits_epoch: Set(0),
         }
     }
 }
@@ -360,7 +364,8 @@ impl Store {
                     Expr::value(refill.map(|r| r.interval.as_str().to_owned())),
                 )
                 .col_expr(C::CreditsRefilledAt, Expr::value(refill.map(|r| r.interval.last_boundary(now))))
-                .col_expr(C::CreditsSeq, Expr::col(C::CreditsSeq).add(1));
+                .col_expr(C::CreditsSeq, Expr::col(C::CreditsSeq).add(1))
+                .col_expr(C::CreditsEpoch, Expr::col(C::CreditsEpoch).add(1));
         }
         let txn = self.db().begin().await?;
         let updated = update
@@ -527,6 +532,21 @@ impl Store {
         Ok(out)
     }
 
+    /// A key's stored balance and its epoch, to seed the fleet's shared
+    /// copy with: `None` if the key is gone or has no credits.
+    pub async fn credit_epoch(&self, key_id: &str) -> Result<Option<(i64, i64)>, StoreError> {
+        use api_key::Column as C;
+        self.count(1);
+        let row: Option<(Option<i64>, i64)> = api_key::Entity::find()
+            .select_only()
+            .columns([C::CreditsRemaining, C::CreditsEpoch])
+            .filter(C::Id.eq(key_id))
+            .into_tuple()
+            .one(self.db())
+            .await?;
+        Ok(row.and_then(|(remaining, epoch)| remaining.map(|r| (r, epoch))))
+    }
+
     /// Sets every balance whose refill boundary has passed since its last
     /// refill back to its amount, as of `now` (the database's clock):
     /// `None` when another replica holds the refill lock (PostgreSQL).
@@ -557,6 +577,7 @@ impl Store {
                     .col_expr(C::CreditsRemaining, Expr::col(C::CreditsRefillAmount))
                     .col_expr(C::CreditsRefilledAt, Expr::value(Some(boundary)))
                     .col_expr(C::CreditsSeq, Expr::col(C::CreditsSeq).add(1))
+                    .col_expr(C::CreditsEpoch, Expr::col(C::CreditsEpoch).add(1))
                     .col_expr(C::Version, Expr::col(C::Version).add(1))
                     .filter(C::Id.eq(key.id.as_str()))
                     .exec(&txn)

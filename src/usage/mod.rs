@@ -86,6 +86,31 @@ impl UsageTracker {
     /// nothing if what is left cannot pay it. `Ok` is the balance after,
     /// `Err` the balance that could not pay (never below 0).
     pub fn spend(&self, key_id: &str, balance: Balance, cost: i64) -> Result<i64, i64> {
+        self.with_ledger(key_id, balance, |ledger| {
+            let available = ledger.known - ledger.unconfirmed;
+            if available < cost {
+                return Err(available.max(0));
+            }
+            ledger.unconfirmed += cost;
+            Ok(available - cost)
+        })
+        .inspect(|_| self.with_delta(key_id, |d| d.spent += cost))
+    }
+
+    /// This replica's view of what `key_id` has left: the later of its
+    /// readings less its own unconfirmed spending.
+    pub fn available(&self, key_id: &str, balance: Balance) -> i64 {
+        self.with_ledger(key_id, balance, |ledger| ledger.known - ledger.unconfirmed)
+    }
+
+    /// Records `cost` credits spent that something else (a lease of the
+    /// fleet's shared balance) already decided `key_id` could pay.
+    pub fn record_spent(&self, key_id: &str, balance: Balance, cost: i64) {
+        self.with_ledger(key_id, balance, |ledger| ledger.unconfirmed += cost);
+        self.with_delta(key_id, |d| d.spent += cost);
+    }
+
+    fn with_ledger<T>(&self, key_id: &str, balance: Balance, f: impl FnOnce(&mut Ledger) -> T) -> T {
         let mut ledgers = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
         let ledger = match ledgers.get_mut(key_id) {
             Some(ledger) => ledger,
@@ -102,14 +127,7 @@ impl UsageTracker {
             ledger.known = balance.remaining;
             ledger.seq = balance.seq;
         }
-        let available = ledger.known - ledger.unconfirmed;
-        if available < cost {
-            return Err(available.max(0));
-        }
-        ledger.unconfirmed += cost;
-        drop(ledgers);
-        self.with_delta(key_id, |d| d.spent += cost);
-        Ok(available - cost)
+        f(ledger)
     }
 
     fn spending_in_flight(&self, key_id: &str) -> bool {
@@ -407,19 +425,23 @@ mod tests {
     fn spending_in_an_unconfirmed_batch_is_counted_once_and_a_refill_replaces_the_balance() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (tracker, _dir) = rt.block_on(tracker());
-        assert_eq!(tracker.spend("k1", Balance { remaining: 100, seq: 0 }, 30), Ok(70));
-        assert_eq!(tracker.spend("k1", Balance { remaining: 100, seq: 0 }, 71), Err(70), "nothing taken");
+        assert_eq!(tracker.spend("k1", Balance { remaining: 100, seq: 0, epoch: 0 }, 30), Ok(70));
+        assert_eq!(
+            tracker.spend("k1", Balance { remaining: 100, seq: 0, epoch: 0 }, 71),
+            Err(70),
+            "nothing taken"
+        );
         let (flush, _) = tracker.next_batch().unwrap();
         // A reading that includes the unconfirmed batch is not taken yet.
-        assert_eq!(tracker.spend("k1", Balance { remaining: 70, seq: 1 }, 5), Ok(65));
+        assert_eq!(tracker.spend("k1", Balance { remaining: 70, seq: 1, epoch: 0 }, 5), Ok(65));
         let written = SyncedBalance { key_id: "k1".into(), remaining: Some(70), seq: 1 };
         tracker.confirm(&flush, &[written]);
         *tracker.in_flight.lock().unwrap() = None;
-        assert_eq!(tracker.spend("k1", Balance { remaining: 70, seq: 1 }, 5), Ok(60));
+        assert_eq!(tracker.spend("k1", Balance { remaining: 70, seq: 1, epoch: 0 }, 5), Ok(60));
         assert_eq!(tracker.pending("k1").spent, 10);
         tracker.sync(&[SyncedBalance { key_id: "k1".into(), remaining: Some(500), seq: 3 }]);
         assert_eq!(
-            tracker.spend("k1", Balance { remaining: 70, seq: 1 }, 1),
+            tracker.spend("k1", Balance { remaining: 70, seq: 1, epoch: 0 }, 1),
             Ok(489),
             "500 less 11 unflushed"
         );

@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
 
 use crate::helpers::{
-    Backend, MERCHANT, Proxy, TestApp, allowed, connect, deny, outcome, scalar, spawn_app, spawn_app_on,
-    spawn_app_over, spawn_app_with, spawn_binary, until, violated_fields,
+    Backend, MERCHANT, Proxy, TestApp, allowed, connect, deny, fleet_secret, outcome, redis_url, scalar,
+    spawn_app, spawn_app_on, spawn_app_over, spawn_app_with, spawn_binary, until, violated_fields,
 };
 
 backend_tests!(
@@ -219,10 +219,29 @@ fn skew_to_midnight(lead: chrono::Duration) -> i64 {
 #[tokio::test]
 #[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_daily_refill_happens_at_midnight_utc_once_for_the_fleet() {
+    refill_at_midnight(false).await;
+}
+
+/// The same with the balance shared through Redis: the refill starts a new
+/// epoch, from which Redis's copy is seeded again.
+#[tokio::test]
+#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
+async fn a_daily_refill_reaches_a_balance_shared_through_redis() {
+    refill_at_midnight(true).await;
+}
+
+async fn refill_at_midnight(shared: bool) {
     let skew = skew_to_midnight(chrono::Duration::seconds(3));
-    let mut a =
-        spawn_app_over(Backend::postgres(), None, |_| async {}, |s| s.refill_clock_offset_ms = skew).await;
-    let b = spawn_app_on(&a, |s| s.refill_clock_offset_ms = skew).await;
+    let settings = move |s: &mut keywarden::config::Settings| {
+        s.refill_clock_offset_ms = skew;
+        if shared {
+            s.redis_url = Some(redis_url().into());
+            s.fleet_secret = Some(fleet_secret().into());
+            s.rate_limit_mode = Some(keywarden::config::RateLimitMode::Redis);
+        }
+    };
+    let mut a = spawn_app_over(Backend::postgres(), None, |_| async {}, settings).await;
+    let b = spawn_app_on(&a, settings).await;
     let (key, plaintext) = key_with_credits(&mut a, credits(2, Some((5, pb::RefillInterval::Daily)))).await;
     let mut client = a.verify.clone();
     assert_eq!(pay(&mut client, &plaintext, 2).await.credits_remaining, Some(0));
@@ -262,6 +281,20 @@ async fn a_daily_refill_happens_at_midnight_utc_once_for_the_fleet() {
         3,
         "5 after the refill, less one call on each replica"
     );
+    let epoch =
+        scalar(&a.database_url, &format!("SELECT credits_epoch FROM api_keys WHERE id = '{}'", key.id)).await;
+    assert_eq!(epoch, 1, "one refill: one new epoch");
+    if shared {
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let seeded: Option<i64> = redis::cmd("HGET")
+            .arg(format!("keywarden:cr:{{{}}}", key.id))
+            .arg("epoch")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(seeded, Some(1), "Redis's copy was seeded again from the refilled balance");
+    }
     b.stop().await;
     a.stop().await;
 }

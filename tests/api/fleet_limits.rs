@@ -264,7 +264,8 @@ impl Drop for RedisCluster {
 
 /// The client's cluster mode against a real Redis Cluster: a key's two
 /// limits are leased by one script (their buckets share a slot through the
-/// hash tag, or the cluster would refuse it as CROSSSLOT), and both hold.
+/// hash tag, or the cluster would refuse it as CROSSSLOT), and both hold;
+/// a key's shared credits are leased from the cluster too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_work_against_a_redis_cluster() {
     let cluster = RedisCluster::start();
@@ -304,6 +305,29 @@ async fn leases_work_against_a_redis_cluster() {
     assert_eq!(outcomes, [allowed(), allowed(), limited], "3 per 10 s, the first call included");
     let r = app.verify.verify(sales(&key)).await.unwrap().into_inner();
     assert_eq!(r.rate_limit.map(|s| (s.name, s.remaining)), Some(("fleet".to_owned(), 0)));
+
+    // A shared credit balance lives in the cluster too, in its key's slot.
+    let (metered, plaintext) = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "clustered-credits".into(),
+            scopes: vec!["sales:read".into()],
+            credits: Some(pb::Credits { remaining: 10, refill: None }),
+            ..Default::default()
+        })
+        .await;
+    let paid = app.verify.verify(sales(&plaintext)).await.unwrap().into_inner();
+    assert_eq!((outcome(&paid), paid.credits_remaining), (allowed(), Some(9)));
+    // One credit leased for the call, then one topped up behind it.
+    let entry = format!("keywarden:cr:{{{}}}", metered.id);
+    let unleased = || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-c", "-p", &cluster.ports[0].to_string(), "hget", &entry, "balance"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    until("2 of 10 leased from the cluster", || async { (unleased() == "8").then_some(()) }).await;
     app.stop().await;
     drop(cluster);
 }

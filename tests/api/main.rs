@@ -11,6 +11,7 @@ mod abuse;
 mod admin_api;
 mod credits;
 mod fleet;
+mod fleet_credits;
 mod fleet_limits;
 mod gateway;
 mod hostile;

@@ -43,6 +43,8 @@ pub struct Model {
     pub credits_refilled_at: Option<DateTimeUtc>,
     /// Bumped by every write of the balance, usage flushes included.
     pub credits_seq: i64,
+    /// Bumped when the balance is set outright (an update, a refill).
+    pub credits_epoch: i64,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

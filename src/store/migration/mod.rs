@@ -12,6 +12,7 @@ mod m20261203_000006_audit_dead_letters;
 mod m20261203_000007_pepper_generations;
 mod m20261204_000008_rate_limits;
 mod m20261204_000009_credits;
+mod m20261204_000010_credits_epoch;
 
 pub struct Migrator;
 
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000007_pepper_generations::Migration),
             Box::new(m20261204_000008_rate_limits::Migration),
             Box::new(m20261204_000009_credits::Migration),
+            Box::new(m20261204_000010_credits_epoch::Migration),
         ]
     }
 }
