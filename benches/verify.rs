@@ -629,6 +629,7 @@ async fn create_keys(
     n: usize,
     cidrs: &[&str],
     rate_limits: &[pb::RateLimit],
+    credits: Option<pb::Credits>,
 ) -> Vec<String> {
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
@@ -648,6 +649,7 @@ async fn create_keys(
                 scopes: vec!["sales:read".into(), "invoice:read".into()],
                 allowed_cidrs: cidrs,
                 rate_limits,
+                credits,
                 ..Default::default()
             });
             request.metadata_mut().insert("authorization", bearer);
@@ -715,7 +717,7 @@ async fn overshoot(servers: &[Server], token: &str) -> Overshoot {
         limit,
         window: Some(prost_types::Duration { seconds: window_s as i64, nanos: 0 }),
     };
-    let key = create_keys(servers[0].addr, token, 1, &[], &[per]).await.remove(0);
+    let key = create_keys(servers[0].addr, token, 1, &[], &[per], None).await.remove(0);
     let mut clients = Vec::new();
     for server in servers {
         clients.push(connect(server.addr, 1).await.remove(0).verify);
@@ -1191,19 +1193,26 @@ fn main() {
     client_rt.block_on(async {
         let conns = connect(server.addr, args.connections).await;
         let t = Instant::now();
-        let keys = Arc::new(create_keys(server.addr, &args.token, args.keys, &[], &[]).await);
+        let keys = Arc::new(create_keys(server.addr, &args.token, args.keys, &[], &[], None).await);
         let restricted =
-            Arc::new(create_keys(server.addr, &args.token, args.keys.div_ceil(10), &["192.168.0.0/16"], &[]).await);
+            Arc::new(create_keys(server.addr, &args.token, args.keys.div_ceil(10), &["192.168.0.0/16"], &[], None)
+                .await);
         // A limit no scenario reaches: what checking it costs, not refusals.
         let roomy = pb::RateLimit {
             name: "bench".into(),
             limit: 1_000_000,
             window: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
         };
-        let limited = Arc::new(create_keys(server.addr, &args.token, args.keys, &[], &[roomy]).await);
+        let limited = Arc::new(create_keys(server.addr, &args.token, args.keys, &[], &[roomy], None).await);
         warm(&conns, &keys, "10.1.2.3").await;
         warm(&conns, &restricted, "192.168.1.1").await;
+        // Credits no scenario spends: what paying from a balance costs.
+        let roomy_credits = pb::Credits { remaining: 1 << 50, refill: None };
+        let metered_n = args.keys.div_ceil(10);
+        let metered =
+            Arc::new(create_keys(server.addr, &args.token, metered_n, &[], &[], Some(roomy_credits)).await);
         warm(&conns, &limited, "10.1.2.3").await;
+        warm(&conns, &metered, "10.1.2.3").await;
         // Connection sets: plaintext, then (own server) TLS and mTLS, warmed
         // on their own replicas.
         let mut sets = vec![conns.clone()];
@@ -1220,6 +1229,7 @@ fn main() {
         if let Some(fleet_server) = fleet_servers.first() {
             let set = connect(fleet_server.addr, args.connections).await;
             warm(&set, &limited, "10.1.2.3").await;
+            warm(&set, &metered, "10.1.2.3").await;
             fleet_set = Some(sets.len());
             sets.push(set);
         }
@@ -1258,11 +1268,23 @@ fn main() {
             Load::verify(vec![(1, Arc::clone(&limited), "sales:read", "10.1.2.3")]),
             0,
         ));
+        scenarios.push((
+            "warm Verify ALLOW, keys with credits (local)",
+            "allow-metered",
+            Load::verify(vec![(1, Arc::clone(&metered), "sales:read", "10.1.2.3")]),
+            0,
+        ));
         if let Some(set) = fleet_set {
             scenarios.push((
                 "warm Verify ALLOW, rate-limited keys (Redis)",
                 "allow-limited-redis",
                 Load::verify(vec![(1, Arc::clone(&limited), "sales:read", "10.1.2.3")]),
+                set,
+            ));
+            scenarios.push((
+                "warm Verify ALLOW, keys with credits (Redis)",
+                "allow-metered-redis",
+                Load::verify(vec![(1, Arc::clone(&metered), "sales:read", "10.1.2.3")]),
                 set,
             ));
         }
@@ -1322,6 +1344,7 @@ fn main() {
         let (check_allow, check_malformed) = (by_id("check-allow"), by_id("check-malformed"));
         let limited_allow = by_id("allow-limited");
         let fleet_limited_allow = find("allow-limited-redis");
+        let metered_allow = [("local", find("allow-metered")), ("Redis", find("allow-metered-redis"))];
         // Present only without --no-tls.
         let over_tls = [("TLS", "allow-tls"), ("mTLS", "allow-mtls")].map(|(name, id)| (name, find(id)));
         let als_rate = access_log_rate(server.addr, &conns, &keys, 20_000).await;
@@ -1400,7 +1423,7 @@ fn main() {
         // (a warm key's) attacked by 80 guessers, at the same fixed warm load,
         // with 20 fresh keys of another merchant verifying during it.
         drain_audit(probes.as_ref()).await;
-        let fresh = create_keys(server.addr, &args.token, 20, &[], &[]).await;
+        let fresh = create_keys(server.addr, &args.token, 20, &[], &[], None).await;
         let plan = StormPlan { rate, duration: slice * 2, attacked: keys[1].clone(), fresh };
         let guessing = guessing_storm(server.addr, &conns, &warm_load, plan, scrypts).await;
         let limit = Settings::default().throttle_failures_per_prefix;
@@ -1470,6 +1493,19 @@ fn main() {
                 o.percentile(0.99),
                 warm_allow.percentile(0.99),
                 verdict(r >= 0.85)
+            );
+        }
+        // The issue sets no target for credits; the rows show what paying
+        // from a balance costs, per replica and shared through Redis.
+        for (mode, o) in &metered_allow {
+            let Some(o) = o else { continue };
+            let r = o.throughput() / warm_allow.throughput();
+            println!(
+                "| credits: warm ALLOW paying from a balance ({mode}) against without | {:.0}/s vs {:.0}/s = {r:.2} × (p99 {:.3} ms vs {:.3} ms) | - |",
+                o.throughput(),
+                warm_allow.throughput(),
+                o.percentile(0.99),
+                warm_allow.percentile(0.99),
             );
         }
         if fleet_servers.len() == 3 {

@@ -164,15 +164,27 @@ impl LeasedCredits {
         if let Some(decided) = self.settle(&wallet, key_id, epoch, cost, now) {
             return decided;
         }
-        let need = cost - wallet.held.lock().unwrap_or_else(PoisonError::into_inner).credits.min(cost);
-        match self.lease(&wallet, key_id, epoch, need, now).await {
-            Ok(()) => self.settle(&wallet, key_id, epoch, cost, now).unwrap_or(Spend::Unavailable),
-            Err(e) => {
-                self.backoff.failed(now, &e);
-                self.metrics.credit_fallback_decisions.inc();
-                Spend::Unavailable
+        // The call is paid under the same lock as the grant; calls paying
+        // from held credits meanwhile may still leave it short, so it asks
+        // again, a few times at most.
+        for _ in 0..3 {
+            let held = wallet.held.lock().unwrap_or_else(PoisonError::into_inner).credits;
+            match self.lease(&wallet, key_id, epoch, cost - held.min(cost), cost, now).await {
+                Ok(Some(Ok(left))) => {
+                    let mut held = wallet.held.lock().unwrap_or_else(PoisonError::into_inner);
+                    self.top_up_if_low(&mut held, &wallet, key_id, epoch, now);
+                    return Spend::Paid(left);
+                }
+                Ok(Some(Err(left))) => return Spend::Refused(left),
+                Ok(None) => {}
+                Err(e) => {
+                    self.backoff.failed(now, &e);
+                    break;
+                }
             }
         }
+        self.metrics.credit_fallback_decisions.inc();
+        Spend::Unavailable
     }
 
     /// The decision held credits allow, if any; starts a top-up when they
@@ -189,37 +201,54 @@ impl LeasedCredits {
         match held.take(epoch, cost, now)? {
             Err(left) => Some(Spend::Refused(left)),
             Ok(left) => {
-                if held.credits * 2 < held.lease && held.left > 0 && !held.topping_up {
-                    held.topping_up = true;
-                    let (me, wallet, key_id) = (Arc::clone(self), Arc::clone(wallet), Arc::clone(key_id));
-                    tokio::spawn(async move {
-                        {
-                            let _asking = wallet.asking.lock().await;
-                            if !me.backoff.skipping(now)
-                                && let Err(e) = me.lease(&wallet, &key_id, epoch, 0, now).await
-                            {
-                                me.backoff.failed(now, &e);
-                            }
-                        }
-                        wallet.held.lock().unwrap_or_else(PoisonError::into_inner).topping_up = false;
-                    });
-                }
+                self.top_up_if_low(&mut held, wallet, key_id, epoch, now);
                 Some(Spend::Paid(left))
             }
         }
     }
 
+    /// Starts one background lease when held credits fall below half of
+    /// the last lease and the fleet has more.
+    fn top_up_if_low(
+        self: &Arc<Self>,
+        held: &mut Held,
+        wallet: &Arc<Wallet>,
+        key_id: &Arc<str>,
+        epoch: i64,
+        now: u128,
+    ) {
+        if held.credits * 2 >= held.lease || held.left == 0 || held.topping_up {
+            return;
+        }
+        held.topping_up = true;
+        let (me, wallet, key_id) = (Arc::clone(self), Arc::clone(wallet), Arc::clone(key_id));
+        tokio::spawn(async move {
+            {
+                let _asking = wallet.asking.lock().await;
+                if !me.backoff.skipping(now)
+                    && let Err(e) = me.lease(&wallet, &key_id, epoch, 0, 0, now).await
+                {
+                    me.backoff.failed(now, &e);
+                }
+            }
+            wallet.held.lock().unwrap_or_else(PoisonError::into_inner).topping_up = false;
+        });
+    }
+
     /// Leases at least `need` credits (0: a top-up of whatever size the
     /// fleet's balance allows), seeding Redis from the database if it has
-    /// no entry of this epoch.
+    /// no entry of this epoch, then pays `cost` from what is held. `Some`
+    /// is the call's decision; `None` is none: a top-up, or what is held
+    /// fell short or changed meanwhile.
     async fn lease(
         &self,
         wallet: &Wallet,
         key_id: &str,
         epoch: i64,
         need: i64,
+        cost: i64,
         now: u128,
-    ) -> Result<(), FleetError> {
+    ) -> Result<Option<Result<i64, i64>>, FleetError> {
         let keys = [entry_key(key_id)];
         let (mut epoch, mut seed) = (epoch, -1);
         let answer = loop {
@@ -241,7 +270,7 @@ impl LeasedCredits {
             match self.store.credit_epoch(key_id).await {
                 Ok(Some((remaining, stored_epoch))) => (seed, epoch) = (remaining.max(0), stored_epoch),
                 // The key lost its credits since its state was read.
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(None),
                 Err(e) => {
                     return Err(FleetError::Command(format!("reading the balance to seed Redis with: {e}")));
                 }
@@ -252,7 +281,7 @@ impl LeasedCredits {
         if at_epoch < held.epoch {
             // A newer balance was set while asking: these credits belong to
             // the old one.
-            return Ok(());
+            return Ok(None);
         }
         if (at_epoch, born) != (held.epoch, held.born) {
             // Set outright, or lost and seeded again: what is held belongs
@@ -264,11 +293,20 @@ impl LeasedCredits {
         held.credits += granted;
         held.left = left;
         held.lease = held.credits;
-        held.refused_until = if need > 0 && granted == 0 { now + RETRY_US } else { 0 };
+        let refused = need > 0 && granted == 0;
+        held.refused_until = if refused { now + RETRY_US } else { 0 };
         self.metrics.credit_lease_refills.inc();
         self.metrics.credits_leased.inc_by(u64::try_from(granted).unwrap_or(0));
         self.backoff.recovered();
-        Ok(())
+        if cost == 0 {
+            return Ok(None);
+        }
+        if held.credits < cost {
+            return Ok(refused.then_some(Err(held.credits + held.left)));
+        }
+        held.credits -= cost;
+        held.used_at = now;
+        Ok(Some(Ok(held.credits + held.left)))
     }
 
     /// Gives credits unused for [`IDLE_US`] (all of them if `all`) back to
