@@ -268,7 +268,8 @@ check(mount and mount[0]["mountPath"] == "/etc/keywarden/routes" and "subPath" n
 # The fleet tier: an external Redis, its password and the fleet secret
 # from the Secret, nothing secret in the ConfigMap or the URL.
 fleet_secret = "F" * 40
-fleet = merged(trial, {"redis": {"url": "rediss://redis.payments:6380", "cluster": True, "onRedisFailure": "closed"},
+fleet = merged(trial, {"redis": {"url": "rediss://redis.payments:6380", "cluster": True, "onRedisFailure": "closed",
+                                 "caSecret": "redis-ca"},
                        "secrets": {"fleetSecret": fleet_secret, "redisPassword": "redis-pass-0123456789"}})
 docs = render(fleet, "fleet")
 validate(docs, "fleet")
@@ -282,6 +283,13 @@ check(env.get("KEYWARDEN_RATE_LIMIT_MODE", {}).get("value") == "redis"
 check(env["KEYWARDEN_FLEET_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "fleet-secret"
       and env["KEYWARDEN_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password",
       "fleet: the fleet secret and the Redis password come from the Secret")
+pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+volumes = {v["name"]: v for v in pod["volumes"]}
+check(env.get("KEYWARDEN_REDIS_CA_FILE", {}).get("value") == "/etc/keywarden/redis-ca/ca.crt"
+      and mounts.get("redis-ca") == "/etc/keywarden/redis-ca"
+      and volumes.get("redis-ca", {}).get("secret", {}).get("secretName") == "redis-ca",
+      "fleet: a private Redis CA is mounted from its Secret and named by KEYWARDEN_REDIS_CA_FILE")
 stored = kinds["Secret"][0]["stringData"]
 check(stored.get("fleet-secret") == fleet_secret and stored.get("redis-password") == "redis-pass-0123456789",
       "fleet: the chart's Secret holds the fleet secret and the password")

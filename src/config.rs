@@ -287,6 +287,9 @@ pub struct Settings {
     pub redis_password: Option<SecretString>,
     /// `redis_url` names a seed node of a Redis Cluster.
     pub redis_cluster: bool,
+    /// PEM CA bundle that a `rediss://` server's certificate must chain
+    /// to, instead of the system's roots (a private CA).
+    pub redis_ca_file: Option<PathBuf>,
     /// Bound on each Redis command, connecting included.
     pub redis_timeout_ms: u64,
     /// At least 32 bytes; keys the digests replicas share through Redis.
@@ -384,6 +387,7 @@ impl Default for Settings {
             redis_url: None,
             redis_password: None,
             redis_cluster: false,
+            redis_ca_file: None,
             redis_timeout_ms: 100,
             fleet_secret: None,
             warm_start_ttl_secs: 7 * 86_400,
@@ -564,10 +568,25 @@ impl Settings {
                 "redis_timeout_ms (KEYWARDEN_REDIS_TIMEOUT_MS) must be at least 1".into(),
             ));
         }
+        let redis_ca_pem = match &self.redis_ca_file {
+            None => None,
+            Some(_) if !url.expose_secret().starts_with("rediss://") => {
+                return Err(ConfigError::Invalid(
+                    "redis_ca_file (KEYWARDEN_REDIS_CA_FILE) needs a rediss:// redis_url".into(),
+                ));
+            }
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "redis_ca_file (KEYWARDEN_REDIS_CA_FILE): cannot read {}: {e}",
+                    path.display()
+                ))
+            })?),
+        };
         Ok(Some(FleetSettings {
             redis_url: url.clone(),
             redis_password: self.redis_password.clone(),
             redis_cluster: self.redis_cluster,
+            redis_ca_pem,
             redis_timeout: Duration::from_millis(self.redis_timeout_ms),
             fleet_secret: secret.clone(),
             warm_start_ttl: Duration::from_secs(self.warm_start_ttl_secs),
@@ -794,6 +813,8 @@ pub struct FleetSettings {
     pub redis_url: SecretString,
     pub redis_password: Option<SecretString>,
     pub redis_cluster: bool,
+    /// Roots for a `rediss://` server, if not the system's.
+    pub redis_ca_pem: Option<Vec<u8>>,
     pub redis_timeout: Duration,
     pub fleet_secret: SecretString,
     pub warm_start_ttl: Duration,
@@ -1080,6 +1101,31 @@ mod tests {
         let fleet = settings.fleet().unwrap().expect("configured");
         assert!(!format!("{fleet:?}").contains("hunter2"));
         assert_eq!(Settings::default().fleet().unwrap().map(|_| ()), None, "no Redis by default");
+    }
+
+    #[test]
+    fn a_redis_ca_file_needs_tls_and_must_be_readable() {
+        let mut settings = Settings {
+            redis_url: Some("redis://:hunter2@redis:6379".into()),
+            fleet_secret: Some("f".repeat(32).into()),
+            redis_ca_file: Some("/nonexistent/redis-ca.pem".into()),
+            ..Settings::default()
+        };
+        let plain = settings.fleet().unwrap_err().to_string();
+        assert!(plain.contains("KEYWARDEN_REDIS_CA_FILE") && plain.contains("rediss://"), "{plain}");
+        assert!(!plain.contains("hunter2"), "{plain}");
+        settings.redis_url = Some("rediss://:hunter2@redis:6380".into());
+        let unreadable = settings.fleet().unwrap_err().to_string();
+        assert!(
+            unreadable.contains("/nonexistent/redis-ca.pem") && !unreadable.contains("hunter2"),
+            "{unreadable}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        settings.redis_ca_file = Some(pem);
+        let fleet = settings.fleet().unwrap().expect("configured");
+        assert_eq!(fleet.redis_ca_pem.as_deref(), Some(&b"-----BEGIN CERTIFICATE-----\n"[..]));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub enum FleetError {
     /// password).
     #[error("redis_url (KEYWARDEN_REDIS_URL) is not a redis:// or rediss:// URL")]
     BadUrl,
+    /// The CA bundle did not parse; the URL is never quoted.
+    #[error("redis_ca_file (KEYWARDEN_REDIS_CA_FILE) holds no usable PEM certificate")]
+    BadCa,
     #[error("Redis is not connected yet")]
     NotConnected,
     #[error("Redis did not answer within {0:?}")]
@@ -84,15 +87,26 @@ impl Redis {
             let redis = info.redis_settings().clone().set_password(password.expose_secret());
             info = info.set_redis_settings(redis);
         }
+        // A private CA replaces the system's roots for rediss:// servers.
+        let certs = settings
+            .redis_ca_pem
+            .clone()
+            .map(|pem| redis::TlsCertificates { client_tls: None, root_cert: Some(pem) });
+        let refused = if certs.is_some() { FleetError::BadCa } else { FleetError::BadUrl };
         let connector = if settings.redis_cluster {
-            let client = redis::cluster::ClusterClientBuilder::new([info])
+            let mut builder = redis::cluster::ClusterClientBuilder::new([info])
                 .connection_timeout(settings.redis_timeout)
-                .response_timeout(settings.redis_timeout)
-                .build()
-                .map_err(|_| FleetError::BadUrl)?;
-            Connector::Cluster(client)
+                .response_timeout(settings.redis_timeout);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            Connector::Cluster(builder.build().map_err(|_| refused)?)
         } else {
-            Connector::Single(redis::Client::open(info).map_err(|_| FleetError::BadUrl)?)
+            let client = match certs {
+                Some(certs) => redis::Client::build_with_tls(info, certs),
+                None => redis::Client::open(info),
+            };
+            Connector::Single(client.map_err(|_| refused)?)
         };
         let redis = Arc::new(Self {
             conn: OnceLock::new(),
@@ -335,6 +349,7 @@ mod tests {
             redis_url: SecretString::from(url),
             redis_password: None,
             redis_cluster: false,
+            redis_ca_pem: None,
             redis_timeout: Duration::from_millis(50),
             fleet_secret: SecretString::from(secret.repeat(32)),
             warm_start_ttl: Duration::from_secs(86_400),

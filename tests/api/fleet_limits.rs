@@ -331,3 +331,124 @@ async fn leases_work_against_a_redis_cluster() {
     app.stop().await;
     drop(cluster);
 }
+
+/// A Redis of this test's own that speaks only TLS (a certificate from a
+/// private CA) and wants a password, stopped when dropped.
+struct SecuredRedis {
+    node: std::process::Child,
+    port: u16,
+    ca_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SecuredRedis {
+    const PASSWORD: &str = "redis-test-password-0123456789";
+
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::pki::Pki::new("test Redis CA");
+        let leaf = pki.server(1);
+        let path = |name: &str| dir.path().join(name);
+        std::fs::write(path("ca.pem"), pki.ca_pem()).unwrap();
+        std::fs::write(path("cert.pem"), &leaf.cert).unwrap();
+        std::fs::write(path("key.pem"), &leaf.key).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let node = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--tls-cert-file",
+                "cert.pem",
+                "--tls-key-file",
+                "key.pem",
+                "--tls-ca-cert-file",
+                "ca.pem",
+            ])
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--requirepass",
+                Self::PASSWORD,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (.ci/run installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the TLS Redis did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { node, port, ca_file: path("ca.pem"), _dir: dir }
+    }
+
+    fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SecuredRedis {
+    fn drop(&mut self) {
+        let _ = self.node.kill();
+        let _ = self.node.wait();
+    }
+}
+
+/// TLS and the password come from the settings: with the private CA and
+/// the password, leases are granted (the failure mode is `closed`, so only
+/// a real lease admits); with a wrong password the replica logs Redis as
+/// unreachable, and never the password, right or wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_behind_tls_and_a_password_is_reached_through_the_settings() {
+    let redis = SecuredRedis::start();
+    let (url, ca_file) = (redis.url(), redis.ca_file.clone());
+    let mut app = spawn_app_with(Backend::Sqlite, move |s| {
+        s.redis_url = Some(url.into());
+        s.redis_password = Some(SecuredRedis::PASSWORD.into());
+        s.redis_ca_file = Some(ca_file);
+        s.fleet_secret = Some(fleet_secret().into());
+        s.rate_limit_mode = Some(RateLimitMode::Redis);
+        s.rate_limit_on_redis_failure = OnRedisFailure::Closed;
+    })
+    .await;
+    let key = limited_key(&mut app, per(3, Duration::from_secs(10))).await;
+    until("the first call to lease over TLS", || {
+        let (mut client, request) = (app.verify.clone(), sales(&key));
+        async move { (outcome(&client.verify(request).await.ok()?.into_inner()) == allowed()).then_some(()) }
+    })
+    .await;
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        outcomes.push(outcome(&app.verify.verify(sales(&key)).await.unwrap().into_inner()));
+    }
+    assert_eq!(outcomes, [allowed(), allowed(), deny(pb::DenyReason::RateLimited)]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = "not-the-redis-password-987654321";
+    let ca = redis.ca_file.to_string_lossy().into_owned();
+    let replica = spawn_binary(
+        &app.database_url,
+        dir.path(),
+        &[
+            ("KEYWARDEN_REDIS_URL", &redis.url()),
+            ("KEYWARDEN_REDIS_PASSWORD", wrong),
+            ("KEYWARDEN_REDIS_CA_FILE", &ca),
+            ("KEYWARDEN_FLEET_SECRET", &fleet_secret()),
+        ],
+    );
+    until("the wrong password to be logged as Redis unreachable", || {
+        let replica = &replica;
+        async move { replica.logged("Redis is unreachable").then_some(()) }
+    })
+    .await;
+    let logs = replica.logs.lock().unwrap().join("\n");
+    // Refused by AUTH: so the TLS handshake, on the CA from the setting, passed.
+    assert!(logs.contains("Password authentication failed"), "refused for the password: {logs}");
+    assert!(!logs.contains(wrong) && !logs.contains(SecuredRedis::PASSWORD), "a password was logged");
+    crate::helpers::sigterm(&replica.child);
+    assert!(crate::helpers::exited(replica.child).await.success());
+    app.stop().await;
+}
