@@ -1613,6 +1613,9 @@ fn main() {
             let first = first_verifies(fresh.addr, &keys, in_flight).await;
             let fresh_probes = fresh.probes.as_ref().expect("own server");
             let (runs, hits) = (fresh_probes.pool.runs(), fresh_probes.metrics.warm_start_hits.get());
+            // The floor under that: the same calls again on the same replica,
+            // now answered from its cache, at the same concurrency.
+            let cached = first_verifies(fresh.addr, &keys, in_flight).await;
             // The path's own latency: another fresh replica, one call at a
             // time, so that no call waits behind another.
             let alone = start_server_from(server_rt.handle(), fresh_settings(true)).await;
@@ -1638,6 +1641,12 @@ fn main() {
                 one_by_one.throughput(),
                 one_by_one.errors,
                 verdict(one_by_one.percentile(0.99) <= 5.0 && one_by_one.errors.is_empty()),
+            );
+            println!(
+                "| (control) the same replica's second Verify of each key, from its cache, {in_flight} in flight | p50 {:.2} ms, p99 {:.2} ms ({:.0} calls/s) | - |",
+                cached.percentile(0.5),
+                cached.percentile(0.99),
+                cached.throughput(),
             );
             println!(
                 "| warm start: scrypt runs on the fresh replica = 0 | {runs} ({hits} warm-start hits) | {} |",
