@@ -311,7 +311,7 @@ impl LeasedCredits {
 
     /// Gives credits unused for [`IDLE_US`] (all of them if `all`) back to
     /// the fleet, and forgets keys that hold nothing. Credits that cannot
-    /// be returned stay held.
+    /// be returned stay held (their wallet is kept: it was in use).
     pub async fn return_idle(&self, all: bool) -> usize {
         let now = now_us();
         let mut idle = Vec::new();
@@ -342,9 +342,6 @@ impl LeasedCredits {
                     if (held.epoch, held.born) == (was.epoch, was.born) {
                         held.credits += was.credits;
                     }
-                    drop(held);
-                    let shard = &self.shards[self.hasher.hash_one(&key_id) as usize % SHARDS];
-                    shard.lock().unwrap_or_else(PoisonError::into_inner).entry(key_id).or_insert(wallet);
                 }
             }
         }

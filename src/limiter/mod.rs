@@ -8,7 +8,6 @@
 //!   tokens and tops it up in the background, so a call does not wait on
 //!   Redis in the steady state. The overshoot this allows is bounded by
 //!   the leases the replicas hold (docs/decisions.md, ADR 38).
-//!
 //! - [`credits`]: in Redis mode, credit balances are shared the same way:
 //!   Redis holds what no replica has leased (ADR 40). In local mode, and
 //!   when Redis cannot answer, credits are decided by `usage` alone.
@@ -34,7 +33,7 @@ pub use credits::LeasedCredits;
 pub use leased::LeasedLimiter;
 pub use local::LocalLimiter;
 
-/// The rate limiter of this replica.
+/// This replica's rate limiter, and its leases of shared credit balances.
 #[derive(Debug)]
 pub struct Limiter {
     local: Arc<LocalLimiter>,

@@ -214,10 +214,8 @@ impl KeyManager {
         let limits = parse_limits(&mut v, req.rate_limits);
         let credits = parse_credits(&mut v, req.credits);
         v.into_result()?;
-        let Some(credits) = credits else {
-            return Err(ServiceError::Internal("validation passed without values".into()));
-        };
-        let (Some(scopes), Some(allowed), Some(limits)) = (scopes, allowed, limits) else {
+        let (Some(scopes), Some(allowed), Some(limits), Some(credits)) = (scopes, allowed, limits, credits)
+        else {
             return Err(ServiceError::Internal("validation passed without values".into()));
         };
         let scope_names = self.catalogue.names(scopes);

@@ -97,12 +97,6 @@ impl UsageTracker {
         .inspect(|_| self.with_delta(key_id, |d| d.spent += cost))
     }
 
-    /// This replica's view of what `key_id` has left: the later of its
-    /// readings less its own unconfirmed spending.
-    pub fn available(&self, key_id: &str, balance: Balance) -> i64 {
-        self.with_ledger(key_id, balance, |ledger| ledger.known - ledger.unconfirmed)
-    }
-
     /// Records `cost` credits spent that something else (a lease of the
     /// fleet's shared balance) already decided `key_id` could pay.
     pub fn record_spent(&self, key_id: &str, balance: Balance, cost: i64) {

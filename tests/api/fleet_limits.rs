@@ -262,6 +262,22 @@ impl Drop for RedisCluster {
     }
 }
 
+/// Waits for `key`'s first admitted call (with `closed`, only a lease from
+/// Redis admits; the connection opens in the background), then makes three
+/// more and returns their outcomes.
+async fn first_lease_then_three_calls(app: &TestApp, key: &str) -> Vec<(i32, i32)> {
+    until("the first call to lease from Redis", || {
+        let (mut client, request) = (app.verify.clone(), sales(key));
+        async move { (outcome(&client.verify(request).await.ok()?.into_inner()) == allowed()).then_some(()) }
+    })
+    .await;
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        outcomes.push(outcome(&app.verify.clone().verify(sales(key)).await.unwrap().into_inner()));
+    }
+    outcomes
+}
+
 /// The client's cluster mode against a real Redis Cluster: a key's two
 /// limits are leased by one script (their buckets share a slot through the
 /// hash tag, or the cluster would refuse it as CROSSSLOT), and both hold;
@@ -292,15 +308,7 @@ async fn leases_work_against_a_redis_cluster() {
         })
         .await;
     // The cluster client connects in the background.
-    until("the first call to lease from the cluster", || {
-        let (mut client, request) = (app.verify.clone(), sales(&key));
-        async move { (outcome(&client.verify(request).await.ok()?.into_inner()) == allowed()).then_some(()) }
-    })
-    .await;
-    let mut outcomes = Vec::new();
-    for _ in 0..3 {
-        outcomes.push(outcome(&app.verify.verify(sales(&key)).await.unwrap().into_inner()));
-    }
+    let outcomes = first_lease_then_three_calls(&app, &key).await;
     let limited = deny(pb::DenyReason::RateLimited);
     assert_eq!(outcomes, [allowed(), allowed(), limited], "3 per 10 s, the first call included");
     let r = app.verify.verify(sales(&key)).await.unwrap().into_inner();
@@ -415,15 +423,7 @@ async fn a_redis_behind_tls_and_a_password_is_reached_through_the_settings() {
     })
     .await;
     let key = limited_key(&mut app, per(3, Duration::from_secs(10))).await;
-    until("the first call to lease over TLS", || {
-        let (mut client, request) = (app.verify.clone(), sales(&key));
-        async move { (outcome(&client.verify(request).await.ok()?.into_inner()) == allowed()).then_some(()) }
-    })
-    .await;
-    let mut outcomes = Vec::new();
-    for _ in 0..3 {
-        outcomes.push(outcome(&app.verify.verify(sales(&key)).await.unwrap().into_inner()));
-    }
+    let outcomes = first_lease_then_three_calls(&app, &key).await;
     assert_eq!(outcomes, [allowed(), allowed(), deny(pb::DenyReason::RateLimited)]);
 
     let dir = tempfile::tempdir().unwrap();
