@@ -22,7 +22,9 @@ use redis::{FromRedisValue, IntoConnectionInfo};
 use secrecy::ExposeSecret;
 
 use crate::config::FleetSettings;
-use crate::keys::{KeyedMac, PlainKey};
+use subtle::ConstantTimeEq;
+
+use crate::keys::{KeyHash, KeyedMac, PlainKey};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -248,15 +250,22 @@ impl std::fmt::Debug for Script {
     }
 }
 
-/// `HMAC(fleet secret, key) → key id`, shared by the fleet.
+/// `HMAC(fleet secret, key) → key id ‖ tag`, shared by the fleet.
 ///
-/// A hit only says which key row a presented plaintext belongs to; the
-/// row's state (revoked, expired, scopes) still comes from the database
-/// and the change feed, and the row must have the plaintext's lookup
-/// prefix, so an entry pointing at another key is ignored.
+/// Redis is trusted for counts, never for identity: whoever can write an
+/// entry can name any key id. So an entry vouches for a key only with its
+/// tag, an HMAC under a subkey of the fleet secret over the plaintext, the
+/// row's id and the row's stored hash, which the replica recomputes and
+/// compares in constant time ([`WarmStart::vouches`]). A bare id, or a value
+/// copied from another key's entry, fails, and the replica runs scrypt as
+/// if Redis were empty. The row's state (revoked, expired, scopes) still
+/// comes from the database and the change feed.
 pub struct WarmStart {
     redis: Arc<Redis>,
+    /// Names entries.
     mac: KeyedMac,
+    /// Tags values: a subkey, so that no entry name is ever a valid tag.
+    tags: KeyedMac,
     ttl_secs: u64,
     metrics: Arc<Metrics>,
 }
@@ -269,12 +278,9 @@ impl std::fmt::Debug for WarmStart {
 
 impl WarmStart {
     pub fn new(redis: Arc<Redis>, settings: &FleetSettings, metrics: Arc<Metrics>) -> Self {
-        Self {
-            redis,
-            mac: KeyedMac::new(settings.fleet_secret.expose_secret().as_bytes()),
-            ttl_secs: settings.warm_start_ttl.as_secs().max(1),
-            metrics,
-        }
+        let mac = KeyedMac::new(settings.fleet_secret.expose_secret().as_bytes());
+        let tags = KeyedMac::new(&mac.digest(TAG_PURPOSE));
+        Self { redis, mac, tags, ttl_secs: settings.warm_start_ttl.as_secs().max(1), metrics }
     }
 
     /// The Redis key of a plaintext key's entry (hex of its HMAC).
@@ -282,29 +288,56 @@ impl WarmStart {
         let digest = self.mac.digest(key.expose().as_bytes());
         let mut name = String::with_capacity(ENTRY.len() + 64);
         name.push_str(ENTRY);
-        for byte in digest {
-            name.push(char::from(HEX[usize::from(byte >> 4)]));
-            name.push(char::from(HEX[usize::from(byte & 15)]));
-        }
+        push_hex(&mut name, &digest);
         name
     }
 
-    /// The key id the fleet verified `key` as, refreshing the entry's TTL;
-    /// `None` when unknown or when Redis cannot say.
-    pub async fn lookup(&self, key: &PlainKey) -> Option<String> {
-        let cmd = redis::cmd("GETEX").arg(self.entry(key)).arg("EX").arg(self.ttl_secs).to_owned();
-        let found = self.redis.run::<Option<String>>(&cmd).await.ok().flatten();
-        let counter =
-            if found.is_some() { &self.metrics.warm_start_hits } else { &self.metrics.warm_start_misses };
-        counter.inc();
-        found
+    /// The tag binding `key` to the row `key_id` holding `hash`: each part
+    /// length-prefixed, so no two triples share a message.
+    fn tag(&self, key: &PlainKey, key_id: &str, hash: &KeyHash) -> [u8; 32] {
+        let hash = hash.to_string();
+        let mut message = Vec::with_capacity(key.expose().len() + key_id.len() + hash.len() + 24);
+        for part in [key.expose().as_bytes(), key_id.as_bytes(), hash.as_bytes()] {
+            message.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            message.extend_from_slice(part);
+        }
+        self.tags.digest(&message)
     }
 
-    /// Publishes that `key` is `key_id`, after a successful scrypt. The
-    /// owner entry lets a revocation find the digest without the plaintext.
-    pub async fn publish(&self, key: &PlainKey, key_id: &str) {
+    /// The entry's value for `key` on the row `key_id` holding `hash`.
+    fn value(&self, key: &PlainKey, key_id: &str, hash: &KeyHash) -> String {
+        let mut value = String::with_capacity(key_id.len() + 1 + 64);
+        value.push_str(key_id);
+        value.push(SEPARATOR);
+        push_hex(&mut value, &self.tag(key, key_id, hash));
+        value
+    }
+
+    /// Whether the fleet vouches that `key` is the row `key_id` holding
+    /// `hash`: true only for an entry whose tag this replica recomputes,
+    /// refreshing its TTL; false when unknown, forged, copied, or when
+    /// Redis cannot say.
+    pub async fn vouches(&self, key: &PlainKey, key_id: &str, hash: &KeyHash) -> bool {
+        let cmd = redis::cmd("GETEX").arg(self.entry(key)).arg("EX").arg(self.ttl_secs).to_owned();
+        let found = self.redis.run::<Option<String>>(&cmd).await.ok().flatten();
+        let vouched = found.is_some_and(|value| {
+            let expected = self.value(key, key_id, hash);
+            // Lengths are public (an id and 64 hex digits); the content is
+            // compared in constant time.
+            value.len() == expected.len() && bool::from(value.as_bytes().ct_eq(expected.as_bytes()))
+        });
+        let counter = if vouched { &self.metrics.warm_start_hits } else { &self.metrics.warm_start_misses };
+        counter.inc();
+        vouched
+    }
+
+    /// Publishes that `key` is the row `key_id` holding `hash`, after a
+    /// successful scrypt against that hash in this process. The owner entry
+    /// lets a revocation find the digest without the plaintext.
+    pub async fn publish(&self, key: &PlainKey, key_id: &str, hash: &KeyHash) {
         let entry = self.entry(key);
-        let set_entry = redis::cmd("SET").arg(&entry).arg(key_id).arg("EX").arg(self.ttl_secs).to_owned();
+        let value = self.value(key, key_id, hash);
+        let set_entry = redis::cmd("SET").arg(&entry).arg(value).arg("EX").arg(self.ttl_secs).to_owned();
         let set_owner =
             redis::cmd("SET").arg(owner_entry(key_id)).arg(&entry).arg("EX").arg(self.ttl_secs).to_owned();
         if self.redis.run::<()>(&set_entry).await.is_ok() && self.redis.run::<()>(&set_owner).await.is_ok() {
@@ -326,6 +359,17 @@ impl WarmStart {
 
 const ENTRY: &str = "keywarden:warm:";
 const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Between the key id and the tag in an entry's value.
+const SEPARATOR: char = '.';
+/// What the tag subkey is derived for; a new purpose retires every tag.
+const TAG_PURPOSE: &[u8] = b"keywarden warm-start tag v1";
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    for byte in bytes {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 15)]));
+    }
+}
 
 /// The entry naming a key id's warm-start digest.
 pub fn owner_entry(key_id: &str) -> String {
@@ -370,9 +414,45 @@ mod tests {
         assert_eq!(a.entry(&key).len(), ENTRY.len() + 64);
         assert!(!a.entry(&key).contains(&key.expose()[8..]));
         // Redis unreachable: a lookup is a miss, not an error.
-        assert_eq!(a.lookup(&key).await, None);
+        let hash = hasher().hash(&key).unwrap();
+        assert!(!a.vouches(&key, "id", &hash).await);
         assert_eq!(metrics.warm_start_misses.get(), 1);
         assert!(metrics.redis_errors.get() >= 1);
+    }
+
+    fn hasher() -> crate::keys::KeyHasher {
+        crate::keys::KeyHasher::from_base64("MTExMTExMTExMTExMTExMTExMTExMTExMTExMTExMTE=").unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_value_vouches_only_for_its_own_key_row_and_hash() {
+        let s = settings("redis://127.0.0.1:1", "a");
+        let metrics = Arc::new(Metrics::default());
+        let warm = WarmStart::new(Redis::start(&s, Arc::clone(&metrics)).unwrap(), &s, metrics);
+        let other_secret = WarmStart::new(
+            Redis::start(&settings("redis://127.0.0.1:1", "b"), Arc::new(Metrics::default())).unwrap(),
+            &settings("redis://127.0.0.1:1", "b"),
+            Arc::new(Metrics::default()),
+        );
+        let (key, forged) = (
+            PlainKey::generate(&KeyPrefix::default()).unwrap(),
+            PlainKey::generate(&KeyPrefix::default()).unwrap(),
+        );
+        let (hash, rehashed) = (hasher().hash(&key).unwrap(), hasher().hash(&key).unwrap());
+        let value = warm.value(&key, "k1", &hash);
+        assert!(value.starts_with("k1."), "{value}");
+        assert_eq!(value.len(), "k1.".len() + 64);
+        assert_eq!(value, warm.value(&key, "k1", &hash), "deterministic");
+        for (what, other) in [
+            ("another plaintext", warm.value(&forged, "k1", &hash)),
+            ("another row", warm.value(&key, "k2", &hash)),
+            ("another stored hash", warm.value(&key, "k1", &rehashed)),
+            ("another fleet secret", other_secret.value(&key, "k1", &hash)),
+        ] {
+            assert_ne!(value, other, "{what} gives another tag");
+        }
+        // The tag is not the entry's name under another guise.
+        assert!(!warm.entry(&key).ends_with(&value[3..]));
     }
 
     #[test]

@@ -29,8 +29,8 @@ use crate::{
     clock::{self, DbClock},
     fleet::WarmStart,
     keys::{
-        AllowList, Decision, DenyReason, EventIds, KeyHasher, KeyPrefix, KeyState, LimitStatus, PlainKey,
-        Policy, ScopeCatalogue, ScopeSet,
+        AllowList, Decision, DenyReason, EventIds, KeyHash, KeyHasher, KeyPrefix, KeyState, LimitStatus,
+        PlainKey, Policy, ScopeCatalogue, ScopeSet,
         credits::{self, Balance},
         decide,
     },
@@ -650,15 +650,15 @@ impl Verifier {
         let Some(stored) = stored? else {
             return refused(DenyReason::NotFound);
         };
-        // Another replica checked this very plaintext against this row: its
-        // scrypt stands for ours. The row is the one the key's own prefix
-        // found, so an entry naming any other key is ignored.
+        // Another replica checked this very plaintext against this row and
+        // its hash: its scrypt stands for ours, if its tag does. A hash
+        // under an old pepper is checked here instead, since only a key this
+        // process checked by scrypt may be offered to the rehasher.
         if let Some(warm) = &self.warm
-            && warm.lookup(key).await.as_deref() == Some(stored.id.as_str())
+            && self.hasher.is_current(&stored.hash)
+            && warm.vouches(key, &stored.id, &stored.hash).await
         {
-            let state = key_state(&stored, &self.catalogue)?;
-            self.rehasher.offer(&state.key_id, key, &stored.hash);
-            return Ok(Ok(state));
+            return Ok(Ok(key_state(&stored, &self.catalogue)?));
         }
         let Ok(admission) = self.throttle.admit(prefix, ip) else {
             return refused(DenyReason::Throttled);
@@ -676,7 +676,7 @@ impl Verifier {
                 self.throttle.uncount(admission);
                 let state = key_state(&stored, &self.catalogue)?;
                 self.rehasher.offer(&state.key_id, key, &stored.hash);
-                self.publish_warm(key, &state);
+                self.publish_warm(key, &state, &stored.hash);
                 Ok(Ok(state))
             }
             // An operator retired a pepper this key still needs: a fault of
@@ -694,13 +694,14 @@ impl Verifier {
 
     /// Tells the fleet, off the Verify path, that `key` is `state`'s key;
     /// not for a revoked key, whose entry its revocation deleted.
-    fn publish_warm(&self, key: &PlainKey, state: &KeyState) {
+    fn publish_warm(&self, key: &PlainKey, state: &KeyState, hash: &KeyHash) {
         let Some(warm) = &self.warm else { return };
         if state.policy.revoked_at.is_some_and(|at| at <= self.clock.now()) {
             return;
         }
-        let (warm, key, key_id) = (Arc::clone(warm), key.clone(), Arc::clone(&state.key_id));
-        tokio::spawn(async move { warm.publish(&key, &key_id).await });
+        let (warm, key, key_id, hash) =
+            (Arc::clone(warm), key.clone(), Arc::clone(&state.key_id), hash.clone());
+        tokio::spawn(async move { warm.publish(&key, &key_id, &hash).await });
     }
 }
 
