@@ -78,6 +78,10 @@ pub struct Metrics {
     pub credits_leased: Counter,
     pub credits_returned: Counter,
     pub credit_fallback_decisions: Counter,
+    /// Reported HTTP statuses not written: the row had one already (a
+    /// status is written once, by the first report), or the id came twice
+    /// in one call.
+    pub outcomes_ignored: Counter,
 }
 
 impl Default for Metrics {
@@ -119,6 +123,7 @@ impl Default for Metrics {
             credits_leased: Counter::default(),
             credits_returned: Counter::default(),
             credit_fallback_decisions: Counter::default(),
+            outcomes_ignored: Counter::default(),
         }
     }
 }

@@ -16,6 +16,12 @@
 //! The first matching route wins; the query string is ignored. A file with
 //! an unknown scope, a bad pattern or a duplicate route is refused with
 //! the line at fault.
+//!
+//! Requests are matched in one form only ([`canonical`]): a path another
+//! server could read as a different path (`..`, `%2e`, `%2F`, `//`,
+//! `%69`) is refused as [`Requirement::Malformed`], never matched raw, so
+//! a route's scope cannot be sidestepped by spelling. One trailing slash
+//! is dropped; matching is case-sensitive.
 
 use std::{collections::HashSet, fmt, path::Path, sync::Arc};
 
@@ -106,6 +112,101 @@ pub enum Requirement<'a> {
     AnyValidKey,
     /// No route matched and `unmatched = "deny"`.
     Denied,
+    /// The request is not in canonical form: refused whatever the table.
+    Malformed(NotCanonical),
+}
+
+/// Why a request is not in the one form routes are matched in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum NotCanonical {
+    #[error("the method is not an HTTP method token in capitals")]
+    Method,
+    #[error("the path does not start with '/'")]
+    Relative,
+    #[error("the path has a '.' or '..' segment")]
+    DotSegment,
+    #[error("the path has an empty segment")]
+    EmptySegment,
+    #[error("the path has an encoded '/' or '\\', or a '\\'")]
+    Separator,
+    #[error("the path percent-encodes an unreserved character")]
+    EncodedUnreserved,
+    #[error("the path has a malformed percent-escape or a character not allowed in a path")]
+    BadCharacter,
+}
+
+/// The path a request is matched by: its target without query or fragment,
+/// with one trailing slash dropped; or why the request is refused. A path
+/// is canonical when no normalising server or proxy would read it as
+/// another path: no `.` or `..` segment (plain or percent-encoded), no
+/// empty segment, no `\` or encoded `/` or `\`, no percent-escape of an
+/// unreserved character, and nothing outside RFC 3986's path characters.
+/// The method must be an HTTP token in capitals.
+pub fn canonical<'a>(method: &str, target: &'a str) -> Result<&'a str, NotCanonical> {
+    let tchar = |b: u8| b.is_ascii_uppercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if method.is_empty() || method.len() > MAX_METHOD || !method.bytes().all(tchar) {
+        return Err(NotCanonical::Method);
+    }
+    let path = strip_query(target);
+    let Some(rest) = path.strip_prefix('/') else { return Err(NotCanonical::Relative) };
+    let segments: Vec<&str> = rest.split('/').collect();
+    let last = segments.len() - 1;
+    for (i, segment) in segments.iter().enumerate() {
+        if segment.is_empty() {
+            // Only the last may be empty: "/" itself, or one trailing slash.
+            if i == last { continue } else { return Err(NotCanonical::EmptySegment) }
+        }
+        check_segment(segment)?;
+    }
+    Ok(if path.len() > 1 { path.strip_suffix('/').unwrap_or(path) } else { path })
+}
+
+/// One non-empty path segment: RFC 3986 `pchar`s, no dot segment however
+/// spelled, no encoded separator, no needless escape.
+fn check_segment(segment: &str) -> Result<(), NotCanonical> {
+    let bytes = segment.as_bytes();
+    let (mut decoded_dots, mut decoded_len, mut needless_escape) = (0, 0, false);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        decoded_len += 1;
+        if b == b'%' {
+            let hex = |b: u8| char::from(b).to_digit(16);
+            let (Some(hi), Some(lo)) =
+                (bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b)))
+            else {
+                return Err(NotCanonical::BadCharacter);
+            };
+            let value = u8::try_from(hi * 16 + lo).unwrap_or(0);
+            if value == b'/' || value == b'\\' {
+                return Err(NotCanonical::Separator);
+            }
+            if value == b'.' {
+                decoded_dots += 1;
+            }
+            needless_escape |= value.is_ascii_alphanumeric() || b"-._~".contains(&value);
+            i += 3;
+            continue;
+        }
+        if b == b'\\' {
+            return Err(NotCanonical::Separator);
+        }
+        let pchar = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b);
+        if !pchar {
+            return Err(NotCanonical::BadCharacter);
+        }
+        if b == b'.' {
+            decoded_dots += 1;
+        }
+        i += 1;
+    }
+    if decoded_dots == decoded_len && decoded_len <= 2 {
+        return Err(NotCanonical::DotSegment);
+    }
+    if needless_escape {
+        return Err(NotCanonical::EncodedUnreserved);
+    }
+    Ok(())
 }
 
 /// A validated route table. Cheap to share; replaced whole on reload.
@@ -194,9 +295,13 @@ impl RouteTable {
     }
 
     /// What `method` on `path` needs: the first matching route's scope, or
-    /// the unmatched mode. The query string and fragment are ignored.
+    /// the unmatched mode; [`Requirement::Malformed`] for a request not in
+    /// [`canonical`] form. The query string and fragment are ignored.
     pub fn requirement(&self, method: &str, path: &str) -> Requirement<'_> {
-        let path = strip_query(path);
+        let path = match canonical(method, path) {
+            Ok(path) => path,
+            Err(why) => return Requirement::Malformed(why),
+        };
         let segments: Vec<&str> =
             path.strip_prefix('/').unwrap_or(path).split('/').take(MAX_SEGMENTS + 1).collect();
         match self.routes.iter().find(|r| r.matches(method, &segments)) {
@@ -246,7 +351,11 @@ fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
     if p.contains(['?', '#']) {
         return Err(format!("path {:?} must not hold a query or fragment (they are ignored)", shown()));
     }
-    let parts: Vec<&str> = rest.split('/').collect();
+    let mut parts: Vec<&str> = rest.split('/').collect();
+    // One trailing slash is dropped, as it is from requests.
+    if parts.len() > 1 && parts.last() == Some(&"") {
+        parts.pop();
+    }
     if parts.len() > MAX_SEGMENTS {
         return Err(format!("path has more than {MAX_SEGMENTS} segments"));
     }
@@ -265,8 +374,15 @@ fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
             s if s.contains(['{', '}', '*']) => {
                 Err(format!("path {:?}: segment {s:?} mixes text with '{{', '}}' or '*'", shown()))
             }
-            "" if i != last => Err(format!("path {:?} has an empty segment", shown())),
-            s => Ok(Segment::Literal(s.into())),
+            "" if last > 0 => Err(format!("path {:?} has an empty segment", shown())),
+            // The root, "/".
+            "" => Ok(Segment::Literal("".into())),
+            // Requests are matched in canonical form only: a literal that is
+            // not could never match.
+            s => match check_segment(s) {
+                Ok(()) => Ok(Segment::Literal(s.into())),
+                Err(why) => Err(format!("path {:?}: segment {s:?}: {why}", shown())),
+            },
         })
         .collect()
 }
@@ -314,6 +430,7 @@ scope = "invoice:write"
             Requirement::Scope { scope_name, .. } => Some(scope_name.to_owned()),
             Requirement::AnyValidKey => Some("<any>".into()),
             Requirement::Denied => None,
+            Requirement::Malformed(why) => Some(format!("<malformed: {why}>")),
         }
     }
 
@@ -369,7 +486,84 @@ scope = "invoice:write"
         ));
     }
 
+    #[test]
+    fn only_canonical_requests_are_matched_and_the_rest_are_refused() {
+        let t = table(EXAMPLE);
+        let open = table(&EXAMPLE.replace("\"deny\"", "\"authenticate\""));
+        let refused = |t: &RouteTable, method: &str, path: &str| match t.requirement(method, path) {
+            Requirement::Malformed(why) => why,
+            other => panic!("{method} {path} was matched: {other:?}"),
+        };
+        // Each of these would reach the invoices route behind a server that
+        // normalises paths, with only a sales:read key.
+        for (path, why) in [
+            ("/public/api/v1/sales/../invoices", NotCanonical::DotSegment),
+            ("/public/api/v1/sales/%2e%2e/invoices", NotCanonical::DotSegment),
+            ("/public/api/v1/sales/%2E./invoices", NotCanonical::DotSegment),
+            ("/public/api/v1/sales/..%2Finvoices", NotCanonical::Separator),
+            ("/public/api/v1/sales/./../invoices", NotCanonical::DotSegment),
+            ("/public/api/v1/sales/.", NotCanonical::DotSegment),
+            ("/public/api/v1/sales/..%5cinvoices", NotCanonical::Separator),
+            ("/public/api/v1/sales\\..\\invoices", NotCanonical::Separator),
+            ("/public//api/v1/invoices", NotCanonical::EmptySegment),
+            ("//public/api/v1/invoices", NotCanonical::EmptySegment),
+            ("/public/api/v1/%69nvoices", NotCanonical::EncodedUnreserved),
+            ("/public/api/v1/sales/%7e", NotCanonical::EncodedUnreserved),
+            ("/public/api/v1/sales/%zz", NotCanonical::BadCharacter),
+            ("/public/api/v1/sales/%2", NotCanonical::BadCharacter),
+            ("/public/api/v1/sales/a b", NotCanonical::BadCharacter),
+            ("/public/api/v1/sales/é", NotCanonical::BadCharacter),
+            ("public/api/v1/sales", NotCanonical::Relative),
+            ("", NotCanonical::Relative),
+        ] {
+            assert_eq!(refused(&t, "POST", path), why, "{path}");
+            assert_eq!(refused(&open, "POST", path), why, "{path}");
+        }
+        for method in ["post", "Post", "", "GET ", "G\u{0}T", &"A".repeat(MAX_METHOD + 1)] {
+            assert_eq!(refused(&open, method, "/public/api/v1/invoices"), NotCanonical::Method, "{method:?}");
+        }
+        // Case-sensitive, so /PUBLIC is simply another path.
+        assert_eq!(t.requirement("POST", "/PUBLIC/api/v1/invoices"), Requirement::Denied);
+        // Reserved characters stay escaped and match nothing they spell.
+        assert_eq!(scope_of(&t, "GET", "/public/api/v1/invoices/a%20b").as_deref(), Some("invoice:read"));
+        assert_eq!(scope_of(&t, "GET", "/public/api/v1/invoices/...").as_deref(), Some("invoice:read"));
+        // One trailing slash matches the route without it; two do not.
+        assert_eq!(scope_of(&t, "POST", "/public/api/v1/invoices/").as_deref(), Some("invoice:write"));
+        assert!(matches!(t.requirement("POST", "/public/api/v1/invoices//"), Requirement::Malformed(_)));
+        assert_eq!(canonical("GET", "/").unwrap(), "/");
+        assert_eq!(canonical("GET", "/a/?x=../..").unwrap(), "/a");
+        // A pattern's trailing slash is dropped too; a pattern that could
+        // never match a canonical path is refused.
+        let slash = table(
+            "unmatched = \"deny\"\n[[route]]\nmethod = \"GET\"\npath = \"/a/\"\nscope = \"sales:read\"\n",
+        );
+        assert_eq!(scope_of(&slash, "GET", "/a").as_deref(), Some("sales:read"));
+        for bad in ["/a/../b", "/a/%41", "/a//", "/a/./b"] {
+            assert!(parse_pattern(bad).is_err(), "{bad}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn a_path_holding_a_dot_segment_however_spelled_is_never_matched(
+            before in proptest::collection::vec("[a-z0-9]{1,6}", 0..4),
+            dots in prop_oneof![Just("."), Just(".."), Just("%2e"), Just("%2E"), Just(".%2e"), Just("%2e%2E"), Just("%2E.")],
+            after in proptest::collection::vec("[a-z0-9]{1,6}", 0..4),
+        ) {
+            let open = table(&EXAMPLE.replace("\"deny\"", "\"authenticate\""));
+            let path = format!("/{}", before.into_iter().chain([dots.to_owned()]).chain(after).collect::<Vec<_>>().join("/"));
+            prop_assert!(matches!(open.requirement("GET", &path), Requirement::Malformed(_)), "{}", path);
+        }
+
+        #[test]
+        fn canonical_never_panics_and_its_answer_is_a_prefix_of_the_target(method in "\\PC{0,8}", target in "\\PC{0,60}") {
+            if let Ok(path) = canonical(&method, &target) {
+                prop_assert!(target.starts_with(path));
+                prop_assert!(path.starts_with('/'));
+                prop_assert!(path == "/" || !path.ends_with('/'));
+            }
+        }
+
         #[test]
         fn any_file_parses_or_is_refused_without_panic(text in ".{0,400}") {
             let _ = RouteTable::parse(&text, &ScopeCatalogue::default());
@@ -386,7 +580,7 @@ scope = "invoice:write"
         }
 
         #[test]
-        fn a_rest_route_matches_every_suffix_and_nothing_else(prefix in "[a-z]{1,8}", suffix in "(/[a-z0-9]{0,8}){0,5}", other in "[a-z]{1,8}") {
+        fn a_rest_route_matches_every_suffix_and_nothing_else(prefix in "[a-z]{1,8}", suffix in "(/[a-z0-9]{1,8}){0,5}/?", other in "[a-z]{1,8}") {
             let t = table(&format!("unmatched = \"deny\"\n[[route]]\nmethod = \"*\"\npath = \"/{prefix}/**\"\nscope = \"sales:read\"\n"));
             prop_assert_eq!(scope_of(&t, "GET", &format!("/{prefix}{suffix}")), Some("sales:read".to_owned()));
             prop_assume!(other != prefix);

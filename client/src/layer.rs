@@ -225,6 +225,7 @@ impl Denial {
     pub fn status(self) -> StatusCode {
         match self {
             Self::Denied(reason) => match reason {
+                DenyReason::MalformedRequest => StatusCode::BAD_REQUEST,
                 DenyReason::Malformed | DenyReason::NotFound | DenyReason::Revoked | DenyReason::Expired => {
                     StatusCode::UNAUTHORIZED
                 }
@@ -287,6 +288,7 @@ fn short_text(reason: DenyReason) -> &'static str {
         DenyReason::NoRoute => "no such route",
         DenyReason::RateLimited => "rate limit exceeded; retry later",
         DenyReason::QuotaExhausted => "the key's credits are used up",
+        DenyReason::MalformedRequest => "request not in canonical form",
         DenyReason::Unspecified => "API key refused",
     }
 }

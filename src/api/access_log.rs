@@ -1,9 +1,11 @@
 //! Envoy's access-log stream, `envoy.service.accesslog.v3.AccessLogService/
 //! StreamAccessLogs`: the HTTP status Envoy answered for each request Check
 //! allowed goes onto that request's audit row, as RecordOutcomes does. An
-//! entry names its row by the `x-keywarden-audit-id` request header (Envoy
-//! logs it when `additional_request_headers_to_log` lists it); entries
-//! without one, or without a usable status, are counted and skipped.
+//! entry names its row by the `audit_id` Check put in its dynamic metadata,
+//! which Envoy logs under `envoy.filters.http.ext_authz`
+//! ([`AUDIT_ID_NAMESPACE`]). Never by a request header: a client writes
+//! those, and on a denied request Check does not overwrite them. Entries
+//! without an id, or without a usable status, are counted and skipped.
 //!
 //! A stream lives as long as Envoy keeps it open. It holds at most one
 //! batch of outcomes in memory ([`MAX_OUTCOMES`]), written when full, when
@@ -23,8 +25,22 @@ use envoy_types::pb::envoy::service::accesslog::v3::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use super::ext_authz::AUDIT_ID_HEADER;
 use crate::service::verify::{MAX_OUTCOMES, Verifier};
+use envoy_types::pb::{envoy::data::accesslog::v3::HttpAccessLogEntry, google::protobuf::value::Kind};
+
+/// The filter-metadata namespace Envoy files ext_authz's dynamic metadata
+/// under.
+pub const AUDIT_ID_NAMESPACE: &str = "envoy.filters.http.ext_authz";
+
+/// The audit id Check gave this request, as Envoy logged it.
+fn audit_id(entry: &mut HttpAccessLogEntry) -> Option<String> {
+    let metadata = entry.common_properties.as_mut()?.metadata.as_mut()?;
+    let fields = &mut metadata.filter_metadata.get_mut(AUDIT_ID_NAMESPACE)?.fields;
+    match fields.remove("audit_id")?.kind? {
+        Kind::StringValue(id) => Some(id),
+        _ => None,
+    }
+}
 
 /// How long a partial batch waits for more entries before it is written.
 pub const LINGER: Duration = Duration::from_millis(100);
@@ -55,8 +71,8 @@ impl AccessLogSink {
     /// fills.
     async fn take(&self, message: StreamAccessLogsMessage, batch: &mut Vec<(String, i32)>) {
         let Some(LogEntries::HttpLogs(logs)) = message.log_entries else { return };
-        for entry in logs.log_entry {
-            let id = entry.request.and_then(|mut r| r.request_headers.remove(AUDIT_ID_HEADER));
+        for mut entry in logs.log_entry {
+            let id = audit_id(&mut entry);
             let status = entry.response.and_then(|r| r.response_code).map(|c| c.value);
             match (id, status.and_then(|s| i32::try_from(s).ok())) {
                 (Some(id), Some(status))

@@ -130,6 +130,7 @@ pub fn deny_reason(r: DenyReason) -> pb::DenyReason {
         DenyReason::NoRoute => pb::DenyReason::NoRoute,
         DenyReason::RateLimited => pb::DenyReason::RateLimited,
         DenyReason::QuotaExhausted => pb::DenyReason::QuotaExhausted,
+        DenyReason::MalformedRequest => pb::DenyReason::MalformedRequest,
     }
 }
 

@@ -34,7 +34,7 @@ use crate::{
     keys::{DenyReason, LimitStatus},
     service::{
         ServiceError,
-        gateway::{Checked, Gateway, HttpCheck},
+        gateway::{Checked, Gateway, HttpCheck, KEY_HEADERS},
     },
 };
 
@@ -97,6 +97,7 @@ fn metadata(fields: &[(&str, String)]) -> Struct {
 
 fn deny_status(reason: DenyReason) -> (HttpStatusCode, Code) {
     match reason.http_status() {
+        400 => (HttpStatusCode::BadRequest, Code::InvalidArgument),
         401 => (HttpStatusCode::Unauthorized, Code::Unauthenticated),
         429 => (HttpStatusCode::TooManyRequests, Code::ResourceExhausted),
         _ => (HttpStatusCode::Forbidden, Code::PermissionDenied),
@@ -116,6 +117,7 @@ pub fn short_text(reason: DenyReason) -> &'static str {
         DenyReason::NoRoute => "no such route",
         DenyReason::RateLimited => "rate limit exceeded; retry later",
         DenyReason::QuotaExhausted => "the key's credits are used up",
+        DenyReason::MalformedRequest => "request not in canonical form",
     }
 }
 
@@ -164,7 +166,8 @@ fn respond(checked: Checked) -> CheckResponse {
             ok.add_header(KEY_ID_HEADER, grant.key_id.clone(), overwrite, true);
             ok.add_header(SCOPES_HEADER, grant.scopes.join(","), overwrite, true);
             ok.add_header(AUDIT_ID_HEADER, audit_id.clone(), overwrite, true);
-            if let Some(header) = checked.key_header {
+            // Whichever header carried the key, neither goes upstream.
+            for header in KEY_HEADERS {
                 ok.remove_header(header);
             }
             let mut response = CheckResponse::with_status(Status::ok(""));

@@ -51,6 +51,17 @@ const REPLAY_MIN_ROWS: usize = 50;
 /// until RecordOutcomes reports one.
 type Outcomes = Arc<Mutex<HashMap<String, Option<u16>>>>;
 
+/// What [`AuditQueue::record_outcomes`] did with reported statuses.
+#[derive(Debug, Default)]
+pub struct TakenOutcomes {
+    /// Attached to rows still queued here.
+    pub held: u64,
+    /// Not attached: the queued row had a status already.
+    pub ignored: u64,
+    /// For the database: rows already written, or not ours.
+    pub rest: Vec<(String, u16)>,
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     written: AtomicU64,
@@ -245,22 +256,22 @@ impl AuditQueue {
     }
 
     /// Attaches reported statuses to rows that are still queued or being
-    /// written. Returns how many were taken and the outcomes left for the
-    /// database (rows already written, or not ours).
-    pub fn record_outcomes(&self, outcomes: Vec<(String, u16)>) -> (u64, Vec<(String, u16)>) {
+    /// written, unless a status was reported for them already.
+    pub fn record_outcomes(&self, outcomes: Vec<(String, u16)>) -> TakenOutcomes {
         let mut held = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut taken = 0;
-        let mut rest = Vec::new();
+        let mut taken = TakenOutcomes::default();
         for (id, status) in outcomes {
             match held.get_mut(&id) {
+                // Written once: by the first report.
+                Some(Some(_)) => taken.ignored += 1,
                 Some(slot) => {
                     *slot = Some(status);
-                    taken += 1;
+                    taken.held += 1;
                 }
-                None => rest.push((id, status)),
+                None => taken.rest.push((id, status)),
             }
         }
-        (taken, rest)
+        taken
     }
 
     /// Rows waiting in the queue.

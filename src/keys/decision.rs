@@ -46,11 +46,15 @@ pub enum DenyReason {
     RateLimited,
     /// The key's credits cannot pay this call's cost.
     QuotaExhausted,
+    /// Gateway mode: the HTTP request is not in the one form routes are
+    /// matched in (see [`crate::routes::canonical`]), or presents a key
+    /// twice. Decided before any key is looked at.
+    MalformedRequest,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (so `ALL[r as usize] == r`).
-    pub const ALL: [DenyReason; 10] = [
+    pub const ALL: [DenyReason; 11] = [
         Self::Malformed,
         Self::NotFound,
         Self::Revoked,
@@ -61,13 +65,15 @@ impl DenyReason {
         Self::NoRoute,
         Self::RateLimited,
         Self::QuotaExhausted,
+        Self::MalformedRequest,
     ];
 
-    /// The HTTP status the calling service answers: 401 when the caller is not
-    /// authenticated, 403 when it is but may not do this, 429 when it must
-    /// slow down.
+    /// The HTTP status the calling service answers: 400 when the request
+    /// itself is refused, 401 when the caller is not authenticated, 403
+    /// when it is but may not do this, 429 when it must slow down.
     pub fn http_status(self) -> u16 {
         match self {
+            Self::MalformedRequest => 400,
             Self::Malformed | Self::NotFound | Self::Revoked | Self::Expired => 401,
             Self::IpNotAllowed | Self::InsufficientScope | Self::NoRoute => 403,
             Self::Throttled | Self::RateLimited | Self::QuotaExhausted => 429,
@@ -86,6 +92,7 @@ impl DenyReason {
             Self::NoRoute => "NO_ROUTE",
             Self::RateLimited => "RATE_LIMITED",
             Self::QuotaExhausted => "QUOTA_EXHAUSTED",
+            Self::MalformedRequest => "MALFORMED_REQUEST",
         }
     }
 
@@ -229,9 +236,9 @@ mod tests {
     }
 
     #[test]
-    fn statuses_split_into_401_403_and_429() {
+    fn statuses_split_into_400_401_403_and_429() {
         let statuses: Vec<u16> = DenyReason::ALL.iter().map(|r| r.http_status()).collect();
-        assert_eq!(statuses, [401, 401, 401, 401, 403, 403, 429, 403, 429, 429]);
+        assert_eq!(statuses, [401, 401, 401, 401, 403, 403, 429, 403, 429, 429, 400]);
         for r in DenyReason::ALL {
             assert_eq!(DenyReason::parse(r.as_str()), Some(r));
         }

@@ -12,6 +12,9 @@ use uuid::Uuid;
 
 use super::hash::{KeyedMac, SubkeyMacs};
 
+/// What the pepper's subkey for event ids is derived for.
+pub const PURPOSE: &str = "keywarden audit event id v1";
+
 /// Mints and recognises this deployment's verification event ids.
 #[derive(Clone, Debug)]
 pub struct EventIds(SubkeyMacs);

@@ -47,31 +47,29 @@ impl std::fmt::Debug for HttpCheck {
     }
 }
 
-/// The gateway's decision, with what its response needs.
+/// The gateway's decision. On ALLOW both [`KEY_HEADERS`] are removed
+/// before the request goes upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checked {
     pub verdict: Verdict,
-    /// The header that carried the key, to remove before the request goes
-    /// upstream.
-    pub key_header: Option<&'static str>,
 }
 
-/// The key a request presents, and the header it came in. A malformed
-/// `authorization` (another scheme, no value) presents no key from it.
-pub fn presented_key(check: &HttpCheck) -> (String, Option<&'static str>) {
-    if let Some(value) = &check.authorization {
-        let bearer = value
-            .split_once(' ')
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, key)| key.trim());
-        if let Some(key) = bearer {
-            return (key.to_owned(), Some(KEY_HEADERS[0]));
-        }
-    }
-    match &check.x_api_key {
-        Some(key) => (key.trim().to_owned(), Some(KEY_HEADERS[1])),
-        // A key in another scheme still leaves with the request otherwise.
-        None => (String::new(), check.authorization.as_ref().map(|_| KEY_HEADERS[0])),
+/// The key a request presents: `authorization: Bearer <key>` or
+/// `x-api-key`; empty for an `authorization` of another scheme. `None` when
+/// both headers are sent: whichever was not checked would reach upstream
+/// as if it had been.
+pub fn presented_key(check: &HttpCheck) -> Option<String> {
+    match (&check.authorization, &check.x_api_key) {
+        (Some(_), Some(_)) => None,
+        (Some(value), None) => Some(
+            value
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, key)| key.trim().to_owned())
+                .unwrap_or_default(),
+        ),
+        (None, Some(key)) => Some(key.trim().to_owned()),
+        (None, None) => Some(String::new()),
     }
 }
 
@@ -124,19 +122,23 @@ impl Gateway {
     }
 
     pub async fn check(&self, check: HttpCheck, span: &tracing::Span) -> Result<Checked, ServiceError> {
-        let (key, key_header) = presented_key(&check);
         let ip = client_ip(check.forwarded_for.as_deref(), check.source, self.trusted_hops);
-        let method = if validate::method(&check.method).is_ok() { check.method } else { String::new() };
         let table = Arc::clone(&self.routes.borrow());
-        let required_scope = match table.requirement(&method, &check.path) {
+        let requirement = table.requirement(&check.method, &check.path);
+        // Refused before any key is looked at: audited in a rollup row.
+        let refuse = |reason| {
+            let method =
+                if validate::method(&check.method).is_ok() { check.method.clone() } else { String::new() };
+            let verdict = self.verifier.refuse(audit_endpoint(&check.path), method, ip, reason, span);
+            Ok(Checked { verdict })
+        };
+        let required_scope = match requirement {
             Requirement::Scope { scope_name, .. } => scope_name.to_owned(),
             Requirement::AnyValidKey => String::new(),
-            Requirement::Denied => {
-                let verdict =
-                    self.verifier.refuse(audit_endpoint(&check.path), method, ip, DenyReason::NoRoute, span);
-                return Ok(Checked { verdict, key_header });
-            }
+            Requirement::Denied => return refuse(DenyReason::NoRoute),
+            Requirement::Malformed(_) => return refuse(DenyReason::MalformedRequest),
         };
+        let Some(key) = presented_key(&check) else { return refuse(DenyReason::MalformedRequest) };
         // A key too long to be one is malformed, whatever it holds.
         let key = if key.len() > validate::MAX_PRESENTED_KEY { String::new() } else { key };
         let input = VerifyInput {
@@ -144,12 +146,13 @@ impl Gateway {
             ip: ip.map(|ip| ip.to_string()).unwrap_or_default(),
             required_scope,
             endpoint: audit_endpoint(&check.path),
-            method,
+            // Canonical, so an uppercase token.
+            method: check.method,
             // A request through the gateway costs one credit.
             cost: 1,
         };
         let verdict = self.verifier.verify(input, span).await?;
-        Ok(Checked { verdict, key_header })
+        Ok(Checked { verdict })
     }
 }
 
@@ -181,21 +184,15 @@ mod tests {
             x_api_key: x_api_key.map(str::to_owned),
             ..HttpCheck::default()
         };
-        assert_eq!(
-            presented_key(&check(Some("Bearer sntr_a"), None)),
-            ("sntr_a".into(), Some("authorization"))
-        );
-        assert_eq!(
-            presented_key(&check(Some("bearer  sntr_a "), None)),
-            ("sntr_a".into(), Some("authorization"))
-        );
-        assert_eq!(presented_key(&check(None, Some("sntr_b"))), ("sntr_b".into(), Some("x-api-key")));
-        assert_eq!(
-            presented_key(&check(Some("Basic abc"), Some("sntr_b"))),
-            ("sntr_b".into(), Some("x-api-key"))
-        );
-        assert_eq!(presented_key(&check(Some("Basic abc"), None)), (String::new(), Some("authorization")));
-        assert_eq!(presented_key(&check(None, None)), (String::new(), None));
+        let key = |a, x| presented_key(&check(a, x));
+        assert_eq!(key(Some("Bearer sntr_a"), None).as_deref(), Some("sntr_a"));
+        assert_eq!(key(Some("bearer  sntr_a "), None).as_deref(), Some("sntr_a"));
+        assert_eq!(key(None, Some("sntr_b")).as_deref(), Some("sntr_b"));
+        assert_eq!(key(Some("Basic abc"), None).as_deref(), Some(""));
+        assert_eq!(key(None, None).as_deref(), Some(""));
+        // Two headers: one would go upstream unchecked.
+        assert_eq!(key(Some("Bearer sntr_a"), Some("sntr_b")), None);
+        assert_eq!(key(Some("Basic abc"), Some("sntr_b")), None);
         assert!(!format!("{:?}", check(Some("Bearer sntr_secret"), None)).contains("sntr_secret"));
     }
 

@@ -20,7 +20,7 @@ use crate::{
     audit::{
         self, AuditKind, AuditRecord,
         rollup::Rollups,
-        writer::{AuditQueue, QueueError},
+        writer::{AuditQueue, QueueError, TakenOutcomes},
     },
     cache::{
         IdentifyError, Owner, VerifyCache,
@@ -36,7 +36,7 @@ use crate::{
     },
     limiter::{Limiter, credits::Spend},
     metrics::Metrics,
-    store::{Store, keys::StoredKey},
+    store::{Store, audit::OutcomeWrite, keys::StoredKey},
     telemetry,
     throttle::GuessThrottle,
     usage::UsageTracker,
@@ -458,7 +458,7 @@ impl Verifier {
             ));
         }
         let mut v = Violations::default();
-        let mut checked = Vec::with_capacity(outcomes.len());
+        let mut checked: Vec<(String, u16)> = Vec::with_capacity(outcomes.len());
         for (i, (id, status)) in outcomes.into_iter().enumerate() {
             if id.is_empty() || id.len() > 64 {
                 v.add(format!("outcomes[{i}].audit_event_id"), "is not an audit event id");
@@ -469,10 +469,18 @@ impl Verifier {
             }
         }
         v.into_result()?;
-        let (held, rest) = self.audit.record_outcomes(checked);
+        // A status is written once, by the first report: an id repeated in
+        // this call is ignored here, before any write.
+        let mut seen = std::collections::HashSet::with_capacity(checked.len());
+        let reported = checked.len();
+        checked.retain(|(id, _)| seen.insert(id.clone()));
+        let repeated = (reported - checked.len()) as u64;
+        let TakenOutcomes { held, ignored, rest } = self.audit.record_outcomes(checked);
         let lane = self.db_lane().await?;
-        let matched = self.store.set_outcomes(&rest).await?;
-        let written = matched.iter().filter(|m| **m).count() as u64;
+        let found = self.store.set_outcomes(&rest).await?;
+        let count = |what| found.iter().filter(|f| **f == what).count() as u64;
+        let written = count(OutcomeWrite::Written);
+        self.metrics.outcomes_ignored.inc_by(repeated + ignored + count(OutcomeWrite::AlreadySet));
         // A row verified on another replica may still be in that replica's
         // queue: hold its outcome in the database until the row lands. Only
         // ids this deployment minted lately qualify (their tag says so), and
@@ -481,9 +489,10 @@ impl Verifier {
         let now = clock::now();
         let pending: Vec<(String, u16)> = rest
             .into_iter()
-            .zip(matched)
-            .filter(|((id, _), matched)| {
-                !matched && self.ids.issued_at(id).is_some_and(|at| audit::recently_issued(at, now))
+            .zip(found)
+            .filter(|((id, _), found)| {
+                *found == OutcomeWrite::NoRow
+                    && self.ids.issued_at(id).is_some_and(|at| audit::recently_issued(at, now))
             })
             .map(|(outcome, _)| outcome)
             .collect();

@@ -423,6 +423,11 @@ impl Exporter {
             metrics.redis_duration.clone(),
         );
         registry.register(
+            "audit_outcomes_ignored",
+            "reported HTTP statuses not written: the row had one already, or the id repeated in one call",
+            metrics.outcomes_ignored.clone(),
+        );
+        registry.register(
             "warm_start_hits",
             "uncached keys recognised from the fleet's warm-start map, without scrypt",
             metrics.warm_start_hits.clone(),

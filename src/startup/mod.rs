@@ -93,9 +93,6 @@ const VERIFY_METHOD: &str = "/keywarden.v1.KeyVerify/Verify";
 /// Largest ext_authz CheckRequest: Envoy's default request-header limit
 /// (60 KiB) with room for the attributes around it.
 const CHECK_MAX_MESSAGE: usize = 128 << 10;
-/// The pepper subkey that tags verification audit ids.
-const EVENT_ID_PURPOSE: &str = "keywarden audit event id v1";
-
 /// Says at start when live keys or operator tokens are stored under a
 /// pepper this replica was not given: they cannot verify or authenticate
 /// here. Serving goes on (retiring a pepper early may be deliberate), and a
@@ -299,7 +296,7 @@ impl Application {
             Arc::clone(&clock),
         ));
         let operators = Arc::new(OperatorTokens::new(store.clone(), Arc::clone(&access)));
-        let event_ids = EventIds::new(secrets.hasher.subkey_macs(EVENT_ID_PURPOSE));
+        let event_ids = EventIds::new(secrets.hasher.subkey_macs(crate::keys::event_id::PURPOSE));
         let peppers = Arc::new(Peppers::new(store.clone(), secrets.hasher.clone(), Arc::clone(&access)));
         warn_of_missing_peppers(&peppers, &clock).await;
         let deps = Deps {

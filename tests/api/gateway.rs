@@ -28,6 +28,8 @@ backend_tests!(
     routes_decide_the_scope_and_a_changed_file_takes_effect_unless_invalid,
     trusted_hops_choose_the_client_ip_a_cidr_limited_key_is_judged_on,
     the_access_log_stream_fills_the_status_of_every_checked_request,
+    only_canonical_requests_are_matched_so_a_narrow_key_reaches_no_other_route,
+    a_rows_status_is_written_once_by_the_party_that_saw_it,
 );
 
 /// The route table docs/gateway.md shows (its first TOML block): the
@@ -126,7 +128,21 @@ fn denied(r: &CheckResponse) -> (i32, i32, String, Option<String>) {
     )
 }
 
+/// The headers a key may come in; Check removes both on ALLOW.
+const KEY_HEADERS: [&str; 2] = ["authorization", "x-api-key"];
+
+/// The audit id Check put in its dynamic metadata, which Envoy files under
+/// `envoy.filters.http.ext_authz` and logs with the request.
+fn metadata_audit_id(r: &CheckResponse) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match r.dynamic_metadata.as_ref()?.fields.get("audit_id")?.kind.as_ref()? {
+        Kind::StringValue(id) => Some(id.clone()),
+        _ => None,
+    }
+}
+
 const UNAUTHENTICATED: i32 = tonic::Code::Unauthenticated as i32;
+const INVALID_ARGUMENT: i32 = tonic::Code::InvalidArgument as i32;
 const PERMISSION_DENIED: i32 = tonic::Code::PermissionDenied as i32;
 const RESOURCE_EXHAUSTED: i32 = tonic::Code::ResourceExhausted as i32;
 
@@ -158,15 +174,14 @@ async fn every_decision_answers_its_http_status_body_headers_and_grpc_code(backe
     assert_eq!(set["x-keywarden-scopes"], ("invoice:read".to_owned(), true));
     let audit_id = set["x-keywarden-audit-id"].0.clone();
     assert!(!audit_id.is_empty());
-    assert_eq!(removed, ["authorization"]);
-    let meta = r.dynamic_metadata.as_ref().expect("metadata for Envoy's access log");
-    assert!(meta.fields.contains_key("decision") && meta.fields.contains_key("audit_id"));
+    assert_eq!(removed, KEY_HEADERS, "neither key header goes upstream");
+    assert_eq!(metadata_audit_id(&r).as_deref(), Some(audit_id.as_str()), "the access log's id");
 
-    // Key in `x-api-key`: that header is the one removed.
+    // Key in `x-api-key`: both headers are removed all the same.
     let r =
         check(&mut gateway, request("GET", "/public/api/v1/invoices/7", &[("x-api-key", &read_key)], source))
             .await;
-    assert_eq!(allowed(&r).1, ["x-api-key"]);
+    assert_eq!(allowed(&r).1, KEY_HEADERS);
 
     // The audit row is Verify's, with the method and the path without its query.
     let events = app.audit_of(&reader.id).await;
@@ -436,19 +451,32 @@ async fn past_the_staleness_bound_with_the_database_away_check_answers_503() {
     app.stop().await;
 }
 
-/// One access-log entry as Envoy streams it: the request's audit-id header
-/// (when logged) and the status Envoy answered.
+/// One access-log entry as Envoy streams it: the dynamic metadata Check
+/// answered (filed under `envoy.filters.http.ext_authz`), the
+/// `x-keywarden-audit-id` request header if one was logged, and the status
+/// Envoy answered.
 fn log_entry(
-    audit_id: Option<&str>,
+    check: Option<&CheckResponse>,
+    header: Option<&str>,
     status: u32,
 ) -> envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry {
     use envoy_types::pb::{
-        envoy::data::accesslog::v3::{HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties},
+        envoy::{
+            config::core::v3::Metadata,
+            data::accesslog::v3::{
+                AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
+            },
+        },
         google::protobuf::UInt32Value,
     };
+    let metadata = check.and_then(|r| r.dynamic_metadata.clone()).map(|checked| Metadata {
+        filter_metadata: [("envoy.filters.http.ext_authz".to_owned(), checked)].into(),
+        ..Default::default()
+    });
     HttpAccessLogEntry {
+        common_properties: Some(AccessLogCommon { metadata, ..Default::default() }),
         request: Some(HttpRequestProperties {
-            request_headers: audit_id
+            request_headers: header
                 .map(|id| ("x-keywarden-audit-id".to_owned(), id.to_owned()))
                 .into_iter()
                 .collect(),
@@ -473,29 +501,31 @@ async fn the_access_log_stream_fills_the_status_of_every_checked_request(backend
     let mut app = spawn_app_with(backend, with_routes(&path)).await;
     let (key_id, plaintext) = create_sales_key(&mut app.admin, "logged").await;
     let mut gateway = client(&app);
-    let mut audit_ids = Vec::with_capacity(1000);
+    let mut checked = Vec::with_capacity(1000);
     for _ in 0..1000 {
         let r = check(
             &mut gateway,
             request("GET", "/public/api/v1/sales", &[("authorization", &bearer(&plaintext))], "192.0.2.10"),
         )
         .await;
-        audit_ids.push(allowed(&r).0["x-keywarden-audit-id"].0.clone());
+        allowed(&r);
+        checked.push(r);
     }
+    let audit_ids: Vec<String> = checked.iter().map(|r| metadata_audit_id(r).expect("an audit id")).collect();
     // One stream: ten messages of a hundred entries, then five entries
-    // Envoy logged without the header (requests Check never saw).
-    let mut messages: Vec<StreamAccessLogsMessage> = audit_ids
+    // Envoy logged without Check's metadata (routes Check never saw).
+    let mut messages: Vec<StreamAccessLogsMessage> = checked
         .chunks(100)
-        .map(|ids| StreamAccessLogsMessage {
+        .map(|rs| StreamAccessLogsMessage {
             log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
-                log_entry: ids.iter().map(|id| log_entry(Some(id), 201)).collect(),
+                log_entry: rs.iter().map(|r| log_entry(Some(r), None, 201)).collect(),
             })),
             ..Default::default()
         })
         .collect();
     messages.push(StreamAccessLogsMessage {
         log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
-            log_entry: (0..5).map(|_| log_entry(None, 200)).collect(),
+            log_entry: (0..5).map(|_| log_entry(None, None, 200)).collect(),
         })),
         ..Default::default()
     });
@@ -533,5 +563,158 @@ async fn the_access_log_stream_fills_the_status_of_every_checked_request(backend
     let m = crate::helpers::parse_metrics(&app.probes.exporter.render());
     assert_eq!(m["keywarden_access_log_entries_skipped_total"], 5.0);
     assert_eq!(m["keywarden_access_log_outcomes_recorded_total"], 1000.0);
+    app.stop().await;
+}
+
+/// Each of these paths reaches the invoices routes behind a server that
+/// normalises paths; none may be matched with a key that holds only
+/// `sales:read`, whatever the unmatched mode.
+const SPELLED_AROUND: [&str; 9] = [
+    "/public/api/v1/sales/../invoices",
+    "/public/api/v1/sales/%2e%2e/invoices",
+    "/public/api/v1/sales/..%2Finvoices",
+    "/public/api/v1/sales/./../invoices",
+    "/public/api/v1/sales/..%5Cinvoices",
+    "/public/api/v1/sales/%2E%2E/invoices/42",
+    "/public/api/v1/sales//../../invoices",
+    "/public/api/v1//invoices",
+    "/public/api/v1/%69nvoices",
+];
+
+async fn only_canonical_requests_are_matched_so_a_narrow_key_reaches_no_other_route(backend: Backend) {
+    let (_dir, path) = route_file(&documented_routes().replace("\"deny\"", "\"authenticate\""));
+    let mut app = spawn_app_with(backend, with_routes(&path)).await;
+    let (_, sales_key) = create_sales_key(&mut app.admin, "sales only").await;
+    let mut gateway = client(&app);
+    let source = "192.0.2.10";
+    let bad_request = (400, INVALID_ARGUMENT, "DENY_REASON_MALFORMED_REQUEST".to_owned(), None);
+    let with_key = [("authorization", bearer(&sales_key))];
+    let headers: Vec<(&str, &str)> = with_key.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    for path in SPELLED_AROUND {
+        let r = check(&mut gateway, request("POST", path, &headers, source)).await;
+        assert_eq!(denied(&r), bad_request, "POST {path}");
+    }
+    // A method in lower case is no method a route names.
+    let r = check(&mut gateway, request("post", "/public/api/v1/invoices", &headers, source)).await;
+    assert_eq!(denied(&r), bad_request, "a lower-case method");
+    // A key in both headers: one of them would go upstream unchecked.
+    let both = [("authorization", bearer(&sales_key)), ("x-api-key", sales_key.clone())];
+    let both: Vec<(&str, &str)> = both.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = check(&mut gateway, request("GET", "/public/api/v1/sales/q4", &both, source)).await;
+    assert_eq!(denied(&r), bad_request, "a key in two headers");
+    // One trailing slash is the route without it; both key headers go.
+    let r = check(&mut gateway, request("GET", "/public/api/v1/sales/", &headers, source)).await;
+    assert_eq!(allowed(&r).1, KEY_HEADERS);
+    // Every refusal above was decided before the key was looked at, and
+    // counted as such.
+    let m = crate::helpers::parse_metrics(&app.probes.exporter.render());
+    let refused = m[r#"keywarden_verify_decisions_total{decision="DENY",reason="MALFORMED_REQUEST"}"#];
+    assert_eq!(refused, (SPELLED_AROUND.len() + 2) as f64);
+    app.stop().await;
+}
+
+async fn a_rows_status_is_written_once_by_the_party_that_saw_it(backend: Backend) {
+    use envoy_types::pb::envoy::service::accesslog::v3::{
+        StreamAccessLogsMessage,
+        access_log_service_client::AccessLogServiceClient,
+        stream_access_logs_message::{HttpAccessLogEntries, LogEntries},
+    };
+    let (_dir, path) = route_file(&documented_routes());
+    let mut app = spawn_app_with(backend.clone(), with_routes(&path)).await;
+    let (_, victim_key) = create_sales_key(&mut app.admin, "victim").await;
+    let mut gateway = client(&app);
+    let sales = |key: &str| {
+        request("GET", "/public/api/v1/sales/q4", &[("authorization", &bearer(key))], "192.0.2.10")
+    };
+    let victims = check(&mut gateway, sales(&victim_key)).await;
+    allowed(&victims);
+    let victim_row = metadata_audit_id(&victims).unwrap();
+
+    // An attacker's own request, denied, carries the victim's audit id in
+    // the header Check sets only on ALLOW; Envoy logs it with a 500.
+    let forged = request(
+        "GET",
+        "/public/api/v1/sales/q4",
+        &[("authorization", "Bearer sntr_nothing"), ("x-keywarden-audit-id", &victim_row)],
+        "192.0.2.66",
+    );
+    let attackers = check(&mut gateway, forged).await;
+    assert_eq!(denied(&attackers).0, 401);
+    let stream = |entries| {
+        let channel = Channel::from_shared(format!("http://{}", app.addr)).unwrap().connect_lazy();
+        async move {
+            let message = StreamAccessLogsMessage {
+                log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries { log_entry: entries })),
+                ..Default::default()
+            };
+            AccessLogServiceClient::new(channel)
+                .stream_access_logs(tokio_stream::iter([message]))
+                .await
+                .expect("the stream is taken");
+        }
+    };
+    stream(vec![log_entry(Some(&attackers), Some(&victim_row), 500)]).await;
+    app.settle().await;
+    let status_of = |id: String| {
+        let url = app.database_url.clone();
+        async move {
+            crate::helpers::value::<Option<i32>>(
+                &url,
+                &format!("SELECT status FROM audit_events WHERE id = '{id}'"),
+            )
+            .await
+        }
+    };
+    assert_eq!(status_of(victim_row.clone()).await, None, "a client's header named no row");
+
+    // The victim's own entry fills its row; nothing overwrites it later:
+    // not a replayed log, not RecordOutcomes from any KeyVerify caller.
+    stream(vec![log_entry(Some(&victims), None, 201)]).await;
+    app.settle().await;
+    assert_eq!(status_of(victim_row.clone()).await, Some(201));
+    stream(vec![log_entry(Some(&victims), None, 500)]).await;
+    let overwrite = pb::RecordOutcomesRequest {
+        outcomes: vec![pb::Outcome { audit_event_id: victim_row.clone(), status: 503 }],
+    };
+    assert_eq!(app.verify.record_outcomes(overwrite).await.unwrap().into_inner().updated, 0);
+    app.settle().await;
+    assert_eq!(status_of(victim_row.clone()).await, Some(201), "written once");
+
+    // An id twice in one batch: the first status stands and the batch is
+    // not lost. An id another replica issued, whose row has not landed,
+    // is held once on PostgreSQL.
+    let second = check(&mut gateway, sales(&victim_key)).await;
+    let second_row = metadata_audit_id(&second).unwrap();
+    app.settle().await;
+    let elsewhere = keywarden::keys::EventIds::new(
+        keywarden::keys::KeyHasher::from_base64(crate::helpers::PEPPER)
+            .unwrap()
+            .subkey_macs(keywarden::keys::event_id::PURPOSE),
+    )
+    .mint();
+    let outcome = |id: &str, status| pb::Outcome { audit_event_id: id.to_owned(), status };
+    let batch = pb::RecordOutcomesRequest {
+        outcomes: vec![
+            outcome(&second_row, 204),
+            outcome(&elsewhere, 200),
+            outcome(&second_row, 500),
+            outcome(&elsewhere, 502),
+        ],
+    };
+    let updated = app.verify.record_outcomes(batch).await.expect("a repeated id does not fail the batch");
+    assert_eq!(updated.into_inner().updated, 1);
+    app.settle().await;
+    assert_eq!(status_of(second_row).await, Some(204), "the first report wins");
+    if matches!(backend, Backend::Postgres(_)) {
+        let held = crate::helpers::value::<i32>(
+            &app.database_url,
+            &format!("SELECT status FROM audit_outcomes WHERE event_id = '{elsewhere}'"),
+        )
+        .await;
+        assert_eq!(held, 200);
+    }
+    let m = crate::helpers::parse_metrics(&app.probes.exporter.render());
+    assert_eq!(m["keywarden_audit_outcomes_ignored_total"], 4.0, "a replay, an overwrite, two repeats");
     app.stop().await;
 }

@@ -70,7 +70,8 @@ impl Store {
                AND EXISTS (SELECT 1 FROM audit_events e WHERE e.id = o.event_id) \
              RETURNING o.event_id, o.status) \
              UPDATE audit_events SET status = moved.status FROM moved \
-             WHERE audit_events.id = moved.event_id AND audit_events.kind = '{}' AND audit_events.decision = '{}'",
+             WHERE audit_events.id = moved.event_id AND audit_events.kind = '{}' AND audit_events.decision = '{}' \
+             AND audit_events.status IS NULL",
             AuditKind::Verify.as_str(),
             Decision::Allow.as_str(),
         );
@@ -97,12 +98,9 @@ impl Store {
             status: Set(i32::from(*status)),
             received_at: Set(now),
         });
+        // The first status held for an id stays, as on the row itself.
         audit_outcome::Entity::insert_many(rows)
-            .on_conflict(
-                OnConflict::column(audit_outcome::Column::EventId)
-                    .update_column(audit_outcome::Column::Status)
-                    .to_owned(),
-            )
+            .on_conflict(OnConflict::column(audit_outcome::Column::EventId).do_nothing().to_owned())
             .exec_without_returning(self.db())
             .await?;
         let ids: Vec<&str> = outcomes.iter().map(|(id, _)| id.as_str()).collect();
