@@ -188,8 +188,19 @@ try:
 except HelmError as e:
     check("existingSecret" in str(e) and "pepper" in str(e), f"default values: the refusal names existingSecret: {e}")
 
-# Default values plus the two secrets a trial install must give.
-trial = {"secrets": {"pepper": "B" * 44, "adminToken": "trial-admin-token-0123"}}
+# Plaintext is opt-in: the default values with their secrets but no TLS
+# material do not render, and say each way out.
+secrets_only = {"secrets": {"pepper": "B" * 44, "adminToken": "trial-admin-token-0123"}}
+try:
+    Chart.load(CHART).render(secrets_only, name="keywarden", namespace="payments", is_install=True)
+    check(False, "default values rendered plaintext without allowPlaintext")
+except HelmError as e:
+    for named in ("tls.existingSecret", "tls.certManager.issuerRef", "allowPlaintext"):
+        check(named in str(e), f"no TLS: the refusal names {named}: {e}")
+
+# Default values plus what a trial install must give: the two secrets, and
+# plaintext asked for explicitly (as behind a mesh).
+trial = {**secrets_only, "allowPlaintext": True}
 docs = render(trial, "default")
 validate(docs, "default")
 kinds = check_promises(docs, "default", ["B" * 44])
@@ -322,6 +333,14 @@ check("Certificate" in kinds and kinds["Certificate"][0]["spec"]["issuerRef"]["n
       "production: cert-manager issues the serving certificate")
 check("KEYWARDEN_TLS_CLIENT_CA_FILE" in config and "spiffe://cluster.local/ns/billing/sa/invoice" in config["KEYWARDEN_VERIFY_CALLERS"],
       "production: mTLS with allowed verify callers")
+check(config.get("KEYWARDEN_OUTCOME_REPORTERS") == "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway",
+      "production: only the gateway reports outcomes")
+pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+crl_mounts = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "client-crl"]
+check(config.get("KEYWARDEN_TLS_CLIENT_CRL_FILE") == "/etc/keywarden/client-crl/ca.crl"
+      and crl_mounts and crl_mounts[0]["mountPath"] == "/etc/keywarden/client-crl"
+      and any(v["name"] == "client-crl" and v["secret"]["secretName"] == "platform-internal-ca-crl" for v in pod["volumes"]),
+      "production: the client CRL is mounted where KEYWARDEN_TLS_CLIENT_CRL_FILE points")
 check("db-ca" in {v["name"] for v in kinds["Deployment"][0]["spec"]["template"]["spec"]["volumes"]},
       "production: the database CA is mounted for sslmode=verify-full")
 check(kinds["ConfigMap"][0]["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector"), "production: OTLP endpoint configured")
@@ -345,6 +364,8 @@ for bad, why in [
     ({"tls": {"existingSecret": "tls", "clientCa": {"existingSecret": "ca"}}, "operatorIdentities": [{"identity": "x", "role": "root"}]},
      "operator roles are an enum"),
     ({"tls": {"certManager": {"enabled": True}}}, "cert-manager needs an issuer"),
+    ({"tls": {"existingSecret": "tls", "clientCrl": {"existingSecret": "crl"}}}, "a CRL needs mTLS"),
+    ({"tls": {"existingSecret": "tls", "outcomeReporters": ["spiffe://x"]}}, "outcome reporters need mTLS"),
     ({"secrets": {"pepper": ""}}, "no pepper and no existingSecret"),
     ({"secrets": {"adminToken": ""}}, "no admin token and no existingSecret"),
     ({"redis": {"url": "redis://redis:6379"}}, "Redis without a fleet secret"),

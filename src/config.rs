@@ -37,6 +37,8 @@ pub struct TlsSettings {
     pub key_file: PathBuf,
     /// When set, clients must present a certificate chaining to it (mTLS).
     pub client_ca_file: Option<PathBuf>,
+    /// PEM CRLs: a client certificate they revoke is refused (mTLS only).
+    pub client_crl_file: Option<PathBuf>,
     pub reload_interval: Duration,
 }
 
@@ -169,6 +171,12 @@ pub struct Settings {
     /// certificate from the client CA. A comma-separated string or a list.
     #[serde(deserialize_with = "comma_list")]
     pub verify_callers: Vec<String>,
+    /// Identities allowed to report outcomes (RecordOutcomes, Envoy's
+    /// access-log stream) under mTLS; unset: `verify_callers`.
+    #[serde(deserialize_with = "optional_comma_list")]
+    pub outcome_reporters: Option<Vec<String>>,
+    /// PEM CRLs for client certificates, re-read with the certificates.
+    pub tls_client_crl_file: Option<PathBuf>,
     /// Serve plaintext gRPC on a non-loopback address (logs a warning).
     pub allow_plaintext: bool,
     /// Under mTLS: client identities that act as operators.
@@ -232,8 +240,21 @@ pub struct Settings {
     /// Connections one listener holds open at once, TLS handshakes
     /// included; beyond that new connections wait in the kernel's backlog.
     pub max_connections: usize,
-    /// How long one call may run before it is answered CANCELLED.
+    /// Connections one client address may hold open at once on a
+    /// listener; 0: no cap.
+    pub max_connections_per_ip: usize,
+    /// How long a new connection may take to finish its TLS handshake and
+    /// send the HTTP/2 preface.
+    pub handshake_timeout_ms: u64,
+    /// How long a connection may stay open with no call in flight; 0: no
+    /// limit.
+    pub idle_connection_timeout_ms: u64,
+    /// How long one call may run before it is answered CANCELLED; Envoy's
+    /// access-log stream is exempt (see `access_log_stream_max_age_ms`).
     pub request_timeout_ms: u64,
+    /// When an access-log stream is ended (cleanly, after writing what it
+    /// holds); Envoy opens a new one.
+    pub access_log_stream_max_age_ms: u64,
     /// HTTP/2 PING interval on idle connections; 0 turns keepalive off.
     pub http2_keepalive_interval_ms: u64,
     /// How long a PING may go unanswered before the connection is closed.
@@ -337,6 +358,8 @@ impl Default for Settings {
             tls_client_ca_file: None,
             tls_reload_interval_ms: 5_000,
             verify_callers: Vec::new(),
+            outcome_reporters: None,
+            tls_client_crl_file: None,
             allow_plaintext: false,
             operator_identities: Vec::new(),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
@@ -367,7 +390,11 @@ impl Default for Settings {
             max_message_bytes: 1 << 20,
             max_concurrent_streams: 200,
             max_connections: 4096,
+            max_connections_per_ip: 512,
+            handshake_timeout_ms: 10_000,
+            idle_connection_timeout_ms: 300_000,
             request_timeout_ms: 30_000,
+            access_log_stream_max_age_ms: 600_000,
             http2_keepalive_interval_ms: 30_000,
             http2_keepalive_timeout_ms: 10_000,
             throttle_failures_per_prefix: 10,
@@ -641,6 +668,18 @@ impl Settings {
         Duration::from_millis(self.request_timeout_ms.max(1))
     }
 
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms.max(1))
+    }
+
+    pub fn idle_connection_timeout(&self) -> Option<Duration> {
+        (self.idle_connection_timeout_ms > 0).then(|| Duration::from_millis(self.idle_connection_timeout_ms))
+    }
+
+    pub fn access_log_stream_max_age(&self) -> Duration {
+        Duration::from_millis(self.access_log_stream_max_age_ms.max(1))
+    }
+
     pub fn http2_keepalive_interval(&self) -> Option<Duration> {
         (self.http2_keepalive_interval_ms > 0)
             .then(|| Duration::from_millis(self.http2_keepalive_interval_ms))
@@ -701,6 +740,7 @@ impl Settings {
                 cert_file: cert.clone(),
                 key_file: key.clone(),
                 client_ca_file: self.tls_client_ca_file.clone(),
+                client_crl_file: self.tls_client_crl_file.clone(),
                 reload_interval: Duration::from_millis(self.tls_reload_interval_ms.max(100)),
             }),
             (None, None) => None,
@@ -716,6 +756,17 @@ impl Settings {
             return Err(ConfigError::Invalid(
                 "KEYWARDEN_TLS_CLIENT_CA_FILE needs KEYWARDEN_TLS_CERT_FILE and KEYWARDEN_TLS_KEY_FILE"
                     .into(),
+            ));
+        }
+        if !mtls && self.outcome_reporters.is_some() {
+            return Err(ConfigError::Invalid(
+                "KEYWARDEN_OUTCOME_REPORTERS needs mTLS (KEYWARDEN_TLS_CLIENT_CA_FILE): reporters are certificate identities"
+                    .into(),
+            ));
+        }
+        if !mtls && self.tls_client_crl_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "KEYWARDEN_TLS_CLIENT_CRL_FILE needs mTLS (KEYWARDEN_TLS_CLIENT_CA_FILE)".into(),
             ));
         }
         if !mtls && !self.verify_callers.is_empty() {
@@ -801,6 +852,11 @@ fn comma_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::
         OneOrMany::Many(v) => v,
     };
     Ok(items.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+}
+
+/// [`comma_list`], for a setting whose absence means something.
+fn optional_comma_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    comma_list(d).map(Some)
 }
 
 /// Shortest fleet secret accepted, in bytes.

@@ -55,6 +55,8 @@ pub struct Metrics {
     /// Changed TLS files that did not load; the previous material stays.
     pub tls_reload_failures: Counter,
     pub tls_handshake_failures: Counter,
+    /// Connections closed at accept: their address held its share.
+    pub connections_refused_per_address: Counter,
     /// KeyAdmin calls refused: no or bad credentials, or outside the
     /// caller's role or merchants.
     pub admin_unauthenticated: Counter,
@@ -108,6 +110,7 @@ impl Default for Metrics {
             tls_reloads: Counter::default(),
             tls_reload_failures: Counter::default(),
             tls_handshake_failures: Counter::default(),
+            connections_refused_per_address: Counter::default(),
             admin_unauthenticated: Counter::default(),
             admin_permission_denied: Counter::default(),
             redis_errors: Counter::default(),

@@ -1,6 +1,9 @@
 //! Guess throttling: wrong secrets counted per lookup prefix and per client
 //! IP over a sliding window. Past a limit, Verify refuses further uncached
-//! checks on that prefix or from that IP without running scrypt.
+//! checks on that prefix or from that IP without running scrypt. A lookup of
+//! a prefix no key has is a wrong guess too, counted against the client IP
+//! before the store is read ([`GuessThrottle::admit_lookup`]), so that
+//! random prefixes from one address cost a bounded number of reads.
 //!
 //! A check is counted when it is admitted (before scrypt), and uncounted
 //! if the secret turns out right, so no more than the limit of scrypts run
@@ -117,6 +120,14 @@ pub struct GuessThrottle {
     throttled_ip: AtomicU64,
 }
 
+/// An admitted lookup, counted against its IP until
+/// [`GuessThrottle::uncount_lookup`].
+#[derive(Debug)]
+pub struct Lookup {
+    ip: IpAddr,
+    at: u64,
+}
+
 /// An admitted check, counted as a failure until [`GuessThrottle::uncount`].
 #[derive(Debug)]
 pub struct Admission {
@@ -195,6 +206,28 @@ impl GuessThrottle {
             state.ips.add(ip, now, window);
         }
         Ok(Admission { suspect, prefix: prefix.to_owned(), ip, at: now })
+    }
+
+    /// Admits a store lookup of an uncached key from `ip`, counting it
+    /// against the IP until [`Self::uncount_lookup`] says its prefix was
+    /// found; refuses it once the IP is over its limit. Without an IP (or
+    /// with IP throttling off) nothing is counted.
+    pub fn admit_lookup(&self, ip: Option<IpAddr>) -> Result<Option<Lookup>, Throttled> {
+        let Some(ip) = ip.filter(|_| self.settings.per_ip > 0) else { return Ok(None) };
+        let mut state = self.lock();
+        let (now, window) = self.now();
+        if state.ips.recent(&ip, now, window) >= self.settings.per_ip {
+            return Err(self.count(Some(Throttled::Ip)).unwrap_or(Throttled::Ip));
+        }
+        state.ips.add(ip, now, window);
+        Ok(Some(Lookup { ip, at: now }))
+    }
+
+    /// The prefix was found (or could not be looked up): not a wrong guess.
+    pub fn uncount_lookup(&self, lookup: Option<Lookup>) {
+        if let Some(lookup) = lookup {
+            self.lock().ips.sub(&lookup.ip, lookup.at);
+        }
     }
 
     /// The secret was right, or could not be checked: not a failure.

@@ -7,9 +7,12 @@
 //! those, and on a denied request Check does not overwrite them. Entries
 //! without an id, or without a usable status, are counted and skipped.
 //!
-//! A stream lives as long as Envoy keeps it open. It holds at most one
-//! batch of outcomes in memory ([`MAX_OUTCOMES`]), written when full, when
-//! the stream pauses for [`LINGER`], and when it ends.
+//! A stream lives as long as Envoy keeps it open, up to its maximum age
+//! (`access_log_stream_max_age_ms`) or the start of the drain, when it is
+//! ended cleanly and Envoy opens another; the request timeout does not
+//! apply to it (`api::lifetime`). It holds at most one batch of outcomes in
+//! memory ([`MAX_OUTCOMES`]), written when full, when the stream pauses
+//! for [`LINGER`], and whenever and however it ends, cancelled included.
 
 use std::{
     sync::{
@@ -23,6 +26,7 @@ use envoy_types::pb::envoy::service::accesslog::v3::{
     StreamAccessLogsMessage, StreamAccessLogsResponse, access_log_service_server::AccessLogService,
     stream_access_logs_message::LogEntries,
 };
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::service::verify::{MAX_OUTCOMES, Verifier};
@@ -59,12 +63,20 @@ pub struct AccessLogCounters {
 pub struct AccessLogSink {
     verifier: Arc<Verifier>,
     counters: Arc<AccessLogCounters>,
+    max_age: Duration,
+    draining: watch::Receiver<bool>,
 }
 
 impl AccessLogSink {
-    /// `counters` are shared with the metrics endpoint.
-    pub fn new(verifier: Arc<Verifier>, counters: Arc<AccessLogCounters>) -> Self {
-        Self { verifier, counters }
+    /// `counters` are shared with the metrics endpoint; a stream ends after
+    /// `max_age`, or when `draining` turns true.
+    pub fn new(
+        verifier: Arc<Verifier>,
+        counters: Arc<AccessLogCounters>,
+        max_age: Duration,
+        draining: watch::Receiver<bool>,
+    ) -> Self {
+        Self { verifier, counters, max_age, draining }
     }
 
     /// Takes a message's HTTP entries into `batch`, writing it whenever it
@@ -107,6 +119,28 @@ impl AccessLogSink {
     }
 }
 
+/// The outcomes a stream holds and has not written. Whatever ends the
+/// stream (its end, an error, the client cancelling, the connection
+/// dropping) writes them: on drop they are handed to a task.
+struct Held {
+    sink: AccessLogSink,
+    batch: Vec<(String, i32)>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let (sink, mut batch) = (self.sink.clone(), std::mem::take(&mut self.batch));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { sink.flush(&mut batch).await });
+        } else {
+            sink.counters.failed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl AccessLogService for AccessLogSink {
     async fn stream_access_logs(
@@ -114,20 +148,32 @@ impl AccessLogService for AccessLogSink {
         request: Request<Streaming<StreamAccessLogsMessage>>,
     ) -> Result<Response<StreamAccessLogsResponse>, Status> {
         let mut stream = request.into_inner();
-        let mut batch = Vec::with_capacity(MAX_OUTCOMES);
+        let mut held = Held { sink: self.clone(), batch: Vec::with_capacity(MAX_OUTCOMES) };
+        // Past its age, or once the drain starts, the stream ends cleanly
+        // and Envoy opens another (on another replica, when draining).
+        let ends = tokio::time::sleep(self.max_age);
+        tokio::pin!(ends);
+        let mut draining = self.draining.clone();
+        let drained = async move {
+            let _ = draining.wait_for(|d| *d).await;
+        };
+        tokio::pin!(drained);
         loop {
-            match tokio::time::timeout(LINGER, stream.message()).await {
-                Ok(Ok(Some(message))) => self.take(message, &mut batch).await,
-                Ok(Ok(None)) => {
-                    self.flush(&mut batch).await;
-                    return Ok(Response::new(StreamAccessLogsResponse {}));
-                }
-                Ok(Err(status)) => {
-                    self.flush(&mut batch).await;
-                    return Err(status);
-                }
-                Err(_) => self.flush(&mut batch).await,
+            tokio::select! {
+                () = &mut ends => break,
+                () = &mut drained => break,
+                next = tokio::time::timeout(LINGER, stream.message()) => match next {
+                    Ok(Ok(Some(message))) => self.take(message, &mut held.batch).await,
+                    Ok(Ok(None)) => break,
+                    Ok(Err(status)) => {
+                        self.flush(&mut held.batch).await;
+                        return Err(status);
+                    }
+                    Err(_) => self.flush(&mut held.batch).await,
+                },
             }
         }
+        self.flush(&mut held.batch).await;
+        Ok(Response::new(StreamAccessLogsResponse {}))
     }
 }

@@ -27,10 +27,9 @@ use envoy_types::{
 use tonic::{Code, Request, Response, Status};
 
 use super::trace::{adopt_parent, traced};
-use chrono::{DateTime, Utc};
 
 use crate::{
-    audit, clock,
+    audit,
     keys::{DenyReason, LimitStatus},
     service::{
         ServiceError,
@@ -123,9 +122,10 @@ pub fn short_text(reason: DenyReason) -> &'static str {
 
 /// The IETF RateLimit header fields (draft-ietf-httpapi-ratelimit-headers)
 /// for a limit's status: its size, what is left, and the seconds until it
-/// is full again.
-pub fn ratelimit_headers(status: &LimitStatus, now: DateTime<Utc>) -> [(&'static str, String); 3] {
-    let reset_ms = (status.reset_at - now).num_milliseconds().max(0);
+/// is full again, counted from the instant the limiter decided on its own
+/// clock (another clock's reading may be off by its skew).
+pub fn ratelimit_headers(status: &LimitStatus) -> [(&'static str, String); 3] {
+    let reset_ms = (status.reset_at - status.decided_at).num_milliseconds().max(0);
     [
         ("ratelimit-limit", status.limit.to_string()),
         ("ratelimit-remaining", status.remaining.to_string()),
@@ -185,7 +185,7 @@ fn respond(checked: Checked) -> CheckResponse {
             let meta =
                 metadata(&[("decision", "DENY".into()), ("reason", name.clone()), ("audit_id", audit_id)]);
             let limit_headers = match (reason, &checked.verdict.rate_limit) {
-                (DenyReason::RateLimited, Some(status)) => ratelimit_headers(status, clock::now()).to_vec(),
+                (DenyReason::RateLimited, Some(status)) => ratelimit_headers(status).to_vec(),
                 _ => Vec::new(),
             };
             denied(http, code, short_text(reason), &name, meta, &limit_headers)
@@ -203,7 +203,7 @@ impl Authorization for CheckService {
             Ok(checked) => Ok(Response::new(respond(checked))),
             // Envoy fails closed on an error too, but a 503 it can pass on
             // says why.
-            Err(ServiceError::Unavailable(why) | ServiceError::Overloaded(why)) => {
+            Err(ServiceError::Unavailable(why) | ServiceError::Overloaded(why) | ServiceError::Busy(why)) => {
                 let meta = metadata(&[("decision", "UNAVAILABLE".into())]);
                 Ok(Response::new(denied(
                     HttpStatusCode::ServiceUnavailable,

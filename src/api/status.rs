@@ -10,6 +10,15 @@ impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         match e {
             ServiceError::Invalid(violations) => {
+                // Input is quoted through `keys::excerpt` where it is
+                // checked; this bound is the backstop, so that no violation
+                // (and no message) can carry a request's bulk back out.
+                let violations: Vec<_> = violations
+                    .into_iter()
+                    .map(|v| {
+                        crate::service::FieldViolation::new(cut(&v.field, 128), cut(&v.description, 256))
+                    })
+                    .collect();
                 let message = ServiceError::Invalid(violations.clone()).to_string();
                 let details = ErrorDetails::with_bad_request(
                     violations
@@ -23,7 +32,7 @@ impl From<ServiceError> for Status {
             ServiceError::Unauthenticated(m) => Status::unauthenticated(m),
             ServiceError::PermissionDenied(m) => Status::permission_denied(m),
             ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
-            ServiceError::Unavailable(m) => {
+            ServiceError::Unavailable(m) | ServiceError::Busy(m) => {
                 tracing::warn!(reason = %m, "answering UNAVAILABLE");
                 Status::unavailable(m)
             }
@@ -34,6 +43,18 @@ impl From<ServiceError> for Status {
             }
         }
     }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary and marked.
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]

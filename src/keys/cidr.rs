@@ -12,13 +12,14 @@ use thiserror::Error;
 /// Most entries one key may list.
 pub const MAX_ENTRIES: usize = 100;
 
+/// `entry` is an excerpt of what was sent ([`super::excerpt`]), quoted.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CidrError {
-    #[error("{entry:?} is not an IP address or CIDR range")]
+    #[error("{entry} is not an IP address or CIDR range")]
     Syntax { index: usize, entry: String },
-    #[error("{entry:?} has host bits set; did you mean {suggestion}?")]
+    #[error("{entry} has host bits set; did you mean {suggestion}?")]
     HostBits { index: usize, entry: String, suggestion: String },
-    #[error("{entry:?} is listed twice")]
+    #[error("{entry} is listed twice")]
     Duplicate { index: usize, entry: String },
     #[error("at most {MAX_ENTRIES} entries may be given")]
     TooMany,
@@ -47,11 +48,12 @@ impl AllowList {
             return Err(CidrError::TooMany);
         }
         let mut nets: Vec<IpNet> = Vec::with_capacity(entries.len());
+        let mut seen = std::collections::HashSet::with_capacity(entries.len());
         for (index, entry) in entries.iter().enumerate() {
             let entry = entry.as_ref();
             let net = parse_entry(entry).map_err(|e| e.at(index, entry))?;
-            if nets.contains(&net) {
-                return Err(CidrError::Duplicate { index, entry: entry.to_owned() });
+            if !seen.insert(net) {
+                return Err(CidrError::Duplicate { index, entry: super::excerpt(entry, super::MAX_EXCERPT) });
             }
             nets.push(net);
         }
@@ -96,7 +98,7 @@ enum EntryError {
 
 impl EntryError {
     fn at(self, index: usize, entry: &str) -> CidrError {
-        let entry = entry.to_owned();
+        let entry = super::excerpt(entry, super::MAX_EXCERPT);
         match self {
             Self::Syntax => CidrError::Syntax { index, entry },
             Self::HostBits(net) => CidrError::HostBits { index, entry, suggestion: canonical(net.trunc()) },
@@ -199,8 +201,12 @@ mod tests {
         let err = AllowList::parse(&["1.2.3.4", "10.1.2.3/8"]).unwrap_err();
         assert_eq!(
             err,
-            CidrError::HostBits { index: 1, entry: "10.1.2.3/8".into(), suggestion: "10.0.0.0/8".into() }
+            CidrError::HostBits { index: 1, entry: "\"10.1.2.3/8\"".into(), suggestion: "10.0.0.0/8".into() }
         );
+        // However long the entry, the error quotes 64 characters of it.
+        let long = format!("10.1.2.3/8{}", "x".repeat(1 << 20));
+        let err = AllowList::parse(&[long]).unwrap_err().to_string();
+        assert!(err.len() < 200, "{} bytes", err.len());
     }
 
     #[test]

@@ -47,7 +47,9 @@ impl RateLimits {
         let mut errors = Vec::new();
         let mut bad = |field: String, problem: String| errors.push(LimitError { field, problem });
         if limits.len() > MAX_RATE_LIMITS {
+            // Nothing else is looked at: the work stays bounded.
             bad("rate_limits".into(), format!("at most {MAX_RATE_LIMITS} per key (got {})", limits.len()));
+            return Err(errors);
         }
         for (i, l) in limits.iter().enumerate() {
             if let Err(problem) = check_name(&l.name) {
@@ -131,6 +133,9 @@ pub struct LimitStatus {
     pub remaining: u32,
     /// When the whole limit is available again.
     pub reset_at: DateTime<Utc>,
+    /// The instant this status describes (the limiter's clock), so that
+    /// "seconds until reset" is measured on the clock that set `reset_at`.
+    pub decided_at: DateTime<Utc>,
 }
 
 /// Time on the GCRA scale: microseconds times the limit, so that one
@@ -165,6 +170,7 @@ pub fn take(limit: &RateLimit, tat: u128, now_us: u128, cost: u32) -> (Option<u1
         limit: limit.limit,
         remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
         reset_at: from_micros(standing.div_ceil(u128::from(limit.limit))),
+        decided_at: from_micros(now_us),
     };
     (kept, status)
 }

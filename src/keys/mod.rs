@@ -1,7 +1,8 @@
 //! The key domain, free of I/O: the key format and checksum ([`format`](mod@format)),
 //! hashing at rest ([`hash`]), scopes and presets ([`scope`]), IP allow-lists
 //! ([`cidr`]), the verification decision ([`decision`]), audit event ids
-//! that say who issued them ([`event_id`]), rate limits and their GCRA
+//! that say who issued them ([`event_id`]), mTLS client identities
+//! ([`identity`]), rate limits and their GCRA
 //! arithmetic ([`limits`]), and operator tokens and roles
 //! ([`operator`]).
 
@@ -11,6 +12,7 @@ pub mod decision;
 pub mod event_id;
 pub mod format;
 pub mod hash;
+pub mod identity;
 pub mod limits;
 pub mod operator;
 pub mod scope;
@@ -49,6 +51,29 @@ impl KeyStatus {
             _ => Self::Active,
         }
     }
+}
+
+/// Most characters of caller input an error message quotes.
+pub const MAX_EXCERPT: usize = 64;
+
+/// At most `max` characters of caller input, quoted, for an error message:
+/// longer input is cut and marked, so that no error echoes input unbounded.
+/// Every error that quotes what a caller sent goes through here.
+pub fn excerpt(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => format!("{s:?}"),
+        Some((end, _)) => format!("{:?}…", &s[..end]),
+    }
+}
+
+/// Up to `max` quoted excerpts of `items`, joined, with how many more there
+/// were: a list in an error stays bounded however long the request's.
+pub fn excerpts<S: AsRef<str>>(items: &[S], max: usize) -> String {
+    let mut shown: Vec<String> = items.iter().take(max).map(|s| excerpt(s.as_ref(), MAX_EXCERPT)).collect();
+    if items.len() > max {
+        shown.push(format!("and {} more", items.len() - max));
+    }
+    shown.join(", ")
 }
 
 #[cfg(test)]

@@ -264,13 +264,13 @@ impl ScopeCatalogue {
         }
         if !unknown.is_empty() {
             return Err(ScopeError::Unknown {
-                unknown: unknown.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+                unknown: super::excerpts(&unknown, 5),
                 hint: if case_hint { " (scopes are lowercase and case-sensitive)" } else { "" },
                 valid: self.valid_names(),
             });
         }
         if !duplicates.is_empty() {
-            return Err(ScopeError::Duplicate(duplicates.join(", ")));
+            return Err(ScopeError::Duplicate(super::excerpts(&duplicates, 5)));
         }
         Ok(set)
     }
@@ -378,7 +378,16 @@ mod tests {
         let err = c.parse_grant(&["payments:refund"]).unwrap_err().to_string();
         assert!(err.contains("payments:refund") && !err.contains("case-sensitive"), "{err}");
         let err = c.parse_grant(&["sales:read", "sales:read"]).unwrap_err();
-        assert_eq!(err, ScopeError::Duplicate("sales:read".into()));
+        assert_eq!(err, ScopeError::Duplicate("\"sales:read\"".into()));
+        // Many long unknown names: five excerpts and a count.
+        let many: Vec<String> = (0..1000).map(|i| format!("{i}{}", "y".repeat(10_000))).collect();
+        let err = c.parse_grant(&many[..MAX_SCOPES_PER_KEY.min(many.len())]).unwrap_err().to_string();
+        assert!(
+            err.len() < 2048 && err.contains("more"),
+            "{} bytes: {}",
+            err.len(),
+            &err[..err.len().min(300)]
+        );
         assert_eq!(c.parse_grant::<&str>(&[]).unwrap_err(), ScopeError::Empty);
     }
 

@@ -160,11 +160,16 @@ fn window_us(limit: &RateLimit) -> u128 {
 }
 
 fn status(limit: &RateLimit, remaining: u32, reset_us: u128, now: u128) -> LimitStatus {
-    let reset_at = i64::try_from(reset_us.max(now))
-        .ok()
-        .and_then(DateTime::from_timestamp_micros)
-        .unwrap_or(DateTime::<Utc>::MAX_UTC);
-    LimitStatus { name: Arc::clone(&limit.name), limit: limit.limit, remaining, reset_at }
+    let at = |us: u128| {
+        i64::try_from(us).ok().and_then(DateTime::from_timestamp_micros).unwrap_or(DateTime::<Utc>::MAX_UTC)
+    };
+    LimitStatus {
+        name: Arc::clone(&limit.name),
+        limit: limit.limit,
+        remaining,
+        reset_at: at(reset_us.max(now)),
+        decided_at: at(now),
+    }
 }
 
 /// The Redis key of one limit's shared bucket; the hash tag keeps a key's

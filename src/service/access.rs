@@ -15,6 +15,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use chrono::{DateTime, Utc};
@@ -26,11 +27,15 @@ use super::{ServiceError, validate};
 use crate::{
     audit::{AuditKind, AuditRecord, writer::AuditQueue},
     clock::{self, DbClock},
-    config::IdentityGrant,
-    keys::operator::{AdminAction, OperatorRole, OperatorSecret, TokenDigester},
+    config::{IdentityGrant, ThrottleSettings},
+    keys::{
+        identity::ClientIdentity,
+        operator::{AdminAction, OperatorRole, OperatorSecret, TokenDigester},
+    },
     metrics::Metrics,
     store::{Store, operators::StoredOperator},
     telemetry::current_trace_id,
+    throttle::GuessThrottle,
 };
 
 /// An authenticated KeyAdmin caller.
@@ -49,13 +54,13 @@ pub struct Principal {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Peer {
     /// The client certificate's identity under mTLS.
-    pub identity: Option<String>,
+    pub identity: Option<ClientIdentity>,
     pub ip: Option<String>,
 }
 
 impl Peer {
     fn describe(&self) -> &str {
-        self.identity.as_deref().or(self.ip.as_deref()).unwrap_or("unknown")
+        self.identity.as_ref().map(ClientIdentity::as_str).or(self.ip.as_deref()).unwrap_or("unknown")
     }
 }
 
@@ -87,6 +92,9 @@ pub struct Access {
     bootstrap: Vec<(String, [u8; 32])>,
     identities: Vec<IdentityGrant>,
     refusals: Refusals,
+    /// Wrong operator tokens per client address (this listener's peers,
+    /// apart from Verify's counts).
+    guesses: GuessThrottle,
     metrics: Arc<Metrics>,
     clock: Arc<DbClock>,
 }
@@ -101,9 +109,30 @@ impl Access {
         metrics: Arc<Metrics>,
         clock: Arc<DbClock>,
     ) -> Self {
+        // Off until [`Access::throttling`] says otherwise.
+        let guesses = GuessThrottle::new(ThrottleSettings {
+            per_prefix: 0,
+            per_ip: 0,
+            window: Duration::from_secs(60),
+        });
         let bootstrap =
             bootstrap.iter().map(|(n, t)| (n.clone(), sha256(t.expose_secret().as_bytes()))).collect();
-        Self { store, digester, bootstrap, identities, refusals: Refusals::new(audit), metrics, clock }
+        Self {
+            store,
+            digester,
+            bootstrap,
+            identities,
+            refusals: Refusals::new(audit),
+            guesses,
+            metrics,
+            clock,
+        }
+    }
+
+    /// Counts wrong operator tokens per client address with `guesses`.
+    pub fn throttling(mut self, guesses: GuessThrottle) -> Self {
+        self.guesses = guesses;
+        self
     }
 
     /// Now on the database's clock, on which operator tokens are revoked.
@@ -123,9 +152,11 @@ impl Access {
     ) -> Result<Principal, ServiceError> {
         let now = self.clock.now();
         let outcome = match credentials.bearer {
-            Some(token) if OperatorSecret::looks_like(token) => self.operator(token, now).await?,
+            Some(token) if OperatorSecret::looks_like(token) => {
+                self.operator(token, &credentials.peer, now).await?
+            }
             Some(token) => self.bootstrap_token(token),
-            None => self.identity(credentials.peer.identity.as_deref()),
+            None => self.identity(credentials.peer.identity.as_ref()),
         };
         match outcome {
             Ok((actor, role, merchants)) => Ok(Principal { actor, role, merchants, peer: credentials.peer }),
@@ -144,6 +175,7 @@ impl Access {
                         actor: None,
                         rpc: action.rpc(),
                         merchant: None,
+                        named: None,
                         why,
                     },
                     now,
@@ -196,6 +228,15 @@ impl Access {
         // id: the row stays bounded whatever the caller sends.
         let merchant = merchant.filter(|m| validate::merchant_id(m).is_ok()).map(str::to_owned);
         tracing::info!(actor = %who.actor, peer = who.peer.describe(), rpc = action.rpc(), merchant_id = ?merchant, reason = why, "KeyAdmin call denied");
+        // A refusal for a merchant the caller does not cover is no business
+        // of that merchant's: it is a row of no merchant (which only an
+        // unrestricted ADMIN lists), naming the merchant in its detail, so
+        // that another tenant's operator names and addresses never reach
+        // a merchant's trail.
+        let (merchant, named) = match merchant {
+            Some(m) if !who.covers(&m) => (None, Some(m)),
+            covered => (covered, None),
+        };
         self.refusals.record(
             RefusalKey {
                 kind: AuditKind::AccessDenied,
@@ -203,6 +244,7 @@ impl Access {
                 actor: Some(who.actor.clone()),
                 rpc: action.rpc(),
                 merchant,
+                named,
                 why,
             },
             clock::now(),
@@ -225,17 +267,30 @@ impl Access {
         self.refusals.queue_all(self.refusals.summaries(clock::now(), true)).await;
     }
 
-    async fn operator(&self, token: &[u8], now: DateTime<Utc>) -> Result<Grant, ServiceError> {
+    async fn operator(&self, token: &[u8], peer: &Peer, now: DateTime<Utc>) -> Result<Grant, ServiceError> {
         // Shape and checksum first: garbage never reaches the store.
         let Some(token) = std::str::from_utf8(token).ok().and_then(|t| OperatorSecret::parse(t).ok()) else {
             return Ok(Err("malformed operator token"));
         };
-        let Some(stored) = self.store.find_operator_by_prefix(&token.lookup_prefix()).await? else {
-            return Ok(Err("invalid credentials"));
+        // An unknown or wrong token is a wrong guess from its address,
+        // counted before the read: made-up tokens cost a bounded number of
+        // reads per address and window.
+        let ip = peer.ip.as_deref().and_then(|ip| ip.parse().ok());
+        let Ok(lookup) = self.guesses.admit_lookup(ip) else {
+            return Ok(Err("too many failed attempts from this address; retry later"));
+        };
+        let stored = match self.store.find_operator_by_prefix(&token.lookup_prefix()).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Ok(Err("invalid credentials")),
+            Err(e) => {
+                self.guesses.uncount_lookup(lookup);
+                return Err(e.into());
+            }
         };
         if !self.digester.matches(&token, &stored.pepper, &stored.digest) {
             return Ok(Err("invalid credentials"));
         }
+        self.guesses.uncount_lookup(lookup);
         if !self.digester.is_current(&stored.pepper) {
             self.move_to_current_pepper(&token, &stored);
         }
@@ -278,13 +333,13 @@ impl Access {
         found.map(|name| (name, OperatorRole::Admin, Vec::new())).ok_or("invalid credentials")
     }
 
-    fn identity(&self, identity: Option<&str>) -> Grant {
+    fn identity(&self, identity: Option<&ClientIdentity>) -> Grant {
         let Some(identity) = identity else {
             return Err("missing credentials: send `authorization: Bearer <operator token>`");
         };
         self.identities
             .iter()
-            .find(|g| g.identity == identity)
+            .find(|g| identity.matches(&g.identity))
             .map(|g| (g.identity.clone(), g.role, g.merchant_ids.clone()))
             .ok_or("the client certificate's identity is not an operator; send a bearer token")
     }
@@ -301,7 +356,11 @@ struct RefusalKey {
     peer: Peer,
     actor: Option<String>,
     rpc: &'static str,
+    /// The row's merchant: the one the call named, when the caller covers
+    /// it.
     merchant: Option<String>,
+    /// The merchant a call named outside the caller's merchants.
+    named: Option<String>,
     why: &'static str,
 }
 
@@ -314,6 +373,10 @@ impl RefusalKey {
         row.method = Some("POST".to_owned());
         row.ip = self.peer.ip.clone();
         row.status = Some(if self.kind == AuditKind::AuthenticationFailed { 401 } else { 403 });
+        let detail = match &self.named {
+            Some(named) => format!("{detail}; named merchant {named}"),
+            None => detail,
+        };
         row.with_detail(detail)
     }
 }

@@ -193,8 +193,8 @@ impl KeyManager {
                     v.add(
                         "preset",
                         format!(
-                            "unknown preset {:?}; valid presets are: {}",
-                            req.preset,
+                            "unknown preset {}; valid presets are: {}",
+                            validate::excerpt(&req.preset, validate::MAX_EXCERPT),
                             self.catalogue.preset_names()
                         ),
                     );
@@ -319,6 +319,20 @@ impl KeyManager {
         if req.paths.is_empty() {
             v.add("update_mask", format!("name at least one of: {UPDATE_PATHS}"));
         }
+        // Each path once, and no more paths than there are: the work below
+        // stays bounded whatever the mask holds.
+        let repeated = req.paths.len() > UPDATE_PATH_COUNT || {
+            let mut distinct: Vec<&str> = req.paths.iter().map(String::as_str).collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            distinct.len() != req.paths.len()
+        };
+        if repeated {
+            return Err(ServiceError::invalid(
+                "update_mask",
+                format!("name each path at most once, from: {UPDATE_PATHS}"),
+            ));
+        }
         for path in &req.paths {
             match path.as_str() {
                 "name" => {
@@ -338,7 +352,13 @@ impl KeyManager {
                 }
                 "rate_limits" => changes.rate_limits = parse_limits(&mut v, req.rate_limits.clone()),
                 "credits" => changes.credits = parse_credits(&mut v, req.credits),
-                other => v.add("update_mask", format!("unknown path {other:?}; paths are: {UPDATE_PATHS}")),
+                other => v.add(
+                    "update_mask",
+                    format!(
+                        "unknown path {}; paths are: {UPDATE_PATHS}",
+                        validate::excerpt(other, validate::MAX_EXCERPT)
+                    ),
+                ),
             }
         }
         v.into_result()?;
@@ -655,6 +675,8 @@ fn describe_limits(limits: &RateLimits) -> String {
 
 /// The paths UpdateKey's mask may name.
 const UPDATE_PATHS: &str = "name, scopes, allowed_cidrs, expires_at, rate_limits, credits";
+/// How many paths [`UPDATE_PATHS`] lists.
+const UPDATE_PATH_COUNT: usize = 6;
 
 /// Validated credits: `Some(None)` for none given (unlimited), `None` when
 /// a field is bad (named in `v`).

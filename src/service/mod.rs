@@ -71,6 +71,11 @@ pub enum ServiceError {
     /// Cold verification capacity is exhausted; retry later.
     #[error("{0}")]
     Overloaded(String),
+    /// This replica's share of a dependency is in use (Verify's database
+    /// lane): answered UNAVAILABLE like an outage, but it says nothing
+    /// about the dependency itself, so nothing is marked down.
+    #[error("{0}")]
+    Busy(String),
     /// A fault of ours; the cause is logged, never sent to the caller.
     #[error("internal error: {0}")]
     Internal(String),

@@ -10,8 +10,7 @@ pub const MAX_REASON: usize = 500;
 pub const MAX_PRESENTED_KEY: usize = 128;
 pub const MAX_ENDPOINT: usize = 2048;
 pub const MAX_METHOD: usize = 32;
-/// Most characters of caller input an error message quotes.
-pub const MAX_EXCERPT: usize = 64;
+pub use crate::keys::MAX_EXCERPT;
 
 /// Most violations one error lists; a request with more gets the first
 /// ones and a count, so the error stays small whatever the request holds.
@@ -49,14 +48,7 @@ impl Violations {
     }
 }
 
-/// At most `max` characters of caller input, for quoting it in an error;
-/// longer input is cut and marked, so errors never echo it unbounded.
-pub fn excerpt(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        None => format!("{s:?}"),
-        Some((end, _)) => format!("{:?}…", &s[..end]),
-    }
-}
+pub use crate::keys::excerpt;
 
 pub fn merchant_id(s: &str) -> Result<(), String> {
     if s.is_empty() {

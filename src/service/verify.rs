@@ -624,7 +624,7 @@ impl Verifier {
         match tokio::time::timeout(self.db_wait, self.db_lane.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(ServiceError::Unavailable("the server is shutting down".into())),
-            Err(_) => Err(ServiceError::Unavailable(
+            Err(_) => Err(ServiceError::Busy(
                 "Verify's share of database connections is busy; retry with backoff".into(),
             )),
         }
@@ -653,11 +653,32 @@ impl Verifier {
         if self.throttle.check(prefix, ip).is_some() {
             return refused(DenyReason::Throttled);
         }
-        let lane = self.db_lane().await?;
-        let stored = self.store.find_by_prefix(prefix).await;
-        drop(lane);
-        let Some(stored) = stored? else {
-            return refused(DenyReason::NotFound);
+        // An unknown prefix is a wrong guess from its client IP: counted
+        // before the read, so random prefixes cost a bounded number of them.
+        let Ok(lookup) = self.throttle.admit_lookup(ip) else {
+            return refused(DenyReason::Throttled);
+        };
+        let stored = match self.db_lane().await {
+            Ok(lane) => {
+                let stored = self.store.find_by_prefix(prefix).await;
+                drop(lane);
+                stored
+            }
+            Err(busy) => {
+                self.throttle.uncount_lookup(lookup);
+                return Err(busy);
+            }
+        };
+        let stored = match stored {
+            Ok(Some(stored)) => {
+                self.throttle.uncount_lookup(lookup);
+                stored
+            }
+            Ok(None) => return refused(DenyReason::NotFound),
+            Err(e) => {
+                self.throttle.uncount_lookup(lookup);
+                return Err(e.into());
+            }
         };
         // Another replica checked this very plaintext against this row and
         // its hash: its scrypt stands for ours, if its tag does. A hash

@@ -402,6 +402,11 @@ impl Exporter {
             metrics.tls_handshake_failures.clone(),
         );
         registry.register(
+            "connections_refused_per_address",
+            "connections closed at accept because their client address held max_connections_per_ip",
+            metrics.connections_refused_per_address.clone(),
+        );
+        registry.register(
             "admin_unauthenticated",
             "KeyAdmin calls refused for missing, invalid, revoked or expired credentials",
             metrics.admin_unauthenticated.clone(),

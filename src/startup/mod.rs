@@ -19,7 +19,7 @@ use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tonic::transport::Server;
+use tonic::{server::NamedService, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::ServiceBuilder;
 
@@ -28,10 +28,11 @@ use crate::{
         self,
         access_log::{AccessLogCounters, AccessLogSink},
         auth::AdminAuthLayer,
-        callers::VerifyCallers,
+        callers::Callers,
         ext_authz::CheckService,
         key_admin::KeyAdminService,
         key_verify::KeyVerifyService,
+        lifetime::CallLifetimeLayer,
         limits::{MessageLimitLayer, MessageLimits},
         pb::{key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer},
     },
@@ -69,7 +70,14 @@ use envoy_types::{
 };
 use exporter::{Exporter, Sources};
 use routes::RouteReloader;
-use tls::TlsSource;
+use tls::{ConnLimits, TlsSource};
+
+/// Services every gRPC listener serves and reflection lists.
+const REFLECTION_NAMES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 /// Names under which grpc.health.v1 reports readiness; "" is the whole
 /// server. They follow the database (within the staleness bound) and turn
@@ -143,8 +151,10 @@ pub struct Application {
     access_log: AccessLogSink,
     routes: Arc<RouteReloader>,
     access: Arc<Access>,
-    callers: VerifyCallers,
+    callers: Callers,
     rehasher: Arc<Rehasher>,
+    /// Turns true when the drain starts; long-lived streams end on it.
+    draining: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Application {
@@ -286,15 +296,18 @@ impl Application {
                 access_log: Arc::clone(&access_log_counters),
             },
         );
-        let access = Arc::new(Access::new(
-            store.clone(),
-            TokenDigester::new(secrets.hasher.subkey_macs(OPERATOR_DIGEST_PURPOSE)),
-            &secrets.admin_tokens,
-            settings.operator_identities.clone(),
-            audit.clone(),
-            Arc::clone(&metrics),
-            Arc::clone(&clock),
-        ));
+        let access = Arc::new(
+            Access::new(
+                store.clone(),
+                TokenDigester::new(secrets.hasher.subkey_macs(OPERATOR_DIGEST_PURPOSE)),
+                &secrets.admin_tokens,
+                settings.operator_identities.clone(),
+                audit.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(&clock),
+            )
+            .throttling(GuessThrottle::new(settings.throttle())),
+        );
         let operators = Arc::new(OperatorTokens::new(store.clone(), Arc::clone(&access)));
         let event_ids = EventIds::new(secrets.hasher.subkey_macs(crate::keys::event_id::PURPOSE));
         let peppers = Arc::new(Peppers::new(store.clone(), secrets.hasher.clone(), Arc::clone(&access)));
@@ -339,7 +352,13 @@ impl Application {
         ));
         let gateway =
             Arc::new(Gateway::new(Arc::clone(&verifier), routes.subscribe(), settings.trusted_proxy_hops));
-        let access_log = AccessLogSink::new(Arc::clone(&verifier), access_log_counters);
+        let (draining, draining_rx) = watch::channel(false);
+        let access_log = AccessLogSink::new(
+            Arc::clone(&verifier),
+            access_log_counters,
+            settings.access_log_stream_max_age(),
+            draining_rx,
+        );
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("binding {}", settings.listen_addr))?;
@@ -380,7 +399,8 @@ impl Application {
             admin_listener,
             health_listener,
             tls,
-            callers: VerifyCallers::new(&settings.verify_callers),
+            callers: Callers::new(&settings.verify_callers, settings.outcome_reporters.as_deref()),
+            draining,
             access,
             admin: KeyAdminService::new(Arc::new(manager), operators, peppers),
             rehasher,
@@ -484,6 +504,7 @@ impl Application {
             check,
             access_log,
             routes,
+            draining: draining_tx,
             ..
         } = self;
         // Every background task runs under the supervisor: restarted when
@@ -666,22 +687,38 @@ impl Application {
             stopped(monitor_stopped),
         ));
 
-        // grpcurl 1.8 only speaks v1alpha reflection; newer tools use v1.
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
+        // Reflection on each listener lists the services that listener
+        // serves, and no other. grpcurl 1.8 only speaks v1alpha reflection;
+        // newer tools use v1.
+        let separate_admin = admin_listener.is_some();
+        let verify_names = [
+            KeyVerifyServer::<KeyVerifyService>::NAME,
+            AuthorizationServer::<CheckService>::NAME,
+            AccessLogServiceServer::<AccessLogSink>::NAME,
+        ];
+        let admin_names = [KeyAdminServer::<KeyAdminService>::NAME];
+        let main_names: Vec<&str> =
+            verify_names.iter().chain(admin_names.iter().filter(|_| !separate_admin)).copied().collect();
+        let reflection = |names: &[&str]| {
+            let builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(api::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(api::pb::ENVOY_FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
+            REFLECTION_NAMES.iter().chain(names).fold(builder, |b, name| b.with_service_name(*name))
         };
-        let reflection_v1 = reflection()
-            .build_v1()
-            .context("building reflection v1")?
-            .max_decoding_message_size(HEALTH_MAX_MESSAGE);
-        let reflection_v1alpha = reflection()
-            .build_v1alpha()
-            .context("building reflection v1alpha")?
-            .max_decoding_message_size(HEALTH_MAX_MESSAGE);
+        let reflection_v1 = |names: &[&str]| -> anyhow::Result<_> {
+            Ok(reflection(names)
+                .build_v1()
+                .context("building reflection v1")?
+                .max_decoding_message_size(HEALTH_MAX_MESSAGE))
+        };
+        let reflection_v1alpha = |names: &[&str]| -> anyhow::Result<_> {
+            Ok(reflection(names)
+                .build_v1alpha()
+                .context("building reflection v1alpha")?
+                .max_decoding_message_size(HEALTH_MAX_MESSAGE))
+        };
 
         // Verify's limit is tighter than its service's (RecordOutcomes').
         let limits = MessageLimits::default().with(VERIFY_METHOD, settings.max_verify_message_bytes);
@@ -694,26 +731,20 @@ impl Application {
             .layer(MessageLimitLayer::new(limits))
             // Count error answers by code, for the overload and outage alerts.
             .layer(tower::util::MapResponseLayer::new(api::codes::counter(Arc::clone(&metrics))))
+            // Under mTLS, only listed identities verify (Verify, Check) and
+            // report outcomes (RecordOutcomes, the access-log stream).
+            .layer(callers)
+            // Bound each call's time, and keep its connection counted busy.
+            .layer(CallLifetimeLayer::new(settings.request_timeout()))
             .into_inner();
-        // KeyVerify: only the allowed client identities under mTLS. tonic's
-        // own per-message limit rejects on the declared length, before
-        // buffering.
-        let verify_service = tonic::service::interceptor::InterceptedService::new(
-            KeyVerifyServer::new(verify)
-                .max_decoding_message_size(settings.max_record_outcomes_message_bytes),
-            callers.clone(),
-        );
-        // Envoy's Check: the same callers as KeyVerify, and a bound on the
-        // request headers Envoy forwards.
-        let check_service = tonic::service::interceptor::InterceptedService::new(
-            AuthorizationServer::new(check).max_decoding_message_size(CHECK_MAX_MESSAGE),
-            callers.clone(),
-        );
-        // Envoy's access-log stream: the same callers again.
-        let access_log_service = tonic::service::interceptor::InterceptedService::new(
-            AccessLogServiceServer::new(access_log).max_decoding_message_size(settings.max_message_bytes),
-            callers.clone(),
-        );
+        // tonic's own per-message limit rejects on the declared length,
+        // before buffering.
+        let verify_service = KeyVerifyServer::new(verify)
+            .max_decoding_message_size(settings.max_record_outcomes_message_bytes);
+        // Envoy's Check: a bound on the request headers Envoy forwards.
+        let check_service = AuthorizationServer::new(check).max_decoding_message_size(CHECK_MAX_MESSAGE);
+        let access_log_service =
+            AccessLogServiceServer::new(access_log).max_decoding_message_size(settings.max_message_bytes);
         // KeyAdmin: every call authenticated before its handler runs.
         let admin_service = ServiceBuilder::new()
             .layer(AdminAuthLayer::new(Arc::clone(&access)))
@@ -722,12 +753,11 @@ impl Application {
         let server = || {
             Server::builder()
                 .max_concurrent_streams(settings.max_concurrent_streams)
-                .timeout(settings.request_timeout())
                 .http2_keepalive_interval(settings.http2_keepalive_interval())
                 .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout()))
         };
 
-        let (draining_tx, draining) = watch::channel(false);
+        let draining = draining_tx.subscribe();
         // A task the supervisor gave up on stops the process like a signal,
         // and the run then ends in an error (a non-zero exit).
         let gave_up: Arc<std::sync::OnceLock<&'static str>> = Arc::default();
@@ -750,24 +780,23 @@ impl Application {
             }
         };
         tokio::spawn(signal);
+        let connection_limits = ConnLimits {
+            max_connections: settings.max_connections,
+            per_address: settings.max_connections_per_ip,
+            handshake_timeout: settings.handshake_timeout(),
+            idle_timeout: settings.idle_connection_timeout(),
+        };
         // A listener's connections, until `stop` (the drain) closes it.
         let incoming = |listener, tls, stop: &watch::Receiver<bool>| {
-            tls::incoming(
-                listener,
-                tls,
-                settings.max_connections,
-                Arc::clone(&metrics),
-                stopped(stop.clone()),
-            )
+            tls::incoming(listener, tls, connection_limits, Arc::clone(&metrics), stopped(stop.clone()))
         };
         type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
-        let separate_admin = admin_listener.is_some();
         let main_server: Serving = Box::pin(
             server()
                 .layer(stack.clone())
                 .add_service(health_service.clone())
-                .add_service(reflection_v1.clone())
-                .add_service(reflection_v1alpha.clone())
+                .add_service(reflection_v1(&main_names)?)
+                .add_service(reflection_v1alpha(&main_names)?)
                 .add_service(verify_service)
                 .add_service(check_service)
                 .add_service(access_log_service)
@@ -782,8 +811,8 @@ impl Application {
                 server()
                     .layer(stack.clone())
                     .add_service(health_service.clone())
-                    .add_service(reflection_v1)
-                    .add_service(reflection_v1alpha)
+                    .add_service(reflection_v1(&admin_names)?)
+                    .add_service(reflection_v1alpha(&admin_names)?)
                     .add_service(admin_service)
                     .serve_with_incoming_shutdown(
                         incoming(listener, tls.clone(), &draining),

@@ -5,13 +5,21 @@
 //! connections keep the session they negotiated, so rotation drops nothing.
 //! Files that do not load leave the previous configuration in place (logged
 //! and counted), so a half-written Secret never takes the service down.
+//!
+//! Connections are bounded ([`ConnLimits`]): in number per listener and per
+//! client address, in the time a new one may take to send its first bytes
+//! (TLS handshake and HTTP/2 preface), and in how long one may stay open
+//! with no call in flight. Otherwise idle sockets that never speak would
+//! hold every slot, and new callers would wait past their deadlines.
 
 use std::{
+    collections::HashMap,
+    future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     pin::Pin,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     task::{Context, Poll},
     time::Duration,
 };
@@ -19,7 +27,7 @@ use std::{
 use rustls::{
     ServerConfig,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject as _},
     server::WebPkiClientVerifier,
 };
 use thiserror::Error;
@@ -27,19 +35,21 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    time::{Instant, Sleep},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::{
-    api::peer::{PeerInfo, identity_of},
+    api::peer::{ActiveStreams, PeerInfo, identity_of},
     config::TlsSettings,
     metrics::Metrics,
 };
 
-/// How long a client may take to complete its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The HTTP/2 client preface's length: until this much has arrived, a
+/// connection is still in its handshake.
+const PREFACE_LEN: u64 = 24;
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop
 /// does not spin while the condition lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -70,6 +80,7 @@ struct Material {
     cert: Vec<u8>,
     key: Vec<u8>,
     client_ca: Option<Vec<u8>>,
+    client_crl: Option<Vec<u8>>,
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -85,6 +96,11 @@ impl Material {
                 .client_ca_file
                 .as_deref()
                 .map(|p| read("cannot read the client CA", p))
+                .transpose()?,
+            client_crl: settings
+                .client_crl_file
+                .as_deref()
+                .map(|p| read("cannot read the client CRL", p))
                 .transpose()?,
         })
     }
@@ -116,9 +132,17 @@ impl Material {
                 if roots.is_empty() {
                     return Err(TlsError::Empty { what: "CA certificate", path: path(ca_path) });
                 }
-                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+                let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                if let (Some(pem), Some(crl_path)) = (&self.client_crl, &settings.client_crl_file) {
+                    let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| TlsError::Pem { path: path(crl_path), message: e.to_string() })?;
+                    if crls.is_empty() {
+                        return Err(TlsError::Empty { what: "CRL", path: path(crl_path) });
+                    }
+                    verifier = verifier.with_crls(crls);
+                }
+                let verifier = verifier.build().map_err(|e| TlsError::ClientCa(e.to_string()))?;
                 builder.with_client_cert_verifier(verifier)
             }
             _ => builder.with_no_client_auth(),
@@ -180,7 +204,7 @@ impl TlsSource {
             Ok(config) => {
                 current.config = Arc::new(config);
                 self.metrics.tls_reloads.inc();
-                tracing::info!("TLS certificate, key or client CA changed: new connections use them");
+                tracing::info!("TLS certificate, key, client CA or CRL changed: new connections use them");
             }
             Err(e) => {
                 self.metrics.tls_reload_failures.inc();
@@ -208,11 +232,120 @@ impl TlsSource {
 }
 
 /// One accepted connection, plaintext or TLS, with its peer. It holds one
-/// of the listener's connection slots until it closes.
+/// of the listener's connection slots, and one of its address's, until it
+/// closes.
 pub struct Conn {
     io: Io,
     peer: PeerInfo,
+    deadline: Deadline,
     _slot: OwnedSemaphorePermit,
+    _address: Option<AddressSlot>,
+}
+
+/// What bounds a listener's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Open at once, handshakes included.
+    pub max_connections: usize,
+    /// Open at once from one client address; 0: no cap.
+    pub per_address: usize,
+    /// From accept to the end of the TLS handshake and the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// With no call in flight; `None`: no limit.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// When a connection is closed for silence: until the preface has arrived,
+/// the handshake timeout from accept; afterwards, the idle timeout from
+/// the end of its last call. Checked only when a read would wait, and the
+/// timer is moved only when it fires, so a busy connection pays one
+/// counter update per read.
+struct Deadline {
+    limits: ConnLimits,
+    preface_read: u64,
+    streams: Arc<ActiveStreams>,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Deadline {
+    fn new(limits: ConnLimits, accepted: Instant, streams: Arc<ActiveStreams>) -> Self {
+        let timer = Box::pin(tokio::time::sleep_until(accepted + limits.handshake_timeout));
+        Self { limits, preface_read: 0, streams, timer }
+    }
+
+    fn read(&mut self, n: usize) {
+        if self.preface_read < PREFACE_LEN {
+            self.preface_read += n as u64;
+        }
+    }
+
+    /// Registers the timer with `cx`; an error once the connection is due
+    /// to close.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            if self.preface_read < PREFACE_LEN {
+                return Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no HTTP/2 preface within the handshake timeout",
+                ));
+            }
+            let now = Instant::now();
+            let next = match (self.limits.idle_timeout, self.streams.idle_since()) {
+                // Nothing closes it: look again in a while.
+                (None, _) => now + Duration::from_secs(3_600),
+                (Some(idle), None) => now + idle,
+                (Some(idle), Some(since)) => {
+                    let due = Instant::from_std(since) + idle;
+                    if due <= now {
+                        return Some(io::Error::new(io::ErrorKind::TimedOut, "idle connection closed"));
+                    }
+                    due
+                }
+            };
+            self.timer.as_mut().reset(next);
+        }
+    }
+}
+
+/// Connections open per client address, bounded by a cap.
+#[derive(Debug)]
+struct AddressSlots {
+    open: Mutex<HashMap<IpAddr, usize>>,
+    cap: usize,
+}
+
+impl AddressSlots {
+    /// A slot for `ip`, or `None` when it holds the cap already.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.cap {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot { slots: Arc::clone(self), ip })
+    }
+}
+
+/// One connection's place in its address's count.
+struct AddressSlot {
+    slots: Arc<AddressSlots>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 enum Io {
@@ -230,9 +363,22 @@ impl Connected for Conn {
 
 impl AsyncRead for Conn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        match polled {
+            Poll::Ready(Ok(())) => {
+                this.deadline.read(buf.filled().len() - before);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match this.deadline.poll_expired(cx) {
+                Some(expired) => Poll::Ready(Err(expired)),
+                None => Poll::Pending,
+            },
+            failed => failed,
         }
     }
 }
@@ -280,22 +426,26 @@ impl AsyncWrite for Conn {
 
 /// Connections accepted on `listener`, handshaken with `tls` when given.
 /// Handshakes run concurrently, off the accept loop, so a slow or hostile
-/// client cannot hold up others. At most `max_connections` are open at
-/// once, handshakes included: past that, new clients wait in the kernel's
-/// backlog rather than cost memory here. A connection is accepted only when
-/// the server can take it at once, and accepting stops (the listener closes)
-/// as soon as `stop` resolves (the drain starts): a client connecting then
-/// is refused and tries another replica, rather than being accepted and
-/// then reset when the process exits.
+/// client cannot hold up others. At most `limits.max_connections` are open
+/// at once, handshakes included: past that, new clients wait in the
+/// kernel's backlog rather than cost memory here; and at most
+/// `limits.per_address` from one address, past which a new one is closed
+/// at once (counted). A connection is accepted only when the server can
+/// take it at once, and accepting stops (the listener closes) as soon as
+/// `stop` resolves (the drain starts): a client connecting then is refused
+/// and tries another replica, rather than being accepted and then reset
+/// when the process exits.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<TlsSource>>,
-    max_connections: usize,
+    limits: ConnLimits,
     metrics: Arc<Metrics>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel::<io::Result<Conn>>(1);
-    let open = Arc::new(Semaphore::new(max_connections.max(1)));
+    let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let addresses = (limits.per_address > 0)
+        .then(|| Arc::new(AddressSlots { open: Mutex::default(), cap: limits.per_address }));
     tokio::spawn(async move {
         tokio::pin!(stop);
         loop {
@@ -319,25 +469,49 @@ pub fn incoming(
                 },
                 Some(tls) => Slot::AfterHandshake(Arc::clone(tls)),
             };
-            let accepted = tokio::select! {
-                () = &mut stop => return,
-                () = tx.closed() => return,
-                accepted = listener.accept() => accepted,
+            let (stream, addr, address) = loop {
+                let accepted = tokio::select! {
+                    () = &mut stop => return,
+                    () = tx.closed() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let (stream, addr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; retrying");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let address = match &addresses {
+                    None => None,
+                    Some(slots) => match slots.take(addr.ip()) {
+                        Some(taken) => Some(taken),
+                        // Closed at once: this address holds its share.
+                        None => {
+                            metrics.connections_refused_per_address.inc();
+                            drop(stream);
+                            continue;
+                        }
+                    },
+                };
+                break (stream, addr, address);
             };
-            let (stream, addr) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed; retrying");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
+            let accepted_at = Instant::now();
             // Small writes (one response at a time) must not wait for Nagle.
             let _ = stream.set_nodelay(true);
+            let streams = Arc::new(ActiveStreams::new(accepted_at.into_std()));
+            let deadline = Deadline::new(limits, accepted_at, Arc::clone(&streams));
             match slot {
                 Slot::Plain(permit) => {
-                    let peer = PeerInfo { addr: Some(addr), identity: None };
-                    permit.send(Ok(Conn { io: Io::Plain(stream), peer, _slot: room }));
+                    let peer = PeerInfo { addr: Some(addr), identity: None, streams: Some(streams) };
+                    permit.send(Ok(Conn {
+                        io: Io::Plain(stream),
+                        peer,
+                        deadline,
+                        _slot: room,
+                        _address: address,
+                    }));
                 }
                 Slot::AfterHandshake(tls) => {
                     // The configuration current now, after any reload.
@@ -345,7 +519,8 @@ pub fn incoming(
                     let tx = tx.clone();
                     let metrics = Arc::clone(&metrics);
                     tokio::spawn(async move {
-                        match handshake(acceptor, stream, addr, room).await {
+                        let opened = Opened { addr, room, address, deadline, streams };
+                        match handshake(acceptor, stream, opened, limits.handshake_timeout).await {
                             Ok(conn) => {
                                 let _ = tx.send(Ok(conn)).await;
                             }
@@ -369,13 +544,22 @@ enum Slot {
     AfterHandshake(Arc<TlsSource>),
 }
 
+/// What a connection holds from its accept on.
+struct Opened {
+    addr: SocketAddr,
+    room: OwnedSemaphorePermit,
+    address: Option<AddressSlot>,
+    deadline: Deadline,
+    streams: Arc<ActiveStreams>,
+}
+
 async fn handshake(
     acceptor: TlsAcceptor,
     stream: TcpStream,
-    addr: SocketAddr,
-    slot: OwnedSemaphorePermit,
+    opened: Opened,
+    timeout: Duration,
 ) -> io::Result<Conn> {
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+    let tls = tokio::time::timeout(timeout, acceptor.accept(stream))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
     let identity = tls
@@ -383,7 +567,8 @@ async fn handshake(
         .1
         .peer_certificates()
         .and_then(|chain| chain.first())
-        .and_then(|leaf| identity_of(leaf.as_ref()))
-        .map(Arc::from);
-    Ok(Conn { io: Io::Tls(Box::new(tls)), peer: PeerInfo { addr: Some(addr), identity }, _slot: slot })
+        .and_then(|leaf| identity_of(leaf.as_ref()));
+    let Opened { addr, room, address, deadline, streams } = opened;
+    let peer = PeerInfo { addr: Some(addr), identity, streams: Some(streams) };
+    Ok(Conn { io: Io::Tls(Box::new(tls)), peer, deadline, _slot: room, _address: address })
 }

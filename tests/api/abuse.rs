@@ -397,3 +397,75 @@ async fn verify_traffic_cannot_take_the_connections_kept_for_admin_and_health() 
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_prefixes_and_operator_tokens_from_one_address_cost_a_bounded_number_of_reads() {
+    // The default per-address limit: 100 wrong guesses a minute.
+    const PER_IP: u64 = 100;
+    // Reads the replica's own background tasks (the database monitor, the
+    // writers) may make while the test runs.
+    const BACKGROUND: u64 = 20;
+    let mut app = spawn_app_with(Backend::Sqlite, |_| {}).await;
+    let (_, real) = app.key_with_scopes(&["sales:read"]).await;
+    let reads = app.probes.store.reads();
+    // 10,000 keys with distinct, well-formed prefixes no key has, sixteen
+    // at a time, all from one client address.
+    let (mut not_found, mut throttled) = (0, 0);
+    for _ in 0..625 {
+        let calls = (0..16).map(|_| {
+            let key = keywarden::keys::PlainKey::generate(&keywarden::keys::KeyPrefix::default()).unwrap();
+            let mut verify = app.verify.clone();
+            async move {
+                let call = pb::VerifyRequest {
+                    key: key.expose().to_owned(),
+                    ip: "203.0.113.9".into(),
+                    ..Default::default()
+                };
+                verify.verify(call).await.unwrap().into_inner()
+            }
+        });
+        for answer in futures_join(calls).await {
+            match answer.deny_reason() {
+                R::NotFound => not_found += 1,
+                R::Throttled => throttled += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let spent = app.probes.store.reads() - reads;
+    assert!(spent <= PER_IP + BACKGROUND, "10,000 made-up prefixes cost {spent} reads");
+    assert_eq!((not_found, throttled), (PER_IP, 10_000 - PER_IP));
+    // Another address, and a real key, are unaffected; the replica serves.
+    assert_eq!(outcome(&app.verify(&real, "198.51.100.7", "sales:read").await), allowed());
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(crate::helpers::connect(app.addr).await);
+    let status =
+        health.check(tonic_health::pb::HealthCheckRequest::default()).await.unwrap().into_inner().status;
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    // KeyAdmin: well-formed operator tokens that do not exist, from this
+    // test's address, cost at most the same number of reads.
+    let reads = app.probes.store.reads();
+    for _ in 0..300 {
+        let token = keywarden::keys::operator::OperatorSecret::generate().unwrap();
+        let refused = app.admin_as(token.expose()).list_scopes(pb::ListScopesRequest {}).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+    }
+    let spent = app.probes.store.reads() - reads;
+    assert!(spent <= PER_IP + BACKGROUND, "300 made-up operator tokens cost {spent} reads");
+    app.stop().await;
+}
+
+/// Runs `calls` concurrently and returns their answers in order.
+async fn futures_join<F>(calls: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = calls.map(tokio::spawn).collect();
+    let mut answers = Vec::with_capacity(handles.len());
+    for handle in handles {
+        answers.push(handle.await.unwrap());
+    }
+    answers
+}

@@ -212,3 +212,131 @@ async fn hostile_input_is_answered_within_bounds_and_leaves_the_server_serving()
     crate::helpers::sigterm(&replica.child);
     assert!(crate::helpers::exited(replica.child).await.success());
 }
+
+/// One raw call to any path, as the admin.
+async fn raw_call_to(channel: &Channel, path: &str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    tokio::time::timeout(ANSWER_WITHIN, async {
+        grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut request = tonic::Request::new(body);
+        request.metadata_mut().insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+        let path = PathAndQuery::try_from(path.to_owned()).unwrap();
+        grpc.unary(request, path, Raw).await.map(tonic::Response::into_inner)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{path} not answered within {ANSWER_WITHIN:?}"))
+}
+
+/// Every request of KeyAdmin and KeyVerify, each with one string field (or
+/// a string field of a message it holds) set to 1 MB: `(path, case, body)`.
+fn megabyte_requests() -> Vec<(String, String, Vec<u8>)> {
+    use prost_types::{FileDescriptorSet, field_descriptor_proto::Type};
+    let set = FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
+    let mut messages = std::collections::HashMap::new();
+    for file in &set.file {
+        for message in &file.message_type {
+            messages.insert(format!(".{}.{}", file.package(), message.name()), message.clone());
+        }
+    }
+    // The well-known types the requests hold (FieldMask's paths, chiefly).
+    let field_mask = prost_types::DescriptorProto {
+        name: Some("FieldMask".into()),
+        field: vec![prost_types::FieldDescriptorProto {
+            name: Some("paths".into()),
+            number: Some(1),
+            r#type: Some(Type::String as i32),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    messages.insert(".google.protobuf.FieldMask".into(), field_mask);
+    let megabyte = vec![b'x'; 1_000_000];
+    let mut requests = Vec::new();
+    for file in set.file.iter().filter(|f| f.package() == "keywarden.v1") {
+        for service in &file.service {
+            for method in &service.method {
+                let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                let input = &messages[method.input_type()];
+                for f in &input.field {
+                    let case = format!("{}.{}", method.name(), f.name());
+                    match f.r#type() {
+                        Type::String => {
+                            requests.push((path.clone(), case, field(f.number() as u32, &megabyte)))
+                        }
+                        Type::Message => {
+                            let Some(inner) = messages.get(f.type_name()) else { continue };
+                            for g in inner.field.iter().filter(|g| g.r#type() == Type::String) {
+                                let nested = field(g.number() as u32, &megabyte);
+                                let case = format!("{case}.{}", g.name());
+                                requests.push((path.clone(), case, field(f.number() as u32, &nested)));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    requests
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_in_any_string_field_comes_back_as_at_most_2_kib_and_warm_verify_keeps_its_pace() {
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("megabyte.db").display());
+    let replica = spawn_binary(&database_url, dir.path(), &[]);
+    let channel = crate::helpers::connect(replica.addr).await;
+    let mut admin = crate::helpers::admin_client(channel.clone(), ADMIN_TOKEN);
+    let (_, key) = crate::helpers::create_sales_key(&mut admin, "warm").await;
+
+    // A warm Verify loop on its own connection, timed while the rest runs.
+    let verify_channel = crate::helpers::connect(replica.addr).await;
+    let mut warm = pb::key_verify_client::KeyVerifyClient::new(verify_channel.clone());
+    let warmed = warm.verify(pb::VerifyRequest { key: key.clone(), ..Default::default() }).await.unwrap();
+    assert_eq!(outcome(&warmed.into_inner()), allowed(), "the key is cached before the timing starts");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timer = {
+        let (stop, key) = (std::sync::Arc::clone(&stop), key.clone());
+        tokio::spawn(async move {
+            let mut verify = pb::key_verify_client::KeyVerifyClient::new(verify_channel);
+            let mut took = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                let answer =
+                    verify.verify(pb::VerifyRequest { key: key.clone(), ..Default::default() }).await;
+                took.push(started.elapsed());
+                assert_eq!(outcome(&answer.unwrap().into_inner()), allowed());
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            took
+        })
+    };
+
+    let requests = megabyte_requests();
+    assert!(requests.len() >= 30, "every string field of every request: {}", requests.len());
+    for (path, case, body) in requests {
+        // Four at once, as a merchant-limited operator could send them.
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let (channel, path, body) = (channel.clone(), path.clone(), body.clone());
+                tokio::spawn(async move { raw_call_to(&channel, &path, body).await })
+            })
+            .collect();
+        for call in calls {
+            if let Err(status) = call.await.unwrap() {
+                let size = status.message().len() + status.details().len();
+                assert!(size <= 2048, "{case}: {size} bytes of message and details ({:?})", status.code());
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut took = timer.await.unwrap();
+    took.sort();
+    let median = took[took.len() / 2];
+    eprintln!("warm Verify during the megabyte requests: {} calls, median {median:?}", took.len());
+    // A bound, not a benchmark: the attack this guards against raised the
+    // median from well under a millisecond to over a second.
+    assert!(median < Duration::from_millis(50), "warm Verify median {median:?} while the requests ran");
+    crate::helpers::sigterm(&replica.child);
+    assert!(crate::helpers::exited(replica.child).await.success());
+}

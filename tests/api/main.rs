@@ -9,6 +9,7 @@ mod helpers;
 
 mod abuse;
 mod admin_api;
+mod connections;
 mod credits;
 mod fleet;
 mod fleet_credits;

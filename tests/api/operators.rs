@@ -240,11 +240,34 @@ async fn a_merchant_limited_token_cannot_reach_another_merchant_whatever_it_gues
         &app.database_url,
         &format!(
             "SELECT COUNT(*) FROM audit_events WHERE kind = 'ACCESS_DENIED' AND actor = 'support' \
-             AND merchant_id = '{OTHER_MERCHANT}' AND ip = '127.0.0.1' AND status = 403"
+             AND merchant_id IS NULL AND detail LIKE '%named merchant {OTHER_MERCHANT}%' \
+             AND ip = '127.0.0.1' AND status = 403"
         ),
     )
     .await;
-    assert_eq!(denials, 5, "one row per refused RPC, naming actor, merchant and peer");
+    assert_eq!(denials, 5, "one row of no merchant per refused RPC, naming actor, merchant and peer");
+    // The other merchant's trail holds none of another tenant's operator
+    // names or addresses.
+    let in_their_trail = scalar(
+        &app.database_url,
+        &format!(
+            "SELECT COUNT(*) FROM audit_events WHERE merchant_id = '{OTHER_MERCHANT}' AND actor = 'support'"
+        ),
+    )
+    .await;
+    assert_eq!(in_their_trail, 0, "a refusal was filed in the other merchant's trail");
+    let listed = app
+        .admin
+        .list_audit_events(pb::ListAuditEventsRequest {
+            merchant_id: OTHER_MERCHANT.into(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(listed.iter().all(|e| e.actor != "support"), "{listed:?}");
     app.stop().await;
 }
 

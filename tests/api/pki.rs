@@ -69,6 +69,37 @@ impl Pki {
         Leaf { cert: cert.pem(), key: key.serialize_pem() }
     }
 
+    /// A leaf whose only SAN is the DNS name `name`, however it reads.
+    pub fn issue_dns(&self, name: &str, serial: u64) -> Leaf {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::DnsName(name.try_into().unwrap())];
+        params.serial_number = Some(SerialNumber::from(serial));
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        Leaf { cert: cert.pem(), key: key.serialize_pem() }
+    }
+
+    /// A CRL of this CA revoking `serials`, PEM.
+    pub fn crl(&self, number: u64, serials: &[u64]) -> String {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: date_time_ymd(2026, 1, 1),
+            next_update: date_time_ymd(2099, 1, 1),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from(*s),
+                    revocation_time: date_time_ymd(2026, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.ca).unwrap().pem().unwrap()
+    }
+
     /// The server's certificate: localhost and 127.0.0.1.
     pub fn server(&self, serial: u64) -> Leaf {
         self.issue(&["localhost", "127.0.0.1"], serial, false)

@@ -143,7 +143,99 @@ async fn keyverify_answers_only_the_listed_callers() {
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     let denied = verify.record_outcomes(pb::RecordOutcomesRequest::default()).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    // Envoy's surfaces are KeyVerify's too: Check and the access-log stream.
+    assert_eq!(check(reports.clone()).await, Err(Code::PermissionDenied), "Check");
+    assert_eq!(stream_access_logs(reports.clone()).await, Err(Code::PermissionDenied), "StreamAccessLogs");
     assert_eq!(health(reports).await.unwrap(), 1, "health is not limited to verify callers");
+
+    // A DNS SAN that reads like the listed URI is not that identity.
+    let spelled = tls.client(Some(&tls.pki.issue_dns(INVOICE, 14))).channel(app.addr).0;
+    let denied = KeyVerifyClient::new(spelled.clone())
+        .verify(pb::VerifyRequest { key: key.clone(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "a DNS SAN spelled like a URI: {denied:?}");
+    assert_eq!(check(spelled).await, Err(Code::PermissionDenied));
+    app.stop().await;
+}
+
+/// Envoy's Check, with no HTTP attributes: the code it is answered with.
+async fn check(channel: Channel) -> Result<(), Code> {
+    use envoy_types::pb::envoy::service::auth::v3::{
+        CheckRequest, authorization_client::AuthorizationClient,
+    };
+    AuthorizationClient::new(channel).check(CheckRequest::default()).await.map(drop).map_err(|s| s.code())
+}
+
+/// One empty access-log stream: the code it is answered with.
+async fn stream_access_logs(channel: Channel) -> Result<(), Code> {
+    use envoy_types::pb::envoy::service::accesslog::v3::{
+        StreamAccessLogsMessage, access_log_service_client::AccessLogServiceClient,
+    };
+    AccessLogServiceClient::new(channel)
+        .stream_access_logs(tokio_stream::iter(Vec::<StreamAccessLogsMessage>::new()))
+        .await
+        .map(drop)
+        .map_err(|s| s.code())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcome_reporters_are_their_own_list_and_default_to_the_verify_callers() {
+    const ENVOY: &str = "spiffe://cluster.local/ns/mesh/sa/envoy";
+    let tls = tls(true);
+    let invoice = tls.pki.issue(&[INVOICE], 10, false);
+    let mut app = spawn(&tls, true, Some(&invoice), |s| {
+        s.verify_callers = vec![INVOICE.to_owned(), ENVOY.to_owned()];
+        s.outcome_reporters = Some(vec![ENVOY.to_owned()]);
+    })
+    .await;
+    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
+    let verified = app.verify(&key, "", "sales:read").await;
+    assert_eq!(outcome(&verified), allowed(), "a verify caller verifies");
+    let report = || pb::RecordOutcomesRequest {
+        outcomes: vec![pb::Outcome { audit_event_id: verified.audit_event_id.clone(), status: 201 }],
+    };
+    let denied = app.verify.record_outcomes(report()).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "a verify caller that is no reporter: {denied:?}");
+    let invoice_channel = tls.client(Some(&invoice)).channel(app.addr).0;
+    assert_eq!(stream_access_logs(invoice_channel).await, Err(Code::PermissionDenied));
+
+    let envoy = tls.client(Some(&tls.pki.issue(&[ENVOY], 11, false))).channel(app.addr).0;
+    let mut as_envoy = KeyVerifyClient::new(envoy.clone());
+    app.settle().await;
+    assert_eq!(
+        as_envoy.record_outcomes(report()).await.unwrap().into_inner().updated,
+        1,
+        "a reporter reports"
+    );
+    assert_eq!(stream_access_logs(envoy).await, Ok(()));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_certificate_is_refused_at_its_next_handshake() {
+    let tls = tls(true);
+    let crl = tls.files.client_ca.with_file_name("client-crl.pem");
+    std::fs::write(&crl, tls.pki.crl(1, &[])).unwrap();
+    let (kept, revoked) = (tls.pki.issue(&[INVOICE], 20, false), tls.pki.issue(&[PORTAL], 21, false));
+    let app = spawn(&tls, true, Some(&kept), |s| s.tls_client_crl_file = Some(crl.clone())).await;
+    let (open, _) = tls.client(Some(&revoked)).channel(app.addr);
+    assert_eq!(health(open.clone()).await.unwrap(), 1, "not revoked yet");
+
+    std::fs::write(&crl, tls.pki.crl(2, &[21])).unwrap();
+    until("the CRL to refuse the revoked certificate's next handshake", || async {
+        health(tls.client(Some(&revoked)).channel(app.addr).0).await.is_err().then_some(())
+    })
+    .await;
+    assert_eq!(health(tls.client(Some(&kept)).channel(app.addr).0).await.unwrap(), 1, "others still pass");
+    // A CRL that does not parse leaves the last good one in force.
+    std::fs::write(&crl, "-----BEGIN X509 CRL-----\nnot base64\n").unwrap();
+    eventually("the bad CRL to be counted", || {
+        (metric(&app, "keywarden_tls_reload_failures_total") >= 1.0).then_some(())
+    })
+    .await;
+    assert!(health(tls.client(Some(&revoked)).channel(app.addr).0).await.is_err(), "still revoked");
+    drop(open);
     app.stop().await;
 }
 
@@ -198,7 +290,53 @@ async fn keyadmin_moves_to_its_own_listener_and_health_gets_a_plaintext_one() {
     assert_eq!(health(health_port.clone()).await.unwrap(), 1, "plaintext health");
     let verify = KeyVerifyClient::new(health_port).verify(pb::VerifyRequest::default()).await.unwrap_err();
     assert_eq!(verify.code(), Code::Unimplemented, "the health port serves only health");
+
+    // Reflection on each listener lists what that listener serves.
+    let on_verify = listed_services(tls.client(None).channel(app.addr).0).await;
+    let on_admin = listed_services(tls.client(None).channel(app.admin_addr.unwrap()).0).await;
+    let common = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let mut verify_side: Vec<&str> = common.to_vec();
+    verify_side.extend([
+        "envoy.service.accesslog.v3.AccessLogService",
+        "envoy.service.auth.v3.Authorization",
+        "keywarden.v1.KeyVerify",
+    ]);
+    verify_side.sort();
+    let mut admin_side: Vec<&str> = common.to_vec();
+    admin_side.push("keywarden.v1.KeyAdmin");
+    admin_side.sort();
+    assert_eq!(on_verify, verify_side, "the verify listener lists KeyAdmin, which it does not serve");
+    assert_eq!(on_admin, admin_side);
     app.stop().await;
+}
+
+/// The services a listener's reflection (v1) lists, sorted.
+async fn listed_services(channel: Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().and_then(|a| a.message_response)
+    else {
+        panic!("no service list")
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,11 +397,12 @@ async fn a_mapped_client_identity_acts_as_an_operator_within_its_limits() {
         &app.database_url,
         &format!(
             "SELECT COUNT(*) FROM audit_events WHERE kind = 'ACCESS_DENIED' AND actor = '{PORTAL}' \
-             AND merchant_id = '{OTHER_MERCHANT}' AND endpoint = '/keywarden.v1.KeyAdmin/CreateKey'"
+             AND merchant_id IS NULL AND detail LIKE '%named merchant {OTHER_MERCHANT}%' \
+             AND endpoint = '/keywarden.v1.KeyAdmin/CreateKey'"
         ),
     )
     .await;
-    assert_eq!(denial_rows, 1, "the denial's audit row names actor, merchant and RPC");
+    assert_eq!(denial_rows, 1, "the denial's row (of no merchant) names actor, merchant and RPC");
     app.stop().await;
 }
 

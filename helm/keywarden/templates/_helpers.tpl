@@ -93,13 +93,16 @@ capabilities:
 {{/* Refuses combinations that would not start or would not be safe. */}}
 {{- define "keywarden.checkTransport" -}}
 {{- if and (not (include "keywarden.tls" .)) (not .Values.allowPlaintext) }}
-{{- fail "no TLS: set tls.existingSecret or tls.certManager.enabled, or allowPlaintext=true behind a mesh that terminates mTLS" }}
+{{- fail "no TLS material: set tls.existingSecret (a kubernetes.io/tls Secret), or tls.certManager.enabled with tls.certManager.issuerRef (renders a cert-manager Certificate), or allowPlaintext=true only behind a mesh whose sidecars terminate mTLS" }}
 {{- end }}
 {{- if and .Values.tls.clientCa.existingSecret (not (include "keywarden.tls" .)) }}
 {{- fail "tls.clientCa needs a server certificate: tls.existingSecret or tls.certManager" }}
 {{- end }}
-{{- if and (or .Values.tls.verifyCallers .Values.operatorIdentities) (not .Values.tls.clientCa.existingSecret) }}
-{{- fail "tls.verifyCallers and operatorIdentities are certificate identities: they need tls.clientCa (mTLS)" }}
+{{- if and (or .Values.tls.verifyCallers .Values.tls.outcomeReporters .Values.operatorIdentities) (not .Values.tls.clientCa.existingSecret) }}
+{{- fail "tls.verifyCallers, tls.outcomeReporters and operatorIdentities are certificate identities: they need tls.clientCa (mTLS)" }}
+{{- end }}
+{{- if and .Values.tls.clientCrl.existingSecret (not .Values.tls.clientCa.existingSecret) }}
+{{- fail "tls.clientCrl revokes client certificates: it needs tls.clientCa (mTLS)" }}
 {{- end }}
 {{- if and (include "keywarden.tls" .) (eq (int .Values.service.healthPort) 0) }}
 {{- fail "with TLS, service.healthPort is required: the kubelet's gRPC probes cannot speak TLS" }}
