@@ -233,14 +233,15 @@ check(again["Secret"][0]["stringData"] == kinds["Secret"][0]["stringData"],
       "default: a second render keeps the Secret's pepper and admin token")
 
 # Explicit secrets must land in the Secret only.
-explicit = {"secrets": {"databaseUrl": "postgres://kw:s3cret-pw@db:5432/kw", "pepper": "A" * 44, "adminToken": "token-" + "x" * 20}}
+explicit = {"secrets": {"databaseUrl": "postgres://kw:s3cret-pw@db:5432/kw", "pepper": "A" * 44, "adminToken": "token-" + "x" * 20},
+            "allowPlaintext": True}
 docs = render(explicit, "explicit-secrets")
 kinds = check_promises(docs, "explicit-secrets", ["s3cret-pw", "A" * 44, "x" * 20])
 check(kinds["Secret"][0]["stringData"]["pepper"] == "A" * 44, "explicit-secrets: the pepper is in the Secret")
 
 # A rotation in progress: generation 2 current, generation 1 kept; then
 # generation 1 retired, which the chart renders without a `pepper` key.
-rotating = {"secrets": {"pepper": "A" * 44, "peppers": '{2="' + "C" * 44 + '"}', "adminToken": "token-" + "x" * 20},
+rotating = {"allowPlaintext": True, "secrets": {"pepper": "A" * 44, "peppers": '{2="' + "C" * 44 + '"}', "adminToken": "token-" + "x" * 20},
             "config": {"pepperCurrent": "2"}}
 docs = render(rotating, "rotating")
 kinds = check_promises(docs, "rotating", ["A" * 44, "C" * 44, "x" * 20])
@@ -250,7 +251,7 @@ container = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
 refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
 check(refs["KEYWARDEN_PEPPERS"]["key"] == "peppers" and refs["KEYWARDEN_PEPPERS"]["optional"]
       and refs["KEYWARDEN_PEPPER"]["optional"], "rotating: either pepper key may be absent from the Secret")
-retired = {"secrets": {"pepper": "", "peppers": '{2="' + "C" * 44 + '"}', "adminToken": "token-" + "x" * 20},
+retired = {"allowPlaintext": True, "secrets": {"pepper": "", "peppers": '{2="' + "C" * 44 + '"}', "adminToken": "token-" + "x" * 20},
            "config": {"pepperCurrent": "2"}}
 kinds = check_promises(render(retired, "retired"), "retired", ["C" * 44])
 check("pepper" not in kinds["Secret"][0]["stringData"], "retired: generation 1 is gone from the Secret")
