@@ -7,14 +7,17 @@
 //!
 //! - [`startup`]: assembly. Builds every part from [`config::Settings`],
 //!   runs the servers and background tasks, shuts down in order; its
-//!   [`startup::tls`] accepts connections (TLS/mTLS, certificate reload),
+//!   [`startup::tls`] accepts connections (TLS/mTLS, certificate and CRL
+//!   reload, per-address caps, handshake and idle timeouts),
 //!   [`startup::supervise`] restarts failed background tasks, and
 //!   [`startup::exporter`] serves `/metrics`.
 //! - [`cli`]: the command-line client (KeyAdmin and KeyVerify over gRPC).
 //! - [`api`]: the gRPC layer. Decodes messages, calls a use case, and maps
 //!   every [`service::ServiceError`] to a `tonic::Status` in one place
-//!   (`api::status`); the peer of a connection ([`api::peer`]), KeyVerify's
-//!   allowed callers, admin authentication and trace context are layers.
+//!   (`api::status`); the peer of a connection ([`api::peer`]), who may
+//!   verify and who may report outcomes ([`api::callers`]), each call's
+//!   time bound ([`api::lifetime`]), admin authentication and trace
+//!   context are layers.
 //! - [`service`]: the use cases, [`service::admin::KeyManager`],
 //!   [`service::operators::OperatorTokens`] and [`service::verify::Verifier`];
 //!   who may do what ([`service::access`]); request validation; the scrypt
@@ -35,7 +38,9 @@
 //! - [`routes`]: the gateway's route table (which scope an HTTP method and
 //!   path need), parsed and matched without I/O; it imports only [`keys`].
 //! - [`keys`]: the key domain, free of I/O: format and checksum, hashing,
-//!   scopes, CIDR allow-lists, the decision, and operator tokens and roles.
+//!   scopes, CIDR allow-lists, the decision, mTLS client identities, the one
+//!   excerpting function errors quote input through, and operator tokens
+//!   and roles.
 //!
 //! Leaves that any layer may use: [`config`] (settings types; it imports
 //! only [`keys`]), [`telemetry`] (logs, spans, the caller's trace id),

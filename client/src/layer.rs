@@ -142,7 +142,11 @@ impl VerifyLayer {
             Requirement::Scope(scope) => scope.into_owned(),
             Requirement::AnyValidKey => String::new(),
         };
-        let (key, header) = presented_key(&parts.headers);
+        // A key in both headers: one of them would reach the handler
+        // unchecked. Refused as the gateway refuses it.
+        let Some(key) = presented_key(&parts.headers) else {
+            return Ok(Denial::Denied(DenyReason::MalformedRequest).response());
+        };
         if key.len() > MAX_KEY {
             return Ok(Denial::Denied(DenyReason::Malformed).response());
         }
@@ -169,10 +173,10 @@ impl VerifyLayer {
                 return Ok(Denial::Unavailable.response());
             }
         };
-        // The handler has the grant; the key stays out of its reach (and logs).
-        if let Some(header) = header {
-            parts.headers.remove(header);
-        }
+        // The handler has the grant; the key stays out of its reach (and
+        // logs), whichever header carried it.
+        parts.headers.remove(AUTHORIZATION);
+        parts.headers.remove(X_API_KEY);
         let audit_id = grant.audit_id.clone();
         parts.extensions.insert(grant);
         let response = inner.call(Request::from_parts(parts, body)).await?;
@@ -293,23 +297,19 @@ fn short_text(reason: DenyReason) -> &'static str {
     }
 }
 
-/// The key a request presents and the header it came in, as the gateway
-/// reads them: `authorization: Bearer <key>` first, then `x-api-key`. A
-/// header that is not text presents no key.
-fn presented_key(headers: &HeaderMap) -> (String, Option<&'static str>) {
+/// The key a request presents, as the gateway reads it:
+/// `authorization: Bearer <key>` or `x-api-key`; empty for another scheme
+/// or a header that is not text. `None` when both headers are sent.
+fn presented_key(headers: &HeaderMap) -> Option<String> {
+    if headers.contains_key(AUTHORIZATION) && headers.contains_key(X_API_KEY) {
+        return None;
+    }
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let bearer = text(AUTHORIZATION)
         .and_then(|value| value.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, key)| key.trim());
-    if let Some(key) = bearer {
-        return (key.to_owned(), Some(AUTHORIZATION));
-    }
-    match text(X_API_KEY) {
-        Some(key) => (key.trim().to_owned(), Some(X_API_KEY)),
-        // A key in another scheme does not reach the handler either.
-        None => (String::new(), headers.contains_key(AUTHORIZATION).then_some(AUTHORIZATION)),
-    }
+    Some(bearer.or_else(|| text(X_API_KEY).map(str::trim)).unwrap_or_default().to_owned())
 }
 
 /// A path fit for Verify's audit field: no control characters, at most
@@ -353,16 +353,19 @@ mod tests {
     }
 
     #[test]
-    fn the_key_comes_from_a_bearer_token_first_then_x_api_key() {
-        let both = headers(&[("authorization", "Bearer sntr_a"), ("x-api-key", "sntr_b")]);
-        assert_eq!(presented_key(&both), ("sntr_a".into(), Some(AUTHORIZATION)));
-        let lower = headers(&[("authorization", "bearer  sntr_a ")]);
-        assert_eq!(presented_key(&lower), ("sntr_a".into(), Some(AUTHORIZATION)));
-        let basic = headers(&[("authorization", "Basic dXNlcg=="), ("x-api-key", "sntr_b")]);
-        assert_eq!(presented_key(&basic), ("sntr_b".into(), Some(X_API_KEY)));
-        let only_basic = headers(&[("authorization", "Basic dXNlcg==")]);
-        assert_eq!(presented_key(&only_basic), (String::new(), Some(AUTHORIZATION)));
-        assert_eq!(presented_key(&HeaderMap::new()), (String::new(), None));
+    fn the_key_comes_from_one_header_and_two_are_refused() {
+        fn key(h: &[(&'static str, &'static str)]) -> Option<String> {
+            presented_key(&headers(h))
+        }
+        assert_eq!(key(&[("authorization", "Bearer sntr_a")]).as_deref(), Some("sntr_a"));
+        assert_eq!(key(&[("authorization", "bearer  sntr_a ")]).as_deref(), Some("sntr_a"));
+        assert_eq!(key(&[("x-api-key", " sntr_b")]).as_deref(), Some("sntr_b"));
+        assert_eq!(key(&[("authorization", "Basic dXNlcg==")]).as_deref(), Some(""));
+        assert_eq!(presented_key(&HeaderMap::new()).as_deref(), Some(""));
+        // As the gateway: one of two would reach the handler unchecked.
+        assert_eq!(key(&[("authorization", "Bearer sntr_a"), ("x-api-key", "sntr_b")]), None);
+        assert_eq!(key(&[("authorization", "Basic dXNlcg=="), ("x-api-key", "sntr_b")]), None);
+        assert_eq!(Denial::Denied(DenyReason::MalformedRequest).status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -258,6 +258,17 @@ async fn denied_requests_never_reach_the_handler_and_are_answered_like_the_gatew
         assert_eq!(answer.status(), 200);
     }
     assert!(seen.lock().unwrap().iter().all(|(grant, carries_key)| grant.is_some() && !carries_key));
+    // A key in both headers is refused before keywarden is asked, as the
+    // gateway refuses it; the handler does not run.
+    let both = axum::http::Request::builder()
+        .uri("/anything")
+        .header("authorization", bearer(&writer))
+        .header("x-api-key", "sntr_unchecked")
+        .body(String::new())
+        .unwrap();
+    let answer = layer.layer(handler.clone()).oneshot(both).await.unwrap();
+    assert_eq!(answer.status(), 400);
+    assert_eq!(seen.lock().unwrap().len(), 2, "the handler ran for a request with two keys");
     let unreachable = {
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         let endpoint = Endpoint::from_shared(format!("http://{closed}")).unwrap();
