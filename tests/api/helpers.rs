@@ -859,14 +859,20 @@ impl Proxy {
                             while_stalled(&mut stall_down, &startup).await;
                             let committed =
                                 marked.load(Ordering::SeqCst) && scan.seen(&buf[..n], COMMIT_COMPLETE);
+                            // Only the COMMIT that trips the cut is the one
+                            // whose acknowledgement may be lost.
+                            let tripping = committed && armed.lock().unwrap().take().is_some();
                             // Losing the acknowledgement: the COMMIT landed
                             // but its answer never reaches the client.
-                            if !(committed && lose.load(Ordering::SeqCst)) {
+                            if !(tripping && lose.load(Ordering::SeqCst)) {
                                 to_client.write_all(&buf[..n]).await?;
                             }
-                            if committed && armed.lock().unwrap().take().is_some() {
+                            if tripping {
                                 trip.store(true, Ordering::SeqCst);
                                 cutter.send_replace(true);
+                                // This connection closes now, whether or not
+                                // its task sees the cut before a restore.
+                                return Ok(());
                             }
                         }
                     };
