@@ -178,6 +178,8 @@ pub struct Probes {
     pub usage: Arc<UsageTracker>,
     pub cache: Option<Arc<VerifyCache>>,
     pub freshness: Arc<Freshness>,
+    /// The database's clock as this replica estimates it.
+    pub clock: Arc<DbClock>,
     pub metrics: Arc<Metrics>,
     pub exporter: Exporter,
     /// The background tasks' supervisor (tests kill tasks through it).
@@ -465,6 +467,7 @@ impl Application {
             usage: Arc::clone(&self.usage),
             cache: self.cache.clone(),
             freshness: Arc::clone(&self.freshness),
+            clock: Arc::clone(&self.clock),
             metrics: Arc::clone(&self.metrics),
             exporter: self.exporter.clone(),
             tasks: self.supervisor.clone(),
