@@ -25,7 +25,8 @@
 //!   rehash of keys checked under an old one ([`service::rehash`]).
 //! - [`cache`], [`usage`], [`audit`], [`throttle`], [`limiter`], [`fleet`]: runtime
 //!   state of the Verify path. The verification cache and the change feed
-//!   that keeps it current; batched usage counters; the audit queue, its
+//!   that keeps it current; batched usage counters, spilled to local disk
+//!   while the database is away ([`usage::spill`]); the audit queue, its
 //!   writer and its local spool; the counters of wrong secrets that
 //!   throttle guessing; per-key rate limits, per replica or leased from
 //!   Redis ([`limiter`], which uses [`fleet`]); credits are spent through

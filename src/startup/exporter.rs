@@ -285,6 +285,13 @@ impl Collector for Snapshot {
         )?;
         gauge(
             &mut encoder,
+            "usage_unsaved_keys",
+            "keys with usage held only in memory: neither written nor spilled to local disk",
+            None,
+            s.usage.unsaved_keys() as f64,
+        )?;
+        gauge(
+            &mut encoder,
             "usage_flush_lag",
             "time since usage counters were last written successfully",
             Some(&Unit::Seconds),

@@ -227,7 +227,17 @@ impl Application {
             .context("starting the admin scrypt thread")?;
         let throttle = Arc::new(GuessThrottle::new(settings.throttle()));
         let rollups = Arc::new(Rollups::default());
-        let usage = UsageTracker::new(store.clone());
+        // Usage spilled during an outage goes beside the audit rows spooled
+        // in it, and is applied before this process reads any balance.
+        let usage_spill = match settings.audit_spool_dir() {
+            Some(dir) => Some(
+                crate::usage::spill::Spill::open(&dir.join("usage"))
+                    .with_context(|| format!("opening the usage spill in {}", dir.display()))?,
+            ),
+            None => None,
+        };
+        let usage = UsageTracker::new(store.clone(), usage_spill);
+        usage.recover().await.context("applying usage spilled by an earlier process")?;
         let spool = match settings.audit_spool_dir() {
             Some(dir) => Some(Arc::new(
                 Spool::open(&dir, settings.audit_spool_max_bytes)
@@ -519,9 +529,10 @@ impl Application {
         let usage_task = {
             let (usage, interval, timeout, stop) =
                 (Arc::clone(&usage), settings.usage_flush_interval(), settings.flush_timeout(), stop.clone());
+            let spill_after = settings.audit().spill_after;
             supervisor.spawn(
                 "usage flusher",
-                move || Arc::clone(&usage).run(interval, stop(), timeout),
+                move || Arc::clone(&usage).run(interval, spill_after, stop(), timeout),
                 || {},
             )
         };
@@ -883,7 +894,7 @@ impl Application {
         if unwritten_usage + unwritten_audit > 0 {
             anyhow::bail!(
                 "stopped with {unwritten_audit} audit rows and usage of {unwritten_usage} keys unwritten \
-                 (the database stayed unreachable for flush_timeout_ms)"
+                 and not on local disk (the database stayed unreachable for flush_timeout_ms)"
             );
         }
         tracing::info!("stopped");

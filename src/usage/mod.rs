@@ -8,6 +8,12 @@
 //! same batch under the same id: an outage delays counts but loses none, and
 //! a commit whose acknowledgement was lost is not counted twice.
 //!
+//! A batch the database cannot take (an error, or slower than the spill
+//! bound) is spilled to local disk ([`spill`]), and so is what accumulates
+//! while the outage lasts, merged into one batch never yet attempted. A
+//! process killed meanwhile loses nothing spilled: the next one applies the
+//! spilled batches under their flush ids before it serves.
+//!
 //! Credits ride in the same batches (`credits_remaining - spent`), so they
 //! are exactly as durable. This replica's view of a balance is the last
 //! stored balance it read (from the key's state, or returned by its own
@@ -16,9 +22,14 @@
 //! twice or missed, and other replicas' spending reaches it with each of
 //! its flushes.
 
+pub mod spill;
+
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, PoisonError},
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -31,28 +42,55 @@ use crate::store::{
     keys::{SyncedBalance, UsageApplied, UsageDelta},
 };
 
+use self::spill::Spill;
+
 /// Deltas taken out of the map for one flush, and the id that makes
 /// applying them idempotent.
 #[derive(Debug)]
 struct Flush {
     id: String,
     deltas: HashMap<String, UsageDelta>,
+    /// Sent to the database at least once: it may have committed with
+    /// only its acknowledgement lost, so it is never merged into again.
+    attempted: AtomicBool,
+    /// On the spill, as it is now.
+    spilled: AtomicBool,
 }
 
 impl Flush {
+    fn new(id: String, deltas: HashMap<String, UsageDelta>) -> Self {
+        Self { id, deltas, attempted: AtomicBool::new(false), spilled: AtomicBool::new(false) }
+    }
+
     fn rows(&self) -> Vec<(&str, UsageDelta)> {
         self.deltas.iter().map(|(k, d)| (k.as_str(), *d)).collect()
     }
+
+    fn attempted(&self) -> bool {
+        self.attempted.load(Ordering::Acquire)
+    }
+}
+
+fn add(total: &mut UsageDelta, delta: &UsageDelta) {
+    total.allowed += delta.allowed;
+    total.denied += delta.denied;
+    total.last_used_at = total.last_used_at.max(delta.last_used_at);
+    total.spent += delta.spent;
 }
 
 #[derive(Debug)]
 pub struct UsageTracker {
     store: Store,
     pending: Mutex<HashMap<String, UsageDelta>>,
-    /// The batch being written, or not yet known to be written. It stays
-    /// here until the store confirms it, so a flush that fails or is
-    /// cancelled mid-write is retried whole, under its own id.
-    in_flight: Mutex<Option<Arc<Flush>>>,
+    /// Batches taken out of `pending` and not yet known to be written,
+    /// oldest first. A batch stays here until the store confirms it, so a
+    /// flush that fails or is cancelled mid-write is retried whole, under
+    /// its own id. Only the oldest is ever attempted; behind it at most one
+    /// more, spilled during an outage and still growing.
+    queue: Mutex<VecDeque<Arc<Flush>>>,
+    /// Where batches go while the database cannot take them; `None` when
+    /// the replica keeps no local state (the spool is off).
+    spill: Option<Spill>,
     /// Held while a flush is in flight, so readers never see a delta both in
     /// memory and in the database, or in neither.
     flushing: AsyncMutex<()>,
@@ -71,11 +109,12 @@ struct Ledger {
 }
 
 impl UsageTracker {
-    pub fn new(store: Store) -> Arc<Self> {
+    pub fn new(store: Store, spill: Option<Spill>) -> Arc<Self> {
         Arc::new(Self {
             store,
             pending: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(None),
+            queue: Mutex::new(VecDeque::new()),
+            spill,
             flushing: AsyncMutex::new(()),
             last_flushed: Mutex::new(std::time::Instant::now()),
             credits: Mutex::new(HashMap::new()),
@@ -124,8 +163,10 @@ impl UsageTracker {
         f(ledger)
     }
 
+    /// Whether an attempted batch (possibly committed, unacknowledged)
+    /// holds spending of `key_id`.
     fn spending_in_flight(&self, key_id: &str) -> bool {
-        self.in_flight().is_some_and(|f| f.deltas.get(key_id).is_some_and(|d| d.spent > 0))
+        self.attempted().is_some_and(|f| f.deltas.get(key_id).is_some_and(|d| d.spent > 0))
     }
 
     /// A written batch's spending is no longer unconfirmed, and the
@@ -193,8 +234,20 @@ impl UsageTracker {
     /// Keys with unflushed usage (a key both in the map and in a batch not
     /// yet confirmed counts twice).
     pub fn pending_keys(&self) -> usize {
-        let in_flight = self.in_flight().map_or(0, |f| f.deltas.len());
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner).len() + in_flight
+        let queued: usize = self.lock_queue().iter().map(|f| f.deltas.len()).sum();
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).len() + queued
+    }
+
+    /// Keys with unflushed usage held only in memory: neither written nor
+    /// spilled, so a kill now would lose it.
+    pub fn unsaved_keys(&self) -> usize {
+        let queued: usize = self
+            .lock_queue()
+            .iter()
+            .filter(|f| !f.spilled.load(Ordering::Acquire))
+            .map(|f| f.deltas.len())
+            .sum();
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).len() + queued
     }
 
     /// Whether a flush is running now (for tests and diagnostics).
@@ -202,8 +255,25 @@ impl UsageTracker {
         self.flushing.try_lock().is_err()
     }
 
-    fn in_flight(&self) -> Option<Arc<Flush>> {
-        self.in_flight.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Flush>>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The batch sent to the database and not yet confirmed, if any.
+    fn attempted(&self) -> Option<Arc<Flush>> {
+        self.lock_queue().front().filter(|f| f.attempted()).cloned()
+    }
+
+    /// Takes `flush` off the queue (confirmed) and off the spill.
+    fn done(&self, flush: &Flush) {
+        self.lock_queue().retain(|f| f.id != flush.id);
+        if flush.spilled.load(Ordering::Acquire)
+            && let Some(spill) = &self.spill
+            && let Err(e) = spill.remove(&flush.id)
+        {
+            // Harmless: replayed at the next start, it is recognised by id.
+            tracing::warn!(error = %e, flush_id = %flush.id, "could not remove a written usage batch from the spill");
+        }
     }
 
     /// Holds off flushes while the guard lives, so a database read plus
@@ -214,12 +284,12 @@ impl UsageTracker {
     /// than shown both in memory and in the database until its retry.
     pub async fn pause_flush(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, StoreError> {
         let guard = self.flushing.lock().await;
-        if let Some(flush) = self.in_flight()
+        if let Some(flush) = self.attempted()
             && self.store.usage_flush_applied(&flush.id).await?
         {
             tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "an unacknowledged usage flush had been applied; confirmed");
             self.confirm_applied(&flush).await?;
-            *self.in_flight.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            self.done(&flush);
         }
         Ok(guard)
     }
@@ -233,64 +303,146 @@ impl UsageTracker {
             .get(key_id)
             .copied()
             .unwrap_or_default();
-        if let Some(delta) = self.in_flight().and_then(|f| f.deltas.get(key_id).copied()) {
-            total.allowed += delta.allowed;
-            total.denied += delta.denied;
-            total.last_used_at = total.last_used_at.max(delta.last_used_at);
-            total.spent += delta.spent;
+        for flush in self.lock_queue().iter() {
+            if let Some(delta) = flush.deltas.get(key_id) {
+                add(&mut total, delta);
+            }
         }
         total
     }
 
-    /// Writes everything accumulated so far: first a batch left over from a
-    /// failed or cancelled attempt (under its original id), then what has
-    /// accumulated since. Returns the number of key rows written. Safe to
-    /// cancel: an unconfirmed batch stays queued for the next call.
+    /// Writes everything accumulated so far: first the batches left over
+    /// from failed or cancelled attempts or spilled during an outage (each
+    /// under its own id), then what has accumulated since. Returns the
+    /// number of key rows written. Safe to cancel: an unconfirmed batch
+    /// stays queued for the next call.
     pub async fn flush(&self) -> Result<usize, StoreError> {
         let _flush = self.flushing.lock().await;
         let mut written = 0;
-        // At most one left-over batch and one fresh one, so a flush ends
-        // even while uses keep arriving.
-        while let Some((flush, fresh)) = self.next_batch() {
-            match self.store.apply_usage(&flush.id, &flush.rows()).await? {
-                UsageApplied::Applied(balances) => self.confirm(&flush, &balances),
-                UsageApplied::AlreadyApplied => {
-                    tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "usage flush had already been applied; not counted again");
-                    self.confirm_applied(&flush).await?;
-                }
-            }
-            *self.in_flight.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        // The queue holds at most two batches and only this method adds to
+        // it, so with one fresh batch a flush ends even while uses keep
+        // arriving.
+        let mut taken_fresh = false;
+        while let Some((flush, fresh)) = self.next_batch(!taken_fresh) {
+            taken_fresh |= fresh;
+            self.write(&flush).await?;
+            self.done(&flush);
             written += flush.deltas.len();
-            if fresh {
-                break;
-            }
         }
         *self.last_flushed.lock().unwrap_or_else(PoisonError::into_inner) = std::time::Instant::now();
         Ok(written)
     }
 
-    /// The unconfirmed batch if there is one (not fresh), else what has
-    /// accumulated, moved into the in-flight slot under a new id (fresh).
-    fn next_batch(&self) -> Option<(Arc<Flush>, bool)> {
-        let mut slot = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(flush) = &*slot {
+    async fn write(&self, flush: &Flush) -> Result<(), StoreError> {
+        match self.store.apply_usage(&flush.id, &flush.rows()).await? {
+            UsageApplied::Applied(balances) => self.confirm(flush, &balances),
+            UsageApplied::AlreadyApplied => {
+                tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "usage flush had already been applied; not counted again");
+                self.confirm_applied(flush).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The oldest unconfirmed batch (not fresh), else, if `take_fresh`, what
+    /// has accumulated under a new id (fresh); marked attempted either way.
+    fn next_batch(&self, take_fresh: bool) -> Option<(Arc<Flush>, bool)> {
+        let mut queue = self.lock_queue();
+        if let Some(flush) = queue.front() {
+            flush.attempted.store(true, Ordering::Release);
             return Some((Arc::clone(flush), false));
+        }
+        if !take_fresh {
+            return None;
         }
         let deltas = std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
         if deltas.is_empty() {
             return None;
         }
-        let flush = Arc::new(Flush { id: uuid::Uuid::now_v7().to_string(), deltas });
-        *slot = Some(Arc::clone(&flush));
+        let flush = Arc::new(Flush::new(uuid::Uuid::now_v7().to_string(), deltas));
+        flush.attempted.store(true, Ordering::Release);
+        queue.push_back(Arc::clone(&flush));
         Some((flush, true))
     }
 
+    /// Puts everything unwritten on the spill: the unconfirmed batches not
+    /// yet there, and what has accumulated, merged into the newest batch if
+    /// that was never attempted (so an outage of any length leaves at most
+    /// two files), else into a new one. Returns the keys still held only in
+    /// memory (0 unless there is no spill or it cannot be written).
+    pub fn spill(&self) -> usize {
+        let Some(spill) = &self.spill else { return self.unsaved_keys() };
+        let to_write: Vec<Arc<Flush>> = {
+            let mut queue = self.lock_queue();
+            let fresh = std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+            if !fresh.is_empty() {
+                match queue.back_mut() {
+                    Some(newest) if !newest.attempted() => {
+                        let mut deltas = newest.deltas.clone();
+                        for (key_id, delta) in &fresh {
+                            add(deltas.entry(key_id.clone()).or_default(), delta);
+                        }
+                        *newest = Arc::new(Flush::new(newest.id.clone(), deltas));
+                    }
+                    _ => queue.push_back(Arc::new(Flush::new(uuid::Uuid::now_v7().to_string(), fresh))),
+                }
+            }
+            queue.iter().filter(|f| !f.spilled.load(Ordering::Acquire)).cloned().collect()
+        };
+        // Written outside the lock (Verify reads the queue for credits); the
+        // spill is only ever called from the flusher's own task, so nothing
+        // else writes or removes these files meanwhile.
+        for flush in to_write {
+            match spill.write(&flush.id, &flush.deltas) {
+                Ok(()) => flush.spilled.store(true, Ordering::Release),
+                Err(e) => {
+                    tracing::error!(error = %e, flush_id = %flush.id, keys = flush.deltas.len(), "could not spill usage; it stays in memory only");
+                }
+            }
+        }
+        self.unsaved_keys()
+    }
+
+    /// Applies every batch a previous process spilled, under its own flush
+    /// id (a batch whose commit landed before the kill is recognised), and
+    /// removes it. Called before serving, so that balances read afterwards
+    /// include what the previous process spent.
+    pub async fn recover(&self) -> anyhow::Result<usize> {
+        use anyhow::Context as _;
+        let Some(spill) = &self.spill else { return Ok(0) };
+        let (batches, unreadable) = spill.load().context("reading the usage spill")?;
+        for path in unreadable {
+            tracing::error!(path = %path.display(), "an unreadable usage spill file was set aside; its counts are not applied");
+        }
+        let mut keys = 0;
+        for batch in batches {
+            let rows: Vec<(&str, UsageDelta)> = batch.deltas.iter().map(|(k, d)| (k.as_str(), *d)).collect();
+            let applied = self
+                .store
+                .apply_usage(&batch.id, &rows)
+                .await
+                .with_context(|| format!("applying spilled usage batch {}", batch.id))?;
+            if matches!(applied, UsageApplied::AlreadyApplied) {
+                tracing::info!(flush_id = %batch.id, "a spilled usage batch had already been applied; not counted again");
+            }
+            spill.remove(&batch.id).with_context(|| format!("removing spilled usage batch {}", batch.id))?;
+            keys += batch.deltas.len();
+        }
+        if keys > 0 {
+            tracing::info!(keys, "applied usage a previous process had spilled");
+        }
+        Ok(keys)
+    }
+
     /// Flushes every `interval` until `stop` resolves, then flushes what is
-    /// left, retrying until `final_deadline` passes. Returns how many keys'
-    /// counts could not be written (0 is the only good answer).
+    /// left, retrying until `final_deadline` passes. An attempt that fails
+    /// or takes longer than `spill_after` spills what is unwritten (and
+    /// spills again each interval while it hangs). Returns how many keys'
+    /// counts are neither written nor spilled (0 is the only good answer).
     pub async fn run(
         self: Arc<Self>,
         interval: Duration,
+        spill_after: Duration,
         stop: impl Future<Output = ()>,
         final_deadline: Duration,
     ) -> usize {
@@ -302,17 +454,32 @@ impl UsageTracker {
                 _ = ticker.tick() => {}
                 () = &mut stop => break,
             }
+            let attempt = self.flush();
+            tokio::pin!(attempt);
+            let mut spill_at = tokio::time::Instant::now() + spill_after;
             // A flush stuck on a lock gives way to shutdown; what it was
             // writing stays unconfirmed and goes into the final flush.
-            tokio::select! {
-                result = self.flush() => if let Err(e) = result {
-                    tracing::warn!(error = %e, pending_keys = self.pending_keys(), "usage flush failed; will retry");
-                },
-                () = &mut stop => break,
+            let result = loop {
+                tokio::select! {
+                    result = &mut attempt => break Some(result),
+                    () = tokio::time::sleep_until(spill_at) => {
+                        self.spill();
+                        spill_at = tokio::time::Instant::now() + interval.max(spill_after);
+                    }
+                    () = &mut stop => break None,
+                }
+            };
+            match result {
+                None => break,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    let unsaved = self.spill();
+                    tracing::warn!(error = %e, pending_keys = self.pending_keys(), unsaved_keys = unsaved, "usage flush failed; spilled, will retry");
+                }
             }
         }
         // Each attempt is cut at the deadline too: one stuck on a lock must
-        // not hold shutdown. Its batch stays unconfirmed and is reported.
+        // not hold shutdown. Its batch stays unconfirmed and is spilled.
         let give_up = tokio::time::Instant::now() + final_deadline;
         loop {
             let error = match tokio::time::timeout_at(give_up, self.flush()).await {
@@ -320,13 +487,16 @@ impl UsageTracker {
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "the final attempt did not finish in time".to_owned(),
             };
+            let unsaved = self.spill();
             if tokio::time::Instant::now() < give_up {
                 tracing::warn!(error = %error, "final usage flush failed; retrying");
                 tokio::time::sleep(Duration::from_millis(250)).await;
+            } else if unsaved == 0 {
+                tracing::warn!(error = %error, pending_keys = self.pending_keys(), "usage counts could not be written before shutdown; spilled, applied at the next start");
+                return 0;
             } else {
-                let lost = self.pending_keys();
-                tracing::error!(error = %error, pending_keys = lost, "usage counts could not be written before shutdown");
-                return lost;
+                tracing::error!(error = %error, pending_keys = self.pending_keys(), unsaved_keys = unsaved, "usage counts could not be written or spilled before shutdown");
+                return unsaved;
             }
         }
     }
@@ -342,7 +512,7 @@ mod tests {
 
     async fn tracker() -> (Arc<UsageTracker>, tempfile::TempDir) {
         let (store, dir) = crate::store::temp_sqlite_store().await;
-        (UsageTracker::new(store), dir)
+        (UsageTracker::new(store, None), dir)
     }
 
     async fn key_row(store: &Store, id: &str) {
@@ -371,7 +541,7 @@ mod tests {
         for _ in 0..3 {
             tracker.record_allowed("k1", Utc::now());
         }
-        let (flush, fresh) = tracker.next_batch().unwrap();
+        let (flush, fresh) = tracker.next_batch(true).unwrap();
         assert!(fresh);
         flush
     }
@@ -425,12 +595,12 @@ mod tests {
             Err(70),
             "nothing taken"
         );
-        let (flush, _) = tracker.next_batch().unwrap();
+        let (flush, _) = tracker.next_batch(true).unwrap();
         // A reading that includes the unconfirmed batch is not taken yet.
         assert_eq!(tracker.spend("k1", Balance { remaining: 70, seq: 1, epoch: 0 }, 5), Ok(65));
         let written = SyncedBalance { key_id: "k1".into(), remaining: Some(70), seq: 1 };
         tracker.confirm(&flush, &[written]);
-        *tracker.in_flight.lock().unwrap() = None;
+        tracker.done(&flush);
         assert_eq!(tracker.spend("k1", Balance { remaining: 70, seq: 1, epoch: 0 }, 5), Ok(60));
         assert_eq!(tracker.pending("k1").spent, 10);
         tracker.sync(&[SyncedBalance { key_id: "k1".into(), remaining: Some(500), seq: 3 }]);
@@ -439,6 +609,56 @@ mod tests {
             Ok(489),
             "500 less 11 unflushed"
         );
+    }
+
+    /// Killed during an outage: one batch was attempted (and, unknown to
+    /// the process, committed), the rest spilled. The next process applies
+    /// the spill, and each use and credit counts exactly once.
+    #[tokio::test]
+    async fn a_spilled_outage_is_applied_once_by_the_next_process() {
+        let (store, _db) = crate::store::temp_sqlite_store().await;
+        let dir = tempfile::tempdir().unwrap();
+        let tracker = UsageTracker::new(store.clone(), Some(Spill::open(dir.path()).unwrap()));
+        key_row(&store, "k1").await;
+        {
+            use sea_orm::ConnectionTrait;
+            store
+                .db()
+                .execute_unprepared("UPDATE api_keys SET credits_remaining = 100 WHERE id = 'k1'")
+                .await
+                .unwrap();
+        }
+        let balance = Balance { remaining: 100, seq: 0, epoch: 0 };
+        for _ in 0..3 {
+            tracker.record_allowed("k1", Utc::now());
+        }
+        assert_eq!(tracker.spend("k1", balance, 4), Ok(96));
+        let (attempted, _) = tracker.next_batch(true).unwrap();
+        assert!(matches!(
+            store.apply_usage(&attempted.id, &attempted.rows()).await.unwrap(),
+            UsageApplied::Applied(_)
+        ));
+        // The acknowledgement was lost: the attempt failed as far as the
+        // tracker knows, and uses go on arriving through the outage.
+        tracker.record_allowed("k1", Utc::now());
+        tracker.record_denied("k1");
+        assert_eq!(tracker.unsaved_keys(), 2, "the attempted batch and the map");
+        assert_eq!(tracker.spill(), 0);
+        tracker.record_allowed("k1", Utc::now());
+        assert_eq!(tracker.spend("k1", balance, 5), Ok(91));
+        assert_eq!(tracker.unsaved_keys(), 1);
+        assert_eq!(tracker.spill(), 0);
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, 2, "the attempted batch, and one batch for the rest of the outage");
+        drop(tracker);
+
+        let next = UsageTracker::new(store.clone(), Some(Spill::open(dir.path()).unwrap()));
+        assert_eq!(next.recover().await.unwrap(), 2);
+        assert_eq!(stored_count(&store, "k1").await, 5, "3 + 2, the committed batch once");
+        let balances = store.credit_balances(&["k1"]).await.unwrap();
+        assert_eq!(balances[0].remaining, Some(91), "4 and 5 spent, each once");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(next.recover().await.unwrap(), 0, "applied once");
     }
 
     /// Uses recorded without pause (far faster than any write) must not keep

@@ -110,7 +110,7 @@ pub struct TestApp {
     pub database_url: String,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     postgres: Option<(String, String)>,
 }
 
@@ -253,7 +253,7 @@ async fn serve_on(
         database_url,
         shutdown: Some(tx),
         handle: Some(handle),
-        _dir: dir,
+        dir,
         postgres,
     }
 }
@@ -370,6 +370,11 @@ impl TestApp {
     pub async fn ended_within(&mut self, within: Duration) -> anyhow::Result<()> {
         let handle = self.handle.take().expect("the app is running");
         tokio::time::timeout(within, handle).await.expect("the app ended in time").unwrap()
+    }
+
+    /// The app's data directory (its spool and usage spill live there).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Graceful stop that keeps the database for inspection.
@@ -663,7 +668,12 @@ pub struct Replica {
 
 impl Replica {
     pub fn logged(&self, needle: &str) -> bool {
-        self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
+        self.logged_times(needle) > 0
+    }
+
+    /// How many of its log lines contain `needle`.
+    pub fn logged_times(&self, needle: &str) -> usize {
+        self.logs.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
     }
 }
 

@@ -31,7 +31,7 @@ backend_tests!(
     a_usage_flush_applied_twice_is_counted_once,
     a_usage_flush_cut_short_keeps_its_counts_for_the_next,
     usage_counts_stay_exact_while_flushes_run_under_load,
-    shutdown_gives_up_on_a_stuck_usage_flush_and_says_so,
+    shutdown_spills_a_stuck_usage_flush_or_names_what_it_could_not_keep,
     audit_rows_carry_the_callers_trace_id_without_span_export,
     a_full_audit_queue_answers_unavailable_within_the_wait_bound,
     a_full_audit_queue_drops_and_counts_when_configured_to,
@@ -548,25 +548,41 @@ async fn usage_counts_stay_exact_while_flushes_run_under_load(backend: Backend) 
 }
 
 /// Shutdown waits for a usage flush stuck on a lock only until the flush
-/// timeout, then names what it could not write instead of hanging.
-async fn shutdown_gives_up_on_a_stuck_usage_flush_and_says_so(backend: Backend) {
-    let mut app = spawn_app_with(backend, |s| {
-        s.usage_flush_interval_ms = 100;
-        s.flush_timeout_ms = 1000;
-        s.shutdown_grace_ms = 500;
-    })
-    .await;
-    let (_, key) = app.key_with_scopes(&["sales:read"]).await;
-    app.settle().await;
-    let lock = crate::helpers::lock_table(&app.database_url, "api_keys").await;
-    assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed());
-    // The flusher takes the count and blocks on the lock.
-    eventually("a flush to start", || app.probes.usage.flush_in_progress().then_some(())).await;
-    let ended = app.stop_within(Duration::from_secs(20)).await;
-    let message = format!("{:#}", ended.expect_err("the stuck count is reported"));
-    assert!(message.contains("usage of 1 keys unwritten"), "{message}");
-    lock.release().await;
-    app.stop().await;
+/// timeout. The count then waits on the usage spill for the next start;
+/// with no spill (the spool off) shutdown names what it could not keep
+/// instead of hanging.
+async fn shutdown_spills_a_stuck_usage_flush_or_names_what_it_could_not_keep(backend: Backend) {
+    for spool in [true, false] {
+        let mut app = spawn_app_with(backend.clone(), |s| {
+            s.usage_flush_interval_ms = 100;
+            s.flush_timeout_ms = 1000;
+            s.shutdown_grace_ms = 500;
+            if !spool {
+                s.audit_spool_max_bytes = 0;
+            }
+        })
+        .await;
+        let (api_key, key) = app.key_with_scopes(&["sales:read"]).await;
+        app.settle().await;
+        let lock = crate::helpers::lock_table(&app.database_url, "api_keys").await;
+        assert_eq!(outcome(&app.verify(&key, "", "sales:read").await), allowed());
+        // The flusher takes the count and blocks on the lock.
+        eventually("a flush to start", || app.probes.usage.flush_in_progress().then_some(())).await;
+        let ended = app.stop_within(Duration::from_secs(20)).await;
+        if spool {
+            ended.expect("a spilled count is kept, not lost");
+            let spill = keywarden::usage::spill::Spill::open(&app.data_dir().join("spool/usage")).unwrap();
+            let (batches, _) = spill.load().unwrap();
+            let spilled: i64 =
+                batches.iter().filter_map(|b| b.deltas.get(&api_key.id)).map(|d| d.allowed).sum();
+            assert_eq!(spilled, 1, "the stuck count is on the spill");
+        } else {
+            let message = format!("{:#}", ended.expect_err("the stuck count is reported"));
+            assert!(message.contains("usage of 1 keys unwritten and not on local disk"), "{message}");
+        }
+        lock.release().await;
+        app.stop().await;
+    }
 }
 
 async fn audit_rows_carry_the_callers_trace_id_without_span_export(backend: Backend) {
