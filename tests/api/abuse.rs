@@ -18,6 +18,10 @@ backend_tests!(
     record_outcomes_keeps_nothing_for_ids_this_deployment_did_not_issue,
     garbage_is_counted_in_rollup_rows_while_attempts_on_real_keys_keep_a_row_each,
 );
+once_tests!(
+    verify_traffic_cannot_take_the_connections_kept_for_admin_and_health(postgres),
+    made_up_prefixes_and_operator_tokens_from_one_address_cost_a_bounded_number_of_reads,
+);
 
 fn guess(key: &str, variant: u32, ip: &str) -> pb::VerifyRequest {
     pb::VerifyRequest { key: wrong_secret(key, variant), ip: ip.into(), ..Default::default() }
@@ -341,8 +345,6 @@ async fn garbage_is_counted_in_rollup_rows_while_attempts_on_real_keys_keep_a_ro
 /// stuck behind a lock, KeyAdmin and the health check still get connections.
 /// (PostgreSQL: an ACCESS EXCLUSIVE lock blocks reads, which SQLite's WAL
 /// never does.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn verify_traffic_cannot_take_the_connections_kept_for_admin_and_health() {
     use sea_orm::sqlx::{Connection, Executor};
     let mut app = spawn_app_with(Backend::postgres(), |s| {
@@ -398,7 +400,6 @@ async fn verify_traffic_cannot_take_the_connections_kept_for_admin_and_health() 
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn made_up_prefixes_and_operator_tokens_from_one_address_cost_a_bounded_number_of_reads() {
     // The default per-address limit: 100 wrong guesses a minute.
     const PER_IP: u64 = 100;

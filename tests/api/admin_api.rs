@@ -28,6 +28,10 @@ backend_tests!(
     audit_trail_filters_by_key_and_time_and_pages,
     admin_actions_are_audited_in_the_same_transaction,
 );
+once_tests!(committed_changes_answer_what_they_committed_when_the_database_goes_right_after(
+    postgres,
+    current_thread
+),);
 
 fn create_req(name: &str, scopes: &[&str]) -> pb::CreateKeyRequest {
     pb::CreateKeyRequest {
@@ -696,8 +700,6 @@ async fn admin_actions_are_audited_in_the_same_transaction(backend: Backend) {
 /// The database goes away right after it acknowledges the change's COMMIT:
 /// the answer comes from the transaction itself, so RegenerateKey still
 /// returns the only copy of the new plaintext and RevokeKey its result.
-#[tokio::test]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn committed_changes_answer_what_they_committed_when_the_database_goes_right_after() {
     let backend = Backend::postgres();
     let Backend::Postgres(server) = &backend else { unreachable!() };

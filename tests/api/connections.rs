@@ -16,6 +16,12 @@ use tonic::transport::Channel;
 
 use crate::helpers::{Backend, MERCHANT, allowed, create_sales_key, outcome, parse_metrics, spawn_app_with};
 
+once_tests!(
+    idle_sockets_from_one_address_leave_room_for_every_other_caller,
+    a_connection_that_never_speaks_or_only_idles_is_closed,
+    the_access_log_stream_outlives_the_request_timeout_and_ends_at_its_age_with_nothing_lost,
+);
+
 /// A TCP connection to `addr` from the loopback address `from`.
 async fn connect_from(from: &str, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
@@ -37,7 +43,6 @@ async fn closed_within(mut stream: tokio::net::TcpStream, bound: Duration) -> Du
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_from_one_address_leave_room_for_every_other_caller() {
     let mut app = spawn_app_with(Backend::Sqlite, |_| {}).await;
     let (_, key) = app.key_with_scopes(&["sales:read"]).await;
@@ -70,7 +75,6 @@ async fn idle_sockets_from_one_address_leave_room_for_every_other_caller() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_speaks_or_only_idles_is_closed() {
     let mut app = spawn_app_with(Backend::Sqlite, |s| {
         s.handshake_timeout_ms = 300;
@@ -139,7 +143,6 @@ fn message(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_stream_outlives_the_request_timeout_and_ends_at_its_age_with_nothing_lost() {
     let mut app = spawn_app_with(Backend::Sqlite, |s| {
         s.request_timeout_ms = 400;

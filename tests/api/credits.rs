@@ -15,6 +15,11 @@ backend_tests!(
     each_allowed_call_pays_its_cost_until_the_balance_cannot,
     credits_are_validated_by_field_and_replaced_or_removed_by_update,
 );
+once_tests!(
+    spending_is_exact_through_a_lost_flush_acknowledgement_and_sigterm(postgres),
+    a_daily_refill_happens_at_midnight_utc_once_for_the_fleet(postgres, current_thread),
+    a_daily_refill_reaches_a_balance_shared_through_redis(postgres, current_thread),
+);
 
 fn credits(remaining: i64, refill: Option<(i64, pb::RefillInterval)>) -> pb::Credits {
     pb::Credits {
@@ -161,8 +166,6 @@ async fn credits_are_validated_by_field_and_replaced_or_removed_by_update(backen
 /// retried under its id and not counted twice; SIGTERM flushes the rest.
 /// The balance in the database is exactly what the answers said.
 // Two threads: the proxy keeps serving while the replica is started.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn spending_is_exact_through_a_lost_flush_acknowledgement_and_sigterm() {
     let mut admin_app = spawn_app_with(Backend::postgres(), |_| {}).await;
     let (key, plaintext) = key_with_credits(&mut admin_app, credits(100, None)).await;
@@ -197,8 +200,7 @@ async fn spending_is_exact_through_a_lost_flush_acknowledgement_and_sigterm() {
         assert_eq!((outcome(&r), r.credits_remaining), (allowed(), Some(100 - spent)));
     }
 
-    crate::helpers::sigterm(&replica.child);
-    assert!(crate::helpers::exited(replica.child).await.success());
+    assert!(replica.stop().await.success());
     let stored = |column: &str| format!("SELECT {column} FROM api_keys WHERE id = '{}'", key.id);
     assert_eq!(scalar(&admin_app.database_url, &stored("credits_remaining")).await, 100 - spent);
     assert_eq!(scalar(&admin_app.database_url, &stored("request_count")).await, 15);
@@ -216,16 +218,12 @@ fn skew_to_midnight(lead: chrono::Duration) -> i64 {
 /// Two replicas whose refill calendars read just before midnight: at the boundary
 /// one of them (the lock holder) sets the exhausted balance back to its
 /// amount, once, and both admit the key again.
-#[tokio::test]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_daily_refill_happens_at_midnight_utc_once_for_the_fleet() {
     refill_at_midnight(false).await;
 }
 
 /// The same with the balance shared through Redis: the refill starts a new
 /// epoch, from which Redis's copy is seeded again.
-#[tokio::test]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_daily_refill_reaches_a_balance_shared_through_redis() {
     refill_at_midnight(true).await;
 }

@@ -28,7 +28,7 @@ use tonic_health::pb::{
 
 use crate::helpers::{
     ADMIN_TOKEN, AdminClient, Backend, MERCHANT, Proxy, Replica, admin_client, connect, deny, eventually,
-    fresh_database, outcome, revoke, sales, sigterm, spawn_app_over, spawn_app_with, spawn_binary, until,
+    fresh_database, outcome, revoke, sales, spawn_app_over, spawn_app_with, spawn_binary, until,
 };
 
 backend_tests!(
@@ -38,10 +38,21 @@ backend_tests!(
     a_large_audit_batch_lands_whole_with_every_field,
     shutdown_gives_up_on_a_stuck_audit_write_after_the_flush_timeout,
 );
+once_tests!(
+    an_operator_token_revoked_on_one_replica_is_refused_by_another_within_a_second(postgres),
+    revocation_on_one_replica_is_obeyed_by_another_within_100ms(postgres),
+    two_replicas_under_load_count_every_call_exactly_through_sigterm(postgres),
+    an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_nothing(postgres),
+    past_the_staleness_bound_cached_keys_fail_closed_until_the_database_returns(postgres),
+    a_replica_that_missed_notices_forgets_its_cache_on_reconnect(postgres),
+    an_outcome_reported_to_another_replica_lands_on_its_row(postgres),
+    replicas_with_skewed_clocks_deny_a_revoked_key_at_once(postgres),
+    a_half_open_listener_is_detected_within_two_heartbeats(postgres),
+);
 
 struct Fleet {
     database_url: String,
-    postgres: Option<(String, String)>,
+    postgres: crate::helpers::DatabaseGuard,
     _dir: tempfile::TempDir,
 }
 
@@ -50,11 +61,13 @@ async fn postgres_fleet() -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let (database_url, postgres) = fresh_database(&backend, dir.path()).await;
     // Migrate once, before replicas race to start.
-    let migrated = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .arg("migrate")
-        .env("KEYWARDEN_DATABASE_URL", &database_url)
-        .output()
-        .unwrap();
+    let migrated = crate::helpers::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
+            .arg("migrate")
+            .env("KEYWARDEN_DATABASE_URL", &database_url),
+        crate::helpers::CLI_WITHIN,
+        "keywarden migrate to finish",
+    );
     assert!(migrated.status.success());
     Fleet { database_url, postgres, _dir: dir }
 }
@@ -131,8 +144,8 @@ fn allowed(r: &pb::VerifyResponse) -> bool {
 }
 
 async fn stop(replica: Replica) {
-    sigterm(&replica.child);
-    let status = crate::helpers::exited(replica.child).await;
+    replica.sigterm();
+    let status = replica.exited().await;
     assert!(status.success(), "replica exited with {status:?}");
 }
 
@@ -142,8 +155,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Operator tokens are read on every KeyAdmin call, so a revocation made
 /// on one replica holds on another at its next call.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn an_operator_token_revoked_on_one_replica_is_refused_by_another_within_a_second() {
     let fleet = postgres_fleet().await;
     let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
@@ -168,8 +179,6 @@ async fn an_operator_token_revoked_on_one_replica_is_refused_by_another_within_a
     fleet.drop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {
     let fleet = postgres_fleet().await;
     let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
@@ -229,8 +238,6 @@ async fn revocation_on_one_replica_is_obeyed_by_another_within_100ms() {
     fleet.drop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     let fleet = postgres_fleet().await;
     // Usage reaches the database only through the final flush; one scrypt
@@ -298,8 +305,8 @@ async fn two_replicas_under_load_count_every_call_exactly_through_sigterm() {
     let gated_n = gated.len() as i64;
     // SIGTERM both while the load and the gated calls are in flight.
     sigterm_at.store(start.elapsed().as_micros().max(1) as u64, Ordering::SeqCst);
-    sigterm(&a.child);
-    sigterm(&b.child);
+    a.sigterm();
+    b.sigterm();
     for task in load {
         task.await.unwrap();
     }
@@ -341,8 +348,6 @@ async fn health(client: &mut HealthClient<Channel>) -> i32 {
     client.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_nothing() {
     let fleet = postgres_fleet().await;
     let proxy = Proxy::start(Proxy::upstream_of(&fleet.database_url)).await;
@@ -427,8 +432,6 @@ async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_n
     fleet.drop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn past_the_staleness_bound_cached_keys_fail_closed_until_the_database_returns() {
     let fleet = postgres_fleet().await;
     let proxy = Proxy::start(Proxy::upstream_of(&fleet.database_url)).await;
@@ -476,8 +479,6 @@ async fn past_the_staleness_bound_cached_keys_fail_closed_until_the_database_ret
     fleet.drop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_replica_that_missed_notices_forgets_its_cache_on_reconnect() {
     let fleet = postgres_fleet().await;
     let (a, b) = (fleet.replica(&fleet.database_url, &[]), fleet.replica(&fleet.database_url, &[]));
@@ -609,8 +610,6 @@ async fn audit_listing_is_served_by_indexes(backend: Backend) {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn an_outcome_reported_to_another_replica_lands_on_its_row() {
     let fleet = postgres_fleet().await;
     // A keeps audit rows queued for 3 s, as a busy replica might.
@@ -755,8 +754,6 @@ async fn shutdown_gives_up_on_a_stuck_audit_write_after_the_flush_timeout(backen
 /// and judged on the database's clock. The admin replica's clock runs an
 /// hour ahead, the verifying replica's an hour behind; compared on their
 /// own clocks, the revoked key would verify for two more hours.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn replicas_with_skewed_clocks_deny_a_revoked_key_at_once() {
     const HOUR_MS: i64 = 3_600_000;
     let mut ahead =
@@ -816,8 +813,6 @@ async fn replicas_with_skewed_clocks_deny_a_revoked_key_at_once() {
 /// intervals. The replica then reads key state through, so a revocation
 /// made meanwhile on another replica is obeyed at once; the database is
 /// not taken for down; and when traffic flows again it listens again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_half_open_listener_is_detected_within_two_heartbeats() {
     const HEARTBEAT: Duration = Duration::from_secs(1);
     // What a busy test machine may add to the detection (the check's timer

@@ -13,6 +13,13 @@ use crate::helpers::{
     scalar, spawn_app, spawn_app_on, spawn_app_with, spawn_binary, until,
 };
 
+once_tests!(
+    three_replicas_share_one_balance_and_admit_exactly_what_it_holds(postgres, current_thread),
+    leased_credits_go_back_when_idle_and_at_shutdown(postgres, current_thread),
+    an_update_of_the_credits_seeds_the_shared_balance_again(current_thread),
+    a_redis_outage_leaves_credits_to_each_replicas_own_view,
+);
+
 fn fleet(settings: &mut Settings) {
     settings.redis_url = Some(redis_url().into());
     settings.fleet_secret = Some(fleet_secret().into());
@@ -66,8 +73,6 @@ async fn stored_balance(app: &TestApp, key_id: &str) -> i64 {
 /// over them admit exactly 100, the database holds exactly 0 after they
 /// stop, and Redis's copy is spent too. (Without sharing, each replica
 /// would learn of the others' spending only at their flushes.)
-#[tokio::test]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn three_replicas_share_one_balance_and_admit_exactly_what_it_holds() {
     let mut a = spawn_app_with(Backend::postgres(), fleet).await;
     let b = spawn_app_on(&a, fleet).await;
@@ -106,8 +111,6 @@ async fn three_replicas_share_one_balance_and_admit_exactly_what_it_holds() {
 /// Credits a replica leased and stopped using go back to the fleet: when
 /// its calls move to another replica, and when it shuts down. Nothing is
 /// lost either way: the two replicas spend exactly the balance.
-#[tokio::test]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn leased_credits_go_back_when_idle_and_at_shutdown() {
     let mut a = spawn_app_with(Backend::postgres(), fleet).await;
     let mut b = spawn_app_on(&a, fleet).await;
@@ -143,7 +146,6 @@ async fn leased_credits_go_back_when_idle_and_at_shutdown() {
 /// Setting the balance outright starts a new epoch: Redis's copy is
 /// seeded again from the database, and credits leased from the old one
 /// (here, the one credit held) are not spent against the new one.
-#[tokio::test]
 async fn an_update_of_the_credits_seeds_the_shared_balance_again() {
     let mut app = spawn_app_with(Backend::Sqlite, fleet).await;
     let (key, plaintext) = metered_key(&mut app, 10).await;
@@ -175,7 +177,6 @@ async fn an_update_of_the_credits_seeds_the_shared_balance_again() {
 /// With Redis away, a replica decides on its own view of the balance (the
 /// stored balance less its own spending), counts and logs it once, and
 /// leases again when Redis is back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_leaves_credits_to_each_replicas_own_view() {
     let mut app = spawn_app(Backend::Sqlite).await;
     let proxy = Proxy::start(Proxy::upstream_of_redis(&redis_url())).await;
@@ -235,7 +236,6 @@ async fn a_redis_outage_leaves_credits_to_each_replicas_own_view() {
     })
     .await;
     assert_eq!(metric("keywarden_credits_degraded").await, 0.0);
-    crate::helpers::sigterm(&replica.child);
-    assert!(crate::helpers::exited(replica.child).await.success());
+    assert!(replica.stop().await.success());
     app.stop().await;
 }

@@ -17,6 +17,14 @@ use crate::helpers::{
 };
 
 backend_tests!(a_redis_outage_follows_the_configured_failure_mode_and_is_logged_once);
+once_tests!(
+    three_replicas_share_one_limit_of_100_per_minute_within_the_documented_overshoot(
+        postgres,
+        current_thread
+    ),
+    leases_work_against_a_redis_cluster,
+    a_redis_behind_tls_and_a_password_is_reached_through_the_settings,
+);
 
 fn per(limit: u32, window: Duration) -> pb::RateLimit {
     pb::RateLimit {
@@ -38,8 +46,6 @@ async fn limited_key(app: &mut TestApp, limit: pb::RateLimit) -> String {
     .1
 }
 
-#[tokio::test]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn three_replicas_share_one_limit_of_100_per_minute_within_the_documented_overshoot() {
     let (url, secret) = (redis_url(), fleet_secret());
     let fleet = |settings: &mut keywarden::config::Settings| {
@@ -172,8 +178,8 @@ async fn a_redis_outage_follows_the_configured_failure_mode_and_is_logged_once(b
         })
         .await;
         assert_eq!(metric(&replica, "keywarden_rate_limit_degraded").await, 0.0, "{name}");
-        crate::helpers::sigterm(&replica.child);
-        crate::helpers::exited(replica.child).await;
+        replica.sigterm();
+        replica.exited().await;
     }
     app.stop().await;
 }
@@ -237,10 +243,12 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(200));
         }
         while !cluster.ports.iter().all(|p| {
-            Command::new("redis-cli")
-                .args(["-p", &p.to_string(), "cluster", "info"])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+            let info = crate::helpers::output_within(
+                Command::new("redis-cli").args(["-p", &p.to_string(), "cluster", "info"]),
+                Duration::from_secs(10),
+                "redis-cli cluster info to answer",
+            );
+            String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok")
         }) {
             assert!(Instant::now() < deadline, "the cluster did not come up");
             std::thread::sleep(Duration::from_millis(100));
@@ -282,7 +290,6 @@ async fn first_lease_then_three_calls(app: &TestApp, key: &str) -> Vec<(i32, i32
 /// limits are leased by one script (their buckets share a slot through the
 /// hash tag, or the cluster would refuse it as CROSSSLOT), and both hold;
 /// a key's shared credits are leased from the cluster too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_work_against_a_redis_cluster() {
     let cluster = RedisCluster::start();
     let seed = cluster.seed_url();
@@ -329,10 +336,18 @@ async fn leases_work_against_a_redis_cluster() {
     // One credit leased for the call, then one topped up behind it.
     let entry = format!("keywarden:cr:{{{}}}", metered.id);
     let unleased = || {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-c", "-p", &cluster.ports[0].to_string(), "hget", &entry, "balance"])
-            .output()
-            .unwrap();
+        let out = crate::helpers::output_within(
+            std::process::Command::new("redis-cli").args([
+                "-c",
+                "-p",
+                &cluster.ports[0].to_string(),
+                "hget",
+                &entry,
+                "balance",
+            ]),
+            Duration::from_secs(10),
+            "redis-cli hget to answer",
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     until("2 of 10 leased from the cluster", || async { (unleased() == "8").then_some(()) }).await;
@@ -409,7 +424,6 @@ impl Drop for SecuredRedis {
 /// the password, leases are granted (the failure mode is `closed`, so only
 /// a real lease admits); with a wrong password the replica logs Redis as
 /// unreachable, and never the password, right or wrong.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_behind_tls_and_a_password_is_reached_through_the_settings() {
     let redis = SecuredRedis::start();
     let (url, ca_file) = (redis.url(), redis.ca_file.clone());
@@ -448,7 +462,6 @@ async fn a_redis_behind_tls_and_a_password_is_reached_through_the_settings() {
     // Refused by AUTH: so the TLS handshake, on the CA from the setting, passed.
     assert!(logs.contains("Password authentication failed"), "refused for the password: {logs}");
     assert!(!logs.contains(wrong) && !logs.contains(SecuredRedis::PASSWORD), "a password was logged");
-    crate::helpers::sigterm(&replica.child);
-    assert!(crate::helpers::exited(replica.child).await.success());
+    assert!(replica.stop().await.success());
     app.stop().await;
 }

@@ -31,6 +31,10 @@ backend_tests!(
     only_canonical_requests_are_matched_so_a_narrow_key_reaches_no_other_route,
     a_rows_status_is_written_once_by_the_party_that_saw_it,
 );
+once_tests!(
+    a_key_revoked_on_another_replica_is_denied_by_check_within_the_fleet_bound(postgres),
+    past_the_staleness_bound_with_the_database_away_check_answers_503(postgres),
+);
 
 /// The route table docs/gateway.md shows (its first TOML block): the
 /// documented values are the tested ones.
@@ -363,8 +367,6 @@ async fn trusted_hops_choose_the_client_ip_a_cidr_limited_key_is_judged_on(backe
 
 /// A key revoked through one replica is denied by another's Check at once:
 /// the gateway shares Verify's cache and its PostgreSQL change feed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_key_revoked_on_another_replica_is_denied_by_check_within_the_fleet_bound() {
     let (_dir, path) = route_file(&documented_routes());
     let mut admin_replica = spawn_app_with(Backend::postgres(), with_routes(&path)).await;
@@ -401,8 +403,6 @@ async fn a_key_revoked_on_another_replica_is_denied_by_check_within_the_fleet_bo
 
 /// Past the staleness bound, with the database unreachable, Check cannot
 /// decide safely: 503 with UNAVAILABLE, never an answer from stale state.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn past_the_staleness_bound_with_the_database_away_check_answers_503() {
     use crate::helpers::Proxy;
     let (_dir, path) = route_file(&documented_routes());

@@ -61,14 +61,15 @@ impl Backend {
     }
 }
 
-/// Generates `sqlite::name` and `postgres::name` tests from `async fn name(Backend)`.
+/// Generates `sqlite::name` and `postgres::name` tests from `async fn name(Backend)`,
+/// each bounded by [`TEST_LIMIT`].
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name($crate::helpers::Backend::Sqlite).await
+                    $crate::helpers::bounded(stringify!($name), super::$name($crate::helpers::Backend::Sqlite)).await
                 }
             )*
         }
@@ -77,11 +78,65 @@ macro_rules! backend_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 #[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
                 async fn $name() {
-                    super::$name($crate::helpers::Backend::postgres()).await
+                    $crate::helpers::bounded(stringify!($name), super::$name($crate::helpers::Backend::postgres())).await
                 }
             )*
         }
     };
+}
+
+/// Generates `once::name` tests from `async fn name()`, each bounded by
+/// [`TEST_LIMIT`]. Flags after a name: `postgres` for one that needs
+/// PostgreSQL (ignored when it is opted out of), `current_thread` for one
+/// whose runtime must be a single thread (a thread-local span subscriber
+/// then sees every task).
+macro_rules! once_tests {
+    (@test [$($attr:tt)*] [$($flavor:tt)*] $name:ident []) => {
+        #[tokio::test $($flavor)*]
+        $($attr)*
+        async fn $name() {
+            $crate::helpers::bounded(stringify!($name), super::$name()).await
+        }
+    };
+    (@test [$($attr:tt)*] [$($flavor:tt)*] $name:ident [postgres $($rest:ident)*]) => {
+        once_tests!(@test
+            [$($attr)* #[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]]
+            [$($flavor)*] $name [$($rest)*]);
+    };
+    (@test [$($attr:tt)*] [$($flavor:tt)*] $name:ident [current_thread $($rest:ident)*]) => {
+        once_tests!(@test [$($attr)*] [] $name [$($rest)*]);
+    };
+    ($($name:ident $(($($flag:ident),*))?),* $(,)?) => {
+        mod once {
+            $(
+                once_tests!(@test [] [(flavor = "multi_thread", worker_threads = 2)] $name [$($($flag)*)?]);
+            )*
+        }
+    };
+}
+
+/// The longest a single test may run (the longest, an outage of a minute
+/// under load, takes about 80 s).
+pub const TEST_LIMIT: Duration = Duration::from_secs(300);
+
+tokio::task_local! {
+    /// What the running test last waited for (set by [`until`]).
+    static WAITING: Arc<Mutex<String>>;
+}
+
+/// Runs `test` for at most [`TEST_LIMIT`]; past it, fails naming the test
+/// and what it was last waiting for, instead of hanging the suite.
+pub async fn bounded(name: &str, test: impl Future<Output = ()>) {
+    bounded_by(TEST_LIMIT, name, test).await;
+}
+
+pub async fn bounded_by(limit: Duration, name: &str, test: impl Future<Output = ()>) {
+    let waiting = Arc::new(Mutex::new(String::from("nothing named (no `until` yet)")));
+    let run = WAITING.scope(Arc::clone(&waiting), test);
+    if tokio::time::timeout(limit, run).await.is_err() {
+        let waiting = waiting.lock().unwrap().clone();
+        panic!("{name} ran past its limit of {limit:?}; it was last waiting for: {waiting}");
+    }
 }
 
 /// Adds the admin bearer token to every call.
@@ -111,17 +166,19 @@ pub struct TestApp {
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
     dir: tempfile::TempDir,
-    postgres: Option<(String, String)>,
+    postgres: DatabaseGuard,
 }
 
 /// A fresh database for one test: its URL, and (for PostgreSQL) the admin
 /// URL and name needed to drop it afterwards.
-pub async fn fresh_database(backend: &Backend, dir: &std::path::Path) -> (String, Option<(String, String)>) {
+pub async fn fresh_database(backend: &Backend, dir: &std::path::Path) -> (String, DatabaseGuard) {
     match backend {
-        Backend::Sqlite => (format!("sqlite://{}?mode=rwc", dir.join("test.db").display()), None),
+        Backend::Sqlite => {
+            (format!("sqlite://{}?mode=rwc", dir.join("test.db").display()), DatabaseGuard(None))
+        }
         Backend::Postgres(admin_url) => {
             use sea_orm::sqlx::{Connection, Executor, PgConnection};
-            let name = format!("kw_t_{}", uuid::Uuid::now_v7().simple());
+            let name = format!("{}{}", database_prefix(), uuid::Uuid::now_v7().simple());
             let mut conn = PgConnection::connect(admin_url).await.unwrap_or_else(|e| {
                 panic!(
                     "cannot reach PostgreSQL at {admin_url} ({e}); start it, point KEYWARDEN_TEST_POSTGRES_URL \
@@ -132,19 +189,64 @@ pub async fn fresh_database(backend: &Backend, dir: &std::path::Path) -> (String
             conn.execute(sea_orm::sqlx::AssertSqlSafe(create)).await.unwrap();
             conn.close().await.ok();
             let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
-            (format!("{base}/{name}"), Some((admin_url.clone(), name)))
+            (format!("{base}/{name}"), DatabaseGuard(Some((admin_url.clone(), name))))
         }
     }
 }
 
-pub async fn drop_database(postgres: Option<(String, String)>) {
-    if let Some((admin_url, name)) = postgres {
-        use sea_orm::sqlx::{Connection, Executor, PgConnection};
+/// How this run's PostgreSQL databases are named: `kw_t_` and, under CI,
+/// the run's own id (`KEYWARDEN_TEST_RUN_ID`, up to 24 letters and digits,
+/// so a name stays within PostgreSQL's 63 bytes), so that cleaning up
+/// after a killed run removes only that run's databases.
+fn database_prefix() -> String {
+    let run: String = std::env::var("KEYWARDEN_TEST_RUN_ID")
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(24)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if run.is_empty() { "kw_t_".to_owned() } else { format!("kw_t_{run}_") }
+}
+
+/// A test's own PostgreSQL database (admin URL and name), dropped when the
+/// guard goes, also when the test fails: [`drop_database`] at the end of a
+/// test, `Drop` when a panic unwinds past it.
+#[derive(Debug, Default)]
+pub struct DatabaseGuard(Option<(String, String)>);
+
+impl Drop for DatabaseGuard {
+    fn drop(&mut self) {
+        // Drop cannot await: a thread of its own runs the statement.
+        if let Some(database) = self.0.take() {
+            let dropping = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                if let Ok(runtime) = runtime {
+                    runtime.block_on(drop_now(database));
+                }
+            });
+            let _ = dropping.join();
+        }
+    }
+}
+
+pub async fn drop_database(mut guard: DatabaseGuard) {
+    if let Some(database) = guard.0.take() {
+        drop_now(database).await;
+    }
+}
+
+async fn drop_now((admin_url, name): (String, String)) {
+    use sea_orm::sqlx::{Connection, Executor, PgConnection};
+    let dropped = async {
         if let Ok(mut conn) = PgConnection::connect(&admin_url).await {
             let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
             let _ = conn.execute(sea_orm::sqlx::AssertSqlSafe(drop)).await;
             conn.close().await.ok();
         }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), dropped).await.is_err() {
+        eprintln!("could not drop test database {name} within 30 s; CI's clean-up removes it");
     }
 }
 
@@ -203,13 +305,19 @@ pub async fn spawn_app_over<F: Future<Output = ()>>(
 /// Another app on `first`'s database (e.g. a restart with new settings);
 /// `first` keeps owning the database, so it must outlive this one.
 pub async fn spawn_app_on(first: &TestApp, customise: impl FnOnce(&mut Settings)) -> TestApp {
-    serve_on(first.database_url.clone(), None, tempfile::tempdir().unwrap(), first.tls.clone(), customise)
-        .await
+    serve_on(
+        first.database_url.clone(),
+        DatabaseGuard(None),
+        tempfile::tempdir().unwrap(),
+        first.tls.clone(),
+        customise,
+    )
+    .await
 }
 
 async fn serve_on(
     database_url: String,
-    postgres: Option<(String, String)>,
+    postgres: DatabaseGuard,
     dir: tempfile::TempDir,
     tls: Option<crate::pki::TlsClient>,
     customise: impl FnOnce(&mut Settings),
@@ -276,6 +384,7 @@ pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> 
 
 /// [`eventually`] for a check that must await (a query, a connection).
 pub async fn until<T, F: Future<Output = Option<T>>>(what: &str, mut check: impl FnMut() -> F) -> T {
+    let _ = WAITING.try_with(|waiting| what.clone_into(&mut waiting.lock().unwrap()));
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         if let Some(found) = check().await {
@@ -352,7 +461,7 @@ impl TestApp {
     /// Graceful stop: drain, flush usage and audit, then drop the database.
     pub async fn stop(mut self) {
         self.stop_serving().await;
-        drop_database(self.postgres.take()).await;
+        drop_database(std::mem::take(&mut self.postgres)).await;
     }
 
     /// Asks the app to stop and returns how its run ended (an error when it
@@ -656,8 +765,9 @@ pub fn fleet_secret() -> String {
 }
 
 /// A `keywarden serve` process, the address it bound and its log lines.
+/// Killed when dropped, so that a failing test leaves no process behind.
 pub struct Replica {
-    pub child: Child,
+    child: Child,
     pub addr: SocketAddr,
     /// Where its `/metrics` listens.
     pub metrics: Option<SocketAddr>,
@@ -671,9 +781,56 @@ impl Replica {
         self.logged_times(needle) > 0
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Asks it to stop (SIGTERM).
+    pub fn sigterm(&self) {
+        sigterm(&self.child);
+    }
+
+    /// Kills it (SIGKILL) and waits for it to be gone.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Waits for it to exit, at most [`EXIT_WITHIN`]; one that hangs in
+    /// shutdown is killed and fails the test instead of hanging the suite.
+    pub async fn exited(mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + EXIT_WITHIN;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "keywarden (pid {}) did not exit within {EXIT_WITHIN:?} of SIGTERM",
+                self.child.id()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then [`Replica::exited`].
+    pub async fn stop(self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.exited().await
+    }
+
     /// How many of its log lines contain `needle`.
     pub fn logged_times(&self, needle: &str) -> usize {
         self.logs.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -723,9 +880,18 @@ pub fn spawn_embedded(data_dir: &std::path::Path, env: &[(&str, &str)]) -> Repli
             kept.lock().unwrap().push(line);
         }
     });
-    let (addr, metrics, health) =
-        rx.recv_timeout(Duration::from_secs(30)).expect("keywarden announced its address");
-    Replica { child, addr, metrics, health, logs }
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok((addr, metrics, health)) => Replica { child, addr, metrics, health, logs },
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            let logs = logs.lock().unwrap();
+            let last = &logs[logs.len().saturating_sub(5)..];
+            panic!(
+                "waited 30s for keywarden to announce its address; it ended with {status:?}, last lines: {last:#?}"
+            );
+        }
+    }
 }
 
 pub fn sigterm(child: &Child) {
@@ -737,20 +903,39 @@ pub fn sigterm(child: &Child) {
 /// (10 s) plus its final flush (30 s), with room to spare.
 pub const EXIT_WITHIN: Duration = Duration::from_secs(60);
 
-/// Waits for `child` to exit, at most [`EXIT_WITHIN`]; a replica that hangs
-/// in shutdown is killed and fails the test instead of hanging the suite.
-pub async fn exited(mut child: Child) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + EXIT_WITHIN;
-    loop {
+/// Runs `command` to completion like `Command::output`, but for at most
+/// `within`: one still running then (a server that accepted a setting it
+/// should have refused) is killed and fails the test, naming `what`.
+pub fn output_within(command: &mut Command, within: Duration, what: &str) -> std::process::Output {
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn keywarden");
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = std::time::Instant::now() + within;
+    let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
-            return status;
+            break status;
         }
         if std::time::Instant::now() > deadline {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("keywarden (pid {}) did not exit within {EXIT_WITHIN:?} of SIGTERM", child.id());
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+            panic!("waited {within:?} for {what}; killed it. Its stderr:\n{stderr}");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }
 
@@ -968,17 +1153,22 @@ impl Proxy {
 /// Runs the `keywarden` command line against `app` as the bootstrap admin;
 /// fails the test unless it succeeds. Returns stdout and stderr.
 pub fn cli(app: &TestApp, args: &[&str]) -> (String, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .args(args)
-        .env("KEYWARDEN_SERVER", format!("http://{}", app.addr))
-        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
+    let output = output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
+            .args(args)
+            .env("KEYWARDEN_SERVER", format!("http://{}", app.addr))
+            .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN),
+        CLI_WITHIN,
+        &format!("keywarden {args:?} to finish"),
+    );
     let (stdout, stderr) =
         (String::from_utf8(output.stdout).unwrap(), String::from_utf8(output.stderr).unwrap());
     assert!(output.status.success(), "keywarden {args:?} failed:\n{stderr}");
     (stdout, stderr)
 }
+
+/// How long one command-line call may take.
+pub const CLI_WITHIN: Duration = Duration::from_secs(60);
 
 /// `stdout` as one JSON document.
 pub fn json(stdout: &str) -> serde_json::Value {

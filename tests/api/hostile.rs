@@ -16,6 +16,11 @@ use tonic::{
 
 use crate::helpers::{ADMIN_TOKEN, MERCHANT, allowed, outcome, spawn_binary};
 
+once_tests!(
+    hostile_input_is_answered_within_bounds_and_leaves_the_server_serving,
+    a_megabyte_in_any_string_field_comes_back_as_at_most_2_kib_and_warm_verify_keeps_its_pace,
+);
+
 /// Each hostile call must be answered within this.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// The server's resident memory may grow by at most this over the suite
@@ -185,7 +190,6 @@ async fn hostile_suite(channel: &Channel, key: &str, key_id: &str) {
     assert_code(raw_call(channel, VERIFY, vec![0xff; 4096]).await, Code::Internal, "not protobuf");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_is_answered_within_bounds_and_leaves_the_server_serving() {
     let dir = tempfile::tempdir().unwrap();
     let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("hostile.db").display());
@@ -198,19 +202,18 @@ async fn hostile_input_is_answered_within_bounds_and_leaves_the_server_serving()
     assert_eq!(outcome(&verify.verify(request()).await.unwrap().into_inner()), allowed());
     // Once through, so that every path has run before the baseline.
     hostile_suite(&channel, &key, &key_id).await;
-    let before = rss_kib(replica.child.id());
+    let before = rss_kib(replica.pid());
     for _ in 0..10 {
         hostile_suite(&channel, &key, &key_id).await;
     }
-    let after = rss_kib(replica.child.id());
+    let after = rss_kib(replica.pid());
     eprintln!("server RSS: {before} KiB before ten rounds of hostile input, {after} KiB after");
     assert!(
         after <= before + RSS_GROWTH_BOUND_KIB,
         "RSS grew from {before} KiB to {after} KiB (bound: +{RSS_GROWTH_BOUND_KIB} KiB)"
     );
     assert_eq!(outcome(&verify.verify(request()).await.unwrap().into_inner()), allowed(), "still serving");
-    crate::helpers::sigterm(&replica.child);
-    assert!(crate::helpers::exited(replica.child).await.success());
+    assert!(replica.stop().await.success());
 }
 
 /// One raw call to any path, as the admin.
@@ -293,7 +296,6 @@ fn megabyte_requests(valid: &[(&str, &str)]) -> Vec<(String, String, Vec<u8>)> {
     requests
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_megabyte_in_any_string_field_comes_back_as_at_most_2_kib_and_warm_verify_keeps_its_pace() {
     let dir = tempfile::tempdir().unwrap();
     let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("megabyte.db").display());
@@ -373,6 +375,5 @@ async fn a_megabyte_in_any_string_field_comes_back_as_at_most_2_kib_and_warm_ver
     // A bound, not a benchmark: the attack this guards against raised the
     // median from well under a millisecond to over a second.
     assert!(median < Duration::from_millis(50), "warm Verify median {median:?} while the requests ran");
-    crate::helpers::sigterm(&replica.child);
-    assert!(crate::helpers::exited(replica.child).await.success());
+    assert!(replica.stop().await.success());
 }

@@ -1,12 +1,17 @@
 //! The real binary under signals: SIGTERM drains in-flight calls and flushes
 //! every usage count and audit row before exiting 0.
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use crate::helpers::{
-    ADMIN_TOKEN, Backend, PEPPER, admin_client, connect, eventually, sigterm, spawn_binary, spawn_embedded,
+    ADMIN_TOKEN, Backend, PEPPER, admin_client, connect, eventually, output_within, spawn_binary,
+    spawn_embedded,
 };
 use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
+
+/// How long `serve` may take to refuse a bad setting: it refuses before
+/// binding anything, so a run this long means the setting was accepted.
+const REFUSED_WITHIN: Duration = Duration::from_secs(30);
 
 backend_tests!(
     sigterm_answers_calls_in_flight_and_flushes_every_usage_count_and_audit_row,
@@ -15,6 +20,10 @@ backend_tests!(
     an_open_health_watch_does_not_hold_shutdown,
     a_killed_background_task_is_restarted_and_the_replica_is_not_ready_meanwhile,
     a_background_task_that_keeps_failing_stops_the_process_with_an_error,
+);
+once_tests!(
+    draining_refuses_new_connections_while_the_health_port_reports_not_serving,
+    the_embedded_data_directory_is_private_to_its_owner,
 );
 
 async fn sigterm_answers_calls_in_flight_and_flushes_every_usage_count_and_audit_row(backend: Backend) {
@@ -66,13 +75,12 @@ async fn sigterm_answers_calls_in_flight_and_flushes_every_usage_count_and_audit
     // The gate: three calls provably mid-scrypt when SIGTERM lands, which
     // must each finish with its answer and its audit row.
     let in_flight = crate::helpers::hold_cold_calls(&replica, &plaintext, 3).await;
-    let child = replica.child;
-    sigterm(&child);
+    replica.sigterm();
     for call in in_flight {
         let answered = call.await.unwrap().expect("a call mid-scrypt at SIGTERM is answered, not dropped");
         assert_eq!(answered.into_inner().deny_reason, pb::DenyReason::NotFound as i32);
     }
-    let status = crate::helpers::exited(child).await;
+    let status = replica.exited().await;
     assert!(status.success(), "exit status {status:?}");
 
     let verify_rows =
@@ -100,31 +108,34 @@ async fn migrate_command_prepares_the_schema_alone(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let (database_url, postgres) = crate::helpers::fresh_database(&backend, dir.path()).await;
     // Serving without migrations on an empty database must refuse, clearly.
-    let refused = Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .arg("serve")
-        .env("KEYWARDEN_LISTEN_ADDR", "127.0.0.1:0")
-        .env("KEYWARDEN_DATABASE_URL", &database_url)
-        .env("KEYWARDEN_PEPPER", PEPPER)
-        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("KEYWARDEN_MIGRATE_ON_START", "false")
-        .output()
-        .unwrap();
+    let refused = output_within(
+        Command::new(env!("CARGO_BIN_EXE_keywarden"))
+            .arg("serve")
+            .env("KEYWARDEN_LISTEN_ADDR", "127.0.0.1:0")
+            .env("KEYWARDEN_DATABASE_URL", &database_url)
+            .env("KEYWARDEN_PEPPER", PEPPER)
+            .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("KEYWARDEN_MIGRATE_ON_START", "false"),
+        REFUSED_WITHIN,
+        "serve to refuse an unmigrated database",
+    );
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains("keywarden migrate"), "{message}");
 
-    let migrated = Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .arg("migrate")
-        .env("KEYWARDEN_DATABASE_URL", &database_url)
-        .output()
-        .unwrap();
+    let migrated = output_within(
+        Command::new(env!("CARGO_BIN_EXE_keywarden"))
+            .arg("migrate")
+            .env("KEYWARDEN_DATABASE_URL", &database_url),
+        crate::helpers::CLI_WITHIN,
+        "keywarden migrate to finish",
+    );
     assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
     let replica = spawn_binary(&database_url, dir.path(), &[("KEYWARDEN_MIGRATE_ON_START", "false")]);
-    let (child, addr) = (replica.child, replica.addr);
+    let addr = replica.addr;
     let mut admin = admin_client(connect(addr).await, ADMIN_TOKEN);
     assert!(admin.list_scopes(pb::ListScopesRequest {}).await.is_ok());
-    sigterm(&child);
-    assert!(crate::helpers::exited(child).await.success());
+    assert!(replica.stop().await.success());
     crate::helpers::drop_database(postgres).await;
 }
 
@@ -142,17 +153,19 @@ fn a_malformed_secret_setting_is_named_but_never_printed() {
         ("KEYWARDEN_ADMIN_TOKEN", "s3cr3t".to_owned()),
         ("KEYWARDEN_DATABASE_URL", format!("postgres://kw:{secret}@127.0.0.1:notaport/kw")),
     ] {
-        let refused = Command::new(env!("CARGO_BIN_EXE_keywarden"))
-            .arg("serve")
-            .env_clear()
-            .env("KEYWARDEN_DATA_DIR", dir.path())
-            .env("KEYWARDEN_LISTEN_ADDR", "127.0.0.1:0")
-            .env("KEYWARDEN_METRICS_ADDR", "127.0.0.1:0")
-            .env("KEYWARDEN_PEPPER", PEPPER)
-            .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env(setting, &value)
-            .output()
-            .unwrap();
+        let refused = output_within(
+            Command::new(env!("CARGO_BIN_EXE_keywarden"))
+                .arg("serve")
+                .env_clear()
+                .env("KEYWARDEN_DATA_DIR", dir.path())
+                .env("KEYWARDEN_LISTEN_ADDR", "127.0.0.1:0")
+                .env("KEYWARDEN_METRICS_ADDR", "127.0.0.1:0")
+                .env("KEYWARDEN_PEPPER", PEPPER)
+                .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env(setting, &value),
+            REFUSED_WITHIN,
+            &format!("serve to refuse {setting}"),
+        );
         let output = format!(
             "{}{}",
             String::from_utf8_lossy(&refused.stdout),
@@ -209,7 +222,6 @@ async fn shutdown_turns_health_not_serving_before_the_server_goes(backend: Backe
 /// NOT_SERVING, liveness SERVING) while the gRPC port refuses new
 /// connections, so clients go elsewhere at once instead of being accepted
 /// and then reset; calls already in flight are still answered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_refuses_new_connections_while_the_health_port_reports_not_serving() {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -234,7 +246,7 @@ async fn draining_refuses_new_connections_while_the_health_port_reports_not_serv
     let health = HealthClient::new(
         tonic::transport::Channel::from_shared(format!("http://{health_port}")).unwrap().connect_lazy(),
     );
-    sigterm(&replica.child);
+    replica.sigterm();
     crate::helpers::until("readiness NOT_SERVING on the health port", || {
         let mut health = health.clone();
         async move {
@@ -255,14 +267,13 @@ async fn draining_refuses_new_connections_while_the_health_port_reports_not_serv
         let answered = call.await.unwrap().expect("a call accepted before SIGTERM is answered");
         assert_eq!(answered.into_inner().deny_reason, pb::DenyReason::NotFound as i32);
     }
-    assert!(crate::helpers::exited(replica.child).await.success());
+    assert!(replica.exited().await.success());
 }
 
 /// The README's first command keeps key hashes, the audit trail and the
 /// generated secrets from other local users: the data directory is 0700 and
 /// every file in it that holds them 0600, from the first run on; a later run
 /// tightens what was loosened, and names it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_data_directory_is_private_to_its_owner() {
     use std::os::unix::fs::PermissionsExt;
     let parent = tempfile::tempdir().unwrap();
@@ -279,8 +290,8 @@ async fn the_embedded_data_directory_is_private_to_its_owner() {
 
     let first = spawn_embedded(&data, &[]);
     assert_private();
-    sigterm(&first.child);
-    assert!(crate::helpers::exited(first.child).await.success());
+    first.sigterm();
+    assert!(first.exited().await.success());
 
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
     for file in ["keywarden.db", "pepper"] {
@@ -301,8 +312,8 @@ async fn the_embedded_data_directory_is_private_to_its_owner() {
         })
         .await;
     }
-    sigterm(&second.child);
-    assert!(crate::helpers::exited(second.child).await.success());
+    second.sigterm();
+    assert!(second.exited().await.success());
 }
 
 /// Killing a background task (the audit writer; on PostgreSQL also the

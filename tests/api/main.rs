@@ -15,6 +15,7 @@ mod fleet;
 mod fleet_credits;
 mod fleet_limits;
 mod gateway;
+mod harness;
 mod hostile;
 mod hot_path;
 mod lifecycle;

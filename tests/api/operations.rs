@@ -4,7 +4,7 @@
 
 use std::{process::Command, time::Duration};
 
-use crate::helpers::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, cli, json, sigterm, spawn_app, spawn_binary};
+use crate::helpers::{ADMIN_TOKEN, Backend, MERCHANT, PEPPER, cli, json, spawn_app, spawn_binary};
 use keywarden::api::pb;
 
 backend_tests!(
@@ -12,6 +12,7 @@ backend_tests!(
     the_cli_manages_keys_end_to_end,
     logs_name_admin_actions_but_never_a_secret,
 );
+once_tests!(postgres_connections_are_opened_with_tcp_nodelay_and_keepalive(postgres),);
 
 async fn metrics_are_valid_openmetrics_and_count_what_happened(backend: Backend) {
     // A process of its own: every counter, database errors included, is
@@ -71,8 +72,8 @@ async fn metrics_are_valid_openmetrics_and_count_what_happened(backend: Backend)
     }
     let m = crate::helpers::parse_metrics(&crate::helpers::scrape(metrics).await.1);
     assert_eq!(m[r#"keywarden_grpc_errors_total{code="INVALID_ARGUMENT"}"#], 2.0);
-    sigterm(&replica.child);
-    assert!(crate::helpers::exited(replica.child).await.success());
+    replica.sigterm();
+    assert!(replica.exited().await.success());
     crate::helpers::drop_database(postgres).await;
 }
 
@@ -161,12 +162,14 @@ async fn the_cli_manages_keys_end_to_end(backend: Backend) {
     let (table, _) = cli(&app, &["audit", "list", "--merchant", MERCHANT]);
     assert!(table.starts_with("TIME") && table.contains("VERIFY ALLOW"), "{table}");
 
-    let failed = Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .args(["keys", "create", "--merchant", MERCHANT, "--name", "x", "--scope", "Invoice:Read"])
-        .env("KEYWARDEN_SERVER", format!("http://{}", app.addr))
-        .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
+    let failed = crate::helpers::output_within(
+        Command::new(env!("CARGO_BIN_EXE_keywarden"))
+            .args(["keys", "create", "--merchant", MERCHANT, "--name", "x", "--scope", "Invoice:Read"])
+            .env("KEYWARDEN_SERVER", format!("http://{}", app.addr))
+            .env("KEYWARDEN_ADMIN_TOKEN", ADMIN_TOKEN),
+        crate::helpers::CLI_WITHIN,
+        "the refused keys create to finish",
+    );
     assert!(!failed.status.success());
     let err = String::from_utf8(failed.stderr).unwrap();
     assert!(err.contains("InvalidArgument") && err.contains("scopes"), "{err}");
@@ -200,9 +203,9 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
         })
         .await
         .unwrap();
-    crate::helpers::sigterm(&replica.child);
-    assert!(crate::helpers::exited(replica.child).await.success());
-    let logs = replica.logs.lock().unwrap().join("\n");
+    let logs = std::sync::Arc::clone(&replica.logs);
+    assert!(replica.stop().await.success());
+    let logs = logs.lock().unwrap().join("\n");
     for action in ["key created", "key revoked", "operator token created"] {
         let line = logs.lines().find(|l| l.contains(action)).unwrap_or_else(|| panic!("no {action:?} line"));
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -224,8 +227,6 @@ async fn logs_name_admin_actions_but_never_a_secret(backend: Backend) {
 /// second a half-open connection is never noticed. The options are read off
 /// the pooled connection's own socket, found by the client port PostgreSQL
 /// reports.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn postgres_connections_are_opened_with_tcp_nodelay_and_keepalive() {
     use rustix::net::sockopt;
     let Backend::Postgres(url) = Backend::postgres() else { unreachable!("postgres() is PostgreSQL") };

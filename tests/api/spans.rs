@@ -12,16 +12,21 @@ use tracing_subscriber::layer::SubscriberExt;
 
 use crate::helpers::{Backend, MERCHANT, eventually, spawn_app};
 
+once_tests!(
+    verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace_on_sqlite(current_thread),
+    verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace_on_postgres(
+        postgres,
+        current_thread
+    ),
+);
+
 // Current-thread runtimes: the span subscriber below is this thread's
 // default only, so the rest of the binary's tests run without span export,
 // as a server without OTLP configured does.
-#[tokio::test]
 async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace_on_sqlite() {
     verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(Backend::Sqlite).await;
 }
 
-#[tokio::test]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace_on_postgres() {
     verify_span_attributes_equal_the_audit_row_and_join_the_callers_trace(Backend::postgres()).await;
 }

@@ -18,12 +18,15 @@ use crate::helpers::{
     spawn_app_over, spawn_binary, until,
 };
 
+once_tests!(
+    a_minute_long_outage_loses_no_audit_row_and_no_usage_count(postgres),
+    sigkill_during_an_outage_loses_no_row_no_use_and_no_credit(postgres),
+);
+
 /// A database outage of a minute under steady load on cached keys: every
 /// answered call still has its row and its usage count once the database
 /// is back, the audit queue never refuses a call (the rows waited on the
 /// spool, not in the queue), and the spool drains.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_minute_long_outage_loses_no_audit_row_and_no_usage_count() {
     const OUTAGE: Duration = Duration::from_secs(60);
     let Backend::Postgres(server) = Backend::postgres() else { unreachable!() };
@@ -128,8 +131,6 @@ async fn a_minute_long_outage_loses_no_audit_row_and_no_usage_count() {
 /// kill loses nothing. Started again on the same data directory, it stores
 /// each answered call's row once, and counts each call and each credit
 /// spent exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn sigkill_during_an_outage_loses_no_row_no_use_and_no_credit() {
     const BALANCE: i64 = 100_000;
     let dir = tempfile::tempdir().unwrap();
@@ -200,9 +201,7 @@ async fn sigkill_during_an_outage_loses_no_row_no_use_and_no_credit() {
         }
     })
     .await;
-    let mut child = replica.child;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    replica.kill();
 
     // What the replica reported as spooled is in the files.
     let mut on_disk = 0;
@@ -238,7 +237,6 @@ async fn sigkill_during_an_outage_loses_no_row_no_use_and_no_credit() {
          after the restart (rows, uses, denials, credits spent) = {stored:?}"
     );
     assert_eq!(stored, (answered, allowed_calls, denied_calls, allowed_calls));
-    crate::helpers::sigterm(&restarted.child);
-    assert!(crate::helpers::exited(restarted.child).await.success());
+    assert!(restarted.stop().await.success());
     crate::helpers::drop_database(postgres).await;
 }

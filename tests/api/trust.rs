@@ -19,6 +19,18 @@ use crate::{
     pki::{Leaf, Pki, TlsClient, TlsFiles, serial_bytes},
 };
 
+once_tests!(
+    tls_serves_clients_that_trust_its_ca_and_no_one_else,
+    mtls_admits_only_unexpired_certificates_from_the_client_ca,
+    keyverify_answers_only_the_listed_callers,
+    outcome_reporters_are_their_own_list_and_default_to_the_verify_callers,
+    a_revoked_client_certificate_is_refused_at_its_next_handshake,
+    rotated_certificates_reach_new_connections_and_spare_open_ones,
+    keyadmin_moves_to_its_own_listener_and_health_gets_a_plaintext_one,
+    a_mapped_client_identity_acts_as_an_operator_within_its_limits,
+    the_cli_speaks_mtls_and_takes_tokens_only_from_a_file_or_the_environment,
+);
+
 const INVOICE: &str = "spiffe://cluster.local/ns/billing/sa/invoice";
 const PORTAL: &str = "spiffe://cluster.local/ns/portal/sa/portal";
 
@@ -79,7 +91,6 @@ fn metric(app: &TestApp, name: &str) -> f64 {
     parse_metrics(&app.probes.exporter.render()).get(name).copied().unwrap_or(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_clients_that_trust_its_ca_and_no_one_else() {
     let tls = tls(false);
     let mut app = spawn(&tls, false, None, |_| {}).await;
@@ -101,7 +112,6 @@ async fn tls_serves_clients_that_trust_its_ca_and_no_one_else() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_admits_only_unexpired_certificates_from_the_client_ca() {
     let tls = tls(true);
     let invoice = tls.pki.issue(&[INVOICE], 10, false);
@@ -126,7 +136,6 @@ async fn mtls_admits_only_unexpired_certificates_from_the_client_ca() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyverify_answers_only_the_listed_callers() {
     let tls = tls(true);
     let invoice = tls.pki.issue(&[INVOICE], 10, false);
@@ -179,7 +188,6 @@ async fn stream_access_logs(channel: Channel) -> Result<(), Code> {
         .map_err(|s| s.code())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcome_reporters_are_their_own_list_and_default_to_the_verify_callers() {
     const ENVOY: &str = "spiffe://cluster.local/ns/mesh/sa/envoy";
     let tls = tls(true);
@@ -212,7 +220,6 @@ async fn outcome_reporters_are_their_own_list_and_default_to_the_verify_callers(
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_client_certificate_is_refused_at_its_next_handshake() {
     let tls = tls(true);
     let crl = tls.files.client_ca.with_file_name("client-crl.pem");
@@ -239,7 +246,6 @@ async fn a_revoked_client_certificate_is_refused_at_its_next_handshake() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_certificates_reach_new_connections_and_spare_open_ones() {
     let tls = tls(false);
     let app = spawn(&tls, false, None, |_| {}).await;
@@ -271,7 +277,6 @@ async fn rotated_certificates_reach_new_connections_and_spare_open_ones() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyadmin_moves_to_its_own_listener_and_health_gets_a_plaintext_one() {
     let tls = tls(false);
     let mut app = spawn(&tls, false, None, |s| {
@@ -339,7 +344,6 @@ async fn listed_services(channel: Channel) -> Vec<String> {
     names
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mapped_client_identity_acts_as_an_operator_within_its_limits() {
     let tls = tls(true);
     let portal = tls.pki.issue(&[PORTAL], 20, false);
@@ -406,7 +410,6 @@ async fn a_mapped_client_identity_acts_as_an_operator_within_its_limits() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_speaks_mtls_and_takes_tokens_only_from_a_file_or_the_environment() {
     let tls = tls(true);
     let client = tls.pki.issue(&["ops.internal"], 30, false);
@@ -424,17 +427,19 @@ async fn the_cli_speaks_mtls_and_takes_tokens_only_from_a_file_or_the_environmen
     );
     let token_file = write("token", &format!("{ADMIN_TOKEN}\n"));
     let cli = |args: &[&str], env: &[(&str, &str)]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
-            .args(args)
-            .env_clear()
-            .env("KEYWARDEN_SERVER", format!("https://127.0.0.1:{}", app.addr.port()))
-            .env("KEYWARDEN_CA_CERT", &ca)
-            .env("KEYWARDEN_CLIENT_CERT", &cert)
-            .env("KEYWARDEN_CLIENT_KEY", &key)
-            .env("KEYWARDEN_DATA_DIR", dir.path().join("none"))
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
+        let output = crate::helpers::output_within(
+            std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
+                .args(args)
+                .env_clear()
+                .env("KEYWARDEN_SERVER", format!("https://127.0.0.1:{}", app.addr.port()))
+                .env("KEYWARDEN_CA_CERT", &ca)
+                .env("KEYWARDEN_CLIENT_CERT", &cert)
+                .env("KEYWARDEN_CLIENT_KEY", &key)
+                .env("KEYWARDEN_DATA_DIR", dir.path().join("none"))
+                .envs(env.iter().copied()),
+            crate::helpers::CLI_WITHIN,
+            &format!("keywarden {args:?} to finish"),
+        );
         (
             output.status.success(),
             String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -41,8 +41,6 @@ async fn metric(replica: &Replica, series: &str) -> f64 {
     *metrics.get(series).unwrap_or_else(|| panic!("{series} missing"))
 }
 
-#[tokio::test]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_key_verified_on_one_replica_verifies_on_a_fresh_one_without_scrypt_until_revoked() {
     let secret = fleet_secret();
     let (url, s) = (redis_url(), secret.clone());
@@ -103,13 +101,21 @@ async fn a_key_verified_on_one_replica_verifies_on_a_fresh_one_without_scrypt_un
     assert_eq!(warm_entry_of(&key_id).await, None, "a revoked key is not published again");
 
     for replica in [b, c] {
-        crate::helpers::sigterm(&replica.child);
-        crate::helpers::exited(replica.child).await;
+        replica.sigterm();
+        replica.exited().await;
     }
     a.stop().await;
 }
 
 backend_tests!(a_redis_outage_only_means_scrypt_again);
+once_tests!(
+    a_key_verified_on_one_replica_verifies_on_a_fresh_one_without_scrypt_until_revoked(
+        postgres,
+        current_thread
+    ),
+    a_redis_writer_cannot_make_a_forged_key_verify_with_a_bare_id_or_a_copied_value(postgres, current_thread),
+    a_forged_key_never_reaches_the_rehasher_during_a_pepper_rotation(postgres, current_thread),
+);
 
 async fn a_redis_outage_only_means_scrypt_again(backend: Backend) {
     let app = spawn_app_with(backend, |_| {}).await;
@@ -131,8 +137,8 @@ async fn a_redis_outage_only_means_scrypt_again(backend: Backend) {
     .await;
     let warnings = replica.logs.lock().unwrap().iter().filter(|l| l.contains("Redis is unreachable")).count();
     assert_eq!(warnings, 1, "one line per transition, not per failure");
-    crate::helpers::sigterm(&replica.child);
-    crate::helpers::exited(replica.child).await;
+    replica.sigterm();
+    replica.exited().await;
     app.stop().await;
 }
 
@@ -212,8 +218,8 @@ fn fresh_replica(
 }
 
 async fn stop_replica(replica: Replica) {
-    crate::helpers::sigterm(&replica.child);
-    crate::helpers::exited(replica.child).await;
+    replica.sigterm();
+    replica.exited().await;
 }
 
 /// What the attacker has learned before writing anything.
@@ -256,8 +262,6 @@ async fn attack_setup(attacker: &RedisWriter, secret: &str) -> Attack {
     Attack { a, victim_id, victim, forged, name, genuine }
 }
 
-#[tokio::test]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_redis_writer_cannot_make_a_forged_key_verify_with_a_bare_id_or_a_copied_value() {
     let (attacker, secret) = (RedisWriter::watching(11).await, fleet_secret());
     let Attack { a, victim_id, victim, forged, name, genuine } = attack_setup(&attacker, &secret).await;
@@ -284,8 +288,6 @@ async fn a_redis_writer_cannot_make_a_forged_key_verify_with_a_bare_id_or_a_copi
     a.stop().await;
 }
 
-#[tokio::test]
-#[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]
 async fn a_forged_key_never_reaches_the_rehasher_during_a_pepper_rotation() {
     let (attacker, secret) = (RedisWriter::watching(12).await, fleet_secret());
     let Attack { a, victim_id, victim, forged, name, .. } = attack_setup(&attacker, &secret).await;
