@@ -146,8 +146,13 @@ fn status_error(e: tonic::Status) -> anyhow::Error {
     use tonic_types::StatusExt;
     let mut message = format!("{:?}: {}", e.code(), e.message());
     if let Some(bad) = e.get_details_bad_request() {
+        // The message already quotes the first violation; each field is
+        // said once.
         for v in bad.field_violations {
-            message.push_str(&format!("\n  {}: {}", v.field, v.description));
+            let line = format!("{}: {}", v.field, v.description);
+            if !e.message().contains(&line) {
+                message.push_str(&format!("\n  {line}"));
+            }
         }
     }
     anyhow::anyhow!(message)

@@ -303,8 +303,9 @@ pub fn audit(json: bool, events: &[pb::AuditEvent], next: &str) {
         println!("{}", json!({ "events": docs, "next_page_token": next }));
         return;
     }
+    // An enum's zero (no reason: created, allowed) reads as nothing.
     let cell = |d: &Value, k: &str| match &d[k] {
-        Value::String(s) if !s.is_empty() => s.clone(),
+        Value::String(s) if !s.is_empty() && s != "UNSPECIFIED" => s.clone(),
         Value::Number(n) if n.as_i64() != Some(0) => n.to_string(),
         _ => "-".to_owned(),
     };

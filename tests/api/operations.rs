@@ -161,6 +161,7 @@ async fn the_cli_manages_keys_end_to_end(backend: Backend) {
     );
     let (table, _) = cli(&app, &["audit", "list", "--merchant", MERCHANT]);
     assert!(table.starts_with("TIME") && table.contains("VERIFY ALLOW"), "{table}");
+    assert!(!table.contains("UNSPECIFIED"), "rows without a reason show -: {table}");
 
     let failed = crate::helpers::output_within(
         Command::new(env!("CARGO_BIN_EXE_keywarden"))
@@ -173,6 +174,7 @@ async fn the_cli_manages_keys_end_to_end(backend: Backend) {
     assert!(!failed.status.success());
     let err = String::from_utf8(failed.stderr).unwrap();
     assert!(err.contains("InvalidArgument") && err.contains("scopes"), "{err}");
+    assert_eq!(err.matches("unknown scope").count(), 1, "each field is named once: {err}");
     app.stop().await;
 }
 
