@@ -61,5 +61,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if env::var_os("KEYWARDEN_TEST_POSTGRES_URL").is_some_and(|url| url.is_empty()) {
         println!("cargo:rustc-cfg=skip_postgres_tests");
     }
+    // The clock-skew test runs replicas under libfaketime (Debian's
+    // `faketime` package; .ci/run installs it). Without it that test is
+    // compiled as ignored, and reported so.
+    println!("cargo::rustc-check-cfg=cfg(skip_faketime_tests)");
+    println!("cargo:rerun-if-env-changed=KEYWARDEN_TEST_FAKETIME");
+    let faketime = env::var_os("KEYWARDEN_TEST_FAKETIME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"));
+    if faketime.exists() {
+        println!("cargo:rerun-if-changed={}", faketime.display());
+        println!("cargo:rustc-env=KEYWARDEN_TEST_FAKETIME_LIB={}", faketime.display());
+    } else {
+        println!("cargo:rustc-cfg=skip_faketime_tests");
+        println!("cargo:rustc-env=KEYWARDEN_TEST_FAKETIME_LIB=");
+    }
     Ok(())
 }

@@ -21,6 +21,8 @@
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
+// A load generator stamps its rows with the real clock.
+#![allow(clippy::disallowed_methods)]
 
 mod support;
 

@@ -6,6 +6,13 @@
 //! another (revocation, expiry, operator tokens) use [`DbClock`]: the
 //! database's clock as this replica estimates it, so that replicas whose
 //! own clocks disagree still agree on whether a key is revoked.
+//!
+//! This is the one module that reads the wall clock: clippy's
+//! `disallowed-methods` (clippy.toml) refuses `Utc::now`, `SystemTime::now`
+//! and [`now`] everywhere else, so a decision or a stamp cannot bypass
+//! [`DbClock`] (and the skew tests inject through it). A measurement that
+//! needs the raw clock (a lag, an age) says why where it reads it.
+#![allow(clippy::disallowed_methods)]
 
 use std::{
     collections::VecDeque,

@@ -209,6 +209,12 @@ impl From<Refusal> for Denial {
         match (refusal.reason, refusal.rate_limit) {
             (DenyReason::RateLimited, Some(status)) => {
                 let reset_at = status.reset_at.unwrap_or_default();
+                // The header is relative to now on this host, as the
+                // HTTP client reading it counts.
+                #[expect(
+                    clippy::disallowed_methods,
+                    reason = "an absolute reset time made relative for a header"
+                )]
                 let now =
                     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
                 let reset_ms = (i128::from(reset_at.seconds) * 1_000
@@ -342,6 +348,9 @@ fn connection_ip(parts: &Parts) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    // Tests read the real clock to build their inputs.
+    #![allow(clippy::disallowed_methods)]
+
     use super::*;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {

@@ -283,6 +283,9 @@ impl Spool {
 
 #[cfg(test)]
 mod tests {
+    // Tests read the real clock to build their inputs.
+    #![allow(clippy::disallowed_methods)]
+
     use super::*;
     use crate::{
         audit::AuditKind,

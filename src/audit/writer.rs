@@ -32,6 +32,7 @@ use super::{
     spool::{Spool, SpoolError},
 };
 use crate::{
+    clock::DbClock,
     config::{AuditSettings, Overflow},
     keys::Decision,
     store::Store,
@@ -84,6 +85,8 @@ pub struct AuditQueue {
     counters: Arc<Counters>,
     capacity: usize,
     spool: Option<Arc<Spool>>,
+    /// Rows are stamped on it; the spool's oldest age is read on it.
+    clock: Arc<DbClock>,
 }
 
 /// Why a row was not queued.
@@ -121,6 +124,8 @@ pub struct AuditWriter {
     late: Mutex<HashMap<String, u16>>,
     /// Rows per replayed insert now.
     replay_rows: std::sync::atomic::AtomicUsize,
+    /// Stamps dead letters.
+    clock: Arc<DbClock>,
 }
 
 #[derive(Debug)]
@@ -135,6 +140,7 @@ pub fn channel(
     store: Store,
     settings: &AuditSettings,
     spool: Option<Arc<Spool>>,
+    clock: Arc<DbClock>,
 ) -> (AuditQueue, AuditWriter) {
     let capacity = settings.capacity.max(1);
     let (tx, rx) = mpsc::channel(capacity);
@@ -149,6 +155,7 @@ pub fn channel(
             counters: Arc::clone(&counters),
             capacity,
             spool: spool.clone(),
+            clock: Arc::clone(&clock),
         },
         AuditWriter {
             state: tokio::sync::Mutex::new(Pending { rx, batch: Vec::new() }),
@@ -162,6 +169,7 @@ pub fn channel(
             spill_after: settings.spill_after,
             late: Mutex::default(),
             replay_rows: std::sync::atomic::AtomicUsize::new(REPLAY_MAX_ROWS),
+            clock,
         },
     )
 }
@@ -308,7 +316,7 @@ impl AuditQueue {
 
     /// Seconds the oldest spooled row has waited.
     pub fn spool_oldest_age(&self) -> f64 {
-        self.spool.as_ref().map_or(0.0, |s| s.oldest_age(crate::clock::now()))
+        self.spool.as_ref().map_or(0.0, |s| s.oldest_age(self.clock.now()))
     }
 
     /// Spool lines that could not be read back, skipped.
@@ -633,7 +641,7 @@ impl AuditWriter {
     /// Keeps a refused row with why: in the database, or in a file when the
     /// database refuses the dead letter too.
     async fn dead_letter(&self, row: &AuditRecord, reason: &str) -> Result<(), crate::store::StoreError> {
-        match self.store.insert_dead_letter(row, reason).await {
+        match self.store.insert_dead_letter(row, reason, self.clock.now()).await {
             Ok(()) => {}
             Err(e) if e.is_permanent() => self.dead_letter_to_file(row, reason, &e.to_string()),
             Err(e) => return Err(e),
@@ -709,6 +717,9 @@ impl AuditWriter {
 
 #[cfg(test)]
 mod tests {
+    // Tests read the real clock to build their inputs.
+    #![allow(clippy::disallowed_methods)]
+
     use chrono::Utc;
 
     use super::*;
@@ -729,7 +740,7 @@ mod tests {
             dead_letter_file: dir.path().join("dead-letters.jsonl"),
             spill_after: Duration::from_millis(500),
         };
-        let (queue, writer) = channel(store, &settings, None);
+        let (queue, writer) = channel(store, &settings, None, Arc::default());
         for _ in 0..3 {
             queue.push(AuditRecord::new(AuditKind::Verify, Utc::now(), None)).await.unwrap();
         }
@@ -767,7 +778,7 @@ mod tests {
             dead_letter_file: dir.path().join("dead-letters.jsonl"),
             spill_after: Duration::from_millis(500),
         };
-        let (queue, writer) = channel(store, &settings, None);
+        let (queue, writer) = channel(store, &settings, None, Arc::default());
         queue.push_detached(AuditRecord::new(AuditKind::AccessDenied, Utc::now(), None));
         assert_eq!(queue.unwritten(), 1, "the row is queued at once");
         let second = AuditRecord::new(AuditKind::AccessDenied, Utc::now(), None);

@@ -300,6 +300,8 @@ impl ChangeFeed {
         if let Some(cache) = &self.cache {
             cache.invalidate(key_id);
         }
+        // A measurement across replicas' wall clocks, decided on by nobody.
+        #[expect(clippy::disallowed_methods, reason = "a lag metric, not a decision")]
         let lag_us = (chrono::Utc::now().timestamp_micros() - sent).max(0);
         let lag = lag_us as f64 / 1_000_000.0;
         self.metrics.propagation_lag.observe(lag);

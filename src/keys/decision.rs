@@ -153,6 +153,9 @@ pub fn decide(
 
 #[cfg(test)]
 mod tests {
+    // Tests read the real clock to build their inputs.
+    #![allow(clippy::disallowed_methods)]
+
     use super::*;
     use crate::keys::scope::ScopeCatalogue;
     use chrono::Duration;

@@ -128,8 +128,12 @@ fn entry_key(key_id: &str) -> String {
     format!("keywarden:cr:{{{key_id}}}")
 }
 
+/// Microseconds on a monotonic clock local to this process: leases,
+/// refusals and idle returns are timed here only, never compared across
+/// replicas, so a wall clock stepped by NTP cannot stretch or cut them.
 fn now_us() -> u128 {
-    u128::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0)
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_micros()
 }
 
 impl LeasedCredits {

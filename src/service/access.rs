@@ -26,7 +26,7 @@ use subtle::ConstantTimeEq;
 use super::{ServiceError, validate};
 use crate::{
     audit::{AuditKind, AuditRecord, writer::AuditQueue},
-    clock::{self, DbClock},
+    clock::DbClock,
     config::{IdentityGrant, ThrottleSettings},
     keys::{
         identity::ClientIdentity,
@@ -247,7 +247,7 @@ impl Access {
                 named,
                 why,
             },
-            clock::now(),
+            self.clock.now(),
         );
         Err(ServiceError::PermissionDenied(format!(
             "{} may not call {}{scope}",
@@ -258,13 +258,13 @@ impl Access {
 
     /// Queues the summary rows of minutes that have ended.
     pub async fn sweep(&self) {
-        self.refusals.queue_all(self.refusals.summaries(clock::now(), false)).await;
+        self.refusals.queue_all(self.refusals.summaries(self.clock.now(), false)).await;
     }
 
     /// Queues every pending summary row (at shutdown, before the audit
     /// writer's final flush).
     pub async fn flush(&self) {
-        self.refusals.queue_all(self.refusals.summaries(clock::now(), true)).await;
+        self.refusals.queue_all(self.refusals.summaries(self.clock.now(), true)).await;
     }
 
     async fn operator(&self, token: &[u8], peer: &Peer, now: DateTime<Utc>) -> Result<Grant, ServiceError> {

@@ -236,7 +236,7 @@ impl Application {
             ),
             None => None,
         };
-        let usage = UsageTracker::new(store.clone(), usage_spill);
+        let usage = UsageTracker::new(store.clone(), usage_spill, Arc::clone(&clock));
         usage.recover().await.context("applying usage spilled by an earlier process")?;
         let spool = match settings.audit_spool_dir() {
             Some(dir) => Some(Arc::new(
@@ -245,7 +245,8 @@ impl Application {
             )),
             None => None,
         };
-        let (audit, audit_writer) = writer::channel(store.clone(), &settings.audit(), spool);
+        let (audit, audit_writer) =
+            writer::channel(store.clone(), &settings.audit(), spool, Arc::clone(&clock));
         let cache = if settings.cache_enabled {
             Some(Arc::new(VerifyCache::new(&settings.cache()).context("seeding the cache secret")?))
         } else {
@@ -541,16 +542,19 @@ impl Application {
             supervisor.spawn("audit writer", move || Arc::clone(&writer).run(stop(), timeout), || {})
         };
         let rollup_task = {
-            let (rollups, store, interval, timeout, stop) = (
+            let (rollups, store, clock, interval, timeout, stop) = (
                 Arc::clone(&rollups),
                 store.clone(),
+                Arc::clone(&clock),
                 settings.audit_rollup_interval(),
                 settings.flush_timeout(),
                 stop.clone(),
             );
             supervisor.spawn(
                 "audit rollup writer",
-                move || Arc::clone(&rollups).run(store.clone(), interval, stop(), timeout),
+                move || {
+                    Arc::clone(&rollups).run(store.clone(), Arc::clone(&clock), interval, stop(), timeout)
+                },
                 || {},
             )
         };
@@ -671,15 +675,16 @@ impl Application {
             ));
         }
         {
-            let (store, retention, every, stop) = (
+            let (store, clock, retention, every, stop) = (
                 store.clone(),
+                Arc::clone(&clock),
                 settings.audit_retention(),
                 settings.audit_retention_interval(),
                 stop.clone(),
             );
             helpers.push(supervisor.spawn(
                 "audit retention",
-                move || prune_audit(store.clone(), retention, every, stop()),
+                move || prune_audit(store.clone(), Arc::clone(&clock), retention, every, stop()),
                 || {},
             ));
         }
@@ -1044,6 +1049,7 @@ async fn refill_credits(
 /// flush ids past [`USAGE_FLUSH_MEMORY`].
 async fn prune_audit(
     store: Store,
+    clock: Arc<DbClock>,
     retention: Option<chrono::Duration>,
     every: Duration,
     stop: impl Future<Output = ()>,
@@ -1056,7 +1062,8 @@ async fn prune_audit(
             () = &mut stop => return,
             _ = ticker.tick() => {}
         }
-        let now = crate::clock::now();
+        // Rows and flush ids were stamped on the database's clock.
+        let now = clock.now();
         if let Err(e) = store.expire_held_outcomes(now - crate::audit::QUEUE_HORIZON * 6).await {
             tracing::warn!(error = %e, "expiring held outcomes failed; will retry");
         }

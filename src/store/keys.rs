@@ -478,6 +478,7 @@ impl Store {
     pub async fn apply_usage(
         &self,
         flush_id: &str,
+        applied_at: DateTime<Utc>,
         deltas: &[(&str, UsageDelta)],
     ) -> Result<UsageApplied, StoreError> {
         let txn = self.db().begin().await?;
@@ -485,7 +486,7 @@ impl Store {
         self.count(2);
         let recorded = usage_flush::Entity::insert(usage_flush::ActiveModel {
             id: Set(flush_id.to_owned()),
-            applied_at: Set(crate::clock::now()),
+            applied_at: Set(crate::clock::stored(applied_at)),
         })
         .on_conflict_do_nothing()
         .exec_without_returning(&txn)
@@ -620,7 +621,9 @@ impl Store {
             return Ok(());
         }
         self.count(1);
-        let payload = format!("{} {} {}", key.id, key.version, chrono::Utc::now().timestamp_micros());
+        #[expect(clippy::disallowed_methods, reason = "the sending time of the propagation-lag metric")]
+        let sent = chrono::Utc::now().timestamp_micros();
+        let payload = format!("{} {} {sent}", key.id, key.version);
         txn.execute_raw(Statement::from_sql_and_values(
             self.db_backend(),
             "SELECT pg_notify($1, $2)",

@@ -36,6 +36,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex as AsyncMutex;
 
+use crate::clock::DbClock;
 use crate::keys::credits::Balance;
 use crate::store::{
     Store, StoreError,
@@ -91,6 +92,8 @@ pub struct UsageTracker {
     /// Where batches go while the database cannot take them; `None` when
     /// the replica keeps no local state (the spool is off).
     spill: Option<Spill>,
+    /// Stamps the flush ids the store remembers.
+    clock: Arc<DbClock>,
     /// Held while a flush is in flight, so readers never see a delta both in
     /// memory and in the database, or in neither.
     flushing: AsyncMutex<()>,
@@ -109,9 +112,10 @@ struct Ledger {
 }
 
 impl UsageTracker {
-    pub fn new(store: Store, spill: Option<Spill>) -> Arc<Self> {
+    pub fn new(store: Store, spill: Option<Spill>, clock: Arc<DbClock>) -> Arc<Self> {
         Arc::new(Self {
             store,
+            clock,
             pending: Mutex::new(HashMap::new()),
             queue: Mutex::new(VecDeque::new()),
             spill,
@@ -334,7 +338,7 @@ impl UsageTracker {
     }
 
     async fn write(&self, flush: &Flush) -> Result<(), StoreError> {
-        match self.store.apply_usage(&flush.id, &flush.rows()).await? {
+        match self.store.apply_usage(&flush.id, self.clock.now(), &flush.rows()).await? {
             UsageApplied::Applied(balances) => self.confirm(flush, &balances),
             UsageApplied::AlreadyApplied => {
                 tracing::info!(flush_id = %flush.id, keys = flush.deltas.len(), "usage flush had already been applied; not counted again");
@@ -419,7 +423,7 @@ impl UsageTracker {
             let rows: Vec<(&str, UsageDelta)> = batch.deltas.iter().map(|(k, d)| (k.as_str(), *d)).collect();
             let applied = self
                 .store
-                .apply_usage(&batch.id, &rows)
+                .apply_usage(&batch.id, self.clock.now(), &rows)
                 .await
                 .with_context(|| format!("applying spilled usage batch {}", batch.id))?;
             if matches!(applied, UsageApplied::AlreadyApplied) {
@@ -504,7 +508,7 @@ impl UsageTracker {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -512,7 +516,7 @@ mod tests {
 
     async fn tracker() -> (Arc<UsageTracker>, tempfile::TempDir) {
         let (store, dir) = crate::store::temp_sqlite_store().await;
-        (UsageTracker::new(store, None), dir)
+        (UsageTracker::new(store, None, Arc::default()), dir)
     }
 
     async fn key_row(store: &Store, id: &str) {
@@ -554,7 +558,7 @@ mod tests {
         let (tracker, _dir) = tracker().await;
         let flush = batch_of_three(&tracker).await;
         assert!(matches!(
-            tracker.store.apply_usage(&flush.id, &flush.rows()).await.unwrap(),
+            tracker.store.apply_usage(&flush.id, Utc::now(), &flush.rows()).await.unwrap(),
             UsageApplied::Applied(_)
         ));
         assert_eq!(tracker.pending("k1").allowed, 3, "still unconfirmed in memory");
@@ -618,7 +622,8 @@ mod tests {
     async fn a_spilled_outage_is_applied_once_by_the_next_process() {
         let (store, _db) = crate::store::temp_sqlite_store().await;
         let dir = tempfile::tempdir().unwrap();
-        let tracker = UsageTracker::new(store.clone(), Some(Spill::open(dir.path()).unwrap()));
+        let tracker =
+            UsageTracker::new(store.clone(), Some(Spill::open(dir.path()).unwrap()), Arc::default());
         key_row(&store, "k1").await;
         {
             use sea_orm::ConnectionTrait;
@@ -635,7 +640,7 @@ mod tests {
         assert_eq!(tracker.spend("k1", balance, 4), Ok(96));
         let (attempted, _) = tracker.next_batch(true).unwrap();
         assert!(matches!(
-            store.apply_usage(&attempted.id, &attempted.rows()).await.unwrap(),
+            store.apply_usage(&attempted.id, Utc::now(), &attempted.rows()).await.unwrap(),
             UsageApplied::Applied(_)
         ));
         // The acknowledgement was lost: the attempt failed as far as the
@@ -652,7 +657,7 @@ mod tests {
         assert_eq!(files, 2, "the attempted batch, and one batch for the rest of the outage");
         drop(tracker);
 
-        let next = UsageTracker::new(store.clone(), Some(Spill::open(dir.path()).unwrap()));
+        let next = UsageTracker::new(store.clone(), Some(Spill::open(dir.path()).unwrap()), Arc::default());
         assert_eq!(next.recover().await.unwrap(), 2);
         assert_eq!(stored_count(&store, "k1").await, 5, "3 + 2, the committed batch once");
         let balances = store.credit_balances(&["k1"]).await.unwrap();

@@ -47,6 +47,7 @@ once_tests!(
     a_replica_that_missed_notices_forgets_its_cache_on_reconnect(postgres),
     an_outcome_reported_to_another_replica_lands_on_its_row(postgres),
     replicas_with_skewed_clocks_deny_a_revoked_key_at_once(postgres),
+    processes_whose_clocks_are_hours_apart_agree_on_revocation(postgres, faketime),
     a_half_open_listener_is_detected_within_two_heartbeats(postgres),
 );
 
@@ -73,10 +74,14 @@ async fn postgres_fleet() -> Fleet {
 }
 
 impl Fleet {
+    /// A replica on `url`, with a data directory (spool, usage spill) of
+    /// its own.
     fn replica(&self, url: &str, extra: &[(&str, &str)]) -> Replica {
         let mut env = vec![("KEYWARDEN_MIGRATE_ON_START", "false")];
         env.extend_from_slice(extra);
-        spawn_binary(url, self._dir.path(), &env)
+        let data = self._dir.path().join(uuid::Uuid::now_v7().simple().to_string());
+        std::fs::create_dir(&data).unwrap();
+        spawn_binary(url, &data, &env)
     }
 
     async fn drop(self) {
@@ -806,6 +811,70 @@ async fn replicas_with_skewed_clocks_deny_a_revoked_key_at_once() {
     assert!(rotated_at.elapsed() < Duration::from_secs(5), "denied after {:?}", rotated_at.elapsed());
     behind.stop().await;
     ahead.stop().await;
+}
+
+/// The same agreement with the processes' own clocks two hours apart
+/// (libfaketime shifts every wall-clock read of each `keywarden serve`, the
+/// monotonic clock left alone), not only the clock keywarden injects for
+/// tests: a decision or a stamp that read the wall clock instead of the
+/// database's would let the revoked key verify for hours on the replica
+/// behind.
+async fn processes_whose_clocks_are_hours_apart_agree_on_revocation() {
+    let fleet = postgres_fleet().await;
+    let faked = |offset: &'static str| {
+        [
+            ("LD_PRELOAD", env!("KEYWARDEN_TEST_FAKETIME_LIB")),
+            ("FAKETIME", offset),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ]
+    };
+    let ahead = fleet.replica(&fleet.database_url, &faked("+2h"));
+    let behind = fleet.replica(&fleet.database_url, &faked("-2h"));
+    // The shift took: each logs on its own clock.
+    let logged_at = |replica: &Replica| {
+        let logs = replica.logs.lock().unwrap();
+        let line: serde_json::Value = serde_json::from_str(&logs[0]).unwrap();
+        chrono::DateTime::parse_from_rfc3339(line["timestamp"].as_str().unwrap()).unwrap().to_utc()
+    };
+    let real = chrono::Utc::now();
+    assert!((logged_at(&ahead) - real).num_minutes() > 110, "ahead logs at {}", logged_at(&ahead));
+    assert!((real - logged_at(&behind)).num_minutes() > 110, "behind logs at {}", logged_at(&behind));
+
+    let (mut on_ahead, mut on_behind) = (clients(ahead.addr).await, clients(behind.addr).await);
+    let (revoked_id, revoked) = crate::helpers::create_sales_key(&mut on_ahead.admin, "revoked").await;
+    let (rotated_id, rotated) = crate::helpers::create_sales_key(&mut on_ahead.admin, "rotated").await;
+    for key in [&revoked, &rotated] {
+        assert!(allowed(&verify(&mut on_behind.verify, key).await.unwrap()), "cached on the replica behind");
+    }
+    revoke(&mut on_ahead.admin, &revoked_id).await;
+    let revoked_at = Instant::now();
+    let denied = |key: String| {
+        let client = on_behind.verify.clone();
+        move || {
+            let (mut client, key) = (client.clone(), key.clone());
+            async move {
+                let r = verify(&mut client, &key).await.ok()?;
+                (r.deny_reason == pb::DenyReason::Revoked as i32).then_some(())
+            }
+        }
+    };
+    until("the replica behind to deny the revoked key", denied(revoked)).await;
+    assert!(revoked_at.elapsed() < Duration::from_secs(2), "denied after {:?}", revoked_at.elapsed());
+    on_ahead
+        .admin
+        .regenerate_key(pb::RegenerateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: rotated_id,
+            grace_period: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        })
+        .await
+        .unwrap();
+    let rotated_at = Instant::now();
+    until("the rotated key's grace to end on the replica behind", denied(rotated)).await;
+    assert!(rotated_at.elapsed() < Duration::from_secs(5), "denied after {:?}", rotated_at.elapsed());
+    assert!(ahead.stop().await.success());
+    assert!(behind.stop().await.success());
+    fleet.drop().await;
 }
 
 /// A change listener that goes half-open (the proxy holds its traffic

@@ -87,7 +87,8 @@ macro_rules! backend_tests {
 
 /// Generates `once::name` tests from `async fn name()`, each bounded by
 /// [`TEST_LIMIT`]. Flags after a name: `postgres` for one that needs
-/// PostgreSQL (ignored when it is opted out of), `current_thread` for one
+/// PostgreSQL (ignored when it is opted out of), `faketime` for one that
+/// needs libfaketime (ignored without it), `current_thread` for one
 /// whose runtime must be a single thread (a thread-local span subscriber
 /// then sees every task).
 macro_rules! once_tests {
@@ -101,6 +102,11 @@ macro_rules! once_tests {
     (@test [$($attr:tt)*] [$($flavor:tt)*] $name:ident [postgres $($rest:ident)*]) => {
         once_tests!(@test
             [$($attr)* #[cfg_attr(skip_postgres_tests, ignore = "KEYWARDEN_TEST_POSTGRES_URL is empty")]]
+            [$($flavor)*] $name [$($rest)*]);
+    };
+    (@test [$($attr:tt)*] [$($flavor:tt)*] $name:ident [faketime $($rest:ident)*]) => {
+        once_tests!(@test
+            [$($attr)* #[cfg_attr(skip_faketime_tests, ignore = "libfaketime is not installed (Debian's faketime)")]]
             [$($flavor)*] $name [$($rest)*]);
     };
     (@test [$($attr:tt)*] [$($flavor:tt)*] $name:ident [current_thread $($rest:ident)*]) => {

@@ -3,6 +3,8 @@
 //! SQLite and again on PostgreSQL.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// Tests are the world outside the service: they read the real clock.
+#![allow(clippy::disallowed_methods)]
 
 #[macro_use]
 mod helpers;

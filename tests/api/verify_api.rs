@@ -474,10 +474,19 @@ async fn a_usage_flush_applied_twice_is_counted_once(backend: Backend) {
     let delta = UsageDelta { allowed: 3, denied: 1, last_used_at: Some(chrono::Utc::now()), spent: 0 };
     let batch = [(api_key.id.as_str(), delta)];
     let store = app.probes.store.clone();
-    assert!(matches!(store.apply_usage("flush-a", &batch).await.unwrap(), UsageApplied::Applied(_)));
-    assert_eq!(store.apply_usage("flush-a", &batch).await.unwrap(), UsageApplied::AlreadyApplied);
+    assert!(matches!(
+        store.apply_usage("flush-a", keywarden::clock::now(), &batch).await.unwrap(),
+        UsageApplied::Applied(_)
+    ));
+    assert_eq!(
+        store.apply_usage("flush-a", keywarden::clock::now(), &batch).await.unwrap(),
+        UsageApplied::AlreadyApplied
+    );
     assert_eq!(counts(&app, &api_key.id).await, (3, 1));
-    assert!(matches!(store.apply_usage("flush-b", &batch).await.unwrap(), UsageApplied::Applied(_)));
+    assert!(matches!(
+        store.apply_usage("flush-b", keywarden::clock::now(), &batch).await.unwrap(),
+        UsageApplied::Applied(_)
+    ));
     assert_eq!(counts(&app, &api_key.id).await, (6, 2), "another flush adds");
     // Retention forgets flush ids by age, and only by age.
     let now = chrono::Utc::now();

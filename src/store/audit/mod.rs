@@ -427,7 +427,12 @@ const MAX_DEAD_LETTER_REASON: usize = 500;
 impl Store {
     /// Keeps a row the database refused for what it holds, with why. A row
     /// dead-lettered twice (a retried batch) is kept once.
-    pub async fn insert_dead_letter(&self, row: &AuditRecord, reason: &str) -> Result<(), StoreError> {
+    pub async fn insert_dead_letter(
+        &self,
+        row: &AuditRecord,
+        reason: &str,
+        failed_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let reason: String = reason.chars().filter(|c| *c != '\0').take(MAX_DEAD_LETTER_REASON).collect();
         let mut insert = Query::insert();
         insert
@@ -435,7 +440,7 @@ impl Store {
             .columns(["id", "failed_at", "reason", "row"].map(sea_orm::sea_query::Alias::new))
             .values_panic([
                 Expr::val(row.id.clone()),
-                Expr::val(crate::clock::now()),
+                Expr::val(crate::clock::stored(failed_at)),
                 Expr::val(reason),
                 Expr::val(row.to_json()),
             ])
@@ -666,6 +671,9 @@ pub enum OutcomeWrite {
 
 #[cfg(test)]
 mod tests {
+    // Tests read the real clock to build their inputs.
+    #![allow(clippy::disallowed_methods)]
+
     use chrono::TimeZone;
 
     use super::*;
