@@ -959,6 +959,10 @@ pub struct Proxy {
     stall: Arc<tokio::sync::watch::Sender<Option<Vec<u8>>>>,
     /// The armed cut also swallows the COMMIT's acknowledgement.
     lose_ack: Arc<AtomicBool>,
+    /// Clients whose startup carries this are watched: when bytes last
+    /// reached one is noted in `delivered`.
+    watching: Arc<Mutex<Option<Vec<u8>>>>,
+    delivered: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 /// Waits while `stall` names a marker that `startup` carries.
@@ -1007,6 +1011,9 @@ impl Proxy {
         let lose_ack = Arc::new(AtomicBool::new(false));
         let losing = Arc::clone(&lose_ack);
         let staller = Arc::clone(&stall);
+        let delivered: Arc<Mutex<Option<std::time::Instant>>> = Arc::default();
+        let watching: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let (noted, watched) = (Arc::clone(&delivered), Arc::clone(&watching));
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else { return };
@@ -1018,6 +1025,7 @@ impl Proxy {
                 let (cutter, armed, trip) = (Arc::clone(&cutter), Arc::clone(&armed), Arc::clone(&trip));
                 let lose = Arc::clone(&losing);
                 let (mut stall_up, mut stall_down) = (staller.subscribe(), staller.subscribe());
+                let (watched, noted) = (Arc::clone(&watched), Arc::clone(&noted));
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
                     let (mut from_client, mut to_client) = inbound.into_split();
@@ -1067,6 +1075,15 @@ impl Proxy {
                             // but its answer never reaches the client.
                             if !(tripping && lose.load(Ordering::SeqCst)) {
                                 to_client.write_all(&buf[..n]).await?;
+                                if watched.lock().unwrap().as_ref().is_some_and(|marker| {
+                                    startup
+                                        .lock()
+                                        .unwrap()
+                                        .windows(marker.len())
+                                        .any(|w| w == marker.as_slice())
+                                }) {
+                                    *noted.lock().unwrap() = Some(std::time::Instant::now());
+                                }
                             }
                             if tripping {
                                 trip.store(true, Ordering::SeqCst);
@@ -1085,7 +1102,20 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, cut, trigger, tripped, stall, lose_ack }
+        Self { addr, cut, trigger, tripped, stall, lose_ack, watching, delivered }
+    }
+
+    /// Starts noting when bytes reach clients whose startup carries
+    /// `marker`, without holding anything yet (see
+    /// [`Proxy::last_delivered`]).
+    pub fn watch_connections_carrying(&self, marker: &[u8]) {
+        *self.watching.lock().unwrap() = Some(marker.to_vec());
+        *self.delivered.lock().unwrap() = None;
+    }
+
+    /// When bytes last reached a watched client.
+    pub fn last_delivered(&self) -> Option<std::time::Instant> {
+        *self.delivered.lock().unwrap()
     }
 
     /// Holds every connection, open or future, whose startup message
