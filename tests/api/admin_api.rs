@@ -27,6 +27,7 @@ backend_tests!(
     list_scopes_shows_the_catalogue_implications_and_presets,
     audit_trail_filters_by_key_and_time_and_pages,
     admin_actions_are_audited_in_the_same_transaction,
+    a_change_whose_audit_row_cannot_be_written_does_not_happen,
 );
 once_tests!(committed_changes_answer_what_they_committed_when_the_database_goes_right_after(
     postgres,
@@ -694,6 +695,75 @@ async fn admin_actions_are_audited_in_the_same_transaction(backend: Backend) {
     let successor = app.audit_of(&regenerated.api_key.unwrap().id).await;
     assert_eq!(successor.len(), 1);
     assert!(successor[0].detail.contains(&key.id));
+    app.stop().await;
+}
+
+/// The audit row is part of the change: when the database refuses the row
+/// (a trigger injects the failure), the change is rolled back with it. A
+/// row written after the commit, or queued, would leave the change made
+/// and unaudited.
+async fn a_change_whose_audit_row_cannot_be_written_does_not_happen(backend: Backend) {
+    let mut app = spawn_app(backend.clone()).await;
+    let (key, plaintext) = app.key_with_scopes(&["sales:read"]).await;
+    let refuse = |kind: &str| match backend {
+        Backend::Sqlite => format!(
+            "CREATE TRIGGER refuse_{kind} BEFORE INSERT ON audit_events WHEN NEW.kind = '{kind}' \
+             BEGIN SELECT RAISE(ABORT, 'injected audit failure'); END"
+        ),
+        Backend::Postgres(_) => format!(
+            "CREATE FUNCTION refuse_{kind}() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'injected audit failure'; END $$; \
+             CREATE TRIGGER refuse_{kind} BEFORE INSERT ON audit_events FOR EACH ROW \
+             WHEN (NEW.kind = '{kind}') EXECUTE FUNCTION refuse_{kind}()"
+        ),
+    };
+    for kind in ["KEY_CREATED", "KEY_UPDATED", "KEY_REVOKED", "KEY_REGENERATED"] {
+        crate::helpers::execute(&app.database_url, &refuse(kind)).await;
+    }
+    let lister = app.admin.clone();
+    let keys = || {
+        let mut lister = lister.clone();
+        async move {
+            let request = pb::ListKeysRequest { merchant_id: MERCHANT.into(), ..Default::default() };
+            lister.list_keys(request).await.unwrap().into_inner().api_keys
+        }
+    };
+    let before = keys().await;
+
+    let created = app
+        .admin
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "never created".into(),
+            scopes: vec!["sales:read".into()],
+            ..Default::default()
+        })
+        .await;
+    assert!(created.is_err(), "created without its audit row: {created:?}");
+    let updated = app
+        .admin
+        .update_key(pb::UpdateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: key.id.clone(),
+            name: "never renamed".into(),
+            update_mask: mask(&["name"]),
+            ..Default::default()
+        })
+        .await;
+    assert!(updated.is_err(), "updated without its audit row");
+    assert!(regenerate(&mut app, &key.id, None).await.is_err(), "regenerated without its audit row");
+    let revoked = app
+        .admin
+        .revoke_key(pb::RevokeKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: key.id.clone(),
+            reason: String::new(),
+        })
+        .await;
+    assert!(revoked.is_err(), "revoked without its audit row");
+
+    assert_eq!(keys().await, before, "no key created, renamed, rotated or revoked");
+    assert_eq!(outcome(&app.verify(&plaintext, "", "sales:read").await), allowed(), "the key still verifies");
     app.stop().await;
 }
 
