@@ -313,13 +313,20 @@ async fn warm_keys(app: &mut TestApp, n: usize) -> Vec<String> {
 
 async fn the_negative_cache_stays_bounded(backend: Backend) {
     let mut app = spawn_app_with(backend, |s| s.negative_cache_max = 100).await;
+    let mut unknown = PlainKey::generate(&KeyPrefix::default()).unwrap();
     for _ in 0..500 {
-        let unknown = PlainKey::generate(&KeyPrefix::default()).unwrap();
+        unknown = PlainKey::generate(&KeyPrefix::default()).unwrap();
         assert_eq!(outcome(&app.verify(unknown.expose(), "", "").await), deny(R::NotFound));
     }
     let cache = app.probes.cache.clone().unwrap();
     let (identities, states, negative) = cache.sizes();
-    assert!(negative <= 100, "{negative} negative entries");
+    assert!(negative > 0 && negative <= 100, "{negative} negative entries");
     assert_eq!((identities, states), (0, 0), "garbage never gets an identity");
+    // In use, not merely small: the latest unknown key, asked again, is
+    // answered from it without a read.
+    let hits = || cache.counters.negative_hits.load(std::sync::atomic::Ordering::SeqCst);
+    let (hits_before, reads) = (hits(), app.probes.store.reads());
+    assert_eq!(outcome(&app.verify(unknown.expose(), "", "").await), deny(R::NotFound));
+    assert_eq!((hits() - hits_before, app.probes.store.reads() - reads), (1, 0), "(negative hits, reads)");
     app.stop().await;
 }
