@@ -963,6 +963,9 @@ pub struct Proxy {
     /// reached one is noted in `delivered`.
     watching: Arc<Mutex<Option<Vec<u8>>>>,
     delivered: Arc<Mutex<Option<std::time::Instant>>>,
+    /// Every statement clients sent through the proxy, in order (the
+    /// client must not use TLS).
+    statements: Arc<Mutex<Vec<String>>>,
 }
 
 /// Waits while `stall` names a marker that `startup` carries.
@@ -997,6 +1000,73 @@ impl Scan {
     }
 }
 
+/// Reads PostgreSQL's frontend messages off one client's byte stream and
+/// logs each statement it has executed: a simple query ('Q'), or an
+/// Execute ('E') of a portal bound ('B') to a statement parsed ('P').
+#[derive(Default)]
+struct StatementLog {
+    buf: Vec<u8>,
+    started: bool,
+    parsed: std::collections::HashMap<Vec<u8>, String>,
+    bound: std::collections::HashMap<Vec<u8>, String>,
+}
+
+impl StatementLog {
+    fn feed(&mut self, bytes: &[u8], log: &Mutex<Vec<String>>) {
+        /// A NUL-terminated string at `at`, and where the next field starts.
+        fn field(body: &[u8], at: usize) -> (&[u8], usize) {
+            let rest = body.get(at..).unwrap_or_default();
+            let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+            (&rest[..end], at + end + 1)
+        }
+        self.buf.extend_from_slice(bytes);
+        loop {
+            if !self.started {
+                // A startup message has no type byte; an SSL or GSS request
+                // (codes 80877103, 80877104) is followed by another one.
+                let Some(len) = self.buf.get(..4).map(|b| u32::from_be_bytes(b.try_into().unwrap()) as usize)
+                else {
+                    return;
+                };
+                if self.buf.len() < len.max(8) {
+                    return;
+                }
+                let code = u32::from_be_bytes(self.buf[4..8].try_into().unwrap());
+                self.buf.drain(..len);
+                self.started = !matches!(code, 80_877_103 | 80_877_104);
+                continue;
+            }
+            let Some(len) = self.buf.get(1..5).map(|b| u32::from_be_bytes(b.try_into().unwrap()) as usize)
+            else {
+                return;
+            };
+            if self.buf.len() < 1 + len {
+                return;
+            }
+            let message: Vec<u8> = self.buf.drain(..1 + len).collect();
+            let (kind, body) = (message[0], &message[5..]);
+            match kind {
+                b'Q' => log.lock().unwrap().push(String::from_utf8_lossy(field(body, 0).0).into_owned()),
+                b'P' => {
+                    let (name, at) = field(body, 0);
+                    let sql = String::from_utf8_lossy(field(body, at).0).into_owned();
+                    self.parsed.insert(name.to_vec(), sql);
+                }
+                b'B' => {
+                    let (portal, at) = field(body, 0);
+                    let sql = self.parsed.get(field(body, at).0).cloned().unwrap_or_default();
+                    self.bound.insert(portal.to_vec(), sql);
+                }
+                b'E' => {
+                    let sql = self.bound.get(field(body, 0).0).cloned().unwrap_or_default();
+                    log.lock().unwrap().push(sql);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 impl Proxy {
     pub async fn start(upstream: SocketAddr) -> Self {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1014,6 +1084,8 @@ impl Proxy {
         let delivered: Arc<Mutex<Option<std::time::Instant>>> = Arc::default();
         let watching: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
         let (noted, watched) = (Arc::clone(&delivered), Arc::clone(&watching));
+        let statements: Arc<Mutex<Vec<String>>> = Arc::default();
+        let logged = Arc::clone(&statements);
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else { return };
@@ -1025,7 +1097,8 @@ impl Proxy {
                 let (cutter, armed, trip) = (Arc::clone(&cutter), Arc::clone(&armed), Arc::clone(&trip));
                 let lose = Arc::clone(&losing);
                 let (mut stall_up, mut stall_down) = (staller.subscribe(), staller.subscribe());
-                let (watched, noted) = (Arc::clone(&watched), Arc::clone(&noted));
+                let (watched, noted, logged) =
+                    (Arc::clone(&watched), Arc::clone(&noted), Arc::clone(&logged));
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
                     let (mut from_client, mut to_client) = inbound.into_split();
@@ -1039,11 +1112,13 @@ impl Proxy {
                             (Arc::clone(&armed), Arc::clone(&marked), Arc::clone(&startup));
                         async move {
                             let (mut buf, mut scan) = (vec![0u8; 16 * 1024], Scan::default());
+                            let mut statements = StatementLog::default();
                             loop {
                                 let n = from_client.read(&mut buf).await?;
                                 if n == 0 {
                                     return Ok::<(), std::io::Error>(());
                                 }
+                                statements.feed(&buf[..n], &logged);
                                 {
                                     let mut startup = startup.lock().unwrap();
                                     let room = 1024usize.saturating_sub(startup.len()).min(n);
@@ -1102,7 +1177,7 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, cut, trigger, tripped, stall, lose_ack, watching, delivered }
+        Self { addr, cut, trigger, tripped, stall, lose_ack, watching, delivered, statements }
     }
 
     /// Starts noting when bytes reach clients whose startup carries
@@ -1111,6 +1186,11 @@ impl Proxy {
     pub fn watch_connections_carrying(&self, marker: &[u8]) {
         *self.watching.lock().unwrap() = Some(marker.to_vec());
         *self.delivered.lock().unwrap() = None;
+    }
+
+    /// Every statement sent through the proxy so far.
+    pub fn statements(&self) -> Vec<String> {
+        self.statements.lock().unwrap().clone()
     }
 
     /// When bytes last reached a watched client.

@@ -3,11 +3,12 @@
 //! work is bounded. Counts come from the server's own counters.
 
 use crate::helpers::{
-    Backend, MERCHANT, TestApp, allowed, deny, eventually, outcome, spawn_app, spawn_app_with, until,
+    Backend, MERCHANT, Proxy, TestApp, allowed, deny, eventually, outcome, spawn_app, spawn_app_with, until,
     wrong_secret,
 };
 use keywarden::{
     api::pb::{self, DenyReason as R},
+    config::Settings,
     keys::{KeyPrefix, PlainKey},
 };
 use tonic::Code;
@@ -197,6 +198,41 @@ async fn a_full_scrypt_queue_answers_resource_exhausted_while_warm_keys_still_ve
     app.stop().await;
 }
 
+/// The app, and on PostgreSQL a proxy in front of its database that reads
+/// every statement the app sends (in the clear, so that it can).
+async fn spawn_counted(backend: Backend, customise: impl FnOnce(&mut Settings)) -> (TestApp, Option<Proxy>) {
+    let proxy = match &backend {
+        Backend::Postgres(server) => Some(Proxy::start(Proxy::upstream_of(server)).await),
+        Backend::Sqlite => None,
+    };
+    let app = spawn_app_with(backend, |s| {
+        if let Some(proxy) = &proxy {
+            s.database_url =
+                s.database_url.as_deref().map(|url| format!("{}?sslmode=disable", proxy.url_for(url)));
+        }
+        customise(s);
+    })
+    .await;
+    (app, proxy)
+}
+
+/// The store's count of statements is every statement the replica sent,
+/// as seen on the wire since `from` (PostgreSQL; SQLite has no wire),
+/// leaving out only what keeps the replica alive whatever the load: the
+/// health monitor's pings (reading the database's clock), and the change
+/// feed's heartbeats, LISTEN and UNLISTEN.
+fn same_as_on_the_wire(counted: u64, wire: Option<&Proxy>, from: usize) {
+    let Some(wire) = wire else { return };
+    let upkeep = |sql: &str| {
+        sql.starts_with("SELECT to_char(clock_timestamp()")
+            || sql.contains("pg_notify")
+            || sql.starts_with("LISTEN")
+            || sql.starts_with("UNLISTEN")
+    };
+    let sent: Vec<String> = wire.statements()[from..].iter().filter(|s| !upkeep(s)).cloned().collect();
+    assert_eq!(counted, sent.len() as u64, "counted by the store against sent on the wire: {sent:#?}");
+}
+
 async fn one_audit_batch_and_one_usage_flush_for_a_thousand_verifies_cost_at_most_ten_statements(
     backend: Backend,
 ) {
@@ -206,7 +242,7 @@ async fn one_audit_batch_and_one_usage_flush_for_a_thousand_verifies_cost_at_mos
     // windows the burst straddled × ~7, 14 on a slow run. So the batch is
     // sized to the calls (5 warm-up rows + 1000) and written as soon as it
     // is full, and usage is flushed by the shutdown alone.
-    let mut app = spawn_app_with(backend, |s| {
+    let (mut app, wire) = spawn_counted(backend, |s| {
         s.usage_flush_interval_ms = 600_000;
         s.audit_linger_ms = 600_000;
         s.audit_batch_size = 1005;
@@ -215,6 +251,7 @@ async fn one_audit_batch_and_one_usage_flush_for_a_thousand_verifies_cost_at_mos
     let keys = warm_keys(&mut app, 5).await;
     let store = app.probes.store.clone();
     let (before, reads_before) = (store.statements(), store.reads());
+    let on_wire = wire.as_ref().map_or(0, |w| w.statements().len());
     let mut tasks = Vec::new();
     for t in 0..4 {
         let mut client = app.verify.clone();
@@ -241,6 +278,7 @@ async fn one_audit_batch_and_one_usage_flush_for_a_thousand_verifies_cost_at_mos
     // Shutdown writes the usage counts: the one flush the calls cost.
     app.stop().await;
     let spent = store.statements() - before;
+    same_as_on_the_wire(spent, wire.as_ref(), on_wire);
     assert!(
         spent <= 10,
         "{spent} statements for 1000 warm verifies (audit inserts and usage flushes included)"
@@ -256,7 +294,7 @@ async fn one_audit_batch_and_one_usage_flush_for_a_thousand_verifies_cost_at_mos
 /// 1000 (BENCHMARKS.md).
 async fn at_the_default_settings_warm_verifies_cost_statements_per_window_not_per_call(backend: Backend) {
     let defaults = keywarden::config::Settings::default();
-    let mut app = spawn_app_with(backend, |s| {
+    let (mut app, wire) = spawn_counted(backend, |s| {
         s.usage_flush_interval_ms = defaults.usage_flush_interval_ms;
         s.audit_linger_ms = defaults.audit_linger_ms;
         s.audit_batch_size = defaults.audit_batch_size;
@@ -267,6 +305,7 @@ async fn at_the_default_settings_warm_verifies_cost_statements_per_window_not_pe
     app.settle().await;
     let store = app.probes.store.clone();
     let (before, reads_before) = (store.statements(), store.reads());
+    let on_wire = wire.as_ref().map_or(0, |w| w.statements().len());
     let started = std::time::Instant::now();
     let mut tasks = Vec::new();
     for t in 0..64 {
@@ -287,6 +326,7 @@ async fn at_the_default_settings_warm_verifies_cost_statements_per_window_not_pe
     let elapsed = started.elapsed().as_millis() as u64;
     assert_eq!(store.reads() - reads_before, 0, "warm verifies read nothing");
     let spent = store.statements() - before;
+    same_as_on_the_wire(spent, wire.as_ref(), on_wire);
     // Up to four statements per audit batch (BEGIN, two chunks, COMMIT;
     // COPY and its outcomes on PostgreSQL) and per usage flush of five keys
     // (BEGIN, flush id, one UPDATE, COMMIT), in every window the calls and
