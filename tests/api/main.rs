@@ -27,6 +27,7 @@ mod operations;
 mod operators;
 mod peppers;
 mod pki;
+mod schema;
 mod spans;
 mod spool;
 mod trust;
