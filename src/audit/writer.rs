@@ -38,6 +38,15 @@ use crate::{
     store::Store,
 };
 
+/// Why a replay stopped short.
+#[derive(Debug, thiserror::Error)]
+enum ReplayError {
+    #[error("reading the audit spool: {0}")]
+    Read(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// First wait before replaying the spool again after a failure (doubling
 /// to 5 s).
 const REPLAY_RETRY: Duration = Duration::from_millis(100);
@@ -469,7 +478,7 @@ impl AuditWriter {
 
     /// Replays spooled rows into the database, oldest first, for about
     /// `budget`, with the outcomes reported for them while they were spooled.
-    async fn replay(&self, budget: Duration) -> Result<(), crate::store::StoreError> {
+    async fn replay(&self, budget: Duration) -> Result<(), ReplayError> {
         let Some(spool) = &self.spool else { return Ok(()) };
         let until = tokio::time::Instant::now() + budget;
         while tokio::time::Instant::now() < until {
@@ -477,10 +486,10 @@ impl AuditWriter {
             let chunk = match spool.read_chunk(rows) {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading the audit spool failed");
-                    break;
-                }
+                // Backed off by the caller like a failed write: a spool that
+                // cannot be read (its directory gone, a disk error) must not
+                // be retried in a tight loop.
+                Err(e) => return Err(ReplayError::Read(e)),
             };
             if chunk.unreadable > 0 {
                 tracing::error!(lines = chunk.unreadable, "unreadable audit spool lines skipped");
@@ -505,13 +514,14 @@ impl AuditWriter {
                         self.replay_rows.store(grown, Ordering::Relaxed);
                     }
                     Ok(Err(e)) if e.is_permanent() => self.isolate(&chunk.rows, &e).await?,
-                    Ok(Err(e)) => return Err(e),
+                    Ok(Err(e)) => return Err(e.into()),
                     Err(_) => {
                         // A slow database gets smaller inserts.
                         self.replay_rows.store((rows / 2).max(REPLAY_MIN_ROWS), Ordering::Relaxed);
                         return Err(crate::store::StoreError::Unavailable(sea_orm::DbErr::Custom(
                             "replay insert took longer than audit_spill_after_ms".into(),
-                        )));
+                        ))
+                        .into());
                     }
                 }
             }
@@ -724,6 +734,31 @@ mod tests {
 
     use super::*;
     use crate::{audit::AuditKind, store::temp_sqlite_store};
+
+    /// A spool that can no longer be read (its directory removed under
+    /// it) fails the replay, so the run loop backs off, instead of
+    /// answering "nothing to do" and being retried at once, for ever.
+    #[tokio::test]
+    async fn an_unreadable_spool_fails_the_replay_so_it_is_retried_with_backoff() {
+        let (store, dir) = temp_sqlite_store().await;
+        let spool_dir = dir.path().join("spool");
+        let spool = Arc::new(Spool::open(&spool_dir, 1 << 20).unwrap());
+        spool.append(&[AuditRecord::new(AuditKind::Verify, Utc::now(), None)]).unwrap();
+        let settings = AuditSettings {
+            capacity: 100,
+            batch_size: 100,
+            linger: Duration::from_millis(10),
+            overflow: Overflow::Block,
+            wait: Duration::from_millis(100),
+            dead_letter_file: dir.path().join("dead-letters.jsonl"),
+            spill_after: Duration::from_millis(500),
+        };
+        let (_queue, writer) = channel(store, &settings, Some(Arc::clone(&spool)), Arc::default());
+        std::fs::remove_dir_all(&spool_dir).unwrap();
+        let replayed = writer.replay(Duration::from_secs(1)).await;
+        assert!(matches!(replayed, Err(ReplayError::Read(_))), "{replayed:?}");
+        assert!(!spool.is_empty(), "the row is still owed");
+    }
 
     /// A running writer holding three queued rows in a batch that lingers;
     /// dropping the sender stops it.
