@@ -883,11 +883,11 @@ async fn processes_whose_clocks_are_hours_apart_agree_on_revocation() {
 /// made meanwhile on another replica is obeyed at once; the database is
 /// not taken for down; and when traffic flows again it listens again.
 async fn a_half_open_listener_is_detected_within_two_heartbeats() {
-    const HEARTBEAT: Duration = Duration::from_secs(1);
-    // What a busy test machine may add to the detection (the check's timer
-    // and this test's polling are scheduled late); less than an interval,
-    // so the bound tells two intervals from three.
-    const SCHEDULING: Duration = Duration::from_millis(750);
+    const HEARTBEAT: Duration = Duration::from_secs(2);
+    // What a busy test machine may add to the detection (the listener's
+    // receipt, its timer and this test's polling scheduled late); less
+    // than an interval, so the bound tells two intervals from three.
+    const SCHEDULING: Duration = Duration::from_millis(1500);
     let Backend::Postgres(server) = Backend::postgres() else { unreachable!() };
     let proxy = Proxy::start(Proxy::upstream_of(&server)).await;
     let held = spawn_app_over(
