@@ -72,6 +72,17 @@ impl Flush {
     }
 }
 
+/// Why spilled usage could not be applied at start.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("reading the usage spill: {0}")]
+    Read(std::io::Error),
+    #[error("applying spilled usage batch {0}: {1}")]
+    Apply(String, StoreError),
+    #[error("removing spilled usage batch {0}: {1}")]
+    Remove(String, std::io::Error),
+}
+
 fn add(total: &mut UsageDelta, delta: &UsageDelta) {
     total.allowed += delta.allowed;
     total.denied += delta.denied;
@@ -323,9 +334,9 @@ impl UsageTracker {
     pub async fn flush(&self) -> Result<usize, StoreError> {
         let _flush = self.flushing.lock().await;
         let mut written = 0;
-        // The queue holds at most two batches and only this method adds to
-        // it, so with one fresh batch a flush ends even while uses keep
-        // arriving.
+        // The queue holds at most two batches (the attempted one, and one
+        // that `spill` grows behind it), so with one fresh batch a flush
+        // ends even while uses keep arriving.
         let mut taken_fresh = false;
         while let Some((flush, fresh)) = self.next_batch(!taken_fresh) {
             taken_fresh |= fresh;
@@ -411,25 +422,24 @@ impl UsageTracker {
     /// id (a batch whose commit landed before the kill is recognised), and
     /// removes it. Called before serving, so that balances read afterwards
     /// include what the previous process spent.
-    pub async fn recover(&self) -> anyhow::Result<usize> {
-        use anyhow::Context as _;
+    pub async fn recover(&self) -> Result<usize, RecoverError> {
         let Some(spill) = &self.spill else { return Ok(0) };
-        let (batches, unreadable) = spill.load().context("reading the usage spill")?;
+        let (batches, unreadable) = spill.load().map_err(RecoverError::Read)?;
         for path in unreadable {
             tracing::error!(path = %path.display(), "an unreadable usage spill file was set aside; its counts are not applied");
         }
         let mut keys = 0;
         for batch in batches {
-            let rows: Vec<(&str, UsageDelta)> = batch.deltas.iter().map(|(k, d)| (k.as_str(), *d)).collect();
+            let batch = Flush::new(batch.id, batch.deltas);
             let applied = self
                 .store
-                .apply_usage(&batch.id, self.clock.now(), &rows)
+                .apply_usage(&batch.id, self.clock.now(), &batch.rows())
                 .await
-                .with_context(|| format!("applying spilled usage batch {}", batch.id))?;
+                .map_err(|e| RecoverError::Apply(batch.id.clone(), e))?;
             if matches!(applied, UsageApplied::AlreadyApplied) {
                 tracing::info!(flush_id = %batch.id, "a spilled usage batch had already been applied; not counted again");
             }
-            spill.remove(&batch.id).with_context(|| format!("removing spilled usage batch {}", batch.id))?;
+            spill.remove(&batch.id).map_err(|e| RecoverError::Remove(batch.id.clone(), e))?;
             keys += batch.deltas.len();
         }
         if keys > 0 {
