@@ -781,34 +781,13 @@ async fn replicas_with_skewed_clocks_deny_a_revoked_key_at_once() {
         assert!(allowed(&r), "cached on the replica that is behind");
     }
 
-    revoke(&mut ahead.admin, &revoked.id).await;
-    let revoked_at = Instant::now();
-    let denied = |key: String| {
-        let client = behind.verify.clone();
-        move || {
-            let (mut client, key) = (client.clone(), key.clone());
-            async move {
-                let r = client.verify(sales(&key)).await.ok()?.into_inner();
-                (outcome(&r) == deny(pb::DenyReason::Revoked)).then_some(())
-            }
-        }
-    };
-    until("the replica behind to deny the revoked key", denied(revoked_plaintext)).await;
-    assert!(revoked_at.elapsed() < Duration::from_secs(2), "denied after {:?}", revoked_at.elapsed());
-
-    // A rotation's grace ends on the database's clock too.
-    ahead
-        .admin
-        .regenerate_key(pb::RegenerateKeyRequest {
-            merchant_id: MERCHANT.into(),
-            key_id: rotated.id.clone(),
-            grace_period: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
-        })
-        .await
-        .unwrap();
-    let rotated_at = Instant::now();
-    until("the rotated key's grace to end on the replica behind", denied(rotated_plaintext)).await;
-    assert!(rotated_at.elapsed() < Duration::from_secs(5), "denied after {:?}", rotated_at.elapsed());
+    revoke_and_rotate_then_expect_denials(
+        &mut ahead.admin,
+        &behind.verify,
+        (&revoked.id, &revoked_plaintext),
+        (&rotated.id, &rotated_plaintext),
+    )
+    .await;
     behind.stop().await;
     ahead.stop().await;
 }
@@ -846,25 +825,47 @@ async fn processes_whose_clocks_are_hours_apart_agree_on_revocation() {
     for key in [&revoked, &rotated] {
         assert!(allowed(&verify(&mut on_behind.verify, key).await.unwrap()), "cached on the replica behind");
     }
-    revoke(&mut on_ahead.admin, &revoked_id).await;
-    let revoked_at = Instant::now();
-    let denied = |key: String| {
-        let client = on_behind.verify.clone();
+    revoke_and_rotate_then_expect_denials(
+        &mut on_ahead.admin,
+        &on_behind.verify,
+        (&revoked_id, &revoked),
+        (&rotated_id, &rotated),
+    )
+    .await;
+    assert!(ahead.stop().await.success());
+    assert!(behind.stop().await.success());
+    fleet.drop().await;
+}
+
+/// Revokes one key and rotates another (1 s of grace) through `admin`,
+/// then expects the replica behind `verify`, which had both cached, to
+/// deny the first within 2 s and the second once its grace ends (within
+/// 5 s): what holds only if both replicas judge on the database's clock.
+async fn revoke_and_rotate_then_expect_denials(
+    admin: &mut AdminClient,
+    verify: &KeyVerifyClient<Channel>,
+    (revoked_id, revoked): (&str, &str),
+    (rotated_id, rotated): (&str, &str),
+) {
+    let denied = |key: &str| {
+        let (client, key) = (verify.clone(), key.to_owned());
         move || {
             let (mut client, key) = (client.clone(), key.clone());
             async move {
-                let r = verify(&mut client, &key).await.ok()?;
-                (r.deny_reason == pb::DenyReason::Revoked as i32).then_some(())
+                let r = client.verify(sales(&key)).await.ok()?.into_inner();
+                (outcome(&r) == deny(pb::DenyReason::Revoked)).then_some(())
             }
         }
     };
+    revoke(admin, revoked_id).await;
+    let revoked_at = Instant::now();
     until("the replica behind to deny the revoked key", denied(revoked)).await;
     assert!(revoked_at.elapsed() < Duration::from_secs(2), "denied after {:?}", revoked_at.elapsed());
-    on_ahead
-        .admin
+    // A rotation's grace ends on the database's clock too.
+    admin
         .regenerate_key(pb::RegenerateKeyRequest {
             merchant_id: MERCHANT.into(),
-            key_id: rotated_id,
+            key_id: rotated_id.into(),
             grace_period: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
         })
         .await
@@ -872,9 +873,6 @@ async fn processes_whose_clocks_are_hours_apart_agree_on_revocation() {
     let rotated_at = Instant::now();
     until("the rotated key's grace to end on the replica behind", denied(rotated)).await;
     assert!(rotated_at.elapsed() < Duration::from_secs(5), "denied after {:?}", rotated_at.elapsed());
-    assert!(ahead.stop().await.success());
-    assert!(behind.stop().await.success());
-    fleet.drop().await;
 }
 
 /// A change listener that goes half-open (the proxy holds its traffic
