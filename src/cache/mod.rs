@@ -91,6 +91,9 @@ pub struct CacheCounters {
     pub state_hits: AtomicU64,
     pub state_misses: AtomicU64,
     pub negative_hits: AtomicU64,
+    /// Keys forgotten one at a time: an admin change on this replica, or a
+    /// change notice from any (tests wait on it to know a notice landed).
+    pub invalidations: AtomicU64,
 }
 
 /// A key's state and when it was read.
@@ -229,6 +232,7 @@ impl VerifyCache {
     pub fn invalidate(&self, key_id: &str) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.states.remove(key_id);
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Forgets every key's state, e.g. after missing change notices.
