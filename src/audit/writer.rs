@@ -52,10 +52,16 @@ enum ReplayError {
 const REPLAY_RETRY: Duration = Duration::from_millis(100);
 /// How long one replay turn may run before new batches get their turn.
 const REPLAY_BUDGET: Duration = Duration::from_millis(200);
-/// Rows per replayed insert at most; fewer after an insert ran past its
-/// bound (halving, down to [`REPLAY_MIN_ROWS`]), more again as they succeed.
+/// Rows per replayed insert at most. The size follows how long inserts
+/// take: halved (down to [`REPLAY_MIN_ROWS`]) after one that ran past
+/// [`REPLAY_BUDGET`], doubled after one that took under a quarter of it.
 const REPLAY_MAX_ROWS: usize = 2_000;
 const REPLAY_MIN_ROWS: usize = 50;
+/// A replayed insert still running after this many budgets is taken for
+/// stuck (a half-open connection) and abandoned. Anything shorter would
+/// throw away inserts that were merely slow, and a replay has nowhere else
+/// to put its rows: abandoning them only makes the next try start over.
+const REPLAY_STUCK_BUDGETS: u32 = 10;
 
 /// Reported statuses of allowed rows not yet committed, by row id. `None`
 /// until RecordOutcomes reports one.
@@ -504,23 +510,33 @@ impl AuditWriter {
                 }
             }
             if !chunk.rows.is_empty() {
-                // Bounded like a direct write: an attempt on a database that
-                // hangs must not leave the queue unattended.
-                let attempt =
-                    tokio::time::timeout(self.spill_after, self.store.insert_audit_batch(&chunk.rows));
+                // Sized to take about a budget, so the queue is attended
+                // between chunks; only a stuck insert is abandoned.
+                let started = tokio::time::Instant::now();
+                let stuck = (REPLAY_BUDGET * REPLAY_STUCK_BUDGETS).max(self.spill_after);
+                let attempt = tokio::time::timeout(stuck, self.store.insert_audit_batch(&chunk.rows));
+                let halved = (rows / 2).max(REPLAY_MIN_ROWS);
                 match attempt.await {
                     Ok(Ok(())) => {
-                        let grown = (rows * 2).min(REPLAY_MAX_ROWS);
-                        self.replay_rows.store(grown, Ordering::Relaxed);
+                        let took = started.elapsed();
+                        let next = if took > REPLAY_BUDGET {
+                            halved
+                        } else if took < REPLAY_BUDGET / 4 {
+                            (rows * 2).min(REPLAY_MAX_ROWS)
+                        } else {
+                            rows
+                        };
+                        self.replay_rows.store(next, Ordering::Relaxed);
                     }
                     Ok(Err(e)) if e.is_permanent() => self.isolate(&chunk.rows, &e).await?,
                     Ok(Err(e)) => return Err(e.into()),
                     Err(_) => {
-                        // A slow database gets smaller inserts.
-                        self.replay_rows.store((rows / 2).max(REPLAY_MIN_ROWS), Ordering::Relaxed);
-                        return Err(crate::store::StoreError::Unavailable(sea_orm::DbErr::Custom(
-                            "replay insert took longer than audit_spill_after_ms".into(),
-                        ))
+                        self.replay_rows.store(halved, Ordering::Relaxed);
+                        return Err(crate::store::StoreError::Unavailable(sea_orm::DbErr::Custom(format!(
+                            "a replayed insert of {} rows was still running after {} ms",
+                            chunk.rows.len(),
+                            stuck.as_millis()
+                        )))
                         .into());
                     }
                 }
@@ -560,17 +576,24 @@ impl AuditWriter {
         self.apply_held_outcomes(batch);
         // While rows wait on the spool, new ones join them there, so that
         // rows reach the database in the order they were taken.
-        if self.spool_has_rows() && self.spill(batch) {
-            return true;
+        let mut spillable = self.spool.is_some();
+        if self.spool_has_rows() {
+            if self.spill(batch) {
+                return true;
+            }
+            spillable = false;
         }
         let mut backoff = Duration::from_millis(50);
         loop {
             let attempt = self.store.insert_audit_batch(batch);
             // With a deadline, an attempt stuck on the database (a lock, a
             // half-open connection) is abandoned when it passes too; with a
-            // spool, when it takes longer than the spill bound (if it
-            // commits after all, the replayed rows are upserts).
-            let spill_at = self.spool.is_some().then(|| tokio::time::Instant::now() + self.spill_after);
+            // spool that takes batches, when it takes longer than the spill
+            // bound (if it commits after all, the replayed rows are
+            // upserts). Once the spool has refused the batch, an attempt
+            // runs to its end: abandoning it would only start it over, and
+            // a database slower than the bound would never be written.
+            let spill_at = spillable.then(|| tokio::time::Instant::now() + self.spill_after);
             let give_up = match (deadline, spill_at) {
                 (Some(d), Some(s)) => Some(d.min(s)),
                 (d, s) => d.or(s),
@@ -581,6 +604,7 @@ impl AuditWriter {
                     Err(_) if self.spill(batch) => return true,
                     Err(_) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => return false,
                     Err(_) => {
+                        spillable = false;
                         self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -602,6 +626,7 @@ impl AuditWriter {
                         tracing::warn!(error = %e, "audit insert failed; batch spooled to disk");
                         return true;
                     }
+                    spillable = false;
                     tracing::warn!(error = %e, rows = batch.len(), "audit insert failed; retrying");
                     if deadline.is_some_and(|d| tokio::time::Instant::now() + backoff > d) {
                         return false;
@@ -758,6 +783,87 @@ mod tests {
         let replayed = writer.replay(Duration::from_secs(1)).await;
         assert!(matches!(replayed, Err(ReplayError::Read(_))), "{replayed:?}");
         assert!(!spool.is_empty(), "the row is still owed");
+    }
+
+    /// A store whose every audit insert takes far longer than a spill
+    /// bound of 1 ms: a trigger counts a 16,777,216-row cross join per row.
+    async fn slow_store() -> (Store, tempfile::TempDir) {
+        use sea_orm::ConnectionTrait as _;
+        let (store, dir) = temp_sqlite_store().await;
+        store
+            .db()
+            .execute_unprepared("CREATE TABLE slow (n INTEGER); INSERT INTO slow VALUES (0)")
+            .await
+            .unwrap();
+        for _ in 0..6 {
+            store.db().execute_unprepared("INSERT INTO slow SELECT n FROM slow").await.unwrap();
+        }
+        store
+            .db()
+            .execute_unprepared(
+                "CREATE TRIGGER slow_audit BEFORE INSERT ON audit_events BEGIN \
+                 SELECT count(*) FROM slow a, slow b, slow c, slow d; END",
+            )
+            .await
+            .unwrap();
+        (store, dir)
+    }
+
+    async fn audit_rows(store: &Store) -> i64 {
+        use sea_orm::{ConnectionTrait as _, Statement};
+        let row = store
+            .db()
+            .query_one_raw(Statement::from_string(store.db_backend(), "SELECT count(*) FROM audit_events"))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get_by_index::<i64>(0).unwrap()
+    }
+
+    fn slow_settings(dir: &std::path::Path) -> AuditSettings {
+        AuditSettings {
+            capacity: 100,
+            batch_size: 100,
+            linger: Duration::from_millis(10),
+            overflow: Overflow::Block,
+            wait: Duration::from_millis(100),
+            dead_letter_file: dir.join("dead-letters.jsonl"),
+            spill_after: Duration::from_millis(1),
+        }
+    }
+
+    /// With the spool full, a batch has nowhere to go but the database: an
+    /// insert slower than the spill bound must be waited for, not abandoned
+    /// and started over for ever.
+    #[tokio::test]
+    async fn a_write_slower_than_the_spill_bound_lands_when_the_spool_is_full() {
+        let (store, dir) = slow_store().await;
+        let spool = Arc::new(Spool::open(&dir.path().join("spool"), 1).unwrap());
+        let (queue, writer) =
+            channel(store.clone(), &slow_settings(dir.path()), Some(Arc::clone(&spool)), Arc::default());
+        let mut batch = vec![AuditRecord::new(AuditKind::Verify, Utc::now(), None)];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        assert!(writer.write(&mut batch, Some(deadline)).await, "written before the deadline");
+        assert_eq!(queue.written(), 1);
+        assert_eq!(audit_rows(&store).await, 1);
+        assert!(spool.is_empty(), "the full spool took nothing");
+    }
+
+    /// Spooled rows have nowhere else to go either: a replayed insert
+    /// slower than the spill bound lands.
+    #[tokio::test]
+    async fn a_replayed_insert_slower_than_the_spill_bound_lands() {
+        let (store, dir) = slow_store().await;
+        let spool = Arc::new(Spool::open(&dir.path().join("spool"), 1 << 20).unwrap());
+        let rows: Vec<_> = (0..3).map(|_| AuditRecord::new(AuditKind::Verify, Utc::now(), None)).collect();
+        spool.append(&rows).unwrap();
+        let (queue, writer) =
+            channel(store.clone(), &slow_settings(dir.path()), Some(Arc::clone(&spool)), Arc::default());
+        let replayed = writer.replay(Duration::from_secs(20)).await;
+        assert!(replayed.is_ok(), "{replayed:?}");
+        assert!(spool.is_empty());
+        assert_eq!(queue.written(), 3);
+        assert_eq!(audit_rows(&store).await, 3);
     }
 
     /// A running writer holding three queued rows in a batch that lingers;
