@@ -79,7 +79,15 @@ pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
     state: Mutex<State>,
+    /// Held open with an exclusive lock for the spool's life: a second
+    /// process on the same directory would replay, delete and append to
+    /// segments under this one.
+    _lock: fs::File,
 }
+
+/// The file whose lock says which process owns the directory (the usage
+/// spill beside the segments included).
+const LOCK_FILE: &str = "lock";
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("seg-{seq:020}.jsonl"))
@@ -95,6 +103,7 @@ impl Spool {
             use std::os::unix::fs::PermissionsExt as _;
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
         }
+        let lock = Self::take_lock(dir)?;
         let mut seqs: Vec<u64> = fs::read_dir(dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| {
@@ -120,11 +129,33 @@ impl Spool {
             dir: dir.to_owned(),
             max_bytes,
             state: Mutex::new(State { segments, offset, rows, oldest: None, replayed: 0, unreadable: 0 }),
+            _lock: lock,
         };
         if rows > 0 {
             tracing::warn!(rows, dir = %dir.display(), "audit rows left in the spool by a previous run; replaying them");
         }
         Ok(spool)
+    }
+
+    /// Locks `dir` for this process; refuses when another holds it. The
+    /// kernel drops the lock when the process dies, however it dies.
+    fn take_lock(dir: &Path) -> io::Result<fs::File> {
+        let mut options = fs::OpenOptions::new();
+        options.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(dir.join(LOCK_FILE))?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "another process holds the spool in {}: every replica needs a data directory of its own",
+                    dir.display()
+                ),
+            )),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -324,6 +355,17 @@ mod tests {
         assert_eq!(spool.bytes(), 0);
         let left: Vec<_> = fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).collect();
         assert!(left.iter().all(|e| !e.file_name().to_string_lossy().starts_with("seg-")), "{left:?}");
+    }
+
+    #[test]
+    fn a_second_owner_of_the_directory_is_refused_until_the_first_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Spool::open(dir.path(), 1 << 20).unwrap();
+        let second = Spool::open(dir.path(), 1 << 20).unwrap_err();
+        assert_eq!(second.kind(), io::ErrorKind::WouldBlock);
+        assert!(second.to_string().contains("a data directory of its own"), "{second}");
+        drop(first);
+        Spool::open(dir.path(), 1 << 20).expect("free once the first owner is gone");
     }
 
     #[test]

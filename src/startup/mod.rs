@@ -227,6 +227,15 @@ impl Application {
             .context("starting the admin scrypt thread")?;
         let throttle = Arc::new(GuessThrottle::new(settings.throttle()));
         let rollups = Arc::new(Rollups::default());
+        // First, so that the spool's lock makes this process the only one
+        // on the directory before it reads what an earlier one left.
+        let spool = match settings.audit_spool_dir() {
+            Some(dir) => Some(Arc::new(
+                Spool::open(&dir, settings.audit_spool_max_bytes)
+                    .with_context(|| format!("opening the audit spool in {}", dir.display()))?,
+            )),
+            None => None,
+        };
         // Usage spilled during an outage goes beside the audit rows spooled
         // in it, and is applied before this process reads any balance.
         let usage_spill = match settings.audit_spool_dir() {
@@ -238,13 +247,6 @@ impl Application {
         };
         let usage = UsageTracker::new(store.clone(), usage_spill, Arc::clone(&clock));
         usage.recover().await.context("applying usage spilled by an earlier process")?;
-        let spool = match settings.audit_spool_dir() {
-            Some(dir) => Some(Arc::new(
-                Spool::open(&dir, settings.audit_spool_max_bytes)
-                    .with_context(|| format!("opening the audit spool in {}", dir.display()))?,
-            )),
-            None => None,
-        };
         let (audit, audit_writer) =
             writer::channel(store.clone(), &settings.audit(), spool, Arc::clone(&clock));
         let cache = if settings.cache_enabled {
