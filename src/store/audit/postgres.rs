@@ -64,9 +64,14 @@ impl Store {
         self.count(1);
         let ids = serde_json::to_string(ids)
             .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(format!("encoding event ids: {e}"))))?;
+        // The held outcomes are looked up first, and materialised: the
+        // table is nearly always empty, while the rows' table is large and
+        // its ids random, so the planner's choice of probing the rows for
+        // every id first would cost a random index read per row inserted.
         let sql = format!(
-            "WITH moved AS (DELETE FROM audit_outcomes o \
-               WHERE o.event_id IN (SELECT jsonb_array_elements_text($1::jsonb)) \
+            "WITH held AS MATERIALIZED (SELECT o.event_id FROM audit_outcomes o \
+               WHERE o.event_id IN (SELECT jsonb_array_elements_text($1::jsonb))), \
+             moved AS (DELETE FROM audit_outcomes o USING held WHERE o.event_id = held.event_id \
                AND EXISTS (SELECT 1 FROM audit_events e WHERE e.id = o.event_id) \
              RETURNING o.event_id, o.status) \
              UPDATE audit_events SET status = moved.status FROM moved \
