@@ -474,7 +474,10 @@ impl Store {
     /// transaction, so a flush retried because its commit was never
     /// acknowledged is recognised and not added twice; and all chunks commit
     /// or none do. Usage never bumps the version: it does not change what a
-    /// key permits.
+    /// key permits. On PostgreSQL the rows are locked first, in id order:
+    /// replicas flushing the same keys then queue behind each other instead
+    /// of each holding rows the other waits for (a deadlock, which aborts
+    /// one flush).
     pub async fn apply_usage(
         &self,
         flush_id: &str,
@@ -482,7 +485,8 @@ impl Store {
         deltas: &[(&str, UsageDelta)],
     ) -> Result<UsageApplied, StoreError> {
         let txn = self.db().begin().await?;
-        // BEGIN, INSERT flush id, the UPDATEs, COMMIT.
+        // BEGIN, INSERT flush id, (PostgreSQL) the row locks, the UPDATEs,
+        // COMMIT.
         self.count(2);
         let recorded = usage_flush::Entity::insert(usage_flush::ActiveModel {
             id: Set(flush_id.to_owned()),
@@ -496,6 +500,19 @@ impl Store {
             self.count(1);
             txn.rollback().await?;
             return Ok(UsageApplied::AlreadyApplied);
+        }
+        if self.backend() == Backend::Postgres && !deltas.is_empty() {
+            let ids: Vec<&str> = deltas.iter().map(|(id, _)| *id).collect();
+            let ids = serde_json::to_string(&ids)
+                .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(format!("encoding key ids: {e}"))))?;
+            self.count(1);
+            txn.execute_raw(Statement::from_sql_and_values(
+                self.db_backend(),
+                "SELECT id FROM api_keys WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)) \
+                 ORDER BY id FOR UPDATE",
+                [Value::from(ids)],
+            ))
+            .await?;
         }
         let mut balances = Vec::new();
         for chunk in deltas.chunks(USAGE_CHUNK) {

@@ -12,6 +12,8 @@ use keywarden::{
 };
 use prost_types::{FieldMask, Timestamp};
 
+once_tests!(replicas_flushing_the_same_keys_in_any_order_never_deadlock(postgres),);
+
 backend_tests!(
     openclaw_example_end_to_end,
     verify_expands_implied_scopes_and_authenticates_without_a_scope,
@@ -777,5 +779,57 @@ async fn a_row_the_database_refuses_becomes_a_dead_letter_and_its_batch_is_store
     assert!(lines.contains(&twice.audit_event_id) && lines.contains("poison"), "{}: {lines}", file.display());
     let metrics = crate::helpers::parse_metrics(&app.probes.exporter.render());
     assert_eq!(metrics["keywarden_audit_dead_letters_total"], 2.0);
+    app.stop().await;
+}
+
+/// Replicas flush usage for the same hot keys every interval, each in the
+/// order its own map holds them, in chunks of 500 keys per statement. Two
+/// flushers of 1,000 keys in opposite orders, over and over: each holds
+/// its first chunk's rows while its second waits for the other's, and
+/// PostgreSQL aborts one of the pair. Every flush succeeding says the rows
+/// are taken in one order.
+async fn replicas_flushing_the_same_keys_in_any_order_never_deadlock() {
+    let mut app = spawn_app_with(Backend::postgres(), |s| s.usage_flush_interval_ms = 3_600_000).await;
+    let (model, _) = app.key_with_scopes(&["sales:read"]).await;
+    // 999 more rows like it (no scrypt: they are never verified).
+    crate::helpers::execute(
+        &app.database_url,
+        &format!(
+            "INSERT INTO api_keys SELECT (jsonb_populate_record(NULL::api_keys, to_jsonb(k) || \
+             jsonb_build_object('id', 'clone-' || lpad(g::text, 4, '0'), 'prefix', 'sntr_c' || lpad(g::text, 10, '0')))).* \
+             FROM api_keys k, generate_series(1, 999) g WHERE k.id = '{}'",
+            model.id
+        ),
+    )
+    .await;
+    let ids: Vec<String> =
+        std::iter::once(model.id.clone()).chain((1..1000).map(|g| format!("clone-{g:04}"))).collect();
+    const FLUSHES: usize = 10;
+    let flusher = |reversed: bool| {
+        let (store, mut ids) = (app.probes.store.clone(), ids.clone());
+        if reversed {
+            ids.reverse();
+        }
+        tokio::spawn(async move {
+            let delta = UsageDelta { allowed: 1, denied: 0, last_used_at: None, spent: 0 };
+            for n in 0..FLUSHES {
+                let batch: Vec<(&str, UsageDelta)> = ids.iter().map(|id| (id.as_str(), delta)).collect();
+                let order = if reversed { "reversed" } else { "given" };
+                store
+                    .apply_usage(&format!("flush-{order}-{n}"), keywarden::clock::now(), &batch)
+                    .await
+                    .unwrap_or_else(|e| panic!("flush {n} in the {order} order: {e}"));
+            }
+        })
+    };
+    let (a, b) = (flusher(false), flusher(true));
+    a.await.unwrap();
+    b.await.unwrap();
+    let counted = crate::helpers::scalar(
+        &app.database_url,
+        &format!("SELECT count(*) FROM api_keys WHERE request_count = {}", 2 * FLUSHES),
+    )
+    .await;
+    assert_eq!(counted, 1000, "every key counted once per flush");
     app.stop().await;
 }
