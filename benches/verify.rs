@@ -18,6 +18,7 @@
 //!     [--profile baseline|allow|deny-scope|deny-ip|malformed|wrong-secret|allow-tls|allow-mtls]
 //!     [--postgres postgres://postgres@127.0.0.1:5432/test]
 //!     [--target 127.0.0.1:50051 --token <admin token>] [--no-tls]
+//!     [--db-acquire-timeout-ms N]
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
@@ -88,6 +89,11 @@ struct Args {
     redis: Option<String>,
 }
 
+/// `--db-acquire-timeout-ms`: the servers' wait for a pooled connection.
+/// Under an instrumenting profiler everything runs tens of times slower,
+/// and the default wait (a wall-clock bound) turns slowness into refusals.
+static DB_ACQUIRE_TIMEOUT_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 fn parse_args() -> Args {
     let mut args = Args {
         duration: Duration::from_secs(10),
@@ -122,6 +128,9 @@ fn parse_args() -> Args {
             "--no-tls" => args.no_tls = true,
             "--redis" => args.redis = Some(value()),
             "--no-redis" => args.redis = None,
+            "--db-acquire-timeout-ms" => {
+                let _ = DB_ACQUIRE_TIMEOUT_MS.set(value().parse().unwrap());
+            }
             // The older spelling of `--profile allow`.
             "--profile-warm" => args.profile = Some("allow".into()),
             // cargo bench passes --bench to harness-less benchmarks.
@@ -166,17 +175,26 @@ async fn start_server_from(runtime: &tokio::runtime::Handle, settings: Settings)
         .expect("server starts")
 }
 
+/// A server's settings. Each server gets a data directory of its own under
+/// `dir` (the spool's lock refuses a shared one); a SQLite database stays
+/// where `database_url` points.
 fn bench_settings(database_url: &str, dir: &std::path::Path, cache: bool, hash_workers: usize) -> Settings {
+    static SERVERS: AtomicUsize = AtomicUsize::new(0);
+    let own = dir.join(format!("server-{}", SERVERS.fetch_add(1, Ordering::Relaxed)));
+    std::fs::create_dir_all(&own).unwrap();
     let mut settings = Settings {
         listen_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_enabled: false,
-        data_dir: dir.to_owned(),
+        data_dir: own,
         database_url: Some(database_url.to_owned()),
         pepper: Some(SecretString::from(PEPPER)),
         cache_enabled: cache,
         hash_workers,
         ..Settings::default()
     };
+    if let Some(ms) = DB_ACQUIRE_TIMEOUT_MS.get() {
+        settings.db_acquire_timeout_ms = *ms;
+    }
     settings.admin_tokens.insert("admin".into(), SecretString::from(TOKEN));
     settings
 }
@@ -467,20 +485,29 @@ where
     totals.into_iter().map(|parts| parts.into_iter().map(Outcome::finish).collect()).collect()
 }
 
-/// Waits (up to two minutes) for the audit queue a saturating run left
-/// behind to be written, and reports how fast the writer took it: that rate
-/// is what Verify sustains once the queue is full.
+/// Waits (up to five minutes) for the audit rows a saturating run left
+/// behind, queued or spooled, to be written, and reports how fast the
+/// writer took them: that rate is what Verify sustains once the queue is
+/// full, and the next scenario starts with the audit trail caught up.
 async fn drain_audit(probes: Option<&Probes>) {
     let Some(p) = probes else { return };
-    let (start, queued, written) = (Instant::now(), p.audit.depth(), p.audit.written());
-    while p.audit.depth() > 0 && start.elapsed() < Duration::from_secs(120) {
+    let behind = || p.audit.depth() as u64 + p.audit.spooled_rows();
+    let (start, queued, spooled, written) =
+        (Instant::now(), p.audit.depth(), p.audit.spooled_rows(), p.audit.written());
+    while behind() > 0 && start.elapsed() < Duration::from_secs(300) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
-    if queued > 0 {
+    if queued > 0 || spooled > 0 {
         println!(
-            "audit backlog of {queued} rows written in {seconds:.1}s ({:.0} rows/s with no load running)",
-            (p.audit.written() - written) as f64 / seconds
+            "audit backlog of {queued} queued and {spooled} spooled rows: {} written in {seconds:.1}s \
+             ({:.0} rows/s with no load running){}",
+            p.audit.written() - written,
+            (p.audit.written() - written) as f64 / seconds,
+            match behind() {
+                0 => String::new(),
+                left => format!("; {left} still behind"),
+            }
         );
     }
 }
