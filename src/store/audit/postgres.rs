@@ -57,21 +57,40 @@ impl Store {
     /// verification is discarded, as RecordOutcomes would have done). Runs
     /// after every audit insert and after every hold, so whichever of the two
     /// commits last applies the outcome.
+    ///
+    /// Almost always nothing is held for the ids, so a lookup in the small
+    /// `audit_outcomes` table comes first and usually ends it. The move
+    /// itself touches the large audit table, and a plan cached while that
+    /// table was small (connections keep their prepared statements) can
+    /// scan it whole; it runs only for ids actually held.
     async fn apply_held_outcomes(&self, ids: &[&str]) -> Result<u64, StoreError> {
         if ids.is_empty() {
             return Ok(0);
         }
+        let encode = |ids: &[&str]| {
+            serde_json::to_string(ids)
+                .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(format!("encoding event ids: {e}"))))
+        };
         self.count(1);
-        let ids = serde_json::to_string(ids)
-            .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(format!("encoding event ids: {e}"))))?;
-        // The held outcomes are looked up first, and materialised: the
-        // table is nearly always empty, while the rows' table is large and
-        // its ids random, so the planner's choice of probing the rows for
-        // every id first would cost a random index read per row inserted.
+        let held: Vec<String> = self
+            .db()
+            .query_all_raw(Statement::from_sql_and_values(
+                self.db_backend(),
+                "SELECT event_id FROM audit_outcomes WHERE event_id IN (SELECT jsonb_array_elements_text($1::jsonb))",
+                [Value::from(encode(ids)?)],
+            ))
+            .await?
+            .iter()
+            .map(|row| row.try_get_by_index::<String>(0))
+            .collect::<Result<_, _>>()?;
+        if held.is_empty() {
+            return Ok(0);
+        }
+        let held: Vec<&str> = held.iter().map(String::as_str).collect();
+        self.count(1);
         let sql = format!(
-            "WITH held AS MATERIALIZED (SELECT o.event_id FROM audit_outcomes o \
-               WHERE o.event_id IN (SELECT jsonb_array_elements_text($1::jsonb))), \
-             moved AS (DELETE FROM audit_outcomes o USING held WHERE o.event_id = held.event_id \
+            "WITH moved AS (DELETE FROM audit_outcomes o \
+               WHERE o.event_id IN (SELECT jsonb_array_elements_text($1::jsonb)) \
                AND EXISTS (SELECT 1 FROM audit_events e WHERE e.id = o.event_id) \
              RETURNING o.event_id, o.status) \
              UPDATE audit_events SET status = moved.status FROM moved \
@@ -82,7 +101,11 @@ impl Store {
         );
         Ok(self
             .db()
-            .execute_raw(Statement::from_sql_and_values(self.db_backend(), sql, [Value::from(ids)]))
+            .execute_raw(Statement::from_sql_and_values(
+                self.db_backend(),
+                sql,
+                [Value::from(encode(&held)?)],
+            ))
             .await?
             .rows_affected())
     }
