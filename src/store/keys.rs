@@ -502,15 +502,13 @@ impl Store {
             return Ok(UsageApplied::AlreadyApplied);
         }
         if self.backend() == Backend::Postgres && !deltas.is_empty() {
-            let ids: Vec<&str> = deltas.iter().map(|(id, _)| *id).collect();
-            let ids = serde_json::to_string(&ids)
-                .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(format!("encoding key ids: {e}"))))?;
+            let ids = Store::json_ids(deltas.iter().map(|(id, _)| *id))?;
             self.count(1);
             txn.execute_raw(Statement::from_sql_and_values(
                 self.db_backend(),
                 "SELECT id FROM api_keys WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)) \
                  ORDER BY id FOR UPDATE",
-                [Value::from(ids)],
+                [ids],
             ))
             .await?;
         }

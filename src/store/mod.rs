@@ -422,6 +422,15 @@ impl Store {
         })
     }
 
+    /// Ids as one JSON-array parameter, for `jsonb_array_elements_text($n::jsonb)`
+    /// on PostgreSQL: one bound value however many ids.
+    pub(crate) fn json_ids<'a>(ids: impl IntoIterator<Item = &'a str>) -> Result<sea_orm::Value, StoreError> {
+        let ids: Vec<&str> = ids.into_iter().collect();
+        serde_json::to_string(&ids)
+            .map(sea_orm::Value::from)
+            .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(format!("encoding ids: {e}"))))
+    }
+
     /// `NOTIFY channel` with an empty payload (the change feed's heartbeat).
     /// Not counted in [`Self::statements`]: it runs on a timer.
     pub async fn notify(&self, channel: &str) -> Result<(), StoreError> {

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Statement, TransactionTrait,
-    Value, sea_query::OnConflict,
+    sea_query::OnConflict,
 };
 
 use super::{
@@ -67,17 +67,13 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let encode = |ids: &[&str]| {
-            serde_json::to_string(ids)
-                .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(format!("encoding event ids: {e}"))))
-        };
         self.count(1);
         let held: Vec<String> = self
             .db()
             .query_all_raw(Statement::from_sql_and_values(
                 self.db_backend(),
                 "SELECT event_id FROM audit_outcomes WHERE event_id IN (SELECT jsonb_array_elements_text($1::jsonb))",
-                [Value::from(encode(ids)?)],
+                [Store::json_ids(ids.iter().copied())?],
             ))
             .await?
             .iter()
@@ -86,7 +82,6 @@ impl Store {
         if held.is_empty() {
             return Ok(0);
         }
-        let held: Vec<&str> = held.iter().map(String::as_str).collect();
         self.count(1);
         let sql = format!(
             "WITH moved AS (DELETE FROM audit_outcomes o \
@@ -104,7 +99,7 @@ impl Store {
             .execute_raw(Statement::from_sql_and_values(
                 self.db_backend(),
                 sql,
-                [Value::from(encode(&held)?)],
+                [Store::json_ids(held.iter().map(String::as_str))?],
             ))
             .await?
             .rows_affected())
