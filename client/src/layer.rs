@@ -22,9 +22,8 @@ use crate::{
     pb::{DenyReason, VerifyRequest},
 };
 
-/// The headers a key may come in, as at keywarden's gateway.
-const AUTHORIZATION: &str = "authorization";
-const X_API_KEY: &str = "x-api-key";
+use keywarden_http::{AUTHORIZATION, KEY_HEADERS, X_API_KEY};
+
 /// Longest key keywarden accepts; a longer one is malformed without a call.
 const MAX_KEY: usize = 128;
 /// Limits of Verify's audit fields.
@@ -175,8 +174,9 @@ impl VerifyLayer {
         };
         // The handler has the grant; the key stays out of its reach (and
         // logs), whichever header carried it.
-        parts.headers.remove(AUTHORIZATION);
-        parts.headers.remove(X_API_KEY);
+        for name in KEY_HEADERS {
+            parts.headers.remove(name);
+        }
         let audit_id = grant.audit_id.clone();
         parts.extensions.insert(grant);
         let response = inner.call(Request::from_parts(parts, body)).await?;
@@ -223,7 +223,7 @@ impl From<Refusal> for Denial {
                 Self::RateLimited {
                     limit: status.limit,
                     remaining: status.remaining,
-                    reset_secs: u64::try_from((reset_ms.max(0) + 999) / 1_000).unwrap_or(u64::MAX),
+                    reset_secs: keywarden_http::reset_seconds(reset_ms),
                 }
             }
             (reason, _) => Self::Denied(reason),
@@ -232,90 +232,54 @@ impl From<Refusal> for Denial {
 }
 
 impl Denial {
-    pub fn status(self) -> StatusCode {
+    /// The same refusal in the contract keywarden's gateway answers by.
+    fn contract(self) -> keywarden_http::Denial {
+        use keywarden_http::Denial as Http;
         match self {
-            Self::Denied(reason) => match reason {
-                DenyReason::MalformedRequest => StatusCode::BAD_REQUEST,
-                DenyReason::Malformed | DenyReason::NotFound | DenyReason::Revoked | DenyReason::Expired => {
-                    StatusCode::UNAUTHORIZED
-                }
-                DenyReason::Throttled | DenyReason::RateLimited | DenyReason::QuotaExhausted => {
-                    StatusCode::TOO_MANY_REQUESTS
-                }
-                DenyReason::IpNotAllowed
-                | DenyReason::InsufficientScope
-                | DenyReason::NoRoute
-                | DenyReason::Unspecified => StatusCode::FORBIDDEN,
-            },
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            // The generated enum and the contract share the wire names.
+            Self::Denied(reason) => keywarden_http::DenyReason::from_wire_name(reason.as_str_name())
+                .map_or(Http::Unspecified, Http::Denied),
+            Self::RateLimited { .. } => Http::Denied(keywarden_http::DenyReason::RateLimited),
+            Self::Unavailable => Http::Unavailable,
+            Self::Misconfigured => Http::Misconfigured,
         }
+    }
+
+    pub fn status(self) -> StatusCode {
+        StatusCode::from_u16(self.contract().status()).unwrap_or(StatusCode::FORBIDDEN)
     }
 
     /// The JSON body: `{"error": "<short text>", "reason": "DENY_REASON_…"}`.
     pub fn body(self) -> String {
-        let (error, reason) = match self {
-            Self::Denied(reason) => (short_text(reason), reason.as_str_name()),
-            Self::RateLimited { .. } => {
-                (short_text(DenyReason::RateLimited), DenyReason::RateLimited.as_str_name())
-            }
-            Self::Unavailable => ("API key check unavailable", DenyReason::Unspecified.as_str_name()),
-            Self::Misconfigured => ("API key check misconfigured", DenyReason::Unspecified.as_str_name()),
-        };
-        serde_json::json!({ "error": error, "reason": reason }).to_string()
+        self.contract().body()
     }
 
     /// The response, with `www-authenticate: Bearer` on 401.
     pub fn response<B>(self) -> Response<Either<B, Full<Bytes>>> {
-        let mut response = Response::new(Either::Right(Full::new(Bytes::from(self.body()))));
+        let contract = self.contract();
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from(contract.body()))));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if self.status() == StatusCode::UNAUTHORIZED {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(keywarden_http::CONTENT_TYPE));
+        if let Some((name, value)) = contract.challenge() {
+            headers.insert(name, HeaderValue::from_static(value));
         }
         if let Self::RateLimited { limit, remaining, reset_secs } = self {
-            headers.insert("ratelimit-limit", HeaderValue::from(limit));
-            headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
-            headers.insert("ratelimit-reset", HeaderValue::from(reset_secs));
+            let [limit_name, remaining_name, reset_name] = keywarden_http::RATELIMIT_HEADERS;
+            headers.insert(limit_name, HeaderValue::from(limit));
+            headers.insert(remaining_name, HeaderValue::from(remaining));
+            headers.insert(reset_name, HeaderValue::from(reset_secs));
         }
         response
     }
 }
 
-/// The gateway's texts, so that a service answers as Envoy in front of it
-/// would.
-fn short_text(reason: DenyReason) -> &'static str {
-    match reason {
-        DenyReason::Malformed => "missing or malformed API key",
-        DenyReason::NotFound => "invalid API key",
-        DenyReason::Revoked => "API key revoked",
-        DenyReason::Expired => "API key expired",
-        DenyReason::IpNotAllowed => "client IP not allowed for this key",
-        DenyReason::InsufficientScope => "API key lacks the scope this route needs",
-        DenyReason::Throttled => "too many failed attempts; retry later",
-        DenyReason::NoRoute => "no such route",
-        DenyReason::RateLimited => "rate limit exceeded; retry later",
-        DenyReason::QuotaExhausted => "the key's credits are used up",
-        DenyReason::MalformedRequest => "request not in canonical form",
-        DenyReason::Unspecified => "API key refused",
-    }
-}
-
-/// The key a request presents, as the gateway reads it:
-/// `authorization: Bearer <key>` or `x-api-key`; empty for another scheme
-/// or a header that is not text. `None` when both headers are sent.
+/// The key a request presents, by the contract the gateway reads it with
+/// (a header value that is not text counts as empty). `None` when both
+/// key headers are sent.
 fn presented_key(headers: &HeaderMap) -> Option<String> {
-    if headers.contains_key(AUTHORIZATION) && headers.contains_key(X_API_KEY) {
-        return None;
-    }
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let bearer = text(AUTHORIZATION)
-        .and_then(|value| value.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, key)| key.trim());
-    Some(bearer.or_else(|| text(X_API_KEY).map(str::trim)).unwrap_or_default().to_owned())
+    let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or_default());
+    keywarden_http::presented_key(text(AUTHORIZATION), text(X_API_KEY)).map(str::to_owned)
 }
 
 /// A path fit for Verify's audit field: no control characters, at most

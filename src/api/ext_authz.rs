@@ -5,10 +5,12 @@
 //!
 //! - allowed: OK, `x-keywarden-{merchant-id,key-id,scopes,audit-id}` set
 //!   (overwriting whatever the client sent) and the key's header removed;
-//! - 401 (`www-authenticate: Bearer`) for a missing, malformed, unknown,
-//!   revoked or expired key; 403 for scope, IP or an unmatched route; 429
-//!   when throttled; 503 when keywarden cannot decide safely; each with a
-//!   JSON body `{"error", "reason"}` and the matching gRPC status code.
+//! - denied: the status, JSON body and headers of the `keywarden-http`
+//!   contract, which keywarden-client answers too (401 with
+//!   `www-authenticate: Bearer` for a missing, malformed, unknown, revoked
+//!   or expired key; 403 for scope, IP or an unmatched route; 429 when
+//!   throttled or limited; 400 for a non-canonical request; 503 when
+//!   keywarden cannot decide safely), with the matching gRPC status code.
 //!
 //! `dynamic_metadata` carries the decision for Envoy's own access log.
 
@@ -24,6 +26,7 @@ use envoy_types::{
         google::protobuf::{Struct, Value, value::Kind},
     },
 };
+use keywarden_http::{self as http, Denial};
 use tonic::{Code, Request, Response, Status};
 
 use super::trace::{adopt_parent, traced};
@@ -77,8 +80,8 @@ fn http_check(request: CheckRequest) -> HttpCheck {
     HttpCheck {
         method: http.method,
         path: http.path,
-        authorization: headers.remove("authorization"),
-        x_api_key: headers.remove("x-api-key"),
+        authorization: headers.remove(http::AUTHORIZATION),
+        x_api_key: headers.remove(http::X_API_KEY),
         forwarded_for: headers.remove("x-forwarded-for"),
         source,
     }
@@ -94,63 +97,48 @@ fn metadata(fields: &[(&str, String)]) -> Struct {
     Struct { fields: fields.iter().map(|(k, v)| ((*k).to_owned(), text(v.clone()))).collect() }
 }
 
-fn deny_status(reason: DenyReason) -> (HttpStatusCode, Code) {
-    match reason.http_status() {
+/// Envoy's status type for a denial's HTTP status, and the gRPC code that
+/// goes with it.
+fn deny_status(denial: Denial) -> (HttpStatusCode, Code) {
+    match denial.status() {
         400 => (HttpStatusCode::BadRequest, Code::InvalidArgument),
         401 => (HttpStatusCode::Unauthorized, Code::Unauthenticated),
         429 => (HttpStatusCode::TooManyRequests, Code::ResourceExhausted),
+        503 => (HttpStatusCode::ServiceUnavailable, Code::Unavailable),
         _ => (HttpStatusCode::Forbidden, Code::PermissionDenied),
     }
 }
 
-/// The `error` text of a denial's body; keywarden-client answers the same.
-pub fn short_text(reason: DenyReason) -> &'static str {
-    match reason {
-        DenyReason::Malformed => "missing or malformed API key",
-        DenyReason::NotFound => "invalid API key",
-        DenyReason::Revoked => "API key revoked",
-        DenyReason::Expired => "API key expired",
-        DenyReason::IpNotAllowed => "client IP not allowed for this key",
-        DenyReason::InsufficientScope => "API key lacks the scope this route needs",
-        DenyReason::Throttled => "too many failed attempts; retry later",
-        DenyReason::NoRoute => "no such route",
-        DenyReason::RateLimited => "rate limit exceeded; retry later",
-        DenyReason::QuotaExhausted => "the key's credits are used up",
-        DenyReason::MalformedRequest => "request not in canonical form",
-    }
-}
-
-/// The IETF RateLimit header fields (draft-ietf-httpapi-ratelimit-headers)
-/// for a limit's status: its size, what is left, and the seconds until it
-/// is full again, counted from the instant the limiter decided on its own
-/// clock (another clock's reading may be off by its skew).
+/// The IETF RateLimit header fields for a limit's status: its size, what
+/// is left, and the seconds until it is full again, counted from the
+/// instant the limiter decided on its own clock (another clock's reading
+/// may be off by its skew).
 pub fn ratelimit_headers(status: &LimitStatus) -> [(&'static str, String); 3] {
-    let reset_ms = (status.reset_at - status.decided_at).num_milliseconds().max(0);
+    let reset_ms = (status.reset_at - status.decided_at).num_milliseconds();
+    let [limit, remaining, reset] = http::RATELIMIT_HEADERS;
     [
-        ("ratelimit-limit", status.limit.to_string()),
-        ("ratelimit-remaining", status.remaining.to_string()),
-        ("ratelimit-reset", ((reset_ms + 999) / 1_000).to_string()),
+        (limit, status.limit.to_string()),
+        (remaining, status.remaining.to_string()),
+        (reset, http::reset_seconds(i128::from(reset_ms)).to_string()),
     ]
 }
 
-fn denied(
-    http: HttpStatusCode,
-    code: Code,
-    error: &str,
-    reason: &str,
-    meta: Struct,
-    extra: &[(&str, String)],
-) -> CheckResponse {
+/// A denial as Envoy sends it back: the contract's status, headers and
+/// body (`error` replaced by `error_text` when the server says why it
+/// cannot decide).
+fn denied(denial: Denial, error_text: Option<&str>, meta: Struct, extra: &[(&str, String)]) -> CheckResponse {
+    let (status, code) = deny_status(denial);
+    let error = error_text.unwrap_or(denial.error());
     let mut body = DeniedHttpResponseBuilder::new();
-    body.set_http_status(http);
-    body.add_header("content-type", "application/json", None, true);
+    body.set_http_status(status);
+    body.add_header("content-type", http::CONTENT_TYPE, None, true);
     for (name, value) in extra {
         body.add_header(*name, value.clone(), None, true);
     }
-    if http == HttpStatusCode::Unauthorized {
-        body.add_header("www-authenticate", "Bearer", None, true);
+    if let Some((name, value)) = denial.challenge() {
+        body.add_header(name, value, None, true);
     }
-    body.set_body(serde_json::json!({ "error": error, "reason": reason }).to_string());
+    body.set_body(http::json_body(error, denial.reason()));
     let mut response = CheckResponse::with_status(Status::new(code, error));
     response.set_http_response(body).set_dynamic_metadata(Some(meta));
     response
@@ -180,15 +168,17 @@ fn respond(checked: Checked) -> CheckResponse {
             response
         }
         Err(reason) => {
-            let (http, code) = deny_status(reason);
-            let name = format!("DENY_REASON_{}", reason.as_str());
-            let meta =
-                metadata(&[("decision", "DENY".into()), ("reason", name.clone()), ("audit_id", audit_id)]);
+            let denial = Denial::Denied(reason);
+            let meta = metadata(&[
+                ("decision", "DENY".into()),
+                ("reason", denial.reason().to_owned()),
+                ("audit_id", audit_id),
+            ]);
             let limit_headers = match (reason, &checked.verdict.rate_limit) {
                 (DenyReason::RateLimited, Some(status)) => ratelimit_headers(status).to_vec(),
                 _ => Vec::new(),
             };
-            denied(http, code, short_text(reason), &name, meta, &limit_headers)
+            denied(denial, None, meta, &limit_headers)
         }
     }
 }
@@ -205,14 +195,7 @@ impl Authorization for CheckService {
             // says why.
             Err(ServiceError::Unavailable(why) | ServiceError::Overloaded(why) | ServiceError::Busy(why)) => {
                 let meta = metadata(&[("decision", "UNAVAILABLE".into())]);
-                Ok(Response::new(denied(
-                    HttpStatusCode::ServiceUnavailable,
-                    Code::Unavailable,
-                    &why,
-                    "DENY_REASON_UNSPECIFIED",
-                    meta,
-                    &[],
-                )))
+                Ok(Response::new(denied(Denial::Unavailable, Some(&why), meta, &[])))
             }
             Err(e) => Err(e.into()),
         }

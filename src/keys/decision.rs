@@ -27,79 +27,9 @@ impl Decision {
     }
 }
 
-/// Why a verification was denied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DenyReason {
-    Malformed,
-    NotFound,
-    Revoked,
-    Expired,
-    IpNotAllowed,
-    InsufficientScope,
-    /// Too many wrong secrets lately on this prefix or from this client:
-    /// refused without checking the secret.
-    Throttled,
-    /// Gateway mode: no route matched, and unmatched requests are denied.
-    /// Decided before any key is looked at.
-    NoRoute,
-    /// One of the key's rate limits has no token left for this call.
-    RateLimited,
-    /// The key's credits cannot pay this call's cost.
-    QuotaExhausted,
-    /// Gateway mode: the HTTP request is not in the one form routes are
-    /// matched in (see [`crate::routes::canonical`]), or presents a key
-    /// twice. Decided before any key is looked at.
-    MalformedRequest,
-}
-
-impl DenyReason {
-    /// Every reason, in declaration order (so `ALL[r as usize] == r`).
-    pub const ALL: [DenyReason; 11] = [
-        Self::Malformed,
-        Self::NotFound,
-        Self::Revoked,
-        Self::Expired,
-        Self::IpNotAllowed,
-        Self::InsufficientScope,
-        Self::Throttled,
-        Self::NoRoute,
-        Self::RateLimited,
-        Self::QuotaExhausted,
-        Self::MalformedRequest,
-    ];
-
-    /// The HTTP status the calling service answers: 400 when the request
-    /// itself is refused, 401 when the caller is not authenticated, 403
-    /// when it is but may not do this, 429 when it must slow down.
-    pub fn http_status(self) -> u16 {
-        match self {
-            Self::MalformedRequest => 400,
-            Self::Malformed | Self::NotFound | Self::Revoked | Self::Expired => 401,
-            Self::IpNotAllowed | Self::InsufficientScope | Self::NoRoute => 403,
-            Self::Throttled | Self::RateLimited | Self::QuotaExhausted => 429,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Malformed => "MALFORMED",
-            Self::NotFound => "NOT_FOUND",
-            Self::Revoked => "REVOKED",
-            Self::Expired => "EXPIRED",
-            Self::IpNotAllowed => "IP_NOT_ALLOWED",
-            Self::InsufficientScope => "INSUFFICIENT_SCOPE",
-            Self::Throttled => "THROTTLED",
-            Self::NoRoute => "NO_ROUTE",
-            Self::RateLimited => "RATE_LIMITED",
-            Self::QuotaExhausted => "QUOTA_EXHAUSTED",
-            Self::MalformedRequest => "MALFORMED_REQUEST",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.as_str() == s)
-    }
-}
+/// Why a verification was denied: defined with its HTTP answer in the
+/// `keywarden-http` crate, which keywarden-client shares.
+pub use keywarden_http::DenyReason;
 
 /// What a key permits, as of its latest stored state.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,8 +18,8 @@ use crate::{
     routes::{Requirement, RouteTable, strip_query},
 };
 
-/// The headers a key may come in, in the order they are looked at.
-pub const KEY_HEADERS: [&str; 2] = ["authorization", "x-api-key"];
+/// The headers a key may come in (the shared HTTP contract's).
+pub use keywarden_http::KEY_HEADERS;
 
 /// What the gateway sees of one HTTP request.
 #[derive(Clone, Default)]
@@ -54,23 +54,12 @@ pub struct Checked {
     pub verdict: Verdict,
 }
 
-/// The key a request presents: `authorization: Bearer <key>` or
-/// `x-api-key`; empty for an `authorization` of another scheme. `None` when
-/// both headers are sent: whichever was not checked would reach upstream
-/// as if it had been.
+/// The key a request presents, by the contract keywarden-client shares
+/// ([`keywarden_http::presented_key`]). `None` when both headers are sent:
+/// whichever was not checked would reach upstream as if it had been.
 pub fn presented_key(check: &HttpCheck) -> Option<String> {
-    match (&check.authorization, &check.x_api_key) {
-        (Some(_), Some(_)) => None,
-        (Some(value), None) => Some(
-            value
-                .split_once(' ')
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .map(|(_, key)| key.trim().to_owned())
-                .unwrap_or_default(),
-        ),
-        (None, Some(key)) => Some(key.trim().to_owned()),
-        (None, None) => Some(String::new()),
-    }
+    keywarden_http::presented_key(check.authorization.as_deref(), check.x_api_key.as_deref())
+        .map(str::to_owned)
 }
 
 /// The client's address: the source address with no trusted proxies;

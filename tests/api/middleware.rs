@@ -33,14 +33,14 @@ backend_tests!(
 /// would.
 #[test]
 fn the_layer_answers_each_deny_reason_as_the_gateway_does() {
-    use keywarden::{api::ext_authz::short_text, keys::decision::DenyReason};
+    use keywarden::keys::decision::DenyReason;
     use keywarden_client::{Denial, pb::DenyReason as ClientReason};
     for reason in DenyReason::ALL {
         let name = format!("DENY_REASON_{}", reason.as_str());
         let client = ClientReason::from_str_name(&name).unwrap_or_else(|| panic!("the client lacks {name}"));
         let denial = Denial::Denied(client);
         assert_eq!(denial.status().as_u16(), reason.http_status(), "{name}");
-        let gateway = serde_json::json!({ "error": short_text(reason), "reason": name });
+        let gateway = serde_json::json!({ "error": reason.short_text(), "reason": name });
         assert_eq!(serde_json::from_str::<serde_json::Value>(&denial.body()).unwrap(), gateway);
     }
 }
