@@ -24,7 +24,10 @@ use secrecy::ExposeSecret;
 use crate::config::FleetSettings;
 use subtle::ConstantTimeEq;
 
-use crate::keys::{KeyHash, KeyedMac, PlainKey};
+use crate::keys::{
+    KeyHash, KeyedMac, PlainKey,
+    events::{Delivery, KeyEvent, KeyEventSink},
+};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -354,6 +357,20 @@ impl WarmStart {
             self.redis.run::<()>(redis::cmd("DEL").arg(entry)).await?;
         }
         Ok(())
+    }
+}
+
+/// A revoked or replaced key loses its entry, so that no replica skips
+/// scrypt for it again. A failure is logged, not answered: the entry only
+/// says which row a plaintext belongs to, and that row's state denies it.
+impl KeyEventSink for WarmStart {
+    fn deliver<'a>(&'a self, event: &'a KeyEvent) -> Delivery<'a> {
+        Box::pin(async move {
+            let Some(key) = event.retired() else { return };
+            if let Err(e) = self.forget(&key.key_id).await {
+                tracing::warn!(key_id = %key.key_id, error = %e, "could not delete the key's warm-start entry; it expires with its TTL");
+            }
+        })
     }
 }
 

@@ -35,13 +35,12 @@ use quick_cache::{
 
 use crate::{
     config::CacheSettings,
-    keys::{KeyState, PlainKey, hash::KeyedMac},
+    keys::{
+        KeyState, PlainKey,
+        events::{Delivery, KeyEvent, KeyEventSink},
+        hash::KeyedMac,
+    },
 };
-
-/// Something that must hear about every committed key change.
-pub trait KeyChangeListener: Send + Sync + std::fmt::Debug {
-    fn key_changed(&self, key_id: &str);
-}
 
 /// The error of an identification that [`VerifyCache::identify_once`] runs:
 /// the cache needs to tell "no such key" (remembered in the negative cache)
@@ -247,9 +246,14 @@ impl VerifyCache {
     }
 }
 
-impl KeyChangeListener for VerifyCache {
-    fn key_changed(&self, key_id: &str) {
-        self.invalidate(key_id);
+/// This replica's own changes reach its cache at once; other replicas'
+/// through the change feed ([`changes`]).
+impl KeyEventSink for VerifyCache {
+    fn deliver<'a>(&'a self, event: &'a KeyEvent) -> Delivery<'a> {
+        if let Some(key) = event.altered() {
+            self.invalidate(&key.key_id);
+        }
+        Box::pin(std::future::ready(()))
     }
 }
 

@@ -1,7 +1,8 @@
 //! The key domain, free of I/O: the key format and checksum ([`format`](mod@format)),
 //! hashing at rest ([`hash`]), scopes and presets ([`scope`]), IP allow-lists
 //! ([`cidr`]), the verification decision ([`decision`]), audit event ids
-//! that say who issued them ([`event_id`]), mTLS client identities
+//! that say who issued them ([`event_id`]), what happened to a key and
+//! what hears of it ([`events`]), mTLS client identities
 //! ([`identity`]), rate limits and their GCRA
 //! arithmetic ([`limits`]), and operator tokens and roles
 //! ([`operator`]).
@@ -10,6 +11,7 @@ pub mod cidr;
 pub mod credits;
 pub mod decision;
 pub mod event_id;
+pub mod events;
 pub mod format;
 pub mod hash;
 pub mod identity;

@@ -1,7 +1,8 @@
 //! KeyAdmin use cases: create, read, list, update, revoke, regenerate, usage,
 //! audit trail and the scope catalogue. Every call is scoped by merchant;
 //! every change is written with its audit row in one transaction and then
-//! announced, so verification caches drop what they knew about the key.
+//! emitted once as a [`KeyEvent`] to every sink ([`super::events`]), so
+//! verification caches drop what they knew about the key.
 
 use std::sync::Arc;
 
@@ -17,12 +18,13 @@ use super::{
 };
 use crate::{
     audit::{AuditKind, AuditRecord},
-    cache::KeyChangeListener,
     clock::{self, DbClock},
-    fleet::WarmStart,
     keys::{
         AllowList, Credits, KeyHasher, KeyPrefix, KeyStatus, PlainKey, RateLimit, RateLimits, RefillInterval,
-        ScopeCatalogue, cidr::CidrError, operator::AdminAction,
+        ScopeCatalogue,
+        cidr::CidrError,
+        events::{KeyEvent, KeyRef},
+        operator::AdminAction,
     },
     store::{
         Store,
@@ -33,10 +35,17 @@ use crate::{
     usage::UsageTracker,
 };
 
+use super::events::KeyEvents;
+
 /// Longest grace period RegenerateKey accepts.
 pub const MAX_GRACE: Duration = Duration::days(7);
 /// Attempts at a fresh key when a lookup prefix collides (vanishingly rare).
 const INSERT_ATTEMPTS: usize = 3;
+
+/// A stored key as an event names it.
+fn key_ref(key: &StoredKey) -> KeyRef {
+    KeyRef { key_id: key.id.as_str().into(), merchant_id: key.merchant_id.clone(), version: key.version }
+}
 
 /// A key as an administrator sees it, usage included.
 #[derive(Debug, Clone)]
@@ -125,46 +134,24 @@ pub struct KeyManager {
     catalogue: Arc<ScopeCatalogue>,
     prefix: KeyPrefix,
     usage: Arc<UsageTracker>,
-    listeners: Vec<Arc<dyn KeyChangeListener>>,
+    /// Every sink of committed key changes (this replica's cache, the
+    /// fleet's warm-start map).
+    events: KeyEvents,
     access: Arc<Access>,
     clock: Arc<DbClock>,
-    /// The fleet's warm-start map, whose entry a revoked or replaced key
-    /// loses.
-    warm: Option<Arc<WarmStart>>,
 }
 
 impl KeyManager {
-    /// `listeners` hear of every committed change (caches, other replicas);
-    /// `access` decides what each caller may do.
-    pub fn new(deps: Deps, listeners: Vec<Arc<dyn KeyChangeListener>>, access: Arc<Access>) -> Self {
+    /// `events` hear of every change once it has committed; `access`
+    /// decides what each caller may do.
+    pub fn new(deps: Deps, events: KeyEvents, access: Arc<Access>) -> Self {
         let Deps { store, hasher, pool, catalogue, prefix, usage, clock } = deps;
-        Self { store, hasher, pool, catalogue, prefix, usage, listeners, access, clock, warm: None }
-    }
-
-    pub fn with_warm_start(self, warm: Option<Arc<WarmStart>>) -> Self {
-        Self { warm, ..self }
-    }
-
-    /// Deletes a key's warm-start entry, so that no replica skips scrypt
-    /// for it again. A failure is logged, not answered: the entry only says
-    /// which row a plaintext belongs to, and that row's state denies it.
-    async fn forget_warm(&self, key_id: &str) {
-        if let Some(warm) = &self.warm
-            && let Err(e) = warm.forget(key_id).await
-        {
-            tracing::warn!(key_id, error = %e, "could not delete the key's warm-start entry; it expires with its TTL");
-        }
+        Self { store, hasher, pool, catalogue, prefix, usage, events, access, clock }
     }
 
     pub fn catalogue(&self, who: &Principal) -> Result<&ScopeCatalogue, ServiceError> {
         self.access.authorize(who, AdminAction::ListScopes, None)?;
         Ok(&self.catalogue)
-    }
-
-    fn announce(&self, key_id: &str) {
-        for listener in &self.listeners {
-            listener.key_changed(key_id);
-        }
     }
 
     /// A fresh key and its hash, hashed on the pool.
@@ -252,6 +239,7 @@ impl KeyManager {
             };
             match self.store.insert_key(new, audit).await {
                 Ok(key) => {
+                    self.events.emit(KeyEvent::Created { key: key_ref(&key), at: now }).await;
                     tracing::info!(actor = %who.actor, merchant_id = %key.merchant_id, key_id = %key.id, prefix = %key.prefix, "key created");
                     return Ok(Issued { key: view(key, UsageDelta::default(), now), plaintext });
                 }
@@ -380,7 +368,7 @@ impl KeyManager {
         let _pause = self.usage.pause_flush().await?;
         match self.store.update_key(&req.merchant_id, &req.key_id, &changes, now, audit).await? {
             Change::Applied(key) => {
-                self.announce(&key.id);
+                self.events.emit(KeyEvent::Updated { key: key_ref(&key), at: now }).await;
                 tracing::info!(actor = %who.actor, merchant_id = %key.merchant_id, key_id = %key.id, paths = ?req.paths, "key updated");
                 Ok(self.committed(key, now))
             }
@@ -418,8 +406,7 @@ impl KeyManager {
         let _pause = self.usage.pause_flush().await?;
         match self.store.revoke_key(merchant_id, key_id, reason, now, audit).await? {
             Change::Applied(key) => {
-                self.announce(&key.id);
-                self.forget_warm(&key.id).await;
+                self.events.emit(KeyEvent::Revoked { key: key_ref(&key), at: now }).await;
                 tracing::info!(actor = %who.actor, merchant_id, key_id, "key revoked");
                 Ok(self.committed(key, now))
             }
@@ -508,8 +495,13 @@ impl KeyManager {
                 .await;
             return match result {
                 Ok(Rotation::Applied { old, new }) => {
-                    self.announce(&old.id);
-                    self.forget_warm(&old.id).await;
+                    let event = KeyEvent::Regenerated {
+                        key: key_ref(&new),
+                        previous: key_ref(&old),
+                        previous_until: revoke_at,
+                        at: now,
+                    };
+                    self.events.emit(event).await;
                     tracing::info!(actor = %who.actor, merchant_id, key_id, successor = %new.id, grace_secs = grace.num_seconds(), "key regenerated");
                     Ok(Regenerated {
                         key: view(*new, UsageDelta::default(), now),

@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod events;
 pub mod gateway;
 pub mod hash_pool;
 pub mod operators;

@@ -39,19 +39,20 @@ use crate::{
     audit::writer::{self, AuditQueue, AuditWriter},
     audit::{rollup::Rollups, spool::Spool},
     cache::{
-        KeyChangeListener, VerifyCache,
+        VerifyCache,
         changes::{ChangeFeed, Freshness},
     },
     clock::DbClock,
     config::{RateLimitMode, Secrets, Settings},
     fleet::{Redis, WarmStart},
-    keys::{EventIds, RefillInterval, operator::TokenDigester},
+    keys::{EventIds, RefillInterval, events::KeyEventSink, operator::TokenDigester},
     limiter::{LeasedCredits, LeasedLimiter, Limiter, LocalLimiter},
     metrics::Metrics,
     service::{
         Deps,
         access::Access,
         admin::KeyManager,
+        events::KeyEvents,
         gateway::Gateway,
         hash_pool::HashPool,
         operators::OperatorTokens,
@@ -336,18 +337,20 @@ impl Application {
             usage: Arc::clone(&usage),
             clock: Arc::clone(&clock),
         };
-        // This replica's cache hears of its own changes at once; other
-        // replicas hear through the change feed.
-        let mut listeners: Vec<Arc<dyn KeyChangeListener>> = Vec::new();
+        // This replica's sinks hear of its own changes once they commit;
+        // other replicas hear through the change feed.
+        let mut sinks: Vec<Arc<dyn KeyEventSink>> = Vec::new();
         if let Some(cache) = &cache {
-            listeners.push(Arc::clone(cache) as Arc<dyn KeyChangeListener>);
+            sinks.push(Arc::clone(cache) as Arc<dyn KeyEventSink>);
+        }
+        if let Some(warm) = &warm {
+            sinks.push(Arc::clone(warm) as Arc<dyn KeyEventSink>);
         }
         let manager = KeyManager::new(
             Deps { pool: admin_pool.clone(), ..deps.clone() },
-            listeners,
+            KeyEvents::new(sinks),
             Arc::clone(&access),
-        )
-        .with_warm_start(warm.clone());
+        );
         let verifier = Arc::new(Verifier::new(
             deps,
             VerifyParts {
