@@ -13,7 +13,7 @@ use super::{
     Deps, ServiceError,
     access::{Access, Principal},
     hash_pool::HashPool,
-    page,
+    page::{self, Page},
     validate::{self, Violations},
 };
 use crate::{
@@ -28,8 +28,8 @@ use crate::{
     },
     store::{
         Store,
-        audit::{AuditCursor, AuditQuery},
-        keys::{Change, InsertError, KeyChanges, KeyCursor, NewKey, Rotation, StoredKey, UsageDelta},
+        audit::AuditQuery,
+        keys::{Change, InsertError, KeyChanges, NewKey, Rotation, StoredKey, UsageDelta},
     },
     telemetry::current_trace_id,
     usage::UsageTracker,
@@ -118,12 +118,6 @@ pub struct Usage {
     pub last_used_at: Option<DateTime<Utc>>,
     pub request_count: i64,
     pub denied_count: i64,
-}
-
-#[derive(Debug)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub next_page_token: String,
 }
 
 #[derive(Debug)]
@@ -281,21 +275,19 @@ impl KeyManager {
         let mut v = Violations::default();
         v.check("merchant_id", validate::merchant_id(merchant_id));
         v.into_result()?;
-        let limit = page::page_size(page_size)?;
-        let cursor = page::decode(page_token)?.map(|(created_at, id)| KeyCursor { created_at, id });
         let now = self.clock.now();
         let _pause = self.usage.pause_flush().await?;
-        let mut rows =
-            self.store.list_keys(merchant_id, include_revoked, now, cursor.as_ref(), limit + 1).await?;
-        let next_page_token = page::next_token(&mut rows, limit, |k| page::encode(k.created_at, &k.id));
-        let items = rows
-            .into_iter()
-            .map(|k| {
-                let pending = self.usage.pending(&k.id);
-                view(k, pending, now)
-            })
-            .collect();
-        Ok(Page { items, next_page_token })
+        let page = page::keyset(
+            page_size,
+            page_token,
+            |after, limit| self.store.list_keys(merchant_id, include_revoked, now, after, limit),
+            |k: &StoredKey| (k.created_at, &k.id),
+        )
+        .await?;
+        Ok(page.map(|k| {
+            let pending = self.usage.pending(&k.id);
+            view(k, pending, now)
+        }))
     }
 
     pub async fn update(&self, who: &Principal, req: UpdateKey) -> Result<KeyView, ServiceError> {
@@ -558,17 +550,19 @@ impl KeyManager {
             v.add("end_time", "must be after start_time");
         }
         v.into_result()?;
-        let limit = page::page_size(filter.page_size)?;
-        let cursor = page::decode(&filter.page_token)?.map(|(timestamp, id)| AuditCursor { timestamp, id });
         let query = AuditQuery {
             merchant_id: (!filter.unattributed).then_some(filter.merchant_id.as_str()),
             api_key_id: (!filter.api_key_id.is_empty()).then_some(filter.api_key_id.as_str()),
             start: filter.start,
             end: filter.end,
         };
-        let mut rows = self.store.list_audit(&query, cursor.as_ref(), limit + 1).await?;
-        let next_page_token = page::next_token(&mut rows, limit, |r| page::encode(r.timestamp, &r.id));
-        Ok(Page { items: rows, next_page_token })
+        page::keyset(
+            filter.page_size,
+            &filter.page_token,
+            |after, limit| self.store.list_audit(&query, after, limit),
+            |r| (r.timestamp, &r.id),
+        )
+        .await
     }
 
     /// A key as its transaction committed it, with the usage this replica

@@ -9,19 +9,14 @@ use uuid::Uuid;
 use super::{
     ServiceError,
     access::{Access, Principal},
-    admin::Page,
-    page,
+    page::{self, Page},
     validate::{self, Violations},
 };
 use crate::{
     audit::{AuditKind, AuditRecord},
     clock,
     keys::operator::{AdminAction, OperatorRole, OperatorSecret},
-    store::{
-        Store,
-        keys::InsertError,
-        operators::{OperatorCursor, StoredOperator},
-    },
+    store::{Store, keys::InsertError, operators::StoredOperator},
     telemetry::current_trace_id,
 };
 
@@ -136,11 +131,13 @@ impl OperatorTokens {
         page_token: &str,
     ) -> Result<Page<StoredOperator>, ServiceError> {
         self.access.authorize(who, AdminAction::ListOperatorTokens, None)?;
-        let limit = page::page_size(page_size)?;
-        let cursor = page::decode(page_token)?.map(|(created_at, id)| OperatorCursor { created_at, id });
-        let mut rows = self.store.list_operators(cursor.as_ref(), limit + 1).await?;
-        let next_page_token = page::next_token(&mut rows, limit, |t| page::encode(t.created_at, &t.id));
-        Ok(Page { items: rows, next_page_token })
+        page::keyset(
+            page_size,
+            page_token,
+            |after, limit| self.store.list_operators(after, limit),
+            |t: &StoredOperator| (t.created_at, &t.id),
+        )
+        .await
     }
 
     pub async fn revoke(&self, who: &Principal, id: &str) -> Result<StoredOperator, ServiceError> {

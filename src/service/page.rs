@@ -1,16 +1,58 @@
-//! Opaque page tokens: base64url of `<micros since epoch>.<id>`, the position
-//! of the last item of a newest-first page.
+//! Keyset pages of newest-first listings (keys, operator tokens, audit
+//! events), written once: [`keyset`] reads one page. Page tokens are
+//! opaque: base64url of `<micros since epoch>.<id>`, the position of the
+//! last item of the page before.
+
+use std::future::Future;
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 
 use super::ServiceError;
+use crate::store::{Cursor, StoreError};
+
+/// One page of a listing.
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Empty on the last page.
+    pub next_page_token: String,
+}
+
+impl<T> Page<T> {
+    pub fn map<U>(self, f: impl FnMut(T) -> U) -> Page<U> {
+        Page { items: self.items.into_iter().map(f).collect(), next_page_token: self.next_page_token }
+    }
+}
+
+/// Reads one page: checks the size and token, asks `read` for one row
+/// more than the page after the token's position (so the last page is
+/// known without a second query), and makes the next token from the last
+/// row kept, whose time and id `position` gives.
+pub async fn keyset<T, F>(
+    page_size: i32,
+    page_token: &str,
+    read: impl FnOnce(Option<Cursor>, u64) -> F,
+    position: impl Fn(&T) -> (DateTime<Utc>, &str),
+) -> Result<Page<T>, ServiceError>
+where
+    F: Future<Output = Result<Vec<T>, StoreError>>,
+{
+    let limit = page_size_of(page_size)?;
+    let cursor = decode(page_token)?.map(|(at, id)| Cursor { at, id });
+    let mut items = read(cursor, limit + 1).await?;
+    let next_page_token = next_token(&mut items, limit, |item| {
+        let (at, id) = position(item);
+        encode(at, id)
+    });
+    Ok(Page { items, next_page_token })
+}
 
 pub const DEFAULT_PAGE_SIZE: u64 = 50;
 pub const MAX_PAGE_SIZE: u64 = 500;
 
 /// 0 means the default; above the maximum is coerced down to it.
-pub fn page_size(requested: i32) -> Result<u64, ServiceError> {
+fn page_size_of(requested: i32) -> Result<u64, ServiceError> {
     match requested {
         n if n < 0 => Err(ServiceError::invalid("page_size", "must not be negative")),
         0 => Ok(DEFAULT_PAGE_SIZE),
@@ -20,7 +62,7 @@ pub fn page_size(requested: i32) -> Result<u64, ServiceError> {
 
 /// Drops the look-ahead row (a page is read with `limit + 1`) and returns
 /// the token for the next page, empty on the last.
-pub fn next_token<T>(rows: &mut Vec<T>, limit: u64, token: impl Fn(&T) -> String) -> String {
+fn next_token<T>(rows: &mut Vec<T>, limit: u64, token: impl Fn(&T) -> String) -> String {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     if rows.len() > limit {
         rows.truncate(limit);
@@ -30,11 +72,11 @@ pub fn next_token<T>(rows: &mut Vec<T>, limit: u64, token: impl Fn(&T) -> String
     }
 }
 
-pub fn encode(at: DateTime<Utc>, id: &str) -> String {
+fn encode(at: DateTime<Utc>, id: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{}.{id}", at.timestamp_micros()))
 }
 
-pub fn decode(token: &str) -> Result<Option<(DateTime<Utc>, String)>, ServiceError> {
+fn decode(token: &str) -> Result<Option<(DateTime<Utc>, String)>, ServiceError> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -72,9 +114,9 @@ mod tests {
 
     #[test]
     fn page_sizes() {
-        assert_eq!(page_size(0).unwrap(), 50);
-        assert_eq!(page_size(7).unwrap(), 7);
-        assert_eq!(page_size(10_000).unwrap(), 500);
-        assert!(page_size(-1).is_err());
+        assert_eq!(page_size_of(0).unwrap(), 50);
+        assert_eq!(page_size_of(7).unwrap(), 7);
+        assert_eq!(page_size_of(10_000).unwrap(), 500);
+        assert!(page_size_of(-1).is_err());
     }
 }

@@ -190,13 +190,6 @@ pub struct KeyChanges {
     pub expires_at: Option<Option<DateTime<Utc>>>,
 }
 
-/// Position in a newest-first listing of keys.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyCursor {
-    pub created_at: DateTime<Utc>,
-    pub id: String,
-}
-
 /// What a conditional change did.
 #[derive(Debug)]
 pub enum Change {
@@ -303,7 +296,7 @@ impl Store {
         merchant_id: &str,
         include_revoked: bool,
         now: DateTime<Utc>,
-        after: Option<&KeyCursor>,
+        after: Option<super::Cursor>,
         limit: u64,
     ) -> Result<Vec<StoredKey>, StoreError> {
         use api_key::Column as C;
@@ -312,7 +305,7 @@ impl Store {
             query = query.filter(C::RevokedAt.is_null().or(C::RevokedAt.gt(now)));
         }
         if let Some(cursor) = after {
-            query = query.filter(super::older_than(C::CreatedAt, C::Id, cursor.created_at, &cursor.id));
+            query = query.filter(cursor.after(C::CreatedAt, C::Id));
         }
         self.count_read();
         query

@@ -35,16 +35,23 @@ use thiserror::Error;
 
 use migration::Migrator;
 
-/// Rows after the cursor `(at, id)` in a listing ordered newest first by
-/// `(at_col, id_col)`: keyset pagination, stable under concurrent inserts.
-fn older_than<C: sea_orm::ColumnTrait>(
-    at_col: C,
-    id_col: C,
-    at: chrono::DateTime<chrono::Utc>,
-    id: &str,
-) -> impl sea_orm::sea_query::IntoCondition {
-    use sea_orm::ExprTrait as _;
-    at_col.lt(at).or(at_col.eq(at).and(id_col.lt(id)))
+/// A position in a newest-first listing (keys, operator tokens, audit
+/// events): the time and id of the last row of the page before. Rows are
+/// ordered by time, then id, both descending: keyset pagination, stable
+/// under concurrent inserts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub id: String,
+}
+
+impl Cursor {
+    /// The rows after this position, given the listing's time and id
+    /// columns.
+    fn after<C: sea_orm::ColumnTrait>(&self, at_col: C, id_col: C) -> impl sea_orm::sea_query::IntoCondition {
+        use sea_orm::ExprTrait as _;
+        at_col.lt(self.at).or(at_col.eq(self.at).and(id_col.lt(self.id.as_str())))
+    }
 }
 
 /// This binary's migrations against a database's.

@@ -89,13 +89,6 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
-/// Position in a newest-first listing of operator tokens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OperatorCursor {
-    pub created_at: DateTime<Utc>,
-    pub id: String,
-}
-
 impl Store {
     /// Inserts a token and its OPERATOR_TOKEN_CREATED row together.
     pub async fn insert_operator(
@@ -130,13 +123,13 @@ impl Store {
     /// Newest first, `limit` tokens after `after`, revoked ones included.
     pub async fn list_operators(
         &self,
-        after: Option<&OperatorCursor>,
+        after: Option<super::Cursor>,
         limit: u64,
     ) -> Result<Vec<StoredOperator>, StoreError> {
         use operator_token::Column as C;
         let mut query = operator_token::Entity::find();
         if let Some(cursor) = after {
-            query = query.filter(super::older_than(C::CreatedAt, C::Id, cursor.created_at, &cursor.id));
+            query = query.filter(cursor.after(C::CreatedAt, C::Id));
         }
         self.count_read();
         query

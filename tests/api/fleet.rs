@@ -29,6 +29,7 @@ use tonic_health::pb::{
 use crate::helpers::{
     ADMIN_TOKEN, AdminClient, Backend, MERCHANT, Proxy, Replica, admin_client, connect, deny, eventually,
     fresh_database, outcome, revoke, sales, spawn_app_over, spawn_app_with, spawn_binary, until,
+    verify_until,
 };
 
 backend_tests!(
@@ -407,12 +408,8 @@ async fn an_outage_keeps_cached_keys_verifying_fails_the_rest_closed_and_loses_n
     .await;
     proxy.restore();
     // No restart: the unknown key verifies once the database is back.
-    let client = on_a.verify.clone();
-    until("the unknown key to verify after the outage", || {
-        let (mut client, uncached) = (client.clone(), uncached.clone());
-        async move { verify(&mut client, &uncached).await.ok().filter(allowed) }
-    })
-    .await;
+    let request = pb::VerifyRequest { key: uncached.clone(), ..Default::default() };
+    verify_until("the unknown key to verify after the outage", &on_a.verify, request, allowed).await;
     running.store(false, Ordering::SeqCst);
     load.await.unwrap();
     let (answered, failed) = (answered.load(Ordering::SeqCst) as i64, failed.load(Ordering::SeqCst));
@@ -474,12 +471,8 @@ async fn past_the_staleness_bound_cached_keys_fail_closed_until_the_database_ret
         async move { (health(&mut client).await == ServingStatus::Serving as i32).then_some(()) }
     })
     .await;
-    let client = on_a.verify.clone();
-    until("the key to verify again", || {
-        let (mut client, key) = (client.clone(), key.clone());
-        async move { verify(&mut client, &key).await.ok().filter(allowed) }
-    })
-    .await;
+    let request = pb::VerifyRequest { key: key.clone(), ..Default::default() };
+    verify_until("the key to verify again", &on_a.verify, request, allowed).await;
     stop(a).await;
     fleet.drop().await;
 }
@@ -847,19 +840,10 @@ async fn revoke_and_rotate_then_expect_denials(
     (revoked_id, revoked): (&str, &str),
     (rotated_id, rotated): (&str, &str),
 ) {
-    let denied = |key: &str| {
-        let (client, key) = (verify.clone(), key.to_owned());
-        move || {
-            let (mut client, key) = (client.clone(), key.clone());
-            async move {
-                let r = client.verify(sales(&key)).await.ok()?.into_inner();
-                (outcome(&r) == deny(pb::DenyReason::Revoked)).then_some(())
-            }
-        }
-    };
+    let denied = |r: &pb::VerifyResponse| outcome(r) == deny(pb::DenyReason::Revoked);
     revoke(admin, revoked_id).await;
     let revoked_at = Instant::now();
-    until("the replica behind to deny the revoked key", denied(revoked)).await;
+    verify_until("the replica behind to deny the revoked key", verify, sales(revoked), denied).await;
     assert!(revoked_at.elapsed() < Duration::from_secs(2), "denied after {:?}", revoked_at.elapsed());
     // A rotation's grace ends on the database's clock too.
     admin
@@ -871,7 +855,8 @@ async fn revoke_and_rotate_then_expect_denials(
         .await
         .unwrap();
     let rotated_at = Instant::now();
-    until("the rotated key's grace to end on the replica behind", denied(rotated)).await;
+    verify_until("the rotated key's grace to end on the replica behind", verify, sales(rotated), denied)
+        .await;
     assert!(rotated_at.elapsed() < Duration::from_secs(5), "denied after {:?}", rotated_at.elapsed());
 }
 

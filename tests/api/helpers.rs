@@ -382,6 +382,24 @@ pub async fn connect(addr: SocketAddr) -> Channel {
 /// it fails (generous: CI's machine may be busy with other tests).
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// Verifies `request` on `client` until `accept` takes the answer (a
+/// failed call is tried again), at most [`PATIENCE`]: how a test waits for
+/// a change (a revocation, an expiry, the database's return) to reach a
+/// replica.
+pub async fn verify_until(
+    what: &str,
+    client: &KeyVerifyClient<Channel>,
+    request: pb::VerifyRequest,
+    accept: impl Fn(&pb::VerifyResponse) -> bool,
+) -> pb::VerifyResponse {
+    let accept = &accept;
+    until(what, || {
+        let (mut client, request) = (client.clone(), request.clone());
+        async move { client.verify(request).await.ok().map(tonic::Response::into_inner).filter(|r| accept(r)) }
+    })
+    .await
+}
+
 /// Polls `check` until it answers `Some`, at most [`PATIENCE`]; then fails
 /// the test, naming `what` it waited for.
 pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use crate::helpers::{
-    Backend, MERCHANT, allowed, deny, eventually, outcome, spawn_app, spawn_app_with, until, violated_fields,
+    Backend, MERCHANT, allowed, deny, eventually, outcome, sales, spawn_app, spawn_app_with, verify_until,
+    violated_fields,
 };
 use keywarden::{
     api::pb::{self, DenyReason as R},
@@ -203,19 +204,10 @@ async fn verify_denies_expired_key_once_expiry_passes(backend: Backend) {
     let r = app.verify(&key, "", "sales:read").await;
     assert_eq!(outcome(&r), allowed());
     assert_eq!(r.expires_at.unwrap().seconds, expires.timestamp());
-    let verify = app.verify.clone();
-    let after_expiry = until("the key to expire", || {
-        let (mut client, key) = (verify.clone(), key.clone());
-        async move {
-            let request =
-                pb::VerifyRequest { key, required_scope: "sales:read".into(), ..Default::default() };
-            let r = client.verify(request).await.unwrap().into_inner();
-            Some(outcome(&r)).filter(|o| *o != allowed())
-        }
-    })
-    .await;
+    let after_expiry =
+        verify_until("the key to expire", &app.verify, sales(&key), |r| outcome(r) != allowed()).await;
     assert!(chrono::Utc::now() >= expires);
-    assert_eq!(after_expiry, deny(R::Expired));
+    assert_eq!(outcome(&after_expiry), deny(R::Expired));
     app.stop().await;
 }
 

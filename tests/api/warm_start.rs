@@ -9,7 +9,7 @@ use keywarden::api::pb::{self, key_verify_client::KeyVerifyClient};
 
 use crate::helpers::{
     Backend, Replica, connect, create_sales_key, deny, fleet_secret, metrics_of, outcome, redis_url, revoke,
-    sales, spawn_app_with, spawn_binary, until,
+    sales, spawn_app_with, spawn_binary, until, verify_until,
 };
 
 async fn redis_get(key: &str) -> Option<String> {
@@ -86,10 +86,9 @@ async fn a_key_verified_on_one_replica_verifies_on_a_fresh_one_without_scrypt_un
         outcome(&a.verify.verify(sales(&key)).await.unwrap().into_inner()),
         deny(pb::DenyReason::Revoked)
     );
-    until("B to deny the revoked key", || async {
-        (outcome(&verify_on(&b, &key).await) == deny(pb::DenyReason::Revoked)).then_some(())
-    })
-    .await;
+    let on_b = KeyVerifyClient::new(connect(b.addr).await);
+    let revoked = |r: &pb::VerifyResponse| outcome(r) == deny(pb::DenyReason::Revoked);
+    verify_until("B to deny the revoked key", &on_b, sales(&key), revoked).await;
 
     // A replica started after the revocation has nothing to skip scrypt
     // with, and does not publish a revoked key again.

@@ -296,13 +296,6 @@ impl TryFrom<audit_event::Model> for AuditRecord {
     }
 }
 
-/// Position in a newest-first listing of audit events.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditCursor {
-    pub timestamp: DateTime<Utc>,
-    pub id: String,
-}
-
 /// Filters of ListAuditEvents.
 #[derive(Debug, Clone)]
 pub struct AuditQuery<'a> {
@@ -536,7 +529,7 @@ impl Store {
     pub async fn list_audit(
         &self,
         query: &AuditQuery<'_>,
-        after: Option<&AuditCursor>,
+        after: Option<super::Cursor>,
         limit: u64,
     ) -> Result<Vec<AuditRecord>, StoreError> {
         self.count_read();
@@ -633,7 +626,7 @@ impl Store {
 /// The one ListAuditEvents query: by merchant (and key), newest first.
 fn list_select(
     query: &AuditQuery<'_>,
-    after: Option<&AuditCursor>,
+    after: Option<super::Cursor>,
     limit: u64,
 ) -> sea_orm::Select<audit_event::Entity> {
     use audit_event::Column as C;
@@ -652,7 +645,7 @@ fn list_select(
             select = select.filter(C::Timestamp.lt(end));
         }
         if let Some(cursor) = after {
-            select = select.filter(super::older_than(C::Timestamp, C::Id, cursor.timestamp, &cursor.id));
+            select = select.filter(cursor.after(C::Timestamp, C::Id));
         }
         select.order_by_desc(C::Timestamp).order_by_desc(C::Id).limit(limit)
     }
@@ -751,8 +744,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(found.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["01-b", "01-a"]);
-        let cursor = AuditCursor { timestamp: whole_ms, id: "01-b".into() };
-        let next = store.list_audit(&at(whole_ms, with_us), Some(&cursor), 10).await.unwrap();
+        let cursor = crate::store::Cursor { at: whole_ms, id: "01-b".into() };
+        let next = store.list_audit(&at(whole_ms, with_us), Some(cursor), 10).await.unwrap();
         assert_eq!(next.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["01-a"], "tie broken by id");
     }
 }
