@@ -795,7 +795,11 @@ mod tests {
             .execute_unprepared("CREATE TABLE slow (n INTEGER); INSERT INTO slow VALUES (0)")
             .await
             .unwrap();
-        for _ in 0..6 {
+        // 32 rows, so each insert counts 32^4 joined rows: tens of
+        // milliseconds, far above the 1 ms spill bound and far below the
+        // 2 s a replayed insert may run before it is taken for stuck, also
+        // on a machine busy with a build.
+        for _ in 0..5 {
             store.db().execute_unprepared("INSERT INTO slow SELECT n FROM slow").await.unwrap();
         }
         store
