@@ -19,10 +19,13 @@
 //!   time bound ([`api::lifetime`]), admin authentication and trace
 //!   context are layers.
 //! - [`service`]: the use cases, [`service::admin::KeyManager`],
-//!   [`service::operators::OperatorTokens`] and [`service::verify::Verifier`];
-//!   who may do what ([`service::access`]); request validation; the scrypt
-//!   pool; pepper generations ([`service::peppers`]) and the background
-//!   rehash of keys checked under an old one ([`service::rehash`]).
+//!   [`service::operators::OperatorTokens`] and [`service::verify::Verifier`]
+//!   (a pipeline: identify, decide, admit, record, one file each), with
+//!   RecordOutcomes in [`service::outcomes`]; the after-commit seam of key
+//!   changes ([`service::events`]); who may do what ([`service::access`]);
+//!   request validation and pagination; the scrypt pool; pepper generations
+//!   ([`service::peppers`]) and the background rehash of keys checked under
+//!   an old one ([`service::rehash`]).
 //! - [`cache`], [`usage`], [`audit`], [`throttle`], [`limiter`], [`fleet`]: runtime
 //!   state of the Verify path. The verification cache and the change feed
 //!   that keeps it current; batched usage counters, spilled to local disk
@@ -39,9 +42,11 @@
 //! - [`routes`]: the gateway's route table (which scope an HTTP method and
 //!   path need), parsed and matched without I/O; it imports only [`keys`].
 //! - [`keys`]: the key domain, free of I/O: format and checksum, hashing,
-//!   scopes, CIDR allow-lists, the decision, mTLS client identities, the one
-//!   excerpting function errors quote input through, and operator tokens
-//!   and roles.
+//!   scopes, CIDR allow-lists, the decision, key events and their sinks,
+//!   mTLS client identities, the one excerpting function errors quote input
+//!   through, and operator tokens and roles. Deny reasons and their HTTP
+//!   answers come from the `keywarden-http` workspace crate, which
+//!   keywarden-client shares.
 //!
 //! Leaves that any layer may use: [`config`] (settings types; it imports
 //! only [`keys`]), [`telemetry`] (logs, spans, the caller's trace id),

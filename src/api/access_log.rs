@@ -29,7 +29,7 @@ use envoy_types::pb::envoy::service::accesslog::v3::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::service::verify::{MAX_OUTCOMES, Verifier};
+use crate::service::{outcomes::MAX_OUTCOMES, verify::Verifier};
 use envoy_types::pb::{envoy::data::accesslog::v3::HttpAccessLogEntry, google::protobuf::value::Kind};
 
 /// The filter-metadata namespace Envoy files ext_authz's dynamic metadata
@@ -107,7 +107,7 @@ impl AccessLogSink {
             return;
         }
         let n = batch.len() as u64;
-        match self.verifier.record_outcomes(std::mem::take(batch)).await {
+        match self.verifier.outcomes().record(std::mem::take(batch)).await {
             Ok(_) => {
                 self.counters.recorded.fetch_add(n, Ordering::Relaxed);
             }

@@ -13,7 +13,7 @@ use crate::{
         ServiceError,
         admin::{CreditsRequest, KeyView},
         peppers::Generation,
-        verify::{Verdict, VerifyInput},
+        verify::{Verdict, Verifier, VerifyCall, VerifyInput},
     },
     store::operators::StoredOperator,
 };
@@ -240,6 +240,13 @@ pub fn audit_event(r: AuditRecord) -> pb::AuditEvent {
     }
 }
 
+/// A Verify request, checked into the call the pipeline runs on: fields
+/// validated and named when bad, the key parsed.
+pub fn verify_call(verifier: &Verifier, r: pb::VerifyRequest) -> Result<VerifyCall, ServiceError> {
+    verifier.check(verify_input(r))
+}
+
+/// A Verify request's fields as sent.
 pub fn verify_input(r: pb::VerifyRequest) -> VerifyInput {
     VerifyInput {
         key: r.key,

@@ -31,8 +31,12 @@ impl KeyVerify for KeyVerifyService {
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         let span = audit::verify_span();
         adopt_parent(&span, &request);
-        let input = convert::verify_input(request.into_inner());
-        let verdict = traced(&span, self.verifier.verify(input, &span)).await?;
+        let request = request.into_inner();
+        let verdict = traced(&span, async {
+            let call = convert::verify_call(&self.verifier, request)?;
+            self.verifier.verify(call, &span).await
+        })
+        .await?;
         Ok(Response::new(convert::verdict(verdict)))
     }
 
@@ -44,7 +48,7 @@ impl KeyVerify for KeyVerifyService {
         adopt_parent(&span, &request);
         let outcomes =
             request.into_inner().outcomes.into_iter().map(|o| (o.audit_event_id, o.status)).collect();
-        let updated = traced(&span, self.verifier.record_outcomes(outcomes)).await?;
+        let updated = traced(&span, self.verifier.outcomes().record(outcomes)).await?;
         Ok(Response::new(pb::RecordOutcomesResponse { updated: i32::try_from(updated).unwrap_or(i32::MAX) }))
     }
 }

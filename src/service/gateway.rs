@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::{
     ServiceError, validate,
-    verify::{Verdict, Verifier, VerifyInput},
+    verify::{Presented, Verdict, Verifier, VerifyCall},
 };
 use crate::{
     keys::DenyReason,
@@ -121,26 +121,32 @@ impl Gateway {
             let verdict = self.verifier.refuse(audit_endpoint(&check.path), method, ip, reason, span);
             Ok(Checked { verdict })
         };
-        let required_scope = match requirement {
-            Requirement::Scope { scope_name, .. } => scope_name.to_owned(),
-            Requirement::AnyValidKey => String::new(),
+        // The route match holds the scope, and the address is parsed: the
+        // call is built typed, with nothing to parse again.
+        let required = match requirement {
+            Requirement::Scope { scope, .. } => Some(scope),
+            Requirement::AnyValidKey => None,
             Requirement::Denied => return refuse(DenyReason::NoRoute),
             Requirement::Malformed(_) => return refuse(DenyReason::MalformedRequest),
         };
         let Some(key) = presented_key(&check) else { return refuse(DenyReason::MalformedRequest) };
-        // A key too long to be one is malformed, whatever it holds.
-        let key = if key.len() > validate::MAX_PRESENTED_KEY { String::new() } else { key };
-        let input = VerifyInput {
-            key,
-            ip: ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            required_scope,
+        let call = VerifyCall {
+            // A key too long to be one is malformed, whatever it holds.
+            key: if key.len() > validate::MAX_PRESENTED_KEY {
+                Presented::Malformed
+            } else {
+                Presented::parse(self.verifier.prefix(), &key)
+            },
+            ip,
+            required,
             endpoint: audit_endpoint(&check.path),
-            // Canonical, so an uppercase token.
+            // Canonical (routes::canonical), so an uppercase token within
+            // the method limit.
             method: check.method,
             // A request through the gateway costs one credit.
             cost: 1,
         };
-        let verdict = self.verifier.verify(input, span).await?;
+        let verdict = self.verifier.verify(call, span).await?;
         Ok(Checked { verdict })
     }
 }

@@ -1,5 +1,7 @@
 //! The use cases, composed from the pure key domain and the runtime parts:
-//! [`admin::KeyManager`] for KeyAdmin and [`verify::Verifier`] for KeyVerify.
+//! [`admin::KeyManager`] for KeyAdmin (its committed changes go out through
+//! [`events`]), [`verify::Verifier`] for KeyVerify and [`outcomes`] for
+//! RecordOutcomes and the access-log stream.
 //! Inputs are validated here (the API layer only decodes), and every failure
 //! is a [`ServiceError`] that `api::status` maps to a gRPC status in one place.
 
@@ -9,6 +11,7 @@ pub mod events;
 pub mod gateway;
 pub mod hash_pool;
 pub mod operators;
+pub mod outcomes;
 pub mod page;
 pub mod peppers;
 pub mod rehash;
