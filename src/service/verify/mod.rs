@@ -1,9 +1,9 @@
 //! The Verify pipeline, top to bottom in [`Verifier::verify`]: a checked
 //! call ([`VerifyCall`]: the key parsed, the IP and scope typed) → one
-//! reading of the database's clock → identify the key ([`identify`]: cache,
+//! reading of the database's clock → identify the key (`identify.rs`: cache,
 //! store lane, throttle, scrypt, warm start) → decide against its policy →
-//! admit it ([`admit`]: rate limits, credits, usage counts) → record the
-//! audit row or rollup and the span ([`record`]).
+//! admit it (`admit.rs`: rate limits, credits, usage counts) → record the
+//! audit row or rollup and the span (`record.rs`).
 //!
 //! Nothing here writes to the database: audit rows and usage go through
 //! their batching queues.
