@@ -2,8 +2,12 @@
 //!
 //! # Layout
 //!
-//! Imports point down this list; nothing imports a module above it (CI
-//! fails on a module cycle).
+//! Imports point down this list; nothing imports a module above it. CI
+//! fails on a module cycle and on an import `.ci/module_edges.txt` does
+//! not allow; that file lists what each module may use, and the two edges
+//! still against this Layout as debts: `api` converts the store's audit
+//! and operator row types, and the fleet credits ([`limiter::credits`])
+//! read their seed from [`store`] outside Verify's database lane.
 //!
 //! - [`startup`]: assembly. Builds every part from [`config::Settings`],
 //!   runs the servers and background tasks, shuts down in order; its

@@ -10,6 +10,28 @@ use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::Subscribe
 
 use crate::config::LogFormat;
 
+/// The `keywarden.verify` span, with a slot for every audit field so that
+/// `audit::record_on_span` can fill them once the decision is made.
+pub fn verify_span() -> tracing::Span {
+    use tracing::field::Empty;
+    tracing::trace_span!(
+        "keywarden.verify",
+        otel.kind = "server",
+        keywarden.audit_event_id = Empty,
+        keywarden.timestamp = Empty,
+        keywarden.api_key_id = Empty,
+        keywarden.api_key_name = Empty,
+        keywarden.merchant_id = Empty,
+        keywarden.endpoint = Empty,
+        keywarden.method = Empty,
+        keywarden.status = Empty,
+        keywarden.ip = Empty,
+        keywarden.decision = Empty,
+        keywarden.deny_reason = Empty,
+        keywarden.key_prefix = Empty,
+    )
+}
+
 const DEFAULT_LOG_FILTER: &str =
     "info,h2=warn,hyper=warn,tower=warn,sqlx=warn,sea_orm=warn,sea_orm_migration=warn";
 

@@ -32,12 +32,12 @@ use tonic::{Code, Request, Response, Status};
 use super::trace::{adopt_parent, traced};
 
 use crate::{
-    audit,
     keys::{DenyReason, LimitStatus},
     service::{
         ServiceError,
         gateway::{Checked, Gateway, HttpCheck, KEY_HEADERS},
     },
+    telemetry,
 };
 
 /// The headers an allowed request carries upstream.
@@ -186,7 +186,7 @@ fn respond(checked: Checked) -> CheckResponse {
 #[tonic::async_trait]
 impl Authorization for CheckService {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        let span = audit::verify_span();
+        let span = telemetry::verify_span();
         adopt_parent(&span, &request);
         let check = http_check(request.into_inner());
         match traced(&span, self.gateway.check(check, &span)).await {

@@ -10,7 +10,7 @@ use super::{
     pb::{self, key_verify_server::KeyVerify},
     trace::{adopt_parent, traced},
 };
-use crate::{audit, service::verify::Verifier};
+use crate::{service::verify::Verifier, telemetry};
 
 #[derive(Debug, Clone)]
 pub struct KeyVerifyService {
@@ -29,7 +29,7 @@ impl KeyVerify for KeyVerifyService {
         &self,
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
-        let span = audit::verify_span();
+        let span = telemetry::verify_span();
         adopt_parent(&span, &request);
         let request = request.into_inner();
         let verdict = traced(&span, async {

@@ -17,30 +17,8 @@ use chrono::{DateTime, Utc};
 use crate::keys::{Decision, DenyReason};
 pub use crate::store::audit::{AuditKind, AuditRecord, new_event_id};
 
-/// The `keywarden.verify` span, with a slot for every audit field so that
-/// [`record_on_span`] can fill them once the decision is made.
-pub fn verify_span() -> tracing::Span {
-    use tracing::field::Empty;
-    tracing::trace_span!(
-        "keywarden.verify",
-        otel.kind = "server",
-        keywarden.audit_event_id = Empty,
-        keywarden.timestamp = Empty,
-        keywarden.api_key_id = Empty,
-        keywarden.api_key_name = Empty,
-        keywarden.merchant_id = Empty,
-        keywarden.endpoint = Empty,
-        keywarden.method = Empty,
-        keywarden.status = Empty,
-        keywarden.ip = Empty,
-        keywarden.decision = Empty,
-        keywarden.deny_reason = Empty,
-        keywarden.key_prefix = Empty,
-    )
-}
-
-/// Copies an audit row onto its span: the span and the stored row say the
-/// same thing. Absent fields stay unset.
+/// Copies an audit row onto its span ([`crate::telemetry::verify_span`]):
+/// the span and the stored row say the same thing. Absent fields stay unset.
 pub fn record_on_span(span: &tracing::Span, r: &AuditRecord) {
     if span.is_disabled() {
         return;
