@@ -4,10 +4,9 @@
 //!
 //! Imports point down this list; nothing imports a module above it. CI
 //! fails on a module cycle and on an import `.ci/module_edges.txt` does
-//! not allow; that file lists what each module may use, and the two edges
-//! still against this Layout as debts: `api` converts the store's audit
-//! and operator row types, and the fleet credits ([`limiter::credits`])
-//! read their seed from [`store`] outside Verify's database lane.
+//! not allow; that file lists what each module may use, and the one edge
+//! still against this Layout as a debt: `api` converts the store's audit
+//! and operator row types.
 //!
 //! - [`startup`]: assembly. Builds every part from [`config::Settings`],
 //!   runs the servers and background tasks, shuts down in order; its
@@ -30,16 +29,18 @@
 //!   request validation and pagination; the scrypt pool; pepper generations
 //!   ([`service::peppers`]) and the background rehash of keys checked under
 //!   an old one ([`service::rehash`]).
-//! - [`cache`], [`usage`], [`audit`], [`throttle`], [`limiter`], [`fleet`]: runtime
-//!   state of the Verify path. The verification cache and the change feed
-//!   that keeps it current; batched usage counters, spilled to local disk
-//!   while the database is away ([`usage::spill`]); the audit queue, its
-//!   writer and its local spool; the counters of wrong secrets that
-//!   throttle guessing; per-key rate limits, per replica or leased from
-//!   Redis ([`limiter`], which uses [`fleet`]); credits are spent through
-//!   [`usage`], in the same batches as the counts, and in Redis mode leased
-//!   from the fleet's shared balance ([`limiter::credits`]). [`fleet`]: the Redis
-//!   connection replicas share and the warm-start map, optional.
+//! - [`cache`], [`usage`], [`audit`], [`throttle`], [`limiter`],
+//!   [`credits`], [`fleet`]: runtime state of the Verify path. The
+//!   verification cache and the change feed that keeps it current; batched
+//!   usage counters, spilled to local disk while the database is away
+//!   ([`usage::spill`]); the audit queue, its writer and its local spool;
+//!   the counters of wrong secrets that throttle guessing; per-key rate
+//!   limits, per replica or leased from Redis ([`limiter`], which uses
+//!   [`fleet`]); credits, one call that pays from the fleet's shared
+//!   balance in Redis mode or from this replica's view (kept with the usage
+//!   counts and flushed in the same batches), and the refill job
+//!   ([`credits`]). [`fleet`]: the Redis connection replicas share and the
+//!   warm-start map, optional.
 //! - [`store`]: persistence on sea-orm (SQLite or PostgreSQL): keys, usage,
 //!   operator tokens, the audit row ([`store::audit::AuditRecord`]) and its
 //!   writers, and migrations.
@@ -61,6 +62,7 @@ pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod credits;
 pub mod fleet;
 pub mod keys;
 pub mod limiter;

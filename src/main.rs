@@ -59,19 +59,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Migrate { config } => {
             let settings = Settings::load(config.as_deref())?;
-            if settings.database_url.is_none() {
-                for path in keywarden::config::secure_data_dir(&settings.data_dir)? {
-                    eprintln!(
-                        "keywarden: {} was readable by other users; tightened to owner-only",
-                        path.display()
-                    );
-                }
+            let telemetry = telemetry::init(settings.log_format).map_err(|e| anyhow::anyhow!(e))?;
+            let migrated = async {
+                keywarden::startup::secure_embedded_data_dir(&settings)?;
+                let store = Store::connect(&settings.database_url(), &Default::default())
+                    .await
+                    .context("connecting to the database")?;
+                store.migrate().await.context("applying migrations")?;
+                store.close().await;
+                anyhow::Ok(())
             }
-            let store = Store::connect(&settings.database_url(), &Default::default())
-                .await
-                .context("connecting to the database")?;
-            store.migrate().await.context("applying migrations")?;
-            store.close().await;
+            .await;
+            telemetry.shutdown();
+            migrated?;
             eprintln!("keywarden: migrations applied");
             Ok(())
         }

@@ -29,11 +29,11 @@ use std::{
     sync::{Arc, LazyLock, Mutex, PoisonError},
 };
 
-use super::backoff::{Backoff, RETRY_US};
 use crate::{
     fleet::{FleetError, Redis, Script},
+    limiter::backoff::{Backoff, RETRY_US},
     metrics::Metrics,
-    store::Store,
+    store::{Store, lane::DbLane},
 };
 
 /// The most credits one replica leases of one key at a time; a lease is
@@ -64,8 +64,10 @@ pub enum Spend {
 
 pub struct LeasedCredits {
     redis: Arc<Redis>,
-    /// Where a balance is read to seed Redis with.
+    /// Where a balance is read to seed Redis with, through Verify's share
+    /// of database connections (a seed is read on the Verify path).
     store: Store,
+    lane: DbLane,
     hasher: RandomState,
     shards: [Mutex<HashMap<Arc<str>, Arc<Wallet>>>; SHARDS],
     backoff: Backoff,
@@ -124,6 +126,22 @@ impl Held {
     }
 }
 
+/// Why a lease was not had.
+#[derive(Debug)]
+enum LeaseError {
+    /// Redis failed or answered nonsense: backed off from, decided locally.
+    Redis(FleetError),
+    /// The stored balance could not be read (the database, or Verify's
+    /// lane to it, is busy or away): this call is decided locally.
+    Seed(String),
+}
+
+impl From<FleetError> for LeaseError {
+    fn from(e: FleetError) -> Self {
+        Self::Redis(e)
+    }
+}
+
 fn entry_key(key_id: &str) -> String {
     format!("keywarden:cr:{{{key_id}}}")
 }
@@ -137,10 +155,11 @@ fn now_us() -> u128 {
 }
 
 impl LeasedCredits {
-    pub fn new(redis: Arc<Redis>, store: Store, metrics: Arc<Metrics>) -> Self {
+    pub fn new(redis: Arc<Redis>, store: Store, lane: DbLane, metrics: Arc<Metrics>) -> Self {
         Self {
             redis,
             store,
+            lane,
             hasher: RandomState::new(),
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             backoff: Backoff::new(
@@ -181,8 +200,14 @@ impl LeasedCredits {
                 }
                 Ok(Some(Err(left))) => return Spend::Refused(left),
                 Ok(None) => {}
-                Err(e) => {
+                Err(LeaseError::Redis(e)) => {
                     self.backoff.failed(now, &e);
+                    break;
+                }
+                // The database, not Redis, could not say: this call is
+                // decided locally, and Redis is not backed off from.
+                Err(LeaseError::Seed(why)) => {
+                    tracing::debug!(key_id = %key_id, error = %why, "no seed for the fleet's balance");
                     break;
                 }
             }
@@ -230,7 +255,7 @@ impl LeasedCredits {
             {
                 let _asking = wallet.asking.lock().await;
                 if !me.backoff.skipping(now)
-                    && let Err(e) = me.lease(&wallet, &key_id, epoch, 0, 0, now).await
+                    && let Err(LeaseError::Redis(e)) = me.lease(&wallet, &key_id, epoch, 0, 0, now).await
                 {
                     me.backoff.failed(now, &e);
                 }
@@ -252,32 +277,31 @@ impl LeasedCredits {
         need: i64,
         cost: i64,
         now: u128,
-    ) -> Result<Option<Result<i64, i64>>, FleetError> {
+    ) -> Result<Option<Result<i64, i64>>, LeaseError> {
         let keys = [entry_key(key_id)];
         let (mut epoch, mut seed) = (epoch, -1);
         let answer = loop {
             let args = [LEASE, epoch, seed, need, MAX_LEASE, LIFETIME_MS];
             let answer: Vec<i64> = self.redis.eval(&SCRIPT, &keys, &args).await?;
             let [wants_seed, granted, left, at_epoch, born] = answer[..] else {
-                return Err(FleetError::Command(format!(
+                return Err(LeaseError::Redis(FleetError::Command(format!(
                     "the credits script answered {} numbers, not 5",
                     answer.len()
-                )));
+                ))));
             };
             if wants_seed == 0 {
                 break (granted, left, at_epoch, born);
             }
             if seed >= 0 {
-                return Err(FleetError::Command("the credits script refused its seed".into()));
+                return Err(LeaseError::Redis(FleetError::Command(
+                    "the credits script refused its seed".into(),
+                )));
             }
             // Absent or older in Redis: seed it with the balance as stored now.
-            match self.store.credit_epoch(key_id).await {
-                Ok(Some((remaining, stored_epoch))) => (seed, epoch) = (remaining.max(0), stored_epoch),
+            match self.seed(key_id).await? {
+                Some((remaining, stored_epoch)) => (seed, epoch) = (remaining.max(0), stored_epoch),
                 // The key lost its credits since its state was read.
-                Ok(None) => return Ok(None),
-                Err(e) => {
-                    return Err(FleetError::Command(format!("reading the balance to seed Redis with: {e}")));
-                }
+                None => return Ok(None),
             }
         };
         let (granted, left, at_epoch, born) = answer;
@@ -311,6 +335,15 @@ impl LeasedCredits {
         held.credits -= cost;
         held.used_at = now;
         Ok(Some(Ok(held.credits + held.left)))
+    }
+
+    /// The stored balance and epoch to seed Redis with, read through
+    /// Verify's database lane.
+    async fn seed(&self, key_id: &str) -> Result<Option<(i64, i64)>, LeaseError> {
+        let lane = self.lane.acquire().await.map_err(|e| LeaseError::Seed(e.to_string()))?;
+        let stored = self.store.credit_epoch(key_id).await;
+        drop(lane);
+        stored.map_err(|e| LeaseError::Seed(format!("reading the balance to seed Redis with: {e}")))
     }
 
     /// Gives credits unused for [`IDLE_US`] (all of them if `all`) back to
@@ -384,7 +417,75 @@ impl LeasedCredits {
 
 #[cfg(test)]
 mod tests {
+    // Tests read the real clock to build their inputs.
+    #![allow(clippy::disallowed_methods)]
+
     use super::*;
+    use crate::{
+        audit::{AuditKind, AuditRecord},
+        config::FleetSettings,
+        keys::{Credits, KeyHasher, KeyPrefix, PlainKey},
+        store::keys::NewKey,
+    };
+    use secrecy::SecretString;
+
+    /// The seed is read on the Verify path, so it waits for Verify's
+    /// database lane like any other read there; a lane that stays busy
+    /// decides the call locally, and Redis, which did nothing wrong, is not
+    /// backed off from. (Before, the seed went to the pool directly, and a
+    /// failed read backed the whole fleet tier off.)
+    #[tokio::test]
+    async fn the_seed_read_waits_for_verifys_lane_and_a_busy_lane_is_not_a_redis_failure() {
+        let (store, _dir) = crate::store::temp_sqlite_store().await;
+        let key_id = uuid::Uuid::now_v7().to_string();
+        let hasher = KeyHasher::from_base64("MTExMTExMTExMTExMTExMTExMTExMTExMTExMTExMTE=").unwrap();
+        let plain = PlainKey::generate(&KeyPrefix::default()).unwrap();
+        let now = chrono::Utc::now();
+        let new = NewKey {
+            id: key_id.clone(),
+            merchant_id: "m1".into(),
+            name: "metered".into(),
+            prefix: plain.lookup_prefix().as_str().to_owned(),
+            hash: hasher.hash(&plain).unwrap(),
+            scopes: vec!["sales:read".into()],
+            allowed_cidrs: Vec::new(),
+            rate_limits: Default::default(),
+            credits: Some(Credits { remaining: 100, refill: None }),
+            expires_at: None,
+            created_at: now,
+            created_by: "test".into(),
+        };
+        let stored = store.insert_key(new, AuditRecord::new(AuditKind::KeyCreated, now, None)).await.unwrap();
+        let url =
+            std::env::var("KEYWARDEN_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let settings = FleetSettings {
+            redis_url: SecretString::from(url),
+            redis_password: None,
+            redis_cluster: false,
+            redis_ca_pem: None,
+            redis_timeout: std::time::Duration::from_secs(2),
+            fleet_secret: SecretString::from("s".repeat(32)),
+            warm_start_ttl: std::time::Duration::from_secs(60),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let redis = Redis::start(&settings, Arc::clone(&metrics)).unwrap();
+        // It connects in the background; a call before then is a Redis failure.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !redis.connected() {
+            assert!(std::time::Instant::now() < deadline, "Redis at the test URL did not connect");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let lane = DbLane::new(1, std::time::Duration::from_millis(20));
+        let credits = Arc::new(LeasedCredits::new(Arc::clone(&redis), store, lane.clone(), metrics));
+        let key: Arc<str> = key_id.as_str().into();
+
+        let busy = lane.acquire().await.unwrap();
+        assert_eq!(credits.spend(&key, stored.credits_epoch, 1).await, Spend::Unavailable);
+        assert!(!credits.degraded(), "a busy database lane is not Redis failing");
+        drop(busy);
+        assert_eq!(credits.spend(&key, stored.credits_epoch, 1).await, Spend::Paid(99));
+        redis.run::<()>(redis::cmd("DEL").arg(entry_key(&key_id))).await.unwrap();
+    }
 
     #[test]
     fn held_credits_pay_until_short_then_a_new_epoch_drops_them() {

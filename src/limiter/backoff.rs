@@ -12,7 +12,7 @@ use crate::fleet::FleetError;
 pub const RETRY_US: u128 = 1_000_000;
 
 #[derive(Debug)]
-pub(super) struct Backoff {
+pub(crate) struct Backoff {
     /// µs since the epoch until which calls skip Redis; 0 while it answers.
     retry_at: AtomicU64,
     degraded: AtomicBool,
@@ -22,13 +22,13 @@ pub(super) struct Backoff {
 }
 
 impl Backoff {
-    pub(super) fn new(failing: String, recovering: &'static str) -> Self {
+    pub(crate) fn new(failing: String, recovering: &'static str) -> Self {
         Self { retry_at: AtomicU64::new(0), degraded: AtomicBool::new(false), failing, recovering }
     }
 
     /// Whether calls should not ask Redis now; past the retry time, the
     /// one call that claims it asks.
-    pub(super) fn skipping(&self, now: u128) -> bool {
+    pub(crate) fn skipping(&self, now: u128) -> bool {
         let at = self.retry_at.load(Ordering::Relaxed);
         if at == 0 {
             return false;
@@ -40,7 +40,7 @@ impl Backoff {
         self.retry_at.compare_exchange(at, next, Ordering::Relaxed, Ordering::Relaxed).is_err()
     }
 
-    pub(super) fn failed(&self, now: u128, error: &FleetError) {
+    pub(crate) fn failed(&self, now: u128, error: &FleetError) {
         let next = u64::try_from(now + RETRY_US).unwrap_or(u64::MAX);
         self.retry_at.store(next, Ordering::Relaxed);
         if !self.degraded.swap(true, Ordering::Relaxed) {
@@ -48,14 +48,14 @@ impl Backoff {
         }
     }
 
-    pub(super) fn recovered(&self) {
+    pub(crate) fn recovered(&self) {
         self.retry_at.store(0, Ordering::Relaxed);
         if self.degraded.swap(false, Ordering::Relaxed) {
             tracing::info!("{}", self.recovering);
         }
     }
 
-    pub(super) fn degraded(&self) -> bool {
+    pub(crate) fn degraded(&self) -> bool {
         self.degraded.load(Ordering::Relaxed)
     }
 }

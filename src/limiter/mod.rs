@@ -1,5 +1,5 @@
-//! Per-key usage controls decided on the Verify path: rate limits, and
-//! credits shared by the fleet.
+//! Per-key rate limits decided on the Verify path (credits, shared the same
+//! way in Redis mode, are [`crate::credits`]).
 //!
 //! - [`local`]: every replica counts by itself (`rate_limit_mode =
 //!   "local"`), exact on one replica, in memory, with GCRA.
@@ -8,12 +8,10 @@
 //!   tokens and tops it up in the background, so a call does not wait on
 //!   Redis in the steady state. The overshoot this allows is bounded by
 //!   the leases the replicas hold (docs/decisions.md, ADR 38).
-//! - [`credits`]: in Redis mode, credit balances are shared the same way:
-//!   Redis holds what no replica has leased (ADR 40). In local mode, and
-//!   when Redis cannot answer, credits are decided by `usage` alone.
 //!
 //! [`Limiter`] is what the Verifier holds: one of the two, counting the
-//! decisions either way, and the shared credits if there are any.
+//! decisions either way. The Redis backoff both fleet tiers follow is
+//! `backoff`.
 
 use std::sync::{
     Arc,
@@ -24,21 +22,18 @@ use chrono::{DateTime, Utc};
 
 use crate::keys::{LimitStatus, RateLimits};
 
-mod backoff;
-pub mod credits;
+pub(crate) mod backoff;
 pub mod leased;
 pub mod local;
 
-pub use credits::LeasedCredits;
 pub use leased::LeasedLimiter;
 pub use local::LocalLimiter;
 
-/// This replica's rate limiter, and its leases of shared credit balances.
+/// This replica's rate limiter.
 #[derive(Debug)]
 pub struct Limiter {
     local: Arc<LocalLimiter>,
     leased: Option<Arc<LeasedLimiter>>,
-    credits: Option<Arc<LeasedCredits>>,
     allowed: AtomicU64,
     limited: AtomicU64,
 }
@@ -50,18 +45,13 @@ impl Limiter {
     }
 
     /// Limits shared by the fleet through `leased`, whose per-replica
-    /// fallback is `local`, and credit balances shared through `credits`.
-    pub fn leased(local: Arc<LocalLimiter>, leased: Arc<LeasedLimiter>, credits: Arc<LeasedCredits>) -> Self {
-        Self { credits: Some(credits), ..Self::with(local, Some(leased)) }
+    /// fallback is `local`.
+    pub fn leased(local: Arc<LocalLimiter>, leased: Arc<LeasedLimiter>) -> Self {
+        Self::with(local, Some(leased))
     }
 
     fn with(local: Arc<LocalLimiter>, leased: Option<Arc<LeasedLimiter>>) -> Self {
-        Self { local, leased, credits: None, allowed: AtomicU64::new(0), limited: AtomicU64::new(0) }
-    }
-
-    /// The fleet's shared credit balances, in Redis mode.
-    pub fn credits(&self) -> Option<&Arc<LeasedCredits>> {
-        self.credits.as_ref()
+        Self { local, leased, allowed: AtomicU64::new(0), limited: AtomicU64::new(0) }
     }
 
     /// Takes one token from every limit of `key_id`, or none if any is

@@ -29,7 +29,8 @@ use crate::{
     store::{
         Store,
         audit::AuditQuery,
-        keys::{Change, InsertError, KeyChanges, NewKey, Rotation, StoredKey, UsageDelta},
+        keys::{Change, InsertError, KeyChanges, NewKey, Rotation, StoredKey},
+        usage::UsageDelta,
     },
     telemetry::current_trace_id,
     usage::UsageTracker,

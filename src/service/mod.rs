@@ -107,6 +107,15 @@ impl From<StoreError> for ServiceError {
     }
 }
 
+impl From<crate::store::lane::LaneError> for ServiceError {
+    fn from(e: crate::store::lane::LaneError) -> Self {
+        match e {
+            crate::store::lane::LaneError::Busy => Self::Busy(e.to_string()),
+            crate::store::lane::LaneError::Closed => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
 impl From<hash_pool::PoolError> for ServiceError {
     fn from(e: hash_pool::PoolError) -> Self {
         match e {

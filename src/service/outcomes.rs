@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::{ServiceError, validate::Violations, verify::lane::DbLane};
+use super::{ServiceError, validate::Violations};
 use crate::{
     audit::{
         self,
@@ -14,7 +14,7 @@ use crate::{
     clock::DbClock,
     keys::EventIds,
     metrics::Metrics,
-    store::{Store, audit::OutcomeWrite},
+    store::{Store, audit::OutcomeWrite, lane::DbLane},
 };
 
 /// Most outcomes one RecordOutcomes call may carry.

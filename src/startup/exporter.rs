@@ -14,6 +14,7 @@ use prometheus_client::{
 use crate::{
     audit::writer::AuditQueue,
     cache::{VerifyCache, changes::Freshness},
+    credits::LeasedCredits,
     limiter::Limiter,
     metrics::Metrics,
     service::{hash_pool::HashPool, rehash::Rehasher},
@@ -28,6 +29,8 @@ pub struct Sources {
     pub admin_pool: HashPool,
     pub throttle: Arc<GuessThrottle>,
     pub limiter: Arc<Limiter>,
+    /// The fleet's credit leases (Redis mode).
+    pub credits: Option<Arc<LeasedCredits>>,
     pub audit: AuditQueue,
     pub usage: Arc<UsageTracker>,
     pub cache: Option<Arc<VerifyCache>>,
@@ -140,7 +143,7 @@ impl Collector for Snapshot {
             "credits_degraded",
             "1 while Redis-mode credits cannot lease from Redis and each replica decides on its own view",
             None,
-            if s.limiter.credits().is_some_and(|c| c.degraded()) { 1.0 } else { 0.0 },
+            if s.credits.as_ref().is_some_and(|c| c.degraded()) { 1.0 } else { 0.0 },
         )?;
         gauge(
             &mut encoder,

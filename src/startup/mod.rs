@@ -44,9 +44,10 @@ use crate::{
     },
     clock::DbClock,
     config::{RateLimitMode, Secrets, Settings},
+    credits::{Credits, LeasedCredits},
     fleet::{Redis, WarmStart},
-    keys::{EventIds, RefillInterval, events::KeyEventSink, operator::TokenDigester},
-    limiter::{LeasedCredits, LeasedLimiter, Limiter, LocalLimiter},
+    keys::{EventIds, events::KeyEventSink, operator::TokenDigester},
+    limiter::{LeasedLimiter, Limiter, LocalLimiter},
     metrics::Metrics,
     service::{
         Deps,
@@ -61,7 +62,7 @@ use crate::{
         verify::{Verifier, VerifyParts},
     },
     startup::supervise::{RestartPolicy, Supervisor},
-    store::{Store, StoreOptions},
+    store::{Store, StoreOptions, lane::DbLane},
     throttle::GuessThrottle,
     usage::UsageTracker,
 };
@@ -187,15 +188,24 @@ pub struct Probes {
     pub tasks: Supervisor,
 }
 
+/// On the embedded default, makes the data directory and its private files
+/// readable by this user only, warning of each it had to tighten. `serve`
+/// and `migrate` both start here.
+pub fn secure_embedded_data_dir(settings: &Settings) -> anyhow::Result<()> {
+    if settings.database_url.is_some() {
+        return Ok(());
+    }
+    let tightened = crate::config::secure_data_dir(&settings.data_dir)
+        .with_context(|| format!("securing data directory {}", settings.data_dir.display()))?;
+    for path in tightened {
+        tracing::warn!(path = %path.display(), "was readable by other users; tightened to owner-only");
+    }
+    Ok(())
+}
+
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        if settings.database_url.is_none() {
-            let tightened = crate::config::secure_data_dir(&settings.data_dir)
-                .with_context(|| format!("securing data directory {}", settings.data_dir.display()))?;
-            for path in tightened {
-                tracing::warn!(path = %path.display(), "was readable by other users; tightened to owner-only");
-            }
-        }
+        secure_embedded_data_dir(&settings)?;
         let tls_settings = settings.tls()?;
         let secrets = Secrets::resolve(&settings)?;
         let catalogue = Arc::new(settings.catalogue()?);
@@ -270,7 +280,10 @@ impl Application {
         let warm = redis
             .as_ref()
             .map(|(redis, fleet)| Arc::new(WarmStart::new(Arc::clone(redis), fleet, Arc::clone(&metrics))));
-        let limiter = Arc::new(match (settings.rate_limit_mode()?, &redis) {
+        // Verify's share of database connections: identification's reads,
+        // RecordOutcomes and the fleet credits' seed reads.
+        let verify_lane = DbLane::new(settings.db_verify_connections(), settings.db_acquire_timeout());
+        let (limiter, credits) = match (settings.rate_limit_mode()?, &redis) {
             (RateLimitMode::Redis, Some((redis, _))) => {
                 let local = Arc::new(LocalLimiter::default());
                 let leased = LeasedLimiter::new(
@@ -279,11 +292,17 @@ impl Application {
                     settings.rate_limit_on_redis_failure,
                     Arc::clone(&metrics),
                 );
-                let credits = LeasedCredits::new(Arc::clone(redis), store.clone(), Arc::clone(&metrics));
-                Limiter::leased(local, Arc::new(leased), Arc::new(credits))
+                let credits = LeasedCredits::new(
+                    Arc::clone(redis),
+                    store.clone(),
+                    verify_lane.clone(),
+                    Arc::clone(&metrics),
+                );
+                (Limiter::leased(local, Arc::new(leased)), Some(Arc::new(credits)))
             }
-            _ => Limiter::local(),
-        });
+            _ => (Limiter::local(), None),
+        };
+        let limiter = Arc::new(limiter);
         let (stop_tasks, tasks_stopped) = watch::channel(false);
         let supervisor =
             Supervisor::new(restart_policy(&settings), tasks_stopped.clone(), Arc::clone(&metrics));
@@ -302,6 +321,7 @@ impl Application {
                 admin_pool: admin_pool.clone(),
                 throttle: Arc::clone(&throttle),
                 limiter: Arc::clone(&limiter),
+                credits: credits.clone(),
                 audit: audit.clone(),
                 usage: Arc::clone(&usage),
                 cache: cache.clone(),
@@ -359,8 +379,11 @@ impl Application {
                 rollups: Arc::clone(&rollups),
                 throttle: Arc::clone(&throttle),
                 limiter: Arc::clone(&limiter),
-                db_connections: settings.db_verify_connections(),
-                db_wait: settings.db_acquire_timeout(),
+                lane: verify_lane,
+                credits: Arc::new(match &credits {
+                    Some(leased) => Credits::shared(Arc::clone(leased), Arc::clone(&usage)),
+                    None => Credits::local(Arc::clone(&usage)),
+                }),
                 cache: cache.clone(),
                 freshness: Arc::clone(&freshness),
                 metrics: Arc::clone(&metrics),
@@ -430,7 +453,7 @@ impl Application {
             listener,
             store,
             usage,
-            credits: limiter.credits().cloned(),
+            credits,
             audit,
             audit_writer,
             pool,
@@ -675,7 +698,15 @@ impl Application {
             let offset = chrono::Duration::milliseconds(settings.refill_clock_offset_ms);
             helpers.push(supervisor.spawn(
                 "credits refill",
-                move || refill_credits(store.clone(), Arc::clone(&usage), Arc::clone(&clock), offset, stop()),
+                move || {
+                    crate::credits::refill::run(
+                        store.clone(),
+                        Arc::clone(&usage),
+                        Arc::clone(&clock),
+                        offset,
+                        stop(),
+                    )
+                },
                 || {},
             ));
         }
@@ -1014,40 +1045,6 @@ async fn ping_database(store: &Store, clock: &DbClock, freshness: &Freshness, in
 /// interval until it is confirmed, so a retry of a committed flush comes as
 /// soon as the database answers again; a week covers any outage survived.
 const USAGE_FLUSH_MEMORY: chrono::Duration = chrono::Duration::days(7);
-
-/// Longest sleep between refill checks, so that a clock that jumps (or a
-/// boundary missed while the database was away) is noticed soon.
-const REFILL_CHECK: Duration = Duration::from_secs(60);
-
-/// Refills credits at every UTC day boundary (month boundaries are day
-/// boundaries), on whichever replica takes the lock; at start too, to catch
-/// up on boundaries passed while no replica ran.
-async fn refill_credits(
-    store: Store,
-    usage: Arc<UsageTracker>,
-    clock: Arc<DbClock>,
-    offset: chrono::Duration,
-    stop: impl Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    loop {
-        let now = clock.now() + offset;
-        match store.refill_credits(now).await {
-            Ok(Some(refilled)) if !refilled.is_empty() => {
-                tracing::info!(keys = refilled.len(), "credits refilled");
-                usage.sync(&refilled);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "refilling credits failed; will retry"),
-        }
-        let next = RefillInterval::Daily.next_boundary(now);
-        let wait = (next - now).to_std().unwrap_or_default().min(REFILL_CHECK);
-        tokio::select! {
-            () = &mut stop => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-    }
-}
 
 /// Every `every`: deletes audit rows older than `retention` (if set) in
 /// bounded batches, outcomes held for rows that never appeared, and usage

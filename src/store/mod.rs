@@ -6,11 +6,14 @@
 //! how much database work a code path costs.
 
 pub mod audit;
+pub mod credits;
 pub mod entity;
 pub mod keys;
+pub mod lane;
 pub mod migration;
 pub mod operators;
 pub mod peppers;
+pub mod usage;
 
 use std::{
     str::FromStr,

@@ -40,7 +40,7 @@ use crate::clock::DbClock;
 use crate::keys::credits::Balance;
 use crate::store::{
     Store, StoreError,
-    keys::{SyncedBalance, UsageApplied, UsageDelta},
+    usage::{SyncedBalance, UsageApplied, UsageDelta},
 };
 
 use self::spill::Spill;

@@ -18,7 +18,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::store::keys::UsageDelta;
+use crate::store::usage::UsageDelta;
 
 const PREFIX: &str = "usage-";
 const SUFFIX: &str = ".json";

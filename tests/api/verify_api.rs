@@ -9,7 +9,7 @@ use crate::helpers::{
 };
 use keywarden::{
     api::pb::{self, DenyReason as R},
-    store::keys::{UsageApplied, UsageDelta},
+    store::usage::{UsageApplied, UsageDelta},
 };
 use prost_types::{FieldMask, Timestamp};
 

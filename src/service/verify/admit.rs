@@ -1,6 +1,6 @@
 //! Admission of a call the policy allows: the key's rate limits, then its
-//! credits (from the fleet's shared balance when there is one, else this
-//! replica's ledger), then the usage counts every decided call adds to.
+//! credits ([`crate::credits`] decides where they are paid from), then the
+//! usage counts every decided call adds to.
 //! Returns what it decided as a value ([`Admission`]).
 
 use std::sync::Arc;
@@ -9,8 +9,9 @@ use chrono::{DateTime, Utc};
 
 use super::Grant;
 use crate::{
+    credits::Credits,
     keys::{DenyReason, KeyState, LimitStatus, credits},
-    limiter::{Limiter, credits::Spend},
+    limiter::Limiter,
     usage::UsageTracker,
 };
 
@@ -41,6 +42,7 @@ impl Admission {
 #[derive(Debug)]
 pub(super) struct Admitter {
     pub limiter: Arc<Limiter>,
+    pub credits: Arc<Credits>,
     pub usage: Arc<UsageTracker>,
 }
 
@@ -61,19 +63,7 @@ impl Admitter {
         let Some(balance) = state.credits else {
             return Admission { outcome: Ok(()), rate_limit, credits_remaining: None };
         };
-        let cost = credits::cost(cost);
-        let shared = match self.limiter.credits() {
-            Some(fleet) => fleet.spend(&state.key_id, balance.epoch, cost).await,
-            None => Spend::Unavailable,
-        };
-        let spent = match shared {
-            Spend::Paid(left) => {
-                self.usage.record_spent(&state.key_id, balance, cost);
-                Ok(left)
-            }
-            Spend::Refused(left) => Err(left),
-            Spend::Unavailable => self.usage.spend(&state.key_id, balance, cost),
-        };
+        let spent = self.credits.spend(&state.key_id, balance, credits::cost(cost)).await;
         Admission {
             outcome: spent.map(|_| ()).map_err(|_| DenyReason::QuotaExhausted),
             rate_limit,

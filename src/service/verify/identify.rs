@@ -8,7 +8,6 @@ use std::{net::IpAddr, sync::Arc};
 
 use chrono::{DateTime, Utc};
 
-use super::lane::DbLane;
 use crate::{
     cache::{
         IdentifyError, Owner, VerifyCache,
@@ -24,7 +23,7 @@ use crate::{
         hash_pool::{HashPool, Lane},
         rehash::Rehasher,
     },
-    store::{Store, keys::StoredKey},
+    store::{Store, keys::StoredKey, lane::DbLane},
     throttle::GuessThrottle,
 };
 
@@ -230,7 +229,7 @@ impl Identifier {
             }
             Err(busy) => {
                 self.throttle.uncount_lookup(lookup);
-                return Err(busy);
+                return Err(busy.into());
             }
         };
         let stored = match stored {

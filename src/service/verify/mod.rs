@@ -11,7 +11,6 @@
 mod admit;
 mod call;
 mod identify;
-pub(crate) mod lane;
 mod record;
 
 use std::{net::IpAddr, sync::Arc};
@@ -23,16 +22,17 @@ use crate::{
     audit::{rollup::Rollups, writer::AuditQueue},
     cache::{VerifyCache, changes::Freshness},
     clock::DbClock,
+    credits::Credits,
     fleet::WarmStart,
     keys::{DenyReason, EventIds, KeyPrefix, KeyState, LimitStatus, ScopeCatalogue, decide},
     limiter::Limiter,
     metrics::Metrics,
+    store::lane::DbLane,
     throttle::GuessThrottle,
 };
 use admit::{Admission, Admitter};
 pub use call::{Presented, VerifyCall, VerifyInput};
 use identify::{Identifier, Refused};
-use lane::DbLane;
 use record::{Recorder, Row};
 
 /// What an allowed key may do.
@@ -84,9 +84,11 @@ pub struct VerifyParts {
     /// Per-key rate limits.
     pub limiter: Arc<Limiter>,
     /// Database connections Verify may hold at once (the pool's size minus
-    /// what is reserved for everything else), and how long it waits.
-    pub db_connections: usize,
-    pub db_wait: std::time::Duration,
+    /// what is reserved for everything else), and how long it waits: shared
+    /// with RecordOutcomes and the fleet credits' seed reads.
+    pub lane: DbLane,
+    /// Credit balances: the fleet's shared ones, or this replica's view.
+    pub credits: Arc<Credits>,
     /// `None` runs scrypt on every call (for measuring the cold path).
     pub cache: Option<Arc<VerifyCache>>,
     pub freshness: Arc<Freshness>,
@@ -133,7 +135,7 @@ pub fn decide_offline(
 impl Verifier {
     pub fn new(deps: Deps, parts: VerifyParts) -> Self {
         let Deps { store, hasher, pool, catalogue, prefix, usage, clock } = deps;
-        let lane = DbLane::new(parts.db_connections, parts.db_wait);
+        let lane = parts.lane;
         Self {
             identifier: Identifier {
                 store: store.clone(),
@@ -147,7 +149,7 @@ impl Verifier {
                 rehasher: parts.rehasher,
                 warm: parts.warm,
             },
-            admitter: Admitter { limiter: parts.limiter, usage },
+            admitter: Admitter { limiter: parts.limiter, credits: parts.credits, usage },
             recorder: Recorder { audit: parts.audit.clone(), ids: parts.ids.clone(), rollups: parts.rollups },
             outcomes: OutcomeRecorder::new(
                 store,
