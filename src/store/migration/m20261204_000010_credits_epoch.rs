@@ -1,6 +1,6 @@
 //! `credits_epoch`: bumped only when a balance is set outright (an update
 //! of the key's credits, a refill), never by spending. Replicas that share
-//! a balance through Redis (`limiter::credits`) seed Redis's copy again when
+//! a balance through Redis (`credits::leased`) seed Redis's copy again when
 //! the epoch moves, and only then. The previous release ignores it.
 
 use sea_orm_migration::prelude::*;
