@@ -12,8 +12,10 @@
 //!   runs the servers and background tasks, shuts down in order; its
 //!   [`startup::tls`] accepts connections (TLS/mTLS, certificate and CRL
 //!   reload, per-address caps, handshake and idle timeouts),
-//!   [`startup::supervise`] restarts failed background tasks, and
-//!   [`startup::exporter`] serves `/metrics`.
+//!   [`startup::supervise`] restarts failed background tasks,
+//!   `startup::health` reports readiness from the database monitor and the
+//!   tasks, and [`startup::exporter`] serves `/metrics`. Domain jobs live
+//!   with their owners ([`audit::retention`], [`credits::refill`]).
 //! - [`cli`]: the command-line client (KeyAdmin and KeyVerify over gRPC).
 //! - [`api`]: the gRPC layer. Decodes messages, calls a use case, and maps
 //!   every [`service::ServiceError`] to a `tonic::Status` in one place

@@ -8,6 +8,7 @@
 //! Administrative actions do not go through the writer: their rows are
 //! written in the same transaction as the change they record.
 
+pub mod retention;
 pub mod rollup;
 pub mod spool;
 pub mod writer;

@@ -11,6 +11,7 @@
 //! [`exporter`] serves `/metrics`.
 
 pub mod exporter;
+mod health;
 pub mod routes;
 pub mod supervise;
 pub mod tls;
@@ -20,7 +21,9 @@ use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::{server::NamedService, transport::Server};
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::ServingStatus;
+
+use health::{end_health_watches, monitor_database, read_database_clock, set_health};
 use tower::ServiceBuilder;
 
 use crate::{
@@ -88,8 +91,6 @@ const HEALTH_SERVICES: [&str; 3] = ["", "keywarden.v1.KeyVerify", "keywarden.v1.
 /// Liveness: SERVING while the process answers at all, so that a database
 /// outage makes replicas unready but never gets them restarted.
 const LIVENESS: &str = "liveness";
-/// Rows deleted per retention statement: small enough not to hold locks long.
-const RETENTION_BATCH: u64 = 5_000;
 /// How often the summaries of refused KeyAdmin calls are written.
 const REFUSAL_SWEEP: Duration = Duration::from_secs(10);
 /// The pepper subkey's purpose for operator token digests.
@@ -720,7 +721,9 @@ impl Application {
             );
             helpers.push(supervisor.spawn(
                 "audit retention",
-                move || prune_audit(store.clone(), Arc::clone(&clock), retention, every, stop()),
+                move || {
+                    crate::audit::retention::run(store.clone(), Arc::clone(&clock), retention, every, stop())
+                },
                 || {},
             ));
         }
@@ -940,160 +943,6 @@ impl Application {
         }
         tracing::info!("stopped");
         Ok(())
-    }
-}
-
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    for service in HEALTH_SERVICES {
-        health.set_service_status(service, status).await;
-    }
-}
-
-/// Ends every open Watch stream once it has NOT_SERVING to deliver: an open
-/// stream keeps its connection, and so the drain, busy until the grace
-/// period runs out. Clearing a service closes its watchers' channel (they
-/// still receive the last status first); setting it again keeps Check
-/// answering NOT_SERVING rather than NOT_FOUND for the rest of the drain.
-async fn end_health_watches(mut health: HealthReporter) {
-    for service in HEALTH_SERVICES {
-        health.clear_service_status(service).await;
-        health.set_service_status(service, ServingStatus::NotServing).await;
-    }
-}
-
-/// Reads the database's clock into `clock`, and says when this replica's
-/// own clock is far from it.
-async fn read_database_clock(store: &Store, clock: &DbClock) -> Result<(), crate::store::StoreError> {
-    let sent = clock.local();
-    let db = store.database_time().await?;
-    match store.backend() {
-        // An embedded database's clock is this machine's, which a reading
-        // (to milliseconds) would only blur.
-        crate::store::Backend::Sqlite => clock.same_machine(),
-        crate::store::Backend::Postgres => clock.observe(db, sent, clock.local()),
-    }
-    let offset = clock.offset();
-    if offset.num_milliseconds().abs() > CLOCK_OFFSET_WARNING_MS {
-        tracing::warn!(
-            offset_ms = offset.num_milliseconds(),
-            "this replica's clock is off from the database's; decisions use the database's"
-        );
-    }
-    Ok(())
-}
-
-/// An offset from the database's clock worth a warning (NTP keeps
-/// clocks within milliseconds).
-const CLOCK_OFFSET_WARNING_MS: i64 = 1_000;
-
-/// Pings the database every `interval`; health follows [`Freshness::serving`]
-/// (SERVING while the database answers or within the staleness bound after
-/// it stopped) and the background tasks (NOT_SERVING while one is down).
-async fn monitor_database(
-    store: Store,
-    clock: Arc<DbClock>,
-    freshness: Arc<Freshness>,
-    health: HealthReporter,
-    tasks: Supervisor,
-    interval: Duration,
-    stop: impl Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut serving = true;
-    loop {
-        // A background task going down or up changes readiness at once;
-        // the database is pinged on the ticker.
-        let tick = tokio::select! {
-            () = &mut stop => return,
-            _ = ticker.tick() => true,
-            () = tasks.changed() => false,
-        };
-        if tick {
-            ping_database(&store, &clock, &freshness, interval).await;
-        }
-        let now_serving = freshness.serving() && tasks.ready();
-        if now_serving != serving {
-            serving = now_serving;
-            let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-            tracing::warn!(?status, tasks_down = tasks.down(), "health changed");
-            set_health(&health, status).await;
-        }
-    }
-}
-
-/// Reads the database's clock as the health ping and records whether the
-/// database answered.
-async fn ping_database(store: &Store, clock: &DbClock, freshness: &Freshness, interval: Duration) {
-    let reading =
-        tokio::time::timeout(interval.max(Duration::from_millis(500)), read_database_clock(store, clock));
-    if matches!(reading.await, Ok(Ok(()))) {
-        if !freshness.database_reachable() {
-            tracing::info!("database reachable again");
-        }
-        freshness.database_up();
-    } else {
-        if freshness.database_reachable() {
-            tracing::warn!("database unreachable: cached keys keep verifying within the staleness bound");
-        }
-        freshness.database_down();
-    }
-}
-
-/// How long applied usage flush ids are remembered. A flush is retried every
-/// interval until it is confirmed, so a retry of a committed flush comes as
-/// soon as the database answers again; a week covers any outage survived.
-const USAGE_FLUSH_MEMORY: chrono::Duration = chrono::Duration::days(7);
-
-/// Every `every`: deletes audit rows older than `retention` (if set) in
-/// bounded batches, outcomes held for rows that never appeared, and usage
-/// flush ids past [`USAGE_FLUSH_MEMORY`].
-async fn prune_audit(
-    store: Store,
-    clock: Arc<DbClock>,
-    retention: Option<chrono::Duration>,
-    every: Duration,
-    stop: impl Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = &mut stop => return,
-            _ = ticker.tick() => {}
-        }
-        // Rows and flush ids were stamped on the database's clock.
-        let now = clock.now();
-        if let Err(e) = store.expire_held_outcomes(now - crate::audit::QUEUE_HORIZON * 6).await {
-            tracing::warn!(error = %e, "expiring held outcomes failed; will retry");
-        }
-        if let Err(e) = store.delete_usage_flushes_before(now - USAGE_FLUSH_MEMORY).await {
-            tracing::warn!(error = %e, "forgetting old usage flush ids failed; will retry");
-        }
-        let Some(retention) = retention else { continue };
-        let cutoff = now - retention;
-        let mut deleted = 0;
-        loop {
-            match store.delete_audit_before(cutoff, RETENTION_BATCH).await {
-                Ok(Some(n)) => {
-                    deleted += n;
-                    if n < RETENTION_BATCH {
-                        break;
-                    }
-                }
-                // Another replica holds the retention lock this round.
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "audit retention failed; will retry");
-                    break;
-                }
-            }
-        }
-        if deleted > 0 {
-            tracing::info!(deleted, cutoff = %cutoff.to_rfc3339(), "pruned audit rows past retention");
-        }
     }
 }
 
