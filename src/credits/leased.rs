@@ -422,10 +422,12 @@ mod tests {
 
     use super::*;
     use crate::{
-        audit::{AuditKind, AuditRecord},
         config::FleetSettings,
         keys::{Credits, KeyHasher, KeyPrefix, PlainKey},
-        store::keys::NewKey,
+        store::{
+            audit::{AuditKind, AuditRecord},
+            keys::NewKey,
+        },
     };
     use secrecy::SecretString;
 
