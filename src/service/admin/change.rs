@@ -1,154 +1,11 @@
-//! KeyAdmin use cases: create, read, list, update, revoke, regenerate, usage,
-//! audit trail and the scope catalogue. Every call is scoped by merchant;
-//! every change is written with its audit row in one transaction and then
-//! emitted once as a [`KeyEvent`] to every sink ([`super::events`]), so
-//! verification caches drop what they knew about the key.
+//! The KeyAdmin use cases that change a key: create, update, revoke and
+//! regenerate. Each validates its request naming every bad field, writes
+//! the change and its audit row in one transaction, and emits one
+//! [`KeyEvent`] once it has committed.
 
-use std::sync::Arc;
-
-use chrono::{DateTime, Duration, Utc};
-use uuid::Uuid;
-
-use super::{
-    Deps, ServiceError,
-    access::{Access, Principal},
-    hash_pool::HashPool,
-    page::{self, Page},
-    validate::{self, Violations},
-};
-use crate::{
-    audit::{AuditKind, AuditRecord},
-    clock::{self, DbClock},
-    keys::{
-        AllowList, Credits, KeyHasher, KeyPrefix, KeyStatus, PlainKey, RateLimit, RateLimits, RefillInterval,
-        ScopeCatalogue,
-        cidr::CidrError,
-        events::{KeyEvent, KeyRef},
-        operator::AdminAction,
-    },
-    store::{
-        Store,
-        audit::AuditQuery,
-        keys::{Change, InsertError, KeyChanges, NewKey, Rotation, StoredKey},
-        usage::UsageDelta,
-    },
-    telemetry::current_trace_id,
-    usage::UsageTracker,
-};
-
-use super::events::KeyEvents;
-
-/// Longest grace period RegenerateKey accepts.
-pub const MAX_GRACE: Duration = Duration::days(7);
-/// Attempts at a fresh key when a lookup prefix collides (vanishingly rare).
-const INSERT_ATTEMPTS: usize = 3;
-
-/// A stored key as an event names it.
-fn key_ref(key: &StoredKey) -> KeyRef {
-    KeyRef { key_id: key.id.as_str().into(), merchant_id: key.merchant_id.clone(), version: key.version }
-}
-
-/// A key as an administrator sees it, usage included.
-#[derive(Debug, Clone)]
-pub struct KeyView {
-    pub key: StoredKey,
-    pub status: KeyStatus,
-}
-
-#[derive(Debug)]
-pub struct CreateKey {
-    pub merchant_id: String,
-    pub name: String,
-    pub scopes: Vec<String>,
-    pub preset: String,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub allowed_cidrs: Vec<String>,
-    pub rate_limits: Vec<RateLimit>,
-    pub credits: Option<CreditsRequest>,
-}
-
-/// Credits as a request gives them, before validation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CreditsRequest {
-    pub remaining: i64,
-    /// `(amount, interval)`; `None` for an interval left unspecified.
-    pub refill: Option<(i64, Option<RefillInterval>)>,
-}
-
-#[derive(Debug)]
-pub struct UpdateKey {
-    pub merchant_id: String,
-    pub key_id: String,
-    pub name: String,
-    pub scopes: Vec<String>,
-    pub allowed_cidrs: Vec<String>,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub rate_limits: Vec<RateLimit>,
-    pub credits: Option<CreditsRequest>,
-    pub paths: Vec<String>,
-}
-
-#[derive(Debug)]
-pub struct AuditFilter {
-    /// Empty with `unattributed`.
-    pub merchant_id: String,
-    /// The rows of no merchant instead of one merchant's (ADMIN only).
-    pub unattributed: bool,
-    pub api_key_id: String,
-    pub start: Option<DateTime<Utc>>,
-    pub end: Option<DateTime<Utc>>,
-    pub page_size: i32,
-    pub page_token: String,
-}
-
-#[derive(Debug)]
-pub struct Issued {
-    pub key: KeyView,
-    pub plaintext: PlainKey,
-}
-
-#[derive(Debug)]
-pub struct Regenerated {
-    pub key: KeyView,
-    pub plaintext: PlainKey,
-    pub previous: KeyView,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    pub last_used_at: Option<DateTime<Utc>>,
-    pub request_count: i64,
-    pub denied_count: i64,
-}
-
-#[derive(Debug)]
-pub struct KeyManager {
-    store: Store,
-    hasher: KeyHasher,
-    pool: HashPool,
-    catalogue: Arc<ScopeCatalogue>,
-    prefix: KeyPrefix,
-    usage: Arc<UsageTracker>,
-    /// Every sink of committed key changes (this replica's cache, the
-    /// fleet's warm-start map).
-    events: KeyEvents,
-    access: Arc<Access>,
-    clock: Arc<DbClock>,
-}
+use super::*;
 
 impl KeyManager {
-    /// `events` hear of every change once it has committed; `access`
-    /// decides what each caller may do.
-    pub fn new(deps: Deps, events: KeyEvents, access: Arc<Access>) -> Self {
-        let Deps { store, hasher, pool, catalogue, prefix, usage, clock } = deps;
-        Self { store, hasher, pool, catalogue, prefix, usage, events, access, clock }
-    }
-
-    pub fn catalogue(&self, who: &Principal) -> Result<&ScopeCatalogue, ServiceError> {
-        self.access.authorize(who, AdminAction::ListScopes, None)?;
-        Ok(&self.catalogue)
-    }
-
     /// A fresh key and its hash, hashed on the pool.
     async fn issue(&self) -> Result<(PlainKey, crate::keys::KeyHash), ServiceError> {
         let plaintext = PlainKey::generate(&self.prefix)?;
@@ -243,52 +100,6 @@ impl KeyManager {
             }
         }
         Err(ServiceError::Internal("could not find a free lookup prefix".into()))
-    }
-
-    pub async fn get(
-        &self,
-        who: &Principal,
-        merchant_id: &str,
-        key_id: &str,
-    ) -> Result<KeyView, ServiceError> {
-        self.access.authorize(who, AdminAction::GetKey, Some(merchant_id))?;
-        self.read(merchant_id, key_id).await
-    }
-
-    /// A key with its unflushed usage, for a caller already authorized.
-    async fn read(&self, merchant_id: &str, key_id: &str) -> Result<KeyView, ServiceError> {
-        check_ids(merchant_id, key_id)?;
-        let _pause = self.usage.pause_flush().await?;
-        let key = self.store.get_key(merchant_id, key_id).await?.ok_or(ServiceError::NotFound("key"))?;
-        let pending = self.usage.pending(&key.id);
-        Ok(view(key, pending, self.clock.now()))
-    }
-
-    pub async fn list(
-        &self,
-        who: &Principal,
-        merchant_id: &str,
-        page_size: i32,
-        page_token: &str,
-        include_revoked: bool,
-    ) -> Result<Page<KeyView>, ServiceError> {
-        self.access.authorize(who, AdminAction::ListKeys, Some(merchant_id))?;
-        let mut v = Violations::default();
-        v.check("merchant_id", validate::merchant_id(merchant_id));
-        v.into_result()?;
-        let now = self.clock.now();
-        let _pause = self.usage.pause_flush().await?;
-        let page = page::keyset(
-            page_size,
-            page_token,
-            |after, limit| self.store.list_keys(merchant_id, include_revoked, now, after, limit),
-            |k: &StoredKey| (k.created_at, &k.id),
-        )
-        .await?;
-        Ok(page.map(|k| {
-            let pending = self.usage.pending(&k.id);
-            view(k, pending, now)
-        }))
     }
 
     pub async fn update(&self, who: &Principal, req: UpdateKey) -> Result<KeyView, ServiceError> {
@@ -510,82 +321,6 @@ impl KeyManager {
         }
         Err(ServiceError::Internal("could not find a free lookup prefix".into()))
     }
-
-    pub async fn usage(
-        &self,
-        who: &Principal,
-        merchant_id: &str,
-        key_id: &str,
-    ) -> Result<Usage, ServiceError> {
-        self.access.authorize(who, AdminAction::GetKeyUsage, Some(merchant_id))?;
-        let key = self.read(merchant_id, key_id).await?.key;
-        Ok(Usage {
-            last_used_at: key.last_used_at,
-            request_count: key.request_count,
-            denied_count: key.denied_count,
-        })
-    }
-
-    pub async fn audit_events(
-        &self,
-        who: &Principal,
-        filter: AuditFilter,
-    ) -> Result<Page<AuditRecord>, ServiceError> {
-        if filter.unattributed {
-            self.access.authorize_unattributed(who, AdminAction::ListAuditEvents)?;
-        } else {
-            self.access.authorize(who, AdminAction::ListAuditEvents, Some(&filter.merchant_id))?;
-        }
-        let mut v = Violations::default();
-        match (filter.unattributed, filter.merchant_id.is_empty()) {
-            (true, true) => {}
-            (true, false) => v.add("merchant_id", "must be empty with unattributed"),
-            (false, _) => v.check("merchant_id", validate::merchant_id(&filter.merchant_id)),
-        }
-        if !filter.api_key_id.is_empty() {
-            v.check("api_key_id", validate::key_id(&filter.api_key_id));
-        }
-        if let (Some(start), Some(end)) = (filter.start, filter.end)
-            && start >= end
-        {
-            v.add("end_time", "must be after start_time");
-        }
-        v.into_result()?;
-        let query = AuditQuery {
-            merchant_id: (!filter.unattributed).then_some(filter.merchant_id.as_str()),
-            api_key_id: (!filter.api_key_id.is_empty()).then_some(filter.api_key_id.as_str()),
-            start: filter.start,
-            end: filter.end,
-        };
-        page::keyset(
-            filter.page_size,
-            &filter.page_token,
-            |after, limit| self.store.list_audit(&query, after, limit),
-            |r| (r.timestamp, &r.id),
-        )
-        .await
-    }
-
-    /// A key as its transaction committed it, with the usage this replica
-    /// has not flushed yet. Built from the transaction's own result, never
-    /// from a read after the commit that could fail once the change is
-    /// made; the caller holds the flush paused across the transaction, so
-    /// the two parts count each use once.
-    fn committed(&self, key: StoredKey, now: DateTime<Utc>) -> KeyView {
-        let pending = self.usage.pending(&key.id);
-        view(key, pending, now)
-    }
-}
-
-fn new_key_id() -> String {
-    Uuid::now_v7().to_string()
-}
-
-fn check_ids(merchant_id: &str, key_id: &str) -> Result<(), ServiceError> {
-    let mut v = Violations::default();
-    v.check("merchant_id", validate::merchant_id(merchant_id));
-    v.check("key_id", validate::key_id(key_id));
-    v.into_result()
 }
 
 fn check_expiry(v: &mut Violations, expires_at: Option<DateTime<Utc>>, now: DateTime<Utc>) {
@@ -610,18 +345,6 @@ fn parse_cidrs(v: &mut Violations, entries: &[String]) -> Option<AllowList> {
             None
         }
     }
-}
-
-/// Applies unflushed usage and derives the status.
-fn view(mut key: StoredKey, pending: UsageDelta, now: DateTime<Utc>) -> KeyView {
-    key.request_count += pending.allowed;
-    key.denied_count += pending.denied;
-    key.last_used_at = key.last_used_at.max(pending.last_used_at);
-    if let Some(credits) = &mut key.credits {
-        credits.remaining -= pending.spent;
-    }
-    let status = KeyStatus::at(key.revoked_at, key.expires_at, now);
-    KeyView { key, status }
 }
 
 fn refusal(key: &StoredKey, now: DateTime<Utc>, verb: &str) -> ServiceError {
