@@ -37,11 +37,6 @@ impl Credits {
         Self { leased: Some(leased), usage }
     }
 
-    /// The fleet's leases, for the tasks that return them and the metrics.
-    pub fn leased(&self) -> Option<&Arc<LeasedCredits>> {
-        self.leased.as_ref()
-    }
-
     /// Spends `cost` of `key_id`'s `balance`: `Ok` with about what is left
     /// when paid, `Err` with what is left when it cannot pay. Every credit
     /// spent is also recorded for the usage flush, the durable record.
