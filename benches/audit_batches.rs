@@ -89,7 +89,7 @@ fn row(i: usize, keys: usize) -> AuditRecord {
         key_prefix: Some(format!("sntr_{k:011}")),
         endpoint: Some("/v1/sales".into()),
         method: Some("GET".into()),
-        ip: Some("10.1.2.3".into()),
+        ip: Some(std::net::IpAddr::from([10, 1, 2, 3])),
         decision: Some(Decision::Allow),
         ..AuditRecord::new(AuditKind::Verify, Utc::now(), None)
     }

@@ -4,15 +4,15 @@
 //!
 //! Imports point down this list; nothing imports a module above it. CI
 //! fails on a module cycle and on an import `.ci/module_edges.txt` does
-//! not allow; that file lists what each module may use, and the one edge
-//! still against this Layout as a debt: `api` converts the store's audit
-//! and operator row types.
+//! not allow; that file lists what each module may use.
 //!
 //! - [`startup`]: assembly. Builds every part from [`config::Settings`],
 //!   runs the servers and background tasks, shuts down in order; its
 //!   [`startup::tls`] accepts connections (TLS/mTLS, certificate and CRL
-//!   reload, per-address caps, handshake and idle timeouts),
-//!   [`startup::supervise`] restarts failed background tasks,
+//!   reload, per-address caps, handshake and idle timeouts); `startup::serve`
+//!   runs the listeners, the tower stack and the drain; [`startup::tasks`]
+//!   registers the background tasks each part offers and ends them at
+//!   shutdown, [`startup::supervise`] restarts them when they fail,
 //!   `startup::health` reports readiness from the database monitor and the
 //!   tasks, and [`startup::exporter`] serves `/metrics`. Domain jobs live
 //!   with their owners ([`audit::retention`], [`credits::refill`]).
@@ -42,22 +42,26 @@
 //!   balance in Redis mode or from this replica's view (kept with the usage
 //!   counts and flushed in the same batches), and the refill job
 //!   ([`credits`]). [`fleet`]: the Redis connection replicas share and the
-//!   warm-start map, optional.
+//!   warm-start map, optional. The audit row itself, typed, is
+//!   [`audit::AuditRecord`]; `api` reads it to answer ListAuditEvents.
 //! - [`store`]: persistence on sea-orm (SQLite or PostgreSQL): keys, usage,
-//!   operator tokens, the audit row ([`store::audit::AuditRecord`]) and its
-//!   writers, and migrations.
+//!   operator tokens, audit rows (written and read through
+//!   [`store::audit::AuditRow`], the column mapping the audit record
+//!   implements, so the store knows no audit type) and their bulk writers,
+//!   and migrations.
 //! - [`routes`]: the gateway's route table (which scope an HTTP method and
 //!   path need), parsed and matched without I/O; it imports only [`keys`].
 //! - [`keys`]: the key domain, free of I/O: format and checksum, hashing,
 //!   scopes, CIDR allow-lists, the decision, key events and their sinks,
 //!   mTLS client identities, the one excerpting function errors quote input
-//!   through, and operator tokens and roles. Deny reasons and their HTTP
+//!   through, and operator tokens, their records and roles. Deny reasons and their HTTP
 //!   answers come from the `keywarden-http` workspace crate, which
 //!   keywarden-client shares.
 //!
 //! Leaves that any layer may use: [`config`] (settings types; it imports
 //! only [`keys`]), [`telemetry`] (logs, spans, the caller's trace id),
-//! [`metrics`] (the counters code paths bump) and [`clock`].
+//! [`metrics`] (the counters code paths bump), [`clock`], and [`task`]
+//! (a background task as its owner offers it to startup's registry).
 pub mod api;
 pub mod audit;
 pub mod cache;
@@ -73,6 +77,7 @@ pub mod routes;
 pub mod service;
 pub mod startup;
 pub mod store;
+pub mod task;
 pub mod telemetry;
 pub mod throttle;
 pub mod usage;

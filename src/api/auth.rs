@@ -95,7 +95,7 @@ where
                 return inner.call(request).await;
             };
             let info = request.extensions().get::<PeerInfo>().cloned().unwrap_or_default();
-            let peer = Peer { identity: info.identity, ip: info.addr.map(|a| a.ip().to_string()) };
+            let peer = Peer { identity: info.identity, ip: info.addr.map(|a| a.ip()) };
             let header = request.headers().get(http::header::AUTHORIZATION).map(|v| bearer(v.as_bytes()));
             let principal = match header.transpose() {
                 Err(status) => Err(status),

@@ -7,7 +7,7 @@ use crate::{
     audit::{AuditKind, AuditRecord},
     keys::{
         Credits, Decision, DenyReason, KeyStatus, LimitStatus, RateLimit, RateLimits, RefillInterval,
-        operator::OperatorRole,
+        operator::{OperatorRole, OperatorToken},
     },
     service::{
         ServiceError,
@@ -15,7 +15,6 @@ use crate::{
         peppers::Generation,
         verify::{Verdict, Verifier, VerifyCall, VerifyInput},
     },
-    store::operators::StoredOperator,
 };
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -167,7 +166,7 @@ fn role_out(role: OperatorRole) -> pb::OperatorRole {
     }
 }
 
-pub fn operator_token(t: StoredOperator) -> pb::OperatorToken {
+pub fn operator_token(t: OperatorToken) -> pb::OperatorToken {
     pb::OperatorToken {
         id: t.id,
         name: t.name,
@@ -228,7 +227,7 @@ pub fn audit_event(r: AuditRecord) -> pb::AuditEvent {
         endpoint: r.endpoint.unwrap_or_default(),
         method: r.method.unwrap_or_default(),
         status: r.status.map_or(0, i32::from),
-        ip: r.ip.unwrap_or_default(),
+        ip: r.ip.map(|ip| ip.to_string()).unwrap_or_default(),
         kind: kind(r.kind).into(),
         decision: r.decision.map_or(pb::Decision::Unspecified, decision).into(),
         deny_reason: r.deny_reason.map_or(pb::DenyReason::Unspecified, deny_reason).into(),

@@ -1,13 +1,14 @@
-//! The audit trail around the stored row ([`AuditRecord`], owned by the
-//! store): the batching writer that gets verification rows into the store
-//! without putting a database write on the Verify path ([`writer`]), the
-//! local spool where rows wait while the database is slow or away
+//! The audit trail: its row ([`AuditRecord`] with its kinds and stored
+//! forms, in [`record`]), the batching writer that gets verification rows
+//! into the store without putting a database write on the Verify path
+//! ([`writer`]), the local spool where rows wait while the database is slow or away
 //! ([`spool`]), rollups of calls that belong to no merchant ([`rollup`]),
 //! and the span that carries the same fields.
 //!
 //! Administrative actions do not go through the writer: their rows are
 //! written in the same transaction as the change they record.
 
+pub mod record;
 pub mod retention;
 pub mod rollup;
 pub mod spool;
@@ -16,7 +17,7 @@ pub mod writer;
 use chrono::{DateTime, Utc};
 
 use crate::keys::{Decision, DenyReason};
-pub use crate::store::audit::{AuditKind, AuditRecord, new_event_id};
+pub use record::{AuditKind, AuditRecord, new_event_id};
 
 /// Copies an audit row onto its span ([`crate::telemetry::verify_span`]):
 /// the span and the stored row say the same thing. Absent fields stay unset.
@@ -32,7 +33,6 @@ pub fn record_on_span(span: &tracing::Span, r: &AuditRecord) {
         ("keywarden.merchant_id", r.merchant_id.as_deref()),
         ("keywarden.endpoint", r.endpoint.as_deref()),
         ("keywarden.method", r.method.as_deref()),
-        ("keywarden.ip", r.ip.as_deref()),
         ("keywarden.decision", r.decision.map(Decision::as_str)),
         ("keywarden.deny_reason", r.deny_reason.map(DenyReason::as_str)),
         ("keywarden.key_prefix", r.key_prefix.as_deref()),
@@ -41,6 +41,9 @@ pub fn record_on_span(span: &tracing::Span, r: &AuditRecord) {
         if let Some(value) = value {
             span.record(field, value);
         }
+    }
+    if let Some(ip) = r.ip {
+        span.record("keywarden.ip", tracing::field::display(ip));
     }
     if let Some(status) = r.status {
         span.record("keywarden.status", i64::from(status));

@@ -6,7 +6,7 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use crate::{clock::DbClock, store::Store};
+use crate::{clock::DbClock, store::Store, task::Task};
 
 /// Rows deleted per retention statement: small enough not to hold locks long.
 const RETENTION_BATCH: u64 = 5_000;
@@ -15,6 +15,13 @@ const RETENTION_BATCH: u64 = 5_000;
 /// interval until it is confirmed, so a retry of a committed flush comes as
 /// soon as the database answers again; a week covers any outage survived.
 const USAGE_FLUSH_MEMORY: chrono::Duration = chrono::Duration::days(7);
+
+/// Retention as a background task ([`run`]).
+pub fn task(store: Store, clock: Arc<DbClock>, retention: Option<chrono::Duration>, every: Duration) -> Task {
+    Task::helper("audit retention", move |stop| {
+        run(store.clone(), Arc::clone(&clock), retention, every, stop)
+    })
+}
 
 /// Every `every`: deletes audit rows older than `retention` (if set) in
 /// bounded batches, outcomes held for rows that never appeared, and usage

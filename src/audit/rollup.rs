@@ -18,6 +18,7 @@ use std::{
 use chrono::{DateTime, DurationRound as _, TimeDelta, Utc};
 
 use super::{AuditKind, AuditRecord, new_event_id};
+use crate::task::Task;
 use crate::{
     clock::DbClock,
     keys::{Decision, DenyReason},
@@ -33,7 +34,7 @@ pub const MAX_ENDPOINT: usize = 256;
 struct Group {
     minute: DateTime<Utc>,
     reason: DenyReason,
-    ip: Option<String>,
+    ip: Option<std::net::IpAddr>,
     endpoint: Option<String>,
     method: Option<String>,
     prefix: Option<String>,
@@ -72,7 +73,7 @@ impl Rollups {
         let mut group = Group {
             minute,
             reason,
-            ip: row.ip.clone(),
+            ip: row.ip,
             endpoint: row.endpoint.as_deref().map(|e| cut(e, MAX_ENDPOINT).to_owned()),
             method: row.method.clone(),
             prefix: row.key_prefix.clone(),
@@ -100,7 +101,7 @@ impl Rollups {
             .filter(|(_, t)| t.count != t.written)
             .map(|(g, t)| AuditRecord {
                 id: t.id.clone(),
-                ip: g.ip.clone(),
+                ip: g.ip,
                 endpoint: g.endpoint.clone(),
                 method: g.method.clone(),
                 key_prefix: g.prefix.clone(),
@@ -157,6 +158,20 @@ impl Rollups {
         }
     }
 
+    /// The rollup writer as a background task ([`Rollups::run`]).
+    pub fn task(
+        self: &Arc<Self>,
+        store: Store,
+        clock: Arc<DbClock>,
+        interval: Duration,
+        final_deadline: Duration,
+    ) -> Task {
+        let rollups = Arc::clone(self);
+        Task::flusher("audit rollup writer", "{n} audit rows", move |stop| {
+            Arc::clone(&rollups).run(store.clone(), Arc::clone(&clock), interval, stop, final_deadline)
+        })
+    }
+
     /// Writes rollups every `interval` until `stop`, then once more (retrying
     /// until `final_deadline` passes). Returns how many rows could not be
     /// written (0 is the only good answer).
@@ -207,7 +222,7 @@ mod tests {
 
     fn call(at: DateTime<Utc>, ip: &str, endpoint: &str) -> AuditRecord {
         AuditRecord {
-            ip: Some(ip.into()),
+            ip: Some(ip.parse().unwrap()),
             endpoint: Some(endpoint.into()),
             method: Some("GET".into()),
             ..AuditRecord::new(AuditKind::Verify, at, None)
@@ -224,7 +239,7 @@ mod tests {
         let c = r.add(&call(at + TimeDelta::minutes(1), "203.0.113.1", "/x"), DenyReason::Malformed);
         assert!(a != b && a != c && b != c);
         let mut due = r.due();
-        due.sort_by_key(|row| (row.timestamp, row.ip.clone()));
+        due.sort_by_key(|row| (row.timestamp, row.ip));
         let counts: Vec<_> = due.iter().map(|row| (row.id.as_str(), row.count)).collect();
         assert_eq!(counts, [(a.as_str(), Some(2)), (b.as_str(), Some(1)), (c.as_str(), Some(1))]);
         assert_eq!(due[0].timestamp.to_rfc3339(), "2026-12-03T12:00:00+00:00");

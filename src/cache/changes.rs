@@ -37,6 +37,7 @@ use std::{
 use sea_orm::sqlx::postgres::{PgListener, PgPool};
 
 use super::VerifyCache;
+use crate::task::Task;
 use crate::{
     metrics::Metrics,
     store::{CHANGES_CHANNEL, Store},
@@ -179,6 +180,32 @@ fn parse(payload: &str) -> Option<(&str, i64, i64)> {
 }
 
 impl ChangeFeed {
+    /// The feed as a background task: each run listens on a new
+    /// connection, and while it is down the cache cannot be trusted to be
+    /// current (notices may be missed until it listens again).
+    pub fn task(
+        pool: PgPool,
+        cache: Option<Arc<VerifyCache>>,
+        freshness: Arc<Freshness>,
+        metrics: Arc<Metrics>,
+        store: Store,
+        heartbeat: Duration,
+    ) -> Task {
+        let lost = Arc::clone(&freshness);
+        Task::helper("change feed", move |stop| {
+            Self::new(
+                pool.clone(),
+                cache.clone(),
+                Arc::clone(&freshness),
+                Arc::clone(&metrics),
+                store.clone(),
+                heartbeat,
+            )
+            .run(stop)
+        })
+        .on_down(move || lost.listener_lost())
+    }
+
     /// `heartbeat`: how often this replica NOTIFYs its own channel; two
     /// intervals without any notice and the listener is declared dead.
     pub fn new(

@@ -34,6 +34,7 @@ use crate::{
     limiter::backoff::{Backoff, RETRY_US},
     metrics::Metrics,
     store::{Store, lane::DbLane},
+    task::Task,
 };
 
 /// The most credits one replica leases of one key at a time; a lease is
@@ -385,6 +386,12 @@ impl LeasedCredits {
         returned
     }
 
+    /// The lease returns as a background task ([`LeasedCredits::run`]).
+    pub fn task(self: &Arc<Self>) -> Task {
+        let credits = Arc::clone(self);
+        Task::helper("credit lease returns", move |stop| Arc::clone(&credits).run(stop))
+    }
+
     /// Returns idle credits every second until `stop`, then all of them.
     pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
@@ -424,10 +431,7 @@ mod tests {
     use crate::{
         config::FleetSettings,
         keys::{Credits, KeyHasher, KeyPrefix, PlainKey},
-        store::{
-            audit::{AuditKind, AuditRecord},
-            keys::NewKey,
-        },
+        store::{audit::tests::TestRow, keys::NewKey},
     };
     use secrecy::SecretString;
 
@@ -457,7 +461,7 @@ mod tests {
             created_at: now,
             created_by: "test".into(),
         };
-        let stored = store.insert_key(new, AuditRecord::new(AuditKind::KeyCreated, now, None)).await.unwrap();
+        let stored = store.insert_key(new, TestRow::at("created", now)).await.unwrap();
         let url =
             std::env::var("KEYWARDEN_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let settings = FleetSettings {

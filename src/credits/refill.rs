@@ -5,11 +5,18 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use crate::{clock::DbClock, keys::RefillInterval, store::Store, usage::UsageTracker};
+use crate::{clock::DbClock, keys::RefillInterval, store::Store, task::Task, usage::UsageTracker};
 
 /// Longest sleep between refill checks, so that a clock that jumps (or a
 /// boundary missed while the database was away) is noticed soon.
 const REFILL_CHECK: Duration = Duration::from_secs(60);
+
+/// The refill as a background task ([`run`]).
+pub fn task(store: Store, usage: Arc<UsageTracker>, clock: Arc<DbClock>, offset: chrono::Duration) -> Task {
+    Task::helper("credits refill", move |stop| {
+        run(store.clone(), Arc::clone(&usage), Arc::clone(&clock), offset, stop)
+    })
+}
 
 /// Refills credits at every UTC day boundary (month boundaries are day
 /// boundaries), on whichever replica takes the lock; at start too, to catch

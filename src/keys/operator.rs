@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
@@ -23,6 +24,25 @@ pub const OPERATOR_PREFIX: &str = "kwop_";
 fn prefix() -> KeyPrefix {
     // A constant that satisfies the prefix rules (unit-tested below).
     KeyPrefix::new(OPERATOR_PREFIX).unwrap_or_default()
+}
+
+/// An operator token as issued and stored: who it is for, what it may
+/// do, and its digest (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorToken {
+    pub id: String,
+    pub name: String,
+    pub role: OperatorRole,
+    /// Empty: every merchant.
+    pub merchant_ids: Vec<String>,
+    pub prefix: String,
+    pub digest: Vec<u8>,
+    /// The pepper generation `digest` was made under.
+    pub pepper: PepperId,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
 }
 
 /// A well-formed operator token. Holds a secret: Debug shows the lookup prefix only.

@@ -14,6 +14,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -30,13 +31,17 @@ use crate::{
     config::{IdentityGrant, ThrottleSettings},
     keys::{
         identity::ClientIdentity,
-        operator::{AdminAction, OperatorRole, OperatorSecret, TokenDigester},
+        operator::{AdminAction, OperatorRole, OperatorSecret, OperatorToken, TokenDigester},
     },
     metrics::Metrics,
-    store::{Store, operators::StoredOperator},
+    store::Store,
+    task::Task,
     telemetry::current_trace_id,
     throttle::GuessThrottle,
 };
+
+/// How often the summaries of refused KeyAdmin calls are written.
+const REFUSAL_SWEEP: Duration = Duration::from_secs(10);
 
 /// An authenticated KeyAdmin caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,12 +60,17 @@ pub struct Principal {
 pub struct Peer {
     /// The client certificate's identity under mTLS.
     pub identity: Option<ClientIdentity>,
-    pub ip: Option<String>,
+    pub ip: Option<IpAddr>,
 }
 
 impl Peer {
-    fn describe(&self) -> &str {
-        self.identity.as_ref().map(ClientIdentity::as_str).or(self.ip.as_deref()).unwrap_or("unknown")
+    /// The identity, else the address, for logs and refusal rows.
+    fn describe(&self) -> String {
+        match (&self.identity, self.ip) {
+            (Some(identity), _) => identity.as_str().to_owned(),
+            (None, Some(ip)) => ip.to_string(),
+            (None, None) => "unknown".to_owned(),
+        }
     }
 }
 
@@ -163,7 +173,7 @@ impl Access {
             Err(why) => {
                 self.metrics.admin_unauthenticated.inc();
                 tracing::info!(
-                    peer = credentials.peer.describe(),
+                    peer = %credentials.peer.describe(),
                     rpc = action.rpc(),
                     reason = why,
                     "KeyAdmin call unauthenticated"
@@ -227,7 +237,7 @@ impl Access {
         // The merchant asked for is recorded only when it is a well-formed
         // id: the row stays bounded whatever the caller sends.
         let merchant = merchant.filter(|m| validate::merchant_id(m).is_ok()).map(str::to_owned);
-        tracing::info!(actor = %who.actor, peer = who.peer.describe(), rpc = action.rpc(), merchant_id = ?merchant, reason = why, "KeyAdmin call denied");
+        tracing::info!(actor = %who.actor, peer = %who.peer.describe(), rpc = action.rpc(), merchant_id = ?merchant, reason = why, "KeyAdmin call denied");
         // A refusal for a merchant the caller does not cover is no business
         // of that merchant's: it is a row of no merchant (which only an
         // unrestricted ADMIN lists), naming the merchant in its detail, so
@@ -256,6 +266,25 @@ impl Access {
         )))
     }
 
+    /// Writes the summaries of refused calls every `REFUSAL_SWEEP`, as a
+    /// background task.
+    pub fn summaries(self: &Arc<Self>) -> Task {
+        let access = Arc::clone(self);
+        Task::helper("refusal summaries", move |stop| {
+            let access = Arc::clone(&access);
+            async move {
+                tokio::pin!(stop);
+                let mut ticker = tokio::time::interval(REFUSAL_SWEEP);
+                loop {
+                    tokio::select! {
+                        () = &mut stop => return,
+                        _ = ticker.tick() => access.sweep().await,
+                    }
+                }
+            }
+        })
+    }
+
     /// Queues the summary rows of minutes that have ended.
     pub async fn sweep(&self) {
         self.refusals.queue_all(self.refusals.summaries(self.clock.now(), false)).await;
@@ -275,7 +304,7 @@ impl Access {
         // An unknown or wrong token is a wrong guess from its address,
         // counted before the read: made-up tokens cost a bounded number of
         // reads per address and window.
-        let ip = peer.ip.as_deref().and_then(|ip| ip.parse().ok());
+        let ip = peer.ip;
         let Ok(lookup) = self.guesses.admit_lookup(ip) else {
             return Ok(Err("too many failed attempts from this address; retry later"));
         };
@@ -306,7 +335,7 @@ impl Access {
     /// Rewrites a token's digest under the current pepper, in the
     /// background: the call it authenticated does not wait, and a failure
     /// only means the rewrite is tried on the token's next use.
-    fn move_to_current_pepper(&self, token: &OperatorSecret, stored: &StoredOperator) {
+    fn move_to_current_pepper(&self, token: &OperatorSecret, stored: &OperatorToken) {
         let (pepper, digest) = self.digester.digest(token);
         let (store, id, checked) = (self.store.clone(), stored.id.clone(), stored.digest.clone());
         tokio::spawn(async move {
@@ -371,7 +400,7 @@ impl RefusalKey {
         row.merchant_id = self.merchant.clone();
         row.endpoint = Some(format!("/keywarden.v1.KeyAdmin/{}", self.rpc));
         row.method = Some("POST".to_owned());
-        row.ip = self.peer.ip.clone();
+        row.ip = self.peer.ip;
         row.status = Some(if self.kind == AuditKind::AuthenticationFailed { 401 } else { 403 });
         let detail = match &self.named {
             Some(named) => format!("{detail}; named merchant {named}"),

@@ -15,8 +15,8 @@ use super::{
 use crate::{
     audit::{AuditKind, AuditRecord},
     clock,
-    keys::operator::{AdminAction, OperatorRole, OperatorSecret},
-    store::{Store, keys::InsertError, operators::StoredOperator},
+    keys::operator::{AdminAction, OperatorRole, OperatorSecret, OperatorToken},
+    store::{Store, keys::InsertError},
     telemetry::current_trace_id,
 };
 
@@ -35,7 +35,7 @@ pub struct NewOperator {
 
 #[derive(Debug)]
 pub struct IssuedOperator {
-    pub token: StoredOperator,
+    pub token: OperatorToken,
     pub plaintext: OperatorSecret,
 }
 
@@ -89,7 +89,7 @@ impl OperatorTokens {
             let plaintext = OperatorSecret::generate()?;
             let id = Uuid::now_v7().to_string();
             let (pepper, digest) = self.access.digester().digest(&plaintext);
-            let token = StoredOperator {
+            let token = OperatorToken {
                 id: id.clone(),
                 name: req.name.clone(),
                 role,
@@ -129,18 +129,18 @@ impl OperatorTokens {
         who: &Principal,
         page_size: i32,
         page_token: &str,
-    ) -> Result<Page<StoredOperator>, ServiceError> {
+    ) -> Result<Page<OperatorToken>, ServiceError> {
         self.access.authorize(who, AdminAction::ListOperatorTokens, None)?;
         page::keyset(
             page_size,
             page_token,
             |after, limit| self.store.list_operators(after, limit),
-            |t: &StoredOperator| (t.created_at, &t.id),
+            |t: &OperatorToken| (t.created_at, &t.id),
         )
         .await
     }
 
-    pub async fn revoke(&self, who: &Principal, id: &str) -> Result<StoredOperator, ServiceError> {
+    pub async fn revoke(&self, who: &Principal, id: &str) -> Result<OperatorToken, ServiceError> {
         self.access.authorize(who, AdminAction::RevokeOperatorToken, None)?;
         let mut v = Violations::default();
         v.check("id", validate::key_id(id));

@@ -26,6 +26,7 @@ use std::{
 use tokio::sync::mpsc;
 
 use super::hash_pool::{HashPool, Lane, PoolError};
+use crate::task::Task;
 use crate::{
     keys::{KeyHash, KeyHasher, PlainKey},
     store::{Store, peppers::Rehash},
@@ -120,6 +121,12 @@ impl Rehasher {
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashSet<Arc<str>>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The rehash as a background task ([`Rehasher::run`]).
+    pub fn task(self: &Arc<Self>) -> Task {
+        let rehasher = Arc::clone(self);
+        Task::helper("pepper rehash", move |stop| Arc::clone(&rehasher).run(stop))
     }
 
     /// Empties the queue until `stop`: takes what is waiting (up to a

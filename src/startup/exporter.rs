@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use crate::task::Task;
+
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -525,4 +527,27 @@ pub async fn serve(
         }),
     );
     axum::serve(listener, app).with_graceful_shutdown(stop).await
+}
+
+/// The endpoint as a background task: the first run serves on `listener`,
+/// a restart binds its address again.
+pub fn task(listener: tokio::net::TcpListener, exporter: Exporter) -> std::io::Result<Task> {
+    let addr = listener.local_addr()?;
+    let first = Arc::new(std::sync::Mutex::new(Some(listener)));
+    Ok(Task::helper("metrics endpoint", move |stop| {
+        let (first, exporter) = (Arc::clone(&first), exporter.clone());
+        async move {
+            let taken = first.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            let listener = match taken {
+                Some(listener) => listener,
+                None => match tokio::net::TcpListener::bind(addr).await {
+                    Ok(listener) => listener,
+                    Err(e) => return tracing::error!(error = %e, %addr, "metrics endpoint cannot bind"),
+                },
+            };
+            if let Err(e) = serve(listener, exporter, stop).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        }
+    }))
 }

@@ -15,6 +15,7 @@ use std::{
 use anyhow::Context;
 use tokio::sync::watch;
 
+use crate::task::Task;
 use crate::{keys::ScopeCatalogue, routes::RouteTable};
 
 /// An empty table that denies everything: what Check serves without a
@@ -112,6 +113,12 @@ impl RouteReloader {
         }
         *last = text;
         true
+    }
+
+    /// The reloader as a background task ([`RouteReloader::watch`]).
+    pub fn task(self: &Arc<Self>, interval: Duration) -> Task {
+        let routes = Arc::clone(self);
+        Task::helper("route table reloader", move |stop| Arc::clone(&routes).watch(interval, stop))
     }
 
     /// Reloads every `interval` until `stop`.

@@ -72,6 +72,18 @@ impl Supervisor {
         }
     }
 
+    /// Runs an owner's task, each run with a fresh `stop()`. Resolves to
+    /// what its last run could not write, or `None` if the supervisor gave
+    /// up on it (or shutdown cut the run short).
+    pub fn run(
+        &self,
+        task: crate::task::Task,
+        stop: impl Fn() -> crate::task::Stop + Send + 'static,
+    ) -> JoinHandle<Option<usize>> {
+        let crate::task::Task { name, mut start, on_down, .. } = task;
+        self.spawn(name, move || start(stop()), on_down)
+    }
+
     /// Runs `start()`'s future as the task `name`, starting it again
     /// whenever it fails; `on_down` runs each time it does (e.g. to stop
     /// trusting what the task kept current). Resolves to the task's output

@@ -45,6 +45,7 @@ use crate::{
     api::peer::{ActiveStreams, PeerInfo, identity_of},
     config::TlsSettings,
     metrics::Metrics,
+    task::Task,
 };
 
 /// The HTTP/2 client preface's length: until this much has arrived, a
@@ -211,6 +212,12 @@ impl TlsSource {
                 tracing::error!(error = %e, "changed TLS files do not load; still serving the previous certificate");
             }
         }
+    }
+
+    /// The certificate reloader as a background task ([`TlsSource::watch`]).
+    pub fn task(self: &Arc<Self>) -> Task {
+        let tls = Arc::clone(self);
+        Task::helper("certificate reloader", move |stop| Arc::clone(&tls).watch(stop))
     }
 
     /// Polls the files every reload interval until `stop`.

@@ -12,7 +12,7 @@ use sea_orm::{
 
 use super::{
     Backend, Store, StoreError,
-    audit::{AuditRecord, insert_audit_rows},
+    audit::{AuditRow, insert_audit_rows},
     entity::api_key,
 };
 use crate::keys::{Credits, KeyHash, RateLimits, Refill, RefillInterval};
@@ -219,7 +219,7 @@ pub enum InsertError {
 
 impl Store {
     /// Inserts a key and its KEY_CREATED row together.
-    pub async fn insert_key(&self, key: NewKey, audit: AuditRecord) -> Result<StoredKey, InsertError> {
+    pub async fn insert_key(&self, key: NewKey, audit: impl AuditRow) -> Result<StoredKey, InsertError> {
         let id = key.id.clone();
         let txn = self.db().begin().await.map_err(StoreError::from)?;
         // BEGIN, INSERT key, INSERT audit, SELECT, COMMIT.
@@ -297,7 +297,7 @@ impl Store {
         key_id: &str,
         changes: &KeyChanges,
         now: DateTime<Utc>,
-        audit: AuditRecord,
+        audit: impl AuditRow,
     ) -> Result<Change, StoreError> {
         use api_key::Column as C;
         let mut update = api_key::Entity::update_many()
@@ -350,7 +350,7 @@ impl Store {
         key_id: &str,
         reason: Option<&str>,
         now: DateTime<Utc>,
-        audit: AuditRecord,
+        audit: impl AuditRow,
     ) -> Result<Change, StoreError> {
         use api_key::Column as C;
         let txn = self.db().begin().await?;
@@ -371,7 +371,7 @@ impl Store {
     /// Marks an unrevoked key as replaced by `successor` from `revoke_at` on,
     /// and inserts the successor that `make_successor` builds from the old
     /// key's state, all in one transaction.
-    pub async fn regenerate_key<F>(
+    pub async fn regenerate_key<F, A>(
         &self,
         merchant_id: &str,
         key_id: &str,
@@ -381,7 +381,8 @@ impl Store {
         make_successor: F,
     ) -> Result<Rotation, InsertError>
     where
-        F: FnOnce(&StoredKey) -> (NewKey, Vec<AuditRecord>) + Send,
+        F: FnOnce(&StoredKey) -> (NewKey, Vec<A>) + Send,
+        A: AuditRow,
     {
         use api_key::Column as C;
         let txn = self.db().begin().await.map_err(StoreError::from)?;
@@ -464,15 +465,15 @@ impl Store {
         merchant_id: &str,
         key_id: &str,
         applied: bool,
-        mut audits: Vec<AuditRecord>,
+        mut audits: Vec<impl AuditRow>,
     ) -> Result<Change, StoreError> {
         // BEGIN and UPDATE (by the caller), SELECT, COMMIT.
         self.count(4);
         let row = fetch_scoped(&txn, merchant_id, key_id).await?;
         if applied {
             if let Some(key) = &row {
-                for audit in audits.iter_mut().filter(|a| a.api_key_name.is_none()) {
-                    audit.api_key_name = Some(key.name.clone());
+                for audit in &mut audits {
+                    audit.name_key(&key.name);
                 }
                 self.notify_change(&txn, key).await?;
             }

@@ -9,72 +9,51 @@ use sea_orm::{
 
 use super::{
     Store, StoreError,
-    audit::{AuditRecord, insert_audit_rows},
+    audit::{AuditRow, insert_audit_rows},
     entity::operator_token,
     keys::InsertError,
 };
-use crate::keys::{PepperId, operator::OperatorRole};
+use crate::keys::{
+    PepperId,
+    operator::{OperatorRole, OperatorToken},
+};
 
-/// An operator token as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredOperator {
-    pub id: String,
-    pub name: String,
-    pub role: OperatorRole,
-    /// Empty: every merchant.
-    pub merchant_ids: Vec<String>,
-    pub prefix: String,
-    pub digest: Vec<u8>,
-    /// The pepper generation `digest` was made under.
-    pub pepper: PepperId,
-    pub created_by: String,
-    pub created_at: DateTime<Utc>,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub revoked_at: Option<DateTime<Utc>>,
+/// The token a stored row holds.
+fn from_model(m: operator_token::Model) -> Result<OperatorToken, StoreError> {
+    let corrupt = |what: &'static str, detail: String| StoreError::Corrupt { id: m.id.clone(), what, detail };
+    let role =
+        OperatorRole::parse(&m.role).ok_or_else(|| corrupt("operator role", format!("{:?}", m.role)))?;
+    let digest = decode_hex(&m.digest).ok_or_else(|| corrupt("operator digest", "not hex".into()))?;
+    let pepper =
+        PepperId::parse(&m.pepper).map_err(|e| corrupt("operator digest's pepper", e.to_string()))?;
+    Ok(OperatorToken {
+        role,
+        digest,
+        pepper,
+        merchant_ids: m.merchant_ids.split_whitespace().map(str::to_owned).collect(),
+        id: m.id,
+        name: m.name,
+        prefix: m.prefix,
+        created_by: m.created_by,
+        created_at: m.created_at,
+        expires_at: m.expires_at,
+        revoked_at: m.revoked_at,
+    })
 }
 
-impl TryFrom<operator_token::Model> for StoredOperator {
-    type Error = StoreError;
-
-    fn try_from(m: operator_token::Model) -> Result<Self, StoreError> {
-        let corrupt =
-            |what: &'static str, detail: String| StoreError::Corrupt { id: m.id.clone(), what, detail };
-        let role =
-            OperatorRole::parse(&m.role).ok_or_else(|| corrupt("operator role", format!("{:?}", m.role)))?;
-        let digest = decode_hex(&m.digest).ok_or_else(|| corrupt("operator digest", "not hex".into()))?;
-        let pepper =
-            PepperId::parse(&m.pepper).map_err(|e| corrupt("operator digest's pepper", e.to_string()))?;
-        Ok(Self {
-            role,
-            digest,
-            pepper,
-            merchant_ids: m.merchant_ids.split_whitespace().map(str::to_owned).collect(),
-            id: m.id,
-            name: m.name,
-            prefix: m.prefix,
-            created_by: m.created_by,
-            created_at: m.created_at,
-            expires_at: m.expires_at,
-            revoked_at: m.revoked_at,
-        })
-    }
-}
-
-impl StoredOperator {
-    fn into_active(self) -> operator_token::ActiveModel {
-        operator_token::ActiveModel {
-            id: Set(self.id),
-            name: Set(self.name),
-            role: Set(self.role.as_str().to_owned()),
-            merchant_ids: Set(self.merchant_ids.join(" ")),
-            prefix: Set(self.prefix),
-            digest: Set(encode_hex(&self.digest)),
-            pepper: Set(self.pepper.to_string()),
-            created_by: Set(self.created_by),
-            created_at: Set(self.created_at),
-            expires_at: Set(self.expires_at),
-            revoked_at: Set(None),
-        }
+fn into_active(t: OperatorToken) -> operator_token::ActiveModel {
+    operator_token::ActiveModel {
+        id: Set(t.id),
+        name: Set(t.name),
+        role: Set(t.role.as_str().to_owned()),
+        merchant_ids: Set(t.merchant_ids.join(" ")),
+        prefix: Set(t.prefix),
+        digest: Set(encode_hex(&t.digest)),
+        pepper: Set(t.pepper.to_string()),
+        created_by: Set(t.created_by),
+        created_at: Set(t.created_at),
+        expires_at: Set(t.expires_at),
+        revoked_at: Set(None),
     }
 }
 
@@ -93,12 +72,12 @@ impl Store {
     /// Inserts a token and its OPERATOR_TOKEN_CREATED row together.
     pub async fn insert_operator(
         &self,
-        token: StoredOperator,
-        audit: AuditRecord,
-    ) -> Result<StoredOperator, InsertError> {
+        token: OperatorToken,
+        audit: impl AuditRow,
+    ) -> Result<OperatorToken, InsertError> {
         let txn = self.db().begin().await.map_err(StoreError::from)?;
         self.count(4);
-        match operator_token::Entity::insert(token.clone().into_active()).exec_without_returning(&txn).await {
+        match operator_token::Entity::insert(into_active(token.clone())).exec_without_returning(&txn).await {
             Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
                 return Err(InsertError::PrefixTaken);
             }
@@ -110,13 +89,13 @@ impl Store {
     }
 
     /// The token with this lookup prefix, for authentication.
-    pub async fn find_operator_by_prefix(&self, prefix: &str) -> Result<Option<StoredOperator>, StoreError> {
+    pub async fn find_operator_by_prefix(&self, prefix: &str) -> Result<Option<OperatorToken>, StoreError> {
         self.count_read();
         operator_token::Entity::find()
             .filter(operator_token::Column::Prefix.eq(prefix))
             .one(self.db())
             .await?
-            .map(StoredOperator::try_from)
+            .map(from_model)
             .transpose()
     }
 
@@ -125,7 +104,7 @@ impl Store {
         &self,
         after: Option<super::Cursor>,
         limit: u64,
-    ) -> Result<Vec<StoredOperator>, StoreError> {
+    ) -> Result<Vec<OperatorToken>, StoreError> {
         use operator_token::Column as C;
         let mut query = operator_token::Entity::find();
         if let Some(cursor) = after {
@@ -139,7 +118,7 @@ impl Store {
             .all(self.db())
             .await?
             .into_iter()
-            .map(StoredOperator::try_from)
+            .map(from_model)
             .collect()
     }
 
@@ -149,8 +128,8 @@ impl Store {
         &self,
         id: &str,
         now: DateTime<Utc>,
-        audit: AuditRecord,
-    ) -> Result<Option<StoredOperator>, StoreError> {
+        audit: impl AuditRow,
+    ) -> Result<Option<OperatorToken>, StoreError> {
         use operator_token::Column as C;
         let txn = self.db().begin().await?;
         self.count(4);
@@ -166,7 +145,7 @@ impl Store {
         }
         let row = operator_token::Entity::find_by_id(id).one(&txn).await?;
         txn.commit().await?;
-        row.map(StoredOperator::try_from).transpose()
+        row.map(from_model).transpose()
     }
 }
 

@@ -42,6 +42,7 @@ use crate::store::{
     Store, StoreError,
     usage::{SyncedBalance, UsageApplied, UsageDelta},
 };
+use crate::task::Task;
 
 use self::spill::Spill;
 
@@ -446,6 +447,19 @@ impl UsageTracker {
             tracing::info!(keys, "applied usage a previous process had spilled");
         }
         Ok(keys)
+    }
+
+    /// The flusher as a background task ([`UsageTracker::run`]).
+    pub fn flusher(
+        self: &Arc<Self>,
+        interval: Duration,
+        spill_after: Duration,
+        final_deadline: Duration,
+    ) -> Task {
+        let usage = Arc::clone(self);
+        Task::flusher("usage flusher", "usage of {n} keys", move |stop| {
+            Arc::clone(&usage).run(interval, spill_after, stop, final_deadline)
+        })
     }
 
     /// Flushes every `interval` until `stop` resolves, then flushes what is

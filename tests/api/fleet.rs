@@ -690,7 +690,7 @@ async fn a_large_audit_batch_lands_whole_with_every_field(backend: Backend) {
             r.key_prefix = Some(format!("sntr_{i:011}"));
             r.endpoint = Some(format!("/v1/sales/{i}"));
             r.method = Some("POST".into());
-            r.ip = Some(format!("10.0.{}.{}", i / 256, i % 256));
+            r.ip = Some(std::net::IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8]));
             r.status = Some(200 + (i % 300) as u16);
             r.decision = Some(Decision::Deny);
             r.deny_reason = Some(DenyReason::InsufficientScope);
@@ -701,7 +701,8 @@ async fn a_large_audit_batch_lands_whole_with_every_field(backend: Backend) {
         .collect();
     app.probes.store.insert_audit_batch(&rows).await.unwrap();
     let query = AuditQuery { merchant_id: Some(MERCHANT), api_key_id: None, start: None, end: None };
-    let mut stored = app.probes.store.list_audit(&query, None, 5_000).await.unwrap();
+    let mut stored =
+        app.probes.store.list_audit::<keywarden::audit::AuditRecord>(&query, None, 5_000).await.unwrap();
     stored.sort_by(|a, b| a.id.cmp(&b.id));
     let mut sent = rows.clone();
     sent.sort_by(|a, b| a.id.cmp(&b.id));

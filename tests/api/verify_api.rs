@@ -342,7 +342,15 @@ async fn record_outcomes_completes_a_row_still_queued_for_writing(backend: Backe
         .unwrap()
         .into_inner();
     assert_eq!(recorded.updated, 1, "held for the queued row");
-    assert!(app.probes.store.get_audit(&r.audit_event_id).await.unwrap().is_none(), "row not written yet");
+    assert!(
+        app.probes
+            .store
+            .get_audit::<keywarden::audit::AuditRecord>(&r.audit_event_id)
+            .await
+            .unwrap()
+            .is_none(),
+        "row not written yet"
+    );
     lock.release().await;
     let event = audit_event(&mut app, &r.audit_event_id).await;
     assert_eq!(event.status, 201);
@@ -400,10 +408,22 @@ async fn denials_are_audited_with_401_or_403(backend: Backend) {
     let not_found = app.verify(unknown.expose(), "10.0.0.1", "").await;
     app.settle().await;
     // Calls of no merchant are counted in rollup rows, whose ids Verify returns.
-    let m = app.probes.store.get_audit(&malformed.audit_event_id).await.unwrap().unwrap();
+    let m = app
+        .probes
+        .store
+        .get_audit::<keywarden::audit::AuditRecord>(&malformed.audit_event_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((m.kind, m.count), (keywarden::audit::AuditKind::VerifyRollup, Some(1)));
     assert_eq!((m.status, m.api_key_id, m.key_prefix), (Some(401), None, None));
-    let n = app.probes.store.get_audit(&not_found.audit_event_id).await.unwrap().unwrap();
+    let n = app
+        .probes
+        .store
+        .get_audit::<keywarden::audit::AuditRecord>(&not_found.audit_event_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((n.kind, n.count), (keywarden::audit::AuditKind::VerifyRollup, Some(1)));
     assert_eq!((n.status, n.key_prefix.as_deref()), (Some(401), Some(&unknown.expose()[..16])));
     let s = audit_event(&mut app, &scope.audit_event_id).await;
@@ -599,9 +619,21 @@ async fn audit_rows_carry_the_callers_trace_id_without_span_export(backend: Back
     let with_parent = app.verify.verify(request).await.unwrap().into_inner();
     let without = app.verify(&"x".repeat(10), "", "").await;
     app.settle().await;
-    let row = app.probes.store.get_audit(&with_parent.audit_event_id).await.unwrap().unwrap();
+    let row = app
+        .probes
+        .store
+        .get_audit::<keywarden::audit::AuditRecord>(&with_parent.audit_event_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(row.trace_id.as_deref(), Some("0af7651916cd43dd8448eb211c80319c"));
-    let row = app.probes.store.get_audit(&without.audit_event_id).await.unwrap().unwrap();
+    let row = app
+        .probes
+        .store
+        .get_audit::<keywarden::audit::AuditRecord>(&without.audit_event_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(row.trace_id, None);
     app.stop().await;
 }

@@ -33,6 +33,7 @@ mod spill;
 use spill::{REPLAY_BUDGET, REPLAY_MAX_ROWS};
 
 use super::{AuditRecord, spool::Spool};
+use crate::task::Task;
 use crate::{
     clock::DbClock,
     config::{AuditSettings, Overflow},
@@ -343,6 +344,14 @@ impl AuditQueue {
 }
 
 impl AuditWriter {
+    /// The writer as a background task ([`AuditWriter::run`]).
+    pub fn task(self, final_deadline: Duration) -> Task {
+        let writer = Arc::new(self);
+        Task::flusher("audit writer", "{n} audit rows", move |stop| {
+            Arc::clone(&writer).run(stop, final_deadline)
+        })
+    }
+
     /// Writes batches until `stop` resolves, then closes the queue and writes
     /// what is left, retrying failed writes until `final_deadline` passes.
     /// Returns how many rows could not be written (0 is the only good answer).
@@ -557,7 +566,7 @@ impl AuditWriter {
     /// Keeps a refused row with why: in the database, or in a file when the
     /// database refuses the dead letter too.
     async fn dead_letter(&self, row: &AuditRecord, reason: &str) -> Result<(), crate::store::StoreError> {
-        match self.store.insert_dead_letter(row, reason, self.clock.now()).await {
+        match self.store.insert_dead_letter(&row.id, &row.to_json(), reason, self.clock.now()).await {
             Ok(()) => {}
             Err(e) if e.is_permanent() => self.dead_letter_to_file(row, reason, &e.to_string()),
             Err(e) => return Err(e),

@@ -247,7 +247,7 @@ impl KeyManager {
             filter.page_size,
             &filter.page_token,
             |after, limit| self.store.list_audit(&query, after, limit),
-            |r| (r.timestamp, &r.id),
+            |r: &AuditRecord| (r.timestamp, &r.id),
         )
         .await
     }

@@ -41,7 +41,7 @@ impl Row<'_> {
             AuditRecord::with_id(String::new(), AuditKind::Verify, self.now, telemetry::current_trace_id());
         record.endpoint = Some(self.endpoint).filter(|s| !s.is_empty());
         record.method = Some(self.method).filter(|s| !s.is_empty());
-        record.ip = self.ip.map(|ip| ip.to_string());
+        record.ip = self.ip;
         record.key_prefix = self.prefix.map(|p| p.as_str().to_owned());
         if let Some(key) = self.key {
             record.merchant_id = Some(key.merchant_id.clone());

@@ -7,7 +7,7 @@ use sea_orm::{
     sea_query::{CaseStatement, Expr, ExprTrait, Query},
 };
 
-use super::{AuditKind, Store, StoreError};
+use super::{Store, StoreError, VERIFY_KIND};
 use crate::{keys::Decision, store::entity::audit_event};
 
 /// Outcomes per UPDATE: three bound values each, well inside both
@@ -49,7 +49,7 @@ impl Store {
                 .table(audit_event::Entity)
                 .value(C::Status, by_id.finally(Expr::col(C::Status)))
                 .and_where(Expr::col(C::Id).is_in(first.keys().copied()))
-                .and_where(Expr::col(C::Kind).eq(AuditKind::Verify.as_str()))
+                .and_where(Expr::col(C::Kind).eq(VERIFY_KIND))
                 .and_where(Expr::col(C::Decision).eq(Decision::Allow.as_str()))
                 .and_where(Expr::col(C::Status).is_null())
                 .returning_col(C::Id)
@@ -66,7 +66,7 @@ impl Store {
                 .column(C::Id)
                 .from(audit_event::Entity)
                 .and_where(Expr::col(C::Id).is_in(chunk.iter().map(String::as_str)))
-                .and_where(Expr::col(C::Kind).eq(AuditKind::Verify.as_str()))
+                .and_where(Expr::col(C::Kind).eq(VERIFY_KIND))
                 .and_where(Expr::col(C::Decision).eq(Decision::Allow.as_str()))
                 .to_owned();
             self.count_read();

@@ -9,7 +9,7 @@ use sea_orm::{
 };
 
 use super::{
-    AuditKind, AuditRecord, COLUMN_COUNT, Cell, column_list, insert_audit_rows,
+    AuditRow, COLUMN_COUNT, Cell, RowKey, VERIFY_KIND, column_list, insert_audit_rows,
     pg_copy::{CopyWriter, EncodeError},
 };
 use crate::{
@@ -21,7 +21,7 @@ impl Store {
     /// One COPY (an upsert instead when the batch turns out to be partly
     /// stored already), then the outcomes other replicas held for these
     /// rows (one more statement).
-    pub(super) async fn insert_audit_postgres(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
+    pub(super) async fn insert_audit_postgres<R: AuditRow>(&self, rows: &[R]) -> Result<(), StoreError> {
         self.count(1);
         match self.copy_audit_rows(rows).await {
             // Some rows are there already: this is the retry of a batch
@@ -36,11 +36,11 @@ impl Store {
             other => other.map_err(sqlx_error)?,
         }
         let allowed: Vec<&str> =
-            rows.iter().filter(|r| r.decision == Some(Decision::Allow)).map(|r| r.id.as_str()).collect();
+            rows.iter().map(RowKey::of).filter(|k| k.allowed_verify).map(|k| k.id).collect();
         self.apply_held_outcomes(&allowed).await.map(drop)
     }
 
-    async fn copy_audit_rows(&self, rows: &[AuditRecord]) -> Result<(), sea_orm::sqlx::Error> {
+    async fn copy_audit_rows<R: AuditRow>(&self, rows: &[R]) -> Result<(), sea_orm::sqlx::Error> {
         use sea_orm::sqlx::{self, postgres::PgPoolCopyExt};
         let data = encode_copy(rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         let mut copy = self
@@ -91,7 +91,7 @@ impl Store {
              UPDATE audit_events SET status = moved.status FROM moved \
              WHERE audit_events.id = moved.event_id AND audit_events.kind = '{}' AND audit_events.decision = '{}' \
              AND audit_events.status IS NULL",
-            AuditKind::Verify.as_str(),
+            VERIFY_KIND,
             Decision::Allow.as_str(),
         );
         Ok(self
@@ -146,7 +146,7 @@ impl Store {
 }
 
 /// The batch in PostgreSQL's binary COPY format.
-fn encode_copy(rows: &[AuditRecord]) -> Result<Vec<u8>, EncodeError> {
+fn encode_copy<R: AuditRow>(rows: &[R]) -> Result<Vec<u8>, EncodeError> {
     // A typical verification row is a few hundred bytes.
     let mut w = CopyWriter::with_capacity(rows.len() * 320);
     for row in rows {
@@ -154,6 +154,7 @@ fn encode_copy(rows: &[AuditRecord]) -> Result<Vec<u8>, EncodeError> {
         for (_, cell) in row.cells() {
             match cell {
                 Cell::Text(v) => w.text(v)?,
+                Cell::Ip(v) => w.text(v.map(|ip| ip.to_string()).as_deref())?,
                 Cell::Time(t) => w.timestamptz(t)?,
                 Cell::Int(v) => w.int4(v),
             };

@@ -11,7 +11,7 @@ use sea_orm::sqlx::{
     sqlite::{Sqlite, SqliteArguments},
 };
 
-use super::{AuditRecord, COLUMN_COUNT, Cell, column_list};
+use super::{AuditRow, COLUMN_COUNT, Cell, RowKey, column_list};
 use crate::store::{Store, StoreError, sqlx_error};
 
 /// Rows per INSERT: 16 parameters each, under SQLite's 32766. Full chunks
@@ -22,7 +22,7 @@ const CHUNK: usize = 512;
 impl Store {
     /// Writes the batch in [`CHUNK`]-row inserts, in one transaction when it
     /// takes more than one.
-    pub(super) async fn insert_audit_sqlite(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
+    pub(super) async fn insert_audit_sqlite<R: AuditRow>(&self, rows: &[R]) -> Result<(), StoreError> {
         let rows = in_index_order(rows);
         let pool = self.db().get_sqlite_connection_pool();
         self.count(1);
@@ -42,7 +42,7 @@ impl Store {
 /// The INSERT of `rows.len()` rows with `rows` bound. Each text value goes
 /// in as one `Arc<str>` (a bound `&str` is copied into a `String` and then
 /// wrapped in an `Arc`), and the argument list is sized once.
-fn insert(rows: &[&AuditRecord]) -> Result<SqlxQuery<'static, Sqlite, SqliteArguments>, StoreError> {
+fn insert<R: AuditRow>(rows: &[&R]) -> Result<SqlxQuery<'static, Sqlite, SqliteArguments>, StoreError> {
     static FULL: LazyLock<String> = LazyLock::new(|| statement(CHUNK));
     let mut args = SqliteArguments::default();
     args.reserve(rows.len() * COLUMN_COUNT, 0);
@@ -50,6 +50,7 @@ fn insert(rows: &[&AuditRecord]) -> Result<SqlxQuery<'static, Sqlite, SqliteArgu
         for (_, cell) in row.cells() {
             match cell {
                 Cell::Text(v) => args.add(v.map(Arc::<str>::from)),
+                Cell::Ip(v) => args.add(v.map(|ip| Arc::<str>::from(ip.to_string()))),
                 Cell::Time(t) => args.add(rfc3339_auto_si(t)),
                 Cell::Int(v) => args.add(v),
             }
@@ -122,12 +123,10 @@ fn rfc3339_auto_si(t: DateTime<Utc>) -> String {
 /// instead of moving to another leaf page for every row of another key.
 /// Nothing reads the order in which a batch's rows were written: listings
 /// order by (timestamp, id).
-fn in_index_order(rows: &[AuditRecord]) -> Vec<&AuditRecord> {
-    let mut sorted: Vec<&AuditRecord> = rows.iter().collect();
-    sorted.sort_unstable_by_key(|&r| {
-        (r.merchant_id.as_deref(), r.api_key_id.as_deref(), r.timestamp, r.id.as_str())
-    });
-    sorted
+fn in_index_order<R: AuditRow>(rows: &[R]) -> Vec<&R> {
+    let mut sorted: Vec<(RowKey<'_>, &R)> = rows.iter().map(|r| (RowKey::of(r), r)).collect();
+    sorted.sort_unstable_by_key(|&(key, _)| key);
+    sorted.into_iter().map(|(_, r)| r).collect()
 }
 
 #[cfg(test)]
@@ -135,15 +134,10 @@ mod tests {
     use chrono::{TimeZone, Timelike};
 
     use super::*;
-    use crate::store::audit::AuditKind;
+    use crate::store::audit::tests::TestRow;
 
-    fn key_row(id: &str, merchant: Option<&str>, key: Option<&str>, at: DateTime<Utc>) -> AuditRecord {
-        AuditRecord {
-            id: id.into(),
-            merchant_id: merchant.map(Into::into),
-            api_key_id: key.map(Into::into),
-            ..AuditRecord::new(AuditKind::Verify, at, None)
-        }
+    fn key_row(id: &str, merchant: Option<&str>, key: Option<&str>, at: DateTime<Utc>) -> TestRow {
+        TestRow { id: id.into(), merchant: merchant.map(Into::into), key: key.map(Into::into), at }
     }
 
     #[test]
