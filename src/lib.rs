@@ -12,7 +12,9 @@
 //!   reload, per-address caps, handshake and idle timeouts); `startup::serve`
 //!   runs the listeners, the tower stack and the drain; [`startup::tasks`]
 //!   registers the background tasks each part offers and ends them at
-//!   shutdown, [`startup::supervise`] restarts them when they fail,
+//!   shutdown; [`startup::secrets`] resolves the peppers and admin tokens
+//!   (generating them on an embedded first run, the one place a secret is
+//!   written to disk); [`startup::supervise`] restarts them when they fail,
 //!   `startup::health` reports readiness from the database monitor and the
 //!   tasks, and [`startup::exporter`] serves `/metrics`. Domain jobs live
 //!   with their owners ([`audit::retention`], [`credits::refill`]).
@@ -58,8 +60,9 @@
 //!   answers come from the `keywarden-http` workspace crate, which
 //!   keywarden-client shares.
 //!
-//! Leaves that any layer may use: [`config`] (settings types; it imports
-//! only [`keys`]), [`telemetry`] (logs, spans, the caller's trace id),
+//! Leaves that any layer may use: [`config`] (the settings contract and
+//! each concern's typed settings, one file per concern; it imports only
+//! [`keys`] and never writes), [`telemetry`] (logs, spans, the caller's trace id),
 //! [`metrics`] (the counters code paths bump), [`clock`], and [`task`]
 //! (a background task as its owner offers it to startup's registry).
 pub mod api;

@@ -14,6 +14,7 @@ use super::{
     exporter::{self, Exporter, Sources},
     health::read_database_clock,
     routes::RouteReloader,
+    secrets::{Secrets, secure_data_dir},
     serve::{Listeners, Services},
     supervise::{RestartPolicy, Supervisor},
     tasks::Tasks,
@@ -33,7 +34,7 @@ use crate::{
         changes::{ChangeFeed, Freshness},
     },
     clock::DbClock,
-    config::{RateLimitMode, Secrets, Settings},
+    config::{RateLimitMode, Settings},
     credits::{Credits, LeasedCredits},
     fleet::{Redis, WarmStart},
     keys::{EventIds, events::KeyEventSink, operator::TokenDigester},
@@ -82,7 +83,7 @@ pub fn secure_embedded_data_dir(settings: &Settings) -> anyhow::Result<()> {
     if settings.database_url.is_some() {
         return Ok(());
     }
-    let tightened = crate::config::secure_data_dir(&settings.data_dir)
+    let tightened = secure_data_dir(&settings.data_dir)
         .with_context(|| format!("securing data directory {}", settings.data_dir.display()))?;
     for path in tightened {
         tracing::warn!(path = %path.display(), "was readable by other users; tightened to owner-only");

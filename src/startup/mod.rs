@@ -12,6 +12,7 @@ mod build;
 pub mod exporter;
 mod health;
 pub mod routes;
+pub mod secrets;
 mod serve;
 pub mod supervise;
 pub mod tasks;
