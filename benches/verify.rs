@@ -403,31 +403,7 @@ fn main() {
         let fresh = create_keys(server.addr, &args.token, 20, &[], &[], None).await;
         let plan = StormPlan { rate, duration: slice * 2, attacked: keys[1].clone(), fresh };
         let guessing = guessing_storm(server.addr, &conns, &warm_load, plan, scrypts).await;
-        let limit = Settings::default().throttle_failures_per_prefix;
-        let fresh_ok = guessing.fresh.calls;
-        let attacked_scrypts = guessing.scrypts.saturating_sub(fresh_ok as u64);
-        println!();
-        println!(
-            "## Guessing storm: 80 guessers on one known prefix for {:.1} s, warm load {rate:.0} calls/s, {} fresh keys",
-            guessing.seconds, guessing.fresh_total
-        );
-        println!();
-        print_rows(
-            &[
-                Row { name: "warm Verify ALLOW alone".into(), outcome: guessing.warm_alone.clone() },
-                Row { name: "warm Verify ALLOW during the storm".into(), outcome: guessing.warm_during.clone() },
-                Row {
-                    name: "warm Verify ALLOW during a no-op flood (control)".into(),
-                    outcome: guessing.warm_noop_flood.clone(),
-                },
-                Row { name: "fresh keys' first Verify during the storm".into(), outcome: guessing.fresh.clone() },
-            ],
-            b,
-        );
-        println!(
-            "guess answers: {:?}; scrypt runs: {} ({fresh_ok} for fresh keys); the control flood answered {} no-op calls",
-            guessing.guesses, guessing.scrypts, guessing.noop_calls
-        );
+        guessing.print_rows(rate, b);
 
         println!();
         println!("## Targets");
@@ -541,31 +517,7 @@ fn main() {
             verdict(r <= 1.25)
         );
 
-        let r = guessing.warm_during.percentile(0.99) / guessing.warm_alone.percentile(0.99);
-        println!(
-            "| guessing storm: warm p99 ≤ 1.5 × warm-only p99 | {:.3} ms vs {:.3} ms = {r:.2} × | {} |",
-            guessing.warm_during.percentile(0.99),
-            guessing.warm_alone.percentile(0.99),
-            verdict(r <= 1.5)
-        );
-        let r = guessing.warm_noop_flood.percentile(0.99) / guessing.warm_alone.percentile(0.99);
-        println!(
-            "| (control) warm p99 under {STORM_CALLERS} callers of a no-op call | {:.3} ms = {r:.2} × warm-only | - |",
-            guessing.warm_noop_flood.percentile(0.99),
-        );
-        println!(
-            "| guessing storm: fresh legitimate keys 100 % ALLOW | {fresh_ok} of {} (p99 {:.1} ms; others: {:?}) | {} |",
-            guessing.fresh_total,
-            guessing.fresh.percentile(0.99),
-            guessing.fresh.errors,
-            verdict(fresh_ok == guessing.fresh_total)
-        );
-        let per_minute = attacked_scrypts as f64 * 60.0 / guessing.seconds.max(60.0);
-        println!(
-            "| guessing storm: scrypt runs on the attacked prefix ≤ {limit} per minute | {attacked_scrypts} in {:.1} s (the window is 60 s) | {} |",
-            guessing.seconds,
-            verdict(per_minute <= f64::from(limit))
-        );
+        guessing.print_targets();
 
         // Warm start: a fresh replica's first Verify of every key the main
         // server verified (and published).

@@ -173,3 +173,64 @@ pub(super) fn bad_checksum(key: &str) -> String {
     k.push(last);
     k
 }
+
+impl Storm {
+    /// The storm's rows against the fixed-load `baseline`, at `rate`.
+    pub(super) fn print_rows(&self, rate: f64, baseline: &Outcome) {
+        let fresh_ok = self.fresh.calls;
+        println!();
+        println!(
+            "## Guessing storm: 80 guessers on one known prefix for {:.1} s, warm load {rate:.0} calls/s, {} fresh keys",
+            self.seconds, self.fresh_total
+        );
+        println!();
+        print_rows(
+            &[
+                Row { name: "warm Verify ALLOW alone".into(), outcome: self.warm_alone.clone() },
+                Row { name: "warm Verify ALLOW during the storm".into(), outcome: self.warm_during.clone() },
+                Row {
+                    name: "warm Verify ALLOW during a no-op flood (control)".into(),
+                    outcome: self.warm_noop_flood.clone(),
+                },
+                Row { name: "fresh keys' first Verify during the storm".into(), outcome: self.fresh.clone() },
+            ],
+            baseline,
+        );
+        println!(
+            "guess answers: {:?}; scrypt runs: {} ({fresh_ok} for fresh keys); the control flood answered {} no-op calls",
+            self.guesses, self.scrypts, self.noop_calls
+        );
+    }
+
+    /// The storm's lines of the targets table.
+    pub(super) fn print_targets(&self) {
+        let limit = Settings::default().throttle_failures_per_prefix;
+        let fresh_ok = self.fresh.calls;
+        let attacked_scrypts = self.scrypts.saturating_sub(fresh_ok as u64);
+        let r = self.warm_during.percentile(0.99) / self.warm_alone.percentile(0.99);
+        println!(
+            "| guessing storm: warm p99 ≤ 1.5 × warm-only p99 | {:.3} ms vs {:.3} ms = {r:.2} × | {} |",
+            self.warm_during.percentile(0.99),
+            self.warm_alone.percentile(0.99),
+            verdict(r <= 1.5)
+        );
+        let r = self.warm_noop_flood.percentile(0.99) / self.warm_alone.percentile(0.99);
+        println!(
+            "| (control) warm p99 under {STORM_CALLERS} callers of a no-op call | {:.3} ms = {r:.2} × warm-only | - |",
+            self.warm_noop_flood.percentile(0.99),
+        );
+        println!(
+            "| guessing storm: fresh legitimate keys 100 % ALLOW | {fresh_ok} of {} (p99 {:.1} ms; others: {:?}) | {} |",
+            self.fresh_total,
+            self.fresh.percentile(0.99),
+            self.fresh.errors,
+            verdict(fresh_ok == self.fresh_total)
+        );
+        let per_minute = attacked_scrypts as f64 * 60.0 / self.seconds.max(60.0);
+        println!(
+            "| guessing storm: scrypt runs on the attacked prefix ≤ {limit} per minute | {attacked_scrypts} in {:.1} s (the window is 60 s) | {} |",
+            self.seconds,
+            verdict(per_minute <= f64::from(limit))
+        );
+    }
+}
