@@ -15,7 +15,8 @@
 //! The closed-loop scenarios are a table of named rows, one list per area:
 //! the hot path in `verify/scenarios.rs`, the gateway's in
 //! `verify/gateway.rs`, the fleet tier's in `verify/fleet.rs` (with the
-//! overshoot and warm-start runs), TLS in `verify/tls.rs`; the abuse runs
+//! overshoot and warm-start runs), TLS in `verify/tls.rs`, lifecycle
+//! events (10,000 to NATS and a webhook) in `verify/events.rs`; the abuse runs
 //! (guessing storm, no-op flood) are `verify/abuse.rs`. The load itself
 //! is `verify/load.rs`, the servers `verify/servers.rs`, memory and
 //! scrypt cost `verify/memory.rs`. This file runs them in order and
@@ -27,7 +28,7 @@
 //!     [--profile baseline|allow|deny-scope|deny-ip|malformed|wrong-secret|allow-tls|allow-mtls]
 //!     [--postgres postgres://postgres@127.0.0.1:5432/test]
 //!     [--target 127.0.0.1:50051 --token <admin token>] [--no-tls]
-//!     [--db-acquire-timeout-ms N]
+//!     [--db-acquire-timeout-ms N] [--nats nats://127.0.0.1:4222 | --no-nats] [--events 10000]
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
@@ -44,6 +45,8 @@ mod args;
 mod fleet;
 #[path = "verify/gateway.rs"]
 mod gateway;
+#[path = "verify/events.rs"]
+mod lifecycle;
 #[path = "verify/load.rs"]
 mod load;
 #[path = "verify/memory.rs"]
@@ -59,6 +62,7 @@ use abuse::*;
 use args::*;
 use fleet::*;
 use gateway::*;
+use lifecycle::*;
 use load::*;
 use memory::*;
 use scenarios::*;
@@ -543,6 +547,17 @@ fn main() {
         if let Some((tls_server, mtls_server)) = &tls_servers {
             let servers = [("TLS", tls_server, &tls_client), ("mTLS", mtls_server, &mtls_client)];
             tls_report(&over_tls, &warm_allow, servers, cores).await;
+        }
+        if args.target.is_none() && args.events > 0 {
+            let nats = args.nats.as_deref().filter(|url| {
+                let answers = nats_answers(url);
+                if !answers {
+                    eprintln!("no NATS answers at {url}: the JetStream figure is skipped (--nats URL, or --no-nats)");
+                }
+                answers
+            });
+            let run = events_run(server_rt.handle(), dir.path(), args.hash_workers, nats, args.events).await;
+            run.print_targets(hash_seconds);
         }
         println!();
         println!("raw scrypt v1 (N=2^15, r=8, p=1): {:.1} ms per hash on one core", hash_seconds * 1000.0);

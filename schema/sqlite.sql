@@ -63,6 +63,37 @@ CREATE TABLE audit_outcomes (
     status integer NOT NULL
 );
 
+CREATE TABLE event_deliveries (
+    attempts integer NOT NULL DEFAULT 0,
+    created_at timestamp_with_timezone_text NOT NULL,
+    event_seq integer NOT NULL,
+    key_id varchar NOT NULL,
+    last_attempt_at timestamp_with_timezone_text,
+    last_error varchar,
+    last_status integer,
+    next_attempt_at timestamp_with_timezone_text NOT NULL,
+    sink varchar NOT NULL,
+    state varchar NOT NULL
+);
+
+CREATE TABLE event_leases (
+    holder varchar NOT NULL,
+    name varchar NOT NULL,
+    until timestamp_with_timezone_text NOT NULL
+);
+
+CREATE TABLE key_events (
+    body text NOT NULL,
+    id varchar NOT NULL,
+    key_id varchar NOT NULL,
+    merchant_id varchar NOT NULL,
+    occasion varchar,
+    position integer,
+    seq integer NOT NULL,
+    time timestamp_with_timezone_text NOT NULL,
+    type varchar NOT NULL
+);
+
 CREATE TABLE operator_tokens (
     created_at timestamp_with_timezone_text NOT NULL,
     created_by varchar NOT NULL,
@@ -82,8 +113,24 @@ CREATE TABLE usage_flushes (
     id varchar NOT NULL
 );
 
+CREATE TABLE webhook_endpoints (
+    created_at timestamp_with_timezone_text NOT NULL,
+    created_by varchar NOT NULL,
+    event_types text NOT NULL,
+    id varchar NOT NULL,
+    merchant_id varchar NOT NULL,
+    pepper varchar NOT NULL,
+    sealed_secret varchar NOT NULL,
+    url text NOT NULL
+);
+
+CREATE INDEX "api_keys_expires_at" ON "api_keys" ("expires_at");
+CREATE INDEX "api_keys_revoked_at" ON "api_keys" ("revoked_at");
+CREATE INDEX "event_deliveries_due" ON "event_deliveries" ("sink", "state", "key_id", "event_seq");
 CREATE INDEX "idx_api_keys_merchant_created" ON "api_keys" ("merchant_id", "created_at", "id");
 CREATE INDEX "idx_audit_events_key_ts" ON "audit_events" ("api_key_id", "timestamp", "id");
 CREATE INDEX "idx_audit_events_merchant_ts" ON "audit_events" ("merchant_id", "timestamp", "id");
 CREATE INDEX "idx_audit_events_ts" ON "audit_events" ("timestamp");
+CREATE INDEX "key_events_fan_out" ON "key_events" ("position", "seq");
+CREATE INDEX "key_events_merchant" ON "key_events" ("merchant_id", "position");
 CREATE INDEX "usage_flushes_applied_at" ON "usage_flushes" ("applied_at");

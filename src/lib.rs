@@ -46,11 +46,17 @@
 //!   ([`credits`]). [`fleet`]: the Redis connection replicas share and the
 //!   warm-start map, optional. The audit row itself, typed, is
 //!   [`audit::AuditRecord`]; `api` reads it to answer ListAuditEvents.
+//! - [`events`]: lifecycle events. The CloudEvent each key change writes to
+//!   the outbox in its own transaction ([`events::Outbox`]), the relay that
+//!   one replica at a time runs under a lease to deliver them to NATS
+//!   JetStream and signed webhooks ([`events::relay`]), and the expiry scan
+//!   that writes reminders, expiries and grace ends once per occasion
+//!   ([`events::expiry`]).
 //! - [`store`]: persistence on sea-orm (SQLite or PostgreSQL): keys, usage,
 //!   operator tokens, audit rows (written and read through
 //!   [`store::audit::AuditRow`], the column mapping the audit record
 //!   implements, so the store knows no audit type) and their bulk writers,
-//!   and migrations.
+//!   the event outbox, its deliveries and webhook endpoints, and migrations.
 //! - [`routes`]: the gateway's route table (which scope an HTTP method and
 //!   path need), parsed and matched without I/O; it imports only [`keys`].
 //! - [`keys`]: the key domain, free of I/O: format and checksum, hashing,
@@ -72,6 +78,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod credits;
+pub mod events;
 pub mod fleet;
 pub mod keys;
 pub mod limiter;

@@ -24,6 +24,10 @@ pub(super) struct Args {
     pub(super) no_tls: bool,
     /// The fleet tier's Redis for the warm-start figures; `None` skips them.
     pub(super) redis: Option<String>,
+    /// NATS JetStream for the lifecycle-event figures; `None` skips NATS.
+    pub(super) nats: Option<String>,
+    /// Lifecycle events delivered in the events area; 0 skips it.
+    pub(super) events: usize,
 }
 
 pub(super) fn parse_args() -> Args {
@@ -41,6 +45,8 @@ pub(super) fn parse_args() -> Args {
         rss_probe: false,
         no_tls: false,
         redis: Some("redis://127.0.0.1:6379".into()),
+        nats: Some("nats://127.0.0.1:4222".into()),
+        events: 10_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -60,6 +66,9 @@ pub(super) fn parse_args() -> Args {
             "--no-tls" => args.no_tls = true,
             "--redis" => args.redis = Some(value()),
             "--no-redis" => args.redis = None,
+            "--nats" => args.nats = Some(value()),
+            "--no-nats" => args.nats = None,
+            "--events" => args.events = value().parse().unwrap(),
             "--db-acquire-timeout-ms" => {
                 let _ = DB_ACQUIRE_TIMEOUT_MS.set(value().parse().unwrap());
             }

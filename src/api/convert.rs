@@ -313,6 +313,50 @@ pub fn verdict(v: Verdict) -> pb::VerifyResponse {
     }
 }
 
+/// An event as ListEvents answers it: the CloudEvent's attributes and its
+/// data as a Struct, from the stored body. A body that is not the JSON the
+/// outbox wrote is a corrupt row.
+pub fn event(
+    id: String,
+    kind: String,
+    subject: String,
+    time: DateTime<Utc>,
+    body: &str,
+) -> Result<pb::Event, crate::service::ServiceError> {
+    let corrupt = || crate::service::ServiceError::Internal(format!("stored event {id} is not a CloudEvent"));
+    let serde_json::Value::Object(mut body) = serde_json::from_str(body).map_err(|_| corrupt())? else {
+        return Err(corrupt());
+    };
+    let source = match body.remove("source") {
+        Some(serde_json::Value::String(s)) => s,
+        _ => return Err(corrupt()),
+    };
+    let data = match body.remove("data") {
+        Some(serde_json::Value::Object(map)) => Some(json_struct(map)),
+        _ => None,
+    };
+    Ok(pb::Event { id, r#type: kind, source, subject, time: Some(timestamp(time)), data })
+}
+
+fn json_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct { fields: map.into_iter().map(|(k, v)| (k, json_value(v))).collect() }
+}
+
+fn json_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => {
+            Kind::ListValue(prost_types::ListValue { values: items.into_iter().map(json_value).collect() })
+        }
+        serde_json::Value::Object(map) => Kind::StructValue(json_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
 #[cfg(test)]
 mod tests {
     // Tests read the real clock to build their inputs.

@@ -44,6 +44,21 @@ fn admin_call<T>(request: &Request<T>, rpc: &'static str) -> Result<(Principal, 
     Ok((who, span))
 }
 
+/// A webhook endpoint as KeyAdmin shows it: never its secret.
+macro_rules! webhook_endpoint {
+    ($e:expr) => {{
+        let e = $e;
+        pb::WebhookEndpoint {
+            id: e.id,
+            url: e.url,
+            event_types: e.event_types,
+            merchant_id: e.merchant_id,
+            create_time: Some(convert::timestamp(e.created_at)),
+            created_by: e.created_by,
+        }
+    }};
+}
+
 #[tonic::async_trait]
 impl KeyAdmin for KeyAdminService {
     async fn create_key(
@@ -259,5 +274,97 @@ impl KeyAdmin for KeyAdminService {
         Ok(Response::new(pb::GetPepperStatusResponse {
             generations: generations.into_iter().map(convert::pepper_generation).collect(),
         }))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.ListEvents")?;
+        let r = request.into_inner();
+        let page =
+            traced(&span, self.manager.list_events(&who, &r.merchant_id, &r.types, &r.after, r.page_size))
+                .await?;
+        let events = page
+            .events
+            .into_iter()
+            .map(|e| convert::event(e.id, e.kind, e.key_id, e.time, &e.body))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::ListEventsResponse { events, next_cursor: page.next_cursor }))
+    }
+
+    async fn create_webhook_endpoint(
+        &self,
+        request: Request<pb::CreateWebhookEndpointRequest>,
+    ) -> Result<Response<pb::CreateWebhookEndpointResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.CreateWebhookEndpoint")?;
+        let r = request.into_inner();
+        let created =
+            traced(&span, self.manager.create_webhook(&who, &r.url, r.event_types, &r.merchant_id)).await?;
+        Ok(Response::new(pb::CreateWebhookEndpointResponse {
+            endpoint: Some(webhook_endpoint!(created.endpoint)),
+            signing_secret: created.secret.reveal(),
+        }))
+    }
+
+    async fn list_webhook_endpoints(
+        &self,
+        request: Request<pb::ListWebhookEndpointsRequest>,
+    ) -> Result<Response<pb::ListWebhookEndpointsResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.ListWebhookEndpoints")?;
+        let endpoints = traced(&span, self.manager.list_webhooks(&who)).await?;
+        Ok(Response::new(pb::ListWebhookEndpointsResponse {
+            endpoints: endpoints.into_iter().map(|e| webhook_endpoint!(e)).collect(),
+        }))
+    }
+
+    async fn delete_webhook_endpoint(
+        &self,
+        request: Request<pb::DeleteWebhookEndpointRequest>,
+    ) -> Result<Response<pb::DeleteWebhookEndpointResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.DeleteWebhookEndpoint")?;
+        let r = request.into_inner();
+        traced(&span, self.manager.delete_webhook(&who, &r.id)).await?;
+        Ok(Response::new(pb::DeleteWebhookEndpointResponse {}))
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        request: Request<pb::ListWebhookDeliveriesRequest>,
+    ) -> Result<Response<pb::ListWebhookDeliveriesResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.ListWebhookDeliveries")?;
+        let r = request.into_inner();
+        let page =
+            traced(&span, self.manager.webhook_deliveries(&who, &r.endpoint_id, r.page_size, &r.page_token))
+                .await?;
+        Ok(Response::new(pb::ListWebhookDeliveriesResponse {
+            deliveries: page
+                .items
+                .into_iter()
+                .map(|d| pb::WebhookDelivery {
+                    event_id: d.event_id,
+                    event_type: d.kind,
+                    state: d.state.as_str().to_owned(),
+                    attempts: d.attempts,
+                    last_http_status: d.last_status.unwrap_or(0),
+                    last_error: d.last_error.unwrap_or_default(),
+                    last_attempt_time: d.last_attempt_at.map(convert::timestamp),
+                    // Only a pending delivery has a next attempt.
+                    next_attempt_time: (d.state.as_str() == "pending")
+                        .then(|| convert::timestamp(d.next_attempt_at)),
+                })
+                .collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn redeliver_event(
+        &self,
+        request: Request<pb::RedeliverEventRequest>,
+    ) -> Result<Response<pb::RedeliverEventResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.RedeliverEvent")?;
+        let r = request.into_inner();
+        traced(&span, self.manager.redeliver(&who, &r.endpoint_id, &r.event_id)).await?;
+        Ok(Response::new(pb::RedeliverEventResponse {}))
     }
 }

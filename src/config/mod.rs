@@ -18,6 +18,7 @@
 pub mod audit;
 pub mod cache;
 pub mod describe;
+pub mod events;
 pub mod fleet;
 pub mod keys;
 pub mod store;
@@ -41,6 +42,7 @@ use thiserror::Error;
 pub use audit::{AuditSettings, Overflow};
 pub use cache::{CacheSettings, ThrottleSettings};
 pub use describe::describe_load_error;
+pub use events::{EventSettings, NatsSettings};
 pub use fleet::{FleetSettings, MIN_FLEET_SECRET_LEN, OnRedisFailure, RateLimitMode};
 pub use transport::{IdentityGrant, TlsSettings};
 
@@ -254,6 +256,37 @@ pub struct Settings {
     pub scopes: Option<Vec<ScopeDef>>,
     /// Integration presets; default: the documentation's table.
     pub presets: Option<Vec<PresetDef>>,
+    /// Lifecycle events' CloudEvents `source`.
+    pub events_source: String,
+    /// NATS JetStream for lifecycle events (`nats://host:4222`, or
+    /// `tls://`); unset: no NATS delivery.
+    pub events_nats_url: Option<String>,
+    /// The JetStream stream, created if missing.
+    pub events_nats_stream: String,
+    pub events_nats_creds_file: Option<PathBuf>,
+    pub events_nats_token: Option<SecretString>,
+    pub events_nats_user: Option<String>,
+    pub events_nats_password: Option<SecretString>,
+    pub events_nats_tls_ca_file: Option<PathBuf>,
+    pub events_nats_tls_cert_file: Option<PathBuf>,
+    pub events_nats_tls_key_file: Option<PathBuf>,
+    /// Webhook URLs may be `http://`.
+    pub webhook_allow_http: bool,
+    /// How long a webhook delivery is retried (`24h`).
+    pub webhook_max_age: String,
+    pub webhook_timeout_ms: u64,
+    /// How often the delivering replica looks for work.
+    pub events_poll_interval_ms: u64,
+    /// The delivering replica's lease: how soon another takes over.
+    pub events_lease_ms: u64,
+    /// `key.expiring` lead times (`14d`, `3d`). A comma-separated string
+    /// or a list.
+    #[serde(deserialize_with = "comma_list")]
+    pub expiry_reminder_leads: Vec<String>,
+    pub expiry_scan_interval_ms: u64,
+    /// Delivered lifecycle events older than this many days are deleted;
+    /// 0 keeps them forever.
+    pub events_retention_days: u32,
 }
 
 impl Default for Settings {
@@ -343,6 +376,24 @@ impl Default for Settings {
             negative_cache_ttl_ms: 60_000,
             scopes: None,
             presets: None,
+            events_source: "keywarden".into(),
+            events_nats_url: None,
+            events_nats_stream: "KEYWARDEN_EVENTS".into(),
+            events_nats_creds_file: None,
+            events_nats_token: None,
+            events_nats_user: None,
+            events_nats_password: None,
+            events_nats_tls_ca_file: None,
+            events_nats_tls_cert_file: None,
+            events_nats_tls_key_file: None,
+            webhook_allow_http: false,
+            webhook_max_age: "24h".into(),
+            webhook_timeout_ms: 10_000,
+            events_poll_interval_ms: 250,
+            events_lease_ms: 30_000,
+            expiry_reminder_leads: vec!["14d".into(), "3d".into()],
+            expiry_scan_interval_ms: 60_000,
+            events_retention_days: 30,
         }
     }
 }

@@ -461,7 +461,16 @@ mod tests {
             created_at: now,
             created_by: "test".into(),
         };
-        let stored = store.insert_key(new, TestRow::at("created", now)).await.unwrap();
+        let event = crate::store::events::NewEvent {
+            id: uuid::Uuid::now_v7().to_string(),
+            kind: "key.created",
+            merchant_id: "m1".into(),
+            key_id: key_id.clone(),
+            time: now,
+            occasion: None,
+            body: "{}".into(),
+        };
+        let stored = store.insert_key(new, TestRow::at("created", now), event).await.unwrap();
         let url =
             std::env::var("KEYWARDEN_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let settings = FleetSettings {

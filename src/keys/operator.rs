@@ -139,7 +139,9 @@ impl OperatorRole {
         match self {
             Self::Admin => true,
             Self::KeyManager => !action.is_admin_only(),
-            Self::Auditor => matches!(action, GetKey | ListKeys | GetKeyUsage | ListAuditEvents | ListScopes),
+            Self::Auditor => {
+                matches!(action, GetKey | ListKeys | GetKeyUsage | ListAuditEvents | ListScopes | ListEvents)
+            }
         }
     }
 }
@@ -160,10 +162,16 @@ pub enum AdminAction {
     ListOperatorTokens,
     RevokeOperatorToken,
     GetPepperStatus,
+    ListEvents,
+    CreateWebhookEndpoint,
+    ListWebhookEndpoints,
+    DeleteWebhookEndpoint,
+    ListWebhookDeliveries,
+    RedeliverEvent,
 }
 
 impl AdminAction {
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 19] = [
         Self::CreateKey,
         Self::GetKey,
         Self::ListKeys,
@@ -177,6 +185,12 @@ impl AdminAction {
         Self::ListOperatorTokens,
         Self::RevokeOperatorToken,
         Self::GetPepperStatus,
+        Self::ListEvents,
+        Self::CreateWebhookEndpoint,
+        Self::ListWebhookEndpoints,
+        Self::DeleteWebhookEndpoint,
+        Self::ListWebhookDeliveries,
+        Self::RedeliverEvent,
     ];
 
     /// The RPC's name, as audit rows and logs show it.
@@ -195,10 +209,17 @@ impl AdminAction {
             Self::ListOperatorTokens => "ListOperatorTokens",
             Self::RevokeOperatorToken => "RevokeOperatorToken",
             Self::GetPepperStatus => "GetPepperStatus",
+            Self::ListEvents => "ListEvents",
+            Self::CreateWebhookEndpoint => "CreateWebhookEndpoint",
+            Self::ListWebhookEndpoints => "ListWebhookEndpoints",
+            Self::DeleteWebhookEndpoint => "DeleteWebhookEndpoint",
+            Self::ListWebhookDeliveries => "ListWebhookDeliveries",
+            Self::RedeliverEvent => "RedeliverEvent",
         }
     }
 
-    /// Operator credentials and the deployment's secrets: ADMIN's alone.
+    /// Operator credentials, the deployment's secrets and where events
+    /// go: ADMIN's alone.
     pub fn is_admin_only(self) -> bool {
         matches!(
             self,
@@ -206,6 +227,11 @@ impl AdminAction {
                 | Self::ListOperatorTokens
                 | Self::RevokeOperatorToken
                 | Self::GetPepperStatus
+                | Self::CreateWebhookEndpoint
+                | Self::ListWebhookEndpoints
+                | Self::DeleteWebhookEndpoint
+                | Self::ListWebhookDeliveries
+                | Self::RedeliverEvent
         )
     }
 }
@@ -250,12 +276,13 @@ mod tests {
                 RegenerateKey,
                 GetKeyUsage,
                 ListAuditEvents,
-                ListScopes
+                ListScopes,
+                ListEvents
             ]
         );
         let auditor: Vec<_> =
             AdminAction::ALL.into_iter().filter(|a| OperatorRole::Auditor.allows(*a)).collect();
-        assert_eq!(auditor, [GetKey, ListKeys, GetKeyUsage, ListAuditEvents, ListScopes]);
+        assert_eq!(auditor, [GetKey, ListKeys, GetKeyUsage, ListAuditEvents, ListScopes, ListEvents]);
     }
 
     proptest! {

@@ -213,6 +213,17 @@ impl Access {
         self.refuse(who, action, merchant, why, scope)
     }
 
+    /// A read across every merchant: the role must allow it, and the
+    /// caller must have no merchant limit.
+    pub fn authorize_all_merchants(&self, who: &Principal, action: AdminAction) -> Result<(), ServiceError> {
+        self.authorize(who, action, None)?;
+        if !who.merchants.is_empty() {
+            let why = "every merchant's rows are for callers without a merchant limit";
+            return self.refuse(who, action, None, why, " across every merchant");
+        }
+        Ok(())
+    }
+
     /// Rows that belong to no merchant (rollups of garbage, failed
     /// authentications, operator tokens) are for ADMIN callers without a
     /// merchant limit.

@@ -48,6 +48,37 @@ where
     Ok(Page { items, next_page_token })
 }
 
+/// [`keyset`] for a listing ordered by a number, descending (deliveries
+/// by event sequence): `read` gets the number to stay below.
+pub async fn by_number<T, F>(
+    page_size: i32,
+    page_token: &str,
+    read: impl FnOnce(Option<i64>, u64) -> F,
+    position: impl Fn(&T) -> i64,
+) -> Result<Page<T>, ServiceError>
+where
+    F: Future<Output = Result<Vec<T>, StoreError>>,
+{
+    let limit = page_size_of(page_size)?;
+    let before = if page_token.is_empty() {
+        None
+    } else {
+        let invalid = || ServiceError::invalid("page_token", "is not a token from a previous page");
+        let raw = URL_SAFE_NO_PAD.decode(page_token).map_err(|_| invalid())?;
+        Some(String::from_utf8(raw).ok().and_then(|s| s.parse::<i64>().ok()).ok_or_else(invalid)?)
+    };
+    let mut items = read(before, limit + 1).await?;
+    let next_page_token =
+        next_token(&mut items, limit, |item| URL_SAFE_NO_PAD.encode(position(item).to_string()));
+    Ok(Page { items, next_page_token })
+}
+
+/// A requested page size, checked: 0 is the default, above the maximum is
+/// the maximum.
+pub fn page_size(requested: i32) -> Result<u64, ServiceError> {
+    page_size_of(requested)
+}
+
 pub const DEFAULT_PAGE_SIZE: u64 = 50;
 pub const MAX_PAGE_SIZE: u64 = 500;
 

@@ -36,6 +36,11 @@ use crate::{
     clock::DbClock,
     config::{RateLimitMode, Settings},
     credits::{Credits, LeasedCredits},
+    events::{
+        Outbox,
+        expiry::ExpiryScan,
+        relay::{EventStats, Relay},
+    },
     fleet::{Redis, WarmStart},
     keys::{EventIds, events::KeyEventSink, operator::TokenDigester},
     limiter::{LeasedLimiter, Limiter, LocalLimiter},
@@ -43,7 +48,7 @@ use crate::{
     service::{
         Deps,
         access::Access,
-        admin::KeyManager,
+        admin::{KeyManager, Webhooks},
         events::KeyEvents,
         gateway::Gateway,
         hash_pool::HashPool,
@@ -203,6 +208,25 @@ impl Application {
         // scrypt thread, behind its own work.
         let rehasher = Rehasher::new(store.clone(), secrets.hasher.clone(), admin_pool.clone());
         let access_log_counters = Arc::new(AccessLogCounters::default());
+        let event_settings = settings.events()?;
+        let outbox = Outbox::new(&event_settings.source);
+        let event_stats = Arc::new(EventStats::default());
+        // Webhook signing secrets are sealed under a pepper subkey.
+        let webhook_macs = secrets.hasher.subkey_macs(crate::events::webhook::SEAL_PURPOSE);
+        let relay = Relay::new(
+            store.counted_apart(),
+            Arc::clone(&clock),
+            event_settings.clone(),
+            webhook_macs.clone(),
+            Arc::clone(&event_stats),
+        );
+        let expiry = Arc::new(ExpiryScan::new(
+            store.counted_apart(),
+            Arc::clone(&clock),
+            outbox.clone(),
+            event_settings.reminder_leads.clone(),
+            event_settings.scan_interval,
+        ));
         let exporter = Exporter::new(
             &metrics,
             Sources {
@@ -219,6 +243,7 @@ impl Application {
                 rehasher: Arc::clone(&rehasher),
                 routes: Arc::clone(&routes),
                 access_log: Arc::clone(&access_log_counters),
+                events: Arc::clone(&event_stats),
             },
         );
         let access = Arc::new(
@@ -259,6 +284,8 @@ impl Application {
             Deps { pool: admin_pool.clone(), ..deps.clone() },
             KeyEvents::new(sinks),
             Arc::clone(&access),
+            outbox,
+            Webhooks::new(event_settings.webhook_allow_http, webhook_macs),
         );
         let verifier = Arc::new(Verifier::new(
             deps,
@@ -336,6 +363,8 @@ impl Application {
             Arc::clone(&clock),
             chrono::Duration::milliseconds(settings.refill_clock_offset_ms),
         ));
+        tasks.add(relay.task());
+        tasks.add(expiry.task());
         tasks.add(crate::audit::retention::task(
             store.clone(),
             Arc::clone(&clock),

@@ -41,13 +41,15 @@ pub struct Sources {
     pub rehasher: Arc<Rehasher>,
     pub routes: Arc<super::routes::RouteReloader>,
     pub access_log: Arc<crate::api::access_log::AccessLogCounters>,
+    /// The lifecycle-event relay: backlog per sink, deliveries.
+    pub events: Arc<crate::events::relay::EventStats>,
 }
 
 /// The scrape-time view of [`Sources`].
 #[derive(Debug)]
 struct Snapshot(Sources);
 
-fn counter(
+pub(super) fn counter(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -57,7 +59,7 @@ fn counter(
     metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
-fn gauge(
+pub(super) fn gauge(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -348,7 +350,7 @@ impl Collector for Snapshot {
                 negative as f64,
             )?;
         }
-        Ok(())
+        super::event_metrics::encode(&mut encoder, &s.events)
     }
 }
 

@@ -9,6 +9,7 @@
 //! gateway's route table.
 
 mod build;
+mod event_metrics;
 pub mod exporter;
 mod health;
 pub mod routes;

@@ -14,6 +14,7 @@ use super::{
     Backend, Store, StoreError,
     audit::{AuditRow, insert_audit_rows},
     entity::api_key,
+    events::{NewEvent, insert_events},
 };
 use crate::keys::{Credits, KeyHash, RateLimits, Refill, RefillInterval};
 
@@ -218,12 +219,17 @@ pub enum InsertError {
 }
 
 impl Store {
-    /// Inserts a key and its KEY_CREATED row together.
-    pub async fn insert_key(&self, key: NewKey, audit: impl AuditRow) -> Result<StoredKey, InsertError> {
+    /// Inserts a key, its KEY_CREATED row and its event together.
+    pub async fn insert_key(
+        &self,
+        key: NewKey,
+        audit: impl AuditRow,
+        event: NewEvent,
+    ) -> Result<StoredKey, InsertError> {
         let id = key.id.clone();
         let txn = self.db().begin().await.map_err(StoreError::from)?;
-        // BEGIN, INSERT key, INSERT audit, SELECT, COMMIT.
-        self.count(5);
+        // BEGIN, INSERT key, INSERT audit, INSERT event, SELECT, COMMIT.
+        self.count(6);
         match api_key::Entity::insert(key.into_active()).exec_without_returning(&txn).await {
             Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
                 return Err(InsertError::PrefixTaken);
@@ -231,6 +237,7 @@ impl Store {
             other => other.map_err(StoreError::from)?,
         };
         insert_audit_rows(&txn, &[audit]).await?;
+        insert_events(&txn, vec![event]).await?;
         let stored = fetch(&txn, &id).await?;
         txn.commit().await.map_err(StoreError::from)?;
         stored.ok_or_else(|| {
@@ -298,6 +305,7 @@ impl Store {
         changes: &KeyChanges,
         now: DateTime<Utc>,
         audit: impl AuditRow,
+        event: impl FnOnce(&StoredKey) -> NewEvent + Send,
     ) -> Result<Change, StoreError> {
         use api_key::Column as C;
         let mut update = api_key::Entity::update_many()
@@ -339,7 +347,7 @@ impl Store {
             .exec(&txn)
             .await?
             .rows_affected;
-        self.finish_change(txn, merchant_id, key_id, updated == 1, vec![audit]).await
+        self.finish_change(txn, merchant_id, key_id, updated == 1, vec![audit], event).await
     }
 
     /// Revokes a key now (cutting a rotation's grace short). Revoking a key
@@ -351,6 +359,7 @@ impl Store {
         reason: Option<&str>,
         now: DateTime<Utc>,
         audit: impl AuditRow,
+        event: impl FnOnce(&StoredKey) -> NewEvent + Send,
     ) -> Result<Change, StoreError> {
         use api_key::Column as C;
         let txn = self.db().begin().await?;
@@ -365,12 +374,13 @@ impl Store {
             .exec(&txn)
             .await?
             .rows_affected;
-        self.finish_change(txn, merchant_id, key_id, updated == 1, vec![audit]).await
+        self.finish_change(txn, merchant_id, key_id, updated == 1, vec![audit], event).await
     }
 
     /// Marks an unrevoked key as replaced by `successor` from `revoke_at` on,
-    /// and inserts the successor that `make_successor` builds from the old
-    /// key's state, all in one transaction.
+    /// and inserts the successor, the audit rows and the event that
+    /// `make_successor` builds from the old key's state, all in one
+    /// transaction.
     pub async fn regenerate_key<F, A>(
         &self,
         merchant_id: &str,
@@ -381,7 +391,7 @@ impl Store {
         make_successor: F,
     ) -> Result<Rotation, InsertError>
     where
-        F: FnOnce(&StoredKey) -> (NewKey, Vec<A>) + Send,
+        F: FnOnce(&StoredKey) -> (NewKey, Vec<A>, NewEvent) + Send,
         A: AuditRow,
     {
         use api_key::Column as C;
@@ -407,10 +417,10 @@ impl Store {
         if updated != 1 {
             return Ok(Rotation::Refused(old));
         }
-        let (new_key, audits) = make_successor(&old);
+        let (new_key, audits, event) = make_successor(&old);
         let new_id = new_key.id.clone();
-        // INSERT new, INSERT audits, SELECT new, COMMIT.
-        self.count(4);
+        // INSERT new, INSERT audits, INSERT event, SELECT new, COMMIT.
+        self.count(5);
         match api_key::Entity::insert(new_key.into_active()).exec_without_returning(&txn).await {
             Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
                 return Err(InsertError::PrefixTaken);
@@ -418,6 +428,7 @@ impl Store {
             other => other.map_err(StoreError::from)?,
         };
         insert_audit_rows(&txn, &audits).await?;
+        insert_events(&txn, vec![event]).await?;
         // Read before the commit: what is answered is what commits, with no
         // read after it that could fail and lose the new plaintext.
         let Some(new) = fetch(&txn, &new_id).await? else {
@@ -457,8 +468,9 @@ impl Store {
         Ok(())
     }
 
-    /// Writes the audit rows and commits if the conditional write applied;
-    /// in every case reads the key back to say what it now is.
+    /// Writes the audit rows and the event (built from the key as changed)
+    /// and commits if the conditional write applied; in every case reads
+    /// the key back to say what it now is.
     async fn finish_change(
         &self,
         txn: DatabaseTransaction,
@@ -466,6 +478,7 @@ impl Store {
         key_id: &str,
         applied: bool,
         mut audits: Vec<impl AuditRow>,
+        event: impl FnOnce(&StoredKey) -> NewEvent + Send,
     ) -> Result<Change, StoreError> {
         // BEGIN and UPDATE (by the caller), SELECT, COMMIT.
         self.count(4);
@@ -476,6 +489,8 @@ impl Store {
                     audit.name_key(&key.name);
                 }
                 self.notify_change(&txn, key).await?;
+                self.count(1);
+                insert_events(&txn, vec![event(key)]).await?;
             }
             self.count(1);
             insert_audit_rows(&txn, &audits).await?;

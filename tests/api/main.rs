@@ -13,6 +13,7 @@ mod abuse;
 mod admin_api;
 mod connections;
 mod credits;
+mod events;
 mod fleet;
 mod fleet_credits;
 mod fleet_limits;

@@ -89,7 +89,23 @@ impl KeyManager {
                 created_at: now,
                 created_by: who.actor.clone(),
             };
-            match self.store.insert_key(new, audit).await {
+            let event = self.outbox.event(
+                EventType::Created,
+                KeyFacts {
+                    merchant_id: &new.merchant_id,
+                    key_id: &new.id,
+                    key_name: &new.name,
+                    prefix: &new.prefix,
+                },
+                &who.actor,
+                now,
+                event_fields!(
+                    "scopes" => new.scopes.clone(),
+                    "expires_at" => new.expires_at.map(rfc3339),
+                ),
+                None,
+            );
+            match self.store.insert_key(new, audit, event).await {
                 Ok(key) => {
                     self.events.emit(KeyEvent::Created { key: key_ref(&key), at: now }).await;
                     tracing::info!(actor = %who.actor, merchant_id = %key.merchant_id, key_id = %key.id, prefix = %key.prefix, "key created");
@@ -170,7 +186,21 @@ impl KeyManager {
             self.usage.flush().await?;
         }
         let _pause = self.usage.pause_flush().await?;
-        match self.store.update_key(&req.merchant_id, &req.key_id, &changes, now, audit).await? {
+        let changed_fields = req.paths.clone();
+        let event = |key: &StoredKey| {
+            self.outbox.event(
+                EventType::Updated,
+                KeyFacts::of(key),
+                &who.actor,
+                now,
+                event_fields!(
+                    "changed_fields" => changed_fields,
+                    "expires_at" => key.expires_at.map(rfc3339),
+                ),
+                None,
+            )
+        };
+        match self.store.update_key(&req.merchant_id, &req.key_id, &changes, now, audit, event).await? {
             Change::Applied(key) => {
                 self.events.emit(KeyEvent::Updated { key: key_ref(&key), at: now }).await;
                 tracing::info!(actor = %who.actor, merchant_id = %key.merchant_id, key_id = %key.id, paths = ?req.paths, "key updated");
@@ -208,7 +238,17 @@ impl KeyManager {
             audit = audit.with_detail(format!("reason: {reason}"));
         }
         let _pause = self.usage.pause_flush().await?;
-        match self.store.revoke_key(merchant_id, key_id, reason, now, audit).await? {
+        let event = |key: &StoredKey| {
+            self.outbox.event(
+                EventType::Revoked,
+                KeyFacts::of(key),
+                &who.actor,
+                now,
+                event_fields!("reason" => reason),
+                None,
+            )
+        };
+        match self.store.revoke_key(merchant_id, key_id, reason, now, audit, event).await? {
             Change::Applied(key) => {
                 self.events.emit(KeyEvent::Revoked { key: key_ref(&key), at: now }).await;
                 tracing::info!(actor = %who.actor, merchant_id, key_id, "key revoked");
@@ -242,6 +282,7 @@ impl KeyManager {
             let trace = current_trace_id();
             let prefix = plaintext.lookup_prefix().as_str().to_owned();
             let new_id = successor_id.clone();
+            let outbox = self.outbox.clone();
             let _pause = self.usage.pause_flush().await?;
             let result = self
                 .store
@@ -294,7 +335,18 @@ impl KeyManager {
                             describe_policy(&old.scopes, &old.allowed_cidrs, &old.rate_limits, expires_at)
                         )),
                     ];
-                    (new, audits)
+                    let event = outbox.event(
+                        EventType::Regenerated,
+                        KeyFacts::of(old),
+                        &actor_name,
+                        now,
+                        event_fields!(
+                            "successor_key_id" => new_id.clone(),
+                            "grace_ends_at" => rfc3339(revoke_at),
+                        ),
+                        None,
+                    );
+                    (new, audits, event)
                 })
                 .await;
             return match result {

@@ -19,6 +19,8 @@ use super::{
 use crate::{
     audit::{AuditKind, AuditRecord},
     clock::{self, DbClock},
+    event_fields,
+    events::{EventType, KeyFacts, Outbox, rfc3339},
     keys::{
         AllowList, Credits, KeyHasher, KeyPrefix, KeyStatus, PlainKey, RateLimit, RateLimits, RefillInterval,
         ScopeCatalogue,
@@ -39,6 +41,9 @@ use crate::{
 use super::events::KeyEvents;
 
 mod change;
+mod outbox;
+
+pub use outbox::{EventPage, NewWebhook, Webhooks};
 
 /// Longest grace period RegenerateKey accepts.
 pub const MAX_GRACE: Duration = Duration::days(7);
@@ -136,14 +141,23 @@ pub struct KeyManager {
     events: KeyEvents,
     access: Arc<Access>,
     clock: Arc<DbClock>,
+    /// Builds the lifecycle event each change writes in its transaction.
+    outbox: Outbox,
+    webhooks: Webhooks,
 }
 
 impl KeyManager {
     /// `events` hear of every change once it has committed; `access`
     /// decides what each caller may do.
-    pub fn new(deps: Deps, events: KeyEvents, access: Arc<Access>) -> Self {
+    pub fn new(
+        deps: Deps,
+        events: KeyEvents,
+        access: Arc<Access>,
+        outbox: Outbox,
+        webhooks: Webhooks,
+    ) -> Self {
         let Deps { store, hasher, pool, catalogue, prefix, usage, clock } = deps;
-        Self { store, hasher, pool, catalogue, prefix, usage, events, access, clock }
+        Self { store, hasher, pool, catalogue, prefix, usage, events, access, clock, outbox, webhooks }
     }
 
     pub fn catalogue(&self, who: &Principal) -> Result<&ScopeCatalogue, ServiceError> {

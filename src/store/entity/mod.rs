@@ -4,5 +4,9 @@
 pub mod api_key;
 pub mod audit_event;
 pub mod audit_outcome;
+pub mod event_delivery;
+pub mod event_lease;
+pub mod key_event;
 pub mod operator_token;
 pub mod usage_flush;
+pub mod webhook_endpoint;

@@ -13,6 +13,7 @@ mod m20261203_000007_pepper_generations;
 mod m20261204_000008_rate_limits;
 mod m20261204_000009_credits;
 mod m20261204_000010_credits_epoch;
+mod m20261207_000011_events;
 
 pub struct Migrator;
 
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000008_rate_limits::Migration),
             Box::new(m20261204_000009_credits::Migration),
             Box::new(m20261204_000010_credits_epoch::Migration),
+            Box::new(m20261207_000011_events::Migration),
         ]
     }
 }
