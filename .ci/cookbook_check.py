@@ -93,6 +93,7 @@ def main():
         "IP limits updated": '"192.168.1.0/24"' in output,
         "rotation with grace": '"status": "KEY_STATUS_ROTATING"' in output,
         "revoked": '"status": "KEY_STATUS_REVOKED"' in output,
+        "its lifecycle event listed": '"type": "key.revoked"' in output and '"reason": "integration retired"' in output,
         "bad input names the field": "Code: InvalidArgument" in output and '"field":"scopes"' in output,
         "server stopped cleanly": code == 0,
         "first run said where the secrets went": "generated one into" in (work / "server.log").read_text(),
