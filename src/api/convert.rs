@@ -189,6 +189,7 @@ pub fn pepper_generation(g: Generation) -> pb::PepperGeneration {
         live_keys: count(g.counts.live_keys),
         inactive_keys: count(g.counts.inactive_keys),
         live_operator_tokens: count(g.counts.live_operator_tokens),
+        webhook_endpoints: count(g.counts.webhook_endpoints),
     }
 }
 

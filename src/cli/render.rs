@@ -225,6 +225,7 @@ pub fn peppers(json: bool, generations: &[pb::PepperGeneration]) {
                     "live_keys": g.live_keys,
                     "inactive_keys": g.inactive_keys,
                     "live_operator_tokens": g.live_operator_tokens,
+                    "webhook_endpoints": g.webhook_endpoints,
                     "retirable": g.retirable,
                 })
             })
@@ -242,13 +243,23 @@ pub fn peppers(json: bool, generations: &[pb::PepperGeneration]) {
                 yes_no(g.configured),
                 g.live_keys.to_string(),
                 g.live_operator_tokens.to_string(),
+                g.webhook_endpoints.to_string(),
                 g.inactive_keys.to_string(),
                 yes_no(g.retirable),
             ]
         })
         .collect();
     table(
-        &["PEPPER", "CURRENT", "CONFIGURED", "LIVE KEYS", "LIVE TOKENS", "INACTIVE KEYS", "RETIRABLE"],
+        &[
+            "PEPPER",
+            "CURRENT",
+            "CONFIGURED",
+            "LIVE KEYS",
+            "LIVE TOKENS",
+            "WEBHOOKS",
+            "INACTIVE KEYS",
+            "RETIRABLE",
+        ],
         &rows,
     );
 }

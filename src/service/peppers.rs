@@ -27,7 +27,10 @@ pub struct Generation {
 impl Generation {
     /// Whether nothing that can still verify or authenticate needs it.
     pub fn retirable(&self) -> bool {
-        !self.current && self.counts.live_keys == 0 && self.counts.live_operator_tokens == 0
+        !self.current
+            && self.counts.live_keys == 0
+            && self.counts.live_operator_tokens == 0
+            && self.counts.webhook_endpoints == 0
     }
 }
 
@@ -80,9 +83,9 @@ impl Peppers {
             .into_iter()
             .filter(|(id, c)| {
                 let configured = PepperId::parse(id).is_ok_and(|id| self.hasher.ids().any(|k| *k == id));
-                !configured && (c.live_keys > 0 || c.live_operator_tokens > 0)
+                !configured && (c.live_keys > 0 || c.live_operator_tokens > 0 || c.webhook_endpoints > 0)
             })
-            .map(|(id, c)| (id, c.live_keys + c.live_operator_tokens))
+            .map(|(id, c)| (id, c.live_keys + c.live_operator_tokens + c.webhook_endpoints))
             .collect())
     }
 }

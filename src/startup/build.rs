@@ -74,7 +74,7 @@ async fn warn_of_missing_peppers(peppers: &Peppers, clock: &DbClock) {
     match peppers.missing(clock.now()).await {
         Ok(missing) => {
             for (pepper, live) in missing {
-                tracing::error!(%pepper, live, "live keys or operator tokens are hashed under a pepper that is not configured; they cannot verify until it is");
+                tracing::error!(%pepper, live, "live keys, operator tokens or webhook secrets depend on a pepper that is not configured; they cannot verify (or sign) until it is");
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot count keys by pepper generation"),

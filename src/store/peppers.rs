@@ -14,7 +14,7 @@ use sea_orm::{
 
 use super::{
     Store, StoreError,
-    entity::{api_key, operator_token},
+    entity::{api_key, operator_token, webhook_endpoint},
 };
 use crate::keys::{KeyHash, PepperId};
 
@@ -29,6 +29,8 @@ pub struct GenerationCount {
     pub inactive_keys: u64,
     /// Operator tokens that can still authenticate.
     pub live_operator_tokens: u64,
+    /// Webhook endpoints whose signing secret is sealed under it.
+    pub webhook_endpoints: u64,
 }
 
 /// A key checked under an old pepper, and its hash under the current one.
@@ -46,9 +48,9 @@ struct Counted {
 }
 
 impl Store {
-    /// Rows by pepper generation. Two grouped scans of `api_keys` and one
-    /// of `operator_tokens`: for an operator's occasional question, not a
-    /// hot path.
+    /// Rows by pepper generation. Two grouped scans of `api_keys`, one of
+    /// `operator_tokens` and one of `webhook_endpoints`: for an operator's
+    /// occasional question, not a hot path.
     pub async fn count_by_pepper(
         &self,
         now: DateTime<Utc>,
@@ -93,6 +95,18 @@ impl Store {
             .await?;
         for row in operators {
             counts.entry(row.pepper).or_default().live_operator_tokens = count(row.n);
+        }
+        self.count(1);
+        let hooks = webhook_endpoint::Entity::find()
+            .select_only()
+            .column(webhook_endpoint::Column::Pepper)
+            .column_as(Expr::from(Func::count(Expr::col(webhook_endpoint::Column::Id))), "n")
+            .group_by(webhook_endpoint::Column::Pepper)
+            .into_model::<Counted>()
+            .all(self.db())
+            .await?;
+        for row in hooks {
+            counts.entry(row.pepper).or_default().webhook_endpoints = count(row.n);
         }
         Ok(counts)
     }

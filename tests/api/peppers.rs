@@ -56,6 +56,15 @@ async fn keys_and_operator_tokens_move_to_the_current_pepper_and_then_need_only_
     let (revoked_id, _) = create_sales_key(&mut first.admin, "revoked").await;
     revoke(&mut first.admin, &revoked_id).await;
     let (_, operator) = issue_operator(&mut first.admin, "ops", pb::OperatorRole::Admin, &[]).await;
+    // A webhook endpoint's secret is sealed under the current pepper too.
+    first
+        .admin
+        .create_webhook_endpoint(pb::CreateWebhookEndpointRequest {
+            url: "https://hooks.example.com/keywarden".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let answered = first.verify(&used, "", "sales:read").await;
     assert_eq!(outcome(&answered), allowed());
     assert!(stored_hash(&first, &used_id).await.starts_with("v1$"));
@@ -69,6 +78,11 @@ async fn keys_and_operator_tokens_move_to_the_current_pepper_and_then_need_only_
     assert!(two.current && two.configured && !two.retirable);
     assert!(!one.current && one.configured && !one.retirable);
     assert_eq!((one.live_keys, one.live_operator_tokens, one.inactive_keys), (2, 1, 1));
+    assert_eq!(
+        (one.webhook_endpoints, two.webhook_endpoints),
+        (1, 0),
+        "sealed under the pepper it was made under"
+    );
     assert_eq!((two.live_keys, two.live_operator_tokens), (0, 0));
 
     // An audit id issued under pepper 1 before the rollout is still placed.
@@ -98,13 +112,21 @@ async fn keys_and_operator_tokens_move_to_the_current_pepper_and_then_need_only_
     assert!(stored_hash(&app, &used_id).await.starts_with("v2$2$"));
     assert_eq!(counts(&mut app.admin, "2").await, (1, 1, 0));
 
-    // The other key moves when it is used; then generation 1 is retirable.
+    // The other key moves when it is used; the webhook endpoint does not
+    // move (its secret is not rehashed but sealed): generation 1 is
+    // retirable once it is gone.
     assert_eq!(outcome(&app.verify(&later, "", "sales:read").await), allowed());
     until("the last live key to move to pepper 2", || {
         let mut admin = app.admin.clone();
-        async move { status(&mut admin).await["1"].retirable.then_some(()) }
+        async move { (counts(&mut admin, "1").await.0 == 0).then_some(()) }
     })
     .await;
+    assert!(!status(&mut app.admin).await["1"].retirable, "the endpoint still needs it");
+    let hooks =
+        app.admin.list_webhook_endpoints(pb::ListWebhookEndpointsRequest {}).await.unwrap().into_inner();
+    let id = hooks.endpoints[0].id.clone();
+    app.admin.delete_webhook_endpoint(pb::DeleteWebhookEndpointRequest { id }).await.unwrap();
+    assert!(status(&mut app.admin).await["1"].retirable);
     assert_eq!(counts(&mut app.admin, "1").await, (0, 0, 1), "only the revoked key is left on generation 1");
     assert!(stored_hash(&app, &later_id).await.starts_with("v2$2$"));
     // The revoked key is never rehashed: it will never verify again.
