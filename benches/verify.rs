@@ -29,6 +29,7 @@
 //!     [--postgres postgres://postgres@127.0.0.1:5432/test]
 //!     [--target 127.0.0.1:50051 --token <admin token>] [--no-tls]
 //!     [--db-acquire-timeout-ms N] [--nats nats://127.0.0.1:4222 | --no-nats] [--events 10000]
+//!     [--create-keys N --target ADDR --token T]  (CreateKey's p50 alone, two builds back to back)
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
@@ -107,6 +108,12 @@ fn main() {
     let args = parse_args();
     if args.rss_probe {
         rss_probe();
+        return;
+    }
+    if let Some(n) = args.create_keys {
+        let addr = args.target.expect("--create-keys times a running server: give --target and --token");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(create_keys_only(addr, &args.token, n));
         return;
     }
     let cores = std::thread::available_parallelism().map_or(1, usize::from);

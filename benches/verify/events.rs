@@ -42,6 +42,35 @@ fn authorized<T>(message: T, token: &str) -> Request<T> {
     request
 }
 
+/// `n` CreateKey calls one at a time: their round trips in milliseconds,
+/// and the keys' ids.
+pub(super) async fn create_key_ms(channel: &Channel, token: &str, n: usize) -> (Vec<f64>, Vec<String>) {
+    let mut admin = KeyAdminClient::new(channel.clone());
+    let (mut ms, mut ids) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        let request = pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: format!("evented {i}"),
+            scopes: vec!["sales:read".into()],
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let created = admin.create_key(authorized(request, token)).await.unwrap().into_inner();
+        ms.push(start.elapsed().as_secs_f64() * 1000.0);
+        ids.push(created.api_key.unwrap().id);
+    }
+    (ms, ids)
+}
+
+/// `--create-keys N --target ADDR`: CreateKey's p50 and p90 on a running
+/// server (to compare two builds back to back).
+pub(super) async fn create_keys_only(addr: SocketAddr, token: &str, n: usize) {
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let (mut ms, _) = create_key_ms(&channel, token, n).await;
+    ms.sort_by(f64::total_cmp);
+    println!("CreateKey on {addr}: p50 {:.2} ms, p90 {:.2} ms over {n} calls", ms[n / 2], ms[n * 9 / 10]);
+}
+
 /// `n` events (key.updated, eight writers) through a fresh SQLite server
 /// with both sinks; CreateKey is timed on the same server first.
 pub(super) async fn events_run(
@@ -66,20 +95,7 @@ pub(super) async fn events_run(
         ))
         .await
         .unwrap();
-    let mut create_ms = Vec::new();
-    let mut ids = Vec::new();
-    for i in 0..50 {
-        let request = pb::CreateKeyRequest {
-            merchant_id: MERCHANT.into(),
-            name: format!("evented {i}"),
-            scopes: vec!["sales:read".into()],
-            ..Default::default()
-        };
-        let start = Instant::now();
-        let created = admin.create_key(authorized(request, TOKEN)).await.unwrap().into_inner();
-        create_ms.push(start.elapsed().as_secs_f64() * 1000.0);
-        ids.push(created.api_key.unwrap().id);
-    }
+    let (create_ms, ids) = create_key_ms(&channel, TOKEN, 50).await;
     let store = server.probes.as_ref().map(|p| p.store.clone()).unwrap();
     let drained = |store: keywarden::store::Store| async move {
         store.event_backlog().await.map(|b| b.iter().all(|s| s.pending == 0)).unwrap_or(false)
