@@ -138,6 +138,13 @@ impl Outbox {
     }
 }
 
+/// One second after the first failure, doubling with each one after, at
+/// most `longest`: the one backoff of deliveries and of silent endpoints.
+pub fn doubling_backoff(failures: u32, longest: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(20);
+    (Duration::from_secs(1) * 2u32.pow(doublings)).min(longest)
+}
+
 /// RFC 3339 in UTC, to the microsecond, as every event time is written.
 pub fn rfc3339(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)

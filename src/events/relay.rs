@@ -47,14 +47,12 @@ const BATCH: u64 = 500;
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 /// How often the deliverer deletes events past their retention.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
-const FIRST_RETRY: Duration = Duration::from_secs(1);
 const LONGEST_RETRY: Duration = Duration::from_secs(3_600);
 
 /// How long to wait after a delivery's `attempts`-th failed attempt: one
 /// second, doubling, at most an hour.
 pub fn retry_delay(attempts: i32) -> Duration {
-    let doublings = u32::try_from(attempts.saturating_sub(1)).unwrap_or(0).min(12);
-    (FIRST_RETRY * 2u32.pow(doublings)).min(LONGEST_RETRY)
+    super::doubling_backoff(u32::try_from(attempts).unwrap_or(0), LONGEST_RETRY)
 }
 
 /// When a delivery that failed now is tried again, or `None` once its time

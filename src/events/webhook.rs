@@ -182,8 +182,8 @@ impl Poster {
             };
         if let Answer::Failed(_) = answer {
             self.conn = None;
-            let rest = (Duration::from_secs(1) * 2u32.pow(self.failures.min(6))).min(LONGEST_REST);
             self.failures = self.failures.saturating_add(1);
+            let rest = super::doubling_backoff(self.failures, LONGEST_REST);
             self.rest_until = Some(tokio::time::Instant::now() + rest);
         } else {
             self.failures = 0;

@@ -73,17 +73,12 @@ where
     Ok(Page { items, next_page_token })
 }
 
-/// A requested page size, checked: 0 is the default, above the maximum is
-/// the maximum.
-pub fn page_size(requested: i32) -> Result<u64, ServiceError> {
-    page_size_of(requested)
-}
-
 pub const DEFAULT_PAGE_SIZE: u64 = 50;
 pub const MAX_PAGE_SIZE: u64 = 500;
 
-/// 0 means the default; above the maximum is coerced down to it.
-fn page_size_of(requested: i32) -> Result<u64, ServiceError> {
+/// A requested page size, checked: 0 means the default; above the maximum
+/// is coerced down to it.
+pub fn page_size_of(requested: i32) -> Result<u64, ServiceError> {
     match requested {
         n if n < 0 => Err(ServiceError::invalid("page_size", "must not be negative")),
         0 => Ok(DEFAULT_PAGE_SIZE),

@@ -9,7 +9,6 @@
 //! gateway's route table.
 
 mod build;
-mod event_metrics;
 pub mod exporter;
 mod health;
 pub mod routes;

@@ -94,7 +94,7 @@ impl KeyManager {
         if !after.is_empty() {
             v.check("after", validate::key_id(after));
         }
-        let limit = page::page_size(page_size)?;
+        let limit = page::page_size_of(page_size)?;
         v.into_result()?;
         let merchant = (!merchant_id.is_empty()).then_some(merchant_id);
         let after = if after.is_empty() {

@@ -2,6 +2,8 @@
 //! `Snapshot` of the counters other components keep, read at scrape time so
 //! that the hot path pays nothing extra for them.
 
+mod events;
+
 use std::sync::Arc;
 
 use crate::task::Task;
@@ -49,7 +51,7 @@ pub struct Sources {
 #[derive(Debug)]
 struct Snapshot(Sources);
 
-pub(super) fn counter(
+fn counter(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -59,7 +61,7 @@ pub(super) fn counter(
     metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
-pub(super) fn gauge(
+fn gauge(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -350,7 +352,7 @@ impl Collector for Snapshot {
                 negative as f64,
             )?;
         }
-        super::event_metrics::encode(&mut encoder, &s.events)
+        events::encode(&mut encoder, &s.events)
     }
 }
 

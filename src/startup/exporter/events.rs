@@ -7,7 +7,7 @@ use prometheus_client::{
     registry::Unit,
 };
 
-use super::exporter::{counter, gauge};
+use super::{counter, gauge};
 use crate::events::relay::EventStats;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
