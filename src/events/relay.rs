@@ -121,6 +121,8 @@ pub struct Relay {
     macs: SubkeyMacs,
     tls: Arc<rustls::ClientConfig>,
     stats: Arc<EventStats>,
+    /// Sinks whose trouble has been logged: once per outage, not per tick.
+    troubled: Mutex<HashSet<String>>,
 }
 
 /// What a run keeps between ticks: open connections, and when the lease
@@ -144,7 +146,16 @@ impl Relay {
     ) -> Arc<Self> {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "replica".into());
         let holder = format!("{host}/{}", uuid::Uuid::now_v7());
-        Arc::new(Self { store, clock, settings, holder, macs, tls: webhook::client_tls(), stats })
+        Arc::new(Self {
+            store,
+            clock,
+            settings,
+            holder,
+            macs,
+            tls: webhook::client_tls(),
+            stats,
+            troubled: Mutex::default(),
+        })
     }
 
     pub fn task(self: &Arc<Self>) -> Task {
@@ -221,7 +232,7 @@ impl Relay {
                     None => match webhook::check_url(&hook.url, relay.settings.webhook_allow_http) {
                         Ok(uri) => Poster::new(uri, Arc::clone(&relay.tls), relay.settings.webhook_timeout),
                         Err(why) => {
-                            tracing::warn!(endpoint = %hook.id, why, "webhook endpoint URL unusable");
+                            relay.trouble(&hook.sink(), Some(&format!("the URL is unusable: {why}")));
                             return (hook.id, None, Ok(()));
                         }
                     },
@@ -243,6 +254,20 @@ impl Relay {
             }
         }
         result
+    }
+
+    /// Logs `sink`'s trouble when it starts (`Some(why)`) and when it ends
+    /// (`None`), not at every tick in between: the backlog metric and its
+    /// alert say how long it lasts.
+    fn trouble(&self, sink: &str, why: Option<&str>) {
+        let mut troubled = self.troubled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match why {
+            Some(why) if troubled.insert(sink.to_owned()) => {
+                tracing::warn!(sink, why, "events held for a sink; retrying");
+            }
+            None if troubled.remove(sink) => tracing::info!(sink, "events flowing to the sink again"),
+            _ => {}
+        }
     }
 
     /// Deletes delivered events past `retention`, a batch at a time.
@@ -304,8 +329,11 @@ impl Relay {
                 // JetStream is down or refusing: everything after waits, in
                 // order, for the next tick.
                 self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "events: NATS delivery failed; retrying");
+                self.trouble(NATS_SINK, Some(&e));
                 return Ok(());
+            }
+            if !sent.is_empty() {
+                self.trouble(NATS_SINK, None);
             }
             if (due.len() as u64) < BATCH {
                 return Ok(());
@@ -328,9 +356,12 @@ impl Relay {
                     .map_err(|e| e.to_string())
             });
         let secret = match secret {
-            Ok(secret) => secret,
+            Ok(secret) => {
+                self.trouble(&sink, None);
+                secret
+            }
             Err(why) => {
-                tracing::warn!(endpoint = %hook.id, why, "webhook deliveries held: the signing secret cannot be unsealed");
+                self.trouble(&sink, Some(&format!("the signing secret cannot be unsealed: {why}")));
                 return Ok(());
             }
         };
