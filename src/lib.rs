@@ -24,7 +24,8 @@
 //!   (`api::status`); the peer of a connection ([`api::peer`]), who may
 //!   verify and who may report outcomes ([`api::callers`]), each call's
 //!   time bound ([`api::lifetime`]), admin authentication and trace
-//!   context are layers.
+//!   context are layers. Beside it, one HTTP route: GitHub's leak reports
+//!   ([`api::leak_reports`]).
 //! - [`service`]: the use cases, [`service::admin::KeyManager`],
 //!   [`service::operators::OperatorTokens`] and [`service::verify::Verifier`]
 //!   (a pipeline: identify, decide, admit, record, one file each), with
@@ -32,7 +33,8 @@
 //!   changes ([`service::events`]); who may do what ([`service::access`]);
 //!   request validation and pagination; the scrypt pool; pepper generations
 //!   ([`service::peppers`]) and the background rehash of keys checked under
-//!   an old one ([`service::rehash`]).
+//!   an old one ([`service::rehash`]); leak reports, proven by scrypt and
+//!   revoked with their rotation partners ([`service::leaks`]).
 //! - [`cache`], [`usage`], [`audit`], [`throttle`], [`limiter`],
 //!   [`credits`], [`fleet`]: runtime state of the Verify path. The
 //!   verification cache and the change feed that keeps it current; batched

@@ -27,6 +27,18 @@ pub struct CodeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeakLabels {
+    /// `true_positive` or `false_positive`.
+    pub label: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabels {
+    /// `github` or `rpc`.
+    pub channel: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskLabels {
     pub task: &'static str,
 }
@@ -84,6 +96,11 @@ pub struct Metrics {
     /// status is written once, by the first report), or the id came twice
     /// in one call.
     pub outcomes_ignored: Counter,
+    /// Leak reports processed, by channel; their tokens by label; GitHub
+    /// reports refused for a missing, unknown or wrong signature.
+    pub leak_reports: Family<ChannelLabels, Counter>,
+    pub leak_tokens: Family<LeakLabels, Counter>,
+    pub leak_signature_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -127,6 +144,9 @@ impl Default for Metrics {
             credits_returned: Counter::default(),
             credit_fallback_decisions: Counter::default(),
             outcomes_ignored: Counter::default(),
+            leak_reports: Family::default(),
+            leak_tokens: Family::default(),
+            leak_signature_failures: Counter::default(),
         }
     }
 }

@@ -45,11 +45,13 @@ pub(super) async fn seed(cache: &keywarden::cache::VerifyCache, n: usize) {
             policy: Policy {
                 revoked_at: None,
                 expires_at: None,
+                disabled: false,
                 allowed: AllowList::parse(&["192.168.0.0/16"]).unwrap(),
                 scopes,
             },
             rate_limits: Default::default(),
             credits: None,
+            metadata: Default::default(),
             version: 1,
         });
         cache

@@ -81,11 +81,13 @@ pub enum DenyReason {
     /// matched in, or presents a key twice. Decided before any key is
     /// looked at.
     MalformedRequest,
+    /// An operator disabled the key; it may be enabled again.
+    Disabled,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (so `ALL[r as usize] == r`).
-    pub const ALL: [DenyReason; 11] = [
+    pub const ALL: [DenyReason; 12] = [
         Self::Malformed,
         Self::NotFound,
         Self::Revoked,
@@ -97,6 +99,7 @@ impl DenyReason {
         Self::RateLimited,
         Self::QuotaExhausted,
         Self::MalformedRequest,
+        Self::Disabled,
     ];
 
     /// The name stored in audit rows and metrics labels.
@@ -113,6 +116,7 @@ impl DenyReason {
             Self::RateLimited => "RATE_LIMITED",
             Self::QuotaExhausted => "QUOTA_EXHAUSTED",
             Self::MalformedRequest => "MALFORMED_REQUEST",
+            Self::Disabled => "DISABLED",
         }
     }
 
@@ -136,6 +140,7 @@ impl DenyReason {
             Self::RateLimited => "DENY_REASON_RATE_LIMITED",
             Self::QuotaExhausted => "DENY_REASON_QUOTA_EXHAUSTED",
             Self::MalformedRequest => "DENY_REASON_MALFORMED_REQUEST",
+            Self::Disabled => "DENY_REASON_DISABLED",
         }
     }
 
@@ -151,7 +156,7 @@ impl DenyReason {
         match self {
             Self::MalformedRequest => 400,
             Self::Malformed | Self::NotFound | Self::Revoked | Self::Expired => 401,
-            Self::IpNotAllowed | Self::InsufficientScope | Self::NoRoute => 403,
+            Self::IpNotAllowed | Self::InsufficientScope | Self::NoRoute | Self::Disabled => 403,
             Self::Throttled | Self::RateLimited | Self::QuotaExhausted => 429,
         }
     }
@@ -170,6 +175,7 @@ impl DenyReason {
             Self::RateLimited => "rate limit exceeded; retry later",
             Self::QuotaExhausted => "the key's credits are used up",
             Self::MalformedRequest => "request not in canonical form",
+            Self::Disabled => "API key disabled",
         }
     }
 }
@@ -274,7 +280,7 @@ mod tests {
     #[test]
     fn every_deny_reason_has_its_status_text_name_and_challenge() {
         #[rustfmt::skip]
-        let table: [(DenyReason, u16, &str, &str, bool); 11] = [
+        let table: [(DenyReason, u16, &str, &str, bool); 12] = [
             (DenyReason::Malformed, 401, "missing or malformed API key", "DENY_REASON_MALFORMED", true),
             (DenyReason::NotFound, 401, "invalid API key", "DENY_REASON_NOT_FOUND", true),
             (DenyReason::Revoked, 401, "API key revoked", "DENY_REASON_REVOKED", true),
@@ -286,6 +292,7 @@ mod tests {
             (DenyReason::RateLimited, 429, "rate limit exceeded; retry later", "DENY_REASON_RATE_LIMITED", false),
             (DenyReason::QuotaExhausted, 429, "the key's credits are used up", "DENY_REASON_QUOTA_EXHAUSTED", false),
             (DenyReason::MalformedRequest, 400, "request not in canonical form", "DENY_REASON_MALFORMED_REQUEST", false),
+            (DenyReason::Disabled, 403, "API key disabled", "DENY_REASON_DISABLED", false),
         ];
         assert_eq!(table.map(|row| row.0), DenyReason::ALL, "one row per reason, in order");
         for (i, (reason, status, text, name, challenged)) in table.into_iter().enumerate() {

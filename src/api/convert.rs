@@ -6,7 +6,8 @@ use super::pb;
 use crate::{
     audit::{AuditKind, AuditRecord},
     keys::{
-        Credits, Decision, DenyReason, KeyStatus, LimitStatus, RateLimit, RateLimits, RefillInterval,
+        Credits, Decision, DenyReason, KeyStatus, LimitStatus, Metadata, RateLimit, RateLimits,
+        RefillInterval,
         operator::{OperatorRole, OperatorToken},
     },
     service::{
@@ -107,6 +108,7 @@ fn status(s: KeyStatus) -> pb::KeyStatus {
         KeyStatus::Expired => pb::KeyStatus::Expired,
         KeyStatus::Revoked => pb::KeyStatus::Revoked,
         KeyStatus::Rotating => pb::KeyStatus::Rotating,
+        KeyStatus::Disabled => pb::KeyStatus::Disabled,
     }
 }
 
@@ -130,6 +132,7 @@ pub fn deny_reason(r: DenyReason) -> pb::DenyReason {
         DenyReason::RateLimited => pb::DenyReason::RateLimited,
         DenyReason::QuotaExhausted => pb::DenyReason::QuotaExhausted,
         DenyReason::MalformedRequest => pb::DenyReason::MalformedRequest,
+        DenyReason::Disabled => pb::DenyReason::Disabled,
     }
 }
 
@@ -145,6 +148,9 @@ fn kind(k: AuditKind) -> pb::AuditEventKind {
         AuditKind::OperatorTokenCreated => pb::AuditEventKind::OperatorTokenCreated,
         AuditKind::OperatorTokenRevoked => pb::AuditEventKind::OperatorTokenRevoked,
         AuditKind::VerifyRollup => pb::AuditEventKind::VerifyRollup,
+        AuditKind::KeyDisabled => pb::AuditEventKind::KeyDisabled,
+        AuditKind::KeyEnabled => pb::AuditEventKind::KeyEnabled,
+        AuditKind::KeyLeaked => pb::AuditEventKind::KeyLeaked,
     }
 }
 
@@ -155,6 +161,7 @@ pub fn role_in(role: i32) -> Option<OperatorRole> {
         pb::OperatorRole::Admin => Some(OperatorRole::Admin),
         pb::OperatorRole::KeyManager => Some(OperatorRole::KeyManager),
         pb::OperatorRole::Auditor => Some(OperatorRole::Auditor),
+        pb::OperatorRole::LeakReporter => Some(OperatorRole::LeakReporter),
     }
 }
 
@@ -163,6 +170,7 @@ fn role_out(role: OperatorRole) -> pb::OperatorRole {
         OperatorRole::Admin => pb::OperatorRole::Admin,
         OperatorRole::KeyManager => pb::OperatorRole::KeyManager,
         OperatorRole::Auditor => pb::OperatorRole::Auditor,
+        OperatorRole::LeakReporter => pb::OperatorRole::LeakReporter,
     }
 }
 
@@ -215,7 +223,14 @@ pub fn api_key(view: KeyView) -> pb::ApiKey {
         request_count: k.request_count,
         denied_count: k.denied_count,
         updated_at: Some(timestamp(k.updated_at)),
+        disabled_at: opt_timestamp(k.disabled_at),
+        disabled_reason: k.disabled_reason.unwrap_or_default(),
+        metadata: metadata_out(&k.metadata),
     }
+}
+
+pub fn metadata_out(m: &Metadata) -> std::collections::HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
 pub fn audit_event(r: AuditRecord) -> pb::AuditEvent {
@@ -302,6 +317,7 @@ pub fn verdict(v: Verdict) -> pb::VerifyResponse {
             audit_event_id: v.audit_event_id,
             rate_limit,
             credits_remaining: v.credits_remaining,
+            metadata: metadata_out(&grant.metadata),
         },
         Err(reason) => pb::VerifyResponse {
             decision: pb::Decision::Deny.into(),

@@ -4,7 +4,10 @@
 //! answers the documented HTTP responses:
 //!
 //! - allowed: OK, `x-keywarden-{merchant-id,key-id,scopes,audit-id}` set
-//!   (overwriting whatever the client sent) and the key's header removed;
+//!   (overwriting whatever the client sent), `x-keywarden-meta-<name>` set
+//!   for each metadata entry whose value is printable ASCII (and every
+//!   other `x-keywarden-meta-` header the client sent removed), and the
+//!   key's header removed;
 //! - denied: the status, JSON body and headers of the `keywarden-http`
 //!   contract, which keywarden-client answers too (401 with
 //!   `www-authenticate: Bearer` for a missing, malformed, unknown, revoked
@@ -45,6 +48,8 @@ pub const MERCHANT_HEADER: &str = "x-keywarden-merchant-id";
 pub const KEY_ID_HEADER: &str = "x-keywarden-key-id";
 pub const SCOPES_HEADER: &str = "x-keywarden-scopes";
 pub const AUDIT_ID_HEADER: &str = "x-keywarden-audit-id";
+/// Followed by a metadata entry's name.
+pub const META_HEADER_PREFIX: &str = "x-keywarden-meta-";
 
 #[derive(Debug, Clone)]
 pub struct CheckService {
@@ -57,8 +62,10 @@ impl CheckService {
     }
 }
 
-/// The HTTP request Envoy describes, as the gateway needs it.
-fn http_check(request: CheckRequest) -> HttpCheck {
+/// The HTTP request Envoy describes, as the gateway needs it, and the
+/// metadata headers the client sent itself (never passed upstream as if
+/// keywarden had set them).
+fn http_check(request: CheckRequest) -> (HttpCheck, Vec<String>) {
     let attributes = request.attributes.unwrap_or_default();
     let source = attributes.source.and_then(|peer| peer.address).and_then(|a| match a.address {
         Some(address::Address::SocketAddress(s)) => s.address.parse::<IpAddr>().ok(),
@@ -77,14 +84,22 @@ fn http_check(request: CheckRequest) -> HttpCheck {
             headers.entry(h.key.to_ascii_lowercase()).or_insert(value);
         }
     }
-    HttpCheck {
+    let sent_meta = headers
+        .keys()
+        .filter(|name| {
+            name.get(..META_HEADER_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(META_HEADER_PREFIX))
+        })
+        .cloned()
+        .collect();
+    let check = HttpCheck {
         method: http.method,
         path: http.path,
         authorization: headers.remove(http::AUTHORIZATION),
         x_api_key: headers.remove(http::X_API_KEY),
         forwarded_for: headers.remove("x-forwarded-for"),
         source,
-    }
+    };
+    (check, sent_meta)
 }
 
 fn text(s: impl Into<String>) -> Value {
@@ -144,7 +159,7 @@ fn denied(denial: Denial, error_text: Option<&str>, meta: Struct, extra: &[(&str
     response
 }
 
-fn respond(checked: Checked) -> CheckResponse {
+fn respond(checked: Checked, sent_meta: Vec<String>) -> CheckResponse {
     let audit_id = checked.verdict.audit_event_id;
     match checked.verdict.outcome {
         Ok(grant) => {
@@ -154,6 +169,17 @@ fn respond(checked: Checked) -> CheckResponse {
             ok.add_header(KEY_ID_HEADER, grant.key_id.clone(), overwrite, true);
             ok.add_header(SCOPES_HEADER, grant.scopes.join(","), overwrite, true);
             ok.add_header(AUDIT_ID_HEADER, audit_id.clone(), overwrite, true);
+            let mut set = Vec::new();
+            for (name, value) in grant.metadata.header_safe() {
+                let header = format!("{META_HEADER_PREFIX}{name}");
+                ok.add_header(header.clone(), value.to_owned(), overwrite, true);
+                set.push(header);
+            }
+            // A client's own metadata header would reach upstream as if
+            // the key carried it.
+            for header in sent_meta.iter().filter(|h| !set.iter().any(|s| s.eq_ignore_ascii_case(h))) {
+                ok.remove_header(header.as_str());
+            }
             // Whichever header carried the key, neither goes upstream.
             for header in KEY_HEADERS {
                 ok.remove_header(header);
@@ -188,9 +214,9 @@ impl Authorization for CheckService {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let span = telemetry::verify_span();
         adopt_parent(&span, &request);
-        let check = http_check(request.into_inner());
+        let (check, sent_meta) = http_check(request.into_inner());
         match traced(&span, self.gateway.check(check, &span)).await {
-            Ok(checked) => Ok(Response::new(respond(checked))),
+            Ok(checked) => Ok(Response::new(respond(checked, sent_meta))),
             // Envoy fails closed on an error too, but a 503 it can pass on
             // says why.
             Err(ServiceError::Unavailable(why) | ServiceError::Overloaded(why) | ServiceError::Busy(why)) => {

@@ -14,6 +14,7 @@ use super::{
 use crate::service::{
     access::Principal,
     admin::{AuditFilter, CreateKey, KeyManager, UpdateKey},
+    leaks::{Label, Leaks, Reported},
     operators::{NewOperator, OperatorTokens},
     peppers::Peppers,
 };
@@ -23,11 +24,17 @@ pub struct KeyAdminService {
     manager: Arc<KeyManager>,
     operators: Arc<OperatorTokens>,
     peppers: Arc<Peppers>,
+    leaks: Arc<Leaks>,
 }
 
 impl KeyAdminService {
-    pub fn new(manager: Arc<KeyManager>, operators: Arc<OperatorTokens>, peppers: Arc<Peppers>) -> Self {
-        Self { manager, operators, peppers }
+    pub fn new(
+        manager: Arc<KeyManager>,
+        operators: Arc<OperatorTokens>,
+        peppers: Arc<Peppers>,
+        leaks: Arc<Leaks>,
+    ) -> Self {
+        Self { manager, operators, peppers, leaks }
     }
 }
 
@@ -76,6 +83,7 @@ impl KeyAdmin for KeyAdminService {
             allowed_cidrs: r.allowed_cidrs,
             rate_limits: convert::rate_limits_in(r.rate_limits),
             credits: convert::credits_in(r.credits),
+            metadata: r.metadata.into_iter().collect(),
         };
         let issued = traced(&span, self.manager.create(&who, input)).await?;
         Ok(Response::new(pb::CreateKeyResponse {
@@ -127,6 +135,7 @@ impl KeyAdmin for KeyAdminService {
             allowed_cidrs: r.allowed_cidrs,
             rate_limits: convert::rate_limits_in(r.rate_limits),
             credits: convert::credits_in(r.credits),
+            metadata: r.metadata.into_iter().collect(),
         };
         let key = traced(&span, self.manager.update(&who, input)).await?;
         Ok(Response::new(pb::UpdateKeyResponse { api_key: Some(convert::api_key(key)) }))
@@ -366,5 +375,55 @@ impl KeyAdmin for KeyAdminService {
         let r = request.into_inner();
         traced(&span, self.manager.redeliver(&who, &r.endpoint_id, &r.event_id)).await?;
         Ok(Response::new(pb::RedeliverEventResponse {}))
+    }
+
+    async fn disable_key(
+        &self,
+        request: Request<pb::DisableKeyRequest>,
+    ) -> Result<Response<pb::DisableKeyResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.DisableKey")?;
+        let r = request.into_inner();
+        let key = traced(&span, self.manager.disable(&who, &r.merchant_id, &r.key_id, &r.reason)).await?;
+        Ok(Response::new(pb::DisableKeyResponse { api_key: Some(convert::api_key(key)) }))
+    }
+
+    async fn enable_key(
+        &self,
+        request: Request<pb::EnableKeyRequest>,
+    ) -> Result<Response<pb::EnableKeyResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.EnableKey")?;
+        let r = request.into_inner();
+        let key = traced(&span, self.manager.enable(&who, &r.merchant_id, &r.key_id)).await?;
+        Ok(Response::new(pb::EnableKeyResponse { api_key: Some(convert::api_key(key)) }))
+    }
+
+    async fn report_leaked_keys(
+        &self,
+        request: Request<pb::ReportLeakedKeysRequest>,
+    ) -> Result<Response<pb::ReportLeakedKeysResponse>, Status> {
+        let (who, span) = admin_call(&request, "keywarden.admin.ReportLeakedKeys")?;
+        let reported = request.into_inner().keys.into_iter().map(|k| Reported {
+            token: k.key,
+            source: k.source,
+            url: k.url,
+        });
+        let findings = traced(&span, self.leaks.report_by(&who, reported.collect())).await?;
+        let results = findings
+            .into_iter()
+            .map(|f| {
+                let (merchant_id, key_id) = f.key.unwrap_or_default();
+                pb::LeakResult {
+                    token_hash: f.token_hash,
+                    label: match f.label {
+                        Label::TruePositive => pb::LeakLabel::TruePositive,
+                        Label::FalsePositive => pb::LeakLabel::FalsePositive,
+                    }
+                    .into(),
+                    key_id,
+                    merchant_id,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ReportLeakedKeysResponse { results }))
     }
 }

@@ -7,7 +7,8 @@
 //! layers; [`limits`] bounds each RPC's request size, and [`lifetime`] each
 //! call's duration. [`ext_authz`] answers Envoy's
 //! Check (gateway mode) with envoy-types' messages, and [`access_log`]
-//! takes Envoy's access-log stream onto the audit rows.
+//! takes Envoy's access-log stream onto the audit rows. [`leak_reports`]
+//! is the one HTTP route beside them: GitHub's secret-scanning reports.
 
 pub mod access_log;
 pub mod auth;
@@ -17,6 +18,7 @@ pub mod convert;
 pub mod ext_authz;
 pub mod key_admin;
 pub mod key_verify;
+pub mod leak_reports;
 pub mod lifetime;
 pub mod limits;
 pub mod pb;

@@ -39,10 +39,14 @@ pub enum AuditKind {
     /// Verify calls that belong to no merchant (malformed keys, unknown
     /// prefixes, throttled checks), one row per minute and distinct request.
     VerifyRollup,
+    KeyDisabled,
+    KeyEnabled,
+    /// A leak report proved the key and revoked it.
+    KeyLeaked,
 }
 
 impl AuditKind {
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 13] = [
         Self::Verify,
         Self::KeyCreated,
         Self::KeyUpdated,
@@ -53,6 +57,9 @@ impl AuditKind {
         Self::OperatorTokenCreated,
         Self::OperatorTokenRevoked,
         Self::VerifyRollup,
+        Self::KeyDisabled,
+        Self::KeyEnabled,
+        Self::KeyLeaked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +76,9 @@ impl AuditKind {
             Self::OperatorTokenCreated => "OPERATOR_TOKEN_CREATED",
             Self::OperatorTokenRevoked => "OPERATOR_TOKEN_REVOKED",
             Self::VerifyRollup => "VERIFY_ROLLUP",
+            Self::KeyDisabled => "KEY_DISABLED",
+            Self::KeyEnabled => "KEY_ENABLED",
+            Self::KeyLeaked => "KEY_LEAKED",
         }
     }
 

@@ -284,11 +284,13 @@ mod tests {
             policy: Policy {
                 revoked_at: None,
                 expires_at: None,
+                disabled: false,
                 allowed: AllowList::default(),
                 scopes: ScopeSet::default(),
             },
             rate_limits: Default::default(),
             credits: None,
+            metadata: Default::default(),
             version: 1,
         })
     }

@@ -172,6 +172,7 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
             rate_limits,
             credits,
             refill,
+            metadata,
         } => {
             let request = pb::CreateKeyRequest {
                 merchant_id: merchant,
@@ -182,6 +183,7 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
                 allowed_cidrs: allowed,
                 rate_limits: rate_limits.iter().map(|s| rate_limit(s)).collect::<anyhow::Result<_>>()?,
                 credits: credits_of(credits, refill.as_deref())?,
+                metadata: metadata_of(&metadata)?,
             };
             let created =
                 admin.create_key(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
@@ -213,6 +215,8 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
             credits,
             refill,
             no_credits,
+            metadata,
+            no_metadata,
         } => {
             let mut paths = Vec::new();
             if name.is_some() {
@@ -233,9 +237,12 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
             if credits.is_some() || no_credits {
                 paths.push("credits".to_owned());
             }
+            if !metadata.is_empty() || no_metadata {
+                paths.push("metadata".to_owned());
+            }
             if paths.is_empty() {
                 bail!(
-                    "nothing to change: give --name, --scope, --allow/--allow-any-ip, --expires-at/--no-expiry, --rate-limit/--no-rate-limits or --credits/--no-credits"
+                    "nothing to change: give --name, --scope, --allow/--allow-any-ip, --expires-at/--no-expiry, --rate-limit/--no-rate-limits, --credits/--no-credits or --meta/--no-metadata"
                 );
             }
             let request = pb::UpdateKeyRequest {
@@ -247,6 +254,7 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
                 expires_at: timestamp("--expires-at", expires_at.as_deref())?,
                 rate_limits: rate_limits.iter().map(|s| rate_limit(s)).collect::<anyhow::Result<_>>()?,
                 credits: credits_of(credits, refill.as_deref())?,
+                metadata: metadata_of(&metadata)?,
                 update_mask: Some(prost_types::FieldMask { paths }),
             };
             let key =
@@ -258,6 +266,42 @@ pub async fn keys(conn: Connection, command: KeysCommand) -> anyhow::Result<()> 
             let key =
                 admin.revoke_key(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
             render::key(conn.json, key.api_key.as_ref());
+        }
+        KeysCommand::Disable { merchant, key_id, reason } => {
+            let request = pb::DisableKeyRequest { merchant_id: merchant, key_id, reason };
+            let key =
+                admin.disable_key(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
+            render::key(conn.json, key.api_key.as_ref());
+        }
+        KeysCommand::Enable { merchant, key_id } => {
+            let request = pb::EnableKeyRequest { merchant_id: merchant, key_id };
+            let key =
+                admin.enable_key(authorized(request, &token)?).await.map_err(status_error)?.into_inner();
+            render::key(conn.json, key.api_key.as_ref());
+        }
+        KeysCommand::ReportLeaked { source, url } => {
+            let mut keys = Vec::new();
+            for line in std::io::stdin().lines() {
+                let line = line.context("reading keys from stdin")?;
+                let key = line.trim();
+                if !key.is_empty() {
+                    keys.push(pb::LeakedKey {
+                        key: key.to_owned(),
+                        source: source.clone(),
+                        url: url.clone(),
+                    });
+                }
+            }
+            if keys.is_empty() {
+                bail!("no keys on stdin: give one key or operator token per line");
+            }
+            let request = pb::ReportLeakedKeysRequest { keys };
+            let report = admin
+                .report_leaked_keys(authorized(request, &token)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            render::leak_results(conn.json, &report.results);
         }
         KeysCommand::Regenerate { merchant, key_id, grace } => {
             let grace_period = grace.as_deref().map(duration).transpose()?;
@@ -285,7 +329,8 @@ pub async fn operators(conn: Connection, command: OperatorsCommand) -> anyhow::R
                 "admin" => pb::OperatorRole::Admin,
                 "key-manager" => pb::OperatorRole::KeyManager,
                 "auditor" => pb::OperatorRole::Auditor,
-                other => bail!("--role {other:?}: use admin, key-manager or auditor"),
+                "leak-reporter" => pb::OperatorRole::LeakReporter,
+                other => bail!("--role {other:?}: use admin, key-manager, auditor or leak-reporter"),
             };
             let request = pb::CreateOperatorTokenRequest {
                 name,
@@ -375,6 +420,17 @@ pub async fn verify(
     let verdict = client.verify(request).await.map_err(status_error)?.into_inner();
     render::verdict(conn.json, &verdict);
     Ok(())
+}
+
+/// `NAME=VALUE` entries as a request's metadata; the server checks them.
+fn metadata_of(entries: &[String]) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    entries
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some((name, value)) => Ok((name.to_owned(), value.to_owned())),
+            None => bail!("--meta {e:?}: use NAME=VALUE"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

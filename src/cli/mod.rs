@@ -139,6 +139,10 @@ pub enum KeysCommand {
         /// Refill the credits to AMOUNT/daily or AMOUNT/monthly (UTC).
         #[arg(long, requires = "credits")]
         refill: Option<String>,
+        /// A metadata entry NAME=VALUE, returned on every Verify (repeat for
+        /// several).
+        #[arg(long = "meta")]
+        metadata: Vec<String>,
     },
     /// List keys, newest first.
     List {
@@ -156,8 +160,8 @@ pub enum KeysCommand {
         merchant: String,
         key_id: String,
     },
-    /// Change name, scopes, IP limits, expiry, rate limits or credits; only
-    /// what is given changes.
+    /// Change name, scopes, IP limits, expiry, rate limits, credits or
+    /// metadata; only what is given changes.
     Update {
         #[arg(long)]
         merchant: String,
@@ -191,6 +195,36 @@ pub enum KeysCommand {
         /// Remove the key's credits (unlimited).
         #[arg(long, conflicts_with = "credits")]
         no_credits: bool,
+        /// Replace the key's metadata (NAME=VALUE, repeat).
+        #[arg(long = "meta")]
+        metadata: Vec<String>,
+        /// Remove every metadata entry.
+        #[arg(long, conflicts_with = "metadata")]
+        no_metadata: bool,
+    },
+    /// Stop a key verifying until it is enabled again, on every replica.
+    Disable {
+        #[arg(long)]
+        merchant: String,
+        key_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Let a disabled key verify again.
+    Enable {
+        #[arg(long)]
+        merchant: String,
+        key_id: String,
+    },
+    /// Report leaked keys or operator tokens, read one per line from stdin
+    /// (never from the command line): each one proven is revoked at once.
+    ReportLeaked {
+        /// Who found them, e.g. support or a scanner's name.
+        #[arg(long, default_value = "")]
+        source: String,
+        /// Where they were found.
+        #[arg(long, default_value = "")]
+        url: String,
     },
     /// Revoke a key, immediately.
     Revoke {
@@ -223,7 +257,7 @@ pub enum OperatorsCommand {
     Create {
         #[arg(long)]
         name: String,
-        /// admin, key-manager or auditor.
+        /// admin, key-manager, auditor or leak-reporter.
         #[arg(long)]
         role: String,
         /// Limit the token to a merchant (repeat for several); not for admin.

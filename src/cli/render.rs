@@ -50,7 +50,44 @@ fn key_json(key: &pb::ApiKey) -> Value {
         "last_used_at": time(key.last_used_at.as_ref()),
         "request_count": key.request_count,
         "denied_count": key.denied_count,
+        "disabled_at": time(key.disabled_at.as_ref()),
+        "disabled_reason": key.disabled_reason,
+        "metadata": key.metadata.iter().collect::<std::collections::BTreeMap<_, _>>(),
     })
+}
+
+/// A leak report's answer: one row per reported token, in order.
+pub fn leak_results(json: bool, results: &[pb::LeakResult]) {
+    let label = |r: &pb::LeakResult| {
+        enum_name(pb::LeakLabel::try_from(r.label).ok().map(|l| l.as_str_name()), "LEAK_LABEL_")
+    };
+    if json {
+        let rows: Vec<Value> = results
+            .iter()
+            .map(|r| {
+                json!({
+                    "token_hash": r.token_hash,
+                    "label": label(r),
+                    "key_id": r.key_id,
+                    "merchant_id": r.merchant_id,
+                })
+            })
+            .collect();
+        println!("{}", json!({ "results": rows }));
+        return;
+    }
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.token_hash.clone(),
+                label(r),
+                or_dash(Some(r.merchant_id.clone())),
+                or_dash(Some(r.key_id.clone())),
+            ]
+        })
+        .collect();
+    table(&["TOKEN SHA-256", "LABEL", "MERCHANT", "KEY"], &rows);
 }
 
 /// Prints rows under headers, each column as wide as its widest cell.

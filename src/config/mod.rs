@@ -21,6 +21,7 @@ pub mod describe;
 pub mod events;
 pub mod fleet;
 pub mod keys;
+pub mod leaks;
 pub mod store;
 pub mod transport;
 
@@ -287,6 +288,14 @@ pub struct Settings {
     /// Delivered lifecycle events older than this many days are deleted;
     /// 0 keeps them forever.
     pub events_retention_days: u32,
+    /// GitHub's secret-scanning reports (`POST /v1/leaks/github`), on the
+    /// gRPC listeners' TLS; unset: no leak-report listener.
+    pub leak_report_listen_addr: Option<SocketAddr>,
+    /// GitHub's public keys, in the shape of its public-keys endpoint;
+    /// re-read when it changes.
+    pub leak_report_keys_file: Option<PathBuf>,
+    /// GitHub's public-keys endpoint, fetched and cached for an hour.
+    pub leak_report_keys_url: Option<String>,
 }
 
 impl Default for Settings {
@@ -394,6 +403,9 @@ impl Default for Settings {
             expiry_reminder_leads: vec!["14d".into(), "3d".into()],
             expiry_scan_interval_ms: 60_000,
             events_retention_days: 30,
+            leak_report_listen_addr: None,
+            leak_report_keys_file: None,
+            leak_report_keys_url: None,
         }
     }
 }

@@ -85,10 +85,11 @@ impl Settings {
             if grant.identity.is_empty() {
                 return Err(ConfigError::Invalid("operator_identities: identity is required".into()));
             }
-            if grant.role == OperatorRole::Admin && !grant.merchant_ids.is_empty() {
+            if grant.role.spans_merchants() && !grant.merchant_ids.is_empty() {
                 return Err(ConfigError::Invalid(format!(
-                    "operator_identities: {:?} is admin, which cannot be limited to merchants",
-                    grant.identity
+                    "operator_identities: {:?} is {}, which cannot be limited to merchants",
+                    grant.identity,
+                    grant.role.as_str().to_ascii_lowercase()
                 )));
             }
         }

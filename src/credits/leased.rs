@@ -457,6 +457,7 @@ mod tests {
             allowed_cidrs: Vec::new(),
             rate_limits: Default::default(),
             credits: Some(Credits { remaining: 100, refill: None }),
+            metadata: Default::default(),
             expires_at: None,
             created_at: now,
             created_by: "test".into(),

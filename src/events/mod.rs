@@ -18,7 +18,10 @@ use std::{sync::Arc, time::Duration};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
 
-use crate::store::{events::NewEvent, keys::StoredKey};
+use crate::{
+    keys::Metadata,
+    store::{events::NewEvent, keys::StoredKey},
+};
 
 /// Every event type, as the contract names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,10 +33,13 @@ pub enum EventType {
     GraceEnded,
     Expiring,
     Expired,
+    Disabled,
+    Enabled,
+    Leaked,
 }
 
 impl EventType {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 10] = [
         Self::Created,
         Self::Updated,
         Self::Revoked,
@@ -41,6 +47,9 @@ impl EventType {
         Self::GraceEnded,
         Self::Expiring,
         Self::Expired,
+        Self::Disabled,
+        Self::Enabled,
+        Self::Leaked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +61,9 @@ impl EventType {
             Self::GraceEnded => "key.grace_ended",
             Self::Expiring => "key.expiring",
             Self::Expired => "key.expired",
+            Self::Disabled => "key.disabled",
+            Self::Enabled => "key.enabled",
+            Self::Leaked => "key.leaked",
         }
     }
 
@@ -75,11 +87,18 @@ pub struct KeyFacts<'a> {
     pub key_id: &'a str,
     pub key_name: &'a str,
     pub prefix: &'a str,
+    pub metadata: &'a Metadata,
 }
 
 impl<'a> KeyFacts<'a> {
     pub fn of(key: &'a StoredKey) -> Self {
-        Self { merchant_id: &key.merchant_id, key_id: &key.id, key_name: &key.name, prefix: &key.prefix }
+        Self {
+            merchant_id: &key.merchant_id,
+            key_id: &key.id,
+            key_name: &key.name,
+            prefix: &key.prefix,
+            metadata: &key.metadata,
+        }
     }
 }
 
@@ -113,6 +132,9 @@ impl Outbox {
         data.insert("key_id".into(), key.key_id.into());
         data.insert("key_name".into(), key.key_name.into());
         data.insert("prefix".into(), key.prefix.into());
+        if !key.metadata.is_empty() {
+            data.insert("metadata".into(), key.metadata.to_json());
+        }
         data.insert("actor".into(), actor.into());
         data.extend(extra);
         let body = json!({
@@ -183,7 +205,14 @@ mod tests {
     fn an_event_is_a_structured_cloudevent_without_secrets() {
         let outbox = Outbox::new("keywarden");
         let at = DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap();
-        let key = KeyFacts { merchant_id: "m1", key_id: "k1", key_name: "till", prefix: "sntr_abcdefghijk" };
+        let metadata = Metadata::new([("tier".to_owned(), "gold".to_owned())]).unwrap();
+        let key = KeyFacts {
+            merchant_id: "m1",
+            key_id: "k1",
+            key_name: "till",
+            prefix: "sntr_abcdefghijk",
+            metadata: &metadata,
+        };
         let event =
             outbox.event(EventType::Revoked, key, "alice", at, event_fields!("reason" => "lost"), None);
         let body: Value = serde_json::from_str(&event.body).unwrap();
@@ -206,6 +235,7 @@ mod tests {
         ] {
             assert_eq!(data[field], value, "{field}");
         }
+        assert_eq!(data["metadata"], json!({"tier": "gold"}));
         assert_eq!(
             (event.kind, event.key_id.as_str(), event.merchant_id.as_str()),
             ("key.revoked", "k1", "m1")

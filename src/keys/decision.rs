@@ -37,6 +37,8 @@ pub struct Policy {
     /// When the key stops verifying (in the future while rotating).
     pub revoked_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// Disabled by an operator: refused until enabled again.
+    pub disabled: bool,
     pub allowed: AllowList,
     /// Granted scopes with implications already expanded.
     pub scopes: ScopeSet,
@@ -55,11 +57,13 @@ pub struct KeyState {
     pub rate_limits: RateLimits,
     /// Spent after the limits admit a call; `None` is unlimited.
     pub credits: Option<super::credits::Balance>,
+    /// Returned with every allowed call; never part of a decision.
+    pub metadata: super::Metadata,
     pub version: i64,
 }
 
-/// Revocation first (it is the strongest statement), then expiry, then the
-/// caller's address, then the scope.
+/// Revocation first (it is the strongest statement), then an operator's
+/// disable, then expiry, then the caller's address, then the scope.
 pub fn decide(
     policy: &Policy,
     now: DateTime<Utc>,
@@ -68,6 +72,9 @@ pub fn decide(
 ) -> Result<(), DenyReason> {
     if policy.revoked_at.is_some_and(|at| at <= now) {
         return Err(DenyReason::Revoked);
+    }
+    if policy.disabled {
+        return Err(DenyReason::Disabled);
     }
     if policy.expires_at.is_some_and(|at| at <= now) {
         return Err(DenyReason::Expired);
@@ -102,6 +109,7 @@ mod tests {
         Policy {
             revoked_at: None,
             expires_at: None,
+            disabled: false,
             allowed: AllowList::parse(cidrs).unwrap(),
             scopes: c.expand(c.parse_grant(scopes).unwrap()),
         }
@@ -145,13 +153,16 @@ mod tests {
     }
 
     #[test]
-    fn checks_are_ordered_revoked_expired_ip_scope() {
+    fn checks_are_ordered_revoked_disabled_expired_ip_scope() {
         let now = Utc::now();
         let mut p = policy(&["sales:read"], &["10.0.0.0/8"]);
         p.revoked_at = Some(now);
+        p.disabled = true;
         p.expires_at = Some(now);
         assert_eq!(decide(&p, now, ip("1.1.1.1"), scope("invoice:write")), Err(DenyReason::Revoked));
         p.revoked_at = None;
+        assert_eq!(decide(&p, now, ip("1.1.1.1"), scope("invoice:write")), Err(DenyReason::Disabled));
+        p.disabled = false;
         assert_eq!(decide(&p, now, ip("1.1.1.1"), scope("invoice:write")), Err(DenyReason::Expired));
         p.expires_at = None;
         assert_eq!(decide(&p, now, ip("1.1.1.1"), scope("invoice:write")), Err(DenyReason::IpNotAllowed));
@@ -171,7 +182,7 @@ mod tests {
     #[test]
     fn statuses_split_into_400_401_403_and_429() {
         let statuses: Vec<u16> = DenyReason::ALL.iter().map(|r| r.http_status()).collect();
-        assert_eq!(statuses, [401, 401, 401, 401, 403, 403, 429, 403, 429, 429, 400]);
+        assert_eq!(statuses, [401, 401, 401, 401, 403, 403, 429, 403, 429, 429, 400, 403]);
         for r in DenyReason::ALL {
             assert_eq!(DenyReason::parse(r.as_str()), Some(r));
         }

@@ -24,7 +24,8 @@ pub struct KeyRef {
 pub enum KeyEvent {
     /// A new key was issued.
     Created { key: KeyRef, at: DateTime<Utc> },
-    /// Its name, scopes, allow-list, expiry, limits or credits changed.
+    /// Its name, scopes, allow-list, expiry, limits, credits or metadata
+    /// changed, or it was disabled or enabled.
     Updated { key: KeyRef, at: DateTime<Utc> },
     /// Revoked: it stops verifying at once.
     Revoked { key: KeyRef, at: DateTime<Utc> },

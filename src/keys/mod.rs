@@ -4,7 +4,8 @@
 //! that say who issued them ([`event_id`]), what happened to a key and
 //! what hears of it ([`events`]), mTLS client identities
 //! ([`identity`]), rate limits and their GCRA
-//! arithmetic ([`limits`]), and operator tokens and roles
+//! arithmetic ([`limits`]), the labels a key carries ([`metadata`]), and
+//! operator tokens and roles
 //! ([`operator`]).
 
 pub mod cidr;
@@ -16,6 +17,7 @@ pub mod format;
 pub mod hash;
 pub mod identity;
 pub mod limits;
+pub mod metadata;
 pub mod operator;
 pub mod scope;
 
@@ -28,6 +30,7 @@ pub use event_id::EventIds;
 pub use format::{KeyPrefix, LookupPrefix, Malformed, PlainKey};
 pub use hash::{KeyHash, KeyHasher, KeyedMac, PepperId};
 pub use limits::{LimitStatus, RateLimit, RateLimits};
+pub use metadata::Metadata;
 pub use scope::{ScopeCatalogue, ScopeSet};
 
 /// A key's lifecycle state, derived from its timestamps.
@@ -38,6 +41,8 @@ pub enum KeyStatus {
     Revoked,
     /// Replaced, but verifying until its grace period ends.
     Rotating,
+    /// Disabled by an operator, and neither revoked nor expired.
+    Disabled,
 }
 
 impl KeyStatus {
@@ -51,6 +56,20 @@ impl KeyStatus {
             (_, Some(e)) if e <= now => Self::Expired,
             (Some(_), _) => Self::Rotating,
             _ => Self::Active,
+        }
+    }
+
+    /// As [`at`](Self::at), with a disable shown over active and rotating:
+    /// revocation and expiry are the stronger statements.
+    pub fn of(
+        revoked_at: Option<DateTime<Utc>>,
+        expires_at: Option<DateTime<Utc>>,
+        disabled: bool,
+        now: DateTime<Utc>,
+    ) -> Self {
+        match Self::at(revoked_at, expires_at, now) {
+            Self::Active | Self::Rotating if disabled => Self::Disabled,
+            status => status,
         }
     }
 }

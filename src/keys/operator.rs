@@ -118,19 +118,30 @@ pub enum OperatorRole {
     Admin,
     KeyManager,
     Auditor,
+    /// Reports leaked keys of any merchant, and does nothing else.
+    LeakReporter,
 }
 
 impl OperatorRole {
+    pub const ALL: [Self; 4] = [Self::Admin, Self::KeyManager, Self::Auditor, Self::LeakReporter];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Admin => "ADMIN",
             Self::KeyManager => "KEY_MANAGER",
             Self::Auditor => "AUDITOR",
+            Self::LeakReporter => "LEAK_REPORTER",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Admin, Self::KeyManager, Self::Auditor].into_iter().find(|r| r.as_str() == s)
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// Roles whose work spans every merchant, so a token of theirs is never
+    /// limited to some.
+    pub fn spans_merchants(self) -> bool {
+        matches!(self, Self::Admin | Self::LeakReporter)
     }
 
     /// The permission matrix.
@@ -138,10 +149,13 @@ impl OperatorRole {
         use AdminAction::*;
         match self {
             Self::Admin => true,
-            Self::KeyManager => !action.is_admin_only(),
+            // A leak report revokes whichever merchant's key it proves, so
+            // it is not a merchant-scoped manager's call.
+            Self::KeyManager => !action.is_admin_only() && action != ReportLeakedKeys,
             Self::Auditor => {
                 matches!(action, GetKey | ListKeys | GetKeyUsage | ListAuditEvents | ListScopes | ListEvents)
             }
+            Self::LeakReporter => action == ReportLeakedKeys,
         }
     }
 }
@@ -168,10 +182,13 @@ pub enum AdminAction {
     DeleteWebhookEndpoint,
     ListWebhookDeliveries,
     RedeliverEvent,
+    DisableKey,
+    EnableKey,
+    ReportLeakedKeys,
 }
 
 impl AdminAction {
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 22] = [
         Self::CreateKey,
         Self::GetKey,
         Self::ListKeys,
@@ -191,6 +208,9 @@ impl AdminAction {
         Self::DeleteWebhookEndpoint,
         Self::ListWebhookDeliveries,
         Self::RedeliverEvent,
+        Self::DisableKey,
+        Self::EnableKey,
+        Self::ReportLeakedKeys,
     ];
 
     /// The RPC's name, as audit rows and logs show it.
@@ -215,6 +235,9 @@ impl AdminAction {
             Self::DeleteWebhookEndpoint => "DeleteWebhookEndpoint",
             Self::ListWebhookDeliveries => "ListWebhookDeliveries",
             Self::RedeliverEvent => "RedeliverEvent",
+            Self::DisableKey => "DisableKey",
+            Self::EnableKey => "EnableKey",
+            Self::ReportLeakedKeys => "ReportLeakedKeys",
         }
     }
 
@@ -277,12 +300,17 @@ mod tests {
                 GetKeyUsage,
                 ListAuditEvents,
                 ListScopes,
-                ListEvents
+                ListEvents,
+                DisableKey,
+                EnableKey
             ]
         );
         let auditor: Vec<_> =
             AdminAction::ALL.into_iter().filter(|a| OperatorRole::Auditor.allows(*a)).collect();
         assert_eq!(auditor, [GetKey, ListKeys, GetKeyUsage, ListAuditEvents, ListScopes, ListEvents]);
+        let reporter: Vec<_> =
+            AdminAction::ALL.into_iter().filter(|a| OperatorRole::LeakReporter.allows(*a)).collect();
+        assert_eq!(reporter, [ReportLeakedKeys], "a leak reporter reads nothing");
     }
 
     proptest! {

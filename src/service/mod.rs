@@ -1,7 +1,8 @@
 //! The use cases, composed from the pure key domain and the runtime parts:
 //! [`admin::KeyManager`] for KeyAdmin (its committed changes go out through
 //! [`events`]), [`verify::Verifier`] for KeyVerify and [`outcomes`] for
-//! RecordOutcomes and the access-log stream.
+//! RecordOutcomes and the access-log stream; [`leaks::Leaks`] judges leak
+//! reports and revokes the keys they prove.
 //! Inputs are validated here (the API layer only decodes), and every failure
 //! is a [`ServiceError`] that `api::status` maps to a gRPC status in one place.
 
@@ -10,6 +11,7 @@ pub mod admin;
 pub mod events;
 pub mod gateway;
 pub mod hash_pool;
+pub mod leaks;
 pub mod operators;
 pub mod outcomes;
 pub mod page;

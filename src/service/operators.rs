@@ -58,12 +58,16 @@ impl OperatorTokens {
         match req.role {
             None => v.add(
                 "role",
-                "is required: OPERATOR_ROLE_ADMIN, OPERATOR_ROLE_KEY_MANAGER or OPERATOR_ROLE_AUDITOR",
+                "is required: OPERATOR_ROLE_ADMIN, OPERATOR_ROLE_KEY_MANAGER, OPERATOR_ROLE_AUDITOR or \
+                 OPERATOR_ROLE_LEAK_REPORTER",
             ),
-            Some(OperatorRole::Admin) if !req.merchant_ids.is_empty() => {
+            Some(role) if role.spans_merchants() && !req.merchant_ids.is_empty() => {
                 v.add(
                     "merchant_ids",
-                    "must be empty for OPERATOR_ROLE_ADMIN (an admin acts on every merchant)",
+                    format!(
+                        "must be empty for OPERATOR_ROLE_{} (it acts on every merchant's keys)",
+                        role.as_str()
+                    ),
                 );
             }
             Some(_) => {}

@@ -27,6 +27,7 @@ use crate::{
         ext_authz::CheckService,
         key_admin::KeyAdminService,
         key_verify::KeyVerifyService,
+        leak_reports::LeakReportApi,
     },
     audit::{rollup::Rollups, spool::Spool, writer},
     cache::{
@@ -52,6 +53,7 @@ use crate::{
         events::KeyEvents,
         gateway::Gateway,
         hash_pool::HashPool,
+        leaks::{LeakParts, Leaks, github::GithubKeys},
         operators::OperatorTokens,
         peppers::Peppers,
         rehash::Rehasher,
@@ -280,6 +282,29 @@ impl Application {
         if let Some(warm) = &warm {
             sinks.push(Arc::clone(warm) as Arc<dyn KeyEventSink>);
         }
+        let leaks = Arc::new(Leaks::new(LeakParts {
+            store: store.clone(),
+            hasher: deps.hasher.clone(),
+            pool: pool.clone(),
+            prefix: deps.prefix.clone(),
+            cache: cache.clone(),
+            access: Arc::clone(&access),
+            clock: Arc::clone(&clock),
+            outbox: outbox.clone(),
+            events: KeyEvents::new(sinks.clone()),
+            metrics: Arc::clone(&metrics),
+        }));
+        let leak_reports = match settings.leak_reports()? {
+            Some(s) => Some(LeakReportApi {
+                leaks: Arc::clone(&leaks),
+                keys: Arc::new(
+                    GithubKeys::new(s.keys_file, s.keys_url.as_deref(), crate::events::webhook::client_tls())
+                        .map_err(|e| anyhow::anyhow!("leak_report_keys_url: {e}"))?,
+                ),
+                metrics: Arc::clone(&metrics),
+            }),
+            None => None,
+        };
         let manager = KeyManager::new(
             Deps { pool: admin_pool.clone(), ..deps.clone() },
             KeyEvents::new(sinks),
@@ -390,12 +415,13 @@ impl Application {
         Ok(Self {
             listeners,
             services: Services {
-                admin: KeyAdminService::new(Arc::new(manager), operators, peppers),
+                admin: KeyAdminService::new(Arc::new(manager), operators, peppers, Arc::clone(&leaks)),
                 verify: KeyVerifyService::new(verifier),
                 check: CheckService::new(gateway),
                 access_log,
                 access,
                 callers: Callers::new(&settings.verify_callers, settings.outcome_reporters.as_deref()),
+                leak_reports,
             },
             settings,
             metrics_addr,
@@ -438,7 +464,11 @@ async fn bind(
         true => Some(bind(settings.metrics_addr, "the metrics endpoint").await?),
         false => None,
     };
-    Ok((Listeners { main, admin, health, tls }, metrics))
+    let leaks = match settings.leak_reports()? {
+        Some(leaks) => Some(bind(leaks.listen_addr, "the leak-report listener").await?),
+        None => None,
+    };
+    Ok((Listeners { main, admin, health, leaks, tls }, metrics))
 }
 
 fn restart_policy(settings: &Settings) -> RestartPolicy {

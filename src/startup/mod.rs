@@ -111,6 +111,11 @@ impl Application {
         self.listeners.health.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// Where GitHub's leak reports are taken, if configured.
+    pub fn leak_report_addr(&self) -> Option<SocketAddr> {
+        self.listeners.leaks.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Whether the gRPC listeners serve TLS.
     pub fn serves_tls(&self) -> bool {
         self.listeners.tls.is_some()

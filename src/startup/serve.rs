@@ -1,6 +1,7 @@
 //! Serving: the gRPC listeners with the tower stack every call goes
-//! through, reflection per listener, and the drain (listeners close when
-//! draining starts; calls in flight get the grace period).
+//! through, reflection per listener, the leak-report listener (HTTP), and
+//! the drain (listeners close when draining starts; calls in flight get
+//! the grace period).
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -12,7 +13,7 @@ use tower::ServiceBuilder;
 
 use super::{
     stopped,
-    tls::{self, ConnLimits, TlsSource},
+    tls::{self, Audience, ConnLimits, TlsSource},
 };
 use crate::{
     api::{
@@ -23,6 +24,7 @@ use crate::{
         ext_authz::CheckService,
         key_admin::KeyAdminService,
         key_verify::KeyVerifyService,
+        leak_reports::LeakReportApi,
         lifetime::CallLifetimeLayer,
         limits::{MessageLimitLayer, MessageLimits},
         pb::{key_admin_server::KeyAdminServer, key_verify_server::KeyVerifyServer},
@@ -58,6 +60,8 @@ pub(super) struct Listeners {
     pub admin: Option<TcpListener>,
     /// Plaintext health for kubelet's probes.
     pub health: Option<TcpListener>,
+    /// GitHub's leak reports (HTTP/1.1 and HTTP/2).
+    pub leaks: Option<TcpListener>,
     pub tls: Option<Arc<TlsSource>>,
 }
 
@@ -71,6 +75,33 @@ pub(super) struct Services {
     pub access_log: AccessLogSink,
     pub access: Arc<Access>,
     pub callers: Callers,
+    /// The leak-report route, with the listener.
+    pub leak_reports: Option<LeakReportApi>,
+}
+
+/// A listener's connections as axum takes them. Once the drain has closed
+/// the listener, no connection comes again.
+struct Accepted(tokio_stream::wrappers::ReceiverStream<std::io::Result<tls::Conn>>);
+
+impl axum::serve::Listener for Accepted {
+    type Io = tls::Conn;
+    type Addr = ();
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt as _;
+        loop {
+            match self.0.next().await {
+                Some(Ok(conn)) => return (conn, ()),
+                // Refused or failed handshakes are counted where they happen.
+                Some(Err(_)) => continue,
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(())
+    }
 }
 
 /// Serves until `draining` turns true, then for at most the shutdown grace
@@ -83,8 +114,14 @@ pub(super) async fn serve<H: Health>(
     metrics: &Arc<Metrics>,
     draining: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let Listeners { main: listener, admin: admin_listener, health: health_listener, tls } = listeners;
-    let Services { admin, verify, check, access_log, access, callers } = services;
+    let Listeners {
+        main: listener,
+        admin: admin_listener,
+        health: health_listener,
+        leaks: leak_listener,
+        tls,
+    } = listeners;
+    let Services { admin, verify, check, access_log, access, callers, leak_reports } = services;
     // tonic reserves a message's declared length before reading it: every
     // service gets a limit, not tonic's 4 MiB default.
     let health_service = health_service.max_decoding_message_size(HEALTH_MAX_MESSAGE);
@@ -166,7 +203,8 @@ pub(super) async fn serve<H: Health>(
         idle_timeout: settings.idle_connection_timeout(),
     };
     // A listener's connections, until `stop` (the drain) closes it.
-    let incoming = |listener, tls, stop: &watch::Receiver<bool>| {
+    let incoming = |listener, tls: Option<Arc<TlsSource>>, stop: &watch::Receiver<bool>| {
+        let tls = tls.map(|t| (t, Audience::Grpc));
         tls::incoming(listener, tls, connection_limits, Arc::clone(metrics), stopped(stop.clone()))
     };
     type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
@@ -210,7 +248,26 @@ pub(super) async fn serve<H: Health>(
             stopped(health_close.clone()),
         ))
     });
-    let servers = async { tokio::try_join!(main_server, admin_server).map(|_| ()) };
+    // GitHub's reports: the same certificate and connection limits, no
+    // client certificate, HTTP/1.1 or HTTP/2; closed with the others.
+    let leak_server = async {
+        let (Some(listener), Some(api)) = (leak_listener, leak_reports) else { return Ok(()) };
+        let connections = tls::incoming(
+            listener,
+            tls.clone().map(|t| (t, Audience::Public)),
+            connection_limits,
+            Arc::clone(metrics),
+            stopped(draining.clone()),
+        );
+        axum::serve(Accepted(connections), api::leak_reports::router(api))
+            .with_graceful_shutdown(stopped(draining.clone()))
+            .await
+            .context("serving leak reports")
+    };
+    let servers = async {
+        let grpc = async { tokio::try_join!(main_server, admin_server).map(|_| ()).context("serving gRPC") };
+        tokio::try_join!(grpc, leak_server).map(|_| ())
+    };
     let grace = settings.shutdown_grace();
     let grace_over = {
         let draining = stopped(draining.clone());
@@ -220,7 +277,7 @@ pub(super) async fn serve<H: Health>(
         }
     };
     tokio::select! {
-        served = servers => served.context("serving gRPC")?,
+        served = servers => served?,
         () = grace_over => tracing::warn!(grace_ms = grace.as_millis() as u64, "drain period over; abandoning calls still in flight"),
     }
     let _ = health_closing.send(true);

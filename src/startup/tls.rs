@@ -106,7 +106,15 @@ impl Material {
         })
     }
 
-    fn server_config(&self, settings: &TlsSettings) -> Result<ServerConfig, TlsError> {
+    /// The configuration of both audiences, built from the same files.
+    fn server_configs(&self, settings: &TlsSettings) -> Result<Configs, TlsError> {
+        Ok(Configs {
+            grpc: Arc::new(self.server_config(settings, Audience::Grpc)?),
+            public: Arc::new(self.server_config(settings, Audience::Public)?),
+        })
+    }
+
+    fn server_config(&self, settings: &TlsSettings, audience: Audience) -> Result<ServerConfig, TlsError> {
         let path = |p: &Path| p.display().to_string();
         let chain = CertificateDer::pem_slice_iter(&self.cert)
             .collect::<Result<Vec<_>, _>>()
@@ -123,7 +131,7 @@ impl Material {
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
         let builder = match (&self.client_ca, &settings.client_ca_file) {
-            (Some(pem), Some(ca_path)) => {
+            (Some(pem), Some(ca_path)) if audience == Audience::Grpc => {
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in CertificateDer::pem_slice_iter(pem) {
                     let cert =
@@ -149,9 +157,30 @@ impl Material {
             _ => builder.with_no_client_auth(),
         };
         let mut config = builder.with_single_cert(chain, key)?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = match audience {
+            Audience::Grpc => vec![b"h2".to_vec()],
+            Audience::Public => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
         Ok(config)
     }
+}
+
+/// Who a listener's TLS is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// gRPC clients: HTTP/2 only, and a client certificate under mTLS.
+    Grpc,
+    /// Senders from outside the platform (GitHub's leak reports): the same
+    /// certificate, HTTP/1.1 or HTTP/2, and no client certificate, which
+    /// they cannot present; they prove themselves in each request.
+    Public,
+}
+
+/// The server configurations new handshakes use.
+#[derive(Debug)]
+struct Configs {
+    grpc: Arc<ServerConfig>,
+    public: Arc<ServerConfig>,
 }
 
 /// The current server configuration, swapped on reload.
@@ -166,7 +195,7 @@ pub struct TlsSource {
 /// is remembered too, so that it is counted once).
 #[derive(Debug)]
 struct Served {
-    config: Arc<ServerConfig>,
+    configs: Configs,
     seen: Material,
 }
 
@@ -174,14 +203,17 @@ impl TlsSource {
     /// Loads the files; at start, a file that does not load is an error.
     pub fn load(settings: TlsSettings, metrics: Arc<Metrics>) -> Result<Arc<Self>, TlsError> {
         let material = Material::read(&settings)?;
-        let config = material.server_config(&settings)?;
-        let current = RwLock::new(Served { config: Arc::new(config), seen: material });
+        let configs = material.server_configs(&settings)?;
+        let current = RwLock::new(Served { configs, seen: material });
         Ok(Arc::new(Self { settings, current, metrics }))
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    fn acceptor(&self, audience: Audience) -> TlsAcceptor {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        TlsAcceptor::from(Arc::clone(&current.config))
+        TlsAcceptor::from(Arc::clone(match audience {
+            Audience::Grpc => &current.configs.grpc,
+            Audience::Public => &current.configs.public,
+        }))
     }
 
     /// Re-reads the files and, if they changed, serves them to new
@@ -198,12 +230,12 @@ impl TlsSource {
         if self.current.read().unwrap_or_else(|e| e.into_inner()).seen == material {
             return;
         }
-        let config = material.server_config(&self.settings);
+        let config = material.server_configs(&self.settings);
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         current.seen = material;
         match config {
-            Ok(config) => {
-                current.config = Arc::new(config);
+            Ok(configs) => {
+                current.configs = configs;
                 self.metrics.tls_reloads.inc();
                 tracing::info!("TLS certificate, key, client CA or CRL changed: new connections use them");
             }
@@ -444,7 +476,7 @@ impl AsyncWrite for Conn {
 /// when the process exits.
 pub fn incoming(
     listener: TcpListener,
-    tls: Option<Arc<TlsSource>>,
+    tls: Option<(Arc<TlsSource>, Audience)>,
     limits: ConnLimits,
     metrics: Arc<Metrics>,
     stop: impl Future<Output = ()> + Send + 'static,
@@ -474,7 +506,7 @@ pub fn incoming(
                         Err(_) => return,
                     },
                 },
-                Some(tls) => Slot::AfterHandshake(Arc::clone(tls)),
+                Some((tls, audience)) => Slot::AfterHandshake(Arc::clone(tls), *audience),
             };
             let (stream, addr, address) = loop {
                 let accepted = tokio::select! {
@@ -520,9 +552,9 @@ pub fn incoming(
                         _address: address,
                     }));
                 }
-                Slot::AfterHandshake(tls) => {
+                Slot::AfterHandshake(tls, audience) => {
                     // The configuration current now, after any reload.
-                    let acceptor = tls.acceptor();
+                    let acceptor = tls.acceptor(audience);
                     let tx = tx.clone();
                     let metrics = Arc::clone(&metrics);
                     tokio::spawn(async move {
@@ -548,7 +580,7 @@ pub fn incoming(
 /// (plaintext), or through a TLS handshake that then waits for one.
 enum Slot {
     Plain(mpsc::OwnedPermit<io::Result<Conn>>),
-    AfterHandshake(Arc<TlsSource>),
+    AfterHandshake(Arc<TlsSource>, Audience),
 }
 
 /// What a connection holds from its accept on.

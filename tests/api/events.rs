@@ -67,7 +67,7 @@ async fn listed(admin: &mut AdminClient, types: &[&str]) -> Vec<pb::Event> {
 }
 
 /// Waits until ListEvents shows `n` events of `types` (all types if empty).
-async fn listed_n(admin: &AdminClient, types: &[&str], n: usize) -> Vec<pb::Event> {
+pub async fn listed_n(admin: &AdminClient, types: &[&str], n: usize) -> Vec<pb::Event> {
     until(&format!("{n} events of {types:?} listed"), || {
         let mut admin = admin.clone();
         async move { Some(listed(&mut admin, types).await).filter(|e| e.len() >= n) }
@@ -75,7 +75,7 @@ async fn listed_n(admin: &AdminClient, types: &[&str], n: usize) -> Vec<pb::Even
     .await
 }
 
-fn data_text(event: &pb::Event, field: &str) -> String {
+pub fn data_text(event: &pb::Event, field: &str) -> String {
     use prost_types::value::Kind;
     match event.data.as_ref().and_then(|d| d.fields.get(field)).and_then(|v| v.kind.clone()) {
         Some(Kind::StringValue(s)) => s,

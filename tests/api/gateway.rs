@@ -30,6 +30,7 @@ backend_tests!(
     the_access_log_stream_fills_the_status_of_every_checked_request,
     only_canonical_requests_are_matched_so_a_narrow_key_reaches_no_other_route,
     a_rows_status_is_written_once_by_the_party_that_saw_it,
+    metadata_reaches_upstream_as_headers_and_a_clients_own_are_removed,
 );
 once_tests!(
     a_key_revoked_on_another_replica_is_denied_by_check_within_the_fleet_bound(postgres),
@@ -218,6 +219,20 @@ async fn every_decision_answers_its_http_status_body_headers_and_grpc_code(backe
     assert_eq!(
         denied(&check(&mut gateway, get(&[("authorization", &bearer(&revoked_key))])).await),
         unauthenticated("REVOKED")
+    );
+    let (disabled, disabled_key) = app.key_with_scopes(&["invoice:read"]).await;
+    app.admin
+        .disable_key(pb::DisableKeyRequest {
+            merchant_id: MERCHANT.into(),
+            key_id: disabled.id.clone(),
+            reason: "under review".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        denied(&check(&mut gateway, get(&[("authorization", &bearer(&disabled_key))])).await),
+        forbidden("DISABLED"),
+        "a disabled key is refused, not unknown"
     );
 
     // Guessing a key's secret is throttled: 429, RESOURCE_EXHAUSTED.
@@ -716,5 +731,57 @@ async fn a_rows_status_is_written_once_by_the_party_that_saw_it(backend: Backend
     }
     let m = crate::helpers::parse_metrics(&app.probes.exporter.render());
     assert_eq!(m["keywarden_audit_outcomes_ignored_total"], 4.0, "a replay, an overwrite, two repeats");
+    app.stop().await;
+}
+
+/// The key's metadata travels upstream as `x-keywarden-meta-<name>` (for
+/// values a header can carry unchanged); a client cannot pass its own
+/// header of that form off as the key's.
+async fn metadata_reaches_upstream_as_headers_and_a_clients_own_are_removed(backend: Backend) {
+    let (_dir, path) = route_file(&documented_routes());
+    let mut app = spawn_app_with(backend, with_routes(&path)).await;
+    let (_, key) = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "labelled".into(),
+            scopes: vec!["invoice:read".into()],
+            metadata: [("plan", "gold"), ("team", "Zahlungsverkehr – Süd")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            ..Default::default()
+        })
+        .await;
+    let mut gateway = client(&app);
+    let r = check(
+        &mut gateway,
+        request(
+            "GET",
+            "/public/api/v1/invoices/42",
+            &[
+                ("authorization", &bearer(&key)),
+                ("x-keywarden-meta-plan", "free"),
+                ("x-keywarden-meta-tier", "enterprise"),
+                ("x-keywarden-meta-team", "forged"),
+            ],
+            "192.0.2.10",
+        ),
+    )
+    .await;
+    let (set, removed) = allowed(&r);
+    assert_eq!(
+        set["x-keywarden-meta-plan"],
+        ("gold".to_owned(), true),
+        "the key's value overwrites the client's"
+    );
+    assert!(!set.contains_key("x-keywarden-meta-team"), "a non-ASCII value is not sent as a header");
+    let mut removed: Vec<&str> =
+        removed.iter().map(String::as_str).filter(|h| !KEY_HEADERS.contains(h)).collect();
+    removed.sort_unstable();
+    assert_eq!(
+        removed,
+        ["x-keywarden-meta-team", "x-keywarden-meta-tier"],
+        "the client's own metadata headers never reach upstream"
+    );
     app.stop().await;
 }

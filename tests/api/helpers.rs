@@ -163,6 +163,8 @@ pub struct TestApp {
     /// KeyAdmin's own listener and the plaintext health one, when configured.
     pub admin_addr: Option<SocketAddr>,
     pub health_addr: Option<SocketAddr>,
+    /// GitHub's leak reports, when configured.
+    pub leak_addr: Option<SocketAddr>,
     /// How this app's clients connect: plaintext, or TLS with this client.
     pub tls: Option<crate::pki::TlsClient>,
     pub admin: AdminClient,
@@ -332,7 +334,7 @@ async fn serve_on(
     customise(&mut settings);
     let app = Application::build(settings).await.expect("application builds");
     let addr = app.local_addr();
-    let (admin_addr, health_addr) = (app.admin_addr(), app.health_addr());
+    let (admin_addr, health_addr, leak_addr) = (app.admin_addr(), app.health_addr(), app.leak_report_addr());
     let probes = app.probes();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async move {
@@ -360,6 +362,7 @@ async fn serve_on(
         addr,
         admin_addr,
         health_addr,
+        leak_addr,
         tls,
         admin: admin_client(admin_channel, ADMIN_TOKEN),
         verify: KeyVerifyClient::new(channel),

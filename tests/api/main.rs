@@ -21,6 +21,8 @@ mod gateway;
 mod harness;
 mod hostile;
 mod hot_path;
+mod key_states;
+mod leaks;
 mod lifecycle;
 mod limits;
 mod middleware;

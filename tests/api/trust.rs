@@ -29,6 +29,7 @@ once_tests!(
     keyadmin_moves_to_its_own_listener_and_health_gets_a_plaintext_one,
     a_mapped_client_identity_acts_as_an_operator_within_its_limits,
     the_cli_speaks_mtls_and_takes_tokens_only_from_a_file_or_the_environment,
+    the_leak_listener_serves_the_same_certificate_and_asks_for_no_client_certificate,
 );
 
 const INVOICE: &str = "spiffe://cluster.local/ns/billing/sa/invoice";
@@ -466,4 +467,53 @@ async fn the_cli_speaks_mtls_and_takes_tokens_only_from_a_file_or_the_environmen
     let (ok, _, err) = cli(&["keys", "list", "--merchant", MERCHANT, "--token", &operator], &[]);
     assert!(!ok && err.contains("--token"), "argv took a token: {err}");
     app.stop().await;
+}
+
+/// GitHub cannot present a client certificate: under mTLS the leak-report
+/// listener still serves the gRPC listeners' certificate, over HTTP/1.1,
+/// to a client with none, while gRPC keeps refusing such a client.
+async fn the_leak_listener_serves_the_same_certificate_and_asks_for_no_client_certificate() {
+    use http_body_util::BodyExt as _;
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+    let tls = tls(true);
+    let keys = tls._dir.path().join("github-keys.json");
+    std::fs::write(&keys, r#"{"public_keys":[]}"#).unwrap();
+    let identity = tls.pki.issue(&[PORTAL], 10, false);
+    let app = spawn(&tls, true, Some(&identity), |s| {
+        s.leak_report_listen_addr = Some("127.0.0.1:0".parse().unwrap());
+        s.leak_report_keys_file = Some(keys);
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(tls.pki.ca_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(app.leak_addr.unwrap()).await.unwrap();
+    let stream = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("no client certificate asked");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let request = hyper::Request::post("/v1/leaks/github")
+        .header("host", "localhost")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"[]")))
+        .unwrap();
+    let response = send.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 401, "served, and refused for want of GitHub's signature");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("signature"), "{body:?}");
+    let anonymous = tls.client(None).channel(app.addr).0;
+    assert!(health(anonymous).await.is_err(), "gRPC still wants a client certificate");
 }

@@ -52,8 +52,10 @@ impl KeyManager {
         let allowed = parse_cidrs(&mut v, &req.allowed_cidrs);
         let limits = parse_limits(&mut v, req.rate_limits);
         let credits = parse_credits(&mut v, req.credits);
+        let metadata = parse_metadata(&mut v, req.metadata);
         v.into_result()?;
-        let (Some(scopes), Some(allowed), Some(limits), Some(credits)) = (scopes, allowed, limits, credits)
+        let (Some(scopes), Some(allowed), Some(limits), Some(credits), Some(metadata)) =
+            (scopes, allowed, limits, credits, metadata)
         else {
             return Err(ServiceError::Internal("validation passed without values".into()));
         };
@@ -64,6 +66,10 @@ impl KeyManager {
             let mut detail = describe_policy(&scope_names, &allowed.canonical(), &limits, req.expires_at);
             if let Some(c) = &credits {
                 detail.push_str(&format!("; credits: {}", describe_credits(Some(c))));
+            }
+            if !metadata.is_empty() {
+                let names: Vec<&str> = metadata.iter().map(|(k, _)| k).collect();
+                detail.push_str(&format!("; metadata: {}", names.join(",")));
             }
             let audit = AuditRecord::admin(
                 AuditKind::KeyCreated,
@@ -85,6 +91,7 @@ impl KeyManager {
                 allowed_cidrs: allowed.canonical(),
                 rate_limits: limits.clone(),
                 credits,
+                metadata: metadata.clone(),
                 expires_at: req.expires_at.map(clock::stored),
                 created_at: now,
                 created_by: who.actor.clone(),
@@ -96,6 +103,7 @@ impl KeyManager {
                     key_id: &new.id,
                     key_name: &new.name,
                     prefix: &new.prefix,
+                    metadata: &new.metadata,
                 },
                 &who.actor,
                 now,
@@ -118,7 +126,7 @@ impl KeyManager {
         Err(ServiceError::Internal("could not find a free lookup prefix".into()))
     }
 
-    pub async fn update(&self, who: &Principal, req: UpdateKey) -> Result<KeyView, ServiceError> {
+    pub async fn update(&self, who: &Principal, mut req: UpdateKey) -> Result<KeyView, ServiceError> {
         self.access.authorize(who, AdminAction::UpdateKey, Some(&req.merchant_id))?;
         check_ids(&req.merchant_id, &req.key_id)?;
         let now = self.clock.now();
@@ -160,6 +168,7 @@ impl KeyManager {
                 }
                 "rate_limits" => changes.rate_limits = parse_limits(&mut v, req.rate_limits.clone()),
                 "credits" => changes.credits = parse_credits(&mut v, req.credits),
+                "metadata" => changes.metadata = parse_metadata(&mut v, std::mem::take(&mut req.metadata)),
                 other => v.add(
                     "update_mask",
                     format!(
@@ -220,23 +229,9 @@ impl KeyManager {
     ) -> Result<KeyView, ServiceError> {
         self.access.authorize(who, AdminAction::RevokeKey, Some(merchant_id))?;
         check_ids(merchant_id, key_id)?;
-        let mut v = Violations::default();
-        v.check("reason", validate::text(reason, validate::MAX_REASON, false));
-        v.into_result()?;
+        let reason = checked_reason(reason)?;
         let now = self.clock.now();
-        let reason = (!reason.is_empty()).then_some(reason);
-        let mut audit = AuditRecord::admin(
-            AuditKind::KeyRevoked,
-            now,
-            &who.actor,
-            merchant_id,
-            key_id,
-            None,
-            current_trace_id(),
-        );
-        if let Some(reason) = reason {
-            audit = audit.with_detail(format!("reason: {reason}"));
-        }
+        let audit = reasoned_audit(AuditKind::KeyRevoked, now, who, merchant_id, key_id, reason);
         let _pause = self.usage.pause_flush().await?;
         let event = |key: &StoredKey| {
             self.outbox.event(
@@ -300,6 +295,7 @@ impl KeyManager {
                         rate_limits: old.rate_limits.clone(),
                         // The successor carries on with the stored balance.
                         credits: old.credits,
+                        metadata: old.metadata.clone(),
                         expires_at,
                         created_at: now,
                         created_by: actor_name.clone(),
@@ -436,9 +432,22 @@ fn describe_limits(limits: &RateLimits) -> String {
 }
 
 /// The paths UpdateKey's mask may name.
-const UPDATE_PATHS: &str = "name, scopes, allowed_cidrs, expires_at, rate_limits, credits";
+const UPDATE_PATHS: &str = "name, scopes, allowed_cidrs, expires_at, rate_limits, credits, metadata";
 /// How many paths [`UPDATE_PATHS`] lists.
-const UPDATE_PATH_COUNT: usize = 6;
+const UPDATE_PATH_COUNT: usize = 7;
+
+/// Validated metadata, or `None` when an entry is bad (named in `v`).
+fn parse_metadata(v: &mut Violations, entries: Vec<(String, String)>) -> Option<Metadata> {
+    match Metadata::new(entries) {
+        Ok(metadata) => Some(metadata),
+        Err(errors) => {
+            for e in errors {
+                v.add(e.field, e.problem);
+            }
+            None
+        }
+    }
+}
 
 /// Validated credits: `Some(None)` for none given (unlimited), `None` when
 /// a field is bad (named in `v`).
@@ -497,6 +506,10 @@ fn describe_changes(c: &KeyChanges) -> String {
     }
     if let Some(credits) = &c.credits {
         parts.push(format!("credits: {}", describe_credits(credits.as_ref())));
+    }
+    if let Some(metadata) = &c.metadata {
+        let names: Vec<&str> = metadata.iter().map(|(k, _)| k).collect();
+        parts.push(format!("metadata: {}", if names.is_empty() { "none".into() } else { names.join(",") }));
     }
     if let Some(expires_at) = c.expires_at {
         parts.push(format!(

@@ -22,8 +22,8 @@ use crate::{
     event_fields,
     events::{EventType, KeyFacts, Outbox, rfc3339},
     keys::{
-        AllowList, Credits, KeyHasher, KeyPrefix, KeyStatus, PlainKey, RateLimit, RateLimits, RefillInterval,
-        ScopeCatalogue,
+        AllowList, Credits, KeyHasher, KeyPrefix, KeyStatus, Metadata, PlainKey, RateLimit, RateLimits,
+        RefillInterval, ScopeCatalogue,
         cidr::CidrError,
         events::{KeyEvent, KeyRef},
         operator::AdminAction,
@@ -42,6 +42,7 @@ use super::events::KeyEvents;
 
 mod change;
 mod outbox;
+mod state;
 
 pub use outbox::{EventPage, NewWebhook, Webhooks};
 
@@ -72,6 +73,7 @@ pub struct CreateKey {
     pub allowed_cidrs: Vec<String>,
     pub rate_limits: Vec<RateLimit>,
     pub credits: Option<CreditsRequest>,
+    pub metadata: Vec<(String, String)>,
 }
 
 /// Credits as a request gives them, before validation.
@@ -92,6 +94,8 @@ pub struct UpdateKey {
     pub expires_at: Option<DateTime<Utc>>,
     pub rate_limits: Vec<RateLimit>,
     pub credits: Option<CreditsRequest>,
+    /// Replaces every entry, with the path `metadata`.
+    pub metadata: Vec<(String, String)>,
     pub paths: Vec<String>,
 }
 
@@ -281,6 +285,30 @@ fn new_key_id() -> String {
     Uuid::now_v7().to_string()
 }
 
+/// A reason as a request gives it: checked, and `None` when empty.
+fn checked_reason(reason: &str) -> Result<Option<&str>, ServiceError> {
+    let mut v = Violations::default();
+    v.check("reason", validate::text(reason, validate::MAX_REASON, false));
+    v.into_result()?;
+    Ok((!reason.is_empty()).then_some(reason))
+}
+
+/// The audit row of a change by `who` to a key, naming the reason given.
+fn reasoned_audit(
+    kind: AuditKind,
+    now: DateTime<Utc>,
+    who: &Principal,
+    merchant_id: &str,
+    key_id: &str,
+    reason: Option<&str>,
+) -> AuditRecord {
+    let audit = AuditRecord::admin(kind, now, &who.actor, merchant_id, key_id, None, current_trace_id());
+    match reason {
+        Some(reason) => audit.with_detail(format!("reason: {reason}")),
+        None => audit,
+    }
+}
+
 fn check_ids(merchant_id: &str, key_id: &str) -> Result<(), ServiceError> {
     let mut v = Violations::default();
     v.check("merchant_id", validate::merchant_id(merchant_id));
@@ -296,6 +324,6 @@ fn view(mut key: StoredKey, pending: UsageDelta, now: DateTime<Utc>) -> KeyView 
     if let Some(credits) = &mut key.credits {
         credits.remaining -= pending.spent;
     }
-    let status = KeyStatus::at(key.revoked_at, key.expires_at, now);
+    let status = KeyStatus::of(key.revoked_at, key.expires_at, key.disabled_at.is_some(), now);
     KeyView { key, status }
 }

@@ -41,7 +41,14 @@ fn key_state(key: &StoredKey, catalogue: &ScopeCatalogue) -> Result<KeyState, Se
         key_id: Arc::from(key.id.as_str()),
         merchant_id: key.merchant_id.clone(),
         name: key.name.clone(),
-        policy: Policy { revoked_at: key.revoked_at, expires_at: key.expires_at, allowed, scopes },
+        policy: Policy {
+            revoked_at: key.revoked_at,
+            expires_at: key.expires_at,
+            disabled: key.disabled_at.is_some(),
+            allowed,
+            scopes,
+        },
+        metadata: key.metadata.clone(),
         rate_limits: key.rate_limits.clone(),
         credits: key.credits.map(|c| Balance {
             remaining: c.remaining,

@@ -24,7 +24,7 @@ use crate::{
     clock::DbClock,
     credits::Credits,
     fleet::WarmStart,
-    keys::{DenyReason, EventIds, KeyPrefix, KeyState, LimitStatus, ScopeCatalogue, decide},
+    keys::{DenyReason, EventIds, KeyPrefix, KeyState, LimitStatus, Metadata, ScopeCatalogue, decide},
     limiter::Limiter,
     metrics::Metrics,
     store::lane::DbLane,
@@ -44,6 +44,8 @@ pub struct Grant {
     /// Granted scopes with implications expanded.
     pub scopes: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The key's labels, returned as they are.
+    pub metadata: Metadata,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +110,7 @@ fn grant(catalogue: &ScopeCatalogue, state: &KeyState) -> Grant {
         key_name: state.name.clone(),
         scopes: catalogue.names(state.policy.scopes),
         expires_at: state.policy.expires_at,
+        metadata: state.metadata.clone(),
     }
 }
 
@@ -287,11 +290,13 @@ mod tests {
             policy: Policy {
                 revoked_at: None,
                 expires_at: None,
+                disabled: false,
                 allowed: AllowList::parse(cidrs).unwrap(),
                 scopes: catalogue.expand(catalogue.parse_grant(scopes).unwrap()),
             },
             rate_limits: Default::default(),
             credits: None,
+            metadata: Default::default(),
             version: 1,
         }
     }

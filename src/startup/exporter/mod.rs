@@ -449,6 +449,17 @@ impl Exporter {
             metrics.outcomes_ignored.clone(),
         );
         registry.register(
+            "leak_reports",
+            "leak reports processed, by channel (github, rpc)",
+            metrics.leak_reports.clone(),
+        );
+        registry.register("leak_tokens", "reported tokens, by label", metrics.leak_tokens.clone());
+        registry.register(
+            "leak_report_signature_failures",
+            "GitHub leak reports refused: signature missing, unknown or wrong",
+            metrics.leak_signature_failures.clone(),
+        );
+        registry.register(
             "warm_start_hits",
             "uncached keys recognised from the fleet's warm-start map, without scrypt",
             metrics.warm_start_hits.clone(),

@@ -45,6 +45,11 @@ pub struct Model {
     pub credits_seq: i64,
     /// Bumped when the balance is set outright (an update, a refill).
     pub credits_epoch: i64,
+    /// Set while the key is disabled; cleared by EnableKey.
+    pub disabled_at: Option<DateTimeUtc>,
+    pub disabled_reason: Option<String>,
+    /// A JSON object of labels (`keys::metadata`); `{}` for none.
+    pub metadata: String,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

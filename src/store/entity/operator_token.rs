@@ -10,7 +10,7 @@ pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: String,
     pub name: String,
-    /// ADMIN, KEY_MANAGER or AUDITOR.
+    /// ADMIN, KEY_MANAGER, AUDITOR or LEAK_REPORTER.
     pub role: String,
     /// Space-separated; empty means every merchant.
     pub merchant_ids: String,

@@ -14,6 +14,7 @@ mod m20261204_000008_rate_limits;
 mod m20261204_000009_credits;
 mod m20261204_000010_credits_epoch;
 mod m20261207_000011_events;
+mod m20261208_000012_key_states;
 
 pub struct Migrator;
 
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000009_credits::Migration),
             Box::new(m20261204_000010_credits_epoch::Migration),
             Box::new(m20261207_000011_events::Migration),
+            Box::new(m20261208_000012_key_states::Migration),
         ]
     }
 }

@@ -16,7 +16,11 @@ use super::{
     entity::api_key,
     events::{NewEvent, insert_events},
 };
-use crate::keys::{Credits, KeyHash, RateLimits, Refill, RefillInterval};
+use crate::keys::{Credits, KeyHash, Metadata, RateLimits, Refill, RefillInterval};
+
+mod state;
+
+pub use state::{LeakRevocation, Leaked};
 
 /// A key as stored, with its hash parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +51,10 @@ pub struct StoredKey {
     pub credits_seq: i64,
     /// Bumped when the balance is set outright (an update, a refill).
     pub credits_epoch: i64,
+    /// Set while the key is disabled.
+    pub disabled_at: Option<DateTime<Utc>>,
+    pub disabled_reason: Option<String>,
+    pub metadata: Metadata,
 }
 
 impl TryFrom<api_key::Model> for StoredKey {
@@ -64,7 +72,15 @@ impl TryFrom<api_key::Model> for StoredKey {
             detail,
         })?;
         let credits = stored_credits(&m)?;
+        let metadata = Metadata::from_stored(&m.metadata).map_err(|detail| StoreError::Corrupt {
+            id: m.id.clone(),
+            what: "metadata",
+            detail,
+        })?;
         Ok(Self {
+            metadata,
+            disabled_at: m.disabled_at,
+            disabled_reason: m.disabled_reason,
             hash,
             rate_limits,
             credits,
@@ -133,6 +149,7 @@ pub struct NewKey {
     pub allowed_cidrs: Vec<String>,
     pub rate_limits: RateLimits,
     pub credits: Option<Credits>,
+    pub metadata: Metadata,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub created_by: String,
@@ -174,6 +191,9 @@ impl NewKey {
                 .map(|r| r.interval.last_boundary(self.created_at))),
             credits_seq: Set(0),
             credits_epoch: Set(0),
+            disabled_at: Set(None),
+            disabled_reason: Set(None),
+            metadata: Set(self.metadata.to_stored()),
         }
     }
 }
@@ -189,6 +209,8 @@ pub struct KeyChanges {
     pub credits: Option<Option<Credits>>,
     /// `Some(None)` clears the expiry.
     pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// Replaces every entry.
+    pub metadata: Option<Metadata>,
 }
 
 /// What a conditional change did.
@@ -308,9 +330,7 @@ impl Store {
         event: impl FnOnce(&StoredKey) -> NewEvent + Send,
     ) -> Result<Change, StoreError> {
         use api_key::Column as C;
-        let mut update = api_key::Entity::update_many()
-            .col_expr(C::UpdatedAt, Expr::value(now))
-            .col_expr(C::Version, Expr::col(C::Version).add(1));
+        let mut update = api_key::Entity::update_many();
         if let Some(name) = &changes.name {
             update = update.col_expr(C::Name, Expr::value(name.clone()));
         }
@@ -326,6 +346,9 @@ impl Store {
         if let Some(expires_at) = changes.expires_at {
             update = update.col_expr(C::ExpiresAt, Expr::value(expires_at));
         }
+        if let Some(metadata) = &changes.metadata {
+            update = update.col_expr(C::Metadata, Expr::value(metadata.to_stored()));
+        }
         if let Some(credits) = changes.credits {
             let refill = credits.and_then(|c| c.refill);
             update = update
@@ -339,15 +362,8 @@ impl Store {
                 .col_expr(C::CreditsSeq, Expr::col(C::CreditsSeq).add(1))
                 .col_expr(C::CreditsEpoch, Expr::col(C::CreditsEpoch).add(1));
         }
-        let txn = self.db().begin().await?;
-        let updated = update
-            .filter(C::Id.eq(key_id))
-            .filter(C::MerchantId.eq(merchant_id))
-            .filter(C::RevokedAt.is_null())
-            .exec(&txn)
-            .await?
-            .rows_affected;
-        self.finish_change(txn, merchant_id, key_id, updated == 1, vec![audit], event).await
+        let update = update.filter(C::RevokedAt.is_null());
+        self.change_one(merchant_id, key_id, now, update, audit, event).await
     }
 
     /// Revokes a key now (cutting a rotation's grace short). Revoking a key
@@ -362,15 +378,32 @@ impl Store {
         event: impl FnOnce(&StoredKey) -> NewEvent + Send,
     ) -> Result<Change, StoreError> {
         use api_key::Column as C;
-        let txn = self.db().begin().await?;
-        let updated = api_key::Entity::update_many()
+        let update = api_key::Entity::update_many()
             .col_expr(C::RevokedAt, Expr::value(Some(now)))
             .col_expr(C::RevokeReason, Expr::value(reason.map(str::to_owned)))
+            .filter(C::RevokedAt.is_null().or(C::RevokedAt.gt(now)));
+        self.change_one(merchant_id, key_id, now, update, audit, event).await
+    }
+
+    /// Applies `update` (with `updated_at` and a version bump) to one
+    /// merchant's key, with its audit row and event, in one transaction;
+    /// `update`'s own filters say when the change is refused.
+    async fn change_one(
+        &self,
+        merchant_id: &str,
+        key_id: &str,
+        now: DateTime<Utc>,
+        update: sea_orm::UpdateMany<api_key::Entity>,
+        audit: impl AuditRow,
+        event: impl FnOnce(&StoredKey) -> NewEvent + Send,
+    ) -> Result<Change, StoreError> {
+        use api_key::Column as C;
+        let txn = self.db().begin().await?;
+        let updated = update
             .col_expr(C::UpdatedAt, Expr::value(now))
             .col_expr(C::Version, Expr::col(C::Version).add(1))
             .filter(C::Id.eq(key_id))
             .filter(C::MerchantId.eq(merchant_id))
-            .filter(C::RevokedAt.is_null().or(C::RevokedAt.gt(now)))
             .exec(&txn)
             .await?
             .rows_affected;
