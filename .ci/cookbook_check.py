@@ -92,6 +92,8 @@ def main():
         "usage counted": '"requestCount": "1"' in output,
         "IP limits updated": '"192.168.1.0/24"' in output,
         "rotation with grace": '"status": "KEY_STATUS_ROTATING"' in output,
+        "disabled, then enabled": '"status": "KEY_STATUS_DISABLED"' in output
+        and '"disabledReason": "under review"' in output,
         "revoked": '"status": "KEY_STATUS_REVOKED"' in output,
         "its lifecycle event listed": '"type": "key.revoked"' in output and '"reason": "integration retired"' in output,
         "bad input names the field": "Code: InvalidArgument" in output and '"field":"scopes"' in output,

@@ -277,6 +277,35 @@ check(mount and mount[0]["mountPath"] == "/etc/keywarden/routes" and "subPath" n
       and volume and volume[0]["configMap"]["name"] == routes_map[0]["metadata"]["name"],
       "gateway: the routes ConfigMap is mounted as a directory, so edits reach running pods")
 
+# Leak reports: the listener's port on the pod, the Service and (from the
+# ingress controller only) the NetworkPolicy; GitHub's keys from the
+# endpoint and from a ConfigMap mounted as a directory.
+leaky = merged(trial, {"leakReports": {"enabled": True, "keysConfigMap": "github-keys"},
+                       "networkPolicy": {"enabled": True}})
+docs = render(leaky, "leak-reports")
+validate(docs, "leak-reports")
+kinds = check_promises(docs, "leak-reports", ["B" * 44])
+config = kinds["ConfigMap"][0]["data"]
+check(config.get("KEYWARDEN_LEAK_REPORT_LISTEN_ADDR") == "0.0.0.0:8443"
+      and config.get("KEYWARDEN_LEAK_REPORT_KEYS_URL") == "https://api.github.com/meta/public_keys/secret_scanning"
+      and config.get("KEYWARDEN_LEAK_REPORT_KEYS_FILE") == "/etc/keywarden/leak-keys/github-keys.json",
+      "leak-reports: the listener and both key sources are configured")
+pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
+mount = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "leak-keys"]
+volume = [v for v in pod["volumes"] if v["name"] == "leak-keys"]
+check(ports.get("leak-reports") == 8443 and mount and "subPath" not in mount[0]
+      and volume and volume[0]["configMap"]["name"] == "github-keys",
+      "leak-reports: the port is open and the keys ConfigMap is mounted as a directory")
+service_ports = {p["name"] for p in kinds["Service"][0]["spec"]["ports"]}
+rules = kinds["NetworkPolicy"][0]["spec"]["ingress"]
+leak_rules = [r for r in rules if any(p["port"] == "leak-reports" for p in r["ports"])]
+check("leak-reports" in service_ports and len(leak_rules) == 1
+      and leak_rules[0]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ingress-nginx"},
+      "leak-reports: served by the Service, reachable only from the ingress controller's namespace")
+config = by_kind(render(trial, "no-leak-reports"))["ConfigMap"][0]["data"]
+check("KEYWARDEN_LEAK_REPORT_LISTEN_ADDR" not in config, "default: no leak-report listener")
+
 # The fleet tier: an external Redis, its password and the fleet secret
 # from the Secret, nothing secret in the ConfigMap or the URL.
 fleet_secret = "F" * 40
