@@ -16,7 +16,8 @@
 //! the hot path in `verify/scenarios.rs`, the gateway's in
 //! `verify/gateway.rs`, the fleet tier's in `verify/fleet.rs` (with the
 //! overshoot and warm-start runs), TLS in `verify/tls.rs`, lifecycle
-//! events (10,000 to NATS and a webhook) in `verify/events.rs`; the abuse runs
+//! events (10,000 to NATS and a webhook) in `verify/events.rs`, leak reports
+//! (100 live keys, 1,000 garbage tokens) in `verify/leaks.rs`; the abuse runs
 //! (guessing storm, no-op flood) are `verify/abuse.rs`. The load itself
 //! is `verify/load.rs`, the servers `verify/servers.rs`, memory and
 //! scrypt cost `verify/memory.rs`. This file runs them in order and
@@ -29,6 +30,7 @@
 //!     [--postgres postgres://postgres@127.0.0.1:5432/test]
 //!     [--target 127.0.0.1:50051 --token <admin token>] [--no-tls]
 //!     [--db-acquire-timeout-ms N] [--nats nats://127.0.0.1:4222 | --no-nats] [--events 10000]
+//!     [--leaks 100]  (live keys in the leak-report run; 0 skips it)
 //!     [--create-keys N --target ADDR --token T]  (CreateKey's p50 alone, two builds back to back)
 //! ```
 
@@ -46,6 +48,8 @@ mod args;
 mod fleet;
 #[path = "verify/gateway.rs"]
 mod gateway;
+#[path = "verify/leaks.rs"]
+mod leaks;
 #[path = "verify/events.rs"]
 mod lifecycle;
 #[path = "verify/load.rs"]
@@ -63,6 +67,7 @@ use abuse::*;
 use args::*;
 use fleet::*;
 use gateway::*;
+use leaks::*;
 use lifecycle::*;
 use load::*;
 use memory::*;
@@ -178,7 +183,7 @@ fn main() {
     let mut database_url = None;
     let mut fleet_servers: Vec<Server> = Vec::new();
     let (server, cold_server, tls_servers) = match args.target {
-        Some(addr) => (Server { addr, probes: None }, None, None),
+        Some(addr) => (Server { addr, probes: None, leak_addr: None }, None, None),
         None => {
             let url = match &args.postgres {
                 Some(admin_url) => client_rt.block_on(fresh_postgres(admin_url)),
@@ -565,6 +570,10 @@ fn main() {
             });
             let run = events_run(server_rt.handle(), dir.path(), args.hash_workers, nats, args.events).await;
             run.print_targets(hash_seconds);
+        }
+        if args.target.is_none() && args.leaks > 0 {
+            let run = leaks_run(server_rt.handle(), dir.path(), args.hash_workers, args.leaks).await;
+            run.print_targets(hash_seconds, cores);
         }
         println!();
         println!("raw scrypt v1 (N=2^15, r=8, p=1): {:.1} ms per hash on one core", hash_seconds * 1000.0);

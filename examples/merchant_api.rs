@@ -85,6 +85,7 @@ async fn whoami(Extension(grant): Extension<Grant>) -> Json<Value> {
         "key_name": grant.key_name,
         "scopes": grant.scopes,
         "audit_id": grant.audit_id,
+        "metadata": grant.metadata,
     }))
 }
 

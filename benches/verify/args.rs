@@ -28,6 +28,8 @@ pub(super) struct Args {
     pub(super) nats: Option<String>,
     /// Lifecycle events delivered in the events area; 0 skips it.
     pub(super) events: usize,
+    /// Live keys in one leak report; 0 skips the leak-report area.
+    pub(super) leaks: usize,
     /// Only time this many CreateKey calls on `--target`.
     pub(super) create_keys: Option<usize>,
 }
@@ -49,6 +51,7 @@ pub(super) fn parse_args() -> Args {
         redis: Some("redis://127.0.0.1:6379".into()),
         nats: Some("nats://127.0.0.1:4222".into()),
         events: 10_000,
+        leaks: 100,
         create_keys: None,
     };
     let mut it = std::env::args().skip(1);
@@ -72,6 +75,7 @@ pub(super) fn parse_args() -> Args {
             "--nats" => args.nats = Some(value()),
             "--no-nats" => args.nats = None,
             "--events" => args.events = value().parse().unwrap(),
+            "--leaks" => args.leaks = value().parse().unwrap(),
             "--create-keys" => args.create_keys = Some(value().parse().unwrap()),
             "--db-acquire-timeout-ms" => {
                 let _ = DB_ACQUIRE_TIMEOUT_MS.set(value().parse().unwrap());

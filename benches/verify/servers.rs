@@ -17,6 +17,8 @@ pub(super) static DB_ACQUIRE_TIMEOUT_MS: std::sync::OnceLock<u64> = std::sync::O
 pub(super) struct Server {
     pub(super) addr: SocketAddr,
     pub(super) probes: Option<Probes>,
+    /// GitHub's leak reports, when the settings ask for the listener.
+    pub(super) leak_addr: Option<SocketAddr>,
 }
 
 pub(super) fn start_server(
@@ -38,9 +40,9 @@ pub(super) async fn start_server_from(runtime: &tokio::runtime::Handle, settings
     runtime
         .spawn(async move {
             let app = Application::build(settings).await.expect("server builds");
-            let (addr, probes) = (app.local_addr(), app.probes());
+            let (addr, probes, leak_addr) = (app.local_addr(), app.probes(), app.leak_report_addr());
             tokio::spawn(app.run_until_stopped(std::future::pending()));
-            Server { addr, probes: Some(probes) }
+            Server { addr, probes: Some(probes), leak_addr }
         })
         .await
         .expect("server starts")

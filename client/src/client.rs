@@ -132,6 +132,9 @@ pub struct Grant {
     pub scopes: Vec<String>,
     /// The audit row of this use; its status is reported after the response.
     pub audit_id: String,
+    /// The key's metadata, as an integrator labelled it (a plan, a team);
+    /// never part of keywarden's decision.
+    pub metadata: std::collections::HashMap<String, String>,
 }
 
 /// Why no decision came back.
@@ -178,6 +181,7 @@ impl Client {
                 key_name: response.key_name,
                 scopes: response.scopes,
                 audit_id: response.audit_event_id,
+                metadata: response.metadata,
             }),
             // An unknown decision is not an allow.
             _ => Decision::Deny(Refusal { reason: response.deny_reason(), rate_limit: response.rate_limit }),

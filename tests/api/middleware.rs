@@ -134,7 +134,15 @@ async fn allowed_requests_reach_the_handler_with_their_grant_and_their_status_re
     backend: Backend,
 ) {
     let mut app = spawn_app(backend).await;
-    let (key, plaintext) = app.key_with_scopes(&["invoice:write"]).await;
+    let (key, plaintext) = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "test key".into(),
+            scopes: vec!["invoice:write".into()],
+            metadata: [("plan".to_owned(), "gold".to_owned())].into(),
+            ..Default::default()
+        })
+        .await;
     let api = MerchantApi::start(&app, |b| b).await;
 
     let created = api
@@ -160,6 +168,11 @@ async fn allowed_requests_reach_the_handler_with_their_grant_and_their_status_re
     let whoami = api.send("GET", "/whoami", &[("authorization", &bearer(&plaintext))], "").await;
     assert_eq!(whoami.body["key_id"], key.id.as_str());
     assert_eq!(whoami.body["scopes"], serde_json::json!(["invoice:read", "invoice:write"]));
+    assert_eq!(
+        whoami.body["metadata"],
+        serde_json::json!({"plan": "gold"}),
+        "the grant carries the key's metadata"
+    );
 
     // Reported in the background; a flush sends what is held now.
     api.keywarden.flush().await;
