@@ -4,14 +4,16 @@
 //! errors to a status and the verdict to a response as the server does.
 //!
 //! Input: byte 0 holds flags (is the key found, is it revoked or expiring
-//! and when, should the key field be made well-formed, which allow-list),
+//! and when, is it disabled, should the key field be made well-formed,
+//! which allow-list),
 //! bytes 1..9 a grant as a bit mask over the catalogue, the rest is the
 //! request's protobuf encoding.
 //!
 //! Checked against an oracle written from the contract: a request is
 //! invalid exactly when one of its fields is, and the outcome is the first
-//! of malformed, not found, revoked, expired, IP not allowed, insufficient
-//! scope that applies, else an allow that grants what the key holds.
+//! of malformed, not found, revoked, disabled, expired, IP not allowed,
+//! insufficient scope that applies, else an allow that grants what the key
+//! holds, with its metadata.
 #![no_main]
 
 use std::{net::IpAddr, sync::Arc, sync::LazyLock};
@@ -20,7 +22,7 @@ use chrono::{DateTime, Duration, Utc};
 use keywarden::{
     api::{convert, pb},
     keys::{
-        AllowList, DenyReason, KeyPrefix, KeyState, PlainKey, Policy, ScopeCatalogue, ScopeSet,
+        AllowList, DenyReason, KeyPrefix, KeyState, Metadata, PlainKey, Policy, ScopeCatalogue, ScopeSet,
         format::checksummed,
     },
     service::{
@@ -47,6 +49,7 @@ const REVOKED: u8 = 1 << 1;
 const LATER: u8 = 1 << 2;
 const EXPIRES: u8 = 1 << 3;
 const WELL_FORMED: u8 = 1 << 4;
+const DISABLED: u8 = 1 << 5;
 
 fn now() -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000, 0).expect("a valid instant")
@@ -75,11 +78,13 @@ fn state(flags: u8, mask: u64) -> KeyState {
         policy: Policy {
             revoked_at: (flags & REVOKED != 0).then_some(at),
             expires_at: (flags & EXPIRES != 0).then_some(at + Duration::milliseconds(1)),
+            disabled: flags & DISABLED != 0,
             allowed: AllowList::parse(ALLOW_LISTS[usize::from(flags >> 6)]).expect("fixed lists parse"),
             scopes,
         },
         rate_limits: Default::default(),
         credits: None,
+        metadata: Metadata::new([("plan".to_owned(), "gold".to_owned())]).expect("a valid entry"),
         version: 1,
     }
 }
@@ -136,6 +141,8 @@ fuzz_target!(|data: &[u8]| {
         let p = &state.policy;
         if p.revoked_at.is_some_and(|at| at <= now) {
             Err(DenyReason::Revoked)
+        } else if p.disabled {
+            Err(DenyReason::Disabled)
         } else if p.expires_at.is_some_and(|at| at <= now) {
             Err(DenyReason::Expired)
         } else if !p.allowed.permits(ip) {
@@ -152,6 +159,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(grant) = &outcome {
         assert_eq!(grant.merchant_id, key_state.merchant_id);
         assert_eq!(grant.scopes, CATALOGUE.names(key_state.policy.scopes));
+        assert_eq!(grant.metadata, key_state.metadata, "an allow carries the key's metadata");
         if let Some(required) = required {
             let names = CATALOGUE.names(required);
             assert!(names.iter().all(|n| grant.scopes.contains(n)), "allowed without {names:?}");
@@ -170,7 +178,10 @@ fuzz_target!(|data: &[u8]| {
         Err(reason) => {
             assert_eq!(decoded.decision(), pb::Decision::Deny);
             assert_eq!(decoded.deny_reason(), convert::deny_reason(reason));
-            assert!(decoded.merchant_id.is_empty() && decoded.scopes.is_empty(), "a denial leaks the key");
+            assert!(
+                decoded.merchant_id.is_empty() && decoded.scopes.is_empty() && decoded.metadata.is_empty(),
+                "a denial leaks the key"
+            );
         }
     }
 });

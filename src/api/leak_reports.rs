@@ -53,15 +53,38 @@ pub fn router(api: LeakReportApi) -> Router {
 }
 
 /// One token as GitHub reports it.
-#[derive(Deserialize)]
-struct Found {
-    token: String,
+#[derive(Debug, Deserialize)]
+pub struct Found {
+    pub token: String,
     #[serde(rename = "type", default)]
-    kind: String,
+    pub kind: String,
     #[serde(default)]
-    url: String,
+    pub url: String,
     #[serde(default)]
-    source: String,
+    pub source: String,
+}
+
+/// Why a signed body is not a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// More than [`MAX_TOKENS`] entries: 413.
+    TooMany,
+    /// Not a JSON array of `{token, type, url, source}`: 400.
+    NotAReport,
+}
+
+/// A report's entries. They are counted before anything is parsed, so a
+/// huge report is refused without building its entries.
+pub fn parse_report(body: &[u8]) -> Result<Vec<Found>, BodyError> {
+    if count_entries(body) > MAX_TOKENS {
+        return Err(BodyError::TooMany);
+    }
+    let found: Vec<Found> = serde_json::from_slice(body).map_err(|_| BodyError::NotAReport)?;
+    // Only objects are counted, and only objects parse as entries.
+    if found.len() > MAX_TOKENS {
+        return Err(BodyError::TooMany);
+    }
+    Ok(found)
 }
 
 fn answer(status: StatusCode, error: &str) -> Response {
@@ -94,14 +117,10 @@ async fn github(State(api): State<LeakReportApi>, headers: HeaderMap, body: Body
             }
         };
     }
-    // Counted before it is parsed: a signed report is GitHub's, and a huge
-    // one is refused without building its entries.
-    if count_entries(&body) > MAX_TOKENS {
-        return too_large();
-    }
-    let found: Vec<Found> = match serde_json::from_slice(&body) {
+    let found = match parse_report(&body) {
         Ok(found) => found,
-        Err(_) => {
+        Err(BodyError::TooMany) => return too_large(),
+        Err(BodyError::NotAReport) => {
             return answer(
                 StatusCode::BAD_REQUEST,
                 "the body is not a JSON array of {token, type, url, source}",
@@ -138,7 +157,7 @@ async fn github(State(api): State<LeakReportApi>, headers: HeaderMap, body: Body
 
 /// The entries of a JSON array, counted without parsing them: objects at
 /// depth one. A body that is not an array counts none, and fails parsing.
-fn count_entries(body: &[u8]) -> usize {
+pub fn count_entries(body: &[u8]) -> usize {
     let (mut depth, mut in_string, mut escaped, mut entries) = (0usize, false, false, 0usize);
     for &b in body {
         if in_string {

@@ -285,13 +285,49 @@ async fn a_mixed_report_labels_each_token_and_the_audit_row_and_event_name_the_s
     garbage.pop();
     garbage.push(if live.ends_with('A') { 'B' } else { 'A' });
     let unknown = unissued();
-    let tokens = [live.as_str(), revoked.as_str(), garbage.as_str(), operator.as_str(), unknown.as_str()];
+    // An expired key is one of ours: revoked too, so that no later change
+    // of its expiry could bring a leaked key back.
+    let (expired_key, expired) = app
+        .create_key(pb::CreateKeyRequest {
+            merchant_id: MERCHANT.into(),
+            name: "expired".into(),
+            scopes: vec!["sales:read".into()],
+            expires_at: Some(prost_types::Timestamp::from(
+                std::time::SystemTime::now() + Duration::from_secs(1),
+            )),
+            ..Default::default()
+        })
+        .await;
+    until("the short-lived key to expire", || {
+        let mut verify = app.verify.clone();
+        let expired = expired.clone();
+        async move {
+            let r = verify.verify(sales(&expired)).await.unwrap().into_inner();
+            (outcome(&r) == deny(pb::DenyReason::Expired)).then_some(())
+        }
+    })
+    .await;
+    let tokens = [
+        live.as_str(),
+        revoked.as_str(),
+        garbage.as_str(),
+        operator.as_str(),
+        unknown.as_str(),
+        expired.as_str(),
+    ];
 
     let (status, answer) = report(&app, &github, &tokens).await;
     assert_eq!(status, 200, "{answer}");
     let expected: Vec<_> = tokens
         .iter()
-        .zip(["true_positive", "true_positive", "false_positive", "true_positive", "false_positive"])
+        .zip([
+            "true_positive",
+            "true_positive",
+            "false_positive",
+            "true_positive",
+            "false_positive",
+            "true_positive",
+        ])
         .map(|(t, label)| (sha256_hex(t), "keywarden_api_key".to_owned(), label.to_owned()))
         .collect();
     assert_eq!(labels(&answer), expected);
@@ -299,9 +335,14 @@ async fn a_mixed_report_labels_each_token_and_the_audit_row_and_event_name_the_s
     let refused = app.admin_as(&operator).list_scopes(pb::ListScopesRequest {}).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "the leaked operator token is revoked");
 
-    let leaked = listed_n(&app.admin, &["key.leaked"], 1).await;
-    assert_eq!(leaked.len(), 1, "one event, for the live key only");
-    assert_eq!(leaked[0].subject, live_id);
+    assert_eq!(get_key(&mut app.admin, &expired_key.id).await.status, pb::KeyStatus::Revoked as i32);
+    let leaked = listed_n(&app.admin, &["key.leaked"], 2).await;
+    let mut subjects: Vec<&str> = leaked.iter().map(|e| e.subject.as_str()).collect();
+    subjects.sort_unstable();
+    let mut revoked_now = [live_id.as_str(), expired_key.id.as_str()];
+    revoked_now.sort_unstable();
+    assert_eq!(subjects, revoked_now, "events for the keys revoked, none for the rest");
+    let leaked: Vec<_> = leaked.into_iter().filter(|e| e.subject == live_id).collect();
     assert_eq!(data_text(&leaked[0], "source"), "content");
     assert_eq!(data_text(&leaked[0], "url"), "https://github.com/o/r/blob/main/f0");
     assert_eq!(data_text(&leaked[0], "label"), "true_positive");

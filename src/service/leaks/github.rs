@@ -102,6 +102,12 @@ fn parse_document(bytes: &[u8]) -> Result<HashMap<String, VerifyingKey>, String>
     Ok(keys)
 }
 
+/// How many usable keys a public-keys document lists (for fuzzing and
+/// checks of a keys file before it is deployed).
+pub fn usable_keys(document: &[u8]) -> Result<usize, String> {
+    parse_document(document).map(|keys| keys.len())
+}
+
 /// The uncompressed point of a PEM `PUBLIC KEY` on P-256.
 fn p256_point(pem: &str) -> Result<Vec<u8>, &'static str> {
     let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|_| "not PEM")?;
