@@ -35,7 +35,7 @@ backend_tests!(
     report_leaked_keys_is_for_admins_and_leak_reporters_who_read_nothing,
 );
 once_tests!(
-    reports_are_bounded_in_size_and_time_and_a_forged_prefix_revokes_nothing,
+    reports_are_bounded_in_size_and_work_and_a_forged_prefix_revokes_nothing,
     a_changed_keys_file_is_picked_up_and_http2_is_served,
     keys_from_githubs_endpoint_are_cached_and_an_unknown_identifier_fetches_once,
     a_leak_reported_to_one_replica_is_refused_by_another_within_a_second_under_load(postgres),
@@ -502,7 +502,7 @@ async fn report_leaked_keys_is_for_admins_and_leak_reporters_who_read_nothing(ba
     app.stop().await;
 }
 
-async fn reports_are_bounded_in_size_and_time_and_a_forged_prefix_revokes_nothing() {
+async fn reports_are_bounded_in_size_and_work_and_a_forged_prefix_revokes_nothing() {
     let github = Signer::new("github-1");
     let dir = tempfile::tempdir().unwrap();
     let (_, settings) = listening(dir.path(), &github);
@@ -514,33 +514,46 @@ async fn reports_are_bounded_in_size_and_time_and_a_forged_prefix_revokes_nothin
         keys.push(create_sales_key(&mut app.admin, &format!("published {i}")).await);
     }
 
+    // The bounds in time (100 live keys within 10 s, 1,000 garbage tokens
+    // within 1 s) are the benchmark's to measure (BENCHMARKS.md); what
+    // makes them hold is the work, counted here: one scrypt per live key
+    // and per forged token, none for garbage or for a key already proved.
+    let pool = app.probes.pool.clone();
+    let scrypts = || pool.runs();
     let forged = forged_with_prefix_of(&keys[0].1);
+    let before = scrypts();
     let (status, answer) = report(&app, &github, &[&forged]).await;
     assert_eq!((status, labels(&answer)[0].2.as_str()), (200, "false_positive"));
+    assert_eq!(scrypts() - before, 1, "a forged token with a real prefix costs one scrypt");
     let still = get_key(&mut app.admin, &keys[0].0).await;
     assert_eq!(still.status, pb::KeyStatus::Active as i32, "a forged token revokes nothing");
 
+    // A key this replica has proved costs no scrypt.
+    assert_eq!(outcome(&app.verify(&keys[0].1, "", "sales:read").await), allowed());
     let live: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
+    let before = scrypts();
     let started = Instant::now();
     let (status, answer) = report(&app, &github, &live).await;
-    let took = started.elapsed();
-    eprintln!("a report of 100 live keys answered in {took:?}");
+    eprintln!("a report of 100 live keys answered in {:?}", started.elapsed());
     assert_eq!(status, 200, "{answer}");
     assert!(labels(&answer).iter().all(|(_, _, l)| l == "true_positive"));
-    assert!(took <= Duration::from_secs(10), "100 live keys took {took:?}");
+    assert_eq!(scrypts() - before, 99, "one scrypt per live key the cache had not proved");
+    for (id, _) in keys.iter().step_by(33) {
+        assert_eq!(get_key(&mut app.admin, id).await.status, pb::KeyStatus::Revoked as i32);
+    }
 
     // Garbage: bad checksums and well-formed keys no one was issued.
     let garbage: Vec<String> = (0..1_000)
         .map(|i| if i % 2 == 0 { format!("sntr_{}", "x".repeat(49)) } else { unissued() })
         .collect();
     let garbage: Vec<&str> = garbage.iter().map(String::as_str).collect();
+    let before = scrypts();
     let started = Instant::now();
     let (status, answer) = report(&app, &github, &garbage).await;
-    let took = started.elapsed();
-    eprintln!("a report of 1,000 garbage tokens answered in {took:?}");
+    eprintln!("a report of 1,000 garbage tokens answered in {:?}", started.elapsed());
     assert_eq!(status, 200);
     assert!(labels(&answer).iter().all(|(_, _, l)| l == "false_positive"));
-    assert!(took <= Duration::from_secs(1), "1,000 garbage tokens took {took:?}");
+    assert_eq!(scrypts() - before, 0, "garbage costs no scrypt");
 
     let (status, _) = report(&app, &github, &vec!["x"; 1_001]).await;
     assert_eq!(status, 413, "more than 1,000 tokens");
