@@ -6,7 +6,15 @@
 
 use std::sync::Arc;
 
-use crate::keys::events::{KeyEvent, KeyEventSink};
+use crate::{
+    keys::events::{KeyEvent, KeyEventSink, KeyRef},
+    store::keys::StoredKey,
+};
+
+/// A stored key as an event names it.
+pub fn key_ref(key: &StoredKey) -> KeyRef {
+    KeyRef { key_id: key.id.as_str().into(), merchant_id: key.merchant_id.clone(), version: key.version }
+}
 
 /// Every sink that hears of a committed key change.
 #[derive(Debug, Clone, Default)]

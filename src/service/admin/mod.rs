@@ -23,10 +23,7 @@ use crate::{
     events::{EventType, KeyFacts, Outbox, rfc3339},
     keys::{
         AllowList, Credits, KeyHasher, KeyPrefix, KeyStatus, Metadata, PlainKey, RateLimit, RateLimits,
-        RefillInterval, ScopeCatalogue,
-        cidr::CidrError,
-        events::{KeyEvent, KeyRef},
-        operator::AdminAction,
+        RefillInterval, ScopeCatalogue, cidr::CidrError, events::KeyEvent, operator::AdminAction,
     },
     store::{
         Store,
@@ -38,7 +35,7 @@ use crate::{
     usage::UsageTracker,
 };
 
-use super::events::KeyEvents;
+use super::events::{KeyEvents, key_ref};
 
 mod change;
 mod outbox;
@@ -50,11 +47,6 @@ pub use outbox::{EventPage, NewWebhook, Webhooks};
 pub const MAX_GRACE: Duration = Duration::days(7);
 /// Attempts at a fresh key when a lookup prefix collides (vanishingly rare).
 const INSERT_ATTEMPTS: usize = 3;
-
-/// A stored key as an event names it.
-fn key_ref(key: &StoredKey) -> KeyRef {
-    KeyRef { key_id: key.id.as_str().into(), merchant_id: key.merchant_id.clone(), version: key.version }
-}
 
 /// A key as an administrator sees it, usage included.
 #[derive(Debug, Clone)]

@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use super::{
     ServiceError,
     access::{Access, Principal},
-    events::KeyEvents,
+    events::{KeyEvents, key_ref},
     hash_pool::{HashPool, Lane, PoolError},
     validate::{self, Violations},
 };
@@ -34,7 +34,7 @@ use crate::{
     events::{EventType, KeyFacts, Outbox},
     keys::{
         KeyHasher, KeyPrefix, PlainKey,
-        events::{KeyEvent, KeyRef},
+        events::KeyEvent,
         operator::{AdminAction, OperatorSecret},
     },
     metrics::{ChannelLabels, LeakLabels, Metrics},
@@ -214,8 +214,8 @@ impl Leaks {
         let mut checks = JoinSet::new();
         let mut pending: Vec<(usize, PlainKey, StoredKey)> = Vec::new();
         for (i, t) in tokens.iter().enumerate() {
-            if let Some(&earlier) = first_of.get(t.token.as_str()) {
-                findings[i] = findings[earlier].clone();
+            // A repeat takes its first's finding at the end.
+            if first_of.contains_key(t.token.as_str()) {
                 continue;
             }
             first_of.insert(&t.token, i);
@@ -258,7 +258,7 @@ impl Leaks {
         if let Some(e) = failure {
             return Err(e);
         }
-        // Repeats of a token judged by scrypt take its finding now.
+        // Repeats take their first's finding.
         for (i, t) in tokens.iter().enumerate() {
             if findings[i].is_none()
                 && let Some(&first) = first_of.get(t.token.as_str())
@@ -337,12 +337,7 @@ impl Leaks {
                     Leaked::AlreadyRevoked(key) => key,
                     Leaked::Revoked { key, partners } => {
                         for changed in std::iter::once(&key).chain(&partners) {
-                            let key = KeyRef {
-                                key_id: changed.id.as_str().into(),
-                                merchant_id: changed.merchant_id.clone(),
-                                version: changed.version,
-                            };
-                            self.events.emit(KeyEvent::Revoked { key, at: now }).await;
+                            self.events.emit(KeyEvent::Revoked { key: key_ref(changed), at: now }).await;
                         }
                         let partners: Vec<&str> = partners.iter().map(|p| p.id.as_str()).collect();
                         tracing::warn!(merchant_id = %key.merchant_id, key_id = %key.id, ?partners, actor, source = %reported.source, "leaked key revoked");

@@ -108,7 +108,7 @@ impl Store {
                 .col_expr(C::UpdatedAt, Expr::value(now))
                 .col_expr(C::Version, Expr::col(C::Version).add(1))
                 .filter(C::Id.eq(id))
-                .filter(C::RevokedAt.is_null().or(C::RevokedAt.gt(now)))
+                .filter(live.clone())
         };
         // Written first, as every mutation here is: SQLite's write lock is
         // taken up front, with no read lock to upgrade. A key the update
